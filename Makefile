@@ -1,0 +1,45 @@
+# ftlab: `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# cpu: installs paddlepaddle (CPU). gpu: expects paddlepaddle-gpu already in the venv.
+PADDLE ?= cpu
+EXTRAS := $(if $(filter cpu,$(PADDLE)),cpu$(comma)dev,dev)
+comma := ,
+STAMP := $(VENV)/.installed-$(PADDLE)
+
+.PHONY: help install train test test-full lint format bench lock clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install ftlab with pinned dependencies
+
+train: $(STAMP) ## Fine-tune the shipped model on the demo task (LoRA, CPU, < 60 s)
+	$(VENV)/bin/ftlab $(ARGS)
+
+test: $(STAMP) ## Run the default test suite (< 10 min on 2 cores)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-full: $(STAMP) ## Run every test, the slow ones included
+	$(PY) -m pytest $(ARGS)
+
+lint: $(STAMP) ## ruff lint + format check
+	$(VENV)/bin/ruff check ftlab tests bench
+	$(VENV)/bin/ruff format --check ftlab tests bench
+
+format: $(STAMP) ## Apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix ftlab tests bench
+	$(VENV)/bin/ruff format ftlab tests bench
+
+lock: ## Rewrite constraints.txt from the current venv
+	$(PY) -m pip freeze --exclude-editable | grep -v '^ftlab' > constraints.txt
+
+clean: ## Remove outputs and caches (keeps .venv)
+	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,202 @@
+"""Typed schemas behind every config group.
+
+Each dataclass is registered in Hydra's ConfigStore (see ``store.py``) and every YAML
+option starts with ``defaults: [base_<schema>]``, so a misspelled key or a wrong type
+fails at composition time, before anything heavy is imported or loaded.
+
+Fields carry a one-line docstring-comment; that text is what ``ftlab --help`` users and
+readers of the resolved config rely on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelArch:
+    """Architecture numbers, known without loading weights (plan mode and validation)."""
+
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_key_value_heads: int = MISSING
+    vocab_size: int = MISSING
+    max_position_embeddings: int = MISSING
+    tie_word_embeddings: bool = False
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short label used in run-dir names
+    # A hub name (``meta-llama/Meta-Llama-3-8B``) or a local directory; ``${asset:NAME}``
+    # resolves to a checkpoint shipped inside ftlab.
+    name_or_path: str = MISSING
+    tokenizer_name_or_path: Optional[str] = None  # defaults to name_or_path
+    family: str = "llama"  # llama | qwen2
+    arch: ModelArch = field(default_factory=ModelArch)
+    # Regex patterns on sublayer names (PaddleNLP ``target_modules`` convention).
+    lora_target_modules: list[str] = field(default_factory=list)
+    # Token used for padding when the tokenizer defines none (named in the run log).
+    pad_token: Optional[str] = None
+    flash_attention: bool = False
+
+
+# --------------------------------------------------------------------------- method
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method shares. Each method extends this with its own dataclass."""
+
+    name: str = MISSING
+    # NEFTune: uniform noise scaled by alpha/sqrt(seq_len*hidden) on input embeddings,
+    # training only. 0 disables it.
+    neftune_noise_alpha: float = 0.0
+
+
+@dataclass
+class FullMethodConfig(MethodConfig):
+    name: str = "full"
+
+
+@dataclass
+class LoraMethodConfig(MethodConfig):
+    name: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: Optional[float] = None  # None -> 2 * lora_rank (recorded as derived)
+    lora_dropout: float = 0.0
+    target_modules: Optional[list[str]] = None  # None -> model.lora_target_modules
+    rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+    lora_plus_scale: float = 1.0  # LoRA+: lr multiplier of B over A (1.0 = off)
+    pissa: bool = False  # initialise from the principal singular vectors of W
+    lora_use_mixer: bool = False  # MoSLoRA: learnable r x r mixer between A and B
+    use_mora: bool = False  # MoRA: square high-rank update instead of A @ B
+
+
+@dataclass
+class QLoraMethodConfig(LoraMethodConfig):
+    name: str = "qlora"
+    quant_algo: str = "nf4"  # nf4 | fp4 | int8 | int4
+    quant_block_size: int = 64
+    double_quant: bool = False
+    quant_backend: str = "auto"  # auto | paddlenlp | ftlab
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # A directory holding train.json / train/*.json (and dev.*), or a single file.
+    path: str = MISSING
+    train_path: Optional[str] = None  # explicit train file/dir; overrides path
+    dev_path: Optional[str] = None  # explicit dev file/dir; overrides path
+    format: str = "auto"  # auto | src_tgt | alpaca | messages
+    chat_template: Optional[str] = None  # null | tokenizer | <named template>
+    src_length: int = 256  # prompt tokens kept (truncated from the left)
+    max_length: int = 512  # prompt + target tokens (target truncated from the right)
+    overlong: str = "truncate"  # truncate | drop | error
+    packing: str = "none"  # none | zero_padding | greedy
+    on_bad_record: str = "error"  # error | skip
+    streaming: bool = False  # iterate files lazily; requires train.max_steps
+    dev_from_train: Optional[float] = None  # carve a dev split of this fraction
+    shuffle: bool = True
+
+
+# --------------------------------------------------------------------------- parallel
+
+
+@dataclass
+class ParallelConfig:
+    name: str = MISSING
+    # Degrees. data=None means "derive from world size" (recorded in the resolved config).
+    data: Optional[int] = None
+    tensor: int = 1
+    pipeline: int = 1
+    sharding: int = 1  # sharding degree
+    sharding_stage: int = 0  # 0 (off) | 1 | 2 | 3
+    sequence_parallel: bool = False
+    offload: bool = False  # sharding offload of optimizer states
+    # Processes per node; None -> product of degrees on one node.
+    nproc_per_node: Optional[int] = None
+    # Run tensor/pipeline layouts on CPU with gloo through ftlab's emulation shims.
+    cpu_emulation: bool = False
+
+
+@dataclass
+class LaunchConfig:
+    nnodes: int = 1
+    master: Optional[str] = None  # host:port of the rendezvous master (multi-node)
+    ips: Optional[str] = None  # comma-separated node IPs (multi-node)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = MISSING
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (compute dtype)
+    amp_level: str = "O0"  # O0 (off) | O1 | O2
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainSettings:
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    num_train_epochs: float = 1.0
+    learning_rate: float = 3e-3
+    lr_scheduler_type: str = "cosine"  # linear | cosine | constant
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    seed: int = 42
+    logging_steps: int = 10
+    eval_steps: int = 0  # 0 -> evaluate only at the end
+    save_steps: int = 0  # 0 -> checkpoint only at the end
+    save_total_limit: int = 2
+    recompute: bool = False
+    dataloader_num_workers: int = 0
+
+
+@dataclass
+class EvalSettings:
+    # Task metric on dev records carrying an ``entities`` list (the demo task); computed
+    # for the base model before training and for the fine-tuned model after.
+    demo_metric: bool = True
+    max_new_tokens: int = 48
+    num_samples: int = 5  # sample generations saved to samples.jsonl
+    batch_size: int = 32
+
+
+# --------------------------------------------------------------------------- run
+
+
+@dataclass
+class RunConfig:
+    """The primary config: one option per group, plus trainer and run settings."""
+
+    model: ModelConfig = MISSING
+    method: Any = MISSING  # a MethodConfig subclass, chosen by the method group
+    data: DataConfig = MISSING
+    parallel: ParallelConfig = MISSING
+    precision: PrecisionConfig = MISSING
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    mode: str = "train"  # train | plan | export
+    device: str = "auto"  # auto | cpu | gpu
+    resume: Optional[str] = None  # a run dir to continue from its latest checkpoint

@@ -1,0 +1,238 @@
+"""``build_data``: from a ``DataConfig`` and a tokenizer to datasets, collator and stats."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paddle
+
+from ftlab.config.schema import DataConfig
+from ftlab.data.collate import Collator
+from ftlab.data.datasets import ExampleDataset, PackedDataset
+from ftlab.data.encoder import TextEncoder
+from ftlab.data.examples import ExampleBuilder, ExampleStore, Limits
+from ftlab.data.formats import detect_format, record_conversation, to_conversation
+from ftlab.data.layout import resolve_split_files
+from ftlab.data.packing import PACKING_MODES, make_packs
+from ftlab.data.records import BadRecords, Record, iter_records, read_split, sha256_file
+from ftlab.data.stats import DataStats, SplitStats
+from ftlab.data.streaming import StreamingDataset
+from ftlab.data.templates import make_renderer
+from ftlab.errors import DataError
+
+log = logging.getLogger(__name__)
+
+ENUMS = {
+    "overlong": ("truncate", "drop", "error"),
+    "packing": PACKING_MODES,
+    "on_bad_record": ("error", "skip"),
+}
+
+
+@dataclass
+class DataBundle:
+    """What training needs from the data; ``encode_prompt`` serves generation."""
+
+    train_dataset: paddle.io.Dataset | paddle.io.IterableDataset
+    dev_dataset: paddle.io.Dataset | None
+    collate_fn: Callable[[list[dict[str, Any]]], dict[str, np.ndarray]]
+    dev_records: list[dict[str, Any]]
+    format: str
+    stats: DataStats
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    builder: ExampleBuilder | None = field(default=None, repr=False)
+
+    def encode_prompt(self, record: dict[str, Any]) -> list[int]:
+        """Prompt token ids for a raw record, rendered and cut exactly as in training."""
+        assert self.builder is not None
+        return self.builder.prompt_ids(record_conversation(record, self.format))
+
+
+def _validate(cfg: DataConfig, max_steps: int | None) -> None:
+    for name, allowed in ENUMS.items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise DataError(f"data.{name}={value!r} is not one of {', '.join(allowed)}.")
+    if not 0 < cfg.src_length < cfg.max_length:
+        raise DataError(
+            f"data.src_length={cfg.src_length} must be at least 1 and below "
+            f"data.max_length={cfg.max_length}, so every example keeps some target tokens."
+        )
+    if cfg.dev_from_train is not None and not 0 < cfg.dev_from_train < 1:
+        raise DataError(f"data.dev_from_train={cfg.dev_from_train} must be a fraction between "
+                        "0 and 1 (e.g. 0.05), or null.")
+    if cfg.streaming and (max_steps is None or max_steps <= 0):
+        raise DataError("data.streaming=true needs train.max_steps > 0: a stream has no known "
+                        "length. Set train.max_steps.")
+    if cfg.streaming and cfg.dev_from_train is not None:
+        raise DataError("data.streaming=true cannot carve data.dev_from_train out of a stream "
+                        "read lazily; give a dev split (dev.json or data.dev_path) instead.")
+
+
+def _check_tokenizer(tokenizer: Any) -> int:
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise DataError(f"the tokenizer ({type(tokenizer).__name__}) has no eos token; examples "
+                        "need one to end each answer. Use a tokenizer with an eos token.")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        raise DataError(f"the tokenizer ({type(tokenizer).__name__}) has no pad token; set "
+                        "model.pad_token (e.g. the unknown token) so batches can be padded.")
+    return int(pad)
+
+
+def _carve_dev(records: list[Record], fraction: float, seed: int
+               ) -> tuple[list[Record], list[Record]]:
+    """A seeded dev split of ``fraction`` of the (valid) train records."""
+    n_dev = max(1, round(len(records) * fraction))
+    if n_dev >= len(records):
+        raise DataError(f"data.dev_from_train={fraction} leaves no train records out of "
+                        f"{len(records)}; lower it or add data.")
+    order = np.random.default_rng(seed).permutation(len(records))
+    dev_idx = set(order[:n_dev].tolist())
+    train = [r for i, r in enumerate(records) if i not in dev_idx]
+    dev = [records[i] for i in sorted(dev_idx)]
+    return train, dev
+
+
+def _valid(records: list[Record], fmt: str, bad: BadRecords) -> list[tuple[Record, Any]]:
+    out = []
+    for rec in records:
+        conv = to_conversation(rec, fmt, bad)
+        if conv is not None:
+            out.append((rec, conv))
+    return out
+
+
+def _examples(builder: ExampleBuilder, pairs: list[tuple[Record, Any]], stats: SplitStats,
+              bad: BadRecords, split: str, files: list[Path]) -> ExampleStore:
+    store = ExampleStore(builder.build(((c, r.where) for r, c in pairs), stats, bad))
+    if not len(store):
+        raise DataError(
+            f"the {split} split is empty: {', '.join(map(str, files))} gave no examples "
+            f"({stats.records_read} records read, {sum(stats.skipped.values())} skipped, "
+            f"{stats.dropped_overlong} dropped as overlong). Add records or fix the data."
+        )
+    return store
+
+
+def _log_split(name: str, stats: SplitStats) -> None:
+    log.info("data %s: %d examples from %d records (%d skipped %s, %d prompts cut, %d answers "
+             "cut, %d dropped overlong), %d tokens%s", name, stats.examples, stats.records_read,
+             sum(stats.skipped.values()), dict(stats.skipped), stats.truncated_prompt,
+             stats.truncated_target, stats.dropped_overlong, stats.tokens,
+             f", {stats.packs} packs, efficiency {stats.packing_efficiency}"
+             if stats.packs is not None else "")
+    for sample in stats.skipped_samples:
+        log.warning("skipped: %s", sample)
+
+
+def build_data(cfg: DataConfig, tokenizer: Any, *, seed: int, need_dev: bool,
+               max_steps: int | None = None, world_size: int = 1, rank: int = 0
+               ) -> DataBundle:
+    """Read, check, tokenize and (optionally) pack the data a run trains and evaluates on.
+
+    Map-style datasets are not sharded here (the Trainer's sampler does it); a streaming
+    train set is sharded by ``world_size``/``rank``.
+    """
+    _validate(cfg, max_steps)
+    pad_id = _check_tokenizer(tokenizer)
+    train_files = resolve_split_files(cfg, "train")
+    dev_files = resolve_split_files(cfg, "dev")
+    if need_dev and dev_files is None and cfg.dev_from_train is None:
+        raise DataError(
+            f"a dev split is needed but data.path={cfg.path} has none: add dev.json (or a dev/ "
+            "directory, or set data.dev_path), or set data.dev_from_train=0.05 to hold out 5% "
+            "of the train records."
+        )
+    renderer = make_renderer(cfg.chat_template, tokenizer)
+    builder = ExampleBuilder(tokenizer, renderer,
+                             Limits(cfg.src_length, cfg.max_length, cfg.overlong),
+                             TextEncoder(tokenizer))
+    fingerprints: dict[str, str] = {}
+    train_stats = SplitStats()
+    train_bad = BadRecords(cfg.on_bad_record, train_stats)
+
+    if cfg.streaming:
+        probe = _first_records(train_files, cfg.on_bad_record)
+        fmt = detect_format(probe, cfg.format, cfg.on_bad_record)
+        for path in train_files:
+            fingerprints[str(path.resolve())] = sha256_file(path)
+        train_stats.files = len(train_files)
+        train_dataset: Any = StreamingDataset(
+            train_files, fmt, builder, cfg.on_bad_record, cfg.packing, cfg.max_length, seed,
+            cfg.shuffle, world_size, rank, train_stats)
+        train_pairs: list[tuple[Record, Any]] = []
+    else:
+        records = read_split(train_files, train_bad, train_stats, fingerprints)
+        if not records:
+            raise DataError(f"the train split is empty: {', '.join(map(str, train_files))} "
+                            f"hold no readable records ({train_stats.records_read} read, "
+                            f"{sum(train_stats.skipped.values())} skipped). Add records.")
+        fmt = detect_format(records, cfg.format, cfg.on_bad_record)
+        train_pairs = _valid(records, fmt, train_bad)
+
+    dev_stats: SplitStats | None = None
+    dev_pairs: list[tuple[Record, Any]] = []
+    dev_source: str | None = None
+    if cfg.dev_from_train is not None and dev_files is None:
+        train_pairs, dev_pairs = _carve_dev(train_pairs, cfg.dev_from_train, seed)
+        dev_stats, dev_source = SplitStats(), "dev_from_train"
+        dev_stats.records_read = len(dev_pairs)
+        log.info("data dev: %d records held out of train (data.dev_from_train=%s, seed %d)",
+                 len(dev_pairs), cfg.dev_from_train, seed)
+    elif dev_files is not None:
+        if cfg.dev_from_train is not None:
+            log.warning("data.dev_from_train=%s is ignored: a dev split exists (%s)",
+                        cfg.dev_from_train, ", ".join(map(str, dev_files)))
+        dev_stats, dev_source = SplitStats(), "file"
+        dev_bad = BadRecords(cfg.on_bad_record, dev_stats)
+        dev_records = read_split(dev_files, dev_bad, dev_stats, fingerprints)
+        dev_pairs = _valid(dev_records, fmt, dev_bad)
+
+    if not cfg.streaming:
+        store = _examples(builder, train_pairs, train_stats, train_bad, "train", train_files)
+        if cfg.packing == "none":
+            train_dataset = ExampleDataset(store)
+        else:
+            lengths = store.lengths()
+            order = (np.random.default_rng(seed).permutation(len(store)) if cfg.shuffle
+                     else np.arange(len(store)))
+            packs = make_packs(cfg.packing, lengths[order].tolist(), cfg.max_length)
+            packs = [[int(order[i]) for i in p] for p in packs]
+            train_stats.set_packing(len(packs), cfg.max_length)
+            train_dataset = PackedDataset(store, packs)
+        _log_split("train", train_stats)
+
+    dev_dataset = None
+    if dev_stats is not None:
+        dev_store = _examples(builder, dev_pairs, dev_stats, BadRecords(cfg.on_bad_record,
+                              dev_stats), "dev", dev_files or train_files)
+        dev_dataset = ExampleDataset(dev_store)
+        _log_split("dev", dev_stats)
+
+    stats = DataStats(format=fmt, chat_template=cfg.chat_template, packing=cfg.packing,
+                      max_length=cfg.max_length, streaming=cfg.streaming, dev_source=dev_source,
+                      train=train_stats, dev=dev_stats)
+    return DataBundle(train_dataset=train_dataset, dev_dataset=dev_dataset,
+                      collate_fn=Collator(pad_id), dev_records=[r.data for r, _ in dev_pairs],
+                      format=fmt, stats=stats, fingerprints=fingerprints, builder=builder)
+
+
+def _first_records(files: list[Path], policy: str, limit: int = 20) -> list[Record]:
+    """The first records of a stream, for format detection (skips are not counted here)."""
+    out: list[Record] = []
+    scratch = SplitStats()
+    for path in files:
+        for rec in iter_records(path, BadRecords(policy, scratch), scratch):
+            out.append(rec)
+            if len(out) == limit:
+                return out
+    if not out:
+        raise DataError(f"the train split is empty: {', '.join(map(str, files))} hold no "
+                        "readable records. Add records.")
+    return out

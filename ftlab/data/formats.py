@@ -1,0 +1,214 @@
+"""Record formats (src/tgt, Alpaca, chat messages) and their common form, the conversation.
+
+Every format becomes a ``Conversation``: an optional system text and user/assistant turns.
+Templates and tokenization only ever see conversations, so a new format needs a converter
+here and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ftlab.data.records import BadRecords, Record
+from ftlab.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("src_tgt", "alpaca", "messages")
+DETECT_RECORDS = 20  # records looked at by format=auto
+
+EXPECTED_FIELDS = {
+    "src_tgt": "src (string, or list of strings for multi-turn) and tgt (string, or list of "
+    "strings of the same length); src[i] is the user turn answered by tgt[i]",
+    "alpaca": "instruction (string), output (string) and optional input (string)",
+    "messages": "messages (list of {role, content} objects: an optional system message, then "
+    "user and assistant messages alternating, ending with an assistant message)",
+}
+REQUIRED_KEYS = {"src_tgt": ("src", "tgt"), "alpaca": ("instruction", "output"),
+                 "messages": ("messages",)}
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One user message and the assistant's answer (the training target)."""
+
+    user: str
+    assistant: str
+    user_input: str = ""  # Alpaca's optional input, kept apart for the alpaca template
+
+    def user_text(self) -> str:
+        """The user message as one text (templates without an input slot)."""
+        return f"{self.user}\n\n{self.user_input}" if self.user_input else self.user
+
+
+@dataclass(frozen=True)
+class Conversation:
+    system: str | None
+    turns: tuple[Turn, ...]
+
+
+class RecordProblem(Exception):
+    """A record that does not fit its format; turned into a located DataError or a skip."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _text(record: dict, key: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str):
+        found = "missing" if key not in record else f"a {type(value).__name__}"
+        raise RecordProblem("wrong_fields", f"field {key!r} must be a string, found {found}")
+    return value
+
+
+def _check_target(text: str, field_name: str) -> None:
+    if not text.strip():
+        raise RecordProblem("empty_target", f"empty target: field {field_name!r} is empty")
+
+
+def _from_src_tgt(record: dict) -> Conversation:
+    src, tgt = record.get("src"), record.get("tgt")
+    if isinstance(src, str) and isinstance(tgt, str):
+        srcs, tgts = [src], [tgt]
+    elif isinstance(src, list) and isinstance(tgt, list):
+        if len(src) != len(tgt) or not src:
+            raise RecordProblem(
+                "wrong_fields",
+                f"multi-turn src and tgt must be non-empty lists of equal length, found "
+                f"{len(src)} and {len(tgt)}",
+            )
+        if not all(isinstance(x, str) for x in src + tgt):
+            raise RecordProblem("wrong_fields", "multi-turn src and tgt lists must hold strings")
+        srcs, tgts = src, tgt
+    else:
+        found = {k: ("missing" if k not in record else type(record[k]).__name__)
+                 for k in ("src", "tgt")}
+        raise RecordProblem("wrong_fields", f"src and tgt must both be strings or both lists, "
+                                            f"found src={found['src']}, tgt={found['tgt']}")
+    for i, t in enumerate(tgts):
+        _check_target(t, "tgt" if len(tgts) == 1 else f"tgt[{i}]")
+    return Conversation(None, tuple(Turn(s, t) for s, t in zip(srcs, tgts, strict=False)))
+
+
+def _from_alpaca(record: dict) -> Conversation:
+    instruction, output = _text(record, "instruction"), _text(record, "output")
+    user_input = record.get("input", "")
+    if user_input is None:
+        user_input = ""
+    if not isinstance(user_input, str):
+        raise RecordProblem("wrong_fields",
+                            f"field 'input' must be a string, found a {type(user_input).__name__}")
+    _check_target(output, "output")
+    return Conversation(None, (Turn(instruction, output, user_input),))
+
+
+def _from_messages(record: dict) -> Conversation:
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RecordProblem("wrong_fields", "field 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            raise RecordProblem("wrong_fields",
+                                f"messages[{i}] must be an object with string role and content")
+    system = None
+    if messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    roles = [m["role"] for m in messages]
+    expected = ["user", "assistant"] * (len(messages) // 2)
+    if not messages or len(messages) % 2 or roles != expected:
+        raise RecordProblem(
+            "wrong_fields",
+            f"message roles {roles} do not alternate user/assistant after an optional system "
+            "message, ending with assistant",
+        )
+    turns = []
+    for i in range(0, len(messages), 2):
+        _check_target(messages[i + 1]["content"], f"messages[{i + 1 + (system is not None)}]")
+        turns.append(Turn(messages[i]["content"], messages[i + 1]["content"]))
+    return Conversation(system, tuple(turns))
+
+
+CONVERTERS: dict[str, Callable[[dict], Conversation]] = {
+    "src_tgt": _from_src_tgt, "alpaca": _from_alpaca, "messages": _from_messages,
+}
+
+
+def _matching_formats(record: dict) -> list[str]:
+    return [f for f in FORMATS if all(k in record for k in REQUIRED_KEYS[f])]
+
+
+def _expected_all() -> str:
+    return "; ".join(f"{f}: {EXPECTED_FIELDS[f]}" for f in FORMATS)
+
+
+def detect_format(records: Sequence[Record], setting: str, policy: str) -> str:
+    """Resolve ``data.format``: check an explicit one, or detect it from the first records.
+
+    Under ``on_bad_record=skip`` a first record that fits no format does not decide the
+    format (it is skipped and counted later); under ``error`` it stops the run here.
+    """
+    if setting not in ("auto",) + FORMATS:
+        raise DataError(f"data.format={setting!r} is not one of auto, {', '.join(FORMATS)}.")
+    if setting != "auto":
+        return setting
+    found: dict[str, str] = {}
+    for rec in records[:DETECT_RECORDS]:
+        matches = _matching_formats(rec.data)
+        if len(matches) > 1 or (not matches and policy == "error"):
+            what = "matches none of" if not matches else f"matches several ({matches}) of"
+            raise DataError(
+                f"{rec.where}: data.format=auto: the record (keys {sorted(rec.data)}) {what} "
+                f"the formats. Expected fields: {_expected_all()}. Set data.format explicitly "
+                "or fix the record."
+            )
+        if matches:
+            found.setdefault(matches[0], rec.where)
+    if not found:
+        raise DataError(
+            "data.format=auto cannot detect a format: none of the first "
+            f"{DETECT_RECORDS} readable train records fits one. Expected fields: "
+            f"{_expected_all()}. Set data.format explicitly or fix the data."
+        )
+    if len(found) > 1:
+        raise DataError(
+            "data.format=auto: the first records mix formats "
+            f"({', '.join(f'{f} at {w}' for f, w in found.items())}). Use one format per "
+            "dataset or set data.format explicitly."
+        )
+    fmt = next(iter(found))
+    log.info("data.format=auto: detected %s from the first %d records", fmt,
+             min(len(records), DETECT_RECORDS))
+    return fmt
+
+
+def to_conversation(record: Record, fmt: str, bad: BadRecords) -> Conversation | None:
+    """The record as a conversation, or None when it is bad and skipped (counted)."""
+    try:
+        return CONVERTERS[fmt](record.data)
+    except RecordProblem as problem:
+        if problem.reason == "empty_target":
+            bad.reject("empty_target", f"{record.where}: {problem.detail}")
+        else:
+            bad.reject(
+                problem.reason,
+                f"{record.where}: record does not match data.format={fmt}: {problem.detail}. "
+                f"Expected fields: {EXPECTED_FIELDS[fmt]}; the record has keys "
+                f"{sorted(record.data)}",
+            )
+        return None
+
+
+def record_conversation(record: dict[str, Any], fmt: str) -> Conversation:
+    """Convert one raw record (e.g. a dev record for generation); DataError when it is bad."""
+    try:
+        return CONVERTERS[fmt](record)
+    except RecordProblem as problem:
+        raise DataError(f"record does not match data.format={fmt}: {problem.detail}. "
+                        f"Expected fields: {EXPECTED_FIELDS[fmt]}") from None

@@ -1,0 +1,75 @@
+"""Counts the data pipeline keeps, so nothing is dropped, skipped or cut without a trace.
+
+The counts land in the run summary (``DataStats.to_dict``); the first few skipped records
+are kept by location so a user can find and fix them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SAMPLES_KEPT = 5  # locations of skipped records kept per split
+
+
+@dataclass
+class SplitStats:
+    """Counts for one split (train or dev)."""
+
+    files: int = 0
+    records_read: int = 0  # non-blank lines seen
+    blank_lines: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> count (on_bad_record=skip)
+    skipped_samples: list[str] = field(default_factory=list)  # "file:line: reason"
+    examples: int = 0  # tokenized examples produced
+    truncated_prompt: int = 0  # examples whose prompt was cut from the left
+    truncated_target: int = 0  # examples whose target was cut from the right
+    dropped_overlong: int = 0  # examples dropped under overlong=drop
+    tokens: int = 0  # input positions over all examples (after the label shift)
+    target_tokens: int = 0  # positions that carry a label (loss)
+    max_tokens: int = 0  # longest example
+    packs: int | None = None  # sequences after packing (None: not packed)
+    packing_efficiency: float | None = None  # tokens / (packs * max_length)
+    epochs_started: int | None = None  # streaming only: passes begun over the files
+
+    def count_skip(self, reason: str, message: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.skipped_samples) < SAMPLES_KEPT:
+            self.skipped_samples.append(message)
+
+    def count_example(self, length: int, target_tokens: int) -> None:
+        self.examples += 1
+        self.tokens += length
+        self.target_tokens += target_tokens
+        self.max_tokens = max(self.max_tokens, length)
+
+    def set_packing(self, packs: int, capacity: int) -> None:
+        self.packs = packs
+        self.packing_efficiency = round(self.tokens / (packs * capacity), 4) if packs else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["skipped"] = dict(self.skipped)
+        out["records_skipped"] = sum(self.skipped.values())
+        return out
+
+
+@dataclass
+class DataStats:
+    """Everything the run summary reports about the data."""
+
+    format: str
+    chat_template: str | None
+    packing: str
+    max_length: int
+    streaming: bool
+    dev_source: str | None  # "file" | "dev_from_train" | None
+    train: SplitStats = field(default_factory=SplitStats)
+    dev: SplitStats | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in ("train", "dev")}
+        out["train"] = self.train.to_dict()
+        out["dev"] = self.dev.to_dict() if self.dev is not None else None
+        return out

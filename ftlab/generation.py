@@ -1,0 +1,148 @@
+"""Batched text generation that sees prompts exactly as training does.
+
+Training feeds ``[bos] + encode(src) + encode(tgt) + [eos]`` (no special tokens from the
+tokenizer itself) with loss on ``tgt + eos``, so a prompt here is ``[bos] + encode(src)``
+and generation stops at ``eos``. Prompts are left-padded with an explicit attention mask
+and position ids that start at 0 on each prompt's first real token, so a greedy batch
+gives the same text as generating the prompts one by one.
+
+Works on a plain PaddleNLP causal LM and on a ``paddlenlp.peft.LoRAModel`` (its
+``generate`` is the wrapped model's, whose linear layers the adapter has replaced).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+Strategy = Literal["greedy", "sampling"]
+_STRATEGIES = {"greedy": "greedy_search", "sampling": "sampling"}
+
+
+def _special_id(tokenizer: Any, attr: str) -> int:
+    value = getattr(tokenizer, attr, None)
+    if value is None:
+        raise ValueError(f"the tokenizer defines no {attr}; generation needs it")
+    return int(value)
+
+
+def resolve_pad_token_id(tokenizer: Any, pad_token_id: int | None) -> int:
+    """The explicit ``pad_token_id``, else the tokenizer's; never a guess."""
+    if pad_token_id is not None:
+        return int(pad_token_id)
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise ValueError(
+            "the tokenizer has no pad token: pass pad_token_id= (a token that never occurs "
+            "in the prompts, e.g. the unknown token) or set tokenizer.pad_token"
+        )
+    return int(tokenizer.pad_token_id)
+
+
+def _check_settings(
+    strategy: str, batch_size: int, max_new_tokens: int, top_k: int, top_p: float, temp: float
+) -> None:
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"strategy={strategy!r}: choose one of {sorted(_STRATEGIES)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if top_k < 0 or not 0.0 < top_p <= 1.0 or temp <= 0.0:
+        raise ValueError(
+            f"top_k={top_k}, top_p={top_p}, temperature={temp}: need top_k >= 0, "
+            "0 < top_p <= 1, temperature > 0"
+        )
+    if strategy == "greedy" and (top_k != 0 or top_p != 1.0 or temp != 1.0):
+        raise ValueError(
+            f"top_k={top_k}, top_p={top_p}, temperature={temp} only apply to "
+            "strategy='sampling'; greedy decoding would ignore them"
+        )
+
+
+def generate_texts(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    strategy: Strategy = "greedy",
+    top_k: int = 0,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    pad_token_id: int | None = None,
+) -> list[str]:
+    """One continuation per prompt (the prompt itself stripped), in the prompts' order.
+
+    ``top_k=0`` and ``top_p=1.0`` switch those filters off. ``seed`` makes sampling
+    reproducible and leaves the global random state as it found it; greedy draws nothing,
+    so it ignores the seed. ``pad_token_id`` defaults to the tokenizer's pad token; with
+    neither, this raises instead of picking one. The model runs in eval mode and gets its
+    previous mode back afterwards.
+    """
+    import paddle
+    from paddlenlp.generation import GenerationConfig
+
+    _check_settings(strategy, batch_size, max_new_tokens, top_k, top_p, temperature)
+    bos = _special_id(tokenizer, "bos_token_id")
+    eos = _special_id(tokenizer, "eos_token_id")
+    pad = resolve_pad_token_id(tokenizer, pad_token_id)
+    if not prompts:
+        return []
+
+    encoded = [[bos, *tokenizer(p, add_special_tokens=False)["input_ids"]] for p in prompts]
+    longest = max(len(ids) for ids in encoded)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ValueError(
+            f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
+            f"model's max_position_embeddings={limit}"
+        )
+    gen_config = GenerationConfig(
+        decode_strategy=_STRATEGIES[strategy],
+        max_new_tokens=max_new_tokens,
+        top_k=top_k,
+        top_p=top_p,
+        temperature=temperature,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        use_cache=True,
+        trunc_input=True,  # return only the new tokens
+    )
+
+    # Longest first, so each batch holds prompts of similar length (less padding).
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    texts: dict[int, str] = {}
+    was_training = model.training
+    rng_state = paddle.get_rng_state() if seed is not None else None
+    model.eval()
+    try:
+        if seed is not None:
+            paddle.seed(seed)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in batch)
+            ids, mask, pos = [], [], []
+            for i in batch:
+                n_pad = width - len(encoded[i])
+                ids.append([pad] * n_pad + encoded[i])
+                mask.append([0] * n_pad + [1] * len(encoded[i]))
+                pos.append([0] * n_pad + list(range(len(encoded[i]))))
+            out = model.generate(
+                input_ids=paddle.to_tensor(ids, dtype="int64"),
+                attention_mask=paddle.to_tensor(mask, dtype="int64"),
+                position_ids=paddle.to_tensor(pos, dtype="int64"),
+                generation_config=gen_config,
+            )
+            for i, new_ids in zip(batch, out[0].numpy().tolist(), strict=True):
+                if eos in new_ids:
+                    new_ids = new_ids[: new_ids.index(eos)]
+                texts[i] = tokenizer.decode(new_ids, skip_special_tokens=False)
+    finally:
+        if was_training:
+            model.train()
+        if rng_state is not None:
+            paddle.set_rng_state(rng_state)
+    return [texts[i] for i in range(len(encoded))]

@@ -1,0 +1,34 @@
+"""Full-parameter fine-tuning: every weight trains; the saved artefact is the whole model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ftlab.config.schema import FullMethodConfig
+from ftlab.methods.registry import Method, register_method
+
+if TYPE_CHECKING:
+    import paddle
+
+    from ftlab.config.schema import ModelConfig
+
+
+@register_method
+class Full(Method):
+    name = "full"
+    schema = FullMethodConfig
+
+    def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
+        for p in model.parameters():
+            p.stop_gradient = False
+        return model
+
+    def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any) -> paddle.nn.Layer:
+        from paddlenlp.transformers import AutoModelForCausalLM
+
+        # The trained directory is a complete model: the base is not needed.
+        return AutoModelForCausalLM.from_pretrained(str(trained_dir), dtype=base.config.dtype)
+
+    def merge(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
+        return model

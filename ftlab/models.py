@@ -1,0 +1,59 @@
+"""Load a base model and tokenizer by hub name or local path, with one-line errors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ftlab.config.schema import ModelConfig
+from ftlab.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+def _looks_local(name_or_path: str) -> bool:
+    return name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
+
+
+def _load(kind: str, loader: Any, name_or_path: str, **kwargs: Any) -> Any:
+    path = Path(name_or_path).expanduser()
+    if _looks_local(name_or_path) and not path.is_dir():
+        raise ModelLoadError(
+            f"model.name_or_path={name_or_path!r}: no such directory. Point it at a local "
+            "checkpoint directory or a hub name."
+        )
+    try:
+        return loader.from_pretrained(str(path) if path.is_dir() else name_or_path, **kwargs)
+    except Exception as err:  # noqa: BLE001 - re-raised as one clear line below
+        where = "local directory" if path.is_dir() else "hub name (needs network or a cache)"
+        raise ModelLoadError(
+            f"could not load the {kind} from {name_or_path!r} ({where}): "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+            "On an offline machine set model.name_or_path to a local checkpoint directory."
+        ) from err
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from paddlenlp.transformers import AutoTokenizer
+
+    tok = _load("tokenizer", AutoTokenizer, cfg.tokenizer_name_or_path or cfg.name_or_path)
+    if tok.pad_token is None:
+        if cfg.pad_token is None:
+            raise ModelLoadError(
+                f"the tokenizer of model {cfg.name} has no pad token and model.pad_token is "
+                "null. Set model.pad_token to a token that never occurs in your data "
+                "(e.g. the unknown token)."
+            )
+        tok.pad_token = cfg.pad_token
+        log.info("tokenizer has no pad token: using model.pad_token=%r", cfg.pad_token)
+    return tok
+
+
+def load_model(cfg: ModelConfig, dtype: str) -> Any:
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if cfg.flash_attention:
+        kwargs["use_flash_attention"] = True
+    return _load("model", AutoModelForCausalLM, cfg.name_or_path, **kwargs)

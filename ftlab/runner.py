@@ -1,0 +1,186 @@
+"""One training run, from a validated config to a complete experiment directory.
+
+The steps, in order: record the environment -> tokenizer -> data (fingerprinted) ->
+resolved config -> base model -> task metric of the base -> method -> PaddleNLP Trainer
+-> evaluation -> task metric of the fine-tuned model -> final artefact -> summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from ftlab.config.load import resolved_config_yaml
+from ftlab.config.schema import RunConfig
+from ftlab.run.record import environment_record, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import paddle
+
+    random.seed(seed)
+    np.random.seed(seed)
+    paddle.seed(seed)
+
+
+def count_parameters(model: Any) -> dict[str, int]:
+    total = sum(int(p.size) for p in model.parameters())
+    trainable = sum(int(p.size) for p in model.parameters() if not p.stop_gradient)
+    return {"total": total, "trainable": trainable}
+
+
+def task_metric(model: Any, tokenizer: Any, records: list[dict], run: RunConfig) -> Any:
+    """Entity recall on dev records that carry an ``entities`` list (None when none do)."""
+    if not run.eval.demo_metric or not any("entities" in r for r in records):
+        return None
+    from ftlab.evaluation.entity_recall import entity_recall
+
+    return entity_recall(
+        model, tokenizer, [r for r in records if "entities" in r],
+        max_new_tokens=run.eval.max_new_tokens, batch_size=run.eval.batch_size,
+    )
+
+
+def model_dtype(run: RunConfig) -> str:
+    # O2 keeps the weights in the 16-bit dtype; O1 keeps fp32 master weights.
+    return run.precision.dtype if run.precision.amp_level == "O2" else "float32"
+
+
+def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, Any]:
+    from ftlab.data import build_data, count_tokens
+    from ftlab.methods import get_method
+    from ftlab.methods.neftune import add_neftune_hook
+    from ftlab.models import load_model, load_tokenizer
+    from ftlab.trainer import (FtlabTrainer, MetricsJsonl, peak_memory_mb, total_steps,
+                               training_arguments)
+
+    started = time.perf_counter()
+    is_main = _is_rank_zero()
+    if is_main:
+        write_json(run_dir / "environment.json", environment_record(derived["device"]))
+    seed_everything(run.train.seed)
+
+    tokenizer = load_tokenizer(run.model)
+    need_dev = True  # eval loss and the task metric are part of every summary
+    data = build_data(run.data, tokenizer, seed=run.train.seed, need_dev=need_dev,
+                      max_steps=run.train.max_steps if run.train.max_steps > 0 else None,
+                      world_size=derived["data_parallel_degree"], rank=_data_rank())
+    num_train = _length(data.train_dataset)
+    derived["train_examples"] = num_train
+    derived["total_steps"] = total_steps(run, num_train, derived["global_batch_size"])
+    derived["data_format"] = data.format
+    if is_main:
+        write_json(run_dir / "data_fingerprints.json", data.fingerprints)
+        write_text(run_dir / "resolved_config.yaml", resolved_config_yaml(run, derived))
+
+    model = load_model(run.model, model_dtype(run))
+    base_metric = task_metric(model, tokenizer, data.dev_records, run)
+
+    method = get_method(run.method.name)
+    if run.method.neftune_noise_alpha > 0:
+        add_neftune_hook(model, run.method.neftune_noise_alpha)
+    model = method.apply(model, run.method, run.model)
+    params = count_parameters(model)
+    log.info("parameters: %s", params)
+
+    metrics_path = run_dir / "metrics.jsonl"
+    args = training_arguments(run, run_dir, derived["total_steps"],
+                              has_eval=data.dev_dataset is not None)
+    trainer = FtlabTrainer(
+        model=model, args=args, train_dataset=data.train_dataset,
+        eval_dataset=data.dev_dataset, tokenizer=tokenizer, data_collator=data.collate_fn,
+        callbacks=[MetricsJsonl(metrics_path)] if is_main else [], count_tokens=count_tokens,
+    )
+    train_start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=_checkpoint_to_resume(run))
+    train_seconds = time.perf_counter() - train_start
+    eval_metrics = trainer.evaluate() if data.dev_dataset is not None else {}
+    tuned_metric = task_metric(model, tokenizer, data.dev_records, run)
+    if tuned_metric is not None:
+        trainer.log({"eval_entity_recall_base": base_metric.score,
+                     "eval_entity_recall": tuned_metric.score})
+
+    final_dir = run_dir / "final"
+    trainer.save_model(str(final_dir))
+    if is_main:
+        tokenizer.save_pretrained(str(final_dir))
+        write_json(final_dir / "ftlab_method.json",
+                   {"method": run.method.name, "base_model": run.model.name_or_path})
+
+    train_logs = _train_logs(metrics_path) if is_main else []
+    summary = {
+        "run_dir": str(run_dir),
+        "status": "completed",
+        "model": run.model.name,
+        "method": run.method.name,
+        "steps": result.global_step,
+        "parameters": params,
+        "first_loss": train_logs[0]["loss"] if train_logs else None,
+        "final_loss": train_logs[-1]["loss"] if train_logs else None,
+        "train_loss_mean": result.training_loss,
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "eval_ppl": eval_metrics.get("eval_ppl"),
+        "entity_recall_base": base_metric.score if base_metric else None,
+        "entity_recall": tuned_metric.score if tuned_metric else None,
+        "tokens_per_second": _median(train_logs, "tokens_per_second"),
+        "effective_tokens_per_second": _median(train_logs, "effective_tokens_per_second"),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+        "train_seconds": round(train_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "data": data.stats.to_dict(),
+    }
+    if is_main:
+        if tuned_metric is not None:
+            _write_samples(run_dir / "samples.jsonl", base_metric, tuned_metric, run.eval.num_samples)
+        write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _write_samples(path: Path, base: Any, tuned: Any, n: int) -> None:
+    with open(path, "w") as f:
+        for b, t in list(zip(base.details, tuned.details))[:n]:
+            f.write(json.dumps({"prompt": b["prompt"], "entities": b["entities"],
+                                "base_output": b["output"], "finetuned_output": t["output"]},
+                               ensure_ascii=False) + "\n")
+
+
+def _train_logs(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [x for x in lines if x.get("kind") == "train"]
+
+
+def _median(rows: list[dict], key: str) -> float | None:
+    values = sorted(r[key] for r in rows if key in r)
+    return values[len(values) // 2] if values else None
+
+
+def _length(dataset: Any) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:  # an iterable (streaming) dataset has no length
+        return None
+
+
+def _is_rank_zero() -> bool:
+    import paddle.distributed as dist
+
+    return dist.get_rank() <= 0
+
+
+def _data_rank() -> int:
+    import paddle.distributed as dist
+
+    return max(dist.get_rank(), 0)
+
+
+def _checkpoint_to_resume(run: RunConfig) -> str | None:
+    return None

@@ -1,0 +1,131 @@
+"""PaddleNLP's Trainer, plus the measurements ftlab records at every logging step.
+
+PaddleNLP logs loss, learning rate and samples/s. It does not count tokens (let alone
+non-padding tokens, which is what packing improves) and reports no CPU peak memory, so
+``FtlabTrainer`` counts the tokens of each batch it trains on and adds throughput and
+peak memory to the logs before PaddleNLP's callbacks (VisualDL included) see them. The
+same dict goes to ``metrics.jsonl`` through ``MetricsJsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import paddle
+from paddlenlp.trainer import TrainerCallback
+from paddlenlp.trl import SFTConfig, SFTTrainer
+
+from ftlab.config.schema import RunConfig
+
+
+def peak_memory_mb() -> float:
+    """Peak device memory: allocated bytes on GPU, resident set size on CPU."""
+    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        return paddle.device.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB else
+
+
+class FtlabTrainer(SFTTrainer):
+    def __init__(self, *args: Any, count_tokens: Callable[[dict], tuple[int, int]],
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._count_tokens = count_tokens
+        self._tokens = 0
+        self._effective_tokens = 0
+        self._interval_start = time.perf_counter()
+
+    def training_step(self, model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
+        total, effective = self._count_tokens(inputs)
+        self._tokens += total
+        self._effective_tokens += effective
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], **kwargs: Any) -> None:
+        if "loss" in logs and self._tokens:
+            elapsed = max(time.perf_counter() - self._interval_start, 1e-9)
+            # Counts are this process's; data-parallel ranks see equal-sized batches.
+            ranks = max(self.args.dataset_world_size, 1)
+            logs["tokens_per_second"] = round(self._tokens * ranks / elapsed, 2)
+            logs["effective_tokens_per_second"] = round(self._effective_tokens * ranks / elapsed, 2)
+            logs["padding_efficiency"] = round(self._effective_tokens / self._tokens, 4)
+            logs["peak_memory_mb"] = round(peak_memory_mb(), 1)
+            self._tokens = self._effective_tokens = 0
+            self._interval_start = time.perf_counter()
+        super().log(logs, **kwargs)
+
+
+class MetricsJsonl(TrainerCallback):
+    """One JSON line per logging event (train step, evaluation, final summary)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
+               **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        kind = "eval" if any(k.startswith("eval_") for k in logs) else (
+            "train" if "loss" in logs else "final")
+        line = {"step": state.global_step, "kind": kind}
+        line.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
+        if "loss" in line:
+            line["loss"] = float(line["loss"])
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line, sort_keys=True) + "\n")
+
+
+def total_steps(run: RunConfig, num_train_examples: int | None, global_batch: int) -> int:
+    if run.train.max_steps > 0:
+        return run.train.max_steps
+    assert num_train_examples is not None, "streaming data requires train.max_steps"
+    per_epoch = max(math.ceil(num_train_examples / global_batch), 1)
+    return math.ceil(per_epoch * run.train.num_train_epochs)
+
+
+def training_arguments(run: RunConfig, run_dir: Path, steps: int, has_eval: bool) -> SFTConfig:
+    """Map the typed run config onto PaddleNLP's TrainingArguments."""
+    t, p, prec = run.train, run.parallel, run.precision
+    amp: dict[str, Any] = {}
+    if prec.dtype == "bfloat16":
+        amp = {"bf16": True, "fp16_opt_level": prec.amp_level}
+    elif prec.dtype == "float16":
+        amp = {"fp16": True, "fp16_opt_level": prec.amp_level}
+    from ftlab.parallel import parallel_training_arguments
+
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        logging_dir=str(run_dir / "visualdl"),
+        report_to=["visualdl"],
+        do_train=True,
+        do_eval=has_eval,
+        max_steps=steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        evaluation_strategy="steps" if (has_eval and t.eval_steps) else "no",
+        eval_steps=t.eval_steps or None,
+        save_strategy="steps",
+        save_steps=t.save_steps or steps,
+        save_total_limit=t.save_total_limit,
+        unified_checkpoint=True,
+        recompute=t.recompute,
+        dataloader_num_workers=t.dataloader_num_workers,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        **amp,
+        **parallel_training_arguments(p),
+    )

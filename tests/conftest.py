@@ -1,0 +1,43 @@
+"""Shared fixtures: composing the real config, a clean Hydra, and paths to assets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from ftlab.config.load import to_run_config
+from ftlab.config.schema import RunConfig
+from ftlab.config.store import register_configs
+from ftlab.config.validate import Environment
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+SHARED = REPO.parent / "shared"
+
+CPU = Environment(device="cpu", device_count=2, paddle_version="3.3.1")
+GPU8 = Environment(device="gpu", device_count=8, paddle_version="3.3.1",
+                   gpu_compute_capability=(9, 0))
+
+
+@pytest.fixture(autouse=True)
+def clean_hydra():
+    GlobalHydra.instance().clear()
+    yield
+    GlobalHydra.instance().clear()
+
+
+def compose_cfg(overrides: list[str] | None = None):
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides or [])
+
+
+def compose_run(overrides: list[str] | None = None) -> RunConfig:
+    return to_run_config(compose_cfg(overrides))
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
