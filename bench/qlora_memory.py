@@ -114,7 +114,9 @@ class _RandomLlamaSource(Mapping):
         return len(self._shapes)
 
 
-def _worker(config_name: str, model_kw: dict[str, int], steps: int, seq_len: int) -> dict:
+def _worker(
+    config_name: str, model_kw: dict[str, int], steps: int, seq_len: int, recompute: bool
+) -> dict:
     t_start = time.perf_counter()
     import paddle
     from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
@@ -124,7 +126,8 @@ def _worker(config_name: str, model_kw: dict[str, int], steps: int, seq_len: int
     paddle.seed(0)
     gc.collect()
     rss_import = _rss()
-    config = LlamaConfig(**model_kw)
+    # Full-layer recompute (same for every config) takes activations out of the comparison.
+    config = LlamaConfig(**model_kw, recompute=recompute, recompute_granularity="full")
     t_build = time.perf_counter()
     out: dict[str, Any] = {"config": config_name}
     if config_name == "lora":
@@ -162,6 +165,14 @@ def _worker(config_name: str, model_kw: dict[str, int], steps: int, seq_len: int
         out["base_bytes_fp32"] = report.base_bytes_before
         out["other_frozen_bytes"] = report.other_frozen_bytes
         out["layers_replaced"] = report.layers_replaced
+    if recompute:  # what paddlenlp's Trainer does for args.recompute
+        model.apply(
+            lambda layer: (
+                setattr(layer, "enable_recompute", True)
+                if hasattr(layer, "enable_recompute")
+                else None
+            )
+        )
     out["build_s"] = time.perf_counter() - t_build
     trainable = [p for p in model.parameters() if not p.stop_gradient]
     out["trainable_params"] = sum(math.prod(p.shape) for p in trainable)
@@ -184,6 +195,17 @@ def _worker(config_name: str, model_kw: dict[str, int], steps: int, seq_len: int
         losses.append(float(loss))
         times.append(time.perf_counter() - t0)
     hwm_steps = _hwm()
+    out["decode_all_s"] = None
+    if config_name != "lora":
+        from ftlab.quant import QuantLoRALinear
+
+        # One decode of every base weight; a training step does two (forward, backward),
+        # three with recompute.
+        layers = [m for m in model.sublayers() if isinstance(m, QuantLoRALinear)]
+        t0 = time.perf_counter()
+        for layer in layers:
+            layer.dequantized_weight()
+        out["decode_all_s"] = time.perf_counter() - t0
     out.update(
         rss_import=rss_import,
         rss_model=rss_model,
@@ -213,6 +235,8 @@ def _run_config(name: str, args: argparse.Namespace) -> dict:
         "--seq-len",
         str(args.seq_len),
     ]
+    if args.recompute:
+        cmd.append("--recompute")
     if args.small:
         cmd.append("--small")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,10 +262,15 @@ def _print_table(results: dict[str, dict]) -> None:
         ("other frozen MiB", lambda r: _mib(r["other_frozen_bytes"])),
         ("RSS import MiB", lambda r: _mib(r["rss_import"])),
         ("RSS model MiB", lambda r: _mib(r["rss_model"])),
+        ("peak build MiB", lambda r: _mib(r["peak_build"])),
         ("ru_maxrss MiB", lambda r: _mib(r["ru_maxrss"])),
         ("peak steps MiB", lambda r: _mib(r["peak_steps"])),
         ("peak-import MiB", lambda r: _mib(r["peak_lifetime"] - r["rss_import"])),
         ("step s", lambda r: f"{r['step_s']:.3f}"),
+        (
+            "decode all base s",
+            lambda r: "n/a" if r["decode_all_s"] is None else f"{r['decode_all_s']:.3f}",
+        ),
         ("build s", lambda r: f"{r['build_s']:.1f}"),
         ("loss 1st->last", lambda r: f"{r['losses'][0]:.3f}->{r['losses'][-1]:.3f}"),
     ]
@@ -278,12 +307,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after 1 warm-up)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--small", action="store_true", help="tiny model (smoke test)")
+    parser.add_argument(
+        "--recompute", action="store_true", help="full-layer recompute in every config"
+    )
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     model_kw = SMALL_MODEL if args.small else MODEL
     if args.worker:
-        result = _worker(args.worker, model_kw, args.steps, args.seq_len)
+        result = _worker(args.worker, model_kw, args.steps, args.seq_len, args.recompute)
         print("RESULT " + json.dumps(result))
         return
     names = [c for c in args.configs.split(",") if c]
@@ -292,7 +324,8 @@ def main() -> None:
         parser.error(f"--configs has unknown entries {unknown}; known: {list(CONFIGS)}")
     print(
         f"model {model_kw}, batch 1 x {args.seq_len}, fp32, LoRA rank 8 on {len(TARGETS)} "
-        f"projection kinds, {args.steps} timed steps; one subprocess per config"
+        f"projection kinds, {args.steps} timed steps, recompute={args.recompute}; "
+        "one subprocess per config"
     )
     results = {}
     for name in names:

@@ -16,7 +16,7 @@ def _looks_local(name_or_path: str) -> bool:
     return name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
 
 
-def _load(kind: str, loader: Any, name_or_path: str, **kwargs: Any) -> Any:
+def load_pretrained(kind: str, loader: Any, name_or_path: str, **kwargs: Any) -> Any:
     path = Path(name_or_path).expanduser()
     if _looks_local(name_or_path) and not path.is_dir():
         raise ModelLoadError(
@@ -37,7 +37,7 @@ def _load(kind: str, loader: Any, name_or_path: str, **kwargs: Any) -> Any:
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from paddlenlp.transformers import AutoTokenizer
 
-    tok = _load("tokenizer", AutoTokenizer, cfg.tokenizer_name_or_path or cfg.name_or_path)
+    tok = load_pretrained("tokenizer", AutoTokenizer, cfg.tokenizer_name_or_path or cfg.name_or_path)
     if tok.pad_token is None:
         if cfg.pad_token is None:
             raise ModelLoadError(
@@ -56,4 +56,4 @@ def load_model(cfg: ModelConfig, dtype: str) -> Any:
     kwargs: dict[str, Any] = {"dtype": dtype}
     if cfg.flash_attention:
         kwargs["use_flash_attention"] = True
-    return _load("model", AutoModelForCausalLM, cfg.name_or_path, **kwargs)
+    return load_pretrained("model", AutoModelForCausalLM, cfg.name_or_path, **kwargs)

@@ -57,7 +57,7 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
     from ftlab.data import build_data, count_tokens
     from ftlab.methods import get_method
     from ftlab.methods.neftune import add_neftune_hook
-    from ftlab.models import load_model, load_tokenizer
+    from ftlab.models import load_tokenizer
     from ftlab.trainer import (FtlabTrainer, MetricsJsonl, peak_memory_mb, total_steps,
                                training_arguments)
 
@@ -80,10 +80,10 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
         write_json(run_dir / "data_fingerprints.json", data.fingerprints)
         write_text(run_dir / "resolved_config.yaml", resolved_config_yaml(run, derived))
 
-    model = load_model(run.model, model_dtype(run))
+    method = get_method(run.method.name)
+    model = method.load_base(run.model, model_dtype(run), run.method)
     base_metric = task_metric(model, tokenizer, data.dev_records, run)
 
-    method = get_method(run.method.name)
     if run.method.neftune_noise_alpha > 0:
         add_neftune_hook(model, run.method.neftune_noise_alpha)
     model = method.apply(model, run.method, run.model)
@@ -92,11 +92,13 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
 
     metrics_path = run_dir / "metrics.jsonl"
     args = training_arguments(run, run_dir, derived["total_steps"],
-                              has_eval=data.dev_dataset is not None)
+                              has_eval=data.dev_dataset is not None,
+                              unified_checkpoint=method.unified_checkpoint)
     trainer = FtlabTrainer(
         model=model, args=args, train_dataset=data.train_dataset,
         eval_dataset=data.dev_dataset, tokenizer=tokenizer, data_collator=data.collate_fn,
         callbacks=[MetricsJsonl(metrics_path)] if is_main else [], count_tokens=count_tokens,
+        shuffle=run.data.shuffle,
     )
     train_start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=_checkpoint_to_resume(run))
@@ -106,9 +108,12 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
     if tuned_metric is not None:
         trainer.log({"eval_entity_recall_base": base_metric.score,
                      "eval_entity_recall": tuned_metric.score})
+    if is_main:
+        _write_final_scalars(run_dir / "visualdl", result.global_step, eval_metrics,
+                             base_metric, tuned_metric)
 
     final_dir = run_dir / "final"
-    trainer.save_model(str(final_dir))
+    method.save_final(trainer, model, final_dir)
     if is_main:
         tokenizer.save_pretrained(str(final_dir))
         write_json(final_dir / "ftlab_method.json",
@@ -143,11 +148,31 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
     return summary
 
 
+def _write_final_scalars(logdir: Path, step: int, eval_metrics: dict, base: Any,
+                         tuned: Any) -> None:
+    """Post-training scalars, in their own VisualDL file of the same log dir.
+
+    PaddleNLP's VisualDL callback closes its writer at the end of training, so the final
+    evaluation and the task metric would otherwise never reach VisualDL.
+    """
+    from visualdl import LogWriter
+
+    with LogWriter(logdir=str(logdir), file_name="vdlrecords.final.log") as writer:
+        for key in ("eval_loss", "eval_ppl"):
+            if key in eval_metrics:
+                writer.add_scalar(f"final/{key[5:]}", float(eval_metrics[key]), step)
+        if tuned is not None:
+            # One curve: the base model at step 0, the fine-tuned one at the last step.
+            writer.add_scalar("final/entity_recall", base.score, 0)
+            writer.add_scalar("final/entity_recall", tuned.score, step)
+
+
 def _write_samples(path: Path, base: Any, tuned: Any, n: int) -> None:
     with open(path, "w") as f:
-        for b, t in list(zip(base.details, tuned.details))[:n]:
-            f.write(json.dumps({"prompt": b["prompt"], "entities": b["entities"],
-                                "base_output": b["output"], "finetuned_output": t["output"]},
+        for b, t in list(zip(base.records, tuned.records))[:n]:
+            f.write(json.dumps({"prompt": b.prompt, "entities": b.entities,
+                                "base_output": b.output, "base_hits": b.hits,
+                                "finetuned_output": t.output, "finetuned_hits": t.hits},
                                ensure_ascii=False) + "\n")
 
 

@@ -12,15 +12,18 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ftlab.config.store import register_configs
 from ftlab.errors import FtlabError
+from ftlab.run.status import ERROR_FILE, record_status
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 log = logging.getLogger("ftlab")
@@ -34,16 +37,34 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     from ftlab.config.validate import probe_environment, validate
 
     run = to_run_config(cfg)
-    env = probe_environment(run.device)
+    if run.mode == "plan":
+        from ftlab.plan import plan_environment
+
+        env = plan_environment(run)  # device=gpu plans for GPUs on any machine
+    else:
+        env = probe_environment(run.device)
     derived = validate(run, env)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if run.mode == "train":
-        from ftlab.runner import train
+    if run.mode == "plan":
+        from ftlab.plan import print_plan
 
-        summary = train(run, run_dir, derived)
+        return print_plan(run, derived, env, run_dir)
+    if run.mode == "export":
+        from ftlab.export import export_run_finetune
+
+        return export_run_finetune(run, derived, run_dir)
+    from ftlab.launch import launch_workers, needs_launch
+
+    if needs_launch(derived):
+        # This process becomes the launcher: Paddle's launcher starts the workers, each
+        # re-entering ftlab with the same overrides and this same run dir.
+        return launch_workers(run, derived, run_dir)
+    from ftlab.runner import train
+
+    summary = train(run, run_dir, derived)
+    if summary.get("is_main", True):
         print_summary(summary)
-        return summary
-    raise FtlabError(f"mode={run.mode} is not available in this version of ftlab.")
+    return summary
 
 
 def print_summary(s: dict[str, Any]) -> None:
@@ -67,14 +88,45 @@ def print_summary(s: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    """One job; returns the eval loss (the objective of an Optuna sweep).
+
+    In a sweep (``-m``) a failing job is recorded (``status.json``, ``error.txt``) and
+    logged, and the sweep goes on with its next job; a single run still ends with a
+    clean error and a non-zero exit status.
+    """
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    started = time.time()
     try:
         summary = execute(cfg, run_dir)
-    except FtlabError as err:
-        print(f"ftlab: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    except Exception as err:  # noqa: BLE001 - a sweep must survive any failing job
+        record_outcome(cfg, run_dir, started, err)
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            if isinstance(err, FtlabError):
+                print(f"ftlab: error: {err}", file=sys.stderr, flush=True)
+                sys.exit(2)
+            raise
+        log.error("job %s failed: %s: %s (traceback in %s)", hydra_cfg.job.num,
+                  type(err).__name__, err, run_dir / ERROR_FILE)
+        return None
+    record_outcome(cfg, run_dir, started)
     loss = summary.get("eval_loss") if summary else None
     return float(loss) if loss is not None else None
+
+
+def record_outcome(cfg: DictConfig, run_dir: Path, started: float,
+                   error: BaseException | None = None) -> None:
+    """``status.json`` of this job; the workers of a multi-process run leave it to their
+    launching process, which sees every worker's outcome."""
+    from ftlab.launch import inside_worker
+
+    if inside_worker():
+        return
+    hydra_cfg = HydraConfig.get()
+    context = {"mode": cfg.get("mode"), "overrides": list(hydra_cfg.overrides.task)}
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        context["job_num"] = hydra_cfg.job.num
+    record_status(run_dir, started, error, context)
 
 
 def explain_composition_error(err: BaseException) -> str:

@@ -19,8 +19,10 @@ from typing import Any, Callable
 
 import paddle
 from paddlenlp.trainer import TrainerCallback
+from paddlenlp.trainer.trainer_utils import has_length
 from paddlenlp.trl import SFTConfig, SFTTrainer
 
+from ftlab.batching import GlobalBatchSampler, global_token_scale
 from ftlab.config.schema import RunConfig
 
 
@@ -34,8 +36,10 @@ def peak_memory_mb() -> float:
 
 class FtlabTrainer(SFTTrainer):
     def __init__(self, *args: Any, count_tokens: Callable[[dict], tuple[int, int]],
-                 **kwargs: Any) -> None:
+                 shuffle: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._shuffle = shuffle
+        self._loss_scale: float | None = None
         self._count_tokens = count_tokens
         self._tokens = 0
         self._effective_tokens = 0
@@ -45,7 +49,31 @@ class FtlabTrainer(SFTTrainer):
         total, effective = self._count_tokens(inputs)
         self._tokens += total
         self._effective_tokens += effective
-        return super().training_step(model, inputs, *args, **kwargs)
+        # Several ranks: weight each rank's loss by its share of the global batch's target
+        # tokens (ftlab.batching); pipeline layouts compute their loss elsewhere.
+        if self.args.world_size > 1 and self.args.pipeline_parallel_degree <= 1:
+            self._loss_scale = global_token_scale(inputs["labels"], self.args.world_size)
+        try:
+            return super().training_step(model, inputs, *args, **kwargs)
+        finally:
+            self._loss_scale = None
+
+    def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False) -> Any:
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs)
+        if self._loss_scale is None:
+            return out
+        return (out[0] * self._loss_scale, out[1]) if return_outputs else out * self._loss_scale
+
+    def _get_train_sampler(self) -> Any:
+        """Same global batches, in the same order, for one process or several."""
+        if self.train_dataset is None or not has_length(self.train_dataset):
+            return None
+        return GlobalBatchSampler(
+            self.train_dataset, self.args.per_device_train_batch_size,
+            num_replicas=max(self.args.dataset_world_size, 1),
+            rank=max(self.args.dataset_rank, 0), seed=self.args.seed,
+            shuffle=self._shuffle, drop_last=self.args.dataloader_drop_last,
+        )
 
     def log(self, logs: dict[str, float], **kwargs: Any) -> None:
         if "loss" in logs and self._tokens:
@@ -89,7 +117,8 @@ def total_steps(run: RunConfig, num_train_examples: int | None, global_batch: in
     return math.ceil(per_epoch * run.train.num_train_epochs)
 
 
-def training_arguments(run: RunConfig, run_dir: Path, steps: int, has_eval: bool) -> SFTConfig:
+def training_arguments(run: RunConfig, run_dir: Path, steps: int, has_eval: bool,
+                       unified_checkpoint: bool = True) -> SFTConfig:
     """Map the typed run config onto PaddleNLP's TrainingArguments."""
     t, p, prec = run.train, run.parallel, run.precision
     amp: dict[str, Any] = {}
@@ -104,7 +133,9 @@ def training_arguments(run: RunConfig, run_dir: Path, steps: int, has_eval: bool
         logging_dir=str(run_dir / "visualdl"),
         report_to=["visualdl"],
         do_train=True,
-        do_eval=has_eval,
+        # PaddleNLP turns do_eval=True into evaluation every logging step; ftlab evaluates
+        # at train.eval_steps when set, and always once at the end (runner.py).
+        do_eval=bool(has_eval and t.eval_steps),
         max_steps=steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
@@ -121,7 +152,7 @@ def training_arguments(run: RunConfig, run_dir: Path, steps: int, has_eval: bool
         save_strategy="steps",
         save_steps=t.save_steps or steps,
         save_total_limit=t.save_total_limit,
-        unified_checkpoint=True,
+        unified_checkpoint=unified_checkpoint,
         recompute=t.recompute,
         dataloader_num_workers=t.dataloader_num_workers,
         remove_unused_columns=False,

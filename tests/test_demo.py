@@ -214,10 +214,8 @@ def test_greedy_continues_training_format_and_stops_at_eos(
 ) -> None:
     from ftlab.generation import generate_texts
 
-    outs = generate_texts(
-        memorising_model, tokenizer, [r["src"] for r in memorised], max_new_tokens=200,
-        pad_token_id=0,
-    )  # fmt: skip
+    prompts = [r["src"] for r in memorised]
+    outs = generate_texts(memorising_model, tokenizer, prompts, max_new_tokens=200, pad_token_id=0)
     assert outs == [r["tgt"] for r in memorised]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import paddle
@@ -182,6 +183,13 @@ def test_forward_matches_dequantized_linear_plus_lora(
     np.testing.assert_allclose(layer(x).numpy(), expected.numpy(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.skipif(paddle.is_compiled_with_cuda(), reason="checks the CPU-only error")
+def test_half_compute_dtype_on_cpu_is_a_clear_error() -> None:
+    layer = _qlayer(QLoRASpec(lora_rank=4, compute_dtype="bfloat16"))
+    with pytest.raises(RuntimeError, match="compute_dtype=bfloat16 needs a GPU"):
+        layer(_gaussian([2, 64]))
+
+
 def test_frozen_base_holds_no_float_weight() -> None:
     layer = _qlayer(QLoRASpec(lora_rank=4))
     params = dict(layer.named_parameters())
@@ -248,7 +256,7 @@ def test_native_backend_probe_explains_itself() -> None:
 # --------------------------------------------------------------------------- tiny Llama
 
 
-def _tiny_llama(lazy: bool = False):  # noqa: ANN202 - PaddleNLP model type
+def _tiny_llama(lazy: bool = False) -> paddle.nn.Layer:
     from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
     from paddlenlp.transformers.model_utils import no_init_weights
 
@@ -315,7 +323,7 @@ def test_quantize_model_on_tiny_llama_trains() -> None:
     assert sorted(cfg["quantized_layers"]) == _expected_targets()
 
 
-def test_quantize_while_loading_matches_quantize_model(tmp_path) -> None:  # noqa: ANN001
+def test_quantize_while_loading_matches_quantize_model(tmp_path: Path) -> None:
     from safetensors.paddle import save_file
 
     ref = _tiny_llama()
@@ -345,7 +353,7 @@ def test_quantize_while_loading_matches_quantize_model(tmp_path) -> None:  # noq
     )
 
 
-def test_loading_rejects_a_transposed_weight(tmp_path) -> None:  # noqa: ANN001
+def test_loading_rejects_a_transposed_weight(tmp_path: Path) -> None:
     from safetensors.paddle import save_file
 
     state = {k: v.contiguous() for k, v in _tiny_llama().state_dict().items()}

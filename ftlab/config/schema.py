@@ -155,7 +155,7 @@ class PrecisionConfig:
 class TrainSettings:
     max_steps: int = -1  # > 0 overrides num_train_epochs
     num_train_epochs: float = 1.0
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-2
     lr_scheduler_type: str = "cosine"  # linear | cosine | constant
     warmup_steps: int = 0
     weight_decay: float = 0.0

@@ -216,6 +216,13 @@ def validate(run: RunConfig, env: Environment) -> dict[str, Any]:
         )
     from ftlab.methods import get_method
 
+    method = get_method(run.method.name)
+    method.check(run)
+    if run.parallel.tensor > 1 and not method.supports_tensor_parallel:
+        raise ConfigError(
+            f"method={run.method.name} with parallel={run.parallel.name}: this method has no "
+            "tensor-parallel implementation. Use a sharding or data-parallel layout instead."
+        )
     t = run.train
     # Sharding splits the data like data parallelism does, so both multiply the batch.
     batch_ranks = layout["data_parallel_degree"] * run.parallel.sharding
@@ -225,6 +232,6 @@ def validate(run: RunConfig, env: Environment) -> dict[str, Any]:
         "global_batch_size": t.per_device_train_batch_size
         * t.gradient_accumulation_steps
         * batch_ranks,
-        **get_method(run.method.name).derived(run.method),
+        **method.derived(run.method),
     }
     return derived

@@ -14,7 +14,6 @@ import paddle
 from ftlab.config.schema import DataConfig
 from ftlab.data.collate import Collator
 from ftlab.data.datasets import ExampleDataset, PackedDataset
-from ftlab.data.encoder import TextEncoder
 from ftlab.data.examples import ExampleBuilder, ExampleStore, Limits
 from ftlab.data.formats import detect_format, record_conversation, to_conversation
 from ftlab.data.layout import resolve_split_files
@@ -49,7 +48,11 @@ class DataBundle:
 
     def encode_prompt(self, record: dict[str, Any]) -> list[int]:
         """Prompt token ids for a raw record, rendered and cut exactly as in training."""
-        assert self.builder is not None
+        if self.builder is None:
+            raise DataError(
+                "this DataBundle was built without an example builder; build it "
+                "with ftlab.data.build_data to encode prompts."
+            )
         return self.builder.prompt_ids(record_conversation(record, self.format))
 
 
@@ -64,34 +67,47 @@ def _validate(cfg: DataConfig, max_steps: int | None) -> None:
             f"data.max_length={cfg.max_length}, so every example keeps some target tokens."
         )
     if cfg.dev_from_train is not None and not 0 < cfg.dev_from_train < 1:
-        raise DataError(f"data.dev_from_train={cfg.dev_from_train} must be a fraction between "
-                        "0 and 1 (e.g. 0.05), or null.")
+        raise DataError(
+            f"data.dev_from_train={cfg.dev_from_train} must be a fraction between "
+            "0 and 1 (e.g. 0.05), or null."
+        )
     if cfg.streaming and (max_steps is None or max_steps <= 0):
-        raise DataError("data.streaming=true needs train.max_steps > 0: a stream has no known "
-                        "length. Set train.max_steps.")
+        raise DataError(
+            "data.streaming=true needs train.max_steps > 0: a stream has no known "
+            "length. Set train.max_steps."
+        )
     if cfg.streaming and cfg.dev_from_train is not None:
-        raise DataError("data.streaming=true cannot carve data.dev_from_train out of a stream "
-                        "read lazily; give a dev split (dev.json or data.dev_path) instead.")
+        raise DataError(
+            "data.streaming=true cannot carve data.dev_from_train out of a stream "
+            "read lazily; give a dev split (dev.json or data.dev_path) instead."
+        )
 
 
 def _check_tokenizer(tokenizer: Any) -> int:
     if getattr(tokenizer, "eos_token_id", None) is None:
-        raise DataError(f"the tokenizer ({type(tokenizer).__name__}) has no eos token; examples "
-                        "need one to end each answer. Use a tokenizer with an eos token.")
+        raise DataError(
+            f"the tokenizer ({type(tokenizer).__name__}) has no eos token; examples "
+            "need one to end each answer. Use a tokenizer with an eos token."
+        )
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
-        raise DataError(f"the tokenizer ({type(tokenizer).__name__}) has no pad token; set "
-                        "model.pad_token (e.g. the unknown token) so batches can be padded.")
+        raise DataError(
+            f"the tokenizer ({type(tokenizer).__name__}) has no pad token; set "
+            "model.pad_token (e.g. the unknown token) so batches can be padded."
+        )
     return int(pad)
 
 
-def _carve_dev(records: list[Record], fraction: float, seed: int
-               ) -> tuple[list[Record], list[Record]]:
+def _carve_dev(
+    records: list[Record], fraction: float, seed: int
+) -> tuple[list[Record], list[Record]]:
     """A seeded dev split of ``fraction`` of the (valid) train records."""
     n_dev = max(1, round(len(records) * fraction))
     if n_dev >= len(records):
-        raise DataError(f"data.dev_from_train={fraction} leaves no train records out of "
-                        f"{len(records)}; lower it or add data.")
+        raise DataError(
+            f"data.dev_from_train={fraction} leaves no train records out of "
+            f"{len(records)}; lower it or add data."
+        )
     order = np.random.default_rng(seed).permutation(len(records))
     dev_idx = set(order[:n_dev].tolist())
     train = [r for i, r in enumerate(records) if i not in dev_idx]
@@ -108,8 +124,14 @@ def _valid(records: list[Record], fmt: str, bad: BadRecords) -> list[tuple[Recor
     return out
 
 
-def _examples(builder: ExampleBuilder, pairs: list[tuple[Record, Any]], stats: SplitStats,
-              bad: BadRecords, split: str, files: list[Path]) -> ExampleStore:
+def _examples(
+    builder: ExampleBuilder,
+    pairs: list[tuple[Record, Any]],
+    stats: SplitStats,
+    bad: BadRecords,
+    split: str,
+    files: list[Path],
+) -> ExampleStore:
     store = ExampleStore(builder.build(((c, r.where) for r, c in pairs), stats, bad))
     if not len(store):
         raise DataError(
@@ -121,19 +143,83 @@ def _examples(builder: ExampleBuilder, pairs: list[tuple[Record, Any]], stats: S
 
 
 def _log_split(name: str, stats: SplitStats) -> None:
-    log.info("data %s: %d examples from %d records (%d skipped %s, %d prompts cut, %d answers "
-             "cut, %d dropped overlong), %d tokens%s", name, stats.examples, stats.records_read,
-             sum(stats.skipped.values()), dict(stats.skipped), stats.truncated_prompt,
-             stats.truncated_target, stats.dropped_overlong, stats.tokens,
-             f", {stats.packs} packs, efficiency {stats.packing_efficiency}"
-             if stats.packs is not None else "")
+    log.info(
+        "data %s: %d examples from %d records (%d skipped %s, %d prompts cut, %d answers "
+        "cut, %d dropped overlong), %d tokens%s",
+        name,
+        stats.examples,
+        stats.records_read,
+        sum(stats.skipped.values()),
+        dict(stats.skipped),
+        stats.truncated_prompt,
+        stats.truncated_target,
+        stats.dropped_overlong,
+        stats.tokens,
+        f", {stats.packs} packs, efficiency {stats.packing_efficiency}"
+        if stats.packs is not None
+        else "",
+    )
     for sample in stats.skipped_samples:
         log.warning("skipped: %s", sample)
 
 
-def build_data(cfg: DataConfig, tokenizer: Any, *, seed: int, need_dev: bool,
-               max_steps: int | None = None, world_size: int = 1, rank: int = 0
-               ) -> DataBundle:
+def _train_map_dataset(
+    cfg: DataConfig, store: ExampleStore, stats: SplitStats, seed: int
+) -> paddle.io.Dataset:
+    """One item per example, or per pack (examples seeded-shuffled first when data.shuffle)."""
+    if cfg.packing == "none":
+        return ExampleDataset(store)
+    n = len(store)
+    order = np.random.default_rng(seed).permutation(n) if cfg.shuffle else np.arange(n)
+    packs = make_packs(cfg.packing, store.lengths()[order].tolist(), cfg.max_length)
+    packs = [[int(order[i]) for i in p] for p in packs]
+    stats.set_packing(len(packs), cfg.max_length, stats.tokens)
+    return PackedDataset(store, packs)
+
+
+def _dev_pairs(
+    cfg: DataConfig,
+    dev_files: list[Path] | None,
+    train_pairs: list[tuple[Record, Any]],
+    fmt: str,
+    seed: int,
+    fingerprints: dict[str, str],
+) -> tuple[list[tuple[Record, Any]], list[tuple[Record, Any]], SplitStats | None, str | None]:
+    """(train pairs, dev pairs, dev stats, dev source): a dev file, or a carved-out share."""
+    if dev_files is None and cfg.dev_from_train is None:
+        return train_pairs, [], None, None
+    stats = SplitStats()
+    if dev_files is None:
+        train_pairs, dev = _carve_dev(train_pairs, cfg.dev_from_train, seed)
+        stats.records_read = len(dev)
+        log.info(
+            "data dev: %d records held out of train (data.dev_from_train=%s, seed %d)",
+            len(dev),
+            cfg.dev_from_train,
+            seed,
+        )
+        return train_pairs, dev, stats, "dev_from_train"
+    if cfg.dev_from_train is not None:
+        log.warning(
+            "data.dev_from_train=%s is ignored: a dev split exists (%s)",
+            cfg.dev_from_train,
+            ", ".join(map(str, dev_files)),
+        )
+    bad = BadRecords(cfg.on_bad_record, stats)
+    dev = _valid(read_split(dev_files, bad, stats, fingerprints), fmt, bad)
+    return train_pairs, dev, stats, "file"
+
+
+def build_data(
+    cfg: DataConfig,
+    tokenizer: Any,
+    *,
+    seed: int,
+    need_dev: bool,
+    max_steps: int | None = None,
+    world_size: int = 1,
+    rank: int = 0,
+) -> DataBundle:
     """Read, check, tokenize and (optionally) pack the data a run trains and evaluates on.
 
     Map-style datasets are not sharded here (the Trainer's sampler does it); a streaming
@@ -149,78 +235,78 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, seed: int, need_dev: bool,
             "directory, or set data.dev_path), or set data.dev_from_train=0.05 to hold out 5% "
             "of the train records."
         )
-    renderer = make_renderer(cfg.chat_template, tokenizer)
-    builder = ExampleBuilder(tokenizer, renderer,
-                             Limits(cfg.src_length, cfg.max_length, cfg.overlong),
-                             TextEncoder(tokenizer))
+    limits = Limits(cfg.src_length, cfg.max_length, cfg.overlong)
+    builder = ExampleBuilder(tokenizer, make_renderer(cfg.chat_template, tokenizer), limits)
     fingerprints: dict[str, str] = {}
     train_stats = SplitStats()
     train_bad = BadRecords(cfg.on_bad_record, train_stats)
 
     if cfg.streaming:
-        probe = _first_records(train_files, cfg.on_bad_record)
-        fmt = detect_format(probe, cfg.format, cfg.on_bad_record)
-        for path in train_files:
+        fmt = detect_format(_first_records(train_files, cfg.on_bad_record), cfg.format)
+        for path in train_files:  # hashed up front: the stream itself reads lazily
             fingerprints[str(path.resolve())] = sha256_file(path)
         train_stats.files = len(train_files)
         train_dataset: Any = StreamingDataset(
-            train_files, fmt, builder, cfg.on_bad_record, cfg.packing, cfg.max_length, seed,
-            cfg.shuffle, world_size, rank, train_stats)
+            train_files,
+            fmt,
+            builder,
+            policy=cfg.on_bad_record,
+            packing=cfg.packing,
+            capacity=cfg.max_length,
+            seed=seed,
+            shuffle=cfg.shuffle,
+            world_size=world_size,
+            rank=rank,
+            stats=train_stats,
+        )
         train_pairs: list[tuple[Record, Any]] = []
     else:
         records = read_split(train_files, train_bad, train_stats, fingerprints)
         if not records:
-            raise DataError(f"the train split is empty: {', '.join(map(str, train_files))} "
-                            f"hold no readable records ({train_stats.records_read} read, "
-                            f"{sum(train_stats.skipped.values())} skipped). Add records.")
-        fmt = detect_format(records, cfg.format, cfg.on_bad_record)
+            raise DataError(
+                f"the train split is empty: {', '.join(map(str, train_files))} "
+                f"hold no readable records ({train_stats.records_read} read, "
+                f"{sum(train_stats.skipped.values())} skipped). Add records."
+            )
+        fmt = detect_format(records, cfg.format)
         train_pairs = _valid(records, fmt, train_bad)
 
-    dev_stats: SplitStats | None = None
-    dev_pairs: list[tuple[Record, Any]] = []
-    dev_source: str | None = None
-    if cfg.dev_from_train is not None and dev_files is None:
-        train_pairs, dev_pairs = _carve_dev(train_pairs, cfg.dev_from_train, seed)
-        dev_stats, dev_source = SplitStats(), "dev_from_train"
-        dev_stats.records_read = len(dev_pairs)
-        log.info("data dev: %d records held out of train (data.dev_from_train=%s, seed %d)",
-                 len(dev_pairs), cfg.dev_from_train, seed)
-    elif dev_files is not None:
-        if cfg.dev_from_train is not None:
-            log.warning("data.dev_from_train=%s is ignored: a dev split exists (%s)",
-                        cfg.dev_from_train, ", ".join(map(str, dev_files)))
-        dev_stats, dev_source = SplitStats(), "file"
-        dev_bad = BadRecords(cfg.on_bad_record, dev_stats)
-        dev_records = read_split(dev_files, dev_bad, dev_stats, fingerprints)
-        dev_pairs = _valid(dev_records, fmt, dev_bad)
-
+    train_pairs, dev_pairs, dev_stats, dev_source = _dev_pairs(
+        cfg, dev_files, train_pairs, fmt, seed, fingerprints
+    )
     if not cfg.streaming:
         store = _examples(builder, train_pairs, train_stats, train_bad, "train", train_files)
-        if cfg.packing == "none":
-            train_dataset = ExampleDataset(store)
-        else:
-            lengths = store.lengths()
-            order = (np.random.default_rng(seed).permutation(len(store)) if cfg.shuffle
-                     else np.arange(len(store)))
-            packs = make_packs(cfg.packing, lengths[order].tolist(), cfg.max_length)
-            packs = [[int(order[i]) for i in p] for p in packs]
-            train_stats.set_packing(len(packs), cfg.max_length)
-            train_dataset = PackedDataset(store, packs)
+        train_dataset = _train_map_dataset(cfg, store, train_stats, seed)
         _log_split("train", train_stats)
-
     dev_dataset = None
     if dev_stats is not None:
-        dev_store = _examples(builder, dev_pairs, dev_stats, BadRecords(cfg.on_bad_record,
-                              dev_stats), "dev", dev_files or train_files)
-        dev_dataset = ExampleDataset(dev_store)
+        dev_bad = BadRecords(cfg.on_bad_record, dev_stats)
+        dev_store = _examples(
+            builder, dev_pairs, dev_stats, dev_bad, "dev", dev_files or train_files
+        )
+        dev_dataset = ExampleDataset(dev_store)  # never packed: eval loss independent of it
         _log_split("dev", dev_stats)
 
-    stats = DataStats(format=fmt, chat_template=cfg.chat_template, packing=cfg.packing,
-                      max_length=cfg.max_length, streaming=cfg.streaming, dev_source=dev_source,
-                      train=train_stats, dev=dev_stats)
-    return DataBundle(train_dataset=train_dataset, dev_dataset=dev_dataset,
-                      collate_fn=Collator(pad_id), dev_records=[r.data for r, _ in dev_pairs],
-                      format=fmt, stats=stats, fingerprints=fingerprints, builder=builder)
+    stats = DataStats(
+        format=fmt,
+        chat_template=cfg.chat_template,
+        packing=cfg.packing,
+        max_length=cfg.max_length,
+        streaming=cfg.streaming,
+        dev_source=dev_source,
+        train=train_stats,
+        dev=dev_stats,
+    )
+    return DataBundle(
+        train_dataset=train_dataset,
+        dev_dataset=dev_dataset,
+        collate_fn=Collator(pad_id),
+        dev_records=[r.data for r, _ in dev_pairs],
+        format=fmt,
+        stats=stats,
+        fingerprints=fingerprints,
+        builder=builder,
+    )
 
 
 def _first_records(files: list[Path], policy: str, limit: int = 20) -> list[Record]:
@@ -233,6 +319,8 @@ def _first_records(files: list[Path], policy: str, limit: int = 20) -> list[Reco
             if len(out) == limit:
                 return out
     if not out:
-        raise DataError(f"the train split is empty: {', '.join(map(str, files))} hold no "
-                        "readable records. Add records.")
+        raise DataError(
+            f"the train split is empty: {', '.join(map(str, files))} hold no "
+            "readable records. Add records."
+        )
     return out

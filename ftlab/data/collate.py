@@ -44,7 +44,7 @@ class Collator:
         if not any("seq_lens" in it for it in items):
             mask = np.zeros((batch, width), dtype=np.int64)
             for b, it in enumerate(items):
-                mask[b, :len(it["input_ids"])] = 1
+                mask[b, : len(it["input_ids"])] = 1
             out["attention_mask"] = mask
             return out
         mask3 = np.zeros((batch, width, width), dtype=bool)
@@ -53,8 +53,8 @@ class Collator:
             start = 0
             for n in it.get("seq_lens", [len(it["input_ids"])]):
                 n = int(n)
-                mask3[b, start:start + n, start:start + n] = self._causal(n)
-                position_ids[b, start:start + n] = np.arange(n)
+                mask3[b, start : start + n, start : start + n] = self._causal(n)
+                position_ids[b, start : start + n] = np.arange(n)
                 start += n
         out["attention_mask"] = mask3
         out["position_ids"] = position_ids

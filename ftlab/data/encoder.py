@@ -30,8 +30,13 @@ SP_THREADS = min(2, os.cpu_count() or 1)
 def _slow_encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     if not texts:
         return []
-    out = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False,
-                    return_token_type_ids=False, return_position_ids=False)
+    out = tokenizer(
+        list(texts),
+        add_special_tokens=False,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        return_position_ids=False,
+    )
     return [list(ids) for ids in out["input_ids"]]
 
 
@@ -41,12 +46,23 @@ class TextEncoder:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.sp = self._usable_sentencepiece(tokenizer)
-        specials = [] if getattr(tokenizer, "split_special_tokens", False) else sorted(
-            set(getattr(tokenizer, "unique_no_split_tokens", []) or [])
-            | set(getattr(tokenizer, "all_special_tokens", []) or []), key=len, reverse=True)
+        specials = (
+            []
+            if getattr(tokenizer, "split_special_tokens", False)
+            else sorted(
+                set(getattr(tokenizer, "unique_no_split_tokens", []) or [])
+                | set(getattr(tokenizer, "all_special_tokens", []) or []),
+                key=len,
+                reverse=True,
+            )
+        )
         self.special = re.compile("|".join(map(re.escape, specials))) if specials else None
-        log.info("text encoding: %s", "sentencepiece batch encoder" if self.sp is not None
-                 else f"{type(tokenizer).__name__} (per text)")
+        log.info(
+            "text encoding: %s",
+            "sentencepiece batch encoder"
+            if self.sp is not None
+            else f"{type(tokenizer).__name__} (per text)",
+        )
 
     @staticmethod
     def _usable_sentencepiece(tokenizer: Any) -> Any | None:
@@ -56,25 +72,35 @@ class TextEncoder:
         try:
             fast = sp.encode(list(PROBES))
         except Exception:  # noqa: BLE001 - an sp_model we cannot batch-call: use the tokenizer
-            log.info("text encoding: the tokenizer's sp_model cannot batch-encode; using the "
-                     "tokenizer per text")
+            log.info(
+                "text encoding: the tokenizer's sp_model cannot batch-encode; using the "
+                "tokenizer per text"
+            )
             return None
         if fast != _slow_encode(tokenizer, PROBES):
-            log.info("text encoding: sentencepiece ids differ from the tokenizer's on probe "
-                     "texts; using the tokenizer per text")
+            log.info(
+                "text encoding: sentencepiece ids differ from the tokenizer's on probe "
+                "texts; using the tokenizer per text"
+            )
             return None
         return sp
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         if self.sp is None:
             return _slow_encode(self.tokenizer, texts)
-        slow_idx = ([i for i, t in enumerate(texts) if self.special.search(t)]
-                    if self.special is not None else [])
+        slow_idx = (
+            [i for i, t in enumerate(texts) if self.special.search(t)]
+            if self.special is not None
+            else []
+        )
         if not slow_idx:
             return self.sp.encode(list(texts), num_threads=SP_THREADS)
         slow = set(slow_idx)
-        out = self.sp.encode([("" if i in slow else t) for i, t in enumerate(texts)],
-                             num_threads=SP_THREADS)
-        for i, ids in zip(slow_idx, _slow_encode(self.tokenizer, [texts[i] for i in slow_idx]), strict=False):
+        out = self.sp.encode(
+            [("" if i in slow else t) for i, t in enumerate(texts)], num_threads=SP_THREADS
+        )
+        for i, ids in zip(
+            slow_idx, _slow_encode(self.tokenizer, [texts[i] for i in slow_idx]), strict=True
+        ):
             out[i] = ids
         return out

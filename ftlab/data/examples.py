@@ -6,7 +6,8 @@ target mask ``m`` is ``input_ids = seq[:-1]`` and ``labels[i] = seq[i+1] if m[i+
 
 Truncation: each prompt (the non-target text before an answer, bos included) keeps its
 last ``src_length`` tokens (the bos stays); the whole sequence keeps its first
-``max_length`` tokens, cutting answers from the right. A cut answer gets no end-of-turn
+``max_length`` tokens, cutting answers from the right. ``overlong=drop|error`` applies
+to an example that needed either cut. A cut answer gets no end-of-turn
 token: it does not end there, and teaching a stop mid-answer would teach early stops.
 """
 
@@ -23,7 +24,7 @@ from ftlab.data.encoder import TextEncoder
 from ftlab.data.formats import Conversation
 from ftlab.data.records import BadRecords
 from ftlab.data.stats import SplitStats
-from ftlab.data.templates import Renderer
+from ftlab.data.templates import Piece, Renderer
 from ftlab.errors import DataError
 
 IGNORE = -100
@@ -46,8 +47,9 @@ class Example:
 class ExampleBuilder:
     """Turns located conversations into examples, counting every cut, drop and skip."""
 
-    def __init__(self, tokenizer: Any, renderer: Renderer, limits: Limits,
-                 encoder: TextEncoder | None = None) -> None:
+    def __init__(
+        self, tokenizer: Any, renderer: Renderer, limits: Limits, encoder: TextEncoder | None = None
+    ) -> None:
         self.renderer = renderer
         self.limits = limits
         self.encoder = encoder or TextEncoder(tokenizer)
@@ -56,8 +58,9 @@ class ExampleBuilder:
 
     # ------------------------------------------------------------------ prompts
 
-    def _prompt_and_targets(self, pieces: list[tuple[list[int], bool]]
-                            ) -> tuple[list[tuple[list[int], list[int]]], bool]:
+    def _prompt_and_targets(
+        self, pieces: list[tuple[list[int], bool]]
+    ) -> tuple[list[tuple[list[int], list[int]]], bool]:
         """Pair each answer with the prompt before it; cut prompts to src_length."""
         pairs: list[tuple[list[int], list[int]]] = []
         prompt: list[int] = [self.bos] if self.bos is not None else []
@@ -78,13 +81,15 @@ class ExampleBuilder:
         if len(prompt) <= limit:
             return prompt, False
         head = 1 if first and self.bos is not None else 0
-        return prompt[:head] + prompt[len(prompt) - (limit - head):], True
+        return prompt[:head] + prompt[len(prompt) - (limit - head) :], True
 
     def prompt_ids(self, conv: Conversation) -> list[int]:
         """Token ids of the prompt that precedes the last answer, exactly as in training."""
         pieces = self.renderer.pieces(conv)
         encoded = self.encoder.encode([p.text for p in pieces])
-        pairs, _ = self._prompt_and_targets([(ids, p.target) for ids, p in zip(encoded, pieces, strict=False)])
+        pairs, _ = self._prompt_and_targets(
+            [(ids, p.target) for ids, p in zip(encoded, pieces, strict=True)]
+        )
         tokens: list[int] = []
         for prompt, target in pairs[:-1]:
             tokens += prompt + target
@@ -92,8 +97,9 @@ class ExampleBuilder:
 
     # ------------------------------------------------------------------ examples
 
-    def _assemble(self, pieces: list[tuple[list[int], bool]], where: str, stats: SplitStats,
-                  bad: BadRecords) -> Example | None:
+    def _assemble(
+        self, pieces: list[tuple[list[int], bool]], where: str, stats: SplitStats, bad: BadRecords
+    ) -> Example | None:
         pairs, prompt_cut = self._prompt_and_targets(pieces)
         budget = self.limits.max_length
         tokens: list[int] = []
@@ -137,8 +143,9 @@ class ExampleBuilder:
         stats.count_example(len(seq) - 1, n_target)
         return Example(seq[:-1], labels)
 
-    def build(self, items: Iterable[tuple[Conversation, str]], stats: SplitStats,
-              bad: BadRecords) -> Iterator[Example]:
+    def build(
+        self, items: Iterable[tuple[Conversation, str]], stats: SplitStats, bad: BadRecords
+    ) -> Iterator[Example]:
         """Examples from (conversation, location) pairs, encoded in batches."""
         batch: list[tuple[Conversation, str]] = []
         for item in items:
@@ -149,16 +156,24 @@ class ExampleBuilder:
         if batch:
             yield from self._build_batch(batch, stats, bad)
 
-    def _build_batch(self, batch: list[tuple[Conversation, str]], stats: SplitStats,
-                     bad: BadRecords) -> Iterator[Example]:
-        rendered = [self.renderer.pieces(conv) for conv, _ in batch]
+    def _render(self, conv: Conversation, where: str) -> list[Piece]:
+        try:
+            return self.renderer.pieces(conv)
+        except DataError as err:  # a template that fails on this record: say which record
+            raise DataError(f"{where}: {err}") from None
+
+    def _build_batch(
+        self, batch: list[tuple[Conversation, str]], stats: SplitStats, bad: BadRecords
+    ) -> Iterator[Example]:
+        rendered = [self._render(conv, where) for conv, where in batch]
         encoded = self.encoder.encode([p.text for pieces in rendered for p in pieces])
         pos = 0
-        for (_, where), pieces in zip(batch, rendered, strict=False):
-            ids = encoded[pos:pos + len(pieces)]
+        for (_, where), pieces in zip(batch, rendered, strict=True):
+            ids = encoded[pos : pos + len(pieces)]
             pos += len(pieces)
-            example = self._assemble([(i, p.target) for i, p in zip(ids, pieces, strict=False)], where,
-                                     stats, bad)
+            example = self._assemble(
+                [(i, p.target) for i, p in zip(ids, pieces, strict=True)], where, stats, bad
+            )
             if example is not None:
                 yield example
 

@@ -27,8 +27,11 @@ EXPECTED_FIELDS = {
     "messages": "messages (list of {role, content} objects: an optional system message, then "
     "user and assistant messages alternating, ending with an assistant message)",
 }
-REQUIRED_KEYS = {"src_tgt": ("src", "tgt"), "alpaca": ("instruction", "output"),
-                 "messages": ("messages",)}
+REQUIRED_KEYS = {
+    "src_tgt": ("src", "tgt"),
+    "alpaca": ("instruction", "output"),
+    "messages": ("messages",),
+}
 
 
 @dataclass(frozen=True)
@@ -87,13 +90,17 @@ def _from_src_tgt(record: dict) -> Conversation:
             raise RecordProblem("wrong_fields", "multi-turn src and tgt lists must hold strings")
         srcs, tgts = src, tgt
     else:
-        found = {k: ("missing" if k not in record else type(record[k]).__name__)
-                 for k in ("src", "tgt")}
-        raise RecordProblem("wrong_fields", f"src and tgt must both be strings or both lists, "
-                                            f"found src={found['src']}, tgt={found['tgt']}")
+        found = {
+            k: ("missing" if k not in record else type(record[k]).__name__) for k in ("src", "tgt")
+        }
+        raise RecordProblem(
+            "wrong_fields",
+            f"src and tgt must both be strings or both lists, "
+            f"found src={found['src']}, tgt={found['tgt']}",
+        )
     for i, t in enumerate(tgts):
         _check_target(t, "tgt" if len(tgts) == 1 else f"tgt[{i}]")
-    return Conversation(None, tuple(Turn(s, t) for s, t in zip(srcs, tgts, strict=False)))
+    return Conversation(None, tuple(Turn(s, t) for s, t in zip(srcs, tgts, strict=True)))
 
 
 def _from_alpaca(record: dict) -> Conversation:
@@ -102,8 +109,9 @@ def _from_alpaca(record: dict) -> Conversation:
     if user_input is None:
         user_input = ""
     if not isinstance(user_input, str):
-        raise RecordProblem("wrong_fields",
-                            f"field 'input' must be a string, found a {type(user_input).__name__}")
+        raise RecordProblem(
+            "wrong_fields", f"field 'input' must be a string, found a {type(user_input).__name__}"
+        )
     _check_target(output, "output")
     return Conversation(None, (Turn(instruction, output, user_input),))
 
@@ -113,10 +121,14 @@ def _from_messages(record: dict) -> Conversation:
     if not isinstance(messages, list) or not messages:
         raise RecordProblem("wrong_fields", "field 'messages' must be a non-empty list")
     for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
-            raise RecordProblem("wrong_fields",
-                                f"messages[{i}] must be an object with string role and content")
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
+            raise RecordProblem(
+                "wrong_fields", f"messages[{i}] must be an object with string role and content"
+            )
     system = None
     if messages[0]["role"] == "system":
         system, messages = messages[0]["content"], messages[1:]
@@ -136,7 +148,9 @@ def _from_messages(record: dict) -> Conversation:
 
 
 CONVERTERS: dict[str, Callable[[dict], Conversation]] = {
-    "src_tgt": _from_src_tgt, "alpaca": _from_alpaca, "messages": _from_messages,
+    "src_tgt": _from_src_tgt,
+    "alpaca": _from_alpaca,
+    "messages": _from_messages,
 }
 
 
@@ -148,11 +162,11 @@ def _expected_all() -> str:
     return "; ".join(f"{f}: {EXPECTED_FIELDS[f]}" for f in FORMATS)
 
 
-def detect_format(records: Sequence[Record], setting: str, policy: str) -> str:
+def detect_format(records: Sequence[Record], setting: str) -> str:
     """Resolve ``data.format``: check an explicit one, or detect it from the first records.
 
-    Under ``on_bad_record=skip`` a first record that fits no format does not decide the
-    format (it is skipped and counted later); under ``error`` it stops the run here.
+    Records that fit no format do not vote; they fail (or are skipped) later with the
+    detected format's expected fields, which says more than a list of all formats.
     """
     if setting not in ("auto",) + FORMATS:
         raise DataError(f"data.format={setting!r} is not one of auto, {', '.join(FORMATS)}.")
@@ -161,20 +175,20 @@ def detect_format(records: Sequence[Record], setting: str, policy: str) -> str:
     found: dict[str, str] = {}
     for rec in records[:DETECT_RECORDS]:
         matches = _matching_formats(rec.data)
-        if len(matches) > 1 or (not matches and policy == "error"):
-            what = "matches none of" if not matches else f"matches several ({matches}) of"
+        if len(matches) > 1:
             raise DataError(
-                f"{rec.where}: data.format=auto: the record (keys {sorted(rec.data)}) {what} "
-                f"the formats. Expected fields: {_expected_all()}. Set data.format explicitly "
-                "or fix the record."
+                f"{rec.where}: data.format=auto: the record (keys {sorted(rec.data)}) matches "
+                f"several formats ({', '.join(matches)}). Set data.format explicitly."
             )
         if matches:
             found.setdefault(matches[0], rec.where)
     if not found:
+        first = records[0] if records else None
         raise DataError(
-            "data.format=auto cannot detect a format: none of the first "
-            f"{DETECT_RECORDS} readable train records fits one. Expected fields: "
-            f"{_expected_all()}. Set data.format explicitly or fix the data."
+            f"{first.where if first else 'train split'}: data.format=auto: none of the first "
+            f"{min(len(records), DETECT_RECORDS)} records fits a format (the first has keys "
+            f"{sorted(first.data) if first else []}). Expected fields: {_expected_all()}. Set "
+            "data.format explicitly or fix the data."
         )
     if len(found) > 1:
         raise DataError(
@@ -183,8 +197,11 @@ def detect_format(records: Sequence[Record], setting: str, policy: str) -> str:
             "dataset or set data.format explicitly."
         )
     fmt = next(iter(found))
-    log.info("data.format=auto: detected %s from the first %d records", fmt,
-             min(len(records), DETECT_RECORDS))
+    log.info(
+        "data.format=auto: detected %s from the first %d records",
+        fmt,
+        min(len(records), DETECT_RECORDS),
+    )
     return fmt
 
 
@@ -210,5 +227,7 @@ def record_conversation(record: dict[str, Any], fmt: str) -> Conversation:
     try:
         return CONVERTERS[fmt](record)
     except RecordProblem as problem:
-        raise DataError(f"record does not match data.format={fmt}: {problem.detail}. "
-                        f"Expected fields: {EXPECTED_FIELDS[fmt]}") from None
+        raise DataError(
+            f"record does not match data.format={fmt}: {problem.detail}. "
+            f"Expected fields: {EXPECTED_FIELDS[fmt]}"
+        ) from None

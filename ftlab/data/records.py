@@ -57,7 +57,7 @@ def _parse_line(raw: bytes, where: str, offset: int, bad: BadRecords) -> dict | 
         bad.reject(
             "not_utf8",
             f"{where}: not valid UTF-8 (byte offset {offset + err.start} in the file, bytes "
-            f"{raw[err.start:err.start + 4]!r}); re-save the file as UTF-8",
+            f"{raw[err.start : err.start + 4]!r}); re-save the file as UTF-8",
         )
         return None
     try:
@@ -65,8 +65,10 @@ def _parse_line(raw: bytes, where: str, offset: int, bad: BadRecords) -> dict | 
     except json.JSONDecodeError as err:
         hint = ""
         if text.lstrip().startswith("["):
-            hint = " (the file looks like a JSON array; ftlab reads JSON lines: one object per line)"
-        bad.reject("invalid_json", f"{where}: not valid JSON: {err.msg} at column {err.colno}{hint}")
+            hint = " (the file looks like a JSON array; ftlab reads JSON lines: one object a line)"
+        bad.reject(
+            "invalid_json", f"{where}: not valid JSON: {err.msg} at column {err.colno}{hint}"
+        )
         return None
     if not isinstance(obj, dict):
         bad.reject(
@@ -89,7 +91,7 @@ def iter_records(
             start = offset
             offset += len(raw)
             if lineno == 1 and raw.startswith(BOM):
-                raw, start = raw[len(BOM):], start + len(BOM)
+                raw, start = raw[len(BOM) :], start + len(BOM)
             if not raw.strip():
                 stats.blank_lines += 1
                 continue

@@ -7,7 +7,7 @@ are kept by location so a user can find and fix them.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 SAMPLES_KEPT = 5  # locations of skipped records kept per split
@@ -30,8 +30,10 @@ class SplitStats:
     target_tokens: int = 0  # positions that carry a label (loss)
     max_tokens: int = 0  # longest example
     packs: int | None = None  # sequences after packing (None: not packed)
-    packing_efficiency: float | None = None  # tokens / (packs * max_length)
+    packing_efficiency: float | None = None  # packed tokens / (packs * max_length)
     epochs_started: int | None = None  # streaming only: passes begun over the files
+    # Streaming counts are this process's, cumulative over passes (a skipped record is
+    # counted again on every pass that reads it).
 
     def count_skip(self, reason: str, message: str) -> None:
         self.skipped[reason] += 1
@@ -44,13 +46,14 @@ class SplitStats:
         self.target_tokens += target_tokens
         self.max_tokens = max(self.max_tokens, length)
 
-    def set_packing(self, packs: int, capacity: int) -> None:
+    def set_packing(self, packs: int, capacity: int, packed_tokens: int) -> None:
         self.packs = packs
-        self.packing_efficiency = round(self.tokens / (packs * capacity), 4) if packs else None
+        self.packing_efficiency = round(packed_tokens / (packs * capacity), 4) if packs else None
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["skipped"] = dict(self.skipped)
+        out["skipped_samples"] = list(self.skipped_samples)
         out["records_skipped"] = sum(self.skipped.values())
         return out
 
@@ -69,7 +72,7 @@ class DataStats:
     dev: SplitStats | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k not in ("train", "dev")}
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["train"] = self.train.to_dict()
         out["dev"] = self.dev.to_dict() if self.dev is not None else None
         return out

@@ -25,7 +25,7 @@ import paddle
 
 from ftlab.data.examples import Example, ExampleBuilder
 from ftlab.data.formats import Conversation, to_conversation
-from ftlab.data.packing import GREEDY_WINDOW, concat_pack, pack_best_fit
+from ftlab.data.packing import GREEDY_WINDOW, concat_pack, pack_window
 from ftlab.data.records import BadRecords, iter_records
 from ftlab.data.stats import SplitStats
 from ftlab.errors import DataError
@@ -42,9 +42,20 @@ def _plain_item(ex: Example) -> dict[str, Any]:
 class StreamingDataset(paddle.io.IterableDataset):
     """Endless stream of examples (or packs) for one rank; see the module docstring."""
 
-    def __init__(self, files: list[Path], fmt: str, builder: ExampleBuilder, policy: str,
-                 packing: str, capacity: int, seed: int, shuffle: bool, world_size: int = 1,
-                 rank: int = 0, stats: SplitStats | None = None) -> None:
+    def __init__(
+        self,
+        files: list[Path],
+        fmt: str,
+        builder: ExampleBuilder,
+        policy: str,
+        packing: str,
+        capacity: int,
+        seed: int,
+        shuffle: bool,
+        world_size: int = 1,
+        rank: int = 0,
+        stats: SplitStats | None = None,
+    ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
             raise DataError(f"streaming data: rank {rank} is outside world_size {world_size}.")
@@ -60,6 +71,12 @@ class StreamingDataset(paddle.io.IterableDataset):
         self.rank = rank
         self.stats = stats if stats is not None else SplitStats(files=len(files))
         self._skip = 0
+        self._packed_tokens = 0
+
+    def __len__(self) -> int:
+        # paddle's IterableDataset raises RuntimeError here; TypeError is what len() callers
+        # (and PaddleNLP's has_length) expect from an object without a length.
+        raise TypeError("a streaming dataset has no length; training runs to train.max_steps")
 
     def skip_examples(self, n: int) -> None:
         """Skip the first ``n`` items this rank yields (examples, or packs when packing).
@@ -103,8 +120,9 @@ class StreamingDataset(paddle.io.IterableDataset):
                 )
             epoch += 1
 
-    def _conversations(self, epoch: int, shards: int, shard: int
-                       ) -> Iterator[tuple[Conversation, str]]:
+    def _conversations(
+        self, epoch: int, shards: int, shard: int
+    ) -> Iterator[tuple[Conversation, str]]:
         files = self.files
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(files))
@@ -118,8 +136,9 @@ class StreamingDataset(paddle.io.IterableDataset):
             if conv is not None:
                 yield conv, rec.where
 
-    def _shuffled(self, items: Iterator[tuple[Conversation, str]], epoch: int, shard: int
-                  ) -> Iterator[tuple[Conversation, str]]:
+    def _shuffled(
+        self, items: Iterator[tuple[Conversation, str]], epoch: int, shard: int
+    ) -> Iterator[tuple[Conversation, str]]:
         if not self.shuffle:
             yield from items
             return
@@ -163,11 +182,11 @@ class StreamingDataset(paddle.io.IterableDataset):
             if ex is not None:
                 window.append(ex)
             if window and (ex is None or len(window) == GREEDY_WINDOW):
-                for pack in pack_best_fit([len(e.input_ids) for e in window], self.capacity):
+                for pack in pack_window([len(e.input_ids) for e in window], self.capacity):
                     yield self._emit([window[i] for i in pack])
                 window = []
 
     def _emit(self, pack: list[Example]) -> dict[str, Any]:
-        self.stats.packs = (self.stats.packs or 0) + 1
-        self.stats.set_packing(self.stats.packs, self.capacity)
+        self._packed_tokens += sum(len(e.input_ids) for e in pack)
+        self.stats.set_packing((self.stats.packs or 0) + 1, self.capacity, self._packed_tokens)
         return concat_pack((e.input_ids, e.labels) for e in pack)

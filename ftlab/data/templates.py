@@ -96,31 +96,41 @@ def _angle_markers(text: str) -> list[str]:
         end = text.find("|>", start)
         if end == -1:
             break
-        out.append(text[start:end + 2])
+        out.append(text[start : end + 2])
         start = text.find("<|", end)
     return out
 
 
 _CHATML = NamedTemplate(
-    name="chatml", add_bos=False,
+    name="chatml",
+    add_bos=False,
     system="<|im_start|>system\n{content}<|im_end|>\n",
     user="<|im_start|>user\n{content}<|im_end|>\n",
-    assistant_prefix="<|im_start|>assistant\n", assistant_end="<|im_end|>", after_answer="\n",
+    assistant_prefix="<|im_start|>assistant\n",
+    assistant_end="<|im_end|>",
+    after_answer="\n",
 )
 NAMED_TEMPLATES: dict[str, NamedTemplate] = {
     "chatml": _CHATML,
     "qwen2": _CHATML,
     "llama3": NamedTemplate(
-        name="llama3", add_bos=True,
+        name="llama3",
+        add_bos=True,
         system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
         user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
         assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
-        assistant_end="<|eot_id|>", after_answer="",
+        assistant_end="<|eot_id|>",
+        after_answer="",
     ),
     "alpaca": NamedTemplate(
-        name="alpaca", add_bos=True, system="{content}\n\n",
-        user="### Instruction:\n{content}\n\n", user_input="### Input:\n{input}\n\n",
-        assistant_prefix="### Response:\n", assistant_end="", after_answer="\n\n",
+        name="alpaca",
+        add_bos=True,
+        system="{content}\n\n",
+        user="### Instruction:\n{content}\n\n",
+        user_input="### Input:\n{input}\n\n",
+        assistant_prefix="### Response:\n",
+        assistant_end="",
+        after_answer="\n\n",
         default_system="Below is an instruction that describes a task. Write a response that "
         "appropriately completes the request.",
     ),
@@ -153,8 +163,9 @@ class TokenizerTemplate:
 
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         try:
-            return self.template.render(messages=messages, add_generation_prompt=generation_prompt,
-                                        **self.context)
+            return self.template.render(
+                messages=messages, add_generation_prompt=generation_prompt, **self.context
+            )
         except Exception as err:  # noqa: BLE001 - jinja raises many types; report as data
             raise DataError(
                 f"data.chat_template=tokenizer: the tokenizer's template failed on "
@@ -176,7 +187,7 @@ class TokenizerTemplate:
                     "conversations as growing prefixes, so answers cannot be located. Use a "
                     f"named template ({', '.join(sorted(NAMED_TEMPLATES))})."
                 )
-            out += [Piece(prompt[len(done):], False), Piece(full[len(prompt):], True)]
+            out += [Piece(prompt[len(done) :], False), Piece(full[len(prompt) :], True)]
             done = full
         return out
 
@@ -196,8 +207,11 @@ def make_renderer(setting: str | None, tokenizer: Any) -> Renderer:
     template = NAMED_TEMPLATES[setting]
     unknown = [m for m in template.markers() if _single_token_id(tokenizer, m) is None]
     if unknown:
-        log.warning("chat template %s: %s are not tokens of this tokenizer; they are encoded "
-                    "as plain text", setting, ", ".join(unknown))
+        log.warning(
+            "chat template %s: %s are not tokens of this tokenizer; they are encoded as plain text",
+            setting,
+            ", ".join(unknown),
+        )
     return template
 
 

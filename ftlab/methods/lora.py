@@ -1,4 +1,28 @@
-"""LoRA and its variants (rsLoRA, LoRA+, PiSSA, MoSLoRA, MoRA) through ``paddlenlp.peft``."""
+"""LoRA and its variants (rsLoRA, LoRA+, PiSSA, MoSLoRA, MoRA) through ``paddlenlp.peft``.
+
+What ftlab changes on top of PaddleNLP 3.0.0b4, and why:
+
+* LoRA+ works through the parameter attribute PaddleNLP puts on ``lora_B``
+  (``ParamAttr(learning_rate=lora_plus_scale)``), which Paddle's AdamW multiplies into the
+  learning rate of that parameter; MoRA has no ``lora_B``, so that combination is refused.
+* PiSSA: PaddleNLP initialises lazily at the first forward, rewriting the frozen base
+  weight to ``W_res = W - A0 @ B0`` (``A0``/``B0`` from the top singular vectors). The
+  saved adapter (trained ``A``, ``B``) only reproduces the model on top of ``W_res``,
+  which is never saved; worse, reloading it with ``pissa=True`` runs the initialisation
+  again and overwrites the loaded ``A``, ``B``. ftlab initialises eagerly in ``apply``
+  (the same SVD), and ``after_save`` records ``A0``/``B0`` (as small as the adapter) in
+  ``pissa_init.safetensors``; ``load`` rebuilds ``W_res`` from the fresh base with the
+  very same operation and loads ``A``/``B`` untouched. Reload is then bit-identical on
+  the same machine, and elsewhere differs only by matmul rounding; re-running the SVD
+  instead would depend on LAPACK details and on an ill-conditioned subspace whenever
+  singular values near the rank cut are close; converting to a rank-2r LoRA on the
+  original base (``[A, A0] @ [B; -B0]``) cancels large terms and was measured at
+  ~5e-5 logit error here; saving ``W_res`` itself would cost a copy of every adapted
+  weight.
+* MoRA: ``LoRALinear.get_delta_weight`` builds the wrong matrix for MoRA, so ``merge``
+  gives different outputs. MoRA's update is linear in the input, so ftlab obtains its
+  exact matrix by applying the layer's own MoRA map to the identity.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +30,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ftlab.config.schema import LoraMethodConfig
-from ftlab.errors import ModelLoadError
+from ftlab.errors import ConfigError, ModelLoadError
 from ftlab.methods.registry import Method, register_method
 
 if TYPE_CHECKING:
     import paddle
 
-    from ftlab.config.schema import ModelConfig
+    from ftlab.config.schema import ModelConfig, RunConfig
+
+PEFT_INDEX = "peft_model.safetensors.index.json"
+PISSA_INIT = "pissa_init.safetensors"
 
 
 def lora_alpha(cfg: LoraMethodConfig) -> float:
@@ -26,9 +53,71 @@ def lora_targets(cfg: LoraMethodConfig, model_cfg: ModelConfig) -> list[str]:
 
 def adapter_weights_present(trained_dir: Path) -> bool:
     return any(
-        (trained_dir / name).exists()
-        for name in ("peft_model.safetensors.index.json", "lora_model_state.pdparams")
+        (trained_dir / name).exists() for name in (PEFT_INDEX, "lora_model_state.pdparams")
     )
+
+
+def lora_layers(model: Any) -> list[tuple[str, Any]]:
+    """(name, layer) of every single-device LoRA layer under ``model``."""
+    from paddlenlp.peft.lora.lora_layers import LoRALinear
+
+    return [(n, layer) for n, layer in model.named_sublayers() if isinstance(layer, LoRALinear)]
+
+
+def lora_delta(layer: Any) -> Any:
+    """The exact ``[in, out]`` update a ``LoRALinear`` adds to ``x @ W``."""
+    import paddle
+
+    if layer.use_mora:
+        # x -> _apply_mora(x) is linear, so its matrix is its value on the identity.
+        return layer._apply_mora(paddle.eye(layer.weight.shape[0], dtype=layer.weight.dtype))
+    return layer.get_delta_weight()
+
+
+def pissa_residual(weight: Any, a0: Any, b0: Any) -> Any:
+    """``W - A0 @ B0`` in float32, cast back: the one formula apply and load both use."""
+    return (weight.astype("float32") - a0 @ b0).astype(weight.dtype)
+
+
+def pissa_init(layer: Any) -> tuple[Any, Any]:
+    """PiSSA init of one layer: A0, B0 from the top-r singular triplets, base -> residual.
+
+    Returns float32 numpy copies of A0 and B0 (what ``load`` needs to rebuild the residual).
+    """
+    import paddle
+
+    with paddle.no_grad():
+        w = layer.weight.astype("float32")
+        u, s, vh = paddle.linalg.svd(w, full_matrices=False)
+        root = paddle.sqrt(s[: layer.r])
+        a0 = u[:, : layer.r] * root  # U_r diag(sqrt S_r)
+        b0 = root.unsqueeze(-1) * vh[: layer.r]  # diag(sqrt S_r) V_r^T
+        layer.lora_A.set_value(a0.astype(layer.lora_A.dtype))
+        layer.lora_B.set_value(b0.astype(layer.lora_B.dtype))
+        layer.weight.set_value(pissa_residual(layer.weight, a0, b0))
+    layer.apply_pissa = True  # PaddleNLP's lazy init must not run again
+    return a0.numpy(), b0.numpy()
+
+
+def restore_pissa_residual(model: Any, init_file: Path) -> None:
+    """Turn a fresh base's adapted weights into the residuals PiSSA trained on."""
+    import paddle
+    from safetensors.numpy import load_file
+
+    init = load_file(str(init_file))
+    layers = lora_layers(model.model)
+    expected = {f"{n}.lora_{m}" for n, _ in layers for m in ("A", "B")}
+    if set(init) != expected:
+        raise ModelLoadError(
+            f"{init_file} covers {len(init)} tensors but the adapter has {len(expected)} "
+            "LoRA matrices; the files do not belong together."
+        )
+    with paddle.no_grad():
+        for name, layer in layers:
+            a0 = paddle.to_tensor(init[f"{name}.lora_A"])
+            b0 = paddle.to_tensor(init[f"{name}.lora_B"])
+            layer.weight.set_value(pissa_residual(layer.weight, a0, b0))
+            layer.apply_pissa = True
 
 
 @register_method
@@ -36,7 +125,37 @@ class Lora(Method):
     name = "lora"
     schema = LoraMethodConfig
 
-    def lora_config(self, cfg: LoraMethodConfig, model_cfg: ModelConfig, model: Any):
+    def check(self, run: RunConfig) -> None:
+        m = run.method
+        if m.lora_plus_scale <= 0:
+            raise ConfigError(
+                f"method.lora_plus_scale={m.lora_plus_scale}: must be > 0 (1.0 turns LoRA+ off)."
+            )
+        variants = [k for k in ("pissa", "lora_use_mixer", "use_mora") if getattr(m, k)]
+        if len(variants) > 1:
+            raise ConfigError(
+                f"method: {' and '.join(f'{k}=true' for k in variants)} cannot be combined "
+                "(each replaces LoRA's A @ B update in its own way). Choose one."
+            )
+        if m.use_mora and m.lora_plus_scale != 1.0:
+            raise ConfigError(
+                f"method.lora_plus_scale={m.lora_plus_scale} with method.use_mora=true: MoRA has "
+                "one square matrix and no lora_B for LoRA+ to speed up. Set lora_plus_scale=1.0."
+            )
+        if m.pissa and m.rslora:
+            raise ConfigError(
+                "method.rslora=true with method.pissa=true: PiSSA fixes the LoRA scale at 1 "
+                "(its A and B carry the singular values), so rsLoRA would have no effect. "
+                "Set one of them to false."
+            )
+        if variants and (run.parallel.tensor > 1 or run.parallel.pipeline > 1):
+            raise ConfigError(
+                f"method.{variants[0]}=true with parallel={run.parallel.name}: PaddleNLP "
+                "implements PiSSA, MoSLoRA and MoRA for single-device layers only. Use "
+                "data parallel or sharding, or plain LoRA."
+            )
+
+    def lora_config(self, cfg: LoraMethodConfig, model_cfg: ModelConfig, model: Any) -> Any:
         from paddlenlp.peft import LoRAConfig
 
         return LoRAConfig(
@@ -59,22 +178,65 @@ class Lora(Method):
 
         lora_model = LoRAModel(model, self.lora_config(cfg, model_cfg, model))
         lora_model.mark_only_lora_as_trainable()
+        if cfg.pissa:
+            # Eager init (PaddleNLP defers it to the first forward); A0/B0 kept for after_save.
+            lora_model._ftlab_pissa_init = {
+                name: pissa_init(layer) for name, layer in lora_layers(lora_model.model)
+            }
         return lora_model
 
-    def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any) -> paddle.nn.Layer:
-        from paddlenlp.peft import LoRAModel
+    def after_save(self, model: paddle.nn.Layer, out_dir: Path) -> None:
+        if not model.lora_config.pissa:
+            return
+        init = getattr(model, "_ftlab_pissa_init", None)
+        if init is None:
+            raise ModelLoadError(
+                "this PiSSA model was not built by ftlab's lora method (no initial A0/B0 "
+                "recorded), so its adapter could not be reloaded onto the original base."
+            )
+        from safetensors.numpy import save_file
 
+        tensors = {}
+        for name, (a0, b0) in init.items():
+            tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a0, b0
+        save_file(tensors, str(Path(out_dir) / PISSA_INIT), metadata={"format": "np"})
+
+    def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
+        from paddlenlp.peft import LoRAConfig, LoRAModel
+
+        trained_dir = Path(trained_dir)
         # LoRAModel.from_pretrained only logs an error and starts from fresh LoRA weights
         # when none are found; ftlab refuses instead.
         if not adapter_weights_present(trained_dir):
             raise ModelLoadError(f"no LoRA adapter weights in {trained_dir}")
-        return LoRAModel.from_pretrained(base, str(trained_dir))
+        pissa = LoRAConfig.from_pretrained(str(trained_dir)).pissa
+        if pissa and not (trained_dir / PISSA_INIT).is_file():
+            raise ModelLoadError(
+                f"{trained_dir} holds a PiSSA adapter without {PISSA_INIT} (a Trainer "
+                "checkpoint, not a run's final/): its A/B only make sense on the rewritten "
+                "base W - A0 @ B0, and A0/B0 were not saved here. Load the run's final/."
+            )
+        model = LoRAModel.from_pretrained(base, str(trained_dir))
+        if pissa:
+            restore_pissa_residual(model, trained_dir / PISSA_INIT)
+        return model
 
     def merge(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
-        model.merge()
-        return model.model
+        from paddlenlp.peft.lora.lora_layers import LoRALinear
+
+        from ftlab.methods.merging import fold_linear_adapters
+
+        def delta(layer: Any) -> Any:
+            return lora_delta(layer) if isinstance(layer, LoRALinear) else None
+
+        inner = model.model
+        fold_linear_adapters(inner, delta, "LoRA")
+        return inner
 
     def derived(self, cfg: Any) -> dict[str, Any]:
         alpha = lora_alpha(cfg)
-        scale = alpha / (cfg.lora_rank**0.5) if cfg.rslora else alpha / cfg.lora_rank
+        if cfg.pissa or cfg.use_mora:
+            scale = 1.0  # PaddleNLP fixes it: PiSSA's A/B carry the scale, MoRA has none
+        else:
+            scale = alpha / (cfg.lora_rank**0.5) if cfg.rslora else alpha / cfg.lora_rank
         return {"lora_alpha": alpha, "lora_scaling": scale}

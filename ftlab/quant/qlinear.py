@@ -204,6 +204,13 @@ class QuantLoRALinear(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         cdt = self.compute_dtype
+        if cdt != paddle.float32 and x.place.is_cpu_place():
+            # Paddle's CPU build has no bf16/fp16 matmul kernel; say so instead of a kernel
+            # lookup error from deep inside the PyLayer.
+            raise RuntimeError(
+                f"compute_dtype={self.spec.compute_dtype} needs a GPU (Paddle has no CPU "
+                "bf16/fp16 matmul); use compute_dtype=float32 on CPU"
+            )
         xc = x if x.dtype == cdt else x.astype(cdt)
         out = _DequantMatmul.apply(xc, self.quantized_weight, cdt)
         if self.bias is not None:

@@ -1,0 +1,123 @@
+"""LoKr: the weight update as a Kronecker product ``w1 (x) w2`` (w2 optionally low-rank).
+
+PaddleNLP 3.0.0b4's ``LoKrLinear.merge`` calls a ``get_weight`` method that does not
+exist (AttributeError) and would apply the scale twice; ftlab merges with the layer's
+own ``get_adapter_weight()``, the very matrix its forward adds, so merged and unmerged
+outputs agree. PaddleNLP's unified checkpoint cannot save a ``LoKrModel``; it is saved
+through its own ``save_pretrained`` (``lokr_model_state.pdparams`` + ``lokr_config.json``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ftlab.config.schema import MethodConfig
+from ftlab.errors import ConfigError, ModelLoadError
+from ftlab.methods.registry import Method, register_method
+
+if TYPE_CHECKING:
+    import paddle
+
+    from ftlab.config.schema import ModelConfig, RunConfig
+
+LOKR_WEIGHTS = "lokr_model_state.pdparams"
+
+
+@dataclass
+class LokrMethodConfig(MethodConfig):
+    name: str = "lokr"
+    lokr_dim: int = 8  # rank of w2 (and of w1 with decompose_both) when it is factorised
+    lokr_alpha: float = 0.0  # scale = alpha / lokr_dim; 0 -> alpha = lokr_dim (scale 1)
+    # Size of w1's factor of each dimension; -1 -> the most balanced factorisation.
+    factor: int = -1
+    decompose_both: bool = False  # also factorise w1 into two low-rank matrices
+    target_modules: list[str] | None = None  # None -> model.lora_target_modules
+
+
+def lokr_layers(model: Any) -> list[tuple[str, Any]]:
+    from paddlenlp.peft.lokr.lokr_layers import LoKrLinear
+
+    return [(n, layer) for n, layer in model.named_sublayers() if isinstance(layer, LoKrLinear)]
+
+
+@register_method
+class Lokr(Method):
+    name = "lokr"
+    schema = LokrMethodConfig
+    unified_checkpoint = False
+    supports_tensor_parallel = False
+
+    def check(self, run: RunConfig) -> None:
+        m = run.method
+        if m.lokr_dim < 1:
+            raise ConfigError(f"method.lokr_dim={m.lokr_dim}: must be >= 1.")
+        if m.factor == 0 or m.factor < -1:
+            raise ConfigError(f"method.factor={m.factor}: use -1 (balanced) or a positive size.")
+        if not (m.target_modules or run.model.lora_target_modules):
+            raise ConfigError(
+                "method=lokr: no target modules. Set method.target_modules or "
+                "model.lora_target_modules (regexes such as '.*q_proj')."
+            )
+        if run.parallel.tensor > 1 or run.parallel.pipeline > 1:
+            raise ConfigError(
+                f"method=lokr with parallel={run.parallel.name}: PaddleNLP's LoKr supports "
+                "neither tensor nor pipeline parallelism. Use data parallel or sharding."
+            )
+
+    def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
+        from paddlenlp.peft import LoKrConfig, LoKrModel
+
+        config = LoKrConfig(
+            target_modules=list(cfg.target_modules or model_cfg.lora_target_modules),
+            lokr_dim=cfg.lokr_dim, lokr_alpha=cfg.lokr_alpha, factor=cfg.factor,
+            decompose_both=cfg.decompose_both, dtype=model.config.dtype,
+            base_model_name_or_path=model_cfg.name_or_path,
+        )
+        lokr = LoKrModel(model, config)
+        if not lokr_layers(lokr.model):
+            raise ConfigError(
+                f"method=lokr: no linear layer matches the target modules {config.target_modules}."
+            )
+        return lokr
+
+    def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
+        import paddle
+        from paddlenlp.peft import LoKrConfig, LoKrModel
+
+        trained_dir = Path(trained_dir)
+        weights = trained_dir / LOKR_WEIGHTS
+        if not weights.exists():
+            raise ModelLoadError(f"no LoKr adapter weights ({LOKR_WEIGHTS}) in {trained_dir}")
+        config = LoKrConfig.from_pretrained(str(trained_dir))
+        # LoKrModel reads the base model's config.json from this path; the adapter dir has
+        # a copy, so a moved run dir still loads.
+        config.base_model_name_or_path = str(trained_dir)
+        model = LoKrModel(base, config)
+        state = paddle.load(str(weights), return_numpy=True)
+        expected = set(model.get_trainable_state_dict())
+        if set(state) != expected:
+            raise ModelLoadError(
+                f"{weights} holds {len(state)} tensors but the model expects {len(expected)} "
+                f"(missing: {sorted(expected - set(state))[:3]}); wrong base model?"
+            )
+        model.set_state_dict(state)
+        return model
+
+    def merge(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
+        from paddlenlp.peft.lokr.lokr_layers import LoKrLinear
+
+        from ftlab.methods.merging import fold_linear_adapters
+
+        def delta(layer: Any) -> Any:
+            # The scaled kron(w1, w2), transposed to the [in, out] layout forward adds.
+            return layer.get_adapter_weight() if isinstance(layer, LoKrLinear) else None
+
+        inner = model.model
+        fold_linear_adapters(inner, delta, "LoKr")
+        return inner
+
+    def derived(self, cfg: Any) -> dict[str, Any]:
+        alpha = cfg.lokr_alpha or float(cfg.lokr_dim)
+        return {"lokr_scale": alpha / cfg.lokr_dim}

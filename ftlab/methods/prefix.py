@@ -1,0 +1,138 @@
+"""Prefix tuning: learned key/value vectors prepended to every layer's attention.
+
+PaddleNLP builds one key and one value per prefix token, layer and *key/value head*, but
+sizes them by ``multi_query_group_num`` and falls back to the number of query heads when
+that is unset; on a grouped-query model (fewer key/value heads than query heads) the
+attention concat then fails. ftlab always passes the model's ``num_key_value_heads``.
+
+PaddleNLP's unified checkpoint then fails to save a ``PrefixModelForCausalLM``: it asks
+the model for ``can_generate()`` and ``generation_config``, which this wrapper (unlike
+``LoRAModel``) does not pass through to the model it wraps. ftlab's subclass adds both.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ftlab.config.schema import MethodConfig
+from ftlab.errors import ConfigError, ModelLoadError
+from ftlab.methods.registry import Method, register_method
+
+if TYPE_CHECKING:
+    import paddle
+
+    from ftlab.config.schema import ModelConfig, RunConfig
+
+
+@dataclass
+class PrefixMethodConfig(MethodConfig):
+    name: str = "prefix"
+    num_prefix_tokens: int = 16  # virtual tokens per layer
+    # Reparametrise the prefix through a 2-layer MLP (more stable training, more params).
+    prefix_projection: bool = False
+    prefix_projection_hidden_size: int | None = None  # None -> the model's hidden size
+    prefix_dropout: float = 0.0
+
+
+def _postprocess(model_type: str) -> Any:
+    """The function turning the prefix encoder's output into per-layer (key, value) caches."""
+    from paddlenlp.peft.prefix import (
+        llama_postprocess_past_key_value,
+        qwen_postprocess_past_key_value,
+    )
+
+    table = {"llama": llama_postprocess_past_key_value, "qwen2": qwen_postprocess_past_key_value}
+    if model_type not in table:
+        raise ConfigError(
+            f"method=prefix: no key/value layout known for model type {model_type!r}; "
+            f"supported: {', '.join(sorted(table))}."
+        )
+    return table[model_type]
+
+
+@functools.cache
+def _prefix_model_class() -> type:
+    from paddlenlp.peft import PrefixModelForCausalLM
+
+    class FtlabPrefixModel(PrefixModelForCausalLM):
+        """PrefixModelForCausalLM that PaddleNLP's unified checkpoint can save."""
+
+        def can_generate(self) -> bool:
+            return self.model.can_generate()
+
+        @property
+        def generation_config(self) -> Any:
+            return self.model.generation_config
+
+    return FtlabPrefixModel
+
+
+@register_method
+class Prefix(Method):
+    name = "prefix"
+    schema = PrefixMethodConfig
+    merge_unsupported = (
+        "prefix tuning adds learned key/value entries to every attention layer; they are "
+        "extra positions attended to, not a change of any weight matrix, so no merged "
+        "weights can reproduce them. Serve the base model with the adapter instead "
+        "(ftlab.methods.loading.load_trained)."
+    )
+
+    def check(self, run: RunConfig) -> None:
+        m = run.method
+        if m.num_prefix_tokens < 1:
+            raise ConfigError(f"method.num_prefix_tokens={m.num_prefix_tokens}: must be >= 1.")
+        if not 0.0 <= m.prefix_dropout < 1.0:
+            raise ConfigError(f"method.prefix_dropout={m.prefix_dropout}: must be in [0, 1).")
+        if run.model.family not in ("llama", "qwen2"):
+            raise ConfigError(f"method=prefix does not support model.family={run.model.family}.")
+
+    def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
+        from paddlenlp.peft import PrefixConfig
+
+        c = model.config
+        prefix_config = PrefixConfig(
+            num_prefix_tokens=cfg.num_prefix_tokens,
+            num_attention_heads=c.num_attention_heads,
+            multi_query_group_num=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            num_hidden_layers=c.num_hidden_layers,
+            hidden_size=c.hidden_size,
+            prefix_projection=cfg.prefix_projection,
+            prefix_projection_hidden_size=cfg.prefix_projection_hidden_size or c.hidden_size,
+            prefix_dropout=cfg.prefix_dropout,
+            dtype=c.dtype,
+        )
+        return _prefix_model_class()(
+            model, prefix_config, postprocess_past_key_value=_postprocess(c.model_type)
+        )
+
+    def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
+        from paddlenlp.peft import PrefixConfig
+
+        trained_dir = Path(trained_dir)
+        if not any((trained_dir / f).exists() for f in
+                   ("peft_model.safetensors.index.json", "prefix_model_state.pdparams")):
+            raise ModelLoadError(f"no prefix-tuning weights in {trained_dir}")
+        saved = PrefixConfig.from_pretrained(str(trained_dir))
+        c = base.config
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        if saved.multi_query_group_num != kv_heads or saved.num_hidden_layers != (
+            base.config.num_hidden_layers
+        ):
+            raise ModelLoadError(
+                f"the prefix in {trained_dir} was trained for {saved.num_hidden_layers} layers "
+                f"x {saved.multi_query_group_num} key/value heads; this base model has "
+                f"{base.config.num_hidden_layers} x {kv_heads}. Load it onto its own base model."
+            )
+        return _prefix_model_class().from_pretrained(
+            base, str(trained_dir), postprocess_past_key_value=_postprocess(base.config.model_type)
+        )
+
+    def merge(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
+        raise ConfigError(f"method=prefix cannot be merged: {self.merge_unsupported}")
+
+    def derived(self, cfg: Any) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,177 @@
+"""QLoRA: a frozen blockwise-quantized base with LoRA adapters trained in fp32.
+
+Two backends. ``paddlenlp``: PaddleNLP's own quantized LoRA layers (CUDA only; nf4/fp4
+also need PaddleSlim's CUDA ops). ``ftlab``: ``ftlab.quant``, written with Paddle tensor
+ops, so it runs on any device. ``auto`` takes PaddleNLP's where it can run, else ftlab's;
+the resolved config and the summary say which ran. A requested backend that cannot run
+fails with the reason: PaddleNLP without PaddleSlim would silently drop the quantized
+LoRA layers, which ftlab never lets happen.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ftlab.config.schema import QLoraMethodConfig
+from ftlab.errors import ConfigError
+from ftlab.methods.lora import Lora, lora_alpha, lora_targets
+from ftlab.methods.registry import register_method
+
+if TYPE_CHECKING:
+    import paddle
+
+    from ftlab.config.schema import ModelConfig, RunConfig
+
+ADAPTER_FILE = "qlora_adapter.safetensors"
+QUANT_CONFIG_FILE = "quant_config.json"
+# PaddleNLP's names for the same algorithms (weight_only_* are per-channel there).
+PADDLENLP_ALGO = {"nf4": "nf4", "fp4": "fp4", "int8": "weight_only_int8",
+                  "int4": "weight_only_int4"}
+
+
+def resolve_backend(cfg: QLoraMethodConfig) -> str:
+    from ftlab.quant import native_backend_available
+
+    ok, why = native_backend_available(cfg.quant_algo)
+    if cfg.quant_backend == "auto":
+        return "paddlenlp" if ok else "ftlab"
+    if cfg.quant_backend == "paddlenlp" and not ok:
+        raise ConfigError(f"method.quant_backend=paddlenlp cannot run here: {why}.")
+    return cfg.quant_backend
+
+
+def qlora_spec(cfg: QLoraMethodConfig, compute_dtype: str = "float32") -> Any:
+    from ftlab.quant import QLoRASpec
+
+    return QLoRASpec(algo=cfg.quant_algo, block_size=cfg.quant_block_size,
+                     double_quant=cfg.double_quant, lora_rank=cfg.lora_rank,
+                     lora_alpha=lora_alpha(cfg), lora_dropout=cfg.lora_dropout,
+                     rslora=cfg.rslora, compute_dtype=compute_dtype)
+
+
+@register_method
+class QLora(Lora):
+    name = "qlora"
+    schema = QLoraMethodConfig
+    supports_tensor_parallel = False
+    # The trained artefact is the adapter plus quantization settings, written by
+    # ``save_final``; the base is re-quantized deterministically on load.
+    unified_checkpoint = False
+
+    def check(self, run: RunConfig) -> None:
+        cfg = run.method
+        unsupported = [f for f in ("pissa", "lora_use_mixer", "use_mora")
+                       if getattr(cfg, f)]
+        if unsupported or cfg.lora_plus_scale != 1.0:
+            raise ConfigError(
+                f"method=qlora does not support {', '.join(unsupported) or 'lora_plus_scale'}: "
+                "the quantized layer carries plain LoRA (optionally rsLoRA). Use method=lora "
+                "for the other variants."
+            )
+        if cfg.quant_block_size < 2 or cfg.quant_block_size % 2:
+            raise ConfigError(
+                f"method.quant_block_size={cfg.quant_block_size}: must be an even number "
+                ">= 2 (two 4-bit codes share a byte)."
+            )
+
+    def load_base(self, model_cfg: ModelConfig, dtype: str, cfg: Any) -> paddle.nn.Layer:
+        """Quantize each target weight as the checkpoint is read (ftlab backend)."""
+        backend = resolve_backend(cfg)
+        if backend == "paddlenlp":
+            return _load_paddlenlp_quantized(model_cfg, dtype, cfg)
+        path = Path(model_cfg.name_or_path)
+        if not list(path.glob("*.safetensors")):
+            # A hub name or a .pdparams checkpoint: load in float, then quantize layer by
+            # layer (peak memory holds the float model once).
+            from ftlab.models import load_model
+            from ftlab.quant import quantize_model
+
+            model = load_model(model_cfg, dtype)
+            quantize_model(model, lora_targets(cfg, model_cfg), qlora_spec(cfg))
+            return model
+        import paddle
+        from paddlenlp.transformers import AutoConfig, AutoModelForCausalLM
+        from paddlenlp.transformers.model_utils import no_init_weights
+
+        from ftlab.quant import SafetensorsSource, quantize_while_loading
+
+        config = AutoConfig.from_pretrained(str(path), dtype=dtype)
+        with no_init_weights(True), paddle.LazyGuard():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with SafetensorsSource(path) as source:
+            # Tied embeddings: the checkpoint may hold lm_head.weight as a copy.
+            quantize_while_loading(model, source, lora_targets(cfg, model_cfg),
+                                   qlora_spec(cfg), strict=False)
+        return model
+
+    def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
+        from ftlab.quant import QuantLoRALinear
+
+        if any(isinstance(m, QuantLoRALinear) for m in model.sublayers()):
+            return model  # the ftlab backend quantized and froze while loading
+        return super().apply(model, cfg, model_cfg)  # paddlenlp backend: its LoRAModel
+
+    def save_final(self, trainer: Any, model: paddle.nn.Layer, out_dir: Path) -> None:
+        from ftlab.quant import QuantLoRALinear, lora_state_dict, quant_config
+
+        if not any(isinstance(m, QuantLoRALinear) for m in model.sublayers()):
+            trainer.save_model(str(out_dir))
+            return
+        from safetensors.numpy import save_file
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.numpy() for k, v in lora_state_dict(model).items()}
+        save_file(state, str(out_dir / ADAPTER_FILE))
+        (out_dir / QUANT_CONFIG_FILE).write_text(
+            json.dumps(quant_config(model), indent=2, sort_keys=True) + "\n")
+        model.config.save_pretrained(str(out_dir))
+
+    def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
+        """``base`` must be the float base model; it is re-quantized with the saved spec."""
+        from safetensors.numpy import load_file
+
+        from ftlab.quant import QLoRASpec, load_lora_state_dict, quantize_model
+
+        qfile = trained_dir / QUANT_CONFIG_FILE
+        if not qfile.exists():
+            return super().load(base, trained_dir, cfg)
+        import paddle
+
+        saved = json.loads(qfile.read_text())
+        layers = saved.pop("quantized_layers")
+        spec = QLoRASpec.from_dict({k: v for k, v in saved.items()
+                                    if k not in ("format", "version")})
+        # Deterministic quantization: the same base weights give the same codes.
+        quantize_model(base, [re.escape(n) for n in layers], spec)
+        adapter = load_file(str(trained_dir / ADAPTER_FILE))
+        state = {k: paddle.to_tensor(v) for k, v in adapter.items()}
+        load_lora_state_dict(base, state)
+        return base
+
+    def merge(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
+        from ftlab.quant import QuantLoRALinear, dequantize_and_merge
+
+        if any(isinstance(m, QuantLoRALinear) for m in model.sublayers()):
+            dequantize_and_merge(model)
+            return model
+        return super().merge(model)
+
+    def derived(self, cfg: Any) -> dict[str, Any]:
+        return {**super().derived(cfg), "quant_backend": resolve_backend(cfg)}
+
+
+def _load_paddlenlp_quantized(model_cfg: ModelConfig, dtype: str, cfg: Any) -> Any:
+    """PaddleNLP's native quantized loading (CUDA). CPU-only CI cannot exercise it."""
+    from paddlenlp.quantization.quantization_config import QuantizationConfig
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    from ftlab.models import load_pretrained
+
+    qcfg = QuantizationConfig(weight_quantize_algo=PADDLENLP_ALGO[cfg.quant_algo],
+                              qlora_weight_blocksize=cfg.quant_block_size,
+                              qlora_weight_double_quant=cfg.double_quant)
+    return load_pretrained("model", AutoModelForCausalLM, model_cfg.name_or_path, dtype=dtype,
+                           quantization_config=qcfg)

@@ -1,0 +1,167 @@
+"""End to end: the real ``ftlab`` command on the shipped model leaves a complete run dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FTLAB = Path(sys.executable).with_name("ftlab")
+
+
+def run_ftlab(cwd: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    proc = subprocess.run([str(FTLAB), *overrides], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ftlab failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    cwd = tmp_path_factory.mktemp("cwd")
+    proc = run_ftlab(cwd, "train.max_steps=12", "train.logging_steps=2", "train.save_steps=6",
+                     "eval.max_new_tokens=16")
+    runs = list((cwd / "outputs").glob("*/*_stories260k_lora"))
+    assert len(runs) == 1, runs
+    return cwd, runs[0], proc
+
+
+def test_run_dir_is_complete(short_run) -> None:
+    cwd, run_dir, _ = short_run
+    # Nothing is written outside the run dir.
+    assert sorted(p.name for p in cwd.iterdir()) == ["outputs"]
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "resolved_config.yaml",
+                 "environment.json", "data_fingerprints.json", "metrics.jsonl",
+                 "summary.json", "samples.jsonl", "final/ftlab_method.json",
+                 "final/lora_config.json", "final/peft_model.safetensors.index.json"):
+        assert (run_dir / name).is_file(), name
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-12", "checkpoint-6"]
+    assert list((run_dir / "checkpoints/checkpoint-12").glob("*.safetensors"))
+
+
+def test_resolved_config_records_derived_values(short_run) -> None:
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.load(short_run[1] / "resolved_config.yaml")
+    derived = resolved.derived
+    assert derived.data_parallel_degree == 1 and derived.world_size == 1
+    assert derived.global_batch_size == 16
+    assert derived.lora_alpha == 16.0
+    assert derived.total_steps == 12
+    assert derived.train_examples == 2000
+    assert resolved.method.lora_rank == 8
+
+
+def test_environment_record_has_versions_and_no_process_env(short_run) -> None:
+    env = json.loads((short_run[1] / "environment.json").read_text())
+    assert env["packages"]["paddlenlp"] == "3.0.0b4"
+    assert env["command"][0] == "ftlab" and "train.max_steps=12" in env["command"]
+    assert set(env["ftlab_git"]) == {"commit", "dirty"}
+    text = json.dumps(env)
+    assert "PATH" not in text and "HOME" not in text
+
+
+def test_data_fingerprints(short_run) -> None:
+    from ftlab.run.record import sha256_file
+
+    prints = json.loads((short_run[1] / "data_fingerprints.json").read_text())
+    assert len(prints) == 2
+    for path, digest in prints.items():
+        assert sha256_file(Path(path)) == digest
+
+
+def test_metrics_loss_goes_down_and_throughput_is_positive(short_run) -> None:
+    rows = [r for r in read_jsonl(short_run[1] / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    for r in rows:
+        assert r["tokens_per_second"] > 0 and r["effective_tokens_per_second"] > 0
+        assert r["effective_tokens_per_second"] <= r["tokens_per_second"]
+        assert r["peak_memory_mb"] > 100
+        assert r["learning_rate"] > 0
+    assert rows[-1]["loss"] < rows[0]["loss"] * 0.8
+
+
+def test_summary_and_printed_report(short_run) -> None:
+    _, run_dir, proc = short_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 12
+    assert summary["final_loss"] < summary["first_loss"]
+    assert summary["eval_loss"] > 0 and summary["peak_memory_mb"] > 100
+    assert summary["parameters"] == {"total": 306272, "trainable": 46240}
+    assert 0 <= summary["entity_recall_base"] <= 1 and 0 <= summary["entity_recall"] <= 1
+    assert str(run_dir) in proc.stdout and "tokens/s" in proc.stdout
+
+
+def test_visualdl_logs_hold_the_same_scalars(short_run) -> None:
+    from visualdl import LogReader
+
+    logdir = short_run[1] / "visualdl"
+    tags: dict[str, list] = {}
+    for f in logdir.iterdir():
+        reader = LogReader(file_path=str(f))
+        for tag in reader.get_tags().get("scalar", []):
+            tags.setdefault(tag, []).extend(reader.get_data("scalar", tag))
+    for tag in ("train/loss", "train/tokens_per_second", "train/effective_tokens_per_second",
+                "train/peak_memory_mb", "train/learning_rate", "final/eval_loss",
+                "final/entity_recall"):
+        assert tag in tags, (tag, sorted(tags))
+    losses = [(p.id, p.value) for p in tags["train/loss"]]
+    metrics = [r for r in read_jsonl(short_run[1] / "metrics.jsonl") if r["kind"] == "train"]
+    assert [s for s, _ in losses] == [r["step"] for r in metrics]
+    assert [v for _, v in losses] == pytest.approx([r["loss"] for r in metrics], rel=1e-6)
+
+
+def test_samples_show_base_and_finetuned_outputs(short_run) -> None:
+    samples = read_jsonl(short_run[1] / "samples.jsonl")
+    assert len(samples) == 5
+    for s in samples:
+        assert s["prompt"] and isinstance(s["base_output"], str)
+        assert isinstance(s["finetuned_output"], str) and len(s["entities"]) == 3
+
+
+def test_bf16_on_cpu_fails_before_heavy_work(tmp_path: Path) -> None:
+    proc = run_ftlab(tmp_path, "precision=bf16", check=False)
+    assert proc.returncode == 2
+    assert "precision=bf16 (bfloat16): CPU runs compute in float32 only" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_key_fails_with_closest_names(tmp_path: Path) -> None:
+    proc = run_ftlab(tmp_path, "method.lora_rnk=4", check=False)
+    assert proc.returncode == 2
+    assert "Closest valid keys: lora_rank" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_model_fails_with_one_line(tmp_path: Path) -> None:
+    proc = run_ftlab(tmp_path, "model.name_or_path=/nonexistent/llama", check=False)
+    assert proc.returncode == 2
+    assert "model.name_or_path='/nonexistent/llama': no such directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_default_run_lifts_entity_recall(tmp_path: Path) -> None:
+    """The default ``ftlab`` run (LoRA) must visibly change behaviour: +30 points."""
+    run_ftlab(tmp_path, "hydra.run.dir=run")
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["steps"] == 40
+    assert summary["entity_recall"] - summary["entity_recall_base"] >= 0.30, summary
+
+
+@pytest.mark.slow
+def test_full_finetuning_lifts_entity_recall(tmp_path: Path) -> None:
+    run_ftlab(tmp_path, "method=full", "train.learning_rate=3e-3", "hydra.run.dir=run")
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["parameters"]["trainable"] == 260032
+    assert summary["entity_recall"] - summary["entity_recall_base"] >= 0.30, summary

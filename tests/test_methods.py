@@ -1,0 +1,515 @@
+"""The method zoo on the shipped stories260K model: train, save, reload, merge.
+
+Every method trains 4 steps at a high learning rate on four demo examples through ftlab's
+own Trainer and saving path (``Method.save_final``), so the adapters are far from their
+initial values. Then: (a) the base model + the saved directory gives the trained model's
+logits; (b) ``ftlab-merge`` writes a plain model whose logits match and which
+``AutoModelForCausalLM.from_pretrained`` loads; (c) prefix tuning and ReFT refuse to
+merge with the reason; (d) the loss went down; and the trainable-parameter count is the
+one computed by hand from the shapes (stories260K: hidden 64, 5 layers, 8 query / 4
+key-value heads of size 8, MLP 172).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import CPU, compose_run
+
+from ftlab.config.validate import validate
+from ftlab.errors import ConfigError, ModelLoadError
+
+RELOAD_TOL = 1e-5
+MERGE_TOL = 1e-4
+BASE_PARAMS = 260_032  # stories260K, tied embeddings counted once
+TRAIN = ["train.learning_rate=1e-2", "train.lr_scheduler_type=constant",
+         "train.warmup_steps=0", "train.logging_steps=1", "train.max_steps=4",
+         "train.per_device_train_batch_size=4", "train.max_grad_norm=0"]
+
+# Per decoder layer, (in, out) of q, k, v, o, gate, up, down.
+SHAPES = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 172), (64, 172), (172, 64)]
+
+
+def lora_count(r: int) -> int:
+    return 5 * sum(r * (i + o) for i, o in SHAPES)
+
+
+def mora_count(r: int) -> int:
+    # MoRA's square matrix: side int(sqrt((in + out) * r) + 0.5) rounded down to even.
+    return 5 * sum((int(((i + o) * r) ** 0.5 + 0.5) // 2 * 2) ** 2 for i, o in SHAPES)
+
+
+# name -> (overrides, expected trainable parameters)
+METHODS: dict[str, tuple[list[str], int]] = {
+    "lora": ([], lora_count(8)),  # 46,240
+    "rslora": (["method.rslora=true"], lora_count(8)),
+    "lora_plus": (["method.lora_plus_scale=4"], lora_count(8)),
+    "pissa": (["method.pissa=true"], lora_count(8)),
+    "moslora": (["method.lora_use_mixer=true"], lora_count(8) + 5 * 7 * 8 * 8),  # + r x r
+    "mora": (["method.use_mora=true"], mora_count(8)),  # 44,540
+    # 16 tokens x 5 layers x (key + value) x 4 kv heads x head size 8
+    "prefix": (["method=prefix"], 16 * 5 * 2 * 4 * 8),
+    # per layer: b (out) + d (rank 64)
+    "vera": (["method=vera"], 5 * sum(o + 64 for _, o in SHAPES)),
+    # w1 (out_m x in_m) and w2 (full, or low-rank 8 when its side is 43): 64 = 8 x 8,
+    # 32 = 4 x 8, 172 = 4 x 43 -> q/o 64+64, k/v 32+64, gate/up 32 + 43*8+8*8, down alike
+    "lokr": (["method=lokr"], 5 * (2 * 128 + 2 * 96 + 3 * (32 + 344 + 64))),
+    # per layer: R (64 x 4) + W (64 x 4) + b (4)
+    "reft": (["method=reft"], 5 * (2 * 64 * 4 + 4)),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    from ftlab.models import load_tokenizer
+
+    return load_tokenizer(compose_run().model)
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer: Any) -> list[dict[str, list[int]]]:
+    """Four demo stories, label-shifted as PaddleNLP's causal-LM loss expects."""
+    from ftlab.assets import asset_path
+
+    lines = (asset_path("demo_stories") / "train.json").read_text().splitlines()[:4]
+    out = []
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for rec in map(json.loads, lines):
+        src = [tokenizer.bos_token_id, *encode(rec["src"])]
+        tgt = [*encode(rec["tgt"]), tokenizer.eos_token_id]
+        seq, labels = src + tgt, [-100] * len(src) + tgt
+        out.append({"input_ids": seq[:-1], "labels": labels[1:]})
+    return out
+
+
+def as_dataset(items: list[dict]) -> Any:
+    """The examples as a map-style ``paddle.io.Dataset`` (what the Trainer accepts)."""
+    import paddle
+
+    class Items(paddle.io.Dataset):
+        def __len__(self) -> int:
+            return len(items)
+
+        def __getitem__(self, i: int) -> dict:
+            return items[i]
+
+    return Items()
+
+
+def collate(tokenizer: Any, items: list[dict]) -> dict[str, Any]:
+    from ftlab.data import Collator
+
+    return Collator(tokenizer.pad_token_id)(items)
+
+
+def logits_of(model: Any, batch: dict[str, Any]) -> np.ndarray:
+    import paddle
+
+    model.eval()
+    with paddle.no_grad():
+        out = model(input_ids=paddle.to_tensor(batch["input_ids"]),
+                    attention_mask=paddle.to_tensor(batch["attention_mask"]))
+    return (out[0] if isinstance(out, (tuple, list)) else out.logits).numpy()
+
+
+def train_and_save(overrides: list[str], run_dir: Path, examples: list[dict],
+                   tokenizer: Any) -> tuple[Any, Any, dict[str, int], list[float]]:
+    """The runner's path in miniature: apply, train with FtlabTrainer, save ``final/``."""
+    import paddle
+
+    from ftlab.data import Collator, count_tokens
+    from ftlab.methods import get_method
+    from ftlab.models import load_model
+    from ftlab.runner import count_parameters
+    from ftlab.trainer import FtlabTrainer, MetricsJsonl, training_arguments
+
+    run = compose_run([*overrides, *TRAIN])
+    validate(run, CPU)
+    paddle.seed(0)
+    method = get_method(run.method.name)
+    model = method.apply(load_model(run.model, "float32"), run.method, run.model)
+    params = count_parameters(model)
+    args = training_arguments(run, run_dir, run.train.max_steps, has_eval=False,
+                              unified_checkpoint=method.unified_checkpoint)
+    args.report_to = []
+    args.disable_tqdm = True
+    trainer = FtlabTrainer(model=model, args=args, train_dataset=as_dataset(examples),
+                           tokenizer=tokenizer,
+                           data_collator=Collator(tokenizer.pad_token_id),
+                           count_tokens=count_tokens, shuffle=False,
+                           callbacks=[MetricsJsonl(run_dir / "metrics.jsonl")])
+    trainer.train()
+    logged = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    losses = [x["loss"] for x in logged if x["kind"] == "train"]
+    final = run_dir / "final"
+    method.save_final(trainer, model, final)
+    tokenizer.save_pretrained(str(final))
+    (final / "ftlab_method.json").write_text(json.dumps(
+        {"method": run.method.name, "base_model": run.model.name_or_path}))
+    return run, model, params, losses
+
+
+@dataclass
+class Trained:
+    run: Any
+    model: Any
+    params: dict[str, int]
+    losses: list[float]
+    run_dir: Path
+
+    @property
+    def final(self) -> Path:
+        return self.run_dir / "final"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, examples: list[dict],
+            tokenizer: Any) -> Callable[[str], Trained]:
+    """Each method trained once per module (several tests look at the same run)."""
+    cache: dict[str, Trained] = {}
+
+    def get(key: str) -> Trained:
+        if key not in cache:
+            run_dir = tmp_path_factory.mktemp(key)
+            cache[key] = Trained(*train_and_save(METHODS[key][0], run_dir, examples, tokenizer),
+                                 run_dir)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("key", list(METHODS))
+def test_method_trains_reloads_and_merges(key: str, tmp_path: Path, examples: list[dict],
+                                          tokenizer: Any, trained: Callable[[str], Trained],
+                                          capsys: pytest.CaptureFixture) -> None:
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    from ftlab.merge import main as merge_main
+    from ftlab.methods import get_method
+    from ftlab.methods.loading import load_adapter
+    from ftlab.models import load_model
+
+    t = trained(key)
+    expected = METHODS[key][1]
+    assert t.params == {"total": BASE_PARAMS + expected + frozen_extra(key),
+                        "trainable": expected}
+    assert len(t.losses) == 4 and t.losses[-1] < t.losses[0] - 0.005, t.losses  # (d)
+
+    batch = collate(tokenizer, examples)
+    reference = logits_of(t.model, batch)
+    reloaded = load_adapter(load_model(t.run.model, "float32"), t.final, t.run.method.name)
+    assert np.abs(logits_of(reloaded, batch) - reference).max() <= RELOAD_TOL  # (a)
+
+    out = tmp_path / "merged"
+    argv = ["--base", t.run.model.name_or_path, "--adapter", str(t.final), "--out", str(out)]
+    if get_method(t.run.method.name).merge_unsupported is not None:  # (c)
+        assert merge_main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"a {t.run.method.name} model cannot be merged into its base" in err
+        assert "no merged weights can reproduce" in err
+        assert not out.exists()
+        return
+    assert merge_main(argv) == 0  # (b)
+    merged = AutoModelForCausalLM.from_pretrained(str(out))
+    base_keys = set(load_model(t.run.model, "float32").state_dict())
+    assert set(merged.state_dict()) == base_keys  # a plain model: no adapter tensors left
+    assert list(out.glob("*.safetensors"))
+    assert np.abs(logits_of(merged, batch) - reference).max() <= MERGE_TOL
+    assert json.loads((out / "ftlab_merged.json").read_text())["method"] == t.run.method.name
+
+
+def frozen_extra(key: str) -> int:
+    """Frozen parameters a method adds: VeRA's per-layer copies of its random A and B."""
+    if key != "vera":
+        return 0
+    return 5 * sum(64 * i + 64 * o for i, o in SHAPES)
+
+
+def one_trainer_step(overrides: list[str], run_dir: Path, examples: list[dict],
+                     tokenizer: Any) -> Any:
+    import paddle
+
+    from ftlab.data import Collator, count_tokens
+    from ftlab.methods import get_method
+    from ftlab.models import load_model
+    from ftlab.trainer import FtlabTrainer, training_arguments
+
+    run = compose_run([*overrides, *TRAIN, "train.max_steps=1"])
+    paddle.seed(0)
+    method = get_method(run.method.name)
+    model = method.apply(load_model(run.model, "float32"), run.method, run.model)
+    args = training_arguments(run, run_dir, 1, has_eval=False)
+    args.report_to, args.disable_tqdm, args.save_strategy = [], True, "no"
+    FtlabTrainer(model=model, args=args, train_dataset=as_dataset(examples),
+                           tokenizer=tokenizer,
+                 data_collator=Collator(tokenizer.pad_token_id), count_tokens=count_tokens,
+                 shuffle=False).train()
+    return model
+
+
+def test_lora_plus_scales_lora_b_learning_rate_in_the_trainer(tmp_path: Path,
+                                                              examples: list[dict],
+                                                              tokenizer: Any) -> None:
+    """One Trainer step from B = 0: Adam moves B by ~lr * scale, and A not at all.
+
+    A's gradient is zero while B is zero, so A stays put; Adam's first update is
+    lr * g / (|g| + eps), i.e. +-lr per entry, times LoRA+'s multiplier on B.
+    """
+    def params(model: Any, kind: str) -> dict[str, np.ndarray]:
+        return {n: p.numpy() for n, p in model.named_parameters() if kind in n}
+
+    plain = one_trainer_step([], tmp_path / "plain", examples, tokenizer)
+    plus = one_trainer_step(["method.lora_plus_scale=4"], tmp_path / "plus", examples,
+                            tokenizer)
+    a1, a4 = params(plain, "lora_A"), params(plus, "lora_A")
+    assert a1 and all(np.array_equal(a1[n], a4[n]) for n in a1)
+    b1, b4 = params(plain, "lora_B"), params(plus, "lora_B")
+    assert max(np.abs(v).max() for v in b1.values()) == pytest.approx(1e-2, rel=0.01)
+    for n in b1:
+        np.testing.assert_allclose(b4[n], 4 * b1[n], rtol=1e-4, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- VeRA
+
+
+def test_vera_projections_reload_bit_identical(trained: Callable[[str], Trained]) -> None:
+    from ftlab.methods.loading import load_adapter
+    from ftlab.methods.vera import vera_layers
+    from ftlab.models import load_model
+
+    t = trained("vera")
+    reloaded = load_adapter(load_model(t.run.model, "float32"), t.final, "vera")
+    before, after = vera_layers(t.model.model), vera_layers(reloaded.model)
+    assert [n for n, _ in before] == [n for n, _ in after] and len(before) == 35
+    for (_, x), (_, y) in zip(before, after, strict=True):
+        assert np.array_equal(x.vera_A.numpy(), y.vera_A.numpy())
+        assert np.array_equal(x.vera_B.numpy(), y.vera_B.numpy())
+        assert np.array_equal(x.vera_d.numpy(), y.vera_d.numpy())
+    # b started at 0 and d at 0.1: both moved, so training reached both vectors.
+    _, q = before[0]
+    assert np.abs(q.vera_b.numpy()).max() > 0 and not np.allclose(q.vera_d.numpy(), 0.1)
+
+
+def test_vera_reload_refuses_other_projections(tmp_path: Path,
+                                               trained: Callable[[str], Trained]) -> None:
+    from ftlab.methods.loading import load_adapter
+    from ftlab.models import load_model
+
+    t = trained("vera")
+    bad = tmp_path / "final"
+    shutil.copytree(t.final, bad)
+    record = json.loads((bad / "ftlab_vera.json").read_text())
+    (bad / "ftlab_vera.json").write_text(json.dumps({**record, "vera_seed": 1}))
+    with pytest.raises(ModelLoadError, match="vera_seed=1 differ from the trained ones"):
+        load_adapter(load_model(t.run.model, "float32"), bad, "vera")
+    (bad / "ftlab_vera.json").unlink()
+    with pytest.raises(ModelLoadError, match="frozen random projections cannot be rebuilt"):
+        load_adapter(load_model(t.run.model, "float32"), bad, "vera")
+
+
+# --------------------------------------------------------------------------- PiSSA
+
+
+def test_pissa_base_residual_and_raw_checkpoint_refusal(trained: Callable[[str], Trained]) -> None:
+    """Training ran on W - A0 @ B0; a Trainer checkpoint (no A0/B0) is refused on reload."""
+    from ftlab.methods.loading import load_adapter
+    from ftlab.methods.lora import lora_layers
+    from ftlab.models import load_model
+
+    t = trained("pissa")
+    base = load_model(t.run.model, "float32")
+    original = base.llama.layers[0].self_attn.q_proj.weight.numpy()
+    _, q = lora_layers(t.model.model)[0]
+    assert not np.allclose(q.weight.numpy(), original, atol=1e-3)  # the residual, not W
+    checkpoint = t.run_dir / "checkpoints" / "checkpoint-4"
+    assert (checkpoint / "lora_config.json").is_file()
+    with pytest.raises(ModelLoadError, match="PiSSA adapter without pissa_init.safetensors"):
+        load_adapter(base, checkpoint, "lora")
+
+
+# --------------------------------------------------------------------------- ReFT
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("f7+l7", (7, 7)), ("f5", (5, 0)), ("l3", (0, 3)), ("f1+l2", (1, 2)),
+])
+def test_reft_positions_parse(spec: str, expected: tuple[int, int]) -> None:
+    from ftlab.methods.reft import parse_positions
+
+    assert parse_positions(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["", "x7", "f7+", "+l2", "f0", "l7+f7", "f-1"])
+def test_reft_bad_positions_fail(spec: str) -> None:
+    from ftlab.methods.reft import parse_positions
+
+    with pytest.raises(ConfigError, match="reft_positions"):
+        parse_positions(spec)
+
+
+def test_reft_intervention_mask() -> None:
+    from ftlab.methods.reft import intervention_mask
+
+    # Right padding, shifted labels: 5 prompt tokens (labels[4] is the first target).
+    attn = np.array([[1] * 8 + [0]])
+    labels = np.array([[-100] * 4 + [9] * 4 + [-100]])
+    assert intervention_mask(attn, labels, (1, 9), 2, 1).tolist() == [[1, 1, 0, 0, 1, 0, 0, 0, 0]]
+    # Left padding, no labels (generation): the whole real input is the prompt.
+    attn = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    assert intervention_mask(attn, None, (1, 9), 2, 2).tolist() == [[0, 0, 0, 1, 1, 0, 0, 1, 1]]
+    # A prompt shorter than first + last: the union, each position once.
+    attn, labels = np.ones((1, 5)), np.array([[-100, -100, 3, 4, 5]])
+    assert intervention_mask(attn, labels, (1, 5), 2, 2).tolist() == [[1, 1, 1, 0, 0]]
+    with pytest.raises(ValueError, match="data.packing=none"):
+        intervention_mask(np.ones((1, 5, 5)), None, (1, 5), 1, 1)
+
+
+def test_reft_edits_only_from_the_intervened_position(examples: list[dict],
+                                                      tokenizer: Any) -> None:
+    """With 'l1' only the last prompt token is edited: earlier logits equal the base's."""
+    import paddle
+
+    from ftlab.methods import get_method
+    from ftlab.models import load_model
+
+    run = compose_run(["method=reft", "method.reft_positions=l1"])
+    base_logits = logits_of(load_model(run.model, "float32"), collate(tokenizer, examples[:1]))
+    paddle.seed(0)
+    model = get_method("reft").apply(load_model(run.model, "float32"), run.method, run.model)
+    batch = collate(tokenizer, examples[:1])
+    with paddle.no_grad():
+        out = model(**{k: paddle.to_tensor(v) for k, v in batch.items()})
+    got = out[1].numpy()  # (loss, logits) with labels
+    last = int(np.flatnonzero(batch["labels"][0] != -100)[0])  # the last prompt token
+    np.testing.assert_array_equal(got[0, :last], base_logits[0, :last])
+    assert np.abs(got[0, last:] - base_logits[0, last:]).max() > 1e-3
+
+
+def test_reft_generation_batched_equals_one_by_one(tokenizer: Any,
+                                                   trained: Callable[[str], Trained]) -> None:
+    """Left padding moves each prompt; the positions follow it, as batching must not matter."""
+    from ftlab.assets import asset_path
+    from ftlab.generation import generate_texts
+    from ftlab.models import load_model
+
+    t = trained("reft")
+    dev = (asset_path("demo_stories") / "dev.json").read_text().splitlines()
+    prompts = [json.loads(x)["src"] for x in dev[:3]]
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1  # padding happens
+    batched = generate_texts(t.model, tokenizer, prompts, batch_size=3, max_new_tokens=12)
+    single = [generate_texts(t.model, tokenizer, [p], batch_size=1, max_new_tokens=12)[0]
+              for p in prompts]
+    assert batched == single
+    base = generate_texts(load_model(t.run.model, "float32"), tokenizer, prompts,
+                          batch_size=3, max_new_tokens=12)
+    assert base != batched  # the interventions act during generation
+
+
+# --------------------------------------------------------------------------- NEFTune
+
+
+def test_neftune_noise_training_only_with_documented_scale() -> None:
+    """Uniform noise in [-s, s], s = alpha / sqrt(seq_len * hidden), in training mode only."""
+    import paddle
+
+    from ftlab.methods.neftune import add_neftune_hook
+    from ftlab.models import load_model
+
+    model = load_model(compose_run().model, "float32")
+    embeddings = model.get_input_embeddings()
+    ids = paddle.randint(3, 512, shape=[8, 100])
+    plain = embeddings(ids).numpy()
+    handle = add_neftune_hook(model, alpha=5.0)
+    embeddings.eval()
+    np.testing.assert_array_equal(embeddings(ids).numpy(), plain)
+    embeddings.train()
+    noise = embeddings(ids).numpy() - plain
+    scale = 5.0 / np.sqrt(100 * 64)
+    assert np.abs(noise).max() <= scale * (1 + 1e-5)
+    assert np.abs(noise).max() > 0.99 * scale
+    assert abs(noise.mean()) < 0.02 * scale
+    assert noise.std() == pytest.approx(scale / np.sqrt(3), rel=0.02)  # uniform's std
+    handle.remove()
+    np.testing.assert_array_equal(embeddings(ids).numpy(), plain)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_load_trained_and_merge_from_run_dir(examples: list[dict], tokenizer: Any,
+                                             trained: Callable[[str], Trained],
+                                             capsys: pytest.CaptureFixture) -> None:
+    from ftlab.config.load import resolved_config_yaml
+    from ftlab.merge import main as merge_main
+    from ftlab.methods.loading import load_trained, load_with_adapter
+
+    t = trained("lora")
+    (t.run_dir / "resolved_config.yaml").write_text(resolved_config_yaml(t.run, {}))
+    batch = collate(tokenizer, examples)
+    reference = logits_of(t.model, batch)
+    model, tok = load_trained(t.run_dir)
+    assert tok.pad_token == "<unk>"
+    assert np.abs(logits_of(model, batch) - reference).max() <= RELOAD_TOL
+    model, _ = load_with_adapter(t.run.model.name_or_path, t.final)
+    assert np.abs(logits_of(model, batch) - reference).max() <= RELOAD_TOL
+    assert merge_main([str(t.run_dir)]) == 0
+    assert (t.run_dir / "merged" / "model.safetensors").is_file() or list(
+        (t.run_dir / "merged").glob("model-*.safetensors"))
+    assert merge_main([str(t.run_dir)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_load_refuses_dirs_without_weights(tmp_path: Path) -> None:
+    from ftlab.methods.loading import load_trained, method_of
+
+    with pytest.raises(ModelLoadError, match="no final/ftlab_method.json"):
+        load_trained(tmp_path)
+    with pytest.raises(ModelLoadError, match="not a directory ftlab saved"):
+        method_of(tmp_path)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["method.pissa=true", "method.lora_use_mixer=true"], "cannot be combined"),
+    (["method.use_mora=true", "method.lora_plus_scale=4"], "MoRA has one square matrix"),
+    (["method.lora_plus_scale=0"], "must be > 0"),
+    (["method.pissa=true", "method.rslora=true"], "PiSSA fixes the LoRA scale at 1"),
+    (["method=reft", "data.packing=greedy"], "method=reft with data.packing=greedy"),
+    (["method=reft", "train.recompute=true"], "method=reft with train.recompute=true"),
+    (["method=reft", "method.reft_layers=[5]"], r"in 0\.\.4"),
+    (["method=reft", "method.reft_rank=65"], "reft_rank=65"),
+    (["method=reft", "method.reft_act_fn=gelu"], "reft_act_fn='gelu'"),
+    (["method=vera", "method.vera_d_init=0"], "neither vector would ever get a gradient"),
+    (["method=prefix", "method.num_prefix_tokens=0"], "num_prefix_tokens=0"),
+    (["method=lokr", "method.factor=0"], "method.factor=0"),
+])
+def test_method_settings_that_cannot_work_fail(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_run(overrides), CPU)
+
+
+@pytest.mark.parametrize("method", ["vera", "lokr", "reft"])
+def test_methods_without_tensor_parallel_refuse_it(method: str) -> None:
+    from conftest import GPU8
+
+    with pytest.raises(ConfigError, match=f"method={method} with parallel=tp2"):
+        validate(compose_run([f"method={method}", "parallel=tp2"]), GPU8)
+
+
+def test_derived_values() -> None:
+    assert validate(compose_run(["method.pissa=true"]), CPU)["lora_scaling"] == 1.0
+    assert validate(compose_run(["method.use_mora=true"]), CPU)["lora_scaling"] == 1.0
+    derived = validate(compose_run(["method=reft", "method.reft_positions=f3+l5"]), CPU)
+    assert (derived["reft_first_positions"], derived["reft_last_positions"]) == (3, 5)
+    assert validate(compose_run(["method=lokr", "method.lokr_alpha=16"]), CPU)["lokr_scale"] == 2.0
