@@ -44,7 +44,6 @@ def _training(run: RunConfig, run_dir: Path, notes: list[str]) -> dict[str, Any]
         "logging_steps": t.logging_steps,
         "do_train": True,
         "do_eval": True,
-        "evaluation_strategy": "steps" if t.eval_steps else "no",
         "save_strategy": "steps" if t.save_steps else "no",
         "save_total_limit": t.save_total_limit,
         "recompute": t.recompute,
@@ -58,8 +57,14 @@ def _training(run: RunConfig, run_dir: Path, notes: list[str]) -> dict[str, Any]
         args["max_steps"] = t.max_steps
     else:
         args["num_train_epochs"] = t.num_train_epochs
+    # PaddleNLP turns evaluation_strategy=no into "every logging_steps" when do_eval is
+    # true, so "evaluate at the end" (train.eval_steps=0) is spelled as one interval.
     if t.eval_steps:
-        args["eval_steps"] = t.eval_steps
+        args.update(evaluation_strategy="steps", eval_steps=t.eval_steps)
+    elif t.max_steps > 0:
+        args.update(evaluation_strategy="steps", eval_steps=t.max_steps)
+    else:
+        args["evaluation_strategy"] = "epoch"
     if t.save_steps:
         args["save_steps"] = t.save_steps
     if p.tensor > 1:
@@ -71,9 +76,9 @@ def _training(run: RunConfig, run_dir: Path, notes: list[str]) -> dict[str, Any]
         args.update(bf16=True, fp16_opt_level=prec.amp_level)
     elif prec.dtype == "float16":
         args.update(fp16=True, fp16_opt_level=prec.amp_level)
-    if t.eval_steps == 0:
-        notes.append("train.eval_steps=0: ftlab evaluates once after training; run_finetune.py "
-                     "does the same with evaluation_strategy=no and do_eval=true.")
+    if t.eval_steps == 0 and t.max_steps <= 0:
+        notes.append("train.eval_steps=0 (evaluate at the end): run_finetune.py evaluates every "
+                     "epoch (evaluation_strategy=epoch) and once more after training.")
     return args
 
 

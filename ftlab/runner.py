@@ -160,7 +160,7 @@ def _write_final_scalars(logdir: Path, step: int, eval_metrics: dict, base: Any,
     with LogWriter(logdir=str(logdir), file_name="vdlrecords.final.log") as writer:
         for key in ("eval_loss", "eval_ppl"):
             if key in eval_metrics:
-                writer.add_scalar(f"final/{key[5:]}", float(eval_metrics[key]), step)
+                writer.add_scalar(f"final/{key}", float(eval_metrics[key]), step)
         if tuned is not None:
             # One curve: the base model at step 0, the fine-tuned one at the last step.
             writer.add_scalar("final/entity_recall", base.score, 0)

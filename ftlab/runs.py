@@ -41,7 +41,7 @@ def run_fields(run: RunRecord, root: Path) -> dict[str, Any]:
     summary = run.summary
     steps = summary.get("steps")
     return {
-        "time": run.started.strftime("%Y-%m-%d %H:%M:%S"),
+        "time": run.started.astimezone().strftime("%Y-%m-%d %H:%M:%S"),  # local time
         "status": run.status,
         "model": summary.get("model") or run.setting("model.name"),
         "method": summary.get("method") or run.setting("method.name"),
@@ -64,8 +64,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         cells.append([_format(row[key], spec) for key, _, spec in COLUMNS])
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-             for line in cells]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells
+    ]
     return "\n".join(lines)
 
 
@@ -97,12 +98,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="ftlab-runs", description="List ftlab runs, newest first."
     )
-    parser.add_argument("root", nargs="?", default="outputs", type=Path,
-                        help="directory to search for run dirs (default: outputs)")
-    parser.add_argument("-n", "--limit", type=int, default=None,
-                        help="show only the N newest runs")
-    parser.add_argument("--status", choices=("completed", "failed", "incomplete"),
-                        help="show only runs with this status")
+    parser.add_argument(
+        "root",
+        nargs="?",
+        default="outputs",
+        type=Path,
+        help="directory to search for run dirs (default: outputs)",
+    )
+    parser.add_argument("-n", "--limit", type=int, default=None, help="show only the N newest runs")
+    parser.add_argument(
+        "--status",
+        choices=("completed", "failed", "incomplete"),
+        help="show only runs with this status",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser.parse_args(argv)
 
@@ -111,8 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point (``ftlab-runs``)."""
     args = parse_args(argv)
     if not args.root.is_dir():
-        print(f"ftlab-runs: error: {args.root} is not a directory (give the directory "
-              "ftlab wrote its runs to).", file=sys.stderr)
+        print(
+            f"ftlab-runs: error: {args.root} is not a directory (give the directory "
+            "ftlab wrote its runs to).",
+            file=sys.stderr,
+        )
         sys.exit(2)
     try:
         runs = list_runs(args.root)

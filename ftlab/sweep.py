@@ -48,8 +48,12 @@ class SweepSummary(Callback):
         log.info("sweep summary: %s", ", ".join(str(p) for p in written.values()))
         if sweep.failed:
             # The sweep itself exits 0 (the other jobs ran), so say it where it is seen.
-            log.warning("%d of %d jobs failed: %s", len(sweep.failed), len(sweep.jobs),
-                        "; ".join(f"job {j.job_num} ({j.error})" for j in sweep.failed))
+            log.warning(
+                "%d of %d jobs failed: %s",
+                len(sweep.failed),
+                len(sweep.jobs),
+                "; ".join(f"job {j.job_num} ({j.error})" for j in sweep.failed),
+            )
 
 
 @dataclass
@@ -139,13 +143,14 @@ def summary_markdown(rows: list[dict[str, Any]], sweep: Sweep) -> str:
     if scored:
         best = min(scored, key=lambda r: r["eval_loss"])
         swept = ", ".join(f"{k}={_swept_cell(best[k])}" for k in sweep.swept)
-        lines.append(f"- best eval loss: {best['eval_loss']:.4f}, job {best['job']}"
-                     + (f" ({swept})" if swept else ""))
+        lines.append(
+            f"- best eval loss: {best['eval_loss']:.4f}, job {best['job']}"
+            + (f" ({swept})" if swept else "")
+        )
     elif done:
         lines.append("- best eval loss: n/a (no job reported one)")
     header = ["job", *sweep.swept, "status", *(m[1] for m in METRICS), "run dir", "error"]
-    align = ["---:", *(["---"] * len(sweep.swept)), "---", *(["---:"] * len(METRICS)),
-             "---", "---"]
+    align = ["---:", *(["---"] * len(sweep.swept)), "---", *(["---:"] * len(METRICS)), "---", "---"]
     lines += ["", _md_row(header), _md_row(align)]
     for row in rows:
         cells = [_cell(row["job"]), *(_swept_cell(row[k]) for k in sweep.swept), row["status"]]
@@ -208,8 +213,13 @@ def x_axis(rows: list[dict[str, Any]], sweep: Sweep) -> XAxis:
             ticks = []  # sampled values (Optuna): matplotlib's own ticks read better
         return XAxis(key or "job", numbers, ticks, [names[t] for t in ticks], log_x)
     categories = list(dict.fromkeys(str(v) for v in raw))
-    return XAxis(key or "job", [float(categories.index(str(v))) for v in raw],
-                 [float(i) for i in range(len(categories))], categories, False)
+    return XAxis(
+        key or "job",
+        [float(categories.index(str(v))) for v in raw],
+        [float(i) for i in range(len(categories))],
+        categories,
+        False,
+    )
 
 
 def plot_sweep(rows: list[dict[str, Any]], sweep: Sweep, path: Path) -> None:
@@ -245,10 +255,19 @@ def plot_sweep(rows: list[dict[str, Any]], sweep: Sweep, path: Path) -> None:
         for status, marker, color in ((FAILED, "x", "red"), (INCOMPLETE, "s", "grey")):
             marks = [x for x, r in zip(axis.positions, rows, strict=True) if r["status"] == status]
             if marks:
-                ax.plot(marks, [0.04] * len(marks), marker, color=color, markersize=10,
-                        linestyle="none", transform=ax.get_xaxis_transform(), label=status)
+                ax.plot(
+                    marks,
+                    [0.04] * len(marks),
+                    marker,
+                    color=color,
+                    markersize=10,
+                    linestyle="none",
+                    transform=ax.get_xaxis_transform(),
+                    label=status,
+                )
         if not plotted:
             ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+            ax.set_yticks([])
         if axis.log:
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())
@@ -262,3 +281,21 @@ def plot_sweep(rows: list[dict[str, Any]], sweep: Sweep, path: Path) -> None:
             ax.legend(fontsize="small")
     fig.suptitle(f"sweep {sweep.sweep_dir.name}: {len(rows)} jobs, {len(sweep.failed)} failed")
     fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ftlab.sweep SWEEP_DIR``: (re)write the summary of an existing sweep,
+    e.g. one that was interrupted, so Hydra never called ``on_multirun_end``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ftlab.sweep", description=main.__doc__)
+    parser.add_argument("sweep_dir", type=Path)
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        parser.error(f"{args.sweep_dir} is not a directory")
+    for path in write_sweep_summary(read_sweep(args.sweep_dir)).values():
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

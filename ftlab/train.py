@@ -106,16 +106,22 @@ def hydra_main(cfg: DictConfig) -> float | None:
                 print(f"ftlab: error: {err}", file=sys.stderr, flush=True)
                 sys.exit(2)
             raise
-        log.error("job %s failed: %s: %s (traceback in %s)", hydra_cfg.job.num,
-                  type(err).__name__, err, run_dir / ERROR_FILE)
+        log.error(
+            "job %s failed: %s: %s (traceback in %s)",
+            hydra_cfg.job.num,
+            type(err).__name__,
+            err,
+            run_dir / ERROR_FILE,
+        )
         return None
     record_outcome(cfg, run_dir, started)
     loss = summary.get("eval_loss") if summary else None
     return float(loss) if loss is not None else None
 
 
-def record_outcome(cfg: DictConfig, run_dir: Path, started: float,
-                   error: BaseException | None = None) -> None:
+def record_outcome(
+    cfg: DictConfig, run_dir: Path, started: float, error: BaseException | None = None
+) -> None:
     """``status.json`` of this job; the workers of a multi-process run leave it to their
     launching process, which sees every worker's outcome."""
     from ftlab.launch import inside_worker
@@ -141,6 +147,7 @@ def explain_composition_error(err: BaseException) -> str:
     # schema fails anyway) or only add noise.
     text = re.sub(r"\nTo append to your config use \S+", "", text)
     text = re.sub(r"\nConfig search path:(\n\t.*)+", "", text)
+    text = re.sub(r"\n\tbase_\w+", "", text)  # schemas, not options a user picks
     missing_option = re.search(r"Could not find '(\w+)/([\w.-]+)'", text)
     if missing_option:
         group, option = missing_option.groups()

@@ -66,7 +66,8 @@ def test_misspelled_group_option_suggests() -> None:
         compose_cfg(["method=lorra"])
     msg = explain_composition_error(info.value)
     assert "Could not find 'method/lorra'" in msg
-    assert "Did you mean 'lora'?" in msg
+    assert "Did you mean 'lora'" in msg
+    assert "base_lora" not in msg  # schemas are not offered as options
 
 
 def test_wrong_type_fails_at_composition() -> None:

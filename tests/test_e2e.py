@@ -88,7 +88,8 @@ def test_metrics_loss_goes_down_and_throughput_is_positive(short_run) -> None:
         assert r["tokens_per_second"] > 0 and r["effective_tokens_per_second"] > 0
         assert r["effective_tokens_per_second"] <= r["tokens_per_second"]
         assert r["peak_memory_mb"] > 100
-        assert r["learning_rate"] > 0
+    # Warmup then cosine decay: positive until the schedule reaches 0 at the last step.
+    assert all(r["learning_rate"] > 0 for r in rows[:-1])
     assert rows[-1]["loss"] < rows[0]["loss"] * 0.8
 
 

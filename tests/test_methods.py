@@ -513,3 +513,21 @@ def test_derived_values() -> None:
     derived = validate(compose_run(["method=reft", "method.reft_positions=f3+l5"]), CPU)
     assert (derived["reft_first_positions"], derived["reft_last_positions"]) == (3, 5)
     assert validate(compose_run(["method=lokr", "method.lokr_alpha=16"]), CPU)["lokr_scale"] == 2.0
+
+
+@pytest.mark.parametrize(("n_in", "n_out"), [(64, 64), (64, 32), (64, 172), (172, 64)])
+def test_mora_delta_is_the_layers_own_map(n_in: int, n_out: int) -> None:
+    """MoRA's merge matrix reproduces its forward (PaddleNLP's get_delta_weight does not)."""
+    import paddle
+    from paddlenlp.peft.lora.lora_layers import LoRALinear
+
+    from ftlab.methods.lora import lora_delta
+
+    paddle.seed(0)
+    layer = LoRALinear(n_in, n_out, r=8, use_mora=True)
+    layer.eval()
+    layer.lora_A.set_value(paddle.randn(layer.lora_A.shape) * 0.1)
+    x = paddle.randn([3, n_in])
+    update = (layer(x) - x @ layer.weight).numpy()
+    np.testing.assert_allclose((x @ lora_delta(layer)).numpy(), update, atol=1e-5)
+    assert np.abs((x @ layer.get_delta_weight()).numpy() - update).max() > 0.1

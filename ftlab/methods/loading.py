@@ -31,6 +31,17 @@ def method_of(adapter_dir: Path) -> str:
     return str(json.loads(record.read_text())["method"])
 
 
+def weights_file(trained_dir: Path, stem: str, what: str) -> Path:
+    """The one ``<stem>*.pdparams`` in ``trained_dir`` (a Trainer may add a rank suffix)."""
+    found = sorted(Path(trained_dir).glob(f"{stem}*.pdparams"))
+    if len(found) != 1:
+        raise ModelLoadError(
+            f"expected one {what} weights file {stem}*.pdparams in {trained_dir}, found "
+            f"{[f.name for f in found] or 'none'}."
+        )
+    return found[0]
+
+
 def read_run_config(run_dir: Path) -> tuple[Any, Any, str]:
     """(ModelConfig, method config, model dtype) of a finished run, as it trained."""
     from omegaconf import OmegaConf

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from ftlab.config.schema import ModelConfig, RunConfig
 
-LOKR_WEIGHTS = "lokr_model_state.pdparams"
+LOKR_WEIGHTS_STEM = "lokr_model_state"
 
 
 @dataclass
@@ -86,10 +86,10 @@ class Lokr(Method):
         import paddle
         from paddlenlp.peft import LoKrConfig, LoKrModel
 
+        from ftlab.methods.loading import weights_file
+
         trained_dir = Path(trained_dir)
-        weights = trained_dir / LOKR_WEIGHTS
-        if not weights.exists():
-            raise ModelLoadError(f"no LoKr adapter weights ({LOKR_WEIGHTS}) in {trained_dir}")
+        weights = weights_file(trained_dir, LOKR_WEIGHTS_STEM, "LoKr")
         config = LoKrConfig.from_pretrained(str(trained_dir))
         # LoKrModel reads the base model's config.json from this path; the adapter dir has
         # a copy, so a moved run dir still loads.

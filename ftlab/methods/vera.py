@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from ftlab.config.schema import ModelConfig, RunConfig
 
 VERA_RECORD = "ftlab_vera.json"
-VERA_WEIGHTS = "vera_model_state.pdparams"
+VERA_WEIGHTS_STEM = "vera_model_state"
 
 
 @dataclass
@@ -172,13 +172,16 @@ class Vera(Method):
         import paddle
         from paddlenlp.peft import VeRAConfig
 
+        from ftlab.methods.loading import weights_file
+
         trained_dir = Path(trained_dir)
-        record_path, weights = trained_dir / VERA_RECORD, trained_dir / VERA_WEIGHTS
-        if not record_path.exists() or not weights.exists():
+        record_path = trained_dir / VERA_RECORD
+        if not record_path.exists():
             raise ModelLoadError(
-                f"{trained_dir} lacks {VERA_RECORD} or {VERA_WEIGHTS}: it was not saved by "
-                "ftlab's vera method, so its frozen random projections cannot be rebuilt."
+                f"{trained_dir} lacks {VERA_RECORD}: it was not saved by ftlab's vera method, "
+                "so its frozen random projections cannot be rebuilt."
             )
+        weights = weights_file(trained_dir, VERA_WEIGHTS_STEM, "VeRA")
         record = json.loads(record_path.read_text())
         config = VeRAConfig.from_pretrained(str(trained_dir))
         model = _vera_model_class()(base, config, record["vera_seed"], record["vera_d_init"])

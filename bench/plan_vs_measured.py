@@ -1,0 +1,187 @@
+"""``ftlab mode=plan`` memory estimates against measured peak RSS of real ``ftlab`` runs (CPU).
+
+Run from the repository root: ``python bench/plan_vs_measured.py`` (a few minutes on two
+cores). Not part of the tests.
+
+For each model (the shipped stories260K and a random-init ~24M-parameter Llama saved to a
+temporary directory) and method (full, LoRA, QLoRA nf4) it runs
+
+* ``ftlab mode=plan ...`` and reads ``plan.json`` (no weights loaded), and
+* ``ftlab ...`` with the same overrides for a few steps, and reads the peak RSS the trainer
+  logged at each training step in ``metrics.jsonl`` (``ru_maxrss``: the process lifetime
+  peak up to that step, model loading included; final saving is not included),
+
+and prints the estimate, the measurement and the error. Packing (zero padding) fills every
+sequence to ``data.max_length``, the length the plan assumes.
+
+RSS holds the Python/Paddle/PaddleNLP runtime besides the tensors; the plan adds it as the
+constant ``ftlab.plan.CPU_RUNTIME_BASELINE_MIB``. ``--baseline`` measures that constant: the
+peak RSS of a run whose tensors are negligible (1 layer, hidden 16, one sequence of 64).
+
+``--fit`` prints the per-layer activation coefficients the plan uses, refitted from
+Paddle's own allocator counts (``host_memory_stat``) of PaddleNLP's eager Llama.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FTLAB = [sys.executable, "-m", "ftlab.train"]
+STORIES = REPO / "ftlab" / "assets" / "stories260k"
+
+COMMON = [
+    "data.max_length=256", "data.src_length=128", "data.packing=zero_padding",
+    "train.per_device_train_batch_size=4", "train.per_device_eval_batch_size=4",
+    "train.max_steps=3", "train.logging_steps=1", "train.warmup_steps=0",
+    "eval.demo_metric=false", "device=cpu",
+]
+MEDIUM = {  # ~24M parameters
+    "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 512,
+    "max_position_embeddings": 512, "tie_word_embeddings": False,
+}
+TINY = {
+    "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+    "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 512,
+    "max_position_embeddings": 512, "tie_word_embeddings": False,
+}
+METHODS = {
+    "full": ["method=full"],
+    "lora": ["method=lora"],
+    "qlora": ["method=qlora", "method.quant_algo=nf4", "method.quant_backend=ftlab"],
+}
+
+
+def save_random_llama(arch: dict, out: Path) -> None:
+    """A random-init Llama checkpoint (safetensors) that ftlab can load by path."""
+    import paddle
+    from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
+
+    paddle.seed(0)
+    config = LlamaConfig(**arch, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(str(out), safe_serialization=True)
+
+
+def model_overrides(name: str, path: Path, arch: dict) -> list[str]:
+    out = [f"model.name={name}", f"model.name_or_path={path}",
+           f"model.tokenizer_name_or_path={STORIES}"]
+    return out + [f"model.arch.{k}={str(v).lower() if isinstance(v, bool) else v}"
+                  for k, v in arch.items()]
+
+
+def run_ftlab(overrides: list[str], run_dir: Path) -> None:
+    cmd = [*FTLAB, *overrides, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+        raise SystemExit(f"ftlab failed ({' '.join(overrides)}):\n{tail}")
+
+
+def plan_mib(overrides: list[str], run_dir: Path) -> dict:
+    run_ftlab([*overrides, "mode=plan"], run_dir)
+    return json.loads((run_dir / "plan.json").read_text())["memory_mib"]
+
+
+def measured_peak_mib(overrides: list[str], run_dir: Path) -> float:
+    run_ftlab(overrides, run_dir)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return max(r["peak_memory_mb"] for r in rows if r.get("kind") == "train")
+
+
+def baseline(tmp: Path) -> None:
+    save_random_llama(TINY, tmp / "tiny")
+    over = [*model_overrides("tiny", tmp / "tiny", TINY), *COMMON, "method=full",
+            "data.max_length=64", "data.src_length=32", "data.packing=none",
+            "train.per_device_train_batch_size=1", "train.per_device_eval_batch_size=1"]
+    plan = plan_mib(over, tmp / "tiny_plan")
+    peak = measured_peak_mib(over, tmp / "tiny_train")
+    tensors = plan["in_use"]
+    print(f"tiny model: peak RSS {peak:.1f} MiB, planned tensors {tensors:.2f} MiB -> "
+          f"runtime baseline {peak - tensors:.0f} MiB (ftlab.plan.CPU_RUNTIME_BASELINE_MIB)")
+
+
+def table(tmp: Path, methods: list[str], recompute: bool) -> None:
+    save_random_llama(MEDIUM, tmp / "medium")
+    models = {"stories260k": ["model=stories260k"],
+              "llama-24m": model_overrides("llama24m", tmp / "medium", MEDIUM)}
+    header = (f"{'model':12} {'method':6} {'rc':3} {'weights':>8} {'grads':>7} {'optim':>7} "
+              f"{'activ':>7} {'tensors':>8} {'+base':>6} {'est RSS':>8} {'meas RSS':>9} "
+              f"{'error':>7}")
+    print(header)
+    print("-" * len(header))
+    for model, model_over in models.items():
+        for method in methods:
+            for rc in ([False, True] if recompute else [False]):
+                over = [*model_over, *METHODS[method], *COMMON,
+                        f"train.recompute={str(rc).lower()}"]
+                tag = f"{model}_{method}_{int(rc)}"
+                plan = plan_mib(over, tmp / f"{tag}_plan")
+                peak = measured_peak_mib(over, tmp / f"{tag}_train")
+                act = plan["activations_recompute"] if rc else plan["activations"]
+                err = (plan["estimated_rss"] - peak) / peak
+                print(f"{model:12} {method:6} {'y' if rc else 'n':3} {plan['weights']:8.1f} "
+                      f"{plan['gradients']:7.1f} {plan['optimizer']:7.1f} {act:7.1f} "
+                      f"{plan['in_use']:8.1f} {plan['runtime_baseline']:6.0f} "
+                      f"{plan['estimated_rss']:8.1f} {peak:9.1f} {100 * err:+6.1f}%", flush=True)
+    print("(MiB; est RSS = tensors + runtime baseline; meas RSS = peak ru_maxrss over the "
+          "training steps)")
+
+
+def fit() -> None:
+    """Refit the per-layer activation coefficients from Paddle's allocator counts."""
+    import numpy as np
+    import paddle
+    import paddle.base.core as core
+    from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
+
+    def saved_bytes(h: int, i: int, layers: int, heads: int, kv: int, s: int) -> int:
+        config = LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=kv,
+                             vocab_size=512, max_position_embeddings=1024)
+        model = LlamaForCausalLM(config)
+        ids = paddle.randint(0, 512, [4, s])
+        before = core.host_memory_stat_current_value("Allocated", 0)
+        loss = model(input_ids=ids, labels=ids)[0]
+        saved = core.host_memory_stat_current_value("Allocated", 0) - before
+        del loss
+        return saved
+
+    rows, ys = [], []
+    for h, i, heads, kv, s in [(64, 172, 8, 4, 128), (128, 344, 8, 4, 128),
+                               (128, 344, 8, 8, 128), (128, 344, 16, 4, 128),
+                               (128, 344, 8, 4, 256), (128, 1024, 8, 4, 128),
+                               (192, 344, 8, 4, 128)]:
+        per_layer = (saved_bytes(h, i, 3, heads, kv, s) - saved_bytes(h, i, 1, heads, kv, s)) / 2
+        rows.append([h, kv * h // heads, i, heads * s])
+        ys.append(per_layer / 4 / (4 * s))  # fp32 elements per token
+    coef, *_ = np.linalg.lstsq(np.array(rows, float), np.array(ys), rcond=None)
+    print("elements per token and layer = "
+          f"{coef[0]:.2f} h + {coef[1]:.2f} kv_dim + {coef[2]:.2f} ffn + {coef[3]:.2f} heads*seq")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--baseline", action="store_true", help="measure the runtime baseline")
+    ap.add_argument("--fit", action="store_true", help="refit the activation coefficients")
+    ap.add_argument("--methods", default="full,lora,qlora", help="comma-separated")
+    ap.add_argument("--recompute", action="store_true", help="also rows with recompute")
+    args = ap.parse_args()
+    if args.fit:
+        fit()
+        return
+    with tempfile.TemporaryDirectory(prefix="ftlab_plan_bench_") as d:
+        if args.baseline:
+            baseline(Path(d))
+        else:
+            table(Path(d), args.methods.split(","), args.recompute)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The launcher's command line, failure reports and env-dump cleanup; the global-batch sampler."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import compose_run
+
+from ftlab.batching import GlobalBatchSampler, target_tokens
+from ftlab.errors import ConfigError
+from ftlab.launch import (
+    check_launch,
+    failed_ranks,
+    failure_message,
+    gpu_devices,
+    launch_command,
+    needs_launch,
+    remove_env_dumps,
+    worker_overrides,
+)
+
+DERIVED_DP2 = {"world_size": 2, "nproc_per_node": 2, "data_parallel_degree": 2,
+               "device": "cpu"}
+
+
+def test_cpu_command_has_no_devices_and_fixes_run_dir(tmp_path: Path) -> None:
+    run = compose_run(["parallel=dp2"])
+    cmd = launch_command(run, DERIVED_DP2, tmp_path, ["parallel=dp2", "train.max_steps=3"])
+    assert cmd[:3] == [sys.executable, "-m", "paddle.distributed.launch"]
+    assert "--devices" not in cmd
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "2"
+    assert cmd[cmd.index("--log_dir") + 1] == str(tmp_path / "logs")
+    worker = cmd[cmd.index("ftlab.train") - 3:]
+    assert worker == [sys.executable, "-u", "-m", "ftlab.train", "parallel=dp2",
+                      "train.max_steps=3", f"hydra.run.dir={tmp_path}",
+                      "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+def test_gpu_devices_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert gpu_devices(2) == ["4", "5"]
+    with pytest.raises(ConfigError, match="4 worker processes need 4 GPUs.*offers 2"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+        gpu_devices(4)
+
+
+def test_multinode_flags_pass_through(tmp_path: Path) -> None:
+    run = compose_run(["parallel=dp2", "launch.nnodes=2", "launch.master=10.0.0.1:8090"])
+    check_launch(run)
+    cmd = launch_command(run, {**DERIVED_DP2, "world_size": 4}, tmp_path, [], ["0", "1"])
+    assert cmd[cmd.index("--nnodes") + 1] == "2"
+    assert cmd[cmd.index("--master") + 1] == "10.0.0.1:8090"
+    assert cmd[cmd.index("--devices") + 1] == "0,1"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["launch.nnodes=2"], "needs a rendezvous point|need a rendezvous point"),
+    (["launch.nnodes=2", "launch.ips=10.0.0.1"], "names 1 nodes but launch.nnodes=2"),
+    (["launch.master=nohost"], "must be HOST:PORT"),
+])
+def test_bad_multinode_settings(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_launch(compose_run(["parallel=dp2", *overrides]))
+
+
+def test_user_run_dir_override_is_replaced(tmp_path: Path) -> None:
+    out = worker_overrides(["hydra.run.dir=/elsewhere", "method=full"], tmp_path)
+    assert "hydra.run.dir=/elsewhere" not in out
+    assert f"hydra.run.dir={tmp_path}" in out and "method=full" in out
+
+
+def test_needs_launch_only_outside_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PADDLE_TRAINERS_NUM", raising=False)
+    assert needs_launch({"world_size": 2}) and not needs_launch({"world_size": 1})
+    monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
+    assert not needs_launch({"world_size": 2})
+
+
+def test_env_dumps_are_removed_and_logs_kept(tmp_path: Path) -> None:
+    names = ["envlog.0", "envlog.1", "backup_env.0.json", "ftlab.abcd.log", "workerlog.0",
+             "workerlog.1"]
+    for n in names:
+        (tmp_path / n).write_text("SECRET=1\n")
+    removed = remove_env_dumps(tmp_path)
+    assert sorted(removed) == ["backup_env.0.json", "envlog.0", "envlog.1", "ftlab.abcd.log"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["workerlog.0", "workerlog.1"]
+
+
+LAUNCHER_FAILURE = """LAUNCH INFO Pod failed
+LAUNCH ERROR Container failed !!!
+Container rank 1 status failed cmd ['python', '-u', '-m', 'ftlab.train'] code 2 log logs/workerlog.1
+LAUNCH INFO Exit code 2
+"""
+
+
+def test_failing_rank_and_log_tail_are_reported(tmp_path: Path) -> None:
+    (tmp_path / "workerlog.0").write_text("fine\n")
+    (tmp_path / "workerlog.1").write_text("".join(f"line {i}\n" for i in range(100)) +
+                                          "ftlab: error: something broke\n")
+    assert failed_ranks(LAUNCHER_FAILURE, tmp_path) == [(1, 2)]
+    msg = failure_message(compose_run(["parallel=dp2"]), 2, LAUNCHER_FAILURE, tmp_path)
+    assert "parallel=dp2" in msg and "Rank 1 failed (exit 2)" in msg
+    assert "ftlab: error: something broke" in msg and "line 99" in msg and "line 10\n" not in msg
+
+
+def test_failing_rank_found_from_traceback_when_launcher_silent(tmp_path: Path) -> None:
+    (tmp_path / "workerlog.0").write_text("Traceback (most recent call last):\nboom\n")
+    (tmp_path / "workerlog.1").write_text("ok\n")
+    assert failed_ranks("killed", tmp_path) == [(0, None)]
+
+
+class _Data:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _batches(n: int, batch: int, ranks: int, rank: int, epoch: int = 0) -> list[list[int]]:
+    s = GlobalBatchSampler(_Data(n), batch, num_replicas=ranks, rank=rank, seed=7)
+    s.set_epoch(epoch)
+    return list(s)
+
+
+@pytest.mark.parametrize("n", [16, 22])
+def test_ranks_get_contiguous_halves_of_the_single_process_batches(n: int) -> None:
+    single = _batches(n, 4, 1, 0)
+    r0, r1 = _batches(n, 2, 2, 0), _batches(n, 2, 2, 1)
+    assert len(single) == len(r0) == len(r1) == -(-n // 4)
+    for whole, a, b in zip(single, r0, r1):
+        assert a + b == whole
+    flat = [i for batch in single for i in batch]
+    assert sorted(flat) == list(range(n))  # each example exactly once per epoch
+
+
+def test_tail_smaller_than_ranks_is_skipped_and_epochs_reshuffle() -> None:
+    assert [len(b) for b in _batches(9, 2, 2, 0)] == [2, 2]  # 9 = 2 x 4 + 1: tail of 1
+    assert _batches(16, 4, 1, 0, epoch=0) != _batches(16, 4, 1, 0, epoch=1)
+    assert _batches(16, 4, 1, 0, epoch=1) == _batches(16, 4, 1, 0, epoch=1)
+
+
+def test_unshuffled_order_is_dataset_order() -> None:
+    s = GlobalBatchSampler(_Data(6), 2, num_replicas=1, rank=0, seed=0, shuffle=False)
+    assert list(s) == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_target_tokens_ignores_masked_positions() -> None:
+    labels = np.array([[5, -100, 7], [-100, -100, 1]])
+    assert target_tokens(labels) == 3
