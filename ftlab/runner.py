@@ -31,8 +31,16 @@ def seed_everything(seed: int) -> None:
 
 
 def count_parameters(model: Any) -> dict[str, int]:
+    """Total and trainable parameter counts; quantized base weights count as parameters.
+
+    A quantized layer holds its base weight as packed codes (buffers, not parameters), so
+    without this the total of a QLoRA model would leave the base out.
+    """
     total = sum(int(p.size) for p in model.parameters())
     trainable = sum(int(p.size) for p in model.parameters() if not p.stop_gradient)
+    for layer in model.sublayers():
+        if hasattr(layer, "quantized_weight"):
+            total += layer.in_features * layer.out_features
     return {"total": total, "trainable": trainable}
 
 
@@ -139,6 +147,7 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
         "peak_memory_mb": round(peak_memory_mb(), 1),
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
+        "derived": derived,
         "data": data.stats.to_dict(),
     }
     if is_main:

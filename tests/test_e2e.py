@@ -166,3 +166,20 @@ def test_full_finetuning_lifts_entity_recall(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["parameters"]["trainable"] == 260032
     assert summary["entity_recall"] - summary["entity_recall_base"] >= 0.30, summary
+
+
+def test_qlora_trains_on_cpu_with_ftlab_backend(tmp_path: Path) -> None:
+    run_ftlab(tmp_path, "method=qlora", "train.max_steps=10", "train.logging_steps=2",
+              "eval.max_new_tokens=16", "hydra.run.dir=run")
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["derived"]["quant_backend"] == "ftlab"
+    # The nf4 base still counts: 260,032 base + 46,240 LoRA parameters.
+    assert summary["parameters"] == {"total": 306272, "trainable": 46240}
+    assert summary["final_loss"] < summary["first_loss"]
+    assert summary["entity_recall"] is not None
+    for name in ("qlora_adapter.safetensors", "quant_config.json", "config.json"):
+        assert (run_dir / "final" / name).is_file(), name
+    quant = json.loads((run_dir / "final/quant_config.json").read_text())
+    assert quant["algo"] == "nf4" and quant["block_size"] == 64
+    assert len(quant["quantized_layers"]) == 35  # 7 linears x 5 layers
