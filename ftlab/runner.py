@@ -84,6 +84,12 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
     derived["train_examples"] = num_train
     derived["total_steps"] = total_steps(run, num_train, derived["global_batch_size"])
     derived["data_format"] = data.format
+    checkpoint = None
+    if run.resume:
+        checkpoint = _prepare_resume(run, run_dir, derived)
+    if run.rerun:
+        derived["rerun_of"] = run.rerun
+        derived["rerun_differences"] = _rerun_differences(run, data.fingerprints, derived)
     if is_main:
         write_json(run_dir / "data_fingerprints.json", data.fingerprints)
         write_text(run_dir / "resolved_config.yaml", resolved_config_yaml(run, derived))
@@ -109,7 +115,7 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
         shuffle=run.data.shuffle,
     )
     train_start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=_checkpoint_to_resume(run))
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - train_start
     eval_metrics = trainer.evaluate() if data.dev_dataset is not None else {}
     tuned_metric = task_metric(model, tokenizer, data.dev_records, run)
@@ -137,7 +143,9 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
         "parameters": params,
         "first_loss": train_logs[0]["loss"] if train_logs else None,
         "final_loss": train_logs[-1]["loss"] if train_logs else None,
-        "train_loss_mean": result.training_loss,
+        # PaddleNLP's training_loss averages only the steps of the last process after a
+        # resume; this weighs every logged interval by its number of steps instead.
+        "train_loss_mean": _mean_train_loss(train_logs),
         "eval_loss": eval_metrics.get("eval_loss"),
         "eval_ppl": eval_metrics.get("eval_ppl"),
         "entity_recall_base": base_metric.score if base_metric else None,
@@ -192,6 +200,14 @@ def _train_logs(path: Path) -> list[dict]:
     return [x for x in lines if x.get("kind") == "train"]
 
 
+def _mean_train_loss(rows: list[dict]) -> float | None:
+    total, steps, previous = 0.0, 0, 0
+    for r in sorted(rows, key=lambda r: r["step"]):
+        n = r["step"] - previous
+        total, steps, previous = total + r["loss"] * n, steps + n, r["step"]
+    return total / steps if steps else None
+
+
 def _median(rows: list[dict], key: str) -> float | None:
     values = sorted(r[key] for r in rows if key in r)
     return values[len(values) // 2] if values else None
@@ -216,5 +232,38 @@ def _data_rank() -> int:
     return max(dist.get_rank(), 0)
 
 
-def _checkpoint_to_resume(run: RunConfig) -> str | None:
-    return None
+def _prepare_resume(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> Path:
+    from ftlab.config.load import to_plain_dict
+    from ftlab.errors import ConfigError
+    from ftlab.run.resume import (check_resume_config, latest_complete_checkpoint,
+                                  truncate_metrics)
+
+    derived["resume_changes"] = check_resume_config(run_dir, to_plain_dict(run))
+    checkpoint = latest_complete_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ConfigError(
+            f"resume={run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}. "
+            "Nothing to resume from; start the run again (rerun=) instead."
+        )
+    step = int(checkpoint.name.rsplit("-", 1)[1])
+    derived["resumed_from"] = str(checkpoint)
+    if _is_rank_zero():
+        dropped = truncate_metrics(run_dir / "metrics.jsonl", step)
+        log.info("resuming from %s (step %d); %d metric lines after it dropped",
+                 checkpoint, step, dropped)
+    return checkpoint
+
+
+def _rerun_differences(run: RunConfig, fingerprints: dict[str, str],
+                       derived: dict[str, Any]) -> list[str]:
+    from ftlab.run.resume import reproducibility_warnings
+
+    source = Path(run.rerun)
+    warnings = reproducibility_warnings(source, fingerprints,
+                                        environment_record(derived["device"]))
+    for w in warnings:
+        log.warning("rerun of %s differs: %s", source, w)
+        print(f"ftlab: rerun differs from the recorded run: {w}", flush=True)
+    if not warnings:
+        print(f"ftlab: rerun of {source}: data, ftlab commit and packages match.", flush=True)
+    return warnings

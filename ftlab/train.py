@@ -186,6 +186,9 @@ def main() -> None:
     # the message can name the closest valid keys.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
+        from ftlab.run.resume import replay_argv
+
+        sys.argv = [sys.argv[0], *replay_argv(sys.argv[1:])]
         hydra_main()
     except (HydraException, OmegaConfBaseException) as err:
         print(f"ftlab: config error: {explain_composition_error(err)}", file=sys.stderr)

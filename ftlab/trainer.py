@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from paddlenlp.trl import SFTConfig, SFTTrainer
 
 from ftlab.batching import GlobalBatchSampler, global_token_scale
 from ftlab.config.schema import RunConfig
+from ftlab.run.resume import STAGING
 
 
 def peak_memory_mb() -> float:
@@ -74,6 +77,33 @@ class FtlabTrainer(SFTTrainer):
             rank=max(self.args.dataset_rank, 0), seed=self.args.seed,
             shuffle=self._shuffle, drop_last=self.args.dataloader_drop_last,
         )
+
+    def _save_checkpoint(self, model: Any, metrics: Any = None) -> None:
+        """Write the checkpoint under ``.staging`` and rename it into place when whole.
+
+        PaddleNLP writes ``checkpoint-N`` in place, so a kill during a save leaves a partial
+        directory that ``resume`` would pick up and crash on. Here only complete
+        checkpoints ever carry the ``checkpoint-N`` name (``ftlab.run.resume``).
+        """
+        root = self.args.output_dir
+        staging = os.path.join(root, STAGING)
+        name = f"checkpoint-{self.state.global_step}"
+        self.args.output_dir = self.args.output_signal_dir = staging
+        try:
+            super()._save_checkpoint(model, metrics)
+        finally:
+            self.args.output_dir = self.args.output_signal_dir = root
+        if self.args.world_size > 1:
+            paddle.distributed.barrier()
+        if self.args.process_index <= 0:
+            final = os.path.join(root, name)
+            if os.path.isdir(final):  # the same step saved again after a resume
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            self._rotate_checkpoints(use_mtime=False, output_dir=root)
+        if self.args.world_size > 1:
+            paddle.distributed.barrier()
 
     def log(self, logs: dict[str, float], **kwargs: Any) -> None:
         if "loss" in logs and self._tokens:

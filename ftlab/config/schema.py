@@ -200,3 +200,4 @@ class RunConfig:
     mode: str = "train"  # train | plan | export
     device: str = "auto"  # auto | cpu | gpu
     resume: Optional[str] = None  # a run dir to continue from its latest checkpoint
+    rerun: Optional[str] = None  # a run dir whose saved config runs again, in a new dir
