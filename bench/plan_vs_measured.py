@@ -26,13 +26,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from ftlab.plan import CPU_RUNTIME_BASELINE_MIB
+
 REPO = Path(__file__).resolve().parents[1]
-FTLAB = [sys.executable, "-m", "ftlab.train"]
+# ftlab's CLI, plus a record of Paddle's host-allocator peak (bytes of live tensors, the
+# quantity the plan models) next to the RSS the trainer logs at every training step.
+WRAPPER = """
+import json, os, sys
+import paddle.base.core as core
+import ftlab.trainer as tr
+rss = tr.peak_memory_mb
+def both():
+    with open(os.environ["FTLAB_BENCH_ALLOC"], "a") as f:
+        f.write(json.dumps(core.host_memory_stat_peak_value("Allocated", 0) / 2**20) + "\\n")
+    return rss()
+tr.peak_memory_mb = both
+sys.argv = ["ftlab", *sys.argv[1:]]
+from ftlab.train import main
+main()
+"""
+FTLAB = [sys.executable, "-c", WRAPPER]
+# glibc's default malloc keeps freed heap memory (its mmap threshold grows with the largest
+# freed block), so RSS stays above the live tensors; a fixed threshold turns that off.
+NO_RETENTION = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 STORIES = REPO / "ftlab" / "assets" / "stories260k"
 
 COMMON = [
@@ -76,9 +98,11 @@ def model_overrides(name: str, path: Path, arch: dict) -> list[str]:
                   for k, v in arch.items()]
 
 
-def run_ftlab(overrides: list[str], run_dir: Path) -> None:
+def run_ftlab(overrides: list[str], run_dir: Path, env: dict[str, str] | None = None) -> None:
     cmd = [*FTLAB, *overrides, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    alloc = {"FTLAB_BENCH_ALLOC": str(run_dir) + ".alloc"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **alloc, **(env or {})})
     if proc.returncode:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
         raise SystemExit(f"ftlab failed ({' '.join(overrides)}):\n{tail}")
@@ -89,10 +113,13 @@ def plan_mib(overrides: list[str], run_dir: Path) -> dict:
     return json.loads((run_dir / "plan.json").read_text())["memory_mib"]
 
 
-def measured_peak_mib(overrides: list[str], run_dir: Path) -> float:
-    run_ftlab(overrides, run_dir)
+def measured_peak_mib(overrides: list[str], run_dir: Path,
+                      env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(peak RSS, peak Paddle host allocation) over the training steps, MiB."""
+    run_ftlab(overrides, run_dir, env)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return max(r["peak_memory_mb"] for r in rows if r.get("kind") == "train")
+    alloc = [json.loads(x) for x in Path(str(run_dir) + ".alloc").read_text().split()]
+    return max(r["peak_memory_mb"] for r in rows if r.get("kind") == "train"), max(alloc)
 
 
 def baseline(tmp: Path) -> None:
@@ -101,19 +128,21 @@ def baseline(tmp: Path) -> None:
             "data.max_length=64", "data.src_length=32", "data.packing=none",
             "train.per_device_train_batch_size=1", "train.per_device_eval_batch_size=1"]
     plan = plan_mib(over, tmp / "tiny_plan")
-    peak = measured_peak_mib(over, tmp / "tiny_train")
     tensors = plan["in_use"]
-    print(f"tiny model: peak RSS {peak:.1f} MiB, planned tensors {tensors:.2f} MiB -> "
-          f"runtime baseline {peak - tensors:.0f} MiB (ftlab.plan.CPU_RUNTIME_BASELINE_MIB)")
+    for name, env in (("glibc default", None), ("no heap retention", NO_RETENTION)):
+        peak, alloc = measured_peak_mib(over, tmp / f"tiny_train_{bool(env)}", env)
+        print(f"tiny model, {name}: peak RSS {peak:.1f} MiB, Paddle allocator peak "
+              f"{alloc:.2f} MiB, planned tensors {tensors:.2f} MiB -> runtime baseline "
+              f"{peak - alloc:.0f} MiB (ftlab.plan.CPU_RUNTIME_BASELINE_MIB)")
 
 
 def table(tmp: Path, methods: list[str], recompute: bool) -> None:
     save_random_llama(MEDIUM, tmp / "medium")
     models = {"stories260k": ["model=stories260k"],
               "llama-24m": model_overrides("llama24m", tmp / "medium", MEDIUM)}
-    header = (f"{'model':12} {'method':6} {'rc':3} {'weights':>8} {'grads':>7} {'optim':>7} "
-              f"{'activ':>7} {'tensors':>8} {'+base':>6} {'est RSS':>8} {'meas RSS':>9} "
-              f"{'error':>7}")
+    header = (f"{'model':11} {'method':6} {'rc':2} {'weights':>7} {'grads':>6} {'optim':>6} "
+              f"{'activ':>6} | {'tensors':>7} {'alloc':>6} {'err':>5} | {'est RSS':>7} "
+              f"{'RSS':>6} {'err':>6} | {'RSS nr':>6} {'err':>5}")
     print(header)
     print("-" * len(header))
     for model, model_over in models.items():
@@ -123,15 +152,23 @@ def table(tmp: Path, methods: list[str], recompute: bool) -> None:
                         f"train.recompute={str(rc).lower()}"]
                 tag = f"{model}_{method}_{int(rc)}"
                 plan = plan_mib(over, tmp / f"{tag}_plan")
-                peak = measured_peak_mib(over, tmp / f"{tag}_train")
+                rss, alloc = measured_peak_mib(over, tmp / f"{tag}_train")
+                rss_nr, _ = measured_peak_mib(over, tmp / f"{tag}_train_nr", NO_RETENTION)
                 act = plan["activations_recompute"] if rc else plan["activations"]
-                err = (plan["estimated_rss"] - peak) / peak
-                print(f"{model:12} {method:6} {'y' if rc else 'n':3} {plan['weights']:8.1f} "
-                      f"{plan['gradients']:7.1f} {plan['optimizer']:7.1f} {act:7.1f} "
-                      f"{plan['in_use']:8.1f} {plan['runtime_baseline']:6.0f} "
-                      f"{plan['estimated_rss']:8.1f} {peak:9.1f} {100 * err:+6.1f}%", flush=True)
-    print("(MiB; est RSS = tensors + runtime baseline; meas RSS = peak ru_maxrss over the "
-          "training steps)")
+                est = plan["estimated_rss"]
+
+                def err(est: float, meas: float) -> str:
+                    return f"{100 * (est - meas) / meas:+.0f}%"
+
+                print(f"{model:11} {method:6} {'y' if rc else 'n':2} {plan['weights']:7.1f} "
+                      f"{plan['gradients']:6.1f} {plan['optimizer']:6.1f} {act:6.1f} | "
+                      f"{plan['in_use']:7.1f} {alloc:6.1f} {err(plan['in_use'], alloc):>5} | "
+                      f"{est:7.1f} {rss:6.1f} {err(est, rss):>6} | {rss_nr:6.1f} "
+                      f"{err(est, rss_nr):>5}", flush=True)
+    print("MiB. tensors: the plan without the runtime baseline; alloc: Paddle's host-allocator "
+          "peak over the training steps; est RSS = tensors + runtime baseline "
+          f"({CPU_RUNTIME_BASELINE_MIB:.0f} MiB); RSS: peak ru_maxrss over the training steps (glibc "
+          "default); RSS nr: the same with MALLOC_MMAP_THRESHOLD_=65536 (no heap retention).")
 
 
 def fit() -> None:

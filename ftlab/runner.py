@@ -66,10 +66,11 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
     from ftlab.methods import get_method
     from ftlab.methods.neftune import add_neftune_hook
     from ftlab.models import load_tokenizer
-    from ftlab.trainer import (FtlabTrainer, MetricsJsonl, peak_memory_mb, total_steps,
-                               training_arguments)
+    from ftlab.trainer import (FtlabTrainer, MetricsJsonl, peak_memory_mb, reset_peak_memory,
+                               total_steps, training_arguments)
 
     started = time.perf_counter()
+    reset_peak_memory()  # one process may run several sweep jobs
     is_main = _is_rank_zero()
     if is_main:
         write_json(run_dir / "environment.json", environment_record(derived["device"]))

@@ -531,3 +531,45 @@ def test_mora_delta_is_the_layers_own_map(n_in: int, n_out: int) -> None:
     update = (layer(x) - x @ layer.weight).numpy()
     np.testing.assert_allclose((x @ lora_delta(layer)).numpy(), update, atol=1e-5)
     assert np.abs((x @ layer.get_delta_weight()).numpy() - update).max() > 0.1
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "mergeable"), [("vera", True), ("lokr", True),
+                                                   ("pissa", True), ("prefix", False),
+                                                   ("reft", False)])
+def test_ftlab_command_then_ftlab_merge(method: str, mergeable: bool, tmp_path: Path,
+                                        examples: list[dict], tokenizer: Any) -> None:
+    """The real commands: ``ftlab`` trains and saves, ``ftlab-merge RUN_DIR`` merges/refuses."""
+    import os
+    import subprocess
+    import sys
+
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    from ftlab.methods.loading import load_trained
+
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    choice = "method.pissa=true" if method == "pissa" else f"method={method}"
+    train = subprocess.run(
+        [str(bin_dir / "ftlab"), choice, "train.max_steps=4", "train.logging_steps=2",
+         "eval.demo_metric=false", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["parameters"]["trainable"] == METHODS[method][1]
+
+    merge = subprocess.run([str(bin_dir / "ftlab-merge"), str(tmp_path / "run")], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=600)
+    if not mergeable:
+        assert merge.returncode == 2
+        assert "cannot be merged into its base" in merge.stderr
+        return
+    assert merge.returncode == 0, merge.stderr[-3000:]
+    batch = collate(tokenizer, examples)
+    model, _ = load_trained(tmp_path / "run")
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "merged"))
+    assert np.abs(logits_of(merged, batch) - logits_of(model, batch)).max() <= MERGE_TOL
