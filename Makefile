@@ -8,10 +8,10 @@ EXTRAS := $(if $(filter cpu,$(PADDLE)),cpu$(comma)dev,dev)
 comma := ,
 STAMP := $(VENV)/.installed-$(PADDLE)
 
-.PHONY: help install train test test-full lint format bench lock clean
+.PHONY: help install train test test-full lint format bench bench-data bench-qlora bench-methods bench-plan lock clean
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,20 @@ lint: $(STAMP) ## ruff lint + format check
 format: $(STAMP) ## Apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix ftlab tests bench
 	$(VENV)/bin/ruff format ftlab tests bench
+
+bench-data: $(STAMP) ## Tokenization + packing: ftlab vs PaddleNLP's dataset path, 100k examples
+	$(PY) bench/data_pipeline.py $(ARGS)
+
+bench-qlora: $(STAMP) ## QLoRA (nf4, int8) vs LoRA on a ~100M Llama: base bytes, peak RSS, step time
+	$(PY) bench/qlora_memory.py $(ARGS)
+
+bench-methods: $(STAMP) ## Every method on the shipped model: params, tokens/s, memory, eval loss, metric
+	$(PY) bench/methods.py $(ARGS)
+
+bench-plan: $(STAMP) ## Plan-mode memory estimate vs measured peak RSS
+	$(PY) bench/plan_vs_measured.py $(ARGS)
+
+bench: bench-data bench-qlora bench-methods bench-plan ## All benchmarks (tens of minutes on 2 cores)
 
 lock: ## Rewrite constraints.txt from the current venv
 	$(PY) -m pip freeze --exclude-editable | grep -v '^ftlab' > constraints.txt

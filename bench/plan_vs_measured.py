@@ -58,20 +58,36 @@ NO_RETENTION = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 STORIES = REPO / "ftlab" / "assets" / "stories260k"
 
 COMMON = [
-    "data.max_length=256", "data.src_length=128", "data.packing=zero_padding",
-    "train.per_device_train_batch_size=4", "train.per_device_eval_batch_size=4",
-    "train.max_steps=3", "train.logging_steps=1", "train.warmup_steps=0",
-    "eval.demo_metric=false", "device=cpu",
+    "data.max_length=256",
+    "data.src_length=128",
+    "data.packing=zero_padding",
+    "train.per_device_train_batch_size=4",
+    "train.per_device_eval_batch_size=4",
+    "train.max_steps=3",
+    "train.logging_steps=1",
+    "train.warmup_steps=0",
+    "eval.demo_metric=false",
+    "device=cpu",
 ]
 MEDIUM = {  # ~24M parameters
-    "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
-    "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 512,
-    "max_position_embeddings": 512, "tie_word_embeddings": False,
+    "hidden_size": 512,
+    "intermediate_size": 1408,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "vocab_size": 512,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
 }
 TINY = {
-    "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-    "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 512,
-    "max_position_embeddings": 512, "tie_word_embeddings": False,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "vocab_size": 512,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
 }
 METHODS = {
     "full": ["method=full"],
@@ -86,23 +102,27 @@ def save_random_llama(arch: dict, out: Path) -> None:
     from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
     paddle.seed(0)
-    config = LlamaConfig(**arch, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=0)
+    config = LlamaConfig(**arch, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     LlamaForCausalLM(config).save_pretrained(str(out), safe_serialization=True)
 
 
 def model_overrides(name: str, path: Path, arch: dict) -> list[str]:
-    out = [f"model.name={name}", f"model.name_or_path={path}",
-           f"model.tokenizer_name_or_path={STORIES}"]
-    return out + [f"model.arch.{k}={str(v).lower() if isinstance(v, bool) else v}"
-                  for k, v in arch.items()]
+    out = [
+        f"model.name={name}",
+        f"model.name_or_path={path}",
+        f"model.tokenizer_name_or_path={STORIES}",
+    ]
+    return out + [
+        f"model.arch.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in arch.items()
+    ]
 
 
 def run_ftlab(overrides: list[str], run_dir: Path, env: dict[str, str] | None = None) -> None:
     cmd = [*FTLAB, *overrides, f"hydra.run.dir={run_dir}"]
     alloc = {"FTLAB_BENCH_ALLOC": str(run_dir) + ".alloc"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **alloc, **(env or {})})
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **alloc, **(env or {})}
+    )
     if proc.returncode:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
         raise SystemExit(f"ftlab failed ({' '.join(overrides)}):\n{tail}")
@@ -113,8 +133,9 @@ def plan_mib(overrides: list[str], run_dir: Path) -> dict:
     return json.loads((run_dir / "plan.json").read_text())["memory_mib"]
 
 
-def measured_peak_mib(overrides: list[str], run_dir: Path,
-                      env: dict[str, str] | None = None) -> tuple[float, float]:
+def measured_peak_mib(
+    overrides: list[str], run_dir: Path, env: dict[str, str] | None = None
+) -> tuple[float, float]:
     """(peak RSS, peak Paddle host allocation) over the training steps, MiB."""
     run_ftlab(overrides, run_dir, env)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -124,32 +145,49 @@ def measured_peak_mib(overrides: list[str], run_dir: Path,
 
 def baseline(tmp: Path) -> None:
     save_random_llama(TINY, tmp / "tiny")
-    over = [*model_overrides("tiny", tmp / "tiny", TINY), *COMMON, "method=full",
-            "data.max_length=64", "data.src_length=32", "data.packing=none",
-            "train.per_device_train_batch_size=1", "train.per_device_eval_batch_size=1"]
+    over = [
+        *model_overrides("tiny", tmp / "tiny", TINY),
+        *COMMON,
+        "method=full",
+        "data.max_length=64",
+        "data.src_length=32",
+        "data.packing=none",
+        "train.per_device_train_batch_size=1",
+        "train.per_device_eval_batch_size=1",
+    ]
     plan = plan_mib(over, tmp / "tiny_plan")
     tensors = plan["in_use"]
     for name, env in (("glibc default", None), ("no heap retention", NO_RETENTION)):
         peak, alloc = measured_peak_mib(over, tmp / f"tiny_train_{bool(env)}", env)
-        print(f"tiny model, {name}: peak RSS {peak:.1f} MiB, Paddle allocator peak "
-              f"{alloc:.2f} MiB, planned tensors {tensors:.2f} MiB -> runtime baseline "
-              f"{peak - alloc:.0f} MiB (ftlab.plan.CPU_RUNTIME_BASELINE_MIB)")
+        print(
+            f"tiny model, {name}: peak RSS {peak:.1f} MiB, Paddle allocator peak "
+            f"{alloc:.2f} MiB, planned tensors {tensors:.2f} MiB -> runtime baseline "
+            f"{peak - alloc:.0f} MiB (ftlab.plan.CPU_RUNTIME_BASELINE_MIB)"
+        )
 
 
 def table(tmp: Path, methods: list[str], recompute: bool) -> None:
     save_random_llama(MEDIUM, tmp / "medium")
-    models = {"stories260k": ["model=stories260k"],
-              "llama-24m": model_overrides("llama24m", tmp / "medium", MEDIUM)}
-    header = (f"{'model':11} {'method':6} {'rc':2} {'weights':>7} {'grads':>6} {'optim':>6} "
-              f"{'activ':>6} | {'tensors':>7} {'alloc':>6} {'err':>5} | {'est RSS':>7} "
-              f"{'RSS':>6} {'err':>6} | {'RSS nr':>6} {'err':>5}")
+    models = {
+        "stories260k": ["model=stories260k"],
+        "llama-24m": model_overrides("llama24m", tmp / "medium", MEDIUM),
+    }
+    header = (
+        f"{'model':11} {'method':6} {'rc':2} {'weights':>7} {'grads':>6} {'optim':>6} "
+        f"{'activ':>6} | {'tensors':>7} {'alloc':>6} {'err':>5} | {'est RSS':>7} "
+        f"{'RSS':>6} {'err':>6} | {'RSS nr':>6} {'err':>5}"
+    )
     print(header)
     print("-" * len(header))
     for model, model_over in models.items():
         for method in methods:
-            for rc in ([False, True] if recompute else [False]):
-                over = [*model_over, *METHODS[method], *COMMON,
-                        f"train.recompute={str(rc).lower()}"]
+            for rc in [False, True] if recompute else [False]:
+                over = [
+                    *model_over,
+                    *METHODS[method],
+                    *COMMON,
+                    f"train.recompute={str(rc).lower()}",
+                ]
                 tag = f"{model}_{method}_{int(rc)}"
                 plan = plan_mib(over, tmp / f"{tag}_plan")
                 rss, alloc = measured_peak_mib(over, tmp / f"{tag}_train")
@@ -160,15 +198,21 @@ def table(tmp: Path, methods: list[str], recompute: bool) -> None:
                 def err(est: float, meas: float) -> str:
                     return f"{100 * (est - meas) / meas:+.0f}%"
 
-                print(f"{model:11} {method:6} {'y' if rc else 'n':2} {plan['weights']:7.1f} "
-                      f"{plan['gradients']:6.1f} {plan['optimizer']:6.1f} {act:6.1f} | "
-                      f"{plan['in_use']:7.1f} {alloc:6.1f} {err(plan['in_use'], alloc):>5} | "
-                      f"{est:7.1f} {rss:6.1f} {err(est, rss):>6} | {rss_nr:6.1f} "
-                      f"{err(est, rss_nr):>5}", flush=True)
-    print("MiB. tensors: the plan without the runtime baseline; alloc: Paddle's host-allocator "
-          "peak over the training steps; est RSS = tensors + runtime baseline "
-          f"({CPU_RUNTIME_BASELINE_MIB:.0f} MiB); RSS: peak ru_maxrss over the training steps (glibc "
-          "default); RSS nr: the same with MALLOC_MMAP_THRESHOLD_=65536 (no heap retention).")
+                print(
+                    f"{model:11} {method:6} {'y' if rc else 'n':2} {plan['weights']:7.1f} "
+                    f"{plan['gradients']:6.1f} {plan['optimizer']:6.1f} {act:6.1f} | "
+                    f"{plan['in_use']:7.1f} {alloc:6.1f} {err(plan['in_use'], alloc):>5} | "
+                    f"{est:7.1f} {rss:6.1f} {err(est, rss):>6} | {rss_nr:6.1f} "
+                    f"{err(est, rss_nr):>5}",
+                    flush=True,
+                )
+    print(
+        "MiB. tensors: the plan without the runtime baseline; alloc: Paddle's host-allocator "
+        "peak over the training steps; est RSS = tensors + runtime baseline "
+        f"({CPU_RUNTIME_BASELINE_MIB:.0f} MiB); RSS: peak ru_maxrss over the training steps "
+        "(glibc default); RSS nr: the same with MALLOC_MMAP_THRESHOLD_=65536 (no heap "
+        "retention)."
+    )
 
 
 def fit() -> None:
@@ -179,9 +223,15 @@ def fit() -> None:
     from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
     def saved_bytes(h: int, i: int, layers: int, heads: int, kv: int, s: int) -> int:
-        config = LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
-                             num_attention_heads=heads, num_key_value_heads=kv,
-                             vocab_size=512, max_position_embeddings=1024)
+        config = LlamaConfig(
+            hidden_size=h,
+            intermediate_size=i,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            vocab_size=512,
+            max_position_embeddings=1024,
+        )
         model = LlamaForCausalLM(config)
         ids = paddle.randint(0, 512, [4, s])
         before = core.host_memory_stat_current_value("Allocated", 0)
@@ -191,16 +241,23 @@ def fit() -> None:
         return saved
 
     rows, ys = [], []
-    for h, i, heads, kv, s in [(64, 172, 8, 4, 128), (128, 344, 8, 4, 128),
-                               (128, 344, 8, 8, 128), (128, 344, 16, 4, 128),
-                               (128, 344, 8, 4, 256), (128, 1024, 8, 4, 128),
-                               (192, 344, 8, 4, 128)]:
+    for h, i, heads, kv, s in [
+        (64, 172, 8, 4, 128),
+        (128, 344, 8, 4, 128),
+        (128, 344, 8, 8, 128),
+        (128, 344, 16, 4, 128),
+        (128, 344, 8, 4, 256),
+        (128, 1024, 8, 4, 128),
+        (192, 344, 8, 4, 128),
+    ]:
         per_layer = (saved_bytes(h, i, 3, heads, kv, s) - saved_bytes(h, i, 1, heads, kv, s)) / 2
         rows.append([h, kv * h // heads, i, heads * s])
         ys.append(per_layer / 4 / (4 * s))  # fp32 elements per token
     coef, *_ = np.linalg.lstsq(np.array(rows, float), np.array(ys), rcond=None)
-    print("elements per token and layer = "
-          f"{coef[0]:.2f} h + {coef[1]:.2f} kv_dim + {coef[2]:.2f} ffn + {coef[3]:.2f} heads*seq")
+    print(
+        "elements per token and layer = "
+        f"{coef[0]:.2f} h + {coef[1]:.2f} kv_dim + {coef[2]:.2f} ffn + {coef[3]:.2f} heads*seq"
+    )
 
 
 def main() -> None:

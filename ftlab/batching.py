@@ -100,7 +100,10 @@ class GlobalBatchSampler(paddle.io.DistributedBatchSampler):
             log.warning(
                 "the last %d example(s) of each epoch (dataset %d %% global batch %d) "
                 "cannot be split over %d data ranks and are skipped",
-                tail, n, g, self.nranks,
+                tail,
+                n,
+                g,
+                self.nranks,
             )
             self._warned_tail = True
         if kept:

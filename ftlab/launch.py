@@ -119,10 +119,15 @@ def launch_command(
     """
     lc = run.launch
     cmd = [
-        sys.executable, "-m", "paddle.distributed.launch",
-        "--nproc_per_node", str(derived["nproc_per_node"]),
-        "--log_dir", str(run_dir / "logs"),
-        "--job_id", JOB_ID,
+        sys.executable,
+        "-m",
+        "paddle.distributed.launch",
+        "--nproc_per_node",
+        str(derived["nproc_per_node"]),
+        "--log_dir",
+        str(run_dir / "logs"),
+        "--job_id",
+        JOB_ID,
     ]
     if devices:
         cmd += ["--devices", ",".join(devices)]
@@ -189,9 +194,7 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
         return "".join(collections.deque(f, maxlen=lines)).rstrip()
 
 
-def failure_message(
-    run: RunConfig, code: int, launcher_output: str, log_dir: Path
-) -> str:
+def failure_message(run: RunConfig, code: int, launcher_output: str, log_dir: Path) -> str:
     ranks = failed_ranks(launcher_output, log_dir)
     head = (
         f"parallel={run.parallel.name}: the distributed job failed (paddle.distributed."
@@ -218,7 +221,11 @@ def run_launcher(cmd: list[str], log_dir: Path) -> tuple[int, str]:
     log_dir.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=400)
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
         errors="replace",
     )
     try:
@@ -248,8 +255,10 @@ def launch_workers(run: RunConfig, derived: dict[str, Any], run_dir: Path) -> di
     cmd = launch_command(run, derived, run_dir, original_overrides(), devices)
     log_dir = run_dir / "logs"
     log.info(
-        "launching %d worker(s) per node x %d node(s) (%s): %s", derived["nproc_per_node"],
-        run.launch.nnodes, "GPUs " + ",".join(devices) if devices else "CPU gloo",
+        "launching %d worker(s) per node x %d node(s) (%s): %s",
+        derived["nproc_per_node"],
+        run.launch.nnodes,
+        "GPUs " + ",".join(devices) if devices else "CPU gloo",
         " ".join(cmd),
     )
     code, output = run_launcher(cmd, log_dir)

@@ -14,7 +14,7 @@ The memory model (bytes on the busiest device):
   ``per_device_train_batch_size`` x ``data.max_length`` tokens (the longest a batch can be).
   Per token and layer: ``12h + 2*kv_dim + 3*intermediate`` elements, plus
   ``heads * seq_len`` for the softmax output of eager (non-flash) attention; outside the
-  layers ``3.3h + 2*vocab`` (final norm, logits and their softmax). These coefficients were
+  layers ``3.3h + vocab`` (final norm, the softmax kept for the loss). These coefficients were
   fitted to Paddle's CPU allocator counts for PaddleNLP's eager Llama (fp32) and reproduce
   them within 2% (``bench/plan_vs_measured.py --fit``). Full recompute keeps one ``h``
   per token and layer plus one layer being recomputed; PaddleNLP does not recompute the first
@@ -62,7 +62,7 @@ ACT_PER_LAYER_KV = 2.0
 ACT_PER_LAYER_FFN = 3.0
 ACT_PER_LAYER_SCORES = 1.0  # x heads x seq_len, eager attention only
 ACT_OUTSIDE_H = 3.3
-ACT_OUTSIDE_VOCAB = 2.0
+ACT_OUTSIDE_VOCAB = 1.0  # the softmax kept for the loss gradient
 ACT_TP_REPLICATED_H = 6.0  # of ACT_PER_LAYER_H, not split by tensor parallelism
 OPTIMIZER_MOMENTS = 2  # AdamW: first and second moment, fp32
 
@@ -98,8 +98,15 @@ def model_linears(model: ModelConfig) -> list[Linear]:
     a = model.arch
     h, i, kv = a.hidden_size, a.intermediate_size, a.num_key_value_heads * head_dim(model)
     prefix = "qwen2" if model.family == "qwen2" else "llama"
-    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    shapes = {
+        "q_proj": (h, h),
+        "k_proj": (h, kv),
+        "v_proj": (h, kv),
+        "o_proj": (h, h),
+        "gate_proj": (h, i),
+        "up_proj": (h, i),
+        "down_proj": (i, h),
+    }
     out = []
     for layer in range(a.num_hidden_layers):
         for name in LINEARS:
@@ -155,10 +162,20 @@ def count_parameters(run: RunConfig) -> ParamCounts:
     embedding = a.vocab_size * h
     lm_head = 0 if a.tie_word_embeddings else a.vocab_size * h
     base = embedding + lm_head + a.num_hidden_layers * per_layer + h
-    counts = ParamCounts(total=base, trainable=base, embedding=embedding, lm_head=lm_head,
-                         per_layer=per_layer, norms_and_biases_per_layer=norms_biases,
-                         final_norm=h, adapter=0, adapter_per_layer=0, quantized=0,
-                         quantized_per_layer=0, quantized_lm_head=0)
+    counts = ParamCounts(
+        total=base,
+        trainable=base,
+        embedding=embedding,
+        lm_head=lm_head,
+        per_layer=per_layer,
+        norms_and_biases_per_layer=norms_biases,
+        final_norm=h,
+        adapter=0,
+        adapter_per_layer=0,
+        quantized=0,
+        quantized_per_layer=0,
+        quantized_lm_head=0,
+    )
     method = run.method
     if method.name == "full":
         return counts
@@ -221,15 +238,23 @@ def layout(run: RunConfig, derived: dict[str, Any]) -> Layout:
     p, t = run.parallel, run.train
     layers = math.ceil(run.model.arch.num_hidden_layers / p.pipeline)
     return Layout(
-        world_size=derived["world_size"], nproc_per_node=derived["nproc_per_node"],
-        nnodes=run.launch.nnodes, data=derived["data_parallel_degree"], tensor=p.tensor,
-        pipeline=p.pipeline, sharding=p.sharding, sharding_stage=p.sharding_stage,
-        sequence_parallel=p.sequence_parallel, micro_batch=t.per_device_train_batch_size,
+        world_size=derived["world_size"],
+        nproc_per_node=derived["nproc_per_node"],
+        nnodes=run.launch.nnodes,
+        data=derived["data_parallel_degree"],
+        tensor=p.tensor,
+        pipeline=p.pipeline,
+        sharding=p.sharding,
+        sharding_stage=p.sharding_stage,
+        sequence_parallel=p.sequence_parallel,
+        micro_batch=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        global_batch=derived["global_batch_size"], seq_len=run.data.max_length,
+        global_batch=derived["global_batch_size"],
+        seq_len=run.data.max_length,
         layers_per_stage=layers,
         micro_batches_in_flight=min(p.pipeline, t.gradient_accumulation_steps)
-        if p.pipeline > 1 else 1,
+        if p.pipeline > 1
+        else 1,
     )
 
 
@@ -257,8 +282,9 @@ def _weight_bytes(run: RunConfig) -> tuple[int, int]:
     return base, adapter
 
 
-def _stage_params(counts: ParamCounts, num_layers: int, lay: Layout,
-                  which: str) -> tuple[float, float, float]:
+def _stage_params(
+    counts: ParamCounts, num_layers: int, lay: Layout, which: str
+) -> tuple[float, float, float]:
     """(float, quantized, adapter) parameters on one device of a pipeline stage.
 
     ``only``: no pipeline. ``first``: its layers + the embedding. ``last``: its layers +
@@ -295,11 +321,14 @@ def estimate_memory(run: RunConfig, counts: ParamCounts, lay: Layout, device: st
     layers = lay.layers_per_stage
 
     qbytes = quantized_bytes_per_param(run.method) if counts.quantized else 0.0
-    stages = [_stage_params(counts, a.num_hidden_layers, lay, which)
-              for which in (("only",) if lay.pipeline == 1 else ("first", "last"))]
+    stages = [
+        _stage_params(counts, a.num_hidden_layers, lay, which)
+        for which in (("only",) if lay.pipeline == 1 else ("first", "last"))
+    ]
     # The busiest stage: the one whose parameters take the most bytes.
     stage_float, stage_quant, adapter = max(
-        stages, key=lambda x: x[0] * base_b + x[1] * qbytes + x[2] * adapter_b)
+        stages, key=lambda x: x[0] * base_b + x[1] * qbytes + x[2] * adapter_b
+    )
     weights = stage_float * base_b + stage_quant * qbytes + adapter * adapter_b
     trainable = stage_float if full else adapter
     train_b = base_b if full else adapter_b
@@ -319,8 +348,13 @@ def estimate_memory(run: RunConfig, counts: ParamCounts, lay: Layout, device: st
     flash = run.model.flash_attention
     scores = 0.0 if flash else ACT_PER_LAYER_SCORES * heads * lay.seq_len
     replicated = ACT_TP_REPLICATED_H * h
-    split = (ACT_PER_LAYER_H * h - replicated + ACT_PER_LAYER_KV * kv
-             + ACT_PER_LAYER_FFN * a.intermediate_size + scores)
+    split = (
+        ACT_PER_LAYER_H * h
+        - replicated
+        + ACT_PER_LAYER_KV * kv
+        + ACT_PER_LAYER_FFN * a.intermediate_size
+        + scores
+    )
     per_layer = (replicated / (tp if p.sequence_parallel else 1) + split / tp) * tokens
     layer_input = h * tokens / (tp if p.sequence_parallel else 1)
     vocab = v / tp if v % tp == 0 else v
@@ -330,17 +364,24 @@ def estimate_memory(run: RunConfig, counts: ParamCounts, lay: Layout, device: st
     act = (layers * per_layer * flight + outside + transient) * act_b
     frozen_input = not full  # embeddings frozen: PaddleNLP skips recomputing layer 0
     kept_full = (1 if frozen_input and lay.pipeline == 1 else 0) * per_layer
-    act_rc = ((layers * layer_input + kept_full) * flight + per_layer + outside
-              + transient) * act_b
+    act_rc = ((layers * layer_input + kept_full) * flight + per_layer + outside + transient) * act_b
 
     total = weights + gradients + optimizer + act
     total_rc = weights + gradients + optimizer + act_rc
     in_use = total_rc if run.train.recompute else total
     baseline = CPU_RUNTIME_BASELINE_MIB * MIB if device == "cpu" else 0.0
-    return Memory(weights=weights, gradients=gradients, optimizer=optimizer, activations=act,
-                  activations_recompute=act_rc, total=total, total_recompute=total_rc,
-                  in_use=in_use, runtime_baseline=baseline,
-                  estimated_rss=in_use + baseline if device == "cpu" else None)
+    return Memory(
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        activations=act,
+        activations_recompute=act_rc,
+        total=total,
+        total_recompute=total_rc,
+        in_use=in_use,
+        runtime_baseline=baseline,
+        estimated_rss=in_use + baseline if device == "cpu" else None,
+    )
 
 
 def make_plan(run: RunConfig, derived: dict[str, Any], device: str) -> dict[str, Any]:
@@ -352,12 +393,13 @@ def make_plan(run: RunConfig, derived: dict[str, Any], device: str) -> dict[str,
     if isinstance(run.method, LoraMethodConfig):
         method.update(lora_rank=run.method.lora_rank, targets=counts.targets)
     if isinstance(run.method, QLoraMethodConfig):
-        method.update(quant_algo=run.method.quant_algo,
-                      quant_block_size=run.method.quant_block_size,
-                      double_quant=run.method.double_quant,
-                      quantized_bytes_per_param=quantized_bytes_per_param(run.method),
-                      quantized_base_bytes=counts.quantized
-                      * quantized_bytes_per_param(run.method))
+        method.update(
+            quant_algo=run.method.quant_algo,
+            quant_block_size=run.method.quant_block_size,
+            double_quant=run.method.double_quant,
+            quantized_bytes_per_param=quantized_bytes_per_param(run.method),
+            quantized_base_bytes=counts.quantized * quantized_bytes_per_param(run.method),
+        )
     return {
         "model": run.model.name,
         "device": device,
@@ -366,8 +408,7 @@ def make_plan(run: RunConfig, derived: dict[str, Any], device: str) -> dict[str,
         "layout": asdict(lay),
         "parameters": {k: v for k, v in asdict(counts).items() if k != "targets"},
         "memory_bytes": asdict(mem),
-        "memory_mib": {k: None if v is None else round(v / MIB, 1)
-                       for k, v in asdict(mem).items()},
+        "memory_mib": {k: None if v is None else round(v / MIB, 1) for k, v in asdict(mem).items()},
         "recompute": run.train.recompute,
     }
 
@@ -392,7 +433,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"({100 * par['trainable'] / par['total']:.2f}%)",
     ]
     if method.get("targets"):
-        lines.append(f"adapter        LoRA rank {method['lora_rank']} on {', '.join(method['targets'])}")
+        lines.append(
+            f"adapter        LoRA rank {method['lora_rank']} on {', '.join(method['targets'])}"
+        )
     if "quant_algo" in method:
         lines.append(
             f"quantized base {par['quantized']:,} params as {method['quant_algo']} "
@@ -426,8 +469,9 @@ def print_plan(run: RunConfig, derived: dict[str, Any], env: Any, run_dir: Path)
     plan = make_plan(run, derived, env.device)
     plan["run_dir"] = str(run_dir)
     (run_dir / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
-    print("\nftlab plan\n" + "\n".join("  " + x for x in format_plan(plan).splitlines()),
-          flush=True)
+    print(
+        "\nftlab plan\n" + "\n".join("  " + x for x in format_plan(plan).splitlines()), flush=True
+    )
     return plan
 
 

@@ -80,7 +80,9 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
     need_dev = True  # eval loss and the task metric are part of every summary
     data = build_data(run.data, tokenizer, seed=run.train.seed, need_dev=need_dev,
                       max_steps=run.train.max_steps if run.train.max_steps > 0 else None,
-                      world_size=derived["data_parallel_degree"], rank=_data_rank())
+                      # PaddleNLP's Trainer shards map and iterable datasets across
+                      # data-parallel ranks itself; sharding here too would split twice.
+                      world_size=1, rank=0)
     num_train = _length(data.train_dataset)
     derived["train_examples"] = num_train
     derived["total_steps"] = total_steps(run, num_train, derived["global_batch_size"])
@@ -217,7 +219,7 @@ def _median(rows: list[dict], key: str) -> float | None:
 def _length(dataset: Any) -> int | None:
     try:
         return len(dataset)
-    except TypeError:  # an iterable (streaming) dataset has no length
+    except (TypeError, RuntimeError):  # an iterable (streaming) dataset has no length
         return None
 
 
@@ -225,12 +227,6 @@ def _is_rank_zero() -> bool:
     import paddle.distributed as dist
 
     return dist.get_rank() <= 0
-
-
-def _data_rank() -> int:
-    import paddle.distributed as dist
-
-    return max(dist.get_rank(), 0)
 
 
 def _prepare_resume(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> Path:

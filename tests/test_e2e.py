@@ -162,7 +162,7 @@ def test_default_run_lifts_entity_recall(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_full_finetuning_lifts_entity_recall(tmp_path: Path) -> None:
-    run_ftlab(tmp_path, "method=full", "train.learning_rate=3e-3", "hydra.run.dir=run")
+    run_ftlab(tmp_path, "method=full", "hydra.run.dir=run")
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["parameters"]["trainable"] == 260032
     assert summary["entity_recall"] - summary["entity_recall_base"] >= 0.30, summary

@@ -22,8 +22,7 @@ from ftlab.launch import (
     worker_overrides,
 )
 
-DERIVED_DP2 = {"world_size": 2, "nproc_per_node": 2, "data_parallel_degree": 2,
-               "device": "cpu"}
+DERIVED_DP2 = {"world_size": 2, "nproc_per_node": 2, "data_parallel_degree": 2, "device": "cpu"}
 
 
 def test_cpu_command_has_no_devices_and_fixes_run_dir(tmp_path: Path) -> None:
@@ -33,10 +32,18 @@ def test_cpu_command_has_no_devices_and_fixes_run_dir(tmp_path: Path) -> None:
     assert "--devices" not in cmd
     assert cmd[cmd.index("--nproc_per_node") + 1] == "2"
     assert cmd[cmd.index("--log_dir") + 1] == str(tmp_path / "logs")
-    worker = cmd[cmd.index("ftlab.train") - 3:]
-    assert worker == [sys.executable, "-u", "-m", "ftlab.train", "parallel=dp2",
-                      "train.max_steps=3", f"hydra.run.dir={tmp_path}",
-                      "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    worker = cmd[cmd.index("ftlab.train") - 3 :]
+    assert worker == [
+        sys.executable,
+        "-u",
+        "-m",
+        "ftlab.train",
+        "parallel=dp2",
+        "train.max_steps=3",
+        f"hydra.run.dir={tmp_path}",
+        "hydra.output_subdir=null",
+        "hydra/job_logging=stdout",
+    ]
 
 
 def test_gpu_devices_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,11 +63,14 @@ def test_multinode_flags_pass_through(tmp_path: Path) -> None:
     assert cmd[cmd.index("--devices") + 1] == "0,1"
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["launch.nnodes=2"], "needs a rendezvous point|need a rendezvous point"),
-    (["launch.nnodes=2", "launch.ips=10.0.0.1"], "names 1 nodes but launch.nnodes=2"),
-    (["launch.master=nohost"], "must be HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["launch.nnodes=2"], "needs a rendezvous point|need a rendezvous point"),
+        (["launch.nnodes=2", "launch.ips=10.0.0.1"], "names 1 nodes but launch.nnodes=2"),
+        (["launch.master=nohost"], "must be HOST:PORT"),
+    ],
+)
 def test_bad_multinode_settings(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         check_launch(compose_run(["parallel=dp2", *overrides]))
@@ -80,8 +90,14 @@ def test_needs_launch_only_outside_workers(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_env_dumps_are_removed_and_logs_kept(tmp_path: Path) -> None:
-    names = ["envlog.0", "envlog.1", "backup_env.0.json", "ftlab.abcd.log", "workerlog.0",
-             "workerlog.1"]
+    names = [
+        "envlog.0",
+        "envlog.1",
+        "backup_env.0.json",
+        "ftlab.abcd.log",
+        "workerlog.0",
+        "workerlog.1",
+    ]
     for n in names:
         (tmp_path / n).write_text("SECRET=1\n")
     removed = remove_env_dumps(tmp_path)
@@ -98,8 +114,9 @@ LAUNCH INFO Exit code 2
 
 def test_failing_rank_and_log_tail_are_reported(tmp_path: Path) -> None:
     (tmp_path / "workerlog.0").write_text("fine\n")
-    (tmp_path / "workerlog.1").write_text("".join(f"line {i}\n" for i in range(100)) +
-                                          "ftlab: error: something broke\n")
+    (tmp_path / "workerlog.1").write_text(
+        "".join(f"line {i}\n" for i in range(100)) + "ftlab: error: something broke\n"
+    )
     assert failed_ranks(LAUNCHER_FAILURE, tmp_path) == [(1, 2)]
     msg = failure_message(compose_run(["parallel=dp2"]), 2, LAUNCHER_FAILURE, tmp_path)
     assert "parallel=dp2" in msg and "Rank 1 failed (exit 2)" in msg
@@ -131,7 +148,7 @@ def test_ranks_get_contiguous_halves_of_the_single_process_batches(n: int) -> No
     single = _batches(n, 4, 1, 0)
     r0, r1 = _batches(n, 2, 2, 0), _batches(n, 2, 2, 1)
     assert len(single) == len(r0) == len(r1) == -(-n // 4)
-    for whole, a, b in zip(single, r0, r1):
+    for whole, a, b in zip(single, r0, r1, strict=True):
         assert a + b == whole
     flat = [i for batch in single for i in batch]
     assert sorted(flat) == list(range(n))  # each example exactly once per epoch

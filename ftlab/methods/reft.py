@@ -256,6 +256,13 @@ class Reft(Method):
 
     def check(self, run: RunConfig) -> None:
         m, n_layers = run.method, run.model.arch.num_hidden_layers
+        if run.resume:
+            # PaddleNLP's resume reloads a ReFT checkpoint into a fresh object and drops
+            # it, so the interventions would silently restart from scratch.
+            raise ConfigError(
+                "resume= with method=reft: PaddleNLP's checkpoint resume does not restore "
+                "ReFT interventions. Start a new run (rerun=) instead."
+            )
         parse_positions(m.reft_positions)
         if not 1 <= m.reft_rank <= run.model.arch.hidden_size:
             raise ConfigError(

@@ -1,0 +1,81 @@
+"""Real ``ftlab`` runs with 2 gloo processes on CPU: same losses as one process, one run dir.
+
+The single-process run uses ``per_device_train_batch_size=8``; the two-process runs use 4
+per rank, so every step trains on the same global batch of 8.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.distributed
+
+COMMON = ["train.max_steps=3", "train.logging_steps=1", "train.warmup_steps=0",
+          "eval.demo_metric=false", "train.per_device_eval_batch_size=8", "device=cpu"]
+TOLERANCE = 1e-5
+
+
+def ftlab(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    return subprocess.run([sys.executable, "-m", "ftlab.train", *COMMON, *overrides],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def only_run_dir(cwd: Path) -> Path:
+    """The one experiment directory a job made under cwd/outputs/<date>/."""
+    dirs = [p for p in (cwd / "outputs").glob("*/*") if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def single_losses(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    cwd = tmp_path_factory.mktemp("single")
+    proc = ftlab(cwd, "parallel=single", "train.per_device_train_batch_size=8")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = train_losses(only_run_dir(cwd))
+    assert len(losses) == 3
+    return losses
+
+
+@pytest.mark.parametrize("layout", ["dp2", "sharding_stage1"])
+def test_two_processes_match_single_process(layout: str, single_losses: list[float],
+                                            tmp_path: Path) -> None:
+    proc = ftlab(tmp_path, f"parallel={layout}", "train.per_device_train_batch_size=4")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    losses = train_losses(run_dir)
+    assert len(losses) == len(single_losses)
+    for step, (a, b) in enumerate(zip(losses, single_losses, strict=True), start=1):
+        assert abs(a - b) <= TOLERANCE, (layout, step, a, b)
+    # One job, one experiment dir: the launcher's .hydra/, rank 0's files, per-rank logs,
+    # and no environment dumps.
+    assert (run_dir / ".hydra" / "overrides.yaml").exists()
+    assert (run_dir / "summary.json").exists() and (run_dir / "resolved_config.yaml").exists()
+    logs = sorted(p.name for p in (run_dir / "logs").iterdir())
+    assert logs == ["workerlog.0", "workerlog.1"], logs
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["run_dir"] == str(run_dir)
+
+
+def test_worker_failure_fails_the_job_with_its_log(tmp_path: Path) -> None:
+    proc = ftlab(tmp_path, "parallel=dp2", "train.per_device_train_batch_size=4",
+                 f"data.path={tmp_path / 'missing'}")
+    assert proc.returncode == 2
+    err = proc.stderr
+    assert "parallel=dp2: the distributed job failed" in err
+    assert "failed (exit 2)" in err and "workerlog." in err
+    assert f"data.path={tmp_path / 'missing'}" in err  # the worker's own error, from its log
+    run_dir = only_run_dir(tmp_path)
+    assert not list((run_dir / "logs").glob("envlog.*"))
