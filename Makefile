@@ -4,8 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # cpu: installs paddlepaddle (CPU). gpu: expects paddlepaddle-gpu already in the venv.
 PADDLE ?= cpu
-EXTRAS := $(if $(filter cpu,$(PADDLE)),cpu$(comma)dev,dev)
 comma := ,
+EXTRAS := $(if $(filter cpu,$(PADDLE)),cpu$(comma)dev,dev)
 STAMP := $(VENV)/.installed-$(PADDLE)
 
 .PHONY: help install train test test-full lint format bench bench-data bench-qlora bench-methods bench-plan lock clean

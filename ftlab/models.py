@@ -53,7 +53,10 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 def load_model(cfg: ModelConfig, dtype: str) -> Any:
     from paddlenlp.transformers import AutoModelForCausalLM
 
+    from ftlab.parallel import model_parallel_kwargs
+
     kwargs: dict[str, Any] = {"dtype": dtype}
     if cfg.flash_attention:
         kwargs["use_flash_attention"] = True
+    kwargs.update(model_parallel_kwargs())  # tensor-parallel jobs: this rank's shard
     return load_pretrained("model", AutoModelForCausalLM, cfg.name_or_path, **kwargs)

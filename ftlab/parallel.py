@@ -23,3 +23,25 @@ def parallel_training_arguments(p: ParallelConfig) -> dict[str, Any]:
         args["sharding"] = f"stage{p.sharding_stage}" + (" offload" if p.offload else "")
         args["sharding_parallel_degree"] = p.sharding
     return args
+
+
+def model_parallel_kwargs() -> dict[str, Any]:
+    """Config overrides that make PaddleNLP build (and split on load) tensor-parallel layers.
+
+    Read from fleet's hybrid communicate group, which PaddleNLP's TrainingArguments create;
+    empty outside a tensor-parallel job. Logits stay gathered (``tensor_parallel_output``
+    false, PaddleNLP's fine-tuning default), so the ordinary loss applies.
+    """
+    from paddle.distributed import fleet
+
+    try:
+        hcg = fleet.get_hybrid_communicate_group()
+    except AttributeError:  # fleet not initialised: a single process
+        return {}
+    if hcg is None or hcg.get_model_parallel_world_size() <= 1:
+        return {}
+    return {
+        "tensor_parallel_degree": hcg.get_model_parallel_world_size(),
+        "tensor_parallel_rank": hcg.get_model_parallel_rank(),
+        "tensor_parallel_output": False,
+    }

@@ -98,6 +98,14 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
         write_text(run_dir / "resolved_config.yaml", resolved_config_yaml(run, derived))
 
     method = get_method(run.method.name)
+    if run.parallel.cpu_emulation and derived["device"] == "cpu":
+        from ftlab.emulation import install_cpu_shims
+
+        install_cpu_shims()
+    # Before the model: the arguments set up fleet, which tensor-parallel loading reads.
+    args = training_arguments(run, run_dir, derived["total_steps"],
+                              has_eval=data.dev_dataset is not None,
+                              unified_checkpoint=method.unified_checkpoint)
     model = method.load_base(run.model, model_dtype(run), run.method)
     base_metric = task_metric(model, tokenizer, data.dev_records, run)
 
@@ -108,9 +116,6 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
     log.info("parameters: %s", params)
 
     metrics_path = run_dir / "metrics.jsonl"
-    args = training_arguments(run, run_dir, derived["total_steps"],
-                              has_eval=data.dev_dataset is not None,
-                              unified_checkpoint=method.unified_checkpoint)
     trainer = FtlabTrainer(
         model=model, args=args, train_dataset=data.train_dataset,
         eval_dataset=data.dev_dataset, tokenizer=tokenizer, data_collator=data.collate_fn,

@@ -1,7 +1,11 @@
 """Real ``ftlab`` runs with 2 gloo processes on CPU: same losses as one process, one run dir.
 
-The single-process run uses ``per_device_train_batch_size=8``; the two-process runs use 4
-per rank, so every step trains on the same global batch of 8.
+Data parallel and sharding: the single-process run uses ``per_device_train_batch_size=8``,
+the two-process runs 4 per rank, so every step trains on the same global batch of 8.
+Tensor parallel (CPU emulation): both ranks see the same batch of 4, as one process does.
+It is tested with full fine-tuning: under tensor parallelism PaddleNLP draws the LoRA
+factors of row-parallel layers per rank, so LoRA starts from different random factors than
+a single process does (with equal factors, losses and gradients agree).
 """
 
 from __future__ import annotations
@@ -16,15 +20,27 @@ import pytest
 
 pytestmark = pytest.mark.distributed
 
-COMMON = ["train.max_steps=3", "train.logging_steps=1", "train.warmup_steps=0",
-          "eval.demo_metric=false", "train.per_device_eval_batch_size=8", "device=cpu"]
+COMMON = [
+    "train.max_steps=3",
+    "train.logging_steps=1",
+    "train.warmup_steps=0",
+    "eval.demo_metric=false",
+    "train.per_device_eval_batch_size=8",
+    "device=cpu",
+]
 TOLERANCE = 1e-5
 
 
 def ftlab(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
-    return subprocess.run([sys.executable, "-m", "ftlab.train", *COMMON, *overrides],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "ftlab.train", *COMMON, *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def only_run_dir(cwd: Path) -> Path:
@@ -50,8 +66,9 @@ def single_losses(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
 
 
 @pytest.mark.parametrize("layout", ["dp2", "sharding_stage1"])
-def test_two_processes_match_single_process(layout: str, single_losses: list[float],
-                                            tmp_path: Path) -> None:
+def test_two_processes_match_single_process(
+    layout: str, single_losses: list[float], tmp_path: Path
+) -> None:
     proc = ftlab(tmp_path, f"parallel={layout}", "train.per_device_train_batch_size=4")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
@@ -69,9 +86,31 @@ def test_two_processes_match_single_process(layout: str, single_losses: list[flo
     assert summary["steps"] == 3 and summary["run_dir"] == str(run_dir)
 
 
+def test_tensor_parallel_emulation_matches_single_process(tmp_path: Path) -> None:
+    single_dir, tp_dir = tmp_path / "single", tmp_path / "tp2"
+    single_dir.mkdir()
+    tp_dir.mkdir()
+    common = ["method=full", "train.per_device_train_batch_size=4"]
+    proc = ftlab(single_dir, "parallel=single", *common)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = ftlab(tp_dir, "parallel=tp2", "parallel.cpu_emulation=true", *common)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single, tp = train_losses(only_run_dir(single_dir)), train_losses(only_run_dir(tp_dir))
+    assert len(tp) == len(single) == 3
+    for step, (a, b) in enumerate(zip(tp, single, strict=True), start=1):
+        assert abs(a - b) <= TOLERANCE, ("tp2", step, a, b)
+    # Each rank holds half of every linear layer and of the vocabulary.
+    summary = json.loads((only_run_dir(tp_dir) / "summary.json").read_text())
+    assert summary["parameters"]["total"] < 0.6 * 260_032
+
+
 def test_worker_failure_fails_the_job_with_its_log(tmp_path: Path) -> None:
-    proc = ftlab(tmp_path, "parallel=dp2", "train.per_device_train_batch_size=4",
-                 f"data.path={tmp_path / 'missing'}")
+    proc = ftlab(
+        tmp_path,
+        "parallel=dp2",
+        "train.per_device_train_batch_size=4",
+        f"data.path={tmp_path / 'missing'}",
+    )
     assert proc.returncode == 2
     err = proc.stderr
     assert "parallel=dp2: the distributed job failed" in err

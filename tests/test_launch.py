@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose_run
+from conftest import CPU, compose_run
 
 from ftlab.batching import GlobalBatchSampler, target_tokens
+from ftlab.config.validate import validate
 from ftlab.errors import ConfigError
 from ftlab.launch import (
     check_launch,
@@ -74,6 +75,28 @@ def test_multinode_flags_pass_through(tmp_path: Path) -> None:
 def test_bad_multinode_settings(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         check_launch(compose_run(["parallel=dp2", *overrides]))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["parallel=tp2"], "parallel.cpu_emulation=true"),
+        (
+            ["parallel=pp2", "parallel.cpu_emulation=true", "model.arch.num_hidden_layers=4"],
+            "pipeline parallelism is not emulated",
+        ),
+        (["parallel=sharding_stage2", "parallel.cpu_emulation=true"], "stage 2 asserts a GPU"),
+        (["parallel=tp2_sp", "parallel.cpu_emulation=true"], "sequence parallelism is not"),
+    ],
+)
+def test_cpu_layouts_outside_the_emulation_are_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_run(overrides), CPU)
+
+
+def test_tensor_parallel_emulation_validates_on_cpu() -> None:
+    derived = validate(compose_run(["parallel=tp2", "parallel.cpu_emulation=true"]), CPU)
+    assert (derived["world_size"], derived["data_parallel_degree"]) == (2, 1)
 
 
 def test_user_run_dir_override_is_replaced(tmp_path: Path) -> None:

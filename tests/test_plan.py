@@ -41,8 +41,7 @@ def test_counts_match_the_shipped_model_and_llama3() -> None:
 
 
 def test_lora_targets_and_variants_change_trainable_counts() -> None:
-    qv = count_parameters(compose_run(
-        ["method=lora", "method.target_modules=[.*q_proj,.*v_proj]"]))
+    qv = count_parameters(compose_run(["method=lora", "method.target_modules=[.*q_proj,.*v_proj]"]))
     # 5 layers x 8 x ((64 + 64) + (64 + 32))
     assert qv.trainable == 5 * 8 * (128 + 96) and qv.targets == ["q_proj", "v_proj"]
     mixer = count_parameters(compose_run(["method=lora", "method.lora_use_mixer=true"]))
@@ -70,22 +69,26 @@ def test_full_fp32_and_bf16_o2_bytes_per_parameter() -> None:
     mem = plan_for(["method=full"])["memory_bytes"]
     p = STORIES_PARAMS
     assert (mem["weights"], mem["gradients"], mem["optimizer"]) == (4 * p, 4 * p, 8 * p)
-    mem16 = plan_for(["method=full", "model=llama3", "precision=bf16", "device=gpu"],
-                     GPU8)["memory_bytes"]
+    mem16 = plan_for(["method=full", "model=llama3", "precision=bf16", "device=gpu"], GPU8)[
+        "memory_bytes"
+    ]
     p = LLAMA3_8B_PARAMS
     assert (mem16["weights"], mem16["gradients"], mem16["optimizer"]) == (2 * p, 2 * p, 12 * p)
 
 
-@pytest.mark.parametrize("parallel,weights,grads,optim", [
-    ("sharding_stage1", 1, 1, 2),
-    ("sharding_stage2", 1, 2, 2),
-    ("sharding_stage3", 2, 2, 2),
-])
-def test_sharding_stages_divide_states(parallel: str, weights: int, grads: int,
-                                       optim: int) -> None:
+@pytest.mark.parametrize(
+    "parallel,weights,grads,optim",
+    [
+        ("sharding_stage1", 1, 1, 2),
+        ("sharding_stage2", 1, 2, 2),
+        ("sharding_stage3", 2, 2, 2),
+    ],
+)
+def test_sharding_stages_divide_states(parallel: str, weights: int, grads: int, optim: int) -> None:
     base = plan_for(["method=full", "model=llama3", "device=gpu"], GPU8)["memory_bytes"]
-    mem = plan_for(["method=full", "model=llama3", "device=gpu", f"parallel={parallel}"],
-                   GPU8)["memory_bytes"]
+    mem = plan_for(["method=full", "model=llama3", "device=gpu", f"parallel={parallel}"], GPU8)[
+        "memory_bytes"
+    ]
     assert mem["weights"] == pytest.approx(base["weights"] / weights)
     assert mem["gradients"] == pytest.approx(base["gradients"] / grads)
     assert mem["optimizer"] == pytest.approx(base["optimizer"] / optim)
@@ -127,14 +130,24 @@ def test_activation_model_matches_paddle_allocator() -> None:
     import paddle.base.core as core
     from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
-    overrides = ["method=full", "model.arch.num_hidden_layers=2", "data.max_length=128",
-                 "data.src_length=64", "train.per_device_train_batch_size=4"]
+    overrides = [
+        "method=full",
+        "model.arch.num_hidden_layers=2",
+        "data.max_length=128",
+        "data.src_length=64",
+        "train.per_device_train_batch_size=4",
+    ]
     run = compose_run(overrides)
     a = run.model.arch
-    config = LlamaConfig(hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
-                         num_hidden_layers=2, num_attention_heads=a.num_attention_heads,
-                         num_key_value_heads=a.num_key_value_heads, vocab_size=a.vocab_size,
-                         max_position_embeddings=a.max_position_embeddings)
+    config = LlamaConfig(
+        hidden_size=a.hidden_size,
+        intermediate_size=a.intermediate_size,
+        num_hidden_layers=2,
+        num_attention_heads=a.num_attention_heads,
+        num_key_value_heads=a.num_key_value_heads,
+        vocab_size=a.vocab_size,
+        max_position_embeddings=a.max_position_embeddings,
+    )
     paddle.seed(0)
     model = LlamaForCausalLM(config)
     ids = paddle.randint(0, a.vocab_size, [4, 128])
@@ -152,14 +165,29 @@ def test_activation_model_matches_paddle_allocator() -> None:
 def test_cli_writes_plan_json_for_a_gpu_layout_on_any_machine(tmp_path: Path) -> None:
     run_dir = tmp_path / "plan"
     proc = subprocess.run(
-        [sys.executable, "-m", "ftlab.train", "mode=plan", "device=gpu", "model=llama3",
-         "method=lora", "parallel=tp2", "precision=bf16", f"hydra.run.dir={run_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "ftlab.train",
+            "mode=plan",
+            "device=gpu",
+            "model=llama3",
+            "method=lora",
+            "parallel=tp2",
+            "precision=bf16",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["layout"]["tensor"] == 2 and plan["layout"]["world_size"] == 2
     assert plan["device"] == "gpu" and plan["memory_mib"]["estimated_rss"] is None
     assert plan["memory_mib"]["weights"] == pytest.approx(
-        plan["memory_bytes"]["weights"] / MIB, abs=0.1)
+        plan["memory_bytes"]["weights"] / MIB, abs=0.1
+    )
     assert "ftlab plan" in proc.stdout and "optimizer (AdamW)" in proc.stdout
     assert not (run_dir / "checkpoints").exists()  # nothing trained, nothing loaded
