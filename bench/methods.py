@@ -89,18 +89,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", help="labels (or method names) to run")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_methods")
     args = p.parse_args(argv)
-    chosen = {k: v for k, v in VARIANTS.items()
-              if not args.only or k in args.only or v[0].split("=")[1] in args.only}
+    chosen = {
+        k: v
+        for k, v in VARIANTS.items()
+        if not args.only or k in args.only or v[0].split("=")[1] in args.only
+    }
     out_dir = args.out / time.strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True)
-    common = [f"train.max_steps={args.steps}", f"train.learning_rate={args.lr}",
-              "train.logging_steps=10"]
+    common = [
+        f"train.max_steps={args.steps}",
+        f"train.learning_rate={args.lr}",
+        "train.logging_steps=10",
+    ]
     rows = []
     for label, overrides in chosen.items():
         print(f"running {label} ...", file=sys.stderr, flush=True)
         rows.append(run_variant(label, overrides, out_dir, common))
-    print(f"\nstories260K, demo_stories, {args.steps} steps x batch 16, lr {args.lr}, "
-          f"cosine, fp32; runs in {out_dir}\n")
+    print(
+        f"\nstories260K, demo_stories, {args.steps} steps x batch 16, lr {args.lr}, "
+        f"cosine, fp32; runs in {out_dir}\n"
+    )
     print(table(rows))
     return 1 if any("error" in r for r in rows) else 0
 

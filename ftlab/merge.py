@@ -103,9 +103,18 @@ def run(args: argparse.Namespace) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
-    (out / MERGE_RECORD).write_text(json.dumps(
-        {"method": method_name, "base_model": base, "adapter": str(final.resolve()),
-         "probe_max_abs_logit_diff": diff}, indent=2) + "\n")
+    (out / MERGE_RECORD).write_text(
+        json.dumps(
+            {
+                "method": method_name,
+                "base_model": base,
+                "adapter": str(final.resolve()),
+                "probe_max_abs_logit_diff": diff,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return out
 
 

@@ -37,7 +37,9 @@ def load_pretrained(kind: str, loader: Any, name_or_path: str, **kwargs: Any) ->
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from paddlenlp.transformers import AutoTokenizer
 
-    tok = load_pretrained("tokenizer", AutoTokenizer, cfg.tokenizer_name_or_path or cfg.name_or_path)
+    tok = load_pretrained(
+        "tokenizer", AutoTokenizer, cfg.tokenizer_name_or_path or cfg.name_or_path
+    )
     if tok.pad_token is None:
         if cfg.pad_token is None:
             raise ModelLoadError(

@@ -35,9 +35,9 @@ Paddle/PaddleNLP runtime (libraries, allocator pools, tokenizer, data): a consta
 and reported as its own line. glibc's default malloc keeps freed heap memory (its mmap
 threshold grows with the largest freed block), so measured RSS runs above live tensors by
 up to a few hundred MiB on activation-heavy runs; with ``MALLOC_MMAP_THRESHOLD_=65536`` it
-tracks them (``bench/plan_vs_measured.py`` shows both). GPU figures are device memory (allocated tensors; the CUDA
-context is not included) and are a model, not a measurement: only the CPU (fp32) path was
-checked against measurements.
+tracks them (``bench/plan_vs_measured.py`` shows both). GPU figures are device memory
+(allocated tensors; the CUDA context is not included) and are a model, not a
+measurement: only the CPU (fp32) path was checked against measurements.
 """
 
 from __future__ import annotations

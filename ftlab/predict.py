@@ -76,9 +76,16 @@ def main(argv: list[str] | None = None) -> int:
             model, tokenizer = load_with_adapter(args.base, args.adapter)
         prompts = [next(r[k] for k in PROMPT_KEYS if isinstance(r.get(k), str)) for r in records]
         outputs = generate_texts(
-            model, tokenizer, prompts, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens, strategy=args.strategy, top_k=args.top_k,
-            top_p=args.top_p, temperature=args.temperature, seed=args.seed,
+            model,
+            tokenizer,
+            prompts,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            strategy=args.strategy,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            temperature=args.temperature,
+            seed=args.seed,
         )
     except FtlabError as err:
         print(f"ftlab-predict: error: {err}", file=sys.stderr)
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_name(args.output.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for record, output in zip(records, outputs):
+        for record, output in zip(records, outputs, strict=True):
             f.write(json.dumps({**record, "output": output}, ensure_ascii=False) + "\n")
     tmp.replace(args.output)
     print(f"wrote {len(outputs)} generations to {args.output}")

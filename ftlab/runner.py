@@ -51,8 +51,11 @@ def task_metric(model: Any, tokenizer: Any, records: list[dict], run: RunConfig)
     from ftlab.evaluation.entity_recall import entity_recall
 
     return entity_recall(
-        model, tokenizer, [r for r in records if "entities" in r],
-        max_new_tokens=run.eval.max_new_tokens, batch_size=run.eval.batch_size,
+        model,
+        tokenizer,
+        [r for r in records if "entities" in r],
+        max_new_tokens=run.eval.max_new_tokens,
+        batch_size=run.eval.batch_size,
     )
 
 
@@ -66,8 +69,14 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
     from ftlab.methods import get_method
     from ftlab.methods.neftune import add_neftune_hook
     from ftlab.models import load_tokenizer
-    from ftlab.trainer import (FtlabTrainer, MetricsJsonl, peak_memory_mb, reset_peak_memory,
-                               total_steps, training_arguments)
+    from ftlab.trainer import (
+        FtlabTrainer,
+        MetricsJsonl,
+        peak_memory_mb,
+        reset_peak_memory,
+        total_steps,
+        training_arguments,
+    )
 
     started = time.perf_counter()
     reset_peak_memory()  # one process may run several sweep jobs
@@ -78,11 +87,17 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
 
     tokenizer = load_tokenizer(run.model)
     need_dev = True  # eval loss and the task metric are part of every summary
-    data = build_data(run.data, tokenizer, seed=run.train.seed, need_dev=need_dev,
-                      max_steps=run.train.max_steps if run.train.max_steps > 0 else None,
-                      # PaddleNLP's Trainer shards map and iterable datasets across
-                      # data-parallel ranks itself; sharding here too would split twice.
-                      world_size=1, rank=0)
+    data = build_data(
+        run.data,
+        tokenizer,
+        seed=run.train.seed,
+        need_dev=need_dev,
+        max_steps=run.train.max_steps if run.train.max_steps > 0 else None,
+        # PaddleNLP's Trainer shards map and iterable datasets across
+        # data-parallel ranks itself; sharding here too would split twice.
+        world_size=1,
+        rank=0,
+    )
     num_train = _length(data.train_dataset)
     derived["train_examples"] = num_train
     derived["total_steps"] = total_steps(run, num_train, derived["global_batch_size"])
@@ -103,9 +118,13 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
 
         install_cpu_shims()
     # Before the model: the arguments set up fleet, which tensor-parallel loading reads.
-    args = training_arguments(run, run_dir, derived["total_steps"],
-                              has_eval=data.dev_dataset is not None,
-                              unified_checkpoint=method.unified_checkpoint)
+    args = training_arguments(
+        run,
+        run_dir,
+        derived["total_steps"],
+        has_eval=data.dev_dataset is not None,
+        unified_checkpoint=method.unified_checkpoint,
+    )
     model = method.load_base(run.model, model_dtype(run), run.method)
     base_metric = task_metric(model, tokenizer, data.dev_records, run)
 
@@ -117,9 +136,14 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
 
     metrics_path = run_dir / "metrics.jsonl"
     trainer = FtlabTrainer(
-        model=model, args=args, train_dataset=data.train_dataset,
-        eval_dataset=data.dev_dataset, tokenizer=tokenizer, data_collator=data.collate_fn,
-        callbacks=[MetricsJsonl(metrics_path)] if is_main else [], count_tokens=count_tokens,
+        model=model,
+        args=args,
+        train_dataset=data.train_dataset,
+        eval_dataset=data.dev_dataset,
+        tokenizer=tokenizer,
+        data_collator=data.collate_fn,
+        callbacks=[MetricsJsonl(metrics_path)] if is_main else [],
+        count_tokens=count_tokens,
         shuffle=run.data.shuffle,
     )
     train_start = time.perf_counter()
@@ -128,18 +152,22 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
     eval_metrics = trainer.evaluate() if data.dev_dataset is not None else {}
     tuned_metric = task_metric(model, tokenizer, data.dev_records, run)
     if tuned_metric is not None:
-        trainer.log({"eval_entity_recall_base": base_metric.score,
-                     "eval_entity_recall": tuned_metric.score})
+        trainer.log(
+            {"eval_entity_recall_base": base_metric.score, "eval_entity_recall": tuned_metric.score}
+        )
     if is_main:
-        _write_final_scalars(run_dir / "visualdl", result.global_step, eval_metrics,
-                             base_metric, tuned_metric)
+        _write_final_scalars(
+            run_dir / "visualdl", result.global_step, eval_metrics, base_metric, tuned_metric
+        )
 
     final_dir = run_dir / "final"
     method.save_final(trainer, model, final_dir)
     if is_main:
         tokenizer.save_pretrained(str(final_dir))
-        write_json(final_dir / "ftlab_method.json",
-                   {"method": run.method.name, "base_model": run.model.name_or_path})
+        write_json(
+            final_dir / "ftlab_method.json",
+            {"method": run.method.name, "base_model": run.model.name_or_path},
+        )
 
     train_logs = _train_logs(metrics_path) if is_main else []
     summary = {
@@ -168,13 +196,16 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
     }
     if is_main:
         if tuned_metric is not None:
-            _write_samples(run_dir / "samples.jsonl", base_metric, tuned_metric, run.eval.num_samples)
+            _write_samples(
+                run_dir / "samples.jsonl", base_metric, tuned_metric, run.eval.num_samples
+            )
         write_json(run_dir / "summary.json", summary)
     return summary
 
 
-def _write_final_scalars(logdir: Path, step: int, eval_metrics: dict, base: Any,
-                         tuned: Any) -> None:
+def _write_final_scalars(
+    logdir: Path, step: int, eval_metrics: dict, base: Any, tuned: Any
+) -> None:
     """Post-training scalars, in their own VisualDL file of the same log dir.
 
     PaddleNLP's VisualDL callback closes its writer at the end of training, so the final
@@ -194,11 +225,21 @@ def _write_final_scalars(logdir: Path, step: int, eval_metrics: dict, base: Any,
 
 def _write_samples(path: Path, base: Any, tuned: Any, n: int) -> None:
     with open(path, "w") as f:
-        for b, t in list(zip(base.records, tuned.records))[:n]:
-            f.write(json.dumps({"prompt": b.prompt, "entities": b.entities,
-                                "base_output": b.output, "base_hits": b.hits,
-                                "finetuned_output": t.output, "finetuned_hits": t.hits},
-                               ensure_ascii=False) + "\n")
+        for b, t in list(zip(base.records, tuned.records, strict=True))[:n]:
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": b.prompt,
+                        "entities": b.entities,
+                        "base_output": b.output,
+                        "base_hits": b.hits,
+                        "finetuned_output": t.output,
+                        "finetuned_hits": t.hits,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
 
 
 def _train_logs(path: Path) -> list[dict]:
@@ -237,8 +278,7 @@ def _is_rank_zero() -> bool:
 def _prepare_resume(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> Path:
     from ftlab.config.load import to_plain_dict
     from ftlab.errors import ConfigError
-    from ftlab.run.resume import (check_resume_config, latest_complete_checkpoint,
-                                  truncate_metrics)
+    from ftlab.run.resume import check_resume_config, latest_complete_checkpoint, truncate_metrics
 
     derived["resume_changes"] = check_resume_config(run_dir, to_plain_dict(run))
     checkpoint = latest_complete_checkpoint(run_dir)
@@ -251,18 +291,22 @@ def _prepare_resume(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> P
     derived["resumed_from"] = str(checkpoint)
     if _is_rank_zero():
         dropped = truncate_metrics(run_dir / "metrics.jsonl", step)
-        log.info("resuming from %s (step %d); %d metric lines after it dropped",
-                 checkpoint, step, dropped)
+        log.info(
+            "resuming from %s (step %d); %d metric lines after it dropped",
+            checkpoint,
+            step,
+            dropped,
+        )
     return checkpoint
 
 
-def _rerun_differences(run: RunConfig, fingerprints: dict[str, str],
-                       derived: dict[str, Any]) -> list[str]:
+def _rerun_differences(
+    run: RunConfig, fingerprints: dict[str, str], derived: dict[str, Any]
+) -> list[str]:
     from ftlab.run.resume import reproducibility_warnings
 
     source = Path(run.rerun)
-    warnings = reproducibility_warnings(source, fingerprints,
-                                        environment_record(derived["device"]))
+    warnings = reproducibility_warnings(source, fingerprints, environment_record(derived["device"]))
     for w in warnings:
         log.warning("rerun of %s differs: %s", source, w)
         print(f"ftlab: rerun differs from the recorded run: {w}", flush=True)

@@ -16,8 +16,9 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import paddle
 from paddlenlp.trainer import TrainerCallback
@@ -65,8 +66,13 @@ def reset_peak_memory() -> None:
 
 
 class FtlabTrainer(SFTTrainer):
-    def __init__(self, *args: Any, count_tokens: Callable[[dict], tuple[int, int]],
-                 shuffle: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        count_tokens: Callable[[dict], tuple[int, int]],
+        shuffle: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._shuffle = shuffle
         self._loss_scale: float | None = None
@@ -99,10 +105,13 @@ class FtlabTrainer(SFTTrainer):
         if self.train_dataset is None or not has_length(self.train_dataset):
             return None
         return GlobalBatchSampler(
-            self.train_dataset, self.args.per_device_train_batch_size,
+            self.train_dataset,
+            self.args.per_device_train_batch_size,
             num_replicas=max(self.args.dataset_world_size, 1),
-            rank=max(self.args.dataset_rank, 0), seed=self.args.seed,
-            shuffle=self._shuffle, drop_last=self.args.dataloader_drop_last,
+            rank=max(self.args.dataset_rank, 0),
+            seed=self.args.seed,
+            shuffle=self._shuffle,
+            drop_last=self.args.dataloader_drop_last,
         )
 
     def _save_checkpoint(self, model: Any, metrics: Any = None) -> None:
@@ -152,12 +161,16 @@ class MetricsJsonl(TrainerCallback):
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
-               **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
+    ) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        kind = "eval" if any(k.startswith("eval_") for k in logs) else (
-            "train" if "loss" in logs else "final")
+        kind = (
+            "eval"
+            if any(k.startswith("eval_") for k in logs)
+            else ("train" if "loss" in logs else "final")
+        )
         line = {"step": state.global_step, "kind": kind}
         line.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))})
         if "loss" in line:
@@ -174,8 +187,9 @@ def total_steps(run: RunConfig, num_train_examples: int | None, global_batch: in
     return math.ceil(per_epoch * run.train.num_train_epochs)
 
 
-def training_arguments(run: RunConfig, run_dir: Path, steps: int, has_eval: bool,
-                       unified_checkpoint: bool = True) -> SFTConfig:
+def training_arguments(
+    run: RunConfig, run_dir: Path, steps: int, has_eval: bool, unified_checkpoint: bool = True
+) -> SFTConfig:
     """Map the typed run config onto PaddleNLP's TrainingArguments."""
     t, p, prec = run.train, run.parallel, run.precision
     amp: dict[str, Any] = {}

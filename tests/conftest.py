@@ -18,8 +18,9 @@ CONF_DIR = REPO / "conf"
 SHARED = REPO.parent / "shared"
 
 CPU = Environment(device="cpu", device_count=2, paddle_version="3.3.1")
-GPU8 = Environment(device="gpu", device_count=8, paddle_version="3.3.1",
-                   gpu_compute_capability=(9, 0))
+GPU8 = Environment(
+    device="gpu", device_count=8, paddle_version="3.3.1", gpu_compute_capability=(9, 0)
+)
 
 
 @pytest.fixture(autouse=True)

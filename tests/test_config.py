@@ -38,7 +38,11 @@ def validate_on_cpu(group: str, option: str) -> bool:
 
 def test_defaults_and_derived_values() -> None:
     run = compose_run()
-    assert (run.model.name, run.method.name, run.data.name) == ("stories260k", "lora", "demo_stories")
+    assert (run.model.name, run.method.name, run.data.name) == (
+        "stories260k",
+        "lora",
+        "demo_stories",
+    )
     assert isinstance(run.method, LoraMethodConfig)
     derived = validate(run, CPU)
     assert derived["data_parallel_degree"] == 1

@@ -15,8 +15,9 @@ FTLAB = Path(sys.executable).with_name("ftlab")
 
 def run_ftlab(cwd: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
-    proc = subprocess.run([str(FTLAB), *overrides], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [str(FTLAB), *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"ftlab failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -29,8 +30,13 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     cwd = tmp_path_factory.mktemp("cwd")
-    proc = run_ftlab(cwd, "train.max_steps=12", "train.logging_steps=2", "train.save_steps=6",
-                     "eval.max_new_tokens=16")
+    proc = run_ftlab(
+        cwd,
+        "train.max_steps=12",
+        "train.logging_steps=2",
+        "train.save_steps=6",
+        "eval.max_new_tokens=16",
+    )
     runs = list((cwd / "outputs").glob("*/*_stories260k_lora"))
     assert len(runs) == 1, runs
     return cwd, runs[0], proc
@@ -40,10 +46,19 @@ def test_run_dir_is_complete(short_run) -> None:
     cwd, run_dir, _ = short_run
     # Nothing is written outside the run dir.
     assert sorted(p.name for p in cwd.iterdir()) == ["outputs"]
-    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "resolved_config.yaml",
-                 "environment.json", "data_fingerprints.json", "metrics.jsonl",
-                 "summary.json", "samples.jsonl", "final/ftlab_method.json",
-                 "final/lora_config.json", "final/peft_model.safetensors.index.json"):
+    for name in (
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "resolved_config.yaml",
+        "environment.json",
+        "data_fingerprints.json",
+        "metrics.jsonl",
+        "summary.json",
+        "samples.jsonl",
+        "final/ftlab_method.json",
+        "final/lora_config.json",
+        "final/peft_model.safetensors.index.json",
+    ):
         assert (run_dir / name).is_file(), name
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-12", "checkpoint-6"]
@@ -113,9 +128,15 @@ def test_visualdl_logs_hold_the_same_scalars(short_run) -> None:
         reader = LogReader(file_path=str(f))
         for tag in reader.get_tags().get("scalar", []):
             tags.setdefault(tag, []).extend(reader.get_data("scalar", tag))
-    for tag in ("train/loss", "train/tokens_per_second", "train/effective_tokens_per_second",
-                "train/peak_memory_mb", "train/learning_rate", "final/eval_loss",
-                "final/entity_recall"):
+    for tag in (
+        "train/loss",
+        "train/tokens_per_second",
+        "train/effective_tokens_per_second",
+        "train/peak_memory_mb",
+        "train/learning_rate",
+        "final/eval_loss",
+        "final/entity_recall",
+    ):
         assert tag in tags, (tag, sorted(tags))
     losses = [(p.id, p.value) for p in tags["train/loss"]]
     metrics = [r for r in read_jsonl(short_run[1] / "metrics.jsonl") if r["kind"] == "train"]
@@ -169,8 +190,14 @@ def test_full_finetuning_lifts_entity_recall(tmp_path: Path) -> None:
 
 
 def test_qlora_trains_on_cpu_with_ftlab_backend(tmp_path: Path) -> None:
-    run_ftlab(tmp_path, "method=qlora", "train.max_steps=10", "train.logging_steps=2",
-              "eval.max_new_tokens=16", "hydra.run.dir=run")
+    run_ftlab(
+        tmp_path,
+        "method=qlora",
+        "train.max_steps=10",
+        "train.logging_steps=2",
+        "eval.max_new_tokens=16",
+        "hydra.run.dir=run",
+    )
     run_dir = tmp_path / "run"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["derived"]["quant_backend"] == "ftlab"
@@ -190,14 +217,45 @@ def test_predict_from_run_dir_and_from_base_plus_adapter(short_run, tmp_path: Pa
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         json.dumps({"src": "Write a short story about a dog named Max who finds a red ball."})
-        + "\n" + json.dumps({"prompt": "Tell a story about a cat called Lily.", "id": 7}) + "\n")
+        + "\n"
+        + json.dumps({"prompt": "Tell a story about a cat called Lily.", "id": 7})
+        + "\n"
+    )
     predict = FTLAB.with_name("ftlab-predict")
     out_a, out_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    subprocess.run([str(predict), str(run_dir), "--input", str(prompts), "--output", str(out_a),
-                    "--max-new-tokens", "12", "--batch-size", "2"], check=True, timeout=300)
-    subprocess.run([str(predict), "--base", str(_asset("stories260k")), "--adapter",
-                    str(run_dir / "final"), "--input", str(prompts), "--output", str(out_b),
-                    "--max-new-tokens", "12"], check=True, timeout=300)
+    subprocess.run(
+        [
+            str(predict),
+            str(run_dir),
+            "--input",
+            str(prompts),
+            "--output",
+            str(out_a),
+            "--max-new-tokens",
+            "12",
+            "--batch-size",
+            "2",
+        ],
+        check=True,
+        timeout=300,
+    )
+    subprocess.run(
+        [
+            str(predict),
+            "--base",
+            str(_asset("stories260k")),
+            "--adapter",
+            str(run_dir / "final"),
+            "--input",
+            str(prompts),
+            "--output",
+            str(out_b),
+            "--max-new-tokens",
+            "12",
+        ],
+        check=True,
+        timeout=300,
+    )
     a, b = read_jsonl(out_a), read_jsonl(out_b)
     assert [r.get("id") for r in a] == [None, 7]  # input fields kept, order kept
     assert all(isinstance(r["output"], str) and r["output"] for r in a)
@@ -205,10 +263,30 @@ def test_predict_from_run_dir_and_from_base_plus_adapter(short_run, tmp_path: Pa
     # Sampling with a seed is reproducible.
     outs = []
     for name in ("s1.jsonl", "s2.jsonl"):
-        subprocess.run([str(predict), str(run_dir), "--input", str(prompts), "--output",
-                        str(tmp_path / name), "--strategy", "sampling", "--top-k", "20",
-                        "--top-p", "0.9", "--temperature", "0.8", "--seed", "3",
-                        "--max-new-tokens", "12"], check=True, timeout=300)
+        subprocess.run(
+            [
+                str(predict),
+                str(run_dir),
+                "--input",
+                str(prompts),
+                "--output",
+                str(tmp_path / name),
+                "--strategy",
+                "sampling",
+                "--top-k",
+                "20",
+                "--top-p",
+                "0.9",
+                "--temperature",
+                "0.8",
+                "--seed",
+                "3",
+                "--max-new-tokens",
+                "12",
+            ],
+            check=True,
+            timeout=300,
+        )
         outs.append([r["output"] for r in read_jsonl(tmp_path / name)])
     assert outs[0] == outs[1]
 
@@ -216,9 +294,19 @@ def test_predict_from_run_dir_and_from_base_plus_adapter(short_run, tmp_path: Pa
 def test_predict_reports_a_broken_prompt_file(short_run, tmp_path: Path) -> None:
     prompts = tmp_path / "bad.jsonl"
     prompts.write_text('{"src": "ok"}\n{not json\n')
-    proc = subprocess.run([str(FTLAB.with_name("ftlab-predict")), str(short_run[1]), "--input",
-                           str(prompts), "--output", str(tmp_path / "o.jsonl")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            str(FTLAB.with_name("ftlab-predict")),
+            str(short_run[1]),
+            "--input",
+            str(prompts),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert f"{prompts}:2: not valid JSON" in proc.stderr
     assert not (tmp_path / "o.jsonl").exists()

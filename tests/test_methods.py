@@ -29,9 +29,15 @@ from ftlab.errors import ConfigError, ModelLoadError
 RELOAD_TOL = 1e-5
 MERGE_TOL = 1e-4
 BASE_PARAMS = 260_032  # stories260K, tied embeddings counted once
-TRAIN = ["train.learning_rate=1e-2", "train.lr_scheduler_type=constant",
-         "train.warmup_steps=0", "train.logging_steps=1", "train.max_steps=4",
-         "train.per_device_train_batch_size=4", "train.max_grad_norm=0"]
+TRAIN = [
+    "train.learning_rate=1e-2",
+    "train.lr_scheduler_type=constant",
+    "train.warmup_steps=0",
+    "train.logging_steps=1",
+    "train.max_steps=4",
+    "train.per_device_train_batch_size=4",
+    "train.max_grad_norm=0",
+]
 
 # Per decoder layer, (in, out) of q, k, v, o, gate, up, down.
 SHAPES = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 172), (64, 172), (172, 64)]
@@ -80,6 +86,7 @@ def examples(tokenizer: Any) -> list[dict[str, list[int]]]:
 
     lines = (asset_path("demo_stories") / "train.json").read_text().splitlines()[:4]
     out = []
+
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -116,13 +123,16 @@ def logits_of(model: Any, batch: dict[str, Any]) -> np.ndarray:
 
     model.eval()
     with paddle.no_grad():
-        out = model(input_ids=paddle.to_tensor(batch["input_ids"]),
-                    attention_mask=paddle.to_tensor(batch["attention_mask"]))
+        out = model(
+            input_ids=paddle.to_tensor(batch["input_ids"]),
+            attention_mask=paddle.to_tensor(batch["attention_mask"]),
+        )
     return (out[0] if isinstance(out, (tuple, list)) else out.logits).numpy()
 
 
-def train_and_save(overrides: list[str], run_dir: Path, examples: list[dict],
-                   tokenizer: Any) -> tuple[Any, Any, dict[str, int], list[float]]:
+def train_and_save(
+    overrides: list[str], run_dir: Path, examples: list[dict], tokenizer: Any
+) -> tuple[Any, Any, dict[str, int], list[float]]:
     """The runner's path in miniature: apply, train with FtlabTrainer, save ``final/``."""
     import paddle
 
@@ -138,23 +148,34 @@ def train_and_save(overrides: list[str], run_dir: Path, examples: list[dict],
     method = get_method(run.method.name)
     model = method.apply(load_model(run.model, "float32"), run.method, run.model)
     params = count_parameters(model)
-    args = training_arguments(run, run_dir, run.train.max_steps, has_eval=False,
-                              unified_checkpoint=method.unified_checkpoint)
+    args = training_arguments(
+        run,
+        run_dir,
+        run.train.max_steps,
+        has_eval=False,
+        unified_checkpoint=method.unified_checkpoint,
+    )
     args.report_to = []
     args.disable_tqdm = True
-    trainer = FtlabTrainer(model=model, args=args, train_dataset=as_dataset(examples),
-                           tokenizer=tokenizer,
-                           data_collator=Collator(tokenizer.pad_token_id),
-                           count_tokens=count_tokens, shuffle=False,
-                           callbacks=[MetricsJsonl(run_dir / "metrics.jsonl")])
+    trainer = FtlabTrainer(
+        model=model,
+        args=args,
+        train_dataset=as_dataset(examples),
+        tokenizer=tokenizer,
+        data_collator=Collator(tokenizer.pad_token_id),
+        count_tokens=count_tokens,
+        shuffle=False,
+        callbacks=[MetricsJsonl(run_dir / "metrics.jsonl")],
+    )
     trainer.train()
     logged = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
     losses = [x["loss"] for x in logged if x["kind"] == "train"]
     final = run_dir / "final"
     method.save_final(trainer, model, final)
     tokenizer.save_pretrained(str(final))
-    (final / "ftlab_method.json").write_text(json.dumps(
-        {"method": run.method.name, "base_model": run.model.name_or_path}))
+    (final / "ftlab_method.json").write_text(
+        json.dumps({"method": run.method.name, "base_model": run.model.name_or_path})
+    )
     return run, model, params, losses
 
 
@@ -172,25 +193,32 @@ class Trained:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, examples: list[dict],
-            tokenizer: Any) -> Callable[[str], Trained]:
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, examples: list[dict], tokenizer: Any
+) -> Callable[[str], Trained]:
     """Each method trained once per module (several tests look at the same run)."""
     cache: dict[str, Trained] = {}
 
     def get(key: str) -> Trained:
         if key not in cache:
             run_dir = tmp_path_factory.mktemp(key)
-            cache[key] = Trained(*train_and_save(METHODS[key][0], run_dir, examples, tokenizer),
-                                 run_dir)
+            cache[key] = Trained(
+                *train_and_save(METHODS[key][0], run_dir, examples, tokenizer), run_dir
+            )
         return cache[key]
 
     return get
 
 
 @pytest.mark.parametrize("key", list(METHODS))
-def test_method_trains_reloads_and_merges(key: str, tmp_path: Path, examples: list[dict],
-                                          tokenizer: Any, trained: Callable[[str], Trained],
-                                          capsys: pytest.CaptureFixture) -> None:
+def test_method_trains_reloads_and_merges(
+    key: str,
+    tmp_path: Path,
+    examples: list[dict],
+    tokenizer: Any,
+    trained: Callable[[str], Trained],
+    capsys: pytest.CaptureFixture,
+) -> None:
     from paddlenlp.transformers import AutoModelForCausalLM
 
     from ftlab.merge import main as merge_main
@@ -200,8 +228,7 @@ def test_method_trains_reloads_and_merges(key: str, tmp_path: Path, examples: li
 
     t = trained(key)
     expected = METHODS[key][1]
-    assert t.params == {"total": BASE_PARAMS + expected + frozen_extra(key),
-                        "trainable": expected}
+    assert t.params == {"total": BASE_PARAMS + expected + frozen_extra(key), "trainable": expected}
     assert len(t.losses) == 4 and t.losses[-1] < t.losses[0] - 0.005, t.losses  # (d)
 
     batch = collate(tokenizer, examples)
@@ -234,8 +261,9 @@ def frozen_extra(key: str) -> int:
     return 5 * sum(64 * i + 64 * o for i, o in SHAPES)
 
 
-def one_trainer_step(overrides: list[str], run_dir: Path, examples: list[dict],
-                     tokenizer: Any) -> Any:
+def one_trainer_step(
+    overrides: list[str], run_dir: Path, examples: list[dict], tokenizer: Any
+) -> Any:
     import paddle
 
     from ftlab.data import Collator, count_tokens
@@ -249,27 +277,32 @@ def one_trainer_step(overrides: list[str], run_dir: Path, examples: list[dict],
     model = method.apply(load_model(run.model, "float32"), run.method, run.model)
     args = training_arguments(run, run_dir, 1, has_eval=False)
     args.report_to, args.disable_tqdm, args.save_strategy = [], True, "no"
-    FtlabTrainer(model=model, args=args, train_dataset=as_dataset(examples),
-                           tokenizer=tokenizer,
-                 data_collator=Collator(tokenizer.pad_token_id), count_tokens=count_tokens,
-                 shuffle=False).train()
+    FtlabTrainer(
+        model=model,
+        args=args,
+        train_dataset=as_dataset(examples),
+        tokenizer=tokenizer,
+        data_collator=Collator(tokenizer.pad_token_id),
+        count_tokens=count_tokens,
+        shuffle=False,
+    ).train()
     return model
 
 
-def test_lora_plus_scales_lora_b_learning_rate_in_the_trainer(tmp_path: Path,
-                                                              examples: list[dict],
-                                                              tokenizer: Any) -> None:
+def test_lora_plus_scales_lora_b_learning_rate_in_the_trainer(
+    tmp_path: Path, examples: list[dict], tokenizer: Any
+) -> None:
     """One Trainer step from B = 0: Adam moves B by ~lr * scale, and A not at all.
 
     A's gradient is zero while B is zero, so A stays put; Adam's first update is
     lr * g / (|g| + eps), i.e. +-lr per entry, times LoRA+'s multiplier on B.
     """
+
     def params(model: Any, kind: str) -> dict[str, np.ndarray]:
         return {n: p.numpy() for n, p in model.named_parameters() if kind in n}
 
     plain = one_trainer_step([], tmp_path / "plain", examples, tokenizer)
-    plus = one_trainer_step(["method.lora_plus_scale=4"], tmp_path / "plus", examples,
-                            tokenizer)
+    plus = one_trainer_step(["method.lora_plus_scale=4"], tmp_path / "plus", examples, tokenizer)
     a1, a4 = params(plain, "lora_A"), params(plus, "lora_A")
     assert a1 and all(np.array_equal(a1[n], a4[n]) for n in a1)
     b1, b4 = params(plain, "lora_B"), params(plus, "lora_B")
@@ -299,8 +332,9 @@ def test_vera_projections_reload_bit_identical(trained: Callable[[str], Trained]
     assert np.abs(q.vera_b.numpy()).max() > 0 and not np.allclose(q.vera_d.numpy(), 0.1)
 
 
-def test_vera_reload_refuses_other_projections(tmp_path: Path,
-                                               trained: Callable[[str], Trained]) -> None:
+def test_vera_reload_refuses_other_projections(
+    tmp_path: Path, trained: Callable[[str], Trained]
+) -> None:
     from ftlab.methods.loading import load_adapter
     from ftlab.models import load_model
 
@@ -339,9 +373,15 @@ def test_pissa_base_residual_and_raw_checkpoint_refusal(trained: Callable[[str],
 # --------------------------------------------------------------------------- ReFT
 
 
-@pytest.mark.parametrize(("spec", "expected"), [
-    ("f7+l7", (7, 7)), ("f5", (5, 0)), ("l3", (0, 3)), ("f1+l2", (1, 2)),
-])
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("f7+l7", (7, 7)),
+        ("f5", (5, 0)),
+        ("l3", (0, 3)),
+        ("f1+l2", (1, 2)),
+    ],
+)
 def test_reft_positions_parse(spec: str, expected: tuple[int, int]) -> None:
     from ftlab.methods.reft import parse_positions
 
@@ -373,8 +413,7 @@ def test_reft_intervention_mask() -> None:
         intervention_mask(np.ones((1, 5, 5)), None, (1, 5), 1, 1)
 
 
-def test_reft_edits_only_from_the_intervened_position(examples: list[dict],
-                                                      tokenizer: Any) -> None:
+def test_reft_edits_only_from_the_intervened_position(examples: list[dict], tokenizer: Any) -> None:
     """With 'l1' only the last prompt token is edited: earlier logits equal the base's."""
     import paddle
 
@@ -394,8 +433,9 @@ def test_reft_edits_only_from_the_intervened_position(examples: list[dict],
     assert np.abs(got[0, last:] - base_logits[0, last:]).max() > 1e-3
 
 
-def test_reft_generation_batched_equals_one_by_one(tokenizer: Any,
-                                                   trained: Callable[[str], Trained]) -> None:
+def test_reft_generation_batched_equals_one_by_one(
+    tokenizer: Any, trained: Callable[[str], Trained]
+) -> None:
     """Left padding moves each prompt; the positions follow it, as batching must not matter."""
     from ftlab.assets import asset_path
     from ftlab.generation import generate_texts
@@ -406,11 +446,13 @@ def test_reft_generation_batched_equals_one_by_one(tokenizer: Any,
     prompts = [json.loads(x)["src"] for x in dev[:3]]
     assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) > 1  # padding happens
     batched = generate_texts(t.model, tokenizer, prompts, batch_size=3, max_new_tokens=12)
-    single = [generate_texts(t.model, tokenizer, [p], batch_size=1, max_new_tokens=12)[0]
-              for p in prompts]
+    single = [
+        generate_texts(t.model, tokenizer, [p], batch_size=1, max_new_tokens=12)[0] for p in prompts
+    ]
     assert batched == single
-    base = generate_texts(load_model(t.run.model, "float32"), tokenizer, prompts,
-                          batch_size=3, max_new_tokens=12)
+    base = generate_texts(
+        load_model(t.run.model, "float32"), tokenizer, prompts, batch_size=3, max_new_tokens=12
+    )
     assert base != batched  # the interventions act during generation
 
 
@@ -445,9 +487,12 @@ def test_neftune_noise_training_only_with_documented_scale() -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def test_load_trained_and_merge_from_run_dir(examples: list[dict], tokenizer: Any,
-                                             trained: Callable[[str], Trained],
-                                             capsys: pytest.CaptureFixture) -> None:
+def test_load_trained_and_merge_from_run_dir(
+    examples: list[dict],
+    tokenizer: Any,
+    trained: Callable[[str], Trained],
+    capsys: pytest.CaptureFixture,
+) -> None:
     from ftlab.config.load import resolved_config_yaml
     from ftlab.merge import main as merge_main
     from ftlab.methods.loading import load_trained, load_with_adapter
@@ -463,7 +508,8 @@ def test_load_trained_and_merge_from_run_dir(examples: list[dict], tokenizer: An
     assert np.abs(logits_of(model, batch) - reference).max() <= RELOAD_TOL
     assert merge_main([str(t.run_dir)]) == 0
     assert (t.run_dir / "merged" / "model.safetensors").is_file() or list(
-        (t.run_dir / "merged").glob("model-*.safetensors"))
+        (t.run_dir / "merged").glob("model-*.safetensors")
+    )
     assert merge_main([str(t.run_dir)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
 
@@ -480,20 +526,23 @@ def test_load_refuses_dirs_without_weights(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- settings
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["method.pissa=true", "method.lora_use_mixer=true"], "cannot be combined"),
-    (["method.use_mora=true", "method.lora_plus_scale=4"], "MoRA has one square matrix"),
-    (["method.lora_plus_scale=0"], "must be > 0"),
-    (["method.pissa=true", "method.rslora=true"], "PiSSA fixes the LoRA scale at 1"),
-    (["method=reft", "data.packing=greedy"], "method=reft with data.packing=greedy"),
-    (["method=reft", "train.recompute=true"], "method=reft with train.recompute=true"),
-    (["method=reft", "method.reft_layers=[5]"], r"in 0\.\.4"),
-    (["method=reft", "method.reft_rank=65"], "reft_rank=65"),
-    (["method=reft", "method.reft_act_fn=gelu"], "reft_act_fn='gelu'"),
-    (["method=vera", "method.vera_d_init=0"], "neither vector would ever get a gradient"),
-    (["method=prefix", "method.num_prefix_tokens=0"], "num_prefix_tokens=0"),
-    (["method=lokr", "method.factor=0"], "method.factor=0"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method.pissa=true", "method.lora_use_mixer=true"], "cannot be combined"),
+        (["method.use_mora=true", "method.lora_plus_scale=4"], "MoRA has one square matrix"),
+        (["method.lora_plus_scale=0"], "must be > 0"),
+        (["method.pissa=true", "method.rslora=true"], "PiSSA fixes the LoRA scale at 1"),
+        (["method=reft", "data.packing=greedy"], "method=reft with data.packing=greedy"),
+        (["method=reft", "train.recompute=true"], "method=reft with train.recompute=true"),
+        (["method=reft", "method.reft_layers=[5]"], r"in 0\.\.4"),
+        (["method=reft", "method.reft_rank=65"], "reft_rank=65"),
+        (["method=reft", "method.reft_act_fn=gelu"], "reft_act_fn='gelu'"),
+        (["method=vera", "method.vera_d_init=0"], "neither vector would ever get a gradient"),
+        (["method=prefix", "method.num_prefix_tokens=0"], "num_prefix_tokens=0"),
+        (["method=lokr", "method.factor=0"], "method.factor=0"),
+    ],
+)
 def test_method_settings_that_cannot_work_fail(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         validate(compose_run(overrides), CPU)
@@ -537,11 +586,13 @@ def test_mora_delta_is_the_layers_own_map(n_in: int, n_out: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "mergeable"), [("vera", True), ("lokr", True),
-                                                   ("pissa", True), ("prefix", False),
-                                                   ("reft", False)])
-def test_ftlab_command_then_ftlab_merge(method: str, mergeable: bool, tmp_path: Path,
-                                        examples: list[dict], tokenizer: Any) -> None:
+@pytest.mark.parametrize(
+    ("method", "mergeable"),
+    [("vera", True), ("lokr", True), ("pissa", True), ("prefix", False), ("reft", False)],
+)
+def test_ftlab_command_then_ftlab_merge(
+    method: str, mergeable: bool, tmp_path: Path, examples: list[dict], tokenizer: Any
+) -> None:
     """The real commands: ``ftlab`` trains and saves, ``ftlab-merge RUN_DIR`` merges/refuses."""
     import os
     import subprocess
@@ -555,15 +606,32 @@ def test_ftlab_command_then_ftlab_merge(method: str, mergeable: bool, tmp_path: 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
     choice = "method.pissa=true" if method == "pissa" else f"method={method}"
     train = subprocess.run(
-        [str(bin_dir / "ftlab"), choice, "train.max_steps=4", "train.logging_steps=2",
-         "eval.demo_metric=false", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        [
+            str(bin_dir / "ftlab"),
+            choice,
+            "train.max_steps=4",
+            "train.logging_steps=2",
+            "eval.demo_metric=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["parameters"]["trainable"] == METHODS[method][1]
 
-    merge = subprocess.run([str(bin_dir / "ftlab-merge"), str(tmp_path / "run")], cwd=tmp_path,
-                           env=env, capture_output=True, text=True, timeout=600)
+    merge = subprocess.run(
+        [str(bin_dir / "ftlab-merge"), str(tmp_path / "run")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if not mergeable:
         assert merge.returncode == 2
         assert "cannot be merged into its base" in merge.stderr

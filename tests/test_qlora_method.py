@@ -27,10 +27,9 @@ def _logits(model, ids: paddle.Tensor) -> np.ndarray:
 
 def _trained_qlora(run, method):
     paddle.seed(0)
-    model = method.apply(method.load_base(run.model, "float32", run.method), run.method,
-                         run.model)
+    model = method.apply(method.load_base(run.model, "float32", run.method), run.method, run.model)
     # Make the adapter non-trivial: LoRA B starts at zero.
-    for name, p in model.named_parameters():
+    for _name, p in model.named_parameters():
         if not p.stop_gradient:
             p.set_value(paddle.randn(p.shape, dtype=p.dtype) * 0.05)
     return model
@@ -77,8 +76,11 @@ def test_paddlenlp_backend_on_cpu_fails_naming_the_alternative(setup) -> None:
     from ftlab.errors import ConfigError
 
     run = compose_run(["method=qlora", "method.quant_backend=paddlenlp"])
-    with pytest.raises(ConfigError, match="quant_backend=paddlenlp.*use method.quant_backend=ftlab"
-                       "|quant_backend=paddlenlp.*Use method.quant_backend=ftlab"):
+    with pytest.raises(
+        ConfigError,
+        match="quant_backend=paddlenlp.*use method.quant_backend=ftlab"
+        "|quant_backend=paddlenlp.*Use method.quant_backend=ftlab",
+    ):
         validate(run, CPU)
 
 

@@ -15,8 +15,13 @@ import numpy as np
 import pytest
 from test_e2e import FTLAB, run_ftlab
 
-ARGS = ["train.max_steps=16", "train.save_steps=4", "train.logging_steps=1",
-        "train.per_device_train_batch_size=8", "eval.demo_metric=false"]
+ARGS = [
+    "train.max_steps=16",
+    "train.save_steps=4",
+    "train.logging_steps=1",
+    "train.per_device_train_batch_size=8",
+    "eval.demo_metric=false",
+]
 
 # Runs ftlab with a Trainer whose save of checkpoint-12 stops half-way (model written,
 # optimizer and trainer state not yet), signals the test, and waits to be killed.
@@ -83,21 +88,33 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
 
 def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([str(FTLAB), *ARGS, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(FTLAB), *ARGS, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     kill_when(proc, lambda: (run_dir / "checkpoints/checkpoint-8").is_dir())
     assert not (run_dir / "summary.json").exists()
     proc = run_ftlab(tmp_path, f"resume={run_dir}")
-    assert "checkpoint-8" in json.loads((run_dir / "summary.json").read_text())[
-        "derived"]["resumed_from"] or "checkpoint-12" in proc.stdout + proc.stderr
+    assert (
+        "checkpoint-8"
+        in json.loads((run_dir / "summary.json").read_text())["derived"]["resumed_from"]
+        or "checkpoint-12" in proc.stdout + proc.stderr
+    )
     assert_same_run(run_dir, uninterrupted)
 
 
 def test_kill_during_save_is_never_resumed_from(uninterrupted, tmp_path):
     run_dir, mark = tmp_path / "run", tmp_path / "saving"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, *ARGS, f"hydra.run.dir={run_dir}"],
-                            cwd=tmp_path, env={**env(), "FTLAB_TEST_MARK": str(mark)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SAVE, *ARGS, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env={**env(), "FTLAB_TEST_MARK": str(mark)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     kill_when(proc, mark.exists)
     # The half-written checkpoint exists only under its temporary name.
     assert (run_dir / "checkpoints/.staging/checkpoint-12").is_dir()
@@ -138,6 +155,11 @@ def test_rerun_reproduces_losses_and_reports_differences(uninterrupted, tmp_path
         (data / split).write_text((asset_path("demo_stories") / split).read_text())
     with open(data / "dev.json", "a") as f:
         f.write(json.dumps({"src": "Write a story.", "tgt": "Once upon a time."}) + "\n")
-    proc = run_ftlab(tmp_path, f"rerun={uninterrupted}", f"data.path={data}",
-                     "train.max_steps=2", "hydra.run.dir=changed")
+    proc = run_ftlab(
+        tmp_path,
+        f"rerun={uninterrupted}",
+        f"data.path={data}",
+        "train.max_steps=2",
+        "hydra.run.dir=changed",
+    )
     assert "rerun differs from the recorded run: data file" in proc.stdout

@@ -11,7 +11,7 @@ readers of the resolved config rely on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -38,13 +38,13 @@ class ModelConfig:
     # A hub name (``meta-llama/Meta-Llama-3-8B``) or a local directory; ``${asset:NAME}``
     # resolves to a checkpoint shipped inside ftlab.
     name_or_path: str = MISSING
-    tokenizer_name_or_path: Optional[str] = None  # defaults to name_or_path
+    tokenizer_name_or_path: str | None = None  # defaults to name_or_path
     family: str = "llama"  # llama | qwen2
     arch: ModelArch = field(default_factory=ModelArch)
     # Regex patterns on sublayer names (PaddleNLP ``target_modules`` convention).
     lora_target_modules: list[str] = field(default_factory=list)
     # Token used for padding when the tokenizer defines none (named in the run log).
-    pad_token: Optional[str] = None
+    pad_token: str | None = None
     flash_attention: bool = False
 
 
@@ -70,9 +70,9 @@ class FullMethodConfig(MethodConfig):
 class LoraMethodConfig(MethodConfig):
     name: str = "lora"
     lora_rank: int = 8
-    lora_alpha: Optional[float] = None  # None -> 2 * lora_rank (recorded as derived)
+    lora_alpha: float | None = None  # None -> 2 * lora_rank (recorded as derived)
     lora_dropout: float = 0.0
-    target_modules: Optional[list[str]] = None  # None -> model.lora_target_modules
+    target_modules: list[str] | None = None  # None -> model.lora_target_modules
     rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
     lora_plus_scale: float = 1.0  # LoRA+: lr multiplier of B over A (1.0 = off)
     pissa: bool = False  # initialise from the principal singular vectors of W
@@ -97,17 +97,17 @@ class DataConfig:
     name: str = MISSING
     # A directory holding train.json / train/*.json (and dev.*), or a single file.
     path: str = MISSING
-    train_path: Optional[str] = None  # explicit train file/dir; overrides path
-    dev_path: Optional[str] = None  # explicit dev file/dir; overrides path
+    train_path: str | None = None  # explicit train file/dir; overrides path
+    dev_path: str | None = None  # explicit dev file/dir; overrides path
     format: str = "auto"  # auto | src_tgt | alpaca | messages
-    chat_template: Optional[str] = None  # null | tokenizer | <named template>
+    chat_template: str | None = None  # null | tokenizer | <named template>
     src_length: int = 256  # prompt tokens kept (truncated from the left)
     max_length: int = 512  # prompt + target tokens (target truncated from the right)
     overlong: str = "truncate"  # truncate | drop | error
     packing: str = "none"  # none | zero_padding | greedy
     on_bad_record: str = "error"  # error | skip
     streaming: bool = False  # iterate files lazily; requires train.max_steps
-    dev_from_train: Optional[float] = None  # carve a dev split of this fraction
+    dev_from_train: float | None = None  # carve a dev split of this fraction
     shuffle: bool = True
 
 
@@ -118,7 +118,7 @@ class DataConfig:
 class ParallelConfig:
     name: str = MISSING
     # Degrees. data=None means "derive from world size" (recorded in the resolved config).
-    data: Optional[int] = None
+    data: int | None = None
     tensor: int = 1
     pipeline: int = 1
     sharding: int = 1  # sharding degree
@@ -126,7 +126,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     offload: bool = False  # sharding offload of optimizer states
     # Processes per node; None -> product of degrees on one node.
-    nproc_per_node: Optional[int] = None
+    nproc_per_node: int | None = None
     # Run tensor/pipeline layouts on CPU with gloo through ftlab's emulation shims.
     cpu_emulation: bool = False
 
@@ -134,8 +134,8 @@ class ParallelConfig:
 @dataclass
 class LaunchConfig:
     nnodes: int = 1
-    master: Optional[str] = None  # host:port of the rendezvous master (multi-node)
-    ips: Optional[str] = None  # comma-separated node IPs (multi-node)
+    master: str | None = None  # host:port of the rendezvous master (multi-node)
+    ips: str | None = None  # comma-separated node IPs (multi-node)
 
 
 # --------------------------------------------------------------------------- precision
@@ -199,5 +199,5 @@ class RunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     mode: str = "train"  # train | plan | export
     device: str = "auto"  # auto | cpu | gpu
-    resume: Optional[str] = None  # a run dir to continue from its latest checkpoint
-    rerun: Optional[str] = None  # a run dir whose saved config runs again, in a new dir
+    resume: str | None = None  # a run dir to continue from its latest checkpoint
+    rerun: str | None = None  # a run dir whose saved config runs again, in a new dir

@@ -179,8 +179,10 @@ def check_parallel(run: RunConfig, env: Environment) -> dict[str, Any]:
             f"{env.device_count} {unit}. Use a smaller layout (e.g. parallel=single) or more "
             "devices."
         )
-    if p.tensor > 1 and (run.model.arch.num_attention_heads % p.tensor
-                         or run.model.arch.num_key_value_heads % p.tensor):
+    if p.tensor > 1 and (
+        run.model.arch.num_attention_heads % p.tensor
+        or run.model.arch.num_key_value_heads % p.tensor
+    ):
         raise ConfigError(
             f"parallel.tensor={p.tensor} must divide the attention heads "
             f"({run.model.arch.num_attention_heads}) and key/value heads "

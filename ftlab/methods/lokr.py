@@ -71,8 +71,11 @@ class Lokr(Method):
 
         config = LoKrConfig(
             target_modules=list(cfg.target_modules or model_cfg.lora_target_modules),
-            lokr_dim=cfg.lokr_dim, lokr_alpha=cfg.lokr_alpha, factor=cfg.factor,
-            decompose_both=cfg.decompose_both, dtype=model.config.dtype,
+            lokr_dim=cfg.lokr_dim,
+            lokr_alpha=cfg.lokr_alpha,
+            factor=cfg.factor,
+            decompose_both=cfg.decompose_both,
+            dtype=model.config.dtype,
             base_model_name_or_path=model_cfg.name_or_path,
         )
         lokr = LoKrModel(model, config)

@@ -52,9 +52,7 @@ def lora_targets(cfg: LoraMethodConfig, model_cfg: ModelConfig) -> list[str]:
 
 
 def adapter_weights_present(trained_dir: Path) -> bool:
-    return any(
-        (trained_dir / name).exists() for name in (PEFT_INDEX, "lora_model_state.pdparams")
-    )
+    return any((trained_dir / name).exists() for name in (PEFT_INDEX, "lora_model_state.pdparams"))
 
 
 def lora_layers(model: Any) -> list[tuple[str, Any]]:

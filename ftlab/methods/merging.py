@@ -13,9 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 
-def fold_linear_adapters(
-    model: Any, delta_of: Callable[[Any], Any | None], kind: str
-) -> int:
+def fold_linear_adapters(model: Any, delta_of: Callable[[Any], Any | None], kind: str) -> int:
     """Replace every layer for which ``delta_of`` returns a ``[in, out]`` delta; count them.
 
     ``kind`` names the adapter in the error raised when no layer was folded (a merge that
@@ -38,7 +36,8 @@ def fold_linear_adapters(
             merged = (weight.astype("float32") + delta.astype("float32")).astype(weight.dtype)
             with dtype_guard(str(weight.dtype).replace("paddle.", "")):
                 plain = nn.Linear(
-                    weight.shape[0], weight.shape[1],
+                    weight.shape[0],
+                    weight.shape[1],
                     bias_attr=False if layer.bias is None else None,
                 )
             plain.weight.set_value(merged)

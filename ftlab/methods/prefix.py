@@ -113,8 +113,10 @@ class Prefix(Method):
         from paddlenlp.peft import PrefixConfig
 
         trained_dir = Path(trained_dir)
-        if not any((trained_dir / f).exists() for f in
-                   ("peft_model.safetensors.index.json", "prefix_model_state.pdparams")):
+        if not any(
+            (trained_dir / f).exists()
+            for f in ("peft_model.safetensors.index.json", "prefix_model_state.pdparams")
+        ):
             raise ModelLoadError(f"no prefix-tuning weights in {trained_dir}")
         saved = PrefixConfig.from_pretrained(str(trained_dir))
         c = base.config

@@ -28,8 +28,12 @@ if TYPE_CHECKING:
 ADAPTER_FILE = "qlora_adapter.safetensors"
 QUANT_CONFIG_FILE = "quant_config.json"
 # PaddleNLP's names for the same algorithms (weight_only_* are per-channel there).
-PADDLENLP_ALGO = {"nf4": "nf4", "fp4": "fp4", "int8": "weight_only_int8",
-                  "int4": "weight_only_int4"}
+PADDLENLP_ALGO = {
+    "nf4": "nf4",
+    "fp4": "fp4",
+    "int8": "weight_only_int8",
+    "int4": "weight_only_int4",
+}
 
 
 def resolve_backend(cfg: QLoraMethodConfig) -> str:
@@ -46,10 +50,16 @@ def resolve_backend(cfg: QLoraMethodConfig) -> str:
 def qlora_spec(cfg: QLoraMethodConfig, compute_dtype: str = "float32") -> Any:
     from ftlab.quant import QLoRASpec
 
-    return QLoRASpec(algo=cfg.quant_algo, block_size=cfg.quant_block_size,
-                     double_quant=cfg.double_quant, lora_rank=cfg.lora_rank,
-                     lora_alpha=lora_alpha(cfg), lora_dropout=cfg.lora_dropout,
-                     rslora=cfg.rslora, compute_dtype=compute_dtype)
+    return QLoRASpec(
+        algo=cfg.quant_algo,
+        block_size=cfg.quant_block_size,
+        double_quant=cfg.double_quant,
+        lora_rank=cfg.lora_rank,
+        lora_alpha=lora_alpha(cfg),
+        lora_dropout=cfg.lora_dropout,
+        rslora=cfg.rslora,
+        compute_dtype=compute_dtype,
+    )
 
 
 @register_method
@@ -63,8 +73,7 @@ class QLora(Lora):
 
     def check(self, run: RunConfig) -> None:
         cfg = run.method
-        unsupported = [f for f in ("pissa", "lora_use_mixer", "use_mora")
-                       if getattr(cfg, f)]
+        unsupported = [f for f in ("pissa", "lora_use_mixer", "use_mora") if getattr(cfg, f)]
         if unsupported or cfg.lora_plus_scale != 1.0:
             raise ConfigError(
                 f"method=qlora does not support {', '.join(unsupported) or 'lora_plus_scale'}: "
@@ -103,8 +112,9 @@ class QLora(Lora):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         with SafetensorsSource(path) as source:
             # Tied embeddings: the checkpoint may hold lm_head.weight as a copy.
-            quantize_while_loading(model, source, lora_targets(cfg, model_cfg),
-                                   qlora_spec(cfg), strict=False)
+            quantize_while_loading(
+                model, source, lora_targets(cfg, model_cfg), qlora_spec(cfg), strict=False
+            )
         return model
 
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
@@ -126,7 +136,8 @@ class QLora(Lora):
         state = {k: v.numpy() for k, v in lora_state_dict(model).items()}
         save_file(state, str(out_dir / ADAPTER_FILE))
         (out_dir / QUANT_CONFIG_FILE).write_text(
-            json.dumps(quant_config(model), indent=2, sort_keys=True) + "\n")
+            json.dumps(quant_config(model), indent=2, sort_keys=True) + "\n"
+        )
         model.config.save_pretrained(str(out_dir))
 
     def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
@@ -142,8 +153,9 @@ class QLora(Lora):
 
         saved = json.loads(qfile.read_text())
         layers = saved.pop("quantized_layers")
-        spec = QLoRASpec.from_dict({k: v for k, v in saved.items()
-                                    if k not in ("format", "version")})
+        spec = QLoRASpec.from_dict(
+            {k: v for k, v in saved.items() if k not in ("format", "version")}
+        )
         # Deterministic quantization: the same base weights give the same codes.
         quantize_model(base, [re.escape(n) for n in layers], spec)
         adapter = load_file(str(trained_dir / ADAPTER_FILE))
@@ -170,8 +182,11 @@ def _load_paddlenlp_quantized(model_cfg: ModelConfig, dtype: str, cfg: Any) -> A
 
     from ftlab.models import load_pretrained
 
-    qcfg = QuantizationConfig(weight_quantize_algo=PADDLENLP_ALGO[cfg.quant_algo],
-                              qlora_weight_blocksize=cfg.quant_block_size,
-                              qlora_weight_double_quant=cfg.double_quant)
-    return load_pretrained("model", AutoModelForCausalLM, model_cfg.name_or_path, dtype=dtype,
-                           quantization_config=qcfg)
+    qcfg = QuantizationConfig(
+        weight_quantize_algo=PADDLENLP_ALGO[cfg.quant_algo],
+        qlora_weight_blocksize=cfg.quant_block_size,
+        qlora_weight_double_quant=cfg.double_quant,
+    )
+    return load_pretrained(
+        "model", AutoModelForCausalLM, model_cfg.name_or_path, dtype=dtype, quantization_config=qcfg
+    )

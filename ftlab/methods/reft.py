@@ -150,11 +150,14 @@ def _reft_classes() -> tuple[type, type]:
             self.config = model.config
             self.settings = dict(settings)
             hidden = model.config.hidden_size
-            self.interventions = nn.LayerDict({
-                str(i): LoReftIntervention(hidden, settings["rank"], settings["dropout"],
-                                           settings["act_fn"])
-                for i in settings["layers"]
-            })
+            self.interventions = nn.LayerDict(
+                {
+                    str(i): LoReftIntervention(
+                        hidden, settings["rank"], settings["dropout"], settings["act_fn"]
+                    )
+                    for i in settings["layers"]
+                }
+            )
             for p in self.model.parameters():
                 p.stop_gradient = True
             self._pending: paddle.Tensor | None = None
@@ -191,24 +194,32 @@ def _reft_classes() -> tuple[type, type]:
         def _arm(self, input_ids: Any, attention_mask: Any, labels: Any) -> None:
             mask_np = None if attention_mask is None else _numpy(attention_mask)
             labels_np = None if labels is None else _numpy(labels)
-            mask = intervention_mask(mask_np, labels_np, tuple(input_ids.shape),
-                                     self.settings["first"], self.settings["last"])
+            mask = intervention_mask(
+                mask_np,
+                labels_np,
+                tuple(input_ids.shape),
+                self.settings["first"],
+                self.settings["last"],
+            )
             self._pending = paddle.to_tensor(mask[:, :, None])
 
-        def forward(self, input_ids: Any, attention_mask: Any = None, labels: Any = None,
-                    **kwargs: Any) -> Any:
+        def forward(
+            self, input_ids: Any, attention_mask: Any = None, labels: Any = None, **kwargs: Any
+        ) -> Any:
             self._arm(input_ids, attention_mask, labels)
             try:
-                return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                  labels=labels, **kwargs)
+                return self.model(
+                    input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs
+                )
             finally:
                 self._pending = self._active = None
 
         def generate(self, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
             self._arm(input_ids, attention_mask, None)
             try:
-                return self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                           **kwargs)
+                return self.model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, **kwargs
+                )
             finally:
                 self._pending = self._active = None
 
@@ -237,8 +248,15 @@ def reft_settings(cfg: ReftMethodConfig, num_layers: int) -> dict[str, Any]:
     """The resolved settings a saved ReFT adapter records (all a reload needs)."""
     first, last = parse_positions(cfg.reft_positions)
     layers = list(range(num_layers)) if cfg.reft_layers is None else list(cfg.reft_layers)
-    return {"layers": layers, "positions": cfg.reft_positions, "first": first, "last": last,
-            "rank": cfg.reft_rank, "dropout": cfg.reft_dropout, "act_fn": cfg.reft_act_fn}
+    return {
+        "layers": layers,
+        "positions": cfg.reft_positions,
+        "first": first,
+        "last": last,
+        "rank": cfg.reft_rank,
+        "dropout": cfg.reft_dropout,
+        "act_fn": cfg.reft_act_fn,
+    }
 
 
 @register_method
@@ -310,8 +328,9 @@ class Reft(Method):
         trained_dir = Path(trained_dir)
         record, weights = trained_dir / REFT_RECORD, trained_dir / REFT_WEIGHTS
         if not record.exists() or not weights.exists():
-            raise ModelLoadError(f"no ReFT interventions ({REFT_RECORD}, {REFT_WEIGHTS}) in "
-                                 f"{trained_dir}")
+            raise ModelLoadError(
+                f"no ReFT interventions ({REFT_RECORD}, {REFT_WEIGHTS}) in {trained_dir}"
+            )
         settings = json.loads(record.read_text())
         n_layers = base.config.num_hidden_layers
         if any(not 0 <= i < n_layers for i in settings["layers"]):

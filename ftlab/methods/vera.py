@@ -123,8 +123,11 @@ def _vera_model_class() -> type:
 
             super().save_pretrained(save_directory, *args, **kwargs)
             if kwargs.get("is_main_process", paddle.distributed.get_rank() == 0):
-                record = {"vera_seed": self.vera_seed, "vera_d_init": self.vera_d_init,
-                          "projections_sha256": projections_digest(self.model)}
+                record = {
+                    "vera_seed": self.vera_seed,
+                    "vera_d_init": self.vera_d_init,
+                    "projections_sha256": projections_digest(self.model),
+                }
                 (Path(save_directory) / VERA_RECORD).write_text(json.dumps(record, indent=2))
 
     return FtlabVeRAModel
@@ -162,8 +165,11 @@ class Vera(Method):
 
         targets = list(cfg.target_modules or model_cfg.lora_target_modules)
         config = VeRAConfig(
-            target_modules=targets, r=cfg.vera_rank, vera_alpha=cfg.vera_rank,  # scale 1
-            vera_dropout=cfg.vera_dropout, dtype=model.config.dtype,
+            target_modules=targets,
+            r=cfg.vera_rank,
+            vera_alpha=cfg.vera_rank,  # scale 1
+            vera_dropout=cfg.vera_dropout,
+            dtype=model.config.dtype,
             base_model_name_or_path=model_cfg.name_or_path,
         )
         return _vera_model_class()(model, config, cfg.vera_seed, cfg.vera_d_init)

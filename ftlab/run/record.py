@@ -16,8 +16,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("paddlepaddle", "paddlepaddle-gpu", "paddlenlp", "hydra-core", "omegaconf",
-            "safetensors", "visualdl", "sentencepiece", "numpy")
+PACKAGES = (
+    "paddlepaddle",
+    "paddlepaddle-gpu",
+    "paddlenlp",
+    "hydra-core",
+    "omegaconf",
+    "safetensors",
+    "visualdl",
+    "sentencepiece",
+    "numpy",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -32,9 +41,12 @@ def package_versions() -> dict[str, str]:
 
 def git_state(repo: Path) -> dict[str, Any]:
     """Commit and dirty flag of the ftlab checkout (None outside a git checkout)."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
     try:
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))

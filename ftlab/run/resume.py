@@ -28,16 +28,24 @@ STAGING = ".staging"
 # Overrides that name the invocation, not the experiment: never replayed.
 _NOT_REPLAYED = ("hydra.run.dir=", "hydra.output_subdir=", "resume=", "rerun=")
 # Settings a resumed run cannot change: the checkpoint's weights belong to them.
-_FIXED_ON_RESUME = ("model.", "method.name", "method.lora_rank", "method.target_modules",
-                    "method.quant_algo", "method.quant_block_size", "parallel.")
+_FIXED_ON_RESUME = (
+    "model.",
+    "method.name",
+    "method.lora_rank",
+    "method.target_modules",
+    "method.quant_algo",
+    "method.quant_block_size",
+    "parallel.",
+)
 
 
 def saved_overrides(run_dir: Path) -> list[str]:
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not an ftlab run dir: {path} is missing.")
-    return [o for o in OmegaConf.to_container(OmegaConf.load(path))
-            if not o.startswith(_NOT_REPLAYED)]
+    return [
+        o for o in OmegaConf.to_container(OmegaConf.load(path)) if not o.startswith(_NOT_REPLAYED)
+    ]
 
 
 def replay_argv(argv: list[str]) -> list[str]:
@@ -69,8 +77,11 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     a, b = flatten(old), flatten(new)
     skip = ("resume", "rerun", "derived.")
-    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not k.startswith(skip)]
+    return [
+        (k, a.get(k), b.get(k))
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and not k.startswith(skip)
+    ]
 
 
 def check_resume_config(run_dir: Path, new: dict[str, Any]) -> list[str]:
@@ -100,8 +111,11 @@ def latest_complete_checkpoint(run_dir: Path) -> Path | None:
     if staging.exists():
         log.warning("discarding %s: a save was interrupted there", staging)
         shutil.rmtree(staging)
-    found = [(int(m.group(1)), p) for p in root.glob("checkpoint-*")
-             if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.glob("checkpoint-*")
+        if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()
+    ]
     return max(found)[1] if found else None
 
 
@@ -117,20 +131,24 @@ def truncate_metrics(path: Path, step: int) -> int:
     return len(lines) - len(kept)
 
 
-def reproducibility_warnings(source: Path, fingerprints: dict[str, str],
-                             environment: dict[str, Any]) -> list[str]:
+def reproducibility_warnings(
+    source: Path, fingerprints: dict[str, str], environment: dict[str, Any]
+) -> list[str]:
     """What differs from the recorded run: data fingerprints, ftlab commit, packages."""
     warnings = []
     old_prints = _read_json(source / "data_fingerprints.json")
     for path in sorted(set(old_prints) | set(fingerprints)):
         if old_prints.get(path) != fingerprints.get(path):
-            warnings.append(f"data file {path}: sha256 {old_prints.get(path)} -> "
-                            f"{fingerprints.get(path)}")
+            warnings.append(
+                f"data file {path}: sha256 {old_prints.get(path)} -> {fingerprints.get(path)}"
+            )
     old_env = _read_json(source / "environment.json")
     old_git, new_git = old_env.get("ftlab_git", {}), environment.get("ftlab_git", {})
     if old_git.get("commit") != new_git.get("commit") or new_git.get("dirty"):
-        warnings.append(f"ftlab commit {old_git.get('commit')} (dirty={old_git.get('dirty')}) "
-                        f"-> {new_git.get('commit')} (dirty={new_git.get('dirty')})")
+        warnings.append(
+            f"ftlab commit {old_git.get('commit')} (dirty={old_git.get('dirty')}) "
+            f"-> {new_git.get('commit')} (dirty={new_git.get('dirty')})"
+        )
     old_pk, new_pk = old_env.get("packages", {}), environment.get("packages", {})
     for name in sorted(set(old_pk) | set(new_pk)):
         if old_pk.get(name) != new_pk.get(name):
