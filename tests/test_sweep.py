@@ -210,3 +210,50 @@ def test_summary_of_fake_grid_with_incomplete_job(tmp_path: Path) -> None:
     assert "- best eval loss: 0.9000, job 0 (train.learning_rate=1e-3, method.lora_rank=4)" in md
     assert "| 5 | 1e-1 | 8 | incomplete |" in md
     assert png_size(paths["png"]) == (1000, 700)
+
+
+def test_submitit_launcher_runs_jobs_as_separate_processes(tmp_path: Path) -> None:
+    """The SLURM option's machinery (hydra-submitit-launcher), through its local executor."""
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cmd(
+        tmp_path,
+        BIN / "ftlab",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        "method.lora_rank=2,4",
+        "train.max_steps=2",
+        "eval.demo_metric=false",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # Each job ran in its own submitit process, which left its result and logs.
+    assert len(list((sweep_dir / ".submitit").glob("*/*_0_result.pkl"))) == 2
+    for num, rank in ((0, 2), (1, 4)):
+        run_dir = job_dir(sweep_dir, num)
+        status = json.loads((run_dir / "status.json").read_text())
+        assert status["status"] == "completed", status
+        resolved = (run_dir / "resolved_config.yaml").read_text()
+        assert f"lora_rank: {rank}\n" in resolved
+        assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+    rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+
+
+def test_slurm_launcher_option_composes(tmp_path: Path) -> None:
+    proc = run_cmd(
+        tmp_path,
+        BIN / "ftlab",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=gpu",
+        "parallel=dp8",
+        "--cfg",
+        "hydra",
+        "--package",
+        "hydra.launcher",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout
+    assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in out
+    for line in ("partition: gpu", "tasks_per_node: 1", "gpus_per_node: 8", "nodes: 1"):
+        assert line in out, (line, out)
