@@ -46,6 +46,16 @@ MODEL = {  # ~134M parameters: 85M in the linear layers, 2 x 24.6M in embedding 
     "vocab_size": 32000,
     "max_position_embeddings": 1024,
 }
+# ~0.94B parameters (hidden 2048, 16 layers): where the linear layers dominate the process,
+# as they do for the 7-8B models QLoRA is for.
+LARGE_MODEL = {
+    **MODEL,
+    "hidden_size": 2048,
+    "intermediate_size": 5504,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+}
 SMALL_MODEL = {
     **MODEL,
     "hidden_size": 128,
@@ -237,8 +247,7 @@ def _run_config(name: str, args: argparse.Namespace) -> dict:
     ]
     if args.recompute:
         cmd.append("--recompute")
-    if args.small:
-        cmd.append("--small")
+    cmd += ["--size", args.size]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {
         **os.environ,
@@ -306,14 +315,19 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after 1 warm-up)")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--small", action="store_true", help="tiny model (smoke test)")
+    parser.add_argument(
+        "--size",
+        choices=("100m", "1b", "small"),
+        default="100m",
+        help="100m: the ~134M target model (default); 1b: ~0.94B; small: smoke test",
+    )
     parser.add_argument(
         "--recompute", action="store_true", help="full-layer recompute in every config"
     )
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    model_kw = SMALL_MODEL if args.small else MODEL
+    model_kw = {"100m": MODEL, "1b": LARGE_MODEL, "small": SMALL_MODEL}[args.size]
     if args.worker:
         result = _worker(args.worker, model_kw, args.steps, args.seq_len, args.recompute)
         print("RESULT " + json.dumps(result))
