@@ -1,8 +1,9 @@
-"""CPU emulation of tensor-parallel layouts: gloo stand-ins for the ops Paddle's CPU build lacks.
+"""CPU emulation of tensor- and pipeline-parallel layouts: gloo stand-ins for missing ops.
 
-``parallel.cpu_emulation=true`` lets a tensor-parallel layout run as gloo processes on a
-CPU machine, to test a layout (shapes, splits, losses) before spending GPU hours. It is a
-correctness tool, not a fast path. What the CPU build is missing, and the stand-in:
+``parallel.cpu_emulation=true`` lets a tensor-parallel or a pipeline-parallel layout run as
+gloo processes on a CPU machine, to test a layout (shapes, splits, losses) before spending
+GPU hours. It is a correctness tool, not a fast path. What the CPU build is missing, and
+the stand-in:
 
 * ``c_identity`` (identity forward, all-reduce of the gradient), ``c_concat`` (gather the
   last dimension) and ``c_split`` have no CPU kernels: PyLayers built from plain gloo
@@ -14,8 +15,17 @@ correctness tool, not a fast path. What the CPU build is missing, and the stand-
 * ``c_softmax_with_cross_entropy`` (the vocabulary-parallel loss) has no CPU kernel: the
   model is built with ``tensor_parallel_output=False``, which gathers the logits first and
   uses the ordinary loss.
+* Pipeline: ``PipelineLayer.__init__`` reads ``ParallelEnv().device_id``, which is set for
+  GPU/XPU/custom devices only (``AttributeError: _device_id`` on CPU): while a
+  PipelineLayer is built, ``ParallelEnv`` answers device 0 (the value is only stored).
+* Pipeline: the stages exchange activations and gradients with batched calc-stream
+  send/recv (``p2p_communication._batched_p2p_ops``), which gloo does not implement, and
+  blocking sends deadlock when two neighbouring stages both send first: replaced by
+  synchronous ``send``/``recv`` in rank-parity order (even stages send, then receive; odd
+  stages receive, then send), the order Paddle itself uses for unbatched p2p.
 
-Pipeline layouts are not covered (see ``check_emulation``).
+Layouts that combine tensor and pipeline parallelism are not covered (see
+``check_emulation``).
 """
 
 from __future__ import annotations
@@ -34,12 +44,12 @@ _installed = False
 def check_emulation(run: RunConfig) -> None:
     """Layouts the emulation cannot run yet, refused with what is missing."""
     p = run.parallel
-    if p.pipeline > 1:
+    if p.pipeline > 1 and p.tensor > 1:
         raise ConfigError(
-            f"parallel={p.name} with parallel.cpu_emulation=true: pipeline parallelism is not "
-            "emulated on CPU yet (PaddleNLP's LlamaForCausalLMPipe needs a device id the CPU "
-            "build lacks, and both stages' first p2p sends deadlock under gloo). Run it on "
-            "GPUs, or test the tensor-parallel part alone (parallel=tp2)."
+            f"parallel={p.name} with parallel.cpu_emulation=true: tensor {p.tensor} x pipeline "
+            f"{p.pipeline} together is not emulated on CPU (the pipeline stand-ins send whole "
+            "activations and were checked for pipeline-only layouts). Test the two parts "
+            "separately (parallel=tp2 and parallel=pp2), or run this layout on GPUs."
         )
     if p.sharding_stage in (2, 3):
         raise ConfigError(
@@ -130,6 +140,69 @@ def _make_pylayers() -> dict[str, Any]:
     return {"Identity": Identity, "AllReduce": AllReduce, "Concat": Concat, "Split": Split}
 
 
+def _install_pipeline_shims() -> None:
+    from paddle.distributed import ParallelEnv
+    from paddle.distributed.fleet.meta_parallel.parallel_layers import pp_layers
+
+    pipeline_init = pp_layers.PipelineLayer.__init__
+
+    def init_with_device_id(self: Any, *args: Any, **kwargs: Any) -> None:
+        # ParallelEnv sets _device_id for GPU/XPU/custom devices only; PipelineLayer reads
+        # it (and only stores it). The CPU is device 0.
+        if hasattr(ParallelEnv(), "_device_id"):
+            return pipeline_init(self, *args, **kwargs)
+        ParallelEnv._device_id = 0
+        try:
+            return pipeline_init(self, *args, **kwargs)
+        finally:
+            del ParallelEnv._device_id
+
+    pp_layers.PipelineLayer.__init__ = init_with_device_id
+
+    import paddle.distributed as dist
+    from paddle.distributed.fleet.meta_parallel.pp_utils import p2p_communication
+
+    def tensors(t: Any) -> tuple:
+        return t if isinstance(t, tuple) else (t,)
+
+    def batched_p2p_ops(
+        tensor_send_prev: Any,
+        tensor_recv_prev: Any,
+        tensor_send_next: Any,
+        tensor_recv_next: Any,
+        hcg: Any,
+    ) -> list:
+        # gloo has no calc-stream send/recv, and blocking sends deadlock when both neighbours
+        # send first: even stages send before they receive, odd stages receive first, so
+        # every send meets a posted receive (Paddle's own order for unbatched p2p).
+        group = hcg.get_pipe_parallel_group()
+        prev, nxt = hcg._get_p2p_prev_rank(), hcg._get_p2p_next_rank()
+
+        def send(t: Any, peer: int) -> None:
+            if t is not None:
+                for x in tensors(t):
+                    dist.send(x, dst=peer, group=group, sync_op=True)
+
+        def recv(t: Any, peer: int) -> None:
+            if t is not None:
+                for x in tensors(t):
+                    dist.recv(x, src=peer, group=group, sync_op=True)
+
+        if hcg.get_stage_id() % 2 == 0:
+            send(tensor_send_next, nxt)
+            recv(tensor_recv_prev, prev)
+            send(tensor_send_prev, prev)
+            recv(tensor_recv_next, nxt)
+        else:
+            recv(tensor_recv_prev, prev)
+            send(tensor_send_next, nxt)
+            recv(tensor_recv_next, nxt)
+            send(tensor_send_prev, prev)
+        return []
+
+    p2p_communication._batched_p2p_ops = batched_p2p_ops
+
+
 def install_cpu_shims() -> None:
     """Patch Paddle's model-parallel ops with gloo stand-ins (idempotent, this process)."""
     global _installed
@@ -189,8 +262,9 @@ def install_cpu_shims() -> None:
         module._c_split = c_split
     hybrid_parallel_util.broadcast_input_data = broadcast_input_data
     tensor_parallel.broadcast_input_data = broadcast_input_data
+    _install_pipeline_shims()
     _installed = True
     log.info(
         "cpu emulation: gloo stand-ins for c_identity, c_concat, c_split, mp_allreduce "
-        "and broadcast_input_data installed"
+        "and broadcast_input_data, pipeline device id and p2p installed"
     )

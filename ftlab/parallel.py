@@ -19,10 +19,30 @@ def parallel_training_arguments(p: ParallelConfig) -> dict[str, Any]:
         args["sequence_parallel"] = p.sequence_parallel
     if p.pipeline > 1:
         args["pipeline_parallel_degree"] = p.pipeline
+        # ftlab pads each batch to its longest sequence, so activations between stages
+        # change shape from batch to batch (and between the micro-batches of one step):
+        # the stages must exchange shapes every time, not cache the first batch's.
+        args["pipeline_parallel_config"] = "disable_p2p_cache_shape"
     if p.sharding_stage:
         args["sharding"] = f"stage{p.sharding_stage}" + (" offload" if p.offload else "")
         args["sharding_parallel_degree"] = p.sharding
     return args
+
+
+def _hybrid_group() -> Any:
+    """Fleet's hybrid communicate group, or None outside a hybrid-parallel job."""
+    from paddle.distributed import fleet
+
+    try:
+        return fleet.get_hybrid_communicate_group()
+    except AttributeError:  # fleet not initialised: a single process
+        return None
+
+
+def pipeline_degree() -> int:
+    """Pipeline stages of this job (1 outside a pipeline-parallel job), read from fleet."""
+    hcg = _hybrid_group()
+    return max(hcg.get_pipe_parallel_world_size(), 1) if hcg is not None else 1
 
 
 def model_parallel_kwargs() -> dict[str, Any]:
@@ -32,12 +52,7 @@ def model_parallel_kwargs() -> dict[str, Any]:
     empty outside a tensor-parallel job. Logits stay gathered (``tensor_parallel_output``
     false, PaddleNLP's fine-tuning default), so the ordinary loss applies.
     """
-    from paddle.distributed import fleet
-
-    try:
-        hcg = fleet.get_hybrid_communicate_group()
-    except AttributeError:  # fleet not initialised: a single process
-        return {}
+    hcg = _hybrid_group()
     if hcg is None or hcg.get_model_parallel_world_size() <= 1:
         return {}
     return {

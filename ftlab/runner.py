@@ -98,6 +98,9 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
         world_size=1,
         rank=0,
     )
+    from ftlab.config.validate import check_demo_metric
+
+    check_demo_metric(run, data.dev_records)  # before the model: pipeline models cannot generate
     num_train = _length(data.train_dataset)
     derived["train_examples"] = num_train
     derived["total_steps"] = total_steps(run, num_train, derived["global_batch_size"])

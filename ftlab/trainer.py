@@ -100,6 +100,23 @@ class FtlabTrainer(SFTTrainer):
             return out
         return (out[0] * self._loss_scale, out[1]) if return_outputs else out * self._loss_scale
 
+    def prediction_pipeline_step(self, model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
+        """Evaluate a pipeline model on one eval batch of whatever size it has.
+
+        ``PipelineParallel.eval_batch`` cuts a batch into ``accumulate_steps`` micro-batches
+        of the *training* micro-batch size and asserts the batch is exactly that big, so an
+        eval batch of another size (``per_device_eval_batch_size``, or the dev set's last,
+        shorter batch) would fail. The whole eval batch is one micro-batch here; the loss
+        is the same token mean either way.
+        """
+        size = int(inputs["input_ids"].shape[0])
+        saved = model.micro_batch_size, model.accumulate_steps
+        model.micro_batch_size, model.accumulate_steps = size, 1
+        try:
+            return super().prediction_pipeline_step(model, inputs, *args, **kwargs)
+        finally:
+            model.micro_batch_size, model.accumulate_steps = saved
+
     def _get_train_sampler(self) -> Any:
         """Same global batches, in the same order, for one process or several."""
         if self.train_dataset is None or not has_length(self.train_dataset):

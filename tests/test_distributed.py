@@ -2,7 +2,8 @@
 
 Data parallel and sharding: the single-process run uses ``per_device_train_batch_size=8``,
 the two-process runs 4 per rank, so every step trains on the same global batch of 8.
-Tensor parallel (CPU emulation): both ranks see the same batch of 4, as one process does.
+Tensor and pipeline parallel (CPU emulation): both ranks see the same batch of 4, as one
+process does.
 It is tested with full fine-tuning: under tensor parallelism PaddleNLP draws the LoRA
 factors of row-parallel layers per rank, so LoRA starts from different random factors than
 a single process does (with equal factors, losses and gradients agree).
@@ -102,6 +103,40 @@ def test_tensor_parallel_emulation_matches_single_process(tmp_path: Path) -> Non
     # Each rank holds half of every linear layer and of the vocabulary.
     summary = json.loads((only_run_dir(tp_dir) / "summary.json").read_text())
     assert summary["parameters"]["total"] < 0.6 * 260_032
+
+
+def test_pipeline_emulation_matches_single_process(tmp_path: Path) -> None:
+    single_dir, pp_dir = tmp_path / "single", tmp_path / "pp2"
+    single_dir.mkdir()
+    pp_dir.mkdir()
+    common = ["method=full", "train.per_device_train_batch_size=4"]
+    proc = ftlab(single_dir, "parallel=single", *common)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = ftlab(pp_dir, "parallel=pp2", "parallel.cpu_emulation=true", *common)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single, pp = train_losses(only_run_dir(single_dir)), train_losses(only_run_dir(pp_dir))
+    assert len(pp) == len(single) == 3
+    for step, (a, b) in enumerate(zip(pp, single, strict=True), start=1):
+        assert abs(a - b) <= TOLERANCE, ("pp2", step, a, b)
+    run_dir = only_run_dir(pp_dir)
+    logs = sorted(p.name for p in (run_dir / "logs").iterdir())
+    assert logs == ["workerlog.0", "workerlog.1"], logs
+    summary = json.loads((run_dir / "summary.json").read_text())
+    single_summary = json.loads((only_run_dir(single_dir) / "summary.json").read_text())
+    # Evaluation runs through the pipeline too (eval batches of 8, training micro-batches of 4).
+    assert abs(summary["eval_loss"] - single_summary["eval_loss"]) <= TOLERANCE
+    # Rank 0 holds the first stage only: the embedding and some of the 5 layers.
+    assert summary["parameters"]["total"] < 0.8 * 260_032
+    assert summary["derived"]["pipeline_micro_batch_size"] == 4
+    assert summary["derived"]["pipeline_accumulate_steps"] == 1
+    # The saved model is whole (both stages), loadable as a plain causal LM.
+    from safetensors.numpy import load_file
+
+    saved: dict = {}
+    for f in (run_dir / "final").glob("*.safetensors"):
+        saved.update(load_file(str(f)))
+    assert "llama.embed_tokens.weight" in saved and "llama.norm.weight" in saved
+    assert {f"llama.layers.{i}.mlp.up_proj.weight" for i in range(5)} <= set(saved)
 
 
 def test_worker_failure_fails_the_job_with_its_log(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from conftest import CPU, compose_run
 
 from ftlab.batching import GlobalBatchSampler, target_tokens
-from ftlab.config.validate import validate
+from ftlab.config.validate import Environment, check_demo_metric, validate
 from ftlab.errors import ConfigError
 from ftlab.launch import (
     check_launch,
@@ -81,10 +81,7 @@ def test_bad_multinode_settings(overrides: list[str], message: str) -> None:
     "overrides,message",
     [
         (["parallel=tp2"], "parallel.cpu_emulation=true"),
-        (
-            ["parallel=pp2", "parallel.cpu_emulation=true", "model.arch.num_hidden_layers=4"],
-            "pipeline parallelism is not emulated",
-        ),
+        (["parallel=pp2"], "tensor- or pipeline-parallel layout on CPU"),
         (["parallel=sharding_stage2", "parallel.cpu_emulation=true"], "stage 2 asserts a GPU"),
         (["parallel=tp2_sp", "parallel.cpu_emulation=true"], "sequence parallelism is not"),
     ],
@@ -97,6 +94,81 @@ def test_cpu_layouts_outside_the_emulation_are_refused(overrides: list[str], mes
 def test_tensor_parallel_emulation_validates_on_cpu() -> None:
     derived = validate(compose_run(["parallel=tp2", "parallel.cpu_emulation=true"]), CPU)
     assert (derived["world_size"], derived["data_parallel_degree"]) == (2, 1)
+
+
+def test_tensor_with_pipeline_is_not_emulated() -> None:
+    eight_cores = Environment(device="cpu", device_count=8, paddle_version="3.3.1")
+    with pytest.raises(ConfigError, match="tensor 4 x pipeline 2 together is not emulated"):
+        validate(compose_run(["parallel=tp4_pp2", "parallel.cpu_emulation=true"]), eight_cores)
+
+
+PP2_EMULATED = ["parallel=pp2", "parallel.cpu_emulation=true", "eval.demo_metric=false"]
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_pipeline_emulation_validates_on_cpu(method: str) -> None:
+    derived = validate(
+        compose_run([*PP2_EMULATED, f"method={method}", "train.gradient_accumulation_steps=3"]),
+        CPU,
+    )
+    assert (derived["world_size"], derived["data_parallel_degree"]) == (2, 1)
+    # PaddleNLP's PipelineParallel: accumulate_steps micro-batches of the per-device batch.
+    assert derived["pipeline_micro_batch_size"] == 16
+    assert derived["pipeline_accumulate_steps"] == 3
+    assert derived["global_batch_size"] == 48
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["method=prefix"], "method=prefix with parallel=pp2.*no pipeline-parallel"),
+        (["method=qlora"], "method=qlora with parallel=pp2.*no pipeline-parallel"),
+        (["model.arch.num_hidden_layers=1"], "parallel.pipeline=2 exceeds .* 1 layers"),
+    ],
+)
+def test_pipeline_settings_a_pipeline_model_cannot_honour(
+    overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_run([*PP2_EMULATED, *overrides]), CPU)
+
+
+def test_demo_metric_is_refused_for_a_pipeline_model_when_it_would_run() -> None:
+    records = [{"src": "a", "tgt": "b", "entities": ["Tom"]}]
+    run = compose_run(["parallel=pp2", "parallel.cpu_emulation=true"])
+    with pytest.raises(ConfigError, match="eval.demo_metric=true with parallel=pp2.*=false"):
+        check_demo_metric(run, records)
+    check_demo_metric(run, [{"src": "a", "tgt": "b"}])  # no entities: the metric never runs
+    check_demo_metric(compose_run([*PP2_EMULATED]), records)  # switched off by the user
+    check_demo_metric(compose_run(["parallel=dp2"]), records)  # no pipeline: it can generate
+
+
+def test_pipeline_layout_loads_the_pipe_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_model picks PaddleNLP's ...ForCausalLMPipe when fleet has pipeline stages."""
+    from paddlenlp.transformers import AutoModelForCausalLM, AutoModelForCausalLMPipe
+
+    import ftlab.models
+    import ftlab.parallel
+
+    calls: list = []
+
+    def fake_load(kind: str, loader: object, name: str, **kwargs: object) -> object:
+        calls.append((loader, kwargs))
+        return object()
+
+    monkeypatch.setattr(ftlab.models, "load_pretrained", fake_load)
+    cfg = compose_run([]).model
+    for degree, expected in ((1, AutoModelForCausalLM), (2, AutoModelForCausalLMPipe)):
+        monkeypatch.setattr(ftlab.parallel, "pipeline_degree", lambda d=degree: d)
+        ftlab.models.load_model(cfg, "float32")
+        assert calls[-1][0] is expected, (degree, calls[-1])
+    assert ftlab.models.causal_lm_class(4) is AutoModelForCausalLMPipe
+    # tensor x pipeline: the Pipe class still gets this rank's tensor-parallel shard.
+    tp = {"tensor_parallel_degree": 2, "tensor_parallel_rank": 1, "tensor_parallel_output": False}
+    monkeypatch.setattr(ftlab.parallel, "model_parallel_kwargs", lambda: dict(tp))
+    ftlab.models.load_model(cfg, "float32")
+    loader, kwargs = calls[-1]
+    assert loader is AutoModelForCausalLMPipe and tp.items() <= kwargs.items()
 
 
 def test_user_run_dir_override_is_replaced(tmp_path: Path) -> None:

@@ -188,10 +188,13 @@ def check_parallel(run: RunConfig, env: Environment) -> dict[str, Any]:
             f"({run.model.arch.num_attention_heads}) and key/value heads "
             f"({run.model.arch.num_key_value_heads}) of model {run.model.name}."
         )
-    if p.pipeline > 1 and run.model.arch.num_hidden_layers % p.pipeline:
+    # PaddleNLP's pipeline models split evenly when the stages divide the layers, and
+    # otherwise spread embedding, layers, norm and head uniformly; each stage needs a layer.
+    if p.pipeline > 1 and run.model.arch.num_hidden_layers < p.pipeline:
         raise ConfigError(
-            f"parallel.pipeline={p.pipeline} must divide model {run.model.name}'s "
-            f"{run.model.arch.num_hidden_layers} layers."
+            f"parallel.pipeline={p.pipeline} exceeds model {run.model.name}'s "
+            f"{run.model.arch.num_hidden_layers} layers: every stage needs at least one. "
+            "Use fewer pipeline stages."
         )
     if env.device == "cpu" and p.cpu_emulation:
         from ftlab.emulation import check_emulation
@@ -203,8 +206,8 @@ def check_parallel(run: RunConfig, env: Environment) -> dict[str, Any]:
                 f"parallel={p.name} (tensor {p.tensor}, pipeline {p.pipeline}, sharding stage "
                 f"{p.sharding_stage}): PaddlePaddle's CPU build cannot run tensor, pipeline or "
                 "sharding stage 2/3 layouts. Run it on GPUs, or use parallel=dp2 / "
-                "sharding_stage1 on CPU; to test a tensor-parallel layout on CPU, add "
-                "parallel.cpu_emulation=true (slow, for correctness checks)."
+                "sharding_stage1 on CPU; to test a tensor- or pipeline-parallel layout on CPU, "
+                "add parallel.cpu_emulation=true (slow, for correctness checks)."
             )
     return {"world_size": world, "nproc_per_node": nproc, "data_parallel_degree": dp}
 
@@ -230,6 +233,8 @@ def validate(run: RunConfig, env: Environment) -> dict[str, Any]:
             f"method={run.method.name} with parallel={run.parallel.name}: this method has no "
             "tensor-parallel implementation. Use a sharding or data-parallel layout instead."
         )
+    if run.parallel.pipeline > 1:
+        check_pipeline(run, method)
     t = run.train
     # Sharding splits the data like data parallelism does, so both multiply the batch.
     batch_ranks = layout["data_parallel_degree"] * run.parallel.sharding
@@ -241,4 +246,38 @@ def validate(run: RunConfig, env: Environment) -> dict[str, Any]:
         * batch_ranks,
         **method.derived(run.method),
     }
+    if run.parallel.pipeline > 1:
+        # PaddleNLP's PipelineParallel runs gradient_accumulation_steps micro-batches of
+        # per_device_train_batch_size through the stages per optimizer step (1F1B).
+        derived["pipeline_micro_batch_size"] = t.per_device_train_batch_size
+        derived["pipeline_accumulate_steps"] = t.gradient_accumulation_steps
     return derived
+
+
+def check_pipeline(run: RunConfig, method: Any) -> None:
+    """What a pipeline model (``...ForCausalLMPipe``, split across stages) cannot do."""
+    p = run.parallel
+    if not method.supports_pipeline_parallel:
+        raise ConfigError(
+            f"method={run.method.name} with parallel={p.name} (pipeline {p.pipeline}): this "
+            "method has no pipeline-parallel implementation (PaddleNLP's pipeline models "
+            "support full fine-tuning and LoRA). Use method=full or method=lora, or a "
+            "tensor, sharding or data-parallel layout."
+        )
+
+
+def check_demo_metric(run: RunConfig, dev_records: list[dict]) -> None:
+    """Refuse the entity-recall metric on a pipeline model, once the data says it would run.
+
+    The metric runs only when dev records carry ``entities`` (the demo task), which is
+    known after the data is read and before the model is loaded (``runner.train``).
+    """
+    p = run.parallel
+    if p.pipeline > 1 and run.eval.demo_metric and any("entities" in r for r in dev_records):
+        raise ConfigError(
+            f"eval.demo_metric=true with parallel={p.name} (pipeline {p.pipeline}): the "
+            "entity-recall metric generates text, and a pipeline model, split across "
+            "stages, cannot generate. Set eval.demo_metric=false (the eval loss is still "
+            "computed), and score the saved final/ model afterwards in one process with "
+            "ftlab-predict."
+        )

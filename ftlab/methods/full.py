@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 class Full(Method):
     name = "full"
     schema = FullMethodConfig
+    supports_pipeline_parallel = True
 
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
         for p in model.parameters():

@@ -122,6 +122,7 @@ def restore_pissa_residual(model: Any, init_file: Path) -> None:
 class Lora(Method):
     name = "lora"
     schema = LoraMethodConfig
+    supports_pipeline_parallel = True
 
     def check(self, run: RunConfig) -> None:
         m = run.method

@@ -67,6 +67,7 @@ class QLora(Lora):
     name = "qlora"
     schema = QLoraMethodConfig
     supports_tensor_parallel = False
+    supports_pipeline_parallel = False  # quantizes a plain causal LM while loading
     # The trained artefact is the adapter plus quantization settings, written by
     # ``save_final``; the base is re-quantized deterministically on load.
     unified_checkpoint = False

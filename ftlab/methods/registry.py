@@ -35,6 +35,8 @@ class Method:
     merge_unsupported: ClassVar[str | None] = None
     # Methods whose PaddleNLP implementation supports tensor-parallel layers.
     supports_tensor_parallel: ClassVar[bool] = True
+    # Methods that work on PaddleNLP's pipeline models (``...ForCausalLMPipe``).
+    supports_pipeline_parallel: ClassVar[bool] = False
     # Whether PaddleNLP's unified checkpoint can save this method's model. It handles
     # plain models, LoRAModel and PrefixModelForCausalLM only; other wrappers raise there
     # and are saved through their own ``save_pretrained`` instead.
