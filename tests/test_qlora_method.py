@@ -92,3 +92,45 @@ def test_unsupported_variant_is_refused(setup) -> None:
 
     with pytest.raises(ConfigError, match="method=qlora does not support use_mora"):
         validate(compose_run(["method=qlora", "method.use_mora=true"]), CPU)
+
+
+@pytest.mark.parametrize(
+    "backend,native,message",
+    [
+        ("ftlab", (True, "GPU sm90"), "quant_backend=ftlab was chosen"),
+        ("auto", (False, "no CUDA"), "quant_backend=auto resolves to ftlab's backend here"),
+    ],
+)
+def test_tensor_parallel_qlora_needs_the_paddlenlp_backend(
+    backend: str, native: tuple[bool, str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import GPU8
+
+    import ftlab.quant
+    from ftlab.config.validate import validate
+    from ftlab.errors import ConfigError
+
+    monkeypatch.setattr(ftlab.quant, "native_backend_available", lambda algo: native)
+    run = compose_run(["method=qlora", f"method.quant_backend={backend}", "parallel=tp4"])
+    with pytest.raises(ConfigError, match=f"parallel=tp4: {message}.*no tensor-parallel form"):
+        validate(run, GPU8)
+
+
+@pytest.mark.parametrize("backend", ["auto", "paddlenlp"])
+def test_tensor_parallel_qlora_validates_where_paddlenlp_kernels_run(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's first example, on a GPU machine with PaddleSlim (probe simulated)."""
+    from conftest import GPU8
+
+    import ftlab.quant
+    from ftlab.config.validate import validate
+
+    monkeypatch.setattr(
+        ftlab.quant, "native_backend_available", lambda algo: (True, "GPU sm90 with paddleslim")
+    )
+    run = compose_run(
+        ["method=qlora", f"method.quant_backend={backend}", "parallel=tp4", "model=llama3"]
+    )
+    derived = validate(run, GPU8)
+    assert derived["quant_backend"] == "paddlenlp" and derived["world_size"] == 4

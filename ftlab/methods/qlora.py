@@ -66,7 +66,9 @@ def qlora_spec(cfg: QLoraMethodConfig, compute_dtype: str = "float32") -> Any:
 class QLora(Lora):
     name = "qlora"
     schema = QLoraMethodConfig
-    supports_tensor_parallel = False
+    # PaddleNLP's quantized LoRA layers have column/row-parallel forms; ftlab's have not,
+    # so ``check`` allows tensor parallelism only where the paddlenlp backend will run.
+    supports_tensor_parallel = True
     supports_pipeline_parallel = False  # quantizes a plain causal LM while loading
     # The trained artefact is the adapter plus quantization settings, written by
     # ``save_final``; the base is re-quantized deterministically on load.
@@ -81,6 +83,8 @@ class QLora(Lora):
                 "the quantized layer carries plain LoRA (optionally rsLoRA). Use method=lora "
                 "for the other variants."
             )
+        if run.parallel.tensor > 1:
+            _check_tensor_parallel(cfg, run.parallel.name)
         if cfg.quant_block_size < 2 or cfg.quant_block_size % 2:
             raise ConfigError(
                 f"method.quant_block_size={cfg.quant_block_size}: must be an even number "
@@ -176,12 +180,36 @@ class QLora(Lora):
         return {**super().derived(cfg), "quant_backend": resolve_backend(cfg)}
 
 
+def _check_tensor_parallel(cfg: QLoraMethodConfig, layout: str) -> None:
+    """Tensor-parallel QLoRA exists only as PaddleNLP's (CUDA) quantized parallel layers."""
+    if cfg.quant_backend == "paddlenlp":
+        return  # whether it can run on this device is checked with the precision/device
+    if cfg.quant_backend == "auto":
+        from ftlab.quant import native_backend_available
+
+        ok, why = native_backend_available(cfg.quant_algo)
+        if ok:
+            return
+        # The probe's own advice (switch to ftlab's backend) is wrong for this layout.
+        why = re.sub(r",? (or )?use quant_backend=ftlab$", "", why, flags=re.IGNORECASE)
+        reason = f"quant_backend=auto resolves to ftlab's backend here ({why})"
+    else:
+        reason = "quant_backend=ftlab was chosen"
+    raise ConfigError(
+        f"method=qlora with parallel={layout}: {reason}, and ftlab's quantized layers have no "
+        "tensor-parallel form. Use method.quant_backend=paddlenlp on GPUs (its quantized "
+        "LoRA layers are column/row parallel; nf4/fp4 also need PaddleSlim's CUDA ops), or a "
+        "sharding or data-parallel layout."
+    )
+
+
 def _load_paddlenlp_quantized(model_cfg: ModelConfig, dtype: str, cfg: Any) -> Any:
     """PaddleNLP's native quantized loading (CUDA). CPU-only CI cannot exercise it."""
     from paddlenlp.quantization.quantization_config import QuantizationConfig
     from paddlenlp.transformers import AutoModelForCausalLM
 
     from ftlab.models import load_pretrained
+    from ftlab.parallel import model_parallel_kwargs
 
     qcfg = QuantizationConfig(
         weight_quantize_algo=PADDLENLP_ALGO[cfg.quant_algo],
@@ -189,5 +217,10 @@ def _load_paddlenlp_quantized(model_cfg: ModelConfig, dtype: str, cfg: Any) -> A
         qlora_weight_double_quant=cfg.double_quant,
     )
     return load_pretrained(
-        "model", AutoModelForCausalLM, model_cfg.name_or_path, dtype=dtype, quantization_config=qcfg
+        "model",
+        AutoModelForCausalLM,
+        model_cfg.name_or_path,
+        dtype=dtype,
+        quantization_config=qcfg,
+        **model_parallel_kwargs(),  # tensor-parallel jobs: this rank's quantized shard
     )
