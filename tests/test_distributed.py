@@ -87,42 +87,45 @@ def test_two_processes_match_single_process(
     assert summary["steps"] == 3 and summary["run_dir"] == str(run_dir)
 
 
-def test_tensor_parallel_emulation_matches_single_process(tmp_path: Path) -> None:
-    single_dir, tp_dir = tmp_path / "single", tmp_path / "tp2"
-    single_dir.mkdir()
-    tp_dir.mkdir()
-    common = ["method=full", "train.per_device_train_batch_size=4"]
-    proc = ftlab(single_dir, "parallel=single", *common)
+FULL_BATCH4 = ["method=full", "train.per_device_train_batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def single_full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Full fine-tuning in one process, batch 4: what tp2 and pp2 (batch 4 each) must match."""
+    cwd = tmp_path_factory.mktemp("single_full")
+    proc = ftlab(cwd, "parallel=single", *FULL_BATCH4)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    proc = ftlab(tp_dir, "parallel=tp2", "parallel.cpu_emulation=true", *common)
+    return only_run_dir(cwd)
+
+
+def emulated_run_matching(layout: str, single_dir: Path, cwd: Path) -> Path:
+    """Run ``layout`` under the CPU emulation; assert its per-step losses equal one process's."""
+    proc = ftlab(cwd, f"parallel={layout}", "parallel.cpu_emulation=true", *FULL_BATCH4)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    single, tp = train_losses(only_run_dir(single_dir)), train_losses(only_run_dir(tp_dir))
-    assert len(tp) == len(single) == 3
-    for step, (a, b) in enumerate(zip(tp, single, strict=True), start=1):
-        assert abs(a - b) <= TOLERANCE, ("tp2", step, a, b)
+    run_dir = only_run_dir(cwd)
+    single, emulated = train_losses(single_dir), train_losses(run_dir)
+    assert len(emulated) == len(single) == 3
+    for step, (a, b) in enumerate(zip(emulated, single, strict=True), start=1):
+        assert abs(a - b) <= TOLERANCE, (layout, step, a, b)
+    logs = sorted(p.name for p in (run_dir / "logs").iterdir())
+    assert logs == ["workerlog.0", "workerlog.1"], logs
+    return run_dir
+
+
+def test_tensor_parallel_emulation_matches_single_process(
+    single_full_run: Path, tmp_path: Path
+) -> None:
+    run_dir = emulated_run_matching("tp2", single_full_run, tmp_path)
     # Each rank holds half of every linear layer and of the vocabulary.
-    summary = json.loads((only_run_dir(tp_dir) / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["parameters"]["total"] < 0.6 * 260_032
 
 
-def test_pipeline_emulation_matches_single_process(tmp_path: Path) -> None:
-    single_dir, pp_dir = tmp_path / "single", tmp_path / "pp2"
-    single_dir.mkdir()
-    pp_dir.mkdir()
-    common = ["method=full", "train.per_device_train_batch_size=4"]
-    proc = ftlab(single_dir, "parallel=single", *common)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    proc = ftlab(pp_dir, "parallel=pp2", "parallel.cpu_emulation=true", *common)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    single, pp = train_losses(only_run_dir(single_dir)), train_losses(only_run_dir(pp_dir))
-    assert len(pp) == len(single) == 3
-    for step, (a, b) in enumerate(zip(pp, single, strict=True), start=1):
-        assert abs(a - b) <= TOLERANCE, ("pp2", step, a, b)
-    run_dir = only_run_dir(pp_dir)
-    logs = sorted(p.name for p in (run_dir / "logs").iterdir())
-    assert logs == ["workerlog.0", "workerlog.1"], logs
+def test_pipeline_emulation_matches_single_process(single_full_run: Path, tmp_path: Path) -> None:
+    run_dir = emulated_run_matching("pp2", single_full_run, tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
-    single_summary = json.loads((only_run_dir(single_dir) / "summary.json").read_text())
+    single_summary = json.loads((single_full_run / "summary.json").read_text())
     # Evaluation runs through the pipeline too (eval batches of 8, training micro-batches of 4).
     assert abs(summary["eval_loss"] - single_summary["eval_loss"]) <= TOLERANCE
     # Rank 0 holds the first stage only: the embedding and some of the 5 layers.
