@@ -42,6 +42,20 @@ def weights_file(trained_dir: Path, stem: str, what: str) -> Path:
     return found[0]
 
 
+def load_trainable_state(model: Any, weights: Path) -> None:
+    """Set a PEFT model's trainable tensors from ``weights``, refusing a mismatched set."""
+    import paddle
+
+    state = paddle.load(str(weights), return_numpy=True)
+    expected = set(model.get_trainable_state_dict())
+    if set(state) != expected:
+        raise ModelLoadError(
+            f"{weights} holds {len(state)} tensors but the model expects {len(expected)} "
+            f"(missing: {sorted(expected - set(state))[:3]}); wrong base model?"
+        )
+    model.set_state_dict(state)
+
+
 def read_run_config(run_dir: Path) -> tuple[Any, Any, str]:
     """(ModelConfig, method config, model dtype) of a finished run, as it trained."""
     from omegaconf import OmegaConf

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ftlab.config.schema import MethodConfig
-from ftlab.errors import ConfigError, ModelLoadError
+from ftlab.errors import ConfigError
 from ftlab.methods.registry import Method, register_method
 
 if TYPE_CHECKING:
@@ -86,10 +86,9 @@ class Lokr(Method):
         return lokr
 
     def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
-        import paddle
         from paddlenlp.peft import LoKrConfig, LoKrModel
 
-        from ftlab.methods.loading import weights_file
+        from ftlab.methods.loading import load_trainable_state, weights_file
 
         trained_dir = Path(trained_dir)
         weights = weights_file(trained_dir, LOKR_WEIGHTS_STEM, "LoKr")
@@ -98,14 +97,7 @@ class Lokr(Method):
         # a copy, so a moved run dir still loads.
         config.base_model_name_or_path = str(trained_dir)
         model = LoKrModel(base, config)
-        state = paddle.load(str(weights), return_numpy=True)
-        expected = set(model.get_trainable_state_dict())
-        if set(state) != expected:
-            raise ModelLoadError(
-                f"{weights} holds {len(state)} tensors but the model expects {len(expected)} "
-                f"(missing: {sorted(expected - set(state))[:3]}); wrong base model?"
-            )
-        model.set_state_dict(state)
+        load_trainable_state(model, weights)
         return model
 
     def merge(self, model: paddle.nn.Layer) -> paddle.nn.Layer:

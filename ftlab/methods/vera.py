@@ -175,10 +175,9 @@ class Vera(Method):
         return _vera_model_class()(model, config, cfg.vera_seed, cfg.vera_d_init)
 
     def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
-        import paddle
         from paddlenlp.peft import VeRAConfig
 
-        from ftlab.methods.loading import weights_file
+        from ftlab.methods.loading import load_trainable_state, weights_file
 
         trained_dir = Path(trained_dir)
         record_path = trained_dir / VERA_RECORD
@@ -198,14 +197,7 @@ class Vera(Method):
                 f"the trained ones (sha256 {digest[:12]} != {record['projections_sha256'][:12]}): "
                 "the target modules or the base model's shapes differ from training."
             )
-        state = paddle.load(str(weights), return_numpy=True)
-        expected = set(model.get_trainable_state_dict())
-        if set(state) != expected:
-            raise ModelLoadError(
-                f"{weights} holds {len(state)} tensors but the model expects {len(expected)} "
-                f"(missing: {sorted(expected - set(state))[:3]}); wrong base model?"
-            )
-        model.set_state_dict(state)
+        load_trainable_state(model, weights)
         return model
 
     def merge(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
