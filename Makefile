@@ -41,7 +41,7 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 bench-data: $(STAMP) ## Tokenization + packing: ftlab vs PaddleNLP's dataset path, 100k examples
 	$(PY) bench/data_pipeline.py $(ARGS)
 
-bench-qlora: $(STAMP) ## QLoRA (nf4, int8) vs LoRA on a ~100M Llama: base bytes, peak RSS, step time
+bench-qlora: $(STAMP) ## QLoRA (nf4, int8) vs LoRA on a ~100M Llama (ARGS="--size 1b"): bytes, RSS, time
 	$(PY) bench/qlora_memory.py $(ARGS)
 
 bench-methods: $(STAMP) ## Every method on the shipped model: params, tokens/s, memory, eval loss, metric
