@@ -541,6 +541,13 @@ def test_load_refuses_dirs_without_weights(tmp_path: Path) -> None:
         (["method=vera", "method.vera_d_init=0"], "neither vector would ever get a gradient"),
         (["method=prefix", "method.num_prefix_tokens=0"], "num_prefix_tokens=0"),
         (["method=lokr", "method.factor=0"], "method.factor=0"),
+        *(
+            (
+                [f"method={m}", "method.target_modules=[]", "model.lora_target_modules=[]"],
+                f"method={m}: no target modules",
+            )
+            for m in ("lora", "qlora", "lokr", "vera")
+        ),
     ],
 )
 def test_method_settings_that_cannot_work_fail(overrides: list[str], message: str) -> None:
@@ -548,12 +555,13 @@ def test_method_settings_that_cannot_work_fail(overrides: list[str], message: st
         validate(compose_run(overrides), CPU)
 
 
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
 @pytest.mark.parametrize("method", ["vera", "lokr", "reft"])
-def test_methods_without_tensor_parallel_refuse_it(method: str) -> None:
+def test_methods_without_model_parallel_refuse_it(method: str, layout: str) -> None:
     from conftest import GPU8
 
-    with pytest.raises(ConfigError, match=f"method={method} with parallel=tp2"):
-        validate(compose_run([f"method={method}", "parallel=tp2"]), GPU8)
+    with pytest.raises(ConfigError, match=f"method={method} with parallel={layout}"):
+        validate(compose_run([f"method={method}", f"parallel={layout}"]), GPU8)
 
 
 def test_derived_values() -> None:

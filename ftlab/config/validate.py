@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from ftlab.config.schema import LoraMethodConfig, QLoraMethodConfig, RunConfig
@@ -133,15 +133,17 @@ def check_model(run: RunConfig, env: Environment) -> None:
 
 def check_method(run: RunConfig, env: Environment) -> None:
     m = run.method
-    if isinstance(m, LoraMethodConfig):
-        if m.lora_rank < 1:
-            raise ConfigError(f"method.lora_rank={m.lora_rank}: the rank must be >= 1.")
-        targets = m.target_modules or run.model.lora_target_modules
-        if not targets:
-            raise ConfigError(
-                f"method={m.name}: no target modules. Set method.target_modules or "
-                f"model.lora_target_modules (regexes such as '.*q_proj')."
-            )
+    if isinstance(m, LoraMethodConfig) and m.lora_rank < 1:
+        raise ConfigError(f"method.lora_rank={m.lora_rank}: the rank must be >= 1.")
+    # Every method that adapts chosen linear layers (LoRA family, LoKr, VeRA) names them in
+    # ``method.target_modules``, falling back to the model family's patterns.
+    if any(f.name == "target_modules" for f in fields(m)) and not (
+        m.target_modules or run.model.lora_target_modules
+    ):
+        raise ConfigError(
+            f"method={m.name}: no target modules. Set method.target_modules or "
+            f"model.lora_target_modules (regexes such as '.*q_proj')."
+        )
     if isinstance(m, QLoraMethodConfig) and m.quant_backend == "paddlenlp" and env.device == "cpu":
         raise ConfigError(
             f"method.quant_backend=paddlenlp with quant_algo={m.quant_algo}: PaddleNLP's "

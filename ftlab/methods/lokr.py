@@ -55,16 +55,6 @@ class Lokr(Method):
             raise ConfigError(f"method.lokr_dim={m.lokr_dim}: must be >= 1.")
         if m.factor == 0 or m.factor < -1:
             raise ConfigError(f"method.factor={m.factor}: use -1 (balanced) or a positive size.")
-        if not (m.target_modules or run.model.lora_target_modules):
-            raise ConfigError(
-                "method=lokr: no target modules. Set method.target_modules or "
-                "model.lora_target_modules (regexes such as '.*q_proj')."
-            )
-        if run.parallel.tensor > 1 or run.parallel.pipeline > 1:
-            raise ConfigError(
-                f"method=lokr with parallel={run.parallel.name}: PaddleNLP's LoKr supports "
-                "neither tensor nor pipeline parallelism. Use data parallel or sharding."
-            )
 
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
         from paddlenlp.peft import LoKrConfig, LoKrModel

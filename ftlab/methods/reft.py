@@ -311,11 +311,6 @@ class Reft(Method):
                 "layers outside the forward pass the interventions are armed for, so the "
                 "gradients would be wrong. Set train.recompute=false."
             )
-        if run.parallel.tensor > 1 or run.parallel.pipeline > 1:
-            raise ConfigError(
-                f"method=reft with parallel={run.parallel.name}: ReFT supports neither tensor "
-                "nor pipeline parallelism. Use data parallel or sharding."
-            )
 
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
         settings = reft_settings(cfg, model.config.num_hidden_layers)

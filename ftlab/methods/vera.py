@@ -149,16 +149,6 @@ class Vera(Method):
                 "method.vera_d_init=0: with b starting at 0 as well, neither vector would ever "
                 "get a gradient. Use a small non-zero value such as 0.1."
             )
-        if not (m.target_modules or run.model.lora_target_modules):
-            raise ConfigError(
-                "method=vera: no target modules. Set method.target_modules or "
-                "model.lora_target_modules (regexes such as '.*q_proj')."
-            )
-        if run.parallel.tensor > 1 or run.parallel.pipeline > 1:
-            raise ConfigError(
-                f"method=vera with parallel={run.parallel.name}: PaddleNLP's VeRA supports "
-                "neither tensor nor pipeline parallelism. Use data parallel or sharding."
-            )
 
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
         from paddlenlp.peft import VeRAConfig
