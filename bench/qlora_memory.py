@@ -304,6 +304,9 @@ def _print_table(results: dict[str, dict]) -> None:
                 / (lora["peak_lifetime"] - lora["rss_import"])
             ),
         ),
+        # The floor of the ru_maxrss ratio: what the process holds before its first step
+        # (runtime, unquantized embeddings, codes) over LoRA's peak. A step only adds to it.
+        ("floor: RSS model / LoRA peak", lambda r: r["rss_model"] / lora["ru_maxrss"]),
         ("step time / LoRA (<= 2.0)", lambda r: r["step_s"] / lora["step_s"]),
     ]
     for title, fn in rows:
