@@ -23,6 +23,15 @@ def run_ftlab(cwd: Path, *overrides: str, check: bool = True) -> subprocess.Comp
     return proc
 
 
+def run_predict(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [str(FTLAB.with_name("ftlab-predict")), *args], capture_output=True, text=True, timeout=300
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ftlab-predict failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -221,40 +230,29 @@ def test_predict_from_run_dir_and_from_base_plus_adapter(short_run, tmp_path: Pa
         + json.dumps({"prompt": "Tell a story about a cat called Lily.", "id": 7})
         + "\n"
     )
-    predict = FTLAB.with_name("ftlab-predict")
     out_a, out_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    subprocess.run(
-        [
-            str(predict),
-            str(run_dir),
-            "--input",
-            str(prompts),
-            "--output",
-            str(out_a),
-            "--max-new-tokens",
-            "12",
-            "--batch-size",
-            "2",
-        ],
-        check=True,
-        timeout=300,
+    run_predict(
+        str(run_dir),
+        "--input",
+        str(prompts),
+        "--output",
+        str(out_a),
+        "--max-new-tokens",
+        "12",
+        "--batch-size",
+        "2",
     )
-    subprocess.run(
-        [
-            str(predict),
-            "--base",
-            str(_asset("stories260k")),
-            "--adapter",
-            str(run_dir / "final"),
-            "--input",
-            str(prompts),
-            "--output",
-            str(out_b),
-            "--max-new-tokens",
-            "12",
-        ],
-        check=True,
-        timeout=300,
+    run_predict(
+        "--base",
+        str(_asset("stories260k")),
+        "--adapter",
+        str(run_dir / "final"),
+        "--input",
+        str(prompts),
+        "--output",
+        str(out_b),
+        "--max-new-tokens",
+        "12",
     )
     a, b = read_jsonl(out_a), read_jsonl(out_b)
     assert [r.get("id") for r in a] == [None, 7]  # input fields kept, order kept
@@ -263,29 +261,24 @@ def test_predict_from_run_dir_and_from_base_plus_adapter(short_run, tmp_path: Pa
     # Sampling with a seed is reproducible.
     outs = []
     for name in ("s1.jsonl", "s2.jsonl"):
-        subprocess.run(
-            [
-                str(predict),
-                str(run_dir),
-                "--input",
-                str(prompts),
-                "--output",
-                str(tmp_path / name),
-                "--strategy",
-                "sampling",
-                "--top-k",
-                "20",
-                "--top-p",
-                "0.9",
-                "--temperature",
-                "0.8",
-                "--seed",
-                "3",
-                "--max-new-tokens",
-                "12",
-            ],
-            check=True,
-            timeout=300,
+        run_predict(
+            str(run_dir),
+            "--input",
+            str(prompts),
+            "--output",
+            str(tmp_path / name),
+            "--strategy",
+            "sampling",
+            "--top-k",
+            "20",
+            "--top-p",
+            "0.9",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "3",
+            "--max-new-tokens",
+            "12",
         )
         outs.append([r["output"] for r in read_jsonl(tmp_path / name)])
     assert outs[0] == outs[1]
@@ -294,18 +287,13 @@ def test_predict_from_run_dir_and_from_base_plus_adapter(short_run, tmp_path: Pa
 def test_predict_reports_a_broken_prompt_file(short_run, tmp_path: Path) -> None:
     prompts = tmp_path / "bad.jsonl"
     prompts.write_text('{"src": "ok"}\n{not json\n')
-    proc = subprocess.run(
-        [
-            str(FTLAB.with_name("ftlab-predict")),
-            str(short_run[1]),
-            "--input",
-            str(prompts),
-            "--output",
-            str(tmp_path / "o.jsonl"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_predict(
+        str(short_run[1]),
+        "--input",
+        str(prompts),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+        check=False,
     )
     assert proc.returncode == 2
     assert f"{prompts}:2: not valid JSON" in proc.stderr

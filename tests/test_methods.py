@@ -130,24 +130,25 @@ def logits_of(model: Any, batch: dict[str, Any]) -> np.ndarray:
     return (out[0] if isinstance(out, (tuple, list)) else out.logits).numpy()
 
 
-def train_and_save(
-    overrides: list[str], run_dir: Path, examples: list[dict], tokenizer: Any
-) -> tuple[Any, Any, dict[str, int], list[float]]:
-    """The runner's path in miniature: apply, train with FtlabTrainer, save ``final/``."""
+def trainer_for(
+    run: Any,
+    run_dir: Path,
+    examples: list[dict],
+    tokenizer: Any,
+    callbacks: list[Any] | None = None,
+    save_checkpoints: bool = True,
+) -> tuple[Any, Any, Any]:
+    """The runner's path in miniature: apply the method, wrap it in FtlabTrainer."""
     import paddle
 
     from ftlab.data import Collator, count_tokens
     from ftlab.methods import get_method
     from ftlab.models import load_model
-    from ftlab.runner import count_parameters
-    from ftlab.trainer import FtlabTrainer, MetricsJsonl, training_arguments
+    from ftlab.trainer import FtlabTrainer, training_arguments
 
-    run = compose_run([*overrides, *TRAIN])
-    validate(run, CPU)
     paddle.seed(0)
     method = get_method(run.method.name)
     model = method.apply(load_model(run.model, "float32"), run.method, run.model)
-    params = count_parameters(model)
     args = training_arguments(
         run,
         run_dir,
@@ -157,6 +158,8 @@ def train_and_save(
     )
     args.report_to = []
     args.disable_tqdm = True
+    if not save_checkpoints:
+        args.save_strategy = "no"
     trainer = FtlabTrainer(
         model=model,
         args=args,
@@ -165,8 +168,23 @@ def train_and_save(
         data_collator=Collator(tokenizer.pad_token_id),
         count_tokens=count_tokens,
         shuffle=False,
-        callbacks=[MetricsJsonl(run_dir / "metrics.jsonl")],
+        callbacks=callbacks,
     )
+    return method, model, trainer
+
+
+def train_and_save(
+    overrides: list[str], run_dir: Path, examples: list[dict], tokenizer: Any
+) -> tuple[Any, Any, dict[str, int], list[float]]:
+    """Train with FtlabTrainer, then save ``final/`` as the runner does."""
+    from ftlab.runner import count_parameters
+    from ftlab.trainer import MetricsJsonl
+
+    run = compose_run([*overrides, *TRAIN])
+    validate(run, CPU)
+    callbacks = [MetricsJsonl(run_dir / "metrics.jsonl")]
+    method, model, trainer = trainer_for(run, run_dir, examples, tokenizer, callbacks)
+    params = count_parameters(model)
     trainer.train()
     logged = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
     losses = [x["loss"] for x in logged if x["kind"] == "train"]
@@ -264,28 +282,9 @@ def frozen_extra(key: str) -> int:
 def one_trainer_step(
     overrides: list[str], run_dir: Path, examples: list[dict], tokenizer: Any
 ) -> Any:
-    import paddle
-
-    from ftlab.data import Collator, count_tokens
-    from ftlab.methods import get_method
-    from ftlab.models import load_model
-    from ftlab.trainer import FtlabTrainer, training_arguments
-
     run = compose_run([*overrides, *TRAIN, "train.max_steps=1"])
-    paddle.seed(0)
-    method = get_method(run.method.name)
-    model = method.apply(load_model(run.model, "float32"), run.method, run.model)
-    args = training_arguments(run, run_dir, 1, has_eval=False)
-    args.report_to, args.disable_tqdm, args.save_strategy = [], True, "no"
-    FtlabTrainer(
-        model=model,
-        args=args,
-        train_dataset=as_dataset(examples),
-        tokenizer=tokenizer,
-        data_collator=Collator(tokenizer.pad_token_id),
-        count_tokens=count_tokens,
-        shuffle=False,
-    ).train()
+    _, model, trainer = trainer_for(run, run_dir, examples, tokenizer, save_checkpoints=False)
+    trainer.train()
     return model
 
 
