@@ -65,6 +65,7 @@ def model_dtype(run: RunConfig) -> str:
 
 
 def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, Any]:
+    from ftlab.config.validate import check_demo_metric
     from ftlab.data import build_data, count_tokens
     from ftlab.methods import get_method
     from ftlab.methods.neftune import add_neftune_hook
@@ -98,8 +99,6 @@ def train(run: RunConfig, run_dir: Path, derived: dict[str, Any]) -> dict[str, A
         world_size=1,
         rank=0,
     )
-    from ftlab.config.validate import check_demo_metric
-
     check_demo_metric(run, data.dev_records)  # before the model: pipeline models cannot generate
     num_train = _length(data.train_dataset)
     derived["train_examples"] = num_train

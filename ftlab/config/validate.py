@@ -202,15 +202,14 @@ def check_parallel(run: RunConfig, env: Environment) -> dict[str, Any]:
         from ftlab.emulation import check_emulation
 
         check_emulation(run)  # refuses the layouts the CPU emulation cannot run
-    if env.device == "cpu" and not p.cpu_emulation:
-        if p.tensor > 1 or p.pipeline > 1 or p.sharding_stage in (2, 3):
-            raise ConfigError(
-                f"parallel={p.name} (tensor {p.tensor}, pipeline {p.pipeline}, sharding stage "
-                f"{p.sharding_stage}): PaddlePaddle's CPU build cannot run tensor, pipeline or "
-                "sharding stage 2/3 layouts. Run it on GPUs, or use parallel=dp2 / "
-                "sharding_stage1 on CPU; to test a tensor- or pipeline-parallel layout on CPU, "
-                "add parallel.cpu_emulation=true (slow, for correctness checks)."
-            )
+    elif env.device == "cpu" and (p.tensor > 1 or p.pipeline > 1 or p.sharding_stage in (2, 3)):
+        raise ConfigError(
+            f"parallel={p.name} (tensor {p.tensor}, pipeline {p.pipeline}, sharding stage "
+            f"{p.sharding_stage}): PaddlePaddle's CPU build cannot run tensor, pipeline or "
+            "sharding stage 2/3 layouts. Run it on GPUs, or use parallel=dp2 / "
+            "sharding_stage1 on CPU; to test a tensor- or pipeline-parallel layout on CPU, "
+            "add parallel.cpu_emulation=true (slow, for correctness checks)."
+        )
     return {"world_size": world, "nproc_per_node": nproc, "data_parallel_degree": dp}
 
 
