@@ -15,8 +15,9 @@ and prints the estimate, the measurement and the error. Packing (zero padding) f
 sequence to ``data.max_length``, the length the plan assumes.
 
 RSS holds the Python/Paddle/PaddleNLP runtime besides the tensors; the plan adds it as the
-constant ``ftlab.plan.CPU_RUNTIME_BASELINE_MIB``. ``--baseline`` measures that constant: the
-peak RSS of a run whose tensors are negligible (1 layer, hidden 16, one sequence of 64).
+constant ``ftlab.planning.plan.CPU_RUNTIME_BASELINE_MIB``. ``--baseline`` measures that
+constant: the peak RSS of a run whose tensors are negligible (1 layer, hidden 16, one
+sequence of 64).
 
 ``--fit`` prints the per-layer activation coefficients the plan uses, refitted from
 Paddle's own allocator counts (``host_memory_stat``) of PaddleNLP's eager Llama.
@@ -32,7 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ftlab.plan import CPU_RUNTIME_BASELINE_MIB
+from ftlab.planning.plan import CPU_RUNTIME_BASELINE_MIB
 
 REPO = Path(__file__).resolve().parents[1]
 # ftlab's CLI, plus a record of Paddle's host-allocator peak (bytes of live tensors, the
@@ -40,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 WRAPPER = """
 import json, os, sys
 import paddle.base.core as core
-import ftlab.trainer as tr
+import ftlab.training.trainer as tr
 rss = tr.peak_memory_mb
 def both():
     with open(os.environ["FTLAB_BENCH_ALLOC"], "a") as f:
@@ -48,7 +49,7 @@ def both():
     return rss()
 tr.peak_memory_mb = both
 sys.argv = ["ftlab", *sys.argv[1:]]
-from ftlab.train import main
+from ftlab.cli.app import main
 main()
 """
 FTLAB = [sys.executable, "-c", WRAPPER]
@@ -162,7 +163,7 @@ def baseline(tmp: Path) -> None:
         print(
             f"tiny model, {name}: peak RSS {peak:.1f} MiB, Paddle allocator peak "
             f"{alloc:.2f} MiB, planned tensors {tensors:.2f} MiB -> runtime baseline "
-            f"{peak - alloc:.0f} MiB (ftlab.plan.CPU_RUNTIME_BASELINE_MIB)"
+            f"{peak - alloc:.0f} MiB (ftlab.planning.plan.CPU_RUNTIME_BASELINE_MIB)"
         )
 
 

@@ -131,7 +131,7 @@ def _worker(
     import paddle
     from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
-    from ftlab.quant.blockwise import tensor_nbytes
+    from ftlab.models.quant.blockwise import tensor_nbytes
 
     paddle.seed(0)
     gc.collect()
@@ -162,7 +162,7 @@ def _worker(
     else:
         from paddlenlp.transformers.model_utils import no_init_weights
 
-        from ftlab.quant import QLoRASpec, quantize_while_loading
+        from ftlab.models.quant import QLoRASpec, quantize_while_loading
 
         algo = config_name.split("-", 1)[1]
         with no_init_weights(True), paddle.LazyGuard():
@@ -207,7 +207,7 @@ def _worker(
     hwm_steps = _hwm()
     out["decode_all_s"] = None
     if config_name != "lora":
-        from ftlab.quant import QuantLoRALinear
+        from ftlab.models.quant import QuantLoRALinear
 
         # One decode of every base weight; a training step does two (forward, backward),
         # three with recompute.

@@ -8,10 +8,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from ftlab.config.load import to_run_config
+from ftlab.config.environment import Environment
 from ftlab.config.schema import RunConfig
-from ftlab.config.store import register_configs
-from ftlab.config.validate import Environment
+from ftlab.resolve.compose import register_configs, to_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from conftest import CPU, GPU8, compose_cfg, compose_run, group_options
 
-from ftlab.config.schema import LoraMethodConfig, RunConfig
-from ftlab.config.validate import validate
+from ftlab.cli.app import explain_composition_error
+from ftlab.config.schema import RunConfig
 from ftlab.errors import ConfigError
-from ftlab.train import explain_composition_error
+from ftlab.methods.lora import LoraMethodConfig
+from ftlab.resolve.validate import validate
 
 GPU_ONLY_PRECISION = {"bf16", "bf16_o1", "fp16", "fp16_o2"}
 
@@ -88,7 +89,7 @@ def test_half_precision_on_cpu_fails(precision: str) -> None:
 
 
 def test_bf16_on_pre_ampere_gpu_fails() -> None:
-    from ftlab.config.validate import Environment
+    from ftlab.config.environment import Environment
 
     v100 = Environment("gpu", 1, "3.3.1", (7, 0))
     with pytest.raises(ConfigError, match="bfloat16 needs compute capability >= 8.0.*fp16"):
@@ -112,7 +113,7 @@ def test_max_length_beyond_model_context_fails() -> None:
 
 
 def test_flash_attention_on_old_cpu_paddle_fails() -> None:
-    from ftlab.config.validate import Environment
+    from ftlab.config.environment import Environment
 
     old = Environment("cpu", 2, "3.0.0")
     with pytest.raises(ConfigError, match="model.flash_attention=true.*paddlepaddle>=3.3"):

@@ -212,7 +212,7 @@ PROMPTS = [
 def test_greedy_continues_training_format_and_stops_at_eos(
     memorising_model: Any, tokenizer: Any, memorised: list[dict[str, Any]]
 ) -> None:
-    from ftlab.generation import generate_texts
+    from ftlab.evaluation.generation import generate_texts
 
     prompts = [r["src"] for r in memorised]
     outs = generate_texts(memorising_model, tokenizer, prompts, max_new_tokens=200, pad_token_id=0)
@@ -222,7 +222,7 @@ def test_greedy_continues_training_format_and_stops_at_eos(
 def test_max_new_tokens_truncates(
     memorising_model: Any, tokenizer: Any, memorised: list[dict[str, Any]]
 ) -> None:
-    from ftlab.generation import generate_texts
+    from ftlab.evaluation.generation import generate_texts
 
     tgt_ids = tokenizer(memorised[0]["tgt"], add_special_tokens=False)["input_ids"]
     for n, expected in ((1, "Once"), (4, "Once upon a time")):
@@ -235,7 +235,7 @@ def test_max_new_tokens_truncates(
 def test_one_output_per_prompt_greedy_deterministic_batch_equals_single(
     random_model: Any, tokenizer: Any
 ) -> None:
-    from ftlab.generation import generate_texts
+    from ftlab.evaluation.generation import generate_texts
 
     kw = {"max_new_tokens": 8, "pad_token_id": 0}
     batched = generate_texts(random_model, tokenizer, PROMPTS, batch_size=4, **kw)
@@ -248,7 +248,7 @@ def test_one_output_per_prompt_greedy_deterministic_batch_equals_single(
 
 
 def test_model_mode_is_restored(random_model: Any, tokenizer: Any) -> None:
-    from ftlab.generation import generate_texts
+    from ftlab.evaluation.generation import generate_texts
 
     for mode in ("train", "eval"):
         getattr(random_model, mode)()
@@ -261,7 +261,7 @@ def test_sampling_seed_reproducible_and_global_rng_untouched(
 ) -> None:
     import paddle
 
-    from ftlab.generation import generate_texts
+    from ftlab.evaluation.generation import generate_texts
 
     kw = {"max_new_tokens": 12, "pad_token_id": 0, "strategy": "sampling", "top_k": 20}
     a = generate_texts(random_model, tokenizer, PROMPTS, seed=7, **kw)
@@ -278,7 +278,7 @@ def test_lora_wrapped_model_generates(random_model: Any, tokenizer: Any) -> None
     import paddle
     from paddlenlp.peft import LoRAConfig, LoRAModel
 
-    from ftlab.generation import generate_texts
+    from ftlab.evaluation.generation import generate_texts
 
     base = generate_texts(random_model, tokenizer, PROMPTS, max_new_tokens=8, pad_token_id=0)
     lora = LoRAModel(
@@ -300,7 +300,7 @@ def test_lora_wrapped_model_generates(random_model: Any, tokenizer: Any) -> None
 def test_missing_pad_token_and_ignored_sampling_settings_fail(
     random_model: Any, tokenizer: Any
 ) -> None:
-    from ftlab.generation import generate_texts
+    from ftlab.evaluation.generation import generate_texts
 
     with pytest.raises(ValueError, match="no pad token"):
         generate_texts(random_model, tokenizer, ["Hi"])

@@ -35,7 +35,7 @@ TOLERANCE = 1e-5
 def ftlab(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
     return subprocess.run(
-        [sys.executable, "-m", "ftlab.train", *COMMON, *overrides],
+        [sys.executable, "-m", "ftlab.cli.app", *COMMON, *overrides],
         cwd=cwd,
         env=env,
         capture_output=True,

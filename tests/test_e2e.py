@@ -97,7 +97,7 @@ def test_environment_record_has_versions_and_no_process_env(short_run) -> None:
 
 
 def test_data_fingerprints(short_run) -> None:
-    from ftlab.run.record import sha256_file
+    from ftlab.record.provenance import sha256_file
 
     prints = json.loads((short_run[1] / "data_fingerprints.json").read_text())
     assert len(prints) == 2

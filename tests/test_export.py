@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import CPU, REPO, compose_run
 
-from ftlab.config.validate import validate
 from ftlab.errors import ConfigError
-from ftlab.export import export_run_finetune, run_finetune_arguments
+from ftlab.planning.export import export_run_finetune, run_finetune_arguments
+from ftlab.resolve.validate import validate
 
 
 def parse_like_run_finetune(path: Path) -> tuple:
@@ -157,7 +157,7 @@ def test_unknown_method_is_refused() -> None:
 def test_cli_export(tmp_path: Path) -> None:
     run_dir = tmp_path / "export"
     proc = subprocess.run(
-        [sys.executable, "-m", "ftlab.train", "mode=export", f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-m", "ftlab.cli.app", "mode=export", f"hydra.run.dir={run_dir}"],
         cwd=REPO,
         capture_output=True,
         text=True,

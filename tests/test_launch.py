@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import CPU, compose_run
 
-from ftlab.batching import GlobalBatchSampler, target_tokens
-from ftlab.config.validate import Environment, check_demo_metric, validate
-from ftlab.errors import ConfigError
-from ftlab.launch import (
+from ftlab.config.derived import Derived
+from ftlab.config.environment import Environment
+from ftlab.distributed.batching import GlobalBatchSampler, target_tokens
+from ftlab.distributed.launch import (
     check_launch,
     failed_ranks,
     failure_message,
@@ -22,8 +22,12 @@ from ftlab.launch import (
     remove_env_dumps,
     worker_overrides,
 )
+from ftlab.errors import ConfigError
+from ftlab.resolve.validate import check_demo_metric, validate
 
-DERIVED_DP2 = {"world_size": 2, "nproc_per_node": 2, "data_parallel_degree": 2, "device": "cpu"}
+DERIVED_DP2 = Derived(
+    device="cpu", world_size=2, nproc_per_node=2, data_parallel_degree=2, global_batch_size=32
+)
 
 
 def test_cpu_command_has_no_devices_and_fixes_run_dir(tmp_path: Path) -> None:
@@ -33,12 +37,12 @@ def test_cpu_command_has_no_devices_and_fixes_run_dir(tmp_path: Path) -> None:
     assert "--devices" not in cmd
     assert cmd[cmd.index("--nproc_per_node") + 1] == "2"
     assert cmd[cmd.index("--log_dir") + 1] == str(tmp_path / "logs")
-    worker = cmd[cmd.index("ftlab.train") - 3 :]
+    worker = cmd[cmd.index("ftlab.cli.app") - 3 :]
     assert worker == [
         sys.executable,
         "-u",
         "-m",
-        "ftlab.train",
+        "ftlab.cli.app",
         "parallel=dp2",
         "train.max_steps=3",
         f"hydra.run.dir={tmp_path}",
@@ -58,7 +62,7 @@ def test_gpu_devices_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch
 def test_multinode_flags_pass_through(tmp_path: Path) -> None:
     run = compose_run(["parallel=dp2", "launch.nnodes=2", "launch.master=10.0.0.1:8090"])
     check_launch(run)
-    cmd = launch_command(run, {**DERIVED_DP2, "world_size": 4}, tmp_path, [], ["0", "1"])
+    cmd = launch_command(run, DERIVED_DP2.with_(world_size=4), tmp_path, [], ["0", "1"])
     assert cmd[cmd.index("--nnodes") + 1] == "2"
     assert cmd[cmd.index("--master") + 1] == "10.0.0.1:8090"
     assert cmd[cmd.index("--devices") + 1] == "0,1"
@@ -147,8 +151,8 @@ def test_pipeline_layout_loads_the_pipe_model(monkeypatch: pytest.MonkeyPatch) -
     """load_model picks PaddleNLP's ...ForCausalLMPipe when fleet has pipeline stages."""
     from paddlenlp.transformers import AutoModelForCausalLM, AutoModelForCausalLMPipe
 
-    import ftlab.models
-    import ftlab.parallel
+    import ftlab.distributed.layout
+    import ftlab.models.loading
 
     calls: list = []
 
@@ -156,17 +160,17 @@ def test_pipeline_layout_loads_the_pipe_model(monkeypatch: pytest.MonkeyPatch) -
         calls.append((loader, kwargs))
         return object()
 
-    monkeypatch.setattr(ftlab.models, "load_pretrained", fake_load)
+    monkeypatch.setattr(ftlab.models.loading, "load_pretrained", fake_load)
     cfg = compose_run([]).model
     for degree, expected in ((1, AutoModelForCausalLM), (2, AutoModelForCausalLMPipe)):
-        monkeypatch.setattr(ftlab.parallel, "pipeline_degree", lambda d=degree: d)
-        ftlab.models.load_model(cfg, "float32")
+        monkeypatch.setattr(ftlab.distributed.layout, "pipeline_degree", lambda d=degree: d)
+        ftlab.models.loading.load_model(cfg, "float32")
         assert calls[-1][0] is expected, (degree, calls[-1])
-    assert ftlab.models.causal_lm_class(4) is AutoModelForCausalLMPipe
+    assert ftlab.models.loading.causal_lm_class(4) is AutoModelForCausalLMPipe
     # tensor x pipeline: the Pipe class still gets this rank's tensor-parallel shard.
     tp = {"tensor_parallel_degree": 2, "tensor_parallel_rank": 1, "tensor_parallel_output": False}
-    monkeypatch.setattr(ftlab.parallel, "model_parallel_kwargs", lambda: dict(tp))
-    ftlab.models.load_model(cfg, "float32")
+    monkeypatch.setattr(ftlab.distributed.layout, "model_parallel_kwargs", lambda: dict(tp))
+    ftlab.models.loading.load_model(cfg, "float32")
     loader, kwargs = calls[-1]
     assert loader is AutoModelForCausalLMPipe and tp.items() <= kwargs.items()
 
@@ -179,9 +183,10 @@ def test_user_run_dir_override_is_replaced(tmp_path: Path) -> None:
 
 def test_needs_launch_only_outside_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PADDLE_TRAINERS_NUM", raising=False)
-    assert needs_launch({"world_size": 2}) and not needs_launch({"world_size": 1})
+    two, one = DERIVED_DP2, DERIVED_DP2.with_(world_size=1)
+    assert needs_launch(two) and not needs_launch(one)
     monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
-    assert not needs_launch({"world_size": 2})
+    assert not needs_launch(two)
 
 
 def test_env_dumps_are_removed_and_logs_kept(tmp_path: Path) -> None:
@@ -202,7 +207,7 @@ def test_env_dumps_are_removed_and_logs_kept(tmp_path: Path) -> None:
 
 LAUNCHER_FAILURE = """LAUNCH INFO Pod failed
 LAUNCH ERROR Container failed !!!
-Container rank 1 status failed cmd ['python', '-u', '-m', 'ftlab.train'] code 2 log logs/workerlog.1
+Container rank 1 status failed cmd ['python', '-m', 'ftlab.cli.app'] code 2 log logs/workerlog.1
 LAUNCH INFO Exit code 2
 """
 

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from conftest import CPU, compose_run
 
-from ftlab.config.validate import validate
 from ftlab.errors import ConfigError, ModelLoadError
+from ftlab.resolve.validate import validate
 
 RELOAD_TOL = 1e-5
 MERGE_TOL = 1e-4
@@ -74,7 +74,7 @@ METHODS: dict[str, tuple[list[str], int]] = {
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from ftlab.models import load_tokenizer
+    from ftlab.models.loading import load_tokenizer
 
     return load_tokenizer(compose_run().model)
 
@@ -142,9 +142,10 @@ def trainer_for(
     import paddle
 
     from ftlab.data import Collator, count_tokens
-    from ftlab.methods import get_method
-    from ftlab.models import load_model
-    from ftlab.trainer import FtlabTrainer, training_arguments
+    from ftlab.methods.catalog import get_method
+    from ftlab.models.loading import load_model
+    from ftlab.training.arguments import training_arguments
+    from ftlab.training.trainer import FtlabTrainer
 
     paddle.seed(0)
     method = get_method(run.method.name)
@@ -177,14 +178,15 @@ def train_and_save(
     overrides: list[str], run_dir: Path, examples: list[dict], tokenizer: Any
 ) -> tuple[Any, Any, dict[str, int], list[float]]:
     """Train with FtlabTrainer, then save ``final/`` as the runner does."""
-    from ftlab.runner import count_parameters
-    from ftlab.trainer import MetricsJsonl
+    from ftlab.models.loading import parameter_counts
+    from ftlab.record.rundir import RunDir
+    from ftlab.training.trainer import MetricsJsonl
 
     run = compose_run([*overrides, *TRAIN])
     validate(run, CPU)
-    callbacks = [MetricsJsonl(run_dir / "metrics.jsonl")]
+    callbacks = [MetricsJsonl(RunDir(run_dir))]
     method, model, trainer = trainer_for(run, run_dir, examples, tokenizer, callbacks)
-    params = count_parameters(model)
+    params = parameter_counts(model)
     trainer.train()
     logged = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
     losses = [x["loss"] for x in logged if x["kind"] == "train"]
@@ -239,14 +241,17 @@ def test_method_trains_reloads_and_merges(
 ) -> None:
     from paddlenlp.transformers import AutoModelForCausalLM
 
-    from ftlab.merge import main as merge_main
-    from ftlab.methods import get_method
-    from ftlab.methods.loading import load_adapter
-    from ftlab.models import load_model
+    from ftlab.cli.merge import main as merge_main
+    from ftlab.methods.catalog import get_method
+    from ftlab.methods.reopen import load_adapter
+    from ftlab.models.loading import load_model
+    from ftlab.planning.plan import count_parameters
 
     t = trained(key)
     expected = METHODS[key][1]
     assert t.params == {"total": BASE_PARAMS + expected + frozen_extra(key), "trainable": expected}
+    planned = count_parameters(t.run)  # from model.arch alone, no Paddle
+    assert {"total": planned.total, "trainable": planned.trainable} == t.params
     assert len(t.losses) == 4 and t.losses[-1] < t.losses[0] - 0.005, t.losses  # (d)
 
     batch = collate(tokenizer, examples)
@@ -314,9 +319,9 @@ def test_lora_plus_scales_lora_b_learning_rate_in_the_trainer(
 
 
 def test_vera_projections_reload_bit_identical(trained: Callable[[str], Trained]) -> None:
-    from ftlab.methods.loading import load_adapter
+    from ftlab.methods.reopen import load_adapter
     from ftlab.methods.vera import vera_layers
-    from ftlab.models import load_model
+    from ftlab.models.loading import load_model
 
     t = trained("vera")
     reloaded = load_adapter(load_model(t.run.model, "float32"), t.final, "vera")
@@ -334,8 +339,8 @@ def test_vera_projections_reload_bit_identical(trained: Callable[[str], Trained]
 def test_vera_reload_refuses_other_projections(
     tmp_path: Path, trained: Callable[[str], Trained]
 ) -> None:
-    from ftlab.methods.loading import load_adapter
-    from ftlab.models import load_model
+    from ftlab.methods.reopen import load_adapter
+    from ftlab.models.loading import load_model
 
     t = trained("vera")
     bad = tmp_path / "final"
@@ -354,9 +359,9 @@ def test_vera_reload_refuses_other_projections(
 
 def test_pissa_base_residual_and_raw_checkpoint_refusal(trained: Callable[[str], Trained]) -> None:
     """Training ran on W - A0 @ B0; a Trainer checkpoint (no A0/B0) is refused on reload."""
-    from ftlab.methods.loading import load_adapter
     from ftlab.methods.lora import lora_layers
-    from ftlab.models import load_model
+    from ftlab.methods.reopen import load_adapter
+    from ftlab.models.loading import load_model
 
     t = trained("pissa")
     base = load_model(t.run.model, "float32")
@@ -416,8 +421,8 @@ def test_reft_edits_only_from_the_intervened_position(examples: list[dict], toke
     """With 'l1' only the last prompt token is edited: earlier logits equal the base's."""
     import paddle
 
-    from ftlab.methods import get_method
-    from ftlab.models import load_model
+    from ftlab.methods.catalog import get_method
+    from ftlab.models.loading import load_model
 
     run = compose_run(["method=reft", "method.reft_positions=l1"])
     base_logits = logits_of(load_model(run.model, "float32"), collate(tokenizer, examples[:1]))
@@ -437,8 +442,8 @@ def test_reft_generation_batched_equals_one_by_one(
 ) -> None:
     """Left padding moves each prompt; the positions follow it, as batching must not matter."""
     from ftlab.assets import asset_path
-    from ftlab.generation import generate_texts
-    from ftlab.models import load_model
+    from ftlab.evaluation.generation import generate_texts
+    from ftlab.models.loading import load_model
 
     t = trained("reft")
     dev = (asset_path("demo_stories") / "dev.json").read_text().splitlines()
@@ -463,7 +468,7 @@ def test_neftune_noise_training_only_with_documented_scale() -> None:
     import paddle
 
     from ftlab.methods.neftune import add_neftune_hook
-    from ftlab.models import load_model
+    from ftlab.models.loading import load_model
 
     model = load_model(compose_run().model, "float32")
     embeddings = model.get_input_embeddings()
@@ -492,9 +497,9 @@ def test_load_trained_and_merge_from_run_dir(
     trained: Callable[[str], Trained],
     capsys: pytest.CaptureFixture,
 ) -> None:
-    from ftlab.config.load import resolved_config_yaml
-    from ftlab.merge import main as merge_main
-    from ftlab.methods.loading import load_trained, load_with_adapter
+    from ftlab.cli.merge import main as merge_main
+    from ftlab.methods.reopen import load_trained, load_with_adapter
+    from ftlab.resolve.compose import resolved_config_yaml
 
     t = trained("lora")
     (t.run_dir / "resolved_config.yaml").write_text(resolved_config_yaml(t.run, {}))
@@ -514,7 +519,7 @@ def test_load_trained_and_merge_from_run_dir(
 
 
 def test_load_refuses_dirs_without_weights(tmp_path: Path) -> None:
-    from ftlab.methods.loading import load_trained, method_of
+    from ftlab.methods.reopen import load_trained, method_of
 
     with pytest.raises(ModelLoadError, match="no final/ftlab_method.json"):
         load_trained(tmp_path)
@@ -607,7 +612,7 @@ def test_ftlab_command_then_ftlab_merge(
 
     from paddlenlp.transformers import AutoModelForCausalLM
 
-    from ftlab.methods.loading import load_trained
+    from ftlab.methods.reopen import load_trained
 
     bin_dir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 from conftest import CPU, GPU8, REPO, compose_run
 
-from ftlab.config.validate import validate
 from ftlab.errors import ConfigError
-from ftlab.plan import (
+from ftlab.methods.qlora import quantized_bytes_per_param
+from ftlab.planning.plan import (
     MIB,
     count_parameters,
     estimate_memory,
     layout,
     make_plan,
-    quantized_bytes_per_param,
 )
+from ftlab.resolve.validate import validate
 
 STORIES_PARAMS = 260_032  # what PaddleNLP's model.parameters() holds (tied embedding)
 LLAMA3_8B_PARAMS = 8_030_261_248
@@ -119,9 +119,22 @@ def test_recompute_and_flash_attention_shrink_activations() -> None:
     assert flash["activations"] < plain["activations"]
 
 
-def test_plan_refuses_methods_it_has_no_model_for() -> None:
-    with pytest.raises(ConfigError, match="no parameter model for method=prefix"):
-        plan_for(["method=prefix"])
+@pytest.mark.parametrize(
+    "method, trainable, added_frozen",
+    [
+        # The trainable counts ``make bench-methods`` measured on the live models.
+        ("prefix", 5_120, 0),
+        ("vera", 5_240, 369_920),  # VeRA's frozen A, B: rank 64 x (in + out) per layer
+        ("lokr", 8_840, 0),
+        ("reft", 2_580, 0),
+    ],
+)
+def test_plan_counts_every_method(method: str, trainable: int, added_frozen: int) -> None:
+    counts = count_parameters(compose_run([f"method={method}"]))
+    assert counts.trainable == trainable
+    assert counts.total == STORIES_PARAMS + trainable + added_frozen
+    plan = plan_for([f"method={method}"])
+    assert plan["parameters"]["trainable"] == trainable and plan["method"]["name"] == method
 
 
 def test_activation_model_matches_paddle_allocator() -> None:
@@ -168,7 +181,7 @@ def test_cli_writes_plan_json_for_a_gpu_layout_on_any_machine(tmp_path: Path) ->
         [
             sys.executable,
             "-m",
-            "ftlab.train",
+            "ftlab.cli.app",
             "mode=plan",
             "device=gpu",
             "model=llama3",

@@ -9,7 +9,7 @@ import paddle
 import pytest
 from conftest import compose_run
 
-from ftlab.methods import get_method
+from ftlab.methods.catalog import get_method
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,9 @@ def _logits(model, ids: paddle.Tensor) -> np.ndarray:
 
 def _trained_qlora(run, method):
     paddle.seed(0)
-    model = method.apply(method.load_base(run.model, "float32", run.method), run.method, run.model)
+    model = method.apply(
+        method.load_base(run.method, run.model, dtype="float32"), run.method, run.model
+    )
     # Make the adapter non-trivial: LoRA B starts at zero.
     for _name, p in model.named_parameters():
         if not p.stop_gradient:
@@ -37,9 +39,9 @@ def _trained_qlora(run, method):
 
 def test_load_base_quantizes_every_target_linear(setup) -> None:
     run, method = setup
-    from ftlab.quant import QuantLoRALinear
+    from ftlab.models.quant import QuantLoRALinear
 
-    model = method.load_base(run.model, "float32", run.method)
+    model = method.load_base(run.method, run.model, dtype="float32")
     quantized = [m for m in model.sublayers() if isinstance(m, QuantLoRALinear)]
     assert len(quantized) == 35
     assert all(p.stop_gradient for n, p in model.named_parameters() if "lora" not in n)
@@ -47,7 +49,7 @@ def test_load_base_quantizes_every_target_linear(setup) -> None:
 
 def test_adapter_reloads_onto_a_fresh_float_base(setup, tmp_path: Path) -> None:
     run, method = setup
-    from ftlab.models import load_model
+    from ftlab.models.loading import load_model
 
     model = _trained_qlora(run, method)
     ids = paddle.to_tensor([[1, 403, 407, 261, 378, 2]])
@@ -63,7 +65,7 @@ def test_merge_equals_adapter_model(setup) -> None:
     ids = paddle.to_tensor([[1, 403, 407, 261, 378, 2]])
     expected = _logits(model, ids)
     merged = method.merge(model)
-    from ftlab.quant import QuantLoRALinear
+    from ftlab.models.quant import QuantLoRALinear
 
     assert not any(isinstance(m, QuantLoRALinear) for m in merged.sublayers())
     assert np.abs(_logits(merged, ids) - expected).max() <= 1e-4
@@ -72,8 +74,8 @@ def test_merge_equals_adapter_model(setup) -> None:
 def test_paddlenlp_backend_on_cpu_fails_naming_the_alternative(setup) -> None:
     from conftest import CPU
 
-    from ftlab.config.validate import validate
     from ftlab.errors import ConfigError
+    from ftlab.resolve.validate import validate
 
     run = compose_run(["method=qlora", "method.quant_backend=paddlenlp"])
     with pytest.raises(
@@ -87,8 +89,8 @@ def test_paddlenlp_backend_on_cpu_fails_naming_the_alternative(setup) -> None:
 def test_unsupported_variant_is_refused(setup) -> None:
     from conftest import CPU
 
-    from ftlab.config.validate import validate
     from ftlab.errors import ConfigError
+    from ftlab.resolve.validate import validate
 
     with pytest.raises(ConfigError, match="method=qlora does not support use_mora"):
         validate(compose_run(["method=qlora", "method.use_mora=true"]), CPU)
@@ -106,11 +108,11 @@ def test_tensor_parallel_qlora_needs_the_paddlenlp_backend(
 ) -> None:
     from conftest import GPU8
 
-    import ftlab.quant
-    from ftlab.config.validate import validate
+    import ftlab.models.quant
     from ftlab.errors import ConfigError
+    from ftlab.resolve.validate import validate
 
-    monkeypatch.setattr(ftlab.quant, "native_backend_available", lambda algo: native)
+    monkeypatch.setattr(ftlab.models.quant, "native_backend_available", lambda algo: native)
     run = compose_run(["method=qlora", f"method.quant_backend={backend}", "parallel=tp4"])
     with pytest.raises(ConfigError, match=f"parallel=tp4: {message}.*no tensor-parallel form"):
         validate(run, GPU8)
@@ -123,11 +125,13 @@ def test_tensor_parallel_qlora_validates_where_paddlenlp_kernels_run(
     """The issue's first example, on a GPU machine with PaddleSlim (probe simulated)."""
     from conftest import GPU8
 
-    import ftlab.quant
-    from ftlab.config.validate import validate
+    import ftlab.models.quant
+    from ftlab.resolve.validate import validate
 
     monkeypatch.setattr(
-        ftlab.quant, "native_backend_available", lambda algo: (True, "GPU sm90 with paddleslim")
+        ftlab.models.quant,
+        "native_backend_available",
+        lambda algo: (True, "GPU sm90 with paddleslim"),
     )
     run = compose_run(
         ["method=qlora", f"method.quant_backend={backend}", "parallel=tp4", "model=llama3"]

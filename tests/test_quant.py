@@ -10,7 +10,7 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-from ftlab.quant import (
+from ftlab.models.quant import (
     FP4_CODEBOOK,
     NF4_CODEBOOK,
     QLoRASpec,

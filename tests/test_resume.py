@@ -35,7 +35,7 @@ def save_model(self, output_dir=None, *args, **kwargs):
         open(os.environ["FTLAB_TEST_MARK"], "w").close()
         time.sleep(600)
 T.Trainer.save_model = save_model
-from ftlab.train import main
+from ftlab.cli.app import main
 sys.argv = ["ftlab", *sys.argv[1:]]
 main()
 """

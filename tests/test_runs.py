@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from fake_runs import make_run, metrics
 
-from ftlab.run.index import find_runs, read_run
-from ftlab.runs import main
+from ftlab.cli.runs import main
+from ftlab.record.index import find_runs, read_run
 
 RANK0 = "method.lora_rank=0: the rank must be >= 1."
 

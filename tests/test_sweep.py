@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from fake_runs import make_run, metrics
 
-from ftlab.sweep import read_sweep, summary_rows, write_sweep_summary, x_axis
+from ftlab.record.sweep import read_sweep, summary_rows, write_sweep_summary, x_axis
 
 BIN = Path(sys.executable).parent
 RANK0 = "method.lora_rank=0: the rank must be >= 1."

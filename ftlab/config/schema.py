@@ -1,6 +1,6 @@
 """Typed schemas behind every config group.
 
-Each dataclass is registered in Hydra's ConfigStore (see ``store.py``) and every YAML
+Each dataclass is registered in Hydra's ConfigStore (``ftlab/resolve/compose.py``) and every YAML
 option starts with ``defaults: [base_<schema>]``, so a misspelled key or a wrong type
 fails at composition time, before anything heavy is imported or loaded.
 
@@ -39,7 +39,7 @@ class ModelConfig:
     # resolves to a checkpoint shipped inside ftlab.
     name_or_path: str = MISSING
     tokenizer_name_or_path: str | None = None  # defaults to name_or_path
-    family: str = "llama"  # llama | qwen2
+    family: str = "llama"  # a row of the family table (ftlab/models/families.py)
     arch: ModelArch = field(default_factory=ModelArch)
     # Regex patterns on sublayer names (PaddleNLP ``target_modules`` convention).
     lora_target_modules: list[str] = field(default_factory=list)
@@ -53,40 +53,13 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """Fields every method shares. Each method extends this with its own dataclass."""
+    """Fields every method shares. Each method extends this with its own dataclass, in the
+    method's own module (``ftlab/methods/<name>.py``), next to everything else about it."""
 
     name: str = MISSING
     # NEFTune: uniform noise scaled by alpha/sqrt(seq_len*hidden) on input embeddings,
     # training only. 0 disables it.
     neftune_noise_alpha: float = 0.0
-
-
-@dataclass
-class FullMethodConfig(MethodConfig):
-    name: str = "full"
-
-
-@dataclass
-class LoraMethodConfig(MethodConfig):
-    name: str = "lora"
-    lora_rank: int = 8
-    lora_alpha: float | None = None  # None -> 2 * lora_rank (recorded as derived)
-    lora_dropout: float = 0.0
-    target_modules: list[str] | None = None  # None -> model.lora_target_modules
-    rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
-    lora_plus_scale: float = 1.0  # LoRA+: lr multiplier of B over A (1.0 = off)
-    pissa: bool = False  # initialise from the principal singular vectors of W
-    lora_use_mixer: bool = False  # MoSLoRA: learnable r x r mixer between A and B
-    use_mora: bool = False  # MoRA: square high-rank update instead of A @ B
-
-
-@dataclass
-class QLoraMethodConfig(LoraMethodConfig):
-    name: str = "qlora"
-    quant_algo: str = "nf4"  # nf4 | fp4 | int8 | int4
-    quant_block_size: int = 64
-    double_quant: bool = False
-    quant_backend: str = "auto"  # auto | paddlenlp | ftlab
 
 
 # --------------------------------------------------------------------------- data

@@ -17,20 +17,15 @@ from ftlab.data.datasets import ExampleDataset, PackedDataset
 from ftlab.data.examples import ExampleBuilder, ExampleStore, Limits
 from ftlab.data.formats import detect_format, record_conversation, to_conversation
 from ftlab.data.layout import resolve_split_files
-from ftlab.data.packing import PACKING_MODES, make_packs
+from ftlab.data.packing import make_packs
 from ftlab.data.records import BadRecords, Record, iter_records, read_split, sha256_file
+from ftlab.data.settings import check_data_settings
 from ftlab.data.stats import DataStats, SplitStats
 from ftlab.data.streaming import StreamingDataset
 from ftlab.data.templates import make_renderer
 from ftlab.errors import DataError
 
 log = logging.getLogger(__name__)
-
-ENUMS = {
-    "overlong": ("truncate", "drop", "error"),
-    "packing": PACKING_MODES,
-    "on_bad_record": ("error", "skip"),
-}
 
 
 @dataclass
@@ -54,33 +49,6 @@ class DataBundle:
                 "with ftlab.data.build_data to encode prompts."
             )
         return self.builder.prompt_ids(record_conversation(record, self.format))
-
-
-def _validate(cfg: DataConfig, max_steps: int | None) -> None:
-    for name, allowed in ENUMS.items():
-        value = getattr(cfg, name)
-        if value not in allowed:
-            raise DataError(f"data.{name}={value!r} is not one of {', '.join(allowed)}.")
-    if not 0 < cfg.src_length < cfg.max_length:
-        raise DataError(
-            f"data.src_length={cfg.src_length} must be at least 1 and below "
-            f"data.max_length={cfg.max_length}, so every example keeps some target tokens."
-        )
-    if cfg.dev_from_train is not None and not 0 < cfg.dev_from_train < 1:
-        raise DataError(
-            f"data.dev_from_train={cfg.dev_from_train} must be a fraction between "
-            "0 and 1 (e.g. 0.05), or null."
-        )
-    if cfg.streaming and (max_steps is None or max_steps <= 0):
-        raise DataError(
-            "data.streaming=true needs train.max_steps > 0: a stream has no known "
-            "length. Set train.max_steps."
-        )
-    if cfg.streaming and cfg.dev_from_train is not None:
-        raise DataError(
-            "data.streaming=true cannot carve data.dev_from_train out of a stream "
-            "read lazily; give a dev split (dev.json or data.dev_path) instead."
-        )
 
 
 def _check_tokenizer(tokenizer: Any) -> int:
@@ -225,7 +193,7 @@ def build_data(
     Map-style datasets are not sharded here (the Trainer's sampler does it); a streaming
     train set is sharded by ``world_size``/``rank``.
     """
-    _validate(cfg, max_steps)
+    check_data_settings(cfg, max_steps)
     pad_id = _check_tokenizer(tokenizer)
     train_files = resolve_split_files(cfg, "train")
     dev_files = resolve_split_files(cfg, "dev")

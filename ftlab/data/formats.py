@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ftlab.config.choices import check_choice
 from ftlab.data.records import BadRecords, Record
 from ftlab.errors import DataError
 
@@ -168,8 +169,7 @@ def detect_format(records: Sequence[Record], setting: str) -> str:
     Records that fit no format do not vote; they fail (or are skipped) later with the
     detected format's expected fields, which says more than a list of all formats.
     """
-    if setting not in ("auto",) + FORMATS:
-        raise DataError(f"data.format={setting!r} is not one of auto, {', '.join(FORMATS)}.")
+    check_choice("data.format", setting, ("auto", *FORMATS), DataError)
     if setting != "auto":
         return setting
     found: dict[str, str] = {}

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ftlab.generation import generate_texts
+from ftlab.evaluation.generation import generate_texts
 
 
 def entity_pattern(entity: str) -> re.Pattern[str]:

@@ -1,5 +1,5 @@
-"""Fine-tuning methods: full-parameter SFT and the PEFT zoo, one registered class each."""
+"""Fine-tuning methods: full-parameter SFT and the PEFT zoo, one module and class each.
 
-from ftlab.methods.registry import Method, get_method, method_schemas, register_method
-
-__all__ = ["Method", "get_method", "method_schemas", "register_method"]
+``registry`` defines the ``Method`` interface (a leaf); ``catalog`` loads the built-in
+methods and looks them up by name; ``reopen`` rebuilds a finished run's model.
+"""

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftlab.config.schema import FullMethodConfig
-from ftlab.methods.registry import Method, register_method
+from ftlab.config.schema import MethodConfig
+from ftlab.methods.registry import AdapterPlan, Method, register_method
 
 if TYPE_CHECKING:
     import paddle
 
-    from ftlab.config.schema import ModelConfig
+    from ftlab.config.schema import ModelConfig, RunConfig
+
+
+@dataclass
+class FullMethodConfig(MethodConfig):
+    name: str = "full"
 
 
 @register_method
@@ -19,6 +25,13 @@ class Full(Method):
     name = "full"
     schema = FullMethodConfig
     supports_pipeline_parallel = True
+    saves_whole_model = True
+
+    def plan(self, run: RunConfig) -> AdapterPlan:
+        return AdapterPlan(trains_base=True)
+
+    def export(self, run: RunConfig, notes: list[str]) -> dict[str, Any]:
+        return {}  # run_finetune.py fine-tunes every weight unless a PEFT flag is set
 
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
         for p in model.parameters():

@@ -15,12 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 from ftlab.config.schema import MethodConfig
 from ftlab.errors import ConfigError
-from ftlab.methods.registry import Method, register_method
+from ftlab.methods.linear import LinearAdapterMethod, target_patterns
+from ftlab.methods.registry import AdapterPlan, register_method
 
 if TYPE_CHECKING:
     import paddle
 
+    from ftlab.config.environment import Environment
     from ftlab.config.schema import ModelConfig, RunConfig
+    from ftlab.models.arch import Linear
 
 LOKR_WEIGHTS_STEM = "lokr_model_state"
 
@@ -42,17 +45,42 @@ def lokr_layers(model: Any) -> list[tuple[str, Any]]:
     return [(n, layer) for n, layer in model.named_sublayers() if isinstance(layer, LoKrLinear)]
 
 
+def split_dimension(dim: int, factor: int) -> tuple[int, int]:
+    """How PaddleNLP's ``LoKrLinear`` splits one dimension into (w1 side, w2 side).
+
+    Restated without Paddle so the plan can count LoKr's parameters: a ``factor`` that
+    divides ``dim`` is taken as is; otherwise (and for -1) the divisors of ``dim`` are
+    walked upwards while the first side stays below the second and at most ``factor``,
+    and the pair is returned smaller side first.
+    """
+    if factor > 0 and dim % factor == 0:
+        return factor, dim // factor
+    limit = dim if factor == -1 else factor
+    m, n = 1, dim
+    while m < n:
+        candidate = m + 1
+        while dim % candidate:
+            candidate += 1
+        if candidate > limit:
+            break
+        m, n = candidate, dim // candidate
+    return (m, n) if m <= n else (n, m)
+
+
 @register_method
-class Lokr(Method):
+class Lokr(LinearAdapterMethod):
     name = "lokr"
     schema = LokrMethodConfig
     unified_checkpoint = False
     supports_tensor_parallel = False
+    fixed_on_resume = ("lokr_dim", "factor", "decompose_both", "target_modules")
+    size_setting = "lokr_dim"
 
-    def check(self, run: RunConfig) -> None:
+    def check(self, run: RunConfig, env: Environment) -> None:
         m = run.method
         if m.lokr_dim < 1:
             raise ConfigError(f"method.lokr_dim={m.lokr_dim}: must be >= 1.")
+        super().check(run, env)
         if m.factor == 0 or m.factor < -1:
             raise ConfigError(f"method.factor={m.factor}: use -1 (balanced) or a positive size.")
 
@@ -60,7 +88,7 @@ class Lokr(Method):
         from paddlenlp.peft import LoKrConfig, LoKrModel
 
         config = LoKrConfig(
-            target_modules=list(cfg.target_modules or model_cfg.lora_target_modules),
+            target_modules=target_patterns(cfg, model_cfg),
             lokr_dim=cfg.lokr_dim,
             lokr_alpha=cfg.lokr_alpha,
             factor=cfg.factor,
@@ -78,7 +106,7 @@ class Lokr(Method):
     def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
         from paddlenlp.peft import LoKrConfig, LoKrModel
 
-        from ftlab.methods.loading import load_trainable_state, weights_file
+        from ftlab.methods.state import load_trainable_state, weights_file
 
         trained_dir = Path(trained_dir)
         weights = weights_file(trained_dir, LOKR_WEIGHTS_STEM, "LoKr")
@@ -106,3 +134,30 @@ class Lokr(Method):
     def derived(self, cfg: Any) -> dict[str, Any]:
         alpha = cfg.lokr_alpha or float(cfg.lokr_dim)
         return {"lokr_scale": alpha / cfg.lokr_dim}
+
+    def adapter_size(self, cfg: Any, linear: Linear) -> int:
+        """w1 (``[out_1, in_1]``, or two rank-``lokr_dim`` factors with decompose_both)
+        and w2 (``[out_2, in_2]``, factorised when the rank is below half its larger side).
+        """
+        r = cfg.lokr_dim
+        out_1, out_2 = split_dimension(linear.fan_out, cfg.factor)
+        in_1, in_2 = split_dimension(linear.fan_in, cfg.factor)
+        if cfg.decompose_both and r < max(out_1, in_1) / 2:
+            w1 = r * (out_1 + in_1)
+        else:
+            w1 = out_1 * in_1
+        w2 = r * (out_2 + in_2) if r < max(out_2, in_2) / 2 else out_2 * in_2
+        return w1 + w2
+
+    def plan(self, run: RunConfig) -> AdapterPlan:
+        plan = super().plan(run)
+        plan.details = {"lokr_dim": run.method.lokr_dim, "targets": plan.targets}
+        plan.lines = [f"adapter        LoKr dim {run.method.lokr_dim} on {', '.join(plan.targets)}"]
+        return plan
+
+    def export(self, run: RunConfig, notes: list[str]) -> dict[str, Any]:
+        notes.append(
+            "LoKr: run_finetune.py has only lokr_dim; alpha, factor and "
+            "decompose_both are its own defaults."
+        )
+        return {"lokr": True, "lokr_dim": run.method.lokr_dim}

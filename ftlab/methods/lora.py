@@ -26,29 +26,45 @@ What ftlab changes on top of PaddleNLP 3.0.0b4, and why:
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftlab.config.schema import LoraMethodConfig
+from ftlab.config.schema import MethodConfig
 from ftlab.errors import ConfigError, ModelLoadError
-from ftlab.methods.registry import Method, register_method
+from ftlab.methods.linear import LinearAdapterMethod, target_patterns
+from ftlab.methods.registry import AdapterPlan, register_method
+from ftlab.models.families import family
 
 if TYPE_CHECKING:
     import paddle
 
+    from ftlab.config.environment import Environment
     from ftlab.config.schema import ModelConfig, RunConfig
+    from ftlab.models.arch import Linear
 
 PEFT_INDEX = "peft_model.safetensors.index.json"
 PISSA_INIT = "pissa_init.safetensors"
 
 
+@dataclass
+class LoraMethodConfig(MethodConfig):
+    name: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: float | None = None  # None -> 2 * lora_rank (recorded as derived)
+    lora_dropout: float = 0.0
+    target_modules: list[str] | None = None  # None -> model.lora_target_modules
+    rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+    lora_plus_scale: float = 1.0  # LoRA+: lr multiplier of B over A (1.0 = off)
+    pissa: bool = False  # initialise from the principal singular vectors of W
+    lora_use_mixer: bool = False  # MoSLoRA: learnable r x r mixer between A and B
+    use_mora: bool = False  # MoRA: square high-rank update instead of A @ B
+
+
 def lora_alpha(cfg: LoraMethodConfig) -> float:
     """The alpha in force: the user's, or 2 * rank (a common default, recorded as derived)."""
     return float(cfg.lora_alpha) if cfg.lora_alpha is not None else 2.0 * cfg.lora_rank
-
-
-def lora_targets(cfg: LoraMethodConfig, model_cfg: ModelConfig) -> list[str]:
-    return list(cfg.target_modules) if cfg.target_modules else list(model_cfg.lora_target_modules)
 
 
 def adapter_weights_present(trained_dir: Path) -> bool:
@@ -118,14 +134,28 @@ def restore_pissa_residual(model: Any, init_file: Path) -> None:
             layer.apply_pissa = True
 
 
+def lora_size(m: LoraMethodConfig, lin: Linear) -> int:
+    """LoRA parameters PaddleNLP creates for one linear (MoRA: one square matrix)."""
+    r = m.lora_rank
+    if m.use_mora:
+        r_hat = int(math.sqrt((lin.fan_in + lin.fan_out) * r) + 0.5) // 2 * 2
+        return r_hat * r_hat
+    return r * (lin.fan_in + lin.fan_out) + (r * r if m.lora_use_mixer else 0)
+
+
 @register_method
-class Lora(Method):
+class Lora(LinearAdapterMethod):
     name = "lora"
     schema = LoraMethodConfig
     supports_pipeline_parallel = True
+    fixed_on_resume = ("lora_rank", "target_modules", "pissa", "lora_use_mixer", "use_mora")
+    size_setting = "lora_rank"
 
-    def check(self, run: RunConfig) -> None:
+    def check(self, run: RunConfig, env: Environment) -> None:
         m = run.method
+        if m.lora_rank < 1:
+            raise ConfigError(f"method.lora_rank={m.lora_rank}: the rank must be >= 1.")
+        super().check(run, env)
         if m.lora_plus_scale <= 0:
             raise ConfigError(
                 f"method.lora_plus_scale={m.lora_plus_scale}: must be > 0 (1.0 turns LoRA+ off)."
@@ -158,7 +188,7 @@ class Lora(Method):
         from paddlenlp.peft import LoRAConfig
 
         return LoRAConfig(
-            target_modules=lora_targets(cfg, model_cfg),
+            target_modules=target_patterns(cfg, model_cfg),
             r=cfg.lora_rank,
             lora_alpha=lora_alpha(cfg),
             lora_dropout=cfg.lora_dropout,
@@ -239,3 +269,45 @@ class Lora(Method):
         else:
             scale = alpha / (cfg.lora_rank**0.5) if cfg.rslora else alpha / cfg.lora_rank
         return {"lora_alpha": alpha, "lora_scaling": scale}
+
+    def adapter_size(self, cfg: Any, linear: Linear) -> int:
+        return lora_size(cfg, linear)
+
+    def plan(self, run: RunConfig) -> AdapterPlan:
+        plan = super().plan(run)
+        plan.details = {"lora_rank": run.method.lora_rank, "targets": plan.targets}
+        plan.lines = [
+            f"adapter        LoRA rank {run.method.lora_rank} on {', '.join(plan.targets)}"
+        ]
+        return plan
+
+    def export(self, run: RunConfig, notes: list[str]) -> dict[str, Any]:
+        m = run.method
+        args: dict[str, Any] = {
+            "lora": True,
+            "lora_rank": m.lora_rank,
+            "rslora": m.rslora,
+            "lora_plus_scale": m.lora_plus_scale,
+            "pissa": m.pissa,
+            "lora_use_mixer": m.lora_use_mixer,
+            "use_mora": m.use_mora,
+        }
+        script_alpha = 4.0 if m.rslora else 2.0 * m.lora_rank
+        if lora_alpha(m) != script_alpha:
+            notes.append(
+                f"method.lora_alpha={lora_alpha(m):g}: run_finetune.py fixes alpha at "
+                f"{script_alpha:g} ({'4 with rsLoRA' if m.rslora else '2 x lora_rank'})."
+            )
+        if m.lora_dropout:
+            notes.append(
+                f"method.lora_dropout={m.lora_dropout}: run_finetune.py uses no LoRA dropout."
+            )
+        # PaddleNLP's get_lora_target_modules adapts every linear layer of the family.
+        script_targets = set(family(run.model.family).linears)
+        patterns = target_patterns(m, run.model)
+        if {t.strip(".*") for t in patterns} != script_targets:
+            notes.append(
+                f"LoRA targets {sorted(patterns)}: run_finetune.py adapts "
+                f"every projection ({', '.join(sorted(script_targets))})."
+            )
+        return args

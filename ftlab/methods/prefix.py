@@ -19,11 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from ftlab.config.schema import MethodConfig
 from ftlab.errors import ConfigError, ModelLoadError
-from ftlab.methods.registry import Method, register_method
+from ftlab.methods.registry import AdapterPlan, Method, register_method
+from ftlab.models.arch import kv_dim
+from ftlab.models.families import FAMILIES, family
 
 if TYPE_CHECKING:
     import paddle
 
+    from ftlab.config.environment import Environment
     from ftlab.config.schema import ModelConfig, RunConfig
 
 
@@ -37,20 +40,21 @@ class PrefixMethodConfig(MethodConfig):
     prefix_dropout: float = 0.0
 
 
+def prefix_families() -> list[str]:
+    return sorted(name for name, f in FAMILIES.items() if f.prefix_kv_layout)
+
+
 def _postprocess(model_type: str) -> Any:
     """The function turning the prefix encoder's output into per-layer (key, value) caches."""
-    from paddlenlp.peft.prefix import (
-        llama_postprocess_past_key_value,
-        qwen_postprocess_past_key_value,
-    )
+    import paddlenlp.peft.prefix as prefix_module
 
-    table = {"llama": llama_postprocess_past_key_value, "qwen2": qwen_postprocess_past_key_value}
-    if model_type not in table:
+    layout = FAMILIES[model_type].prefix_kv_layout if model_type in FAMILIES else None
+    if layout is None:
         raise ConfigError(
             f"method=prefix: no key/value layout known for model type {model_type!r}; "
-            f"supported: {', '.join(sorted(table))}."
+            f"supported: {', '.join(prefix_families())}."
         )
-    return table[model_type]
+    return getattr(prefix_module, layout)
 
 
 @functools.cache
@@ -74,21 +78,25 @@ def _prefix_model_class() -> type:
 class Prefix(Method):
     name = "prefix"
     schema = PrefixMethodConfig
+    fixed_on_resume = ("num_prefix_tokens", "prefix_projection", "prefix_projection_hidden_size")
     merge_unsupported = (
         "prefix tuning adds learned key/value entries to every attention layer; they are "
         "extra positions attended to, not a change of any weight matrix, so no merged "
         "weights can reproduce them. Serve the base model with the adapter instead "
-        "(ftlab.methods.loading.load_trained)."
+        "(ftlab.methods.reopen.load_trained)."
     )
 
-    def check(self, run: RunConfig) -> None:
+    def check(self, run: RunConfig, env: Environment) -> None:
         m = run.method
         if m.num_prefix_tokens < 1:
             raise ConfigError(f"method.num_prefix_tokens={m.num_prefix_tokens}: must be >= 1.")
         if not 0.0 <= m.prefix_dropout < 1.0:
             raise ConfigError(f"method.prefix_dropout={m.prefix_dropout}: must be in [0, 1).")
-        if run.model.family not in ("llama", "qwen2"):
-            raise ConfigError(f"method=prefix does not support model.family={run.model.family}.")
+        if not family(run.model.family).prefix_kv_layout:
+            raise ConfigError(
+                f"method=prefix does not support model.family={run.model.family}: PaddleNLP has "
+                f"no prefix key/value layout for it (it has for {', '.join(prefix_families())})."
+            )
 
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
         from paddlenlp.peft import PrefixConfig
@@ -136,5 +144,27 @@ class Prefix(Method):
     def merge(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
         raise ConfigError(f"method=prefix cannot be merged: {self.merge_unsupported}")
 
-    def derived(self, cfg: Any) -> dict[str, Any]:
-        return {}
+    def plan(self, run: RunConfig) -> AdapterPlan:
+        """The prefix encoder: one key and one value per prefix token, layer and key/value
+        head (an embedding), or that reached through a two-layer MLP with projection."""
+        m, a = run.method, run.model.arch
+        n, width = m.num_prefix_tokens, kv_dim(run.model)
+        caches = width * a.num_hidden_layers * 2
+        if m.prefix_projection:
+            hidden = m.prefix_projection_hidden_size or a.hidden_size
+            size = n * width + (width * hidden + hidden) + (hidden * caches + caches)
+        else:
+            size = n * caches
+        return AdapterPlan(
+            adapter=size,
+            details={"num_prefix_tokens": n, "prefix_projection": m.prefix_projection},
+            lines=[f"adapter        prefix of {n} tokens x {a.num_hidden_layers} layers"],
+        )
+
+    def export(self, run: RunConfig, notes: list[str]) -> dict[str, Any]:
+        notes.append(
+            "prefix tuning: run_finetune.py chooses projection and dropout per model "
+            "(get_prefix_tuning_params); method.prefix_projection / prefix_dropout are "
+            "not arguments there."
+        )
+        return {"prefix_tuning": True, "num_prefix_tokens": run.method.num_prefix_tokens}

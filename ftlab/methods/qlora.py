@@ -1,7 +1,7 @@
 """QLoRA: a frozen blockwise-quantized base with LoRA adapters trained in fp32.
 
 Two backends. ``paddlenlp``: PaddleNLP's own quantized LoRA layers (CUDA only; nf4/fp4
-also need PaddleSlim's CUDA ops). ``ftlab``: ``ftlab.quant``, written with Paddle tensor
+also need PaddleSlim's CUDA ops). ``ftlab``: ``ftlab.models.quant``, written with Paddle tensor
 ops, so it runs on any device. ``auto`` takes PaddleNLP's where it can run, else ftlab's;
 the resolved config and the summary say which ran. A requested backend that cannot run
 fails with the reason: PaddleNLP without PaddleSlim would silently drop the quantized
@@ -12,32 +12,43 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftlab.config.schema import QLoraMethodConfig
+from ftlab.config.choices import check_choice
 from ftlab.errors import ConfigError
-from ftlab.methods.lora import Lora, lora_alpha, lora_targets
-from ftlab.methods.registry import register_method
+from ftlab.methods.linear import target_patterns
+from ftlab.methods.lora import Lora, LoraMethodConfig, lora_alpha
+from ftlab.methods.registry import AdapterPlan, register_method
+from ftlab.models.quant.algos import ALGOS, PADDLENLP_ALGO, bytes_per_param
 
 if TYPE_CHECKING:
     import paddle
 
+    from ftlab.config.environment import Environment
     from ftlab.config.schema import ModelConfig, RunConfig
 
 ADAPTER_FILE = "qlora_adapter.safetensors"
 QUANT_CONFIG_FILE = "quant_config.json"
-# PaddleNLP's names for the same algorithms (weight_only_* are per-channel there).
-PADDLENLP_ALGO = {
-    "nf4": "nf4",
-    "fp4": "fp4",
-    "int8": "weight_only_int8",
-    "int4": "weight_only_int4",
-}
+
+
+@dataclass
+class QLoraMethodConfig(LoraMethodConfig):
+    name: str = "qlora"
+    quant_algo: str = "nf4"  # nf4 | fp4 | int8 | int4
+    quant_block_size: int = 64
+    double_quant: bool = False
+    quant_backend: str = "auto"  # auto | paddlenlp | ftlab
+
+
+def quantized_bytes_per_param(m: QLoraMethodConfig) -> float:
+    """Codes + block scales per quantized parameter (ftlab's blockwise layout)."""
+    return bytes_per_param(m.quant_algo, m.quant_block_size, m.double_quant)
 
 
 def resolve_backend(cfg: QLoraMethodConfig) -> str:
-    from ftlab.quant import native_backend_available
+    from ftlab.models.quant import native_backend_available
 
     ok, why = native_backend_available(cfg.quant_algo)
     if cfg.quant_backend == "auto":
@@ -48,7 +59,7 @@ def resolve_backend(cfg: QLoraMethodConfig) -> str:
 
 
 def qlora_spec(cfg: QLoraMethodConfig, compute_dtype: str = "float32") -> Any:
-    from ftlab.quant import QLoRASpec
+    from ftlab.models.quant import QLoRASpec
 
     return QLoRASpec(
         algo=cfg.quant_algo,
@@ -73,9 +84,25 @@ class QLora(Lora):
     # The trained artefact is the adapter plus quantization settings, written by
     # ``save_final``; the base is re-quantized deterministically on load.
     unified_checkpoint = False
+    fixed_on_resume = (
+        *Lora.fixed_on_resume,
+        "quant_algo",
+        "quant_block_size",
+        "double_quant",
+        "quant_backend",
+    )
 
-    def check(self, run: RunConfig) -> None:
+    def check(self, run: RunConfig, env: Environment) -> None:
         cfg = run.method
+        check_choice("method.quant_algo", cfg.quant_algo, ALGOS)
+        check_choice("method.quant_backend", cfg.quant_backend, ("auto", "paddlenlp", "ftlab"))
+        super().check(run, env)
+        if cfg.quant_backend == "paddlenlp" and env.device == "cpu":
+            raise ConfigError(
+                f"method.quant_backend=paddlenlp with quant_algo={cfg.quant_algo}: PaddleNLP's "
+                "quantized kernels need a GPU (nf4/fp4 also need PaddleSlim's CUDA ops). "
+                "Use method.quant_backend=ftlab (or auto), which runs on any device."
+            )
         unsupported = [f for f in ("pissa", "lora_use_mixer", "use_mora") if getattr(cfg, f)]
         if unsupported or cfg.lora_plus_scale != 1.0:
             raise ConfigError(
@@ -91,7 +118,7 @@ class QLora(Lora):
                 ">= 2 (two 4-bit codes share a byte)."
             )
 
-    def load_base(self, model_cfg: ModelConfig, dtype: str, cfg: Any) -> paddle.nn.Layer:
+    def load_base(self, cfg: Any, model_cfg: ModelConfig, *, dtype: str) -> paddle.nn.Layer:
         """Quantize each target weight as the checkpoint is read (ftlab backend)."""
         backend = resolve_backend(cfg)
         if backend == "paddlenlp":
@@ -100,17 +127,17 @@ class QLora(Lora):
         if not list(path.glob("*.safetensors")):
             # A hub name or a .pdparams checkpoint: load in float, then quantize layer by
             # layer (peak memory holds the float model once).
-            from ftlab.models import load_model
-            from ftlab.quant import quantize_model
+            from ftlab.models.loading import load_model
+            from ftlab.models.quant import quantize_model
 
             model = load_model(model_cfg, dtype)
-            quantize_model(model, lora_targets(cfg, model_cfg), qlora_spec(cfg))
+            quantize_model(model, target_patterns(cfg, model_cfg), qlora_spec(cfg))
             return model
         import paddle
         from paddlenlp.transformers import AutoConfig, AutoModelForCausalLM
         from paddlenlp.transformers.model_utils import no_init_weights
 
-        from ftlab.quant import SafetensorsSource, quantize_while_loading
+        from ftlab.models.quant import SafetensorsSource, quantize_while_loading
 
         config = AutoConfig.from_pretrained(str(path), dtype=dtype)
         with no_init_weights(True), paddle.LazyGuard():
@@ -118,19 +145,19 @@ class QLora(Lora):
         with SafetensorsSource(path) as source:
             # Tied embeddings: the checkpoint may hold lm_head.weight as a copy.
             quantize_while_loading(
-                model, source, lora_targets(cfg, model_cfg), qlora_spec(cfg), strict=False
+                model, source, target_patterns(cfg, model_cfg), qlora_spec(cfg), strict=False
             )
         return model
 
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
-        from ftlab.quant import QuantLoRALinear
+        from ftlab.models.quant import QuantLoRALinear
 
         if any(isinstance(m, QuantLoRALinear) for m in model.sublayers()):
             return model  # the ftlab backend quantized and froze while loading
         return super().apply(model, cfg, model_cfg)  # paddlenlp backend: its LoRAModel
 
     def save_final(self, trainer: Any, model: paddle.nn.Layer, out_dir: Path) -> None:
-        from ftlab.quant import QuantLoRALinear, lora_state_dict, quant_config
+        from ftlab.models.quant import QuantLoRALinear, lora_state_dict, quant_config
 
         if not any(isinstance(m, QuantLoRALinear) for m in model.sublayers()):
             trainer.save_model(str(out_dir))
@@ -149,7 +176,7 @@ class QLora(Lora):
         """``base`` must be the float base model; it is re-quantized with the saved spec."""
         from safetensors.numpy import load_file
 
-        from ftlab.quant import QLoRASpec, load_lora_state_dict, quantize_model
+        from ftlab.models.quant import QLoRASpec, load_lora_state_dict, quantize_model
 
         qfile = trained_dir / QUANT_CONFIG_FILE
         if not qfile.exists():
@@ -169,7 +196,7 @@ class QLora(Lora):
         return base
 
     def merge(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
-        from ftlab.quant import QuantLoRALinear, dequantize_and_merge
+        from ftlab.models.quant import QuantLoRALinear, dequantize_and_merge
 
         if any(isinstance(m, QuantLoRALinear) for m in model.sublayers()):
             dequantize_and_merge(model)
@@ -179,13 +206,55 @@ class QLora(Lora):
     def derived(self, cfg: Any) -> dict[str, Any]:
         return {**super().derived(cfg), "quant_backend": resolve_backend(cfg)}
 
+    def plan(self, run: RunConfig) -> AdapterPlan:
+        m, plan = run.method, super().plan(run)
+        targeted = self.targeted_linears(run)
+        per_param = quantized_bytes_per_param(m)
+        plan.quantized = sum(x.size for x in targeted)
+        plan.quantized_per_layer = sum(x.size for x in targeted if x.layer == 0)
+        plan.quantized_lm_head = sum(x.size for x in targeted if x.layer is None)
+        plan.quantized_bytes_per_param = per_param
+        plan.adapter_fp32 = True
+        plan.details.update(
+            quant_algo=m.quant_algo,
+            quant_block_size=m.quant_block_size,
+            double_quant=m.double_quant,
+            quantized_bytes_per_param=per_param,
+            quantized_base_bytes=plan.quantized * per_param,
+        )
+        mib = plan.quantized * per_param / 2**20
+        size = f"{mib / 1024:,.2f} GiB" if mib >= 1024 else f"{mib:,.1f} MiB"
+        plan.lines.append(
+            f"quantized base {plan.quantized:,} params as {m.quant_algo} "
+            f"(block {m.quant_block_size}{', double quant' if m.double_quant else ''}): "
+            f"{per_param:.4f} B/param, {size}"
+        )
+        return plan
+
+    def export(self, run: RunConfig, notes: list[str]) -> dict[str, Any]:
+        m = run.method
+        args = super().export(run, notes)
+        args["weight_quantize_algo"] = PADDLENLP_ALGO[m.quant_algo]
+        if m.quant_algo in ("nf4", "fp4"):
+            args.update(weight_blocksize=m.quant_block_size, weight_double_quant=m.double_quant)
+        else:
+            notes.append(
+                f"method.quant_algo={m.quant_algo}: PaddleNLP quantizes per channel "
+                f"(weight_only_*), not in blocks of {m.quant_block_size}."
+            )
+        notes.append(
+            "QLoRA in run_finetune.py runs PaddleNLP's quantized kernels: GPU only, "
+            "and nf4/fp4 need PaddleSlim's CUDA ops."
+        )
+        return args
+
 
 def _check_tensor_parallel(cfg: QLoraMethodConfig, layout: str) -> None:
     """Tensor-parallel QLoRA exists only as PaddleNLP's (CUDA) quantized parallel layers."""
     if cfg.quant_backend == "paddlenlp":
         return  # whether it can run on this device is checked with the precision/device
     if cfg.quant_backend == "auto":
-        from ftlab.quant import native_backend_available
+        from ftlab.models.quant import native_backend_available
 
         ok, why = native_backend_available(cfg.quant_algo)
         if ok:
@@ -208,8 +277,8 @@ def _load_paddlenlp_quantized(model_cfg: ModelConfig, dtype: str, cfg: Any) -> A
     from paddlenlp.quantization.quantization_config import QuantizationConfig
     from paddlenlp.transformers import AutoModelForCausalLM
 
-    from ftlab.models import load_pretrained
-    from ftlab.parallel import model_parallel_kwargs
+    from ftlab.distributed.layout import model_parallel_kwargs
+    from ftlab.models.loading import load_pretrained
 
     qcfg = QuantizationConfig(
         weight_quantize_algo=PADDLENLP_ALGO[cfg.quant_algo],

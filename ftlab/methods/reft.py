@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 from ftlab.config.schema import MethodConfig
 from ftlab.errors import ConfigError, ModelLoadError
-from ftlab.methods.registry import Method, register_method
+from ftlab.methods.registry import AdapterPlan, Method, register_method
 
 if TYPE_CHECKING:
     import numpy as np
     import paddle
 
+    from ftlab.config.environment import Environment
     from ftlab.config.schema import ModelConfig, RunConfig
 
 REFT_RECORD = "ftlab_reft.json"
@@ -265,14 +266,16 @@ class Reft(Method):
     schema = ReftMethodConfig
     unified_checkpoint = False
     supports_tensor_parallel = False
+    fixed_on_resume = ("reft_layers", "reft_positions", "reft_rank", "reft_act_fn")
+    size_setting = "reft_rank"
     merge_unsupported = (
         "ReFT edits hidden states at chosen prompt positions only, by an amount that "
         "depends on the input; a weight matrix acts on every position alike, so no merged "
         "weights can reproduce it. Serve the base model with the interventions instead "
-        "(ftlab.methods.loading.load_trained)."
+        "(ftlab.methods.reopen.load_trained)."
     )
 
-    def check(self, run: RunConfig) -> None:
+    def check(self, run: RunConfig, env: Environment) -> None:
         m, n_layers = run.method, run.model.arch.num_hidden_layers
         if run.resume:
             # PaddleNLP's resume reloads a ReFT checkpoint into a fresh object and drops
@@ -350,3 +353,27 @@ class Reft(Method):
     def derived(self, cfg: Any) -> dict[str, Any]:
         first, last = parse_positions(cfg.reft_positions)
         return {"reft_first_positions": first, "reft_last_positions": last}
+
+    def plan(self, run: RunConfig) -> AdapterPlan:
+        """Per intervened layer: R (``[hidden, rank]``) and the projection W, b."""
+        m, a = run.method, run.model.arch
+        layers = reft_settings(m, a.num_hidden_layers)["layers"]
+        per_layer = 2 * a.hidden_size * m.reft_rank + m.reft_rank
+        return AdapterPlan(
+            adapter=len(layers) * per_layer,
+            details={"reft_rank": m.reft_rank, "reft_layers": layers},
+            lines=[f"adapter        LoReFT rank {m.reft_rank} on {len(layers)} layer(s)"],
+        )
+
+    def export(self, run: RunConfig, notes: list[str]) -> dict[str, Any]:
+        m = run.method
+        layers = "all" if m.reft_layers is None else ";".join(str(x) for x in m.reft_layers)
+        return {
+            "reft": True,
+            "layers": layers,
+            "position": m.reft_positions,
+            "intervention_type": "LoreftIntervention",
+            "rank": m.reft_rank,
+            "act_fn": m.reft_act_fn or "linear",
+            "dropout": m.reft_dropout,
+        }

@@ -1,21 +1,55 @@
-"""The method registry: one entry per PEFT method (or full fine-tuning).
+"""The method interface and its registry: a leaf that imports no method.
 
-Adding a method is one YAML in ``conf/method/`` plus one ``@register_method`` class. This
-module must stay importable without Paddle: config composition runs before any heavy
-import, so method modules import Paddle inside their functions only.
+A method is one YAML in ``conf/method/`` plus one module holding its schema and one
+``@register_method`` class that answers every question the rest of ftlab asks about it:
+its checks against the model and the layout, its derived values, its parameter count for
+the plan, its ``run_finetune.json`` keys, the settings a resume must keep, the setting
+that sizes it in run lists, how it loads, trains, saves, reloads and merges. Callers
+loop over this interface and never name a method. The built-in methods are imported by
+``ftlab.methods.catalog``, which sits above this module (so no import cycle).
+
+This module must stay importable without Paddle: composition and planning run before any
+heavy import, so methods import Paddle inside their functions only.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ftlab.config import schema
+from ftlab.config.schema import MethodConfig
+from ftlab.errors import ConfigError
 
 if TYPE_CHECKING:
     import paddle
 
+    from ftlab.config.environment import Environment
     from ftlab.config.schema import ModelConfig, RunConfig
+
+
+@dataclass
+class AdapterPlan:
+    """What a method adds to, or changes in, the base model: counted from ``model.arch``.
+
+    ``plan`` turns it into parameter counts and per-device memory; the fields split the
+    counts the way tensor and pipeline parallelism split them (per decoder layer vs the
+    LM head and embedding).
+    """
+
+    trains_base: bool = False  # every base parameter trains (full fine-tuning)
+    adapter: int = 0  # trainable parameters the method adds
+    adapter_per_layer: int = 0  # ... of which in one decoder layer (the rest: head/global)
+    frozen: int = 0  # frozen parameters the method adds (VeRA's random projections)
+    frozen_per_layer: int = 0
+    quantized: int = 0  # base parameters stored quantized (QLoRA's target linears)
+    quantized_per_layer: int = 0
+    quantized_lm_head: int = 0
+    quantized_bytes_per_param: float = 0.0  # codes + scales
+    adapter_fp32: bool = False  # adapter kept in fp32 whatever the weight dtype (QLoRA)
+    targets: list[str] = field(default_factory=list)  # short names of adapted layers
+    details: dict[str, Any] = field(default_factory=dict)  # plan.json's method section
+    lines: list[str] = field(default_factory=list)  # lines of the printed plan
 
 
 class Method:
@@ -31,7 +65,7 @@ class Method:
     """
 
     name: ClassVar[str]
-    schema: ClassVar[type[schema.MethodConfig]]
+    schema: ClassVar[type[MethodConfig]]
     merge_unsupported: ClassVar[str | None] = None
     # Methods whose PaddleNLP implementation supports tensor-parallel layers.
     supports_tensor_parallel: ClassVar[bool] = True
@@ -41,18 +75,51 @@ class Method:
     # plain models, LoRAModel and PrefixModelForCausalLM only; other wrappers raise there
     # and are saved through their own ``save_pretrained`` instead.
     unified_checkpoint: ClassVar[bool] = True
+    # Settings (fields of ``schema``) that shape the trained tensors: a resume that
+    # changed one would load a checkpoint into a different model, so it is refused.
+    fixed_on_resume: ClassVar[tuple[str, ...]] = ()
+    # The setting that sizes the method (its rank), shown in run lists; None: no such.
+    size_setting: ClassVar[str | None] = None
+    # The saved artefact is a whole model (reloading needs no base model).
+    saves_whole_model: ClassVar[bool] = False
 
-    def check(self, run: RunConfig) -> None:
-        """Reject settings this method cannot honour (raise ``ConfigError``)."""
+    # ------------------------------------------------------------------ settings
+
+    def check(self, run: RunConfig, env: Environment) -> None:
+        """Reject settings this method cannot honour on this model, layout and machine."""
+
+    def derived(self, cfg: Any) -> dict[str, Any]:
+        """Values computed from the settings, written into the resolved config."""
+        return {}
+
+    def plan(self, run: RunConfig) -> AdapterPlan:
+        """What the method adds to the base model, from ``model.arch`` (no Paddle)."""
+        raise ConfigError(
+            f"mode=plan has no parameter model for method={self.name}. Measure it with a "
+            "short train.max_steps run instead, or give its Method class a plan()."
+        )
+
+    def export(self, run: RunConfig, notes: list[str]) -> dict[str, Any]:
+        """Its ``run_finetune.json`` keys; what the script cannot express goes to ``notes``."""
+        raise ConfigError(
+            f"mode=export has no run_finetune.py mapping for method={self.name}; give its "
+            "Method class an export()."
+        )
+
+    def size(self, cfg: dict[str, Any]) -> Any:
+        """The value of ``size_setting`` in a recorded method config (None without one)."""
+        return cfg.get(self.size_setting) if self.size_setting else None
+
+    # ------------------------------------------------------------------ models
+
+    def load_base(self, cfg: Any, model_cfg: ModelConfig, *, dtype: str) -> paddle.nn.Layer:
+        """The base model this method trains on (QLoRA quantizes while loading)."""
+        from ftlab.models.loading import load_model
+
+        return load_model(model_cfg, dtype)
 
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
         raise NotImplementedError
-
-    def load_base(self, model_cfg: ModelConfig, dtype: str, cfg: Any) -> paddle.nn.Layer:
-        """The base model this method trains on (QLoRA quantizes while loading)."""
-        from ftlab.models import load_model
-
-        return load_model(model_cfg, dtype)
 
     def save_final(self, trainer: Any, model: paddle.nn.Layer, out_dir: Path) -> None:
         """Write a run's ``final/``: the Trainer's save, then ``after_save`` on rank 0."""
@@ -76,10 +143,6 @@ class Method:
         """Return a plain model whose weights absorb the adapter."""
         raise NotImplementedError
 
-    def derived(self, cfg: Any) -> dict[str, Any]:
-        """Values computed from the settings, written into the resolved config."""
-        return {}
-
 
 _METHODS: dict[str, type[Method]] = {}
 
@@ -91,19 +154,10 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def _load_builtin_methods() -> None:
-    # Imported for their @register_method side effect; light modules (no Paddle import).
-    from ftlab.methods import full, lokr, lora, prefix, qlora, reft, vera  # noqa: F401
+def unregister_method(name: str) -> None:
+    """Remove a method (for tests that register one of their own)."""
+    _METHODS.pop(name, None)
 
 
-def get_method(name: str) -> Method:
-    _load_builtin_methods()
-    try:
-        return _METHODS[name]()
-    except KeyError:
-        raise KeyError(f"unknown method {name!r}; registered: {sorted(_METHODS)}") from None
-
-
-def method_schemas() -> dict[str, type[schema.MethodConfig]]:
-    _load_builtin_methods()
-    return {name: cls.schema for name, cls in _METHODS.items()}
+def registered_methods() -> dict[str, type[Method]]:
+    return dict(_METHODS)

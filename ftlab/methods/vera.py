@@ -28,13 +28,16 @@ from typing import TYPE_CHECKING, Any
 
 from ftlab.config.schema import MethodConfig
 from ftlab.errors import ConfigError, ModelLoadError
-from ftlab.methods.registry import Method, register_method
+from ftlab.methods.linear import LinearAdapterMethod, target_patterns
+from ftlab.methods.registry import AdapterPlan, register_method
 
 if TYPE_CHECKING:
     import numpy as np
     import paddle
 
+    from ftlab.config.environment import Environment
     from ftlab.config.schema import ModelConfig, RunConfig
+    from ftlab.models.arch import Linear
 
 VERA_RECORD = "ftlab_vera.json"
 VERA_WEIGHTS_STEM = "vera_model_state"
@@ -134,16 +137,20 @@ def _vera_model_class() -> type:
 
 
 @register_method
-class Vera(Method):
+class Vera(LinearAdapterMethod):
     name = "vera"
     schema = VeraMethodConfig
     unified_checkpoint = False
     supports_tensor_parallel = False
+    # The seed regenerates the frozen projections the trained vectors belong to.
+    fixed_on_resume = ("vera_rank", "vera_seed", "target_modules")
+    size_setting = "vera_rank"
 
-    def check(self, run: RunConfig) -> None:
+    def check(self, run: RunConfig, env: Environment) -> None:
         m = run.method
         if m.vera_rank < 1:
             raise ConfigError(f"method.vera_rank={m.vera_rank}: must be >= 1.")
+        super().check(run, env)
         if m.vera_d_init == 0:
             raise ConfigError(
                 "method.vera_d_init=0: with b starting at 0 as well, neither vector would ever "
@@ -153,9 +160,8 @@ class Vera(Method):
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
         from paddlenlp.peft import VeRAConfig
 
-        targets = list(cfg.target_modules or model_cfg.lora_target_modules)
         config = VeRAConfig(
-            target_modules=targets,
+            target_modules=target_patterns(cfg, model_cfg),
             r=cfg.vera_rank,
             vera_alpha=cfg.vera_rank,  # scale 1
             vera_dropout=cfg.vera_dropout,
@@ -167,7 +173,7 @@ class Vera(Method):
     def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
         from paddlenlp.peft import VeRAConfig
 
-        from ftlab.methods.loading import load_trainable_state, weights_file
+        from ftlab.methods.state import load_trainable_state, weights_file
 
         trained_dir = Path(trained_dir)
         record_path = trained_dir / VERA_RECORD
@@ -204,3 +210,24 @@ class Vera(Method):
         inner = model.model
         fold_linear_adapters(inner, delta, "VeRA")
         return inner
+
+    def adapter_size(self, cfg: Any, linear: Linear) -> int:
+        return cfg.vera_rank + linear.fan_out  # the vectors d and b
+
+    def frozen_size(self, cfg: Any, linear: Linear) -> int:
+        return cfg.vera_rank * (linear.fan_in + linear.fan_out)  # this layer's A and B
+
+    def plan(self, run: RunConfig) -> AdapterPlan:
+        plan = super().plan(run)
+        plan.details = {"vera_rank": run.method.vera_rank, "targets": plan.targets}
+        plan.lines = [
+            f"adapter        VeRA rank {run.method.vera_rank} on {', '.join(plan.targets)}"
+        ]
+        return plan
+
+    def export(self, run: RunConfig, notes: list[str]) -> dict[str, Any]:
+        notes.append(
+            "VeRA: run_finetune.py has only vera_rank; d init, seed, dropout and "
+            "targets are its own defaults."
+        )
+        return {"vera": True, "vera_rank": run.method.vera_rank}

@@ -1,0 +1,104 @@
+"""``ftlab-predict``: generate from a trained run (or a base model plus adapter).
+
+    ftlab-predict outputs/2026-11-23/10-00-00_stories260k_lora --input prompts.jsonl \\
+        --output generations.jsonl --max-new-tokens 64
+
+Each input line is a JSON object with the prompt under ``src`` (ftlab's training format)
+or ``prompt``; each output line is the input object plus ``output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ftlab.errors import DataError, FtlabError
+
+PROMPT_KEYS = ("src", "prompt")
+
+
+def read_prompts(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"--input {path}: no such file.")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg}).") from None
+            key = next((k for k in PROMPT_KEYS if isinstance(record.get(k), str)), None)
+            if not isinstance(record, dict) or key is None:
+                raise DataError(f"{path}:{lineno}: needs a string field 'src' or 'prompt'.")
+            records.append(record)
+    if not records:
+        raise DataError(f"--input {path}: no prompts in the file.")
+    return records
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ftlab-predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", nargs="?", type=Path, help="a run directory made by ftlab")
+    p.add_argument("--base", help="base model (name or path), with --adapter instead of run_dir")
+    p.add_argument("--adapter", type=Path, help="a saved adapter/model dir (a run's final/)")
+    p.add_argument("--input", type=Path, required=True, help="JSON lines with src or prompt")
+    p.add_argument("--output", type=Path, required=True, help="JSON lines to write")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--strategy", choices=("greedy", "sampling"), default="greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    args = p.parse_args(argv)
+    if (args.run_dir is None) == (args.adapter is None):
+        p.error("give a run_dir, or --base and --adapter")
+    if args.adapter is not None and args.base is None:
+        p.error("--adapter needs --base")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        records = read_prompts(args.input)
+        from ftlab.evaluation.generation import generate_texts
+        from ftlab.methods.reopen import load_trained, load_with_adapter
+
+        if args.run_dir is not None:
+            model, tokenizer = load_trained(args.run_dir)
+        else:
+            model, tokenizer = load_with_adapter(args.base, args.adapter)
+        prompts = [next(r[k] for k in PROMPT_KEYS if isinstance(r.get(k), str)) for r in records]
+        outputs = generate_texts(
+            model,
+            tokenizer,
+            prompts,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            strategy=args.strategy,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
+    except FtlabError as err:
+        print(f"ftlab-predict: error: {err}", file=sys.stderr)
+        return 2
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_name(args.output.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record, output in zip(records, outputs, strict=True):
+            f.write(json.dumps({**record, "output": output}, ensure_ascii=False) + "\n")
+    tmp.replace(args.output)
+    print(f"wrote {len(outputs)} generations to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""``ftlab-runs``: the runs under ``outputs/`` (or a given dir), newest first.
+
+``ftlab-runs`` prints a table (time, status, model, method, key settings, losses, entity
+recall, run dir) and, below it, the error of every failed run; ``--json`` prints the
+same fields for scripts. Single runs and sweep jobs are listed alike: both are run dirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ftlab.errors import FtlabError
+from ftlab.record.index import RunRecord, list_runs
+from ftlab.record.status import FAILED
+from ftlab.record.summary import Summary
+
+# (field, column title, format)
+COLUMNS = (
+    ("time", "time", ""),
+    ("status", "status", ""),
+    ("model", "model", ""),
+    ("method", "method", ""),
+    ("lr", "lr", "g"),
+    ("steps", "steps", ""),
+    ("rank", "rank", ""),
+    ("parallel", "parallel", ""),
+    ("precision", "precision", ""),
+    ("final_loss", "loss", ".4f"),
+    ("eval_loss", "eval", ".4f"),
+    ("entity_recall", "recall", ".3f"),
+    ("run_dir", "run dir", ""),
+)
+
+
+def run_fields(run: RunRecord, root: Path) -> dict[str, Any]:
+    """One listing row. ``steps`` is the steps taken when the run recorded them, else the
+    configured ``train.max_steps``."""
+    summary = run.summary or Summary()
+    steps = summary.steps
+    return {
+        "time": run.started.astimezone().strftime("%Y-%m-%d %H:%M:%S"),  # local time
+        "status": run.status,
+        "model": summary.get("model") or run.setting("model.name"),
+        "method": summary.get("method") or run.setting("method.name"),
+        "lr": run.setting("train.learning_rate"),
+        "steps": steps if steps is not None else run.setting("train.max_steps"),
+        "rank": run.rank,
+        "parallel": run.setting("parallel.name"),
+        "precision": run.setting("precision.name"),
+        "final_loss": summary.get("final_loss"),
+        "eval_loss": summary.get("eval_loss"),
+        "entity_recall": summary.get("entity_recall"),
+        "run_dir": _relative(run.run_dir, root),
+        "error": run.error,
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Left-aligned columns; ``-`` where a run has no value."""
+    cells = [[title for _, title, _ in COLUMNS]]
+    for row in rows:
+        cells.append([_format(row[key], spec) for key, _, spec in COLUMNS])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells
+    ]
+    return "\n".join(lines)
+
+
+def format_listing(rows: list[dict[str, Any]]) -> str:
+    """The table, then one line per failed run with its error."""
+    text = format_table(rows)
+    failed = [r for r in rows if r["status"] == FAILED]
+    if failed:
+        text += "\n\nfailed runs:\n" + "\n".join(f"  {r['run_dir']}: {r['error']}" for r in failed)
+    return text
+
+
+def _format(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    if spec and isinstance(value, int | float) and not isinstance(value, bool):
+        return format(value, spec)
+    return str(value)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root)) if path != root else str(path)
+    except ValueError:
+        return str(path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ftlab-runs", description="List ftlab runs, newest first."
+    )
+    parser.add_argument(
+        "root",
+        nargs="?",
+        default="outputs",
+        type=Path,
+        help="directory to search for run dirs (default: outputs)",
+    )
+    parser.add_argument("-n", "--limit", type=int, default=None, help="show only the N newest runs")
+    parser.add_argument(
+        "--status",
+        choices=("completed", "failed", "incomplete"),
+        help="show only runs with this status",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (``ftlab-runs``)."""
+    args = parse_args(argv)
+    if not args.root.is_dir():
+        print(
+            f"ftlab-runs: error: {args.root} is not a directory (give the directory "
+            "ftlab wrote its runs to).",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    try:
+        runs = list_runs(args.root)
+    except FtlabError as err:
+        print(f"ftlab-runs: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    rows = [run_fields(r, args.root) for r in runs]
+    if args.status:
+        rows = [r for r in rows if r["status"] == args.status]
+    rows = rows[: args.limit] if args.limit is not None else rows
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"no runs under {args.root}")
+    else:
+        print(format_listing(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""``Derived``: the values ftlab computes from the settings, recorded with the run.
+
+Validation returns one (layout degrees, global batch, the method's own values such as
+LoRA's alpha and scaling); the run adds what it learns from the data and the run dir
+(examples, total steps, what a resume started from) by making a new one with ``with_``.
+It is frozen: nothing downstream mutates what validation decided. ``to_dict`` is the
+``derived:`` section of ``resolved_config.yaml`` and of ``summary.json``: the method's
+values sit beside the others, and unset values are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Derived:
+    device: str  # cpu | gpu: what the run computes on
+    world_size: int
+    nproc_per_node: int
+    data_parallel_degree: int
+    global_batch_size: int  # micro batch x accumulation x data-parallel and sharding ranks
+    # The method's own derived values (``Method.derived``): lora_alpha, quant_backend, ...
+    method: Mapping[str, Any] = field(default_factory=dict)
+    # Pipeline layouts: micro-batches of this size, this many per optimizer step (1F1B).
+    pipeline_micro_batch_size: int | None = None
+    pipeline_accumulate_steps: int | None = None
+    # Known once the data is read.
+    train_examples: int | None = None
+    total_steps: int | None = None
+    data_format: str | None = None
+    # Resume and rerun.
+    resumed_from: str | None = None
+    resume_changes: tuple[str, ...] | None = None
+    rerun_of: str | None = None
+    rerun_differences: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", MappingProxyType(dict(self.method)))
+        for name in ("resume_changes", "rerun_differences"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+
+    def with_(self, **changes: Any) -> Derived:
+        """A copy with ``changes`` (a run adds what it learns; validation's values stay)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat record: every set value, the method's values beside the others."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "method":
+                out.update(value)
+            elif value is not None:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def __getitem__(self, key: str) -> Any:
+        """Read a value by the key the resolved config records it under."""
+        return self.to_dict()[key]

@@ -1,0 +1,278 @@
+"""Multi-process runs: ``ftlab`` starts ``paddle.distributed.launch`` itself.
+
+When the layout needs more than one process, the ``ftlab`` process becomes the launcher:
+it runs ``python -m paddle.distributed.launch`` with one worker per device (GPUs from
+``CUDA_VISIBLE_DEVICES``; on CPU, gloo processes), and every worker re-enters
+``ftlab.cli.app`` with the user's original overrides plus ``hydra.run.dir=<this run dir>``,
+so one job writes one experiment directory. Only the launcher writes ``.hydra/``
+(``hydra.output_subdir=null`` for workers); only rank 0 writes the run's files; each
+worker's output lands in ``<run dir>/logs/workerlog.<rank>``.
+
+Paddle's launcher dumps every worker's whole environment (``envlog.*``,
+``backup_env.*.json``, the pod log) into its log directory. Environments hold tokens and
+passwords, so ftlab deletes those files when the job ends, failed or not. Workers read
+``backup_env.<rank>.json`` while they start, so they cannot be removed earlier.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from ftlab.config.derived import Derived
+from ftlab.config.schema import RunConfig
+from ftlab.errors import ConfigError, FtlabError
+from ftlab.record.rundir import SUMMARY, RunDir
+from ftlab.record.summary import Summary
+
+log = logging.getLogger(__name__)
+
+JOB_ID = "ftlab"
+# Files in the launcher's log directory that hold a copy of the process environment.
+ENV_DUMPS = ("envlog.*", "backup_env.*.json", f"{JOB_ID}.*.log")
+LOG_TAIL_LINES = 40
+
+
+class LaunchError(FtlabError):
+    """A worker of a multi-process run failed; the message carries its log tail."""
+
+
+def inside_worker() -> bool:
+    """True in a process started by Paddle's launcher (it sets PADDLE_TRAINERS_NUM)."""
+    return "PADDLE_TRAINERS_NUM" in os.environ
+
+
+def needs_launch(derived: Derived) -> bool:
+    """More than one process is needed and this process is not already one of them."""
+    return derived.world_size > 1 and not inside_worker()
+
+
+def original_overrides() -> list[str]:
+    """The command-line overrides of this job (``key=value``), as the user typed them.
+
+    Hydra keeps them in ``HydraConfig.overrides.task``; in a sweep they are the job's own
+    overrides. Hydra's own settings (``hydra.*``) are not part of them.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise ConfigError(
+            "a multi-process layout was requested outside the ftlab command (no Hydra "
+            "context to read the overrides from). Run it through `ftlab ...`, or call "
+            "launch_command() with the overrides yourself."
+        )
+    return list(HydraConfig.get().overrides.task)
+
+
+def gpu_devices(nproc: int) -> list[str]:
+    """The first ``nproc`` GPU ids this process may use (``CUDA_VISIBLE_DEVICES`` order)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None or visible.strip() in ("", "all"):
+        import paddle
+
+        ids = [str(i) for i in range(paddle.device.cuda.device_count())]
+    else:
+        ids = [x.strip() for x in visible.split(",") if x.strip()]
+    if len(ids) < nproc:
+        raise ConfigError(
+            f"{nproc} worker processes need {nproc} GPUs, but CUDA_VISIBLE_DEVICES "
+            f"({visible!r}) offers {len(ids)}. Make more GPUs visible or use a smaller layout."
+        )
+    return ids[:nproc]
+
+
+def check_launch(run: RunConfig) -> None:
+    """Multi-node settings that cannot form a job."""
+    lc = run.launch
+    if lc.nnodes < 1:
+        raise ConfigError(f"launch.nnodes={lc.nnodes}: needs at least 1 node.")
+    if lc.nnodes > 1 and not (lc.master or lc.ips):
+        raise ConfigError(
+            f"launch.nnodes={lc.nnodes}: the nodes need a rendezvous point. Set "
+            "launch.master=HOST:PORT (same value on every node) or launch.ips=IP1,IP2,... "
+            "(see launch/multinode.sh)."
+        )
+    if lc.ips is not None and len(lc.ips.split(",")) != lc.nnodes:
+        raise ConfigError(
+            f"launch.ips={lc.ips!r} names {len(lc.ips.split(','))} nodes but "
+            f"launch.nnodes={lc.nnodes}. Give one IP per node."
+        )
+    if lc.master is not None and not re.fullmatch(r"[\w.\-]+:\d+", lc.master):
+        raise ConfigError(f"launch.master={lc.master!r} must be HOST:PORT, e.g. 10.0.0.1:8090.")
+
+
+def launch_command(
+    run: RunConfig,
+    derived: Derived,
+    run_dir: Path,
+    overrides: list[str],
+    devices: list[str] | None = None,
+) -> list[str]:
+    """The ``paddle.distributed.launch`` command line that starts this run's workers.
+
+    ``devices`` is the GPU list (None on CPU: Paddle's launcher then starts gloo
+    processes; ``--devices`` would fail there).
+    """
+    lc = run.launch
+    cmd = [
+        sys.executable,
+        "-m",
+        "paddle.distributed.launch",
+        "--nproc_per_node",
+        str(derived.nproc_per_node),
+        "--log_dir",
+        str(RunDir(run_dir).logs),
+        "--job_id",
+        JOB_ID,
+    ]
+    if devices:
+        cmd += ["--devices", ",".join(devices)]
+    if lc.nnodes > 1:
+        cmd += ["--nnodes", str(lc.nnodes)]
+    if lc.master:
+        cmd += ["--master", lc.master]
+    if lc.ips:
+        cmd += ["--ips", lc.ips]
+    # Paddle's launcher takes anything but a *.py path as the executable, so the worker
+    # is `python -u -m ftlab.cli.app ...` (it treats a bare `-m` as a legacy option).
+    cmd += [sys.executable, "-u", "-m", "ftlab.cli.app", *worker_overrides(overrides, run_dir)]
+    return cmd
+
+
+def worker_overrides(overrides: list[str], run_dir: Path) -> list[str]:
+    """User overrides + the fixed run dir; workers write no ``.hydra/`` and log to stdout."""
+    own = [o for o in overrides if not o.lstrip("+~").startswith("hydra.run.dir=")]
+    return [
+        *own,
+        f"hydra.run.dir={run_dir}",
+        "hydra.output_subdir=null",
+        # Worker stdout is captured in logs/workerlog.<rank>; a log file per worker in the
+        # run dir would interleave with the launcher's.
+        "hydra/job_logging=stdout",
+    ]
+
+
+def remove_env_dumps(log_dir: Path) -> list[str]:
+    """Delete the launcher's environment dumps; return the names removed."""
+    removed = []
+    for pattern in ENV_DUMPS:
+        for f in sorted(log_dir.glob(pattern)):
+            f.unlink(missing_ok=True)
+            removed.append(f.name)
+    return removed
+
+
+FAILED_RANK = re.compile(r"rank\s+(\d+)\s+status\s+failed.*?code\s+(-?\d+)", re.I)
+
+
+def failed_ranks(launcher_output: str, log_dir: Path) -> list[tuple[int, int | None]]:
+    """(rank, exit code) of the failed workers: from the launcher's report, else the logs.
+
+    Paddle's launcher reports ``Container rank N status failed ... code C``; when that
+    line is missing (the launcher itself was killed), the ranks whose log holds a
+    traceback are named, with an unknown exit code.
+    """
+    found = {int(r): int(c) for r, c in FAILED_RANK.findall(launcher_output)}
+    if found:
+        return sorted(found.items())
+    out: list[tuple[int, int | None]] = []
+    for f in sorted(log_dir.glob("workerlog.*")):
+        suffix = f.name.rsplit(".", 1)[-1]
+        if suffix.isdigit() and "Traceback" in f.read_text(errors="replace"):
+            out.append((int(suffix), None))
+    return out
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    if not path.exists():
+        return f"(no log at {path})"
+    with open(path, errors="replace") as f:
+        return "".join(collections.deque(f, maxlen=lines)).rstrip()
+
+
+def failure_message(run: RunConfig, code: int, launcher_output: str, log_dir: Path) -> str:
+    ranks = failed_ranks(launcher_output, log_dir)
+    head = (
+        f"parallel={run.parallel.name}: the distributed job failed (paddle.distributed."
+        f"launch exited with {code})."
+    )
+    if not ranks:
+        tail = "\n".join(launcher_output.rstrip().splitlines()[-LOG_TAIL_LINES:])
+        return (
+            f"{head} No worker reported a failure; the launcher's last lines:\n{tail}\n"
+            f"Worker logs: {log_dir}/workerlog.<rank>."
+        )
+    rank, rc = ranks[0]
+    others = ", ".join(str(r) for r, _ in ranks[1:])
+    path = log_dir / f"workerlog.{rank}"
+    return (
+        f"{head} Rank {rank} failed (exit {rc if rc is not None else 'unknown'})"
+        f"{f'; ranks {others} failed too' if others else ''}. Last lines of {path}:\n"
+        f"{log_tail(path)}"
+    )
+
+
+def run_launcher(cmd: list[str], log_dir: Path) -> tuple[int, str]:
+    """Run Paddle's launcher, echoing its output; return (exit code, output tail)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    tail: collections.deque[str] = collections.deque(maxlen=400)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        errors="replace",
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            tail.append(line)
+        code = proc.wait()
+    except BaseException:
+        # Ctrl-C or an error here: stop the launcher, which stops its workers.
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        remove_env_dumps(log_dir)
+    return code, "".join(tail)
+
+
+def launch_workers(run: RunConfig, derived: Derived, run_dir: RunDir) -> Summary | None:
+    """Start the workers, wait for them, and return rank 0's summary (None when rank 0 ran
+    on another node)."""
+    check_launch(run)
+    devices = gpu_devices(derived.nproc_per_node) if derived.device == "gpu" else None
+    cmd = launch_command(run, derived, run_dir.path, original_overrides(), devices)
+    log_dir = run_dir.logs
+    log.info(
+        "launching %d worker(s) per node x %d node(s) (%s): %s",
+        derived.nproc_per_node,
+        run.launch.nnodes,
+        "GPUs " + ",".join(devices) if devices else "CPU gloo",
+        " ".join(cmd),
+    )
+    code, output = run_launcher(cmd, log_dir)
+    if code != 0:
+        raise LaunchError(failure_message(run, code, output, log_dir))
+    if not run_dir.exists(SUMMARY):
+        if run.launch.nnodes > 1:
+            log.info("rank 0 ran on another node; its summary.json is in its run dir")
+            return None
+        raise LaunchError(
+            f"parallel={run.parallel.name}: the workers exited 0 but rank 0 wrote no "
+            f"{run_dir / SUMMARY}. See {log_dir}/workerlog.0."
+        )
+    # Rank 0 printed its summary into logs/workerlog.0, which the launcher echoes.
+    return Summary.from_dict(run_dir.read_json(SUMMARY))

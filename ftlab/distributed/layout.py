@@ -1,0 +1,59 @@
+"""The ``parallel`` group -> PaddleNLP's degrees (from which its TrainingArguments build the
+fleet strategy), and this job's degrees read back from fleet while the model is built."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftlab.config.schema import ParallelConfig
+
+
+def parallel_training_arguments(p: ParallelConfig) -> dict[str, Any]:
+    """Degrees and sharding flags as PaddleNLP's TrainingArguments name them.
+
+    PaddleNLP derives the data-parallel degree from the world size itself; ftlab derives
+    the same number in validation and records it in the resolved config.
+    """
+    args: dict[str, Any] = {}
+    if p.tensor > 1:
+        args["tensor_parallel_degree"] = p.tensor
+        args["sequence_parallel"] = p.sequence_parallel
+    if p.pipeline > 1:
+        args["pipeline_parallel_degree"] = p.pipeline
+    if p.sharding_stage:
+        args["sharding"] = f"stage{p.sharding_stage}" + (" offload" if p.offload else "")
+        args["sharding_parallel_degree"] = p.sharding
+    return args
+
+
+def _hybrid_group() -> Any:
+    """Fleet's hybrid communicate group, or None outside a hybrid-parallel job."""
+    from paddle.distributed import fleet
+
+    try:
+        return fleet.get_hybrid_communicate_group()
+    except AttributeError:  # fleet not initialised: a single process
+        return None
+
+
+def pipeline_degree() -> int:
+    """Pipeline stages of this job (1 outside a pipeline-parallel job), read from fleet."""
+    hcg = _hybrid_group()
+    return max(hcg.get_pipe_parallel_world_size(), 1) if hcg is not None else 1
+
+
+def model_parallel_kwargs() -> dict[str, Any]:
+    """Config overrides that make PaddleNLP build (and split on load) tensor-parallel layers.
+
+    Read from fleet's hybrid communicate group, which PaddleNLP's TrainingArguments create;
+    empty outside a tensor-parallel job. Logits stay gathered (``tensor_parallel_output``
+    false, PaddleNLP's fine-tuning default), so the ordinary loss applies.
+    """
+    hcg = _hybrid_group()
+    if hcg is None or hcg.get_model_parallel_world_size() <= 1:
+        return {}
+    return {
+        "tensor_parallel_degree": hcg.get_model_parallel_world_size(),
+        "tensor_parallel_rank": hcg.get_model_parallel_rank(),
+        "tensor_parallel_output": False,
+    }

@@ -1,0 +1,66 @@
+"""Methods that adapt chosen linear layers (LoRA and its variants, QLoRA, VeRA, LoKr).
+
+They share how targets are chosen (``method.target_modules``, else the model's
+``model.lora_target_modules``: regexes matched in full against sublayer names, as
+PaddleNLP matches them), the check that some are chosen, and the plan's count: the sum
+over the targeted linears of what the method adds to one linear.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from ftlab.errors import ConfigError
+from ftlab.methods.registry import AdapterPlan, Method
+from ftlab.models.arch import Linear, model_linears
+
+if TYPE_CHECKING:
+    from ftlab.config.environment import Environment
+    from ftlab.config.schema import ModelConfig, RunConfig
+
+
+def target_patterns(cfg: Any, model_cfg: ModelConfig) -> list[str]:
+    """The regexes naming the adapted linears: the method's own, else the model's."""
+    return list(cfg.target_modules) if cfg.target_modules else list(model_cfg.lora_target_modules)
+
+
+class LinearAdapterMethod(Method):
+    """A method whose adapter sits on the linear layers that ``target_modules`` name."""
+
+    def check(self, run: RunConfig, env: Environment) -> None:
+        if not target_patterns(run.method, run.model):
+            raise ConfigError(
+                f"method={run.method.name}: no target modules. Set method.target_modules or "
+                f"model.lora_target_modules (regexes such as '.*q_proj')."
+            )
+
+    def adapter_size(self, cfg: Any, linear: Linear) -> int:
+        """Trainable parameters the method adds to one ``linear``."""
+        raise NotImplementedError
+
+    def frozen_size(self, cfg: Any, linear: Linear) -> int:
+        """Frozen parameters the method adds to one ``linear`` (none for most methods)."""
+        return 0
+
+    def targeted_linears(self, run: RunConfig) -> list[Linear]:
+        linears = model_linears(run.model)
+        patterns = target_patterns(run.method, run.model)
+        compiled = [re.compile(p) for p in patterns]
+        targeted = [x for x in linears if any(p.fullmatch(x.name) for p in compiled)]
+        if not targeted:
+            raise ConfigError(
+                f"method.target_modules / model.lora_target_modules {patterns} match no "
+                f"linear layer of model {run.model.name} (names look like {linears[0].name})."
+            )
+        return targeted
+
+    def plan(self, run: RunConfig) -> AdapterPlan:
+        cfg, targeted = run.method, self.targeted_linears(run)
+        return AdapterPlan(
+            adapter=sum(self.adapter_size(cfg, x) for x in targeted),
+            adapter_per_layer=sum(self.adapter_size(cfg, x) for x in targeted if x.layer == 0),
+            frozen=sum(self.frozen_size(cfg, x) for x in targeted),
+            frozen_per_layer=sum(self.frozen_size(cfg, x) for x in targeted if x.layer == 0),
+            targets=sorted({x.name.rsplit(".", 1)[-1] for x in targeted}),
+        )

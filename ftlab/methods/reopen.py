@@ -1,0 +1,110 @@
+"""Reopen a finished run: its base model + the method's saved artefact, ready to generate.
+
+``load_trained(run_dir)`` reads the run's ``resolved_config.yaml`` (which base, which
+method, which settings, which dtype) and its ``final/`` directory. ``load_with_adapter``
+does the same from a base model and a saved directory alone (``final/`` holds
+``ftlab_method.json`` naming the method). Both return ``(model, tokenizer)`` with the
+model in eval mode; ``predict`` and ``merge`` use them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from ftlab.errors import ModelLoadError
+from ftlab.methods.catalog import get_method, method_schemas
+from ftlab.models.loading import load_model, load_tokenizer, weight_dtype
+from ftlab.record.rundir import METHOD_RECORD, RESOLVED_CONFIG, RunDir
+
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def method_of(adapter_dir: Path) -> str:
+    """The method a saved directory was trained with, from its ``ftlab_method.json``."""
+    record = Path(adapter_dir) / METHOD_RECORD
+    if not record.is_file():
+        raise ModelLoadError(
+            f"{adapter_dir} has no {METHOD_RECORD}: it is not a directory ftlab saved (a "
+            "run's final/). Point at a run's final/ directory."
+        )
+    return str(json.loads(record.read_text())["method"])
+
+
+def read_run_config(run_dir: Path) -> tuple[Any, Any, str]:
+    """(ModelConfig, method config, model dtype) of a finished run, as it trained."""
+    from omegaconf import OmegaConf
+
+    from ftlab.config.schema import ModelConfig, PrecisionConfig
+
+    path = Path(run_dir) / RESOLVED_CONFIG
+    if not path.is_file():
+        raise ModelLoadError(f"{run_dir} is not an ftlab run directory: no {RESOLVED_CONFIG}.")
+    body = OmegaConf.load(path)
+    schemas = method_schemas()
+    name = body.method.name
+    if name not in schemas:
+        raise ModelLoadError(f"{path}: method {name!r} is not registered in this ftlab.")
+
+    def typed(schema: type, node: Any) -> Any:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+
+    dtype = weight_dtype(typed(PrecisionConfig, body.precision))
+    return typed(ModelConfig, body.model), typed(schemas[name], body.method), dtype
+
+
+def _tokenizer(model_cfg: Any, saved_dir: Path) -> Any:
+    """The tokenizer saved with the run (pad token included), else the base model's."""
+    if all((saved_dir / f).is_file() for f in TOKENIZER_FILES):
+        model_cfg = dataclasses.replace(model_cfg, tokenizer_name_or_path=str(saved_dir))
+    return load_tokenizer(model_cfg)
+
+
+def load_adapter(base: Any, adapter_dir: Path, method_name: str, cfg: Any = None) -> Any:
+    """``base`` + the artefact in ``adapter_dir``, in eval mode."""
+    model = get_method(method_name).load(base, Path(adapter_dir), cfg)
+    model.eval()
+    return model
+
+
+def load_trained(run_dir: Path | str) -> tuple[Any, Any]:
+    """(model, tokenizer) of a finished run: its base model with its trained adapter."""
+    run_dir = Path(run_dir)
+    final = RunDir(run_dir).final
+    if not (final / METHOD_RECORD).is_file():
+        raise ModelLoadError(
+            f"{run_dir} has no final/{METHOD_RECORD}: the run did not finish (or is not an "
+            "ftlab run). Pick a completed run directory."
+        )
+    model_cfg, method_cfg, dtype = read_run_config(run_dir)
+    tokenizer = _tokenizer(model_cfg, final)
+    if get_method(method_cfg.name).saves_whole_model:
+        # final/ is the complete model: loading the base first would only waste memory.
+        model = load_model(dataclasses.replace(model_cfg, name_or_path=str(final)), dtype)
+        model.eval()
+        return model, tokenizer
+    base = load_model(model_cfg, dtype)
+    return load_adapter(base, final, method_cfg.name, method_cfg), tokenizer
+
+
+def load_with_adapter(
+    base: str, adapter: Path | str, dtype: str = "float32", pad_token: str | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) from a base model (hub name or path) and a saved ``final/`` dir.
+
+    ``pad_token`` is only needed when neither the adapter dir nor the base tokenizer
+    defines one.
+    """
+    from ftlab.config.schema import ModelConfig
+
+    adapter = Path(adapter)
+    name = method_of(adapter)
+    model_cfg = ModelConfig(name=Path(base).name or base, name_or_path=base, pad_token=pad_token)
+    tokenizer = _tokenizer(model_cfg, adapter)
+    if get_method(name).saves_whole_model:
+        model = load_model(dataclasses.replace(model_cfg, name_or_path=str(adapter)), dtype)
+        model.eval()
+        return model, tokenizer
+    return load_adapter(load_model(model_cfg, dtype), adapter, name), tokenizer

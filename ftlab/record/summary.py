@@ -1,0 +1,71 @@
+"""``Summary``: a finished run's figures, as printed, as ``summary.json``, as ``ftlab-runs`` lists.
+
+One dataclass for the three: the runner fills it, ``format`` prints it, ``to_dict`` is
+the file, ``from_dict`` reads a file back (fields a run did not record stay None).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Summary:
+    run_dir: str = ""
+    status: str = "completed"
+    model: str | None = None
+    method: str | None = None
+    steps: int | None = None
+    parameters: dict[str, int] = field(default_factory=dict)  # total, trainable
+    first_loss: float | None = None
+    final_loss: float | None = None
+    # Every logged interval weighed by its number of steps (also across a resume).
+    train_loss_mean: float | None = None
+    eval_loss: float | None = None
+    eval_ppl: float | None = None
+    entity_recall_base: float | None = None
+    entity_recall: float | None = None
+    tokens_per_second: float | None = None  # median over logging intervals
+    effective_tokens_per_second: float | None = None  # non-padding tokens
+    peak_memory_mb: float | None = None
+    train_seconds: float | None = None
+    wall_seconds: float | None = None
+    derived: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Summary:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A field by name (None when unset), for tables that pick columns by key."""
+        value = getattr(self, key, None)
+        return default if value is None else value
+
+    def format(self) -> str:
+        """The summary a person reads at the end of a run."""
+
+        def fmt(v: Any, spec: str = ".4f") -> str:
+            return "n/a" if v is None else format(v, spec)
+
+        params = self.parameters
+        lines = [
+            f"run dir        {self.run_dir}",
+            f"loss           {fmt(self.first_loss)} -> {fmt(self.final_loss)} "
+            f"(eval {fmt(self.eval_loss)}, ppl {fmt(self.eval_ppl, '.2f')})",
+            f"entity recall  base {fmt(self.entity_recall_base, '.3f')} -> "
+            f"fine-tuned {fmt(self.entity_recall, '.3f')}",
+            f"throughput     {fmt(self.tokens_per_second, '.0f')} tokens/s "
+            f"({fmt(self.effective_tokens_per_second, '.0f')} non-padding)",
+            f"peak memory    {fmt(self.peak_memory_mb, '.0f')} MiB",
+            f"trainable      {params.get('trainable', 0):,} of {params.get('total', 0):,} params",
+            f"time           train {fmt(self.train_seconds, '.1f')} s, run "
+            f"{fmt(self.wall_seconds, '.1f')} s",
+        ]
+        return "\n".join(["", "ftlab summary", *("  " + x for x in lines)])

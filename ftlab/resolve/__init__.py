@@ -1,0 +1,1 @@
+"""Overrides -> composed config -> typed ``RunConfig`` -> validated, with ``Derived`` values."""

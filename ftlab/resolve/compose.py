@@ -1,0 +1,68 @@
+"""Composition: the schemas in Hydra's ConfigStore, and the composed DictConfig -> ``RunConfig``.
+
+YAML options name their schema first in their defaults list (``- base_lora``), which
+makes OmegaConf type-check and reject unknown keys while Hydra composes the run. This is
+the one place that touches raw DictConfig: everything downstream receives dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from ftlab.config import schema
+from ftlab.config.derived import Derived
+from ftlab.methods.catalog import method_schemas
+
+_registered = False
+
+
+def register_configs() -> None:
+    """Idempotent: the CLI, the tests and the sweep runner all call it."""
+    global _registered
+    if _registered:
+        return
+    cs = ConfigStore.instance()
+    cs.store(name="base_run", node=schema.RunConfig)
+    cs.store(group="model", name="base_model", node=schema.ModelConfig)
+    cs.store(group="data", name="base_data", node=schema.DataConfig)
+    cs.store(group="parallel", name="base_parallel", node=schema.ParallelConfig)
+    cs.store(group="precision", name="base_precision", node=schema.PrecisionConfig)
+    for name, node in method_schemas().items():
+        cs.store(group="method", name=f"base_{name}", node=node)
+    _registered = True
+
+
+def _asset(name: str) -> str:
+    from ftlab.assets import asset_path
+
+    return str(asset_path(name))
+
+
+def register_resolvers() -> None:
+    """``${asset:NAME}`` -> the absolute path of a checkpoint or dataset shipped in ftlab."""
+    if not OmegaConf.has_resolver("asset"):
+        OmegaConf.register_new_resolver("asset", _asset)
+
+
+def to_run_config(cfg: DictConfig) -> schema.RunConfig:
+    """Resolve interpolations and convert to dataclasses (method -> its own schema)."""
+    register_resolvers()
+    run = OmegaConf.to_object(cfg)
+    assert isinstance(run, schema.RunConfig), type(run)
+    return run
+
+
+def to_plain_dict(run: schema.RunConfig) -> dict[str, Any]:
+    """A JSON/YAML-ready dict of the typed config (what the resolved config records)."""
+    return dataclasses.asdict(run)
+
+
+def resolved_config_yaml(run: schema.RunConfig, derived: Derived | dict[str, Any]) -> str:
+    """The resolved config: every setting with interpolations resolved, plus derived values."""
+    body = to_plain_dict(run)
+    body["derived"] = derived.to_dict() if isinstance(derived, Derived) else dict(derived)
+    return OmegaConf.to_yaml(OmegaConf.create(body))

@@ -1,0 +1,89 @@
+"""The run config -> PaddleNLP's TrainingArguments: one mapping for training and export.
+
+``shared_arguments`` holds every setting that means the same to ftlab's Trainer and to
+PaddleNLP's ``llm/run_finetune.py`` (batch, optimizer, schedule, precision, parallel
+degrees); ``training_arguments`` adds what an ftlab run needs (its run dir, its
+evaluation and checkpoint cadence), and ``ftlab.planning.export`` adds what the script
+needs. Neither restates a shared key.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from ftlab.config.schema import PrecisionConfig, RunConfig
+from ftlab.distributed.layout import parallel_training_arguments
+from ftlab.record.rundir import CHECKPOINTS, VISUALDL
+
+
+def precision_arguments(p: PrecisionConfig) -> dict[str, Any]:
+    if p.dtype == "bfloat16":
+        return {"bf16": True, "fp16_opt_level": p.amp_level}
+    if p.dtype == "float16":
+        return {"fp16": True, "fp16_opt_level": p.amp_level}
+    return {}
+
+
+def shared_arguments(run: RunConfig) -> dict[str, Any]:
+    """TrainingArguments keys whose meaning ftlab and run_finetune.py share."""
+    t = run.train
+    return {
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "per_device_eval_batch_size": t.per_device_eval_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": t.lr_scheduler_type,
+        "warmup_steps": t.warmup_steps,
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "seed": t.seed,
+        "logging_steps": t.logging_steps,
+        "save_total_limit": t.save_total_limit,
+        "recompute": t.recompute,
+        "dataloader_num_workers": t.dataloader_num_workers,
+        **precision_arguments(run.precision),
+        **parallel_training_arguments(run.parallel),
+    }
+
+
+def total_steps(run: RunConfig, num_train_examples: int | None, global_batch: int) -> int:
+    if run.train.max_steps > 0:
+        return run.train.max_steps
+    assert num_train_examples is not None, "streaming data requires train.max_steps"
+    per_epoch = max(math.ceil(num_train_examples / global_batch), 1)
+    return math.ceil(per_epoch * run.train.num_train_epochs)
+
+
+def training_arguments(
+    run: RunConfig, run_dir: Path, steps: int, has_eval: bool, unified_checkpoint: bool = True
+) -> Any:
+    """PaddleNLP's ``SFTConfig`` for a run of ``steps`` optimizer steps in ``run_dir``."""
+    from paddlenlp.trl import SFTConfig
+
+    t = run.train
+    args = shared_arguments(run)
+    if run.parallel.pipeline > 1:
+        # ftlab pads each batch to its longest sequence, so activations between stages
+        # change shape from batch to batch (and between the micro-batches of one step):
+        # the stages must exchange shapes every time, not cache the first batch's.
+        args["pipeline_parallel_config"] = "disable_p2p_cache_shape"
+    return SFTConfig(
+        output_dir=str(run_dir / CHECKPOINTS),
+        logging_dir=str(run_dir / VISUALDL),
+        report_to=["visualdl"],
+        do_train=True,
+        # PaddleNLP turns do_eval=True into evaluation every logging step; ftlab evaluates
+        # at train.eval_steps when set, and always once at the end (training.stages).
+        do_eval=bool(has_eval and t.eval_steps),
+        max_steps=steps,
+        evaluation_strategy="steps" if (has_eval and t.eval_steps) else "no",
+        eval_steps=t.eval_steps or None,
+        save_strategy="steps",
+        save_steps=t.save_steps or steps,
+        unified_checkpoint=unified_checkpoint,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        **args,
+    )
