@@ -28,6 +28,9 @@ def target_patterns(cfg: Any, model_cfg: ModelConfig) -> list[str]:
 class LinearAdapterMethod(Method):
     """A method whose adapter sits on the linear layers that ``target_modules`` name."""
 
+    # How the printed plan names the adapter and its ``size_setting`` ("LoRA rank").
+    plan_label: str = "adapter size"
+
     def check(self, run: RunConfig, env: Environment) -> None:
         if not target_patterns(run.method, run.model):
             raise ConfigError(
@@ -57,10 +60,17 @@ class LinearAdapterMethod(Method):
 
     def plan(self, run: RunConfig) -> AdapterPlan:
         cfg, targeted = run.method, self.targeted_linears(run)
+        targets = sorted({x.name.rsplit(".", 1)[-1] for x in targeted})
+        size = getattr(cfg, self.size_setting) if self.size_setting else None
         return AdapterPlan(
             adapter=sum(self.adapter_size(cfg, x) for x in targeted),
             adapter_per_layer=sum(self.adapter_size(cfg, x) for x in targeted if x.layer == 0),
             frozen=sum(self.frozen_size(cfg, x) for x in targeted),
             frozen_per_layer=sum(self.frozen_size(cfg, x) for x in targeted if x.layer == 0),
-            targets=sorted({x.name.rsplit(".", 1)[-1] for x in targeted}),
+            targets=targets,
+            details={
+                **({self.size_setting: size} if self.size_setting else {}),
+                "targets": targets,
+            },
+            lines=[f"adapter        {self.plan_label} {size} on {', '.join(targets)}"],
         )

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ftlab.config.schema import MethodConfig
 from ftlab.errors import ConfigError
 from ftlab.methods.linear import LinearAdapterMethod, target_patterns
-from ftlab.methods.registry import AdapterPlan, register_method
+from ftlab.methods.registry import register_method
 
 if TYPE_CHECKING:
     import paddle
@@ -75,6 +75,7 @@ class Lokr(LinearAdapterMethod):
     supports_tensor_parallel = False
     fixed_on_resume = ("lokr_dim", "factor", "decompose_both", "target_modules")
     size_setting = "lokr_dim"
+    plan_label = "LoKr dim"
 
     def check(self, run: RunConfig, env: Environment) -> None:
         m = run.method
@@ -148,12 +149,6 @@ class Lokr(LinearAdapterMethod):
             w1 = out_1 * in_1
         w2 = r * (out_2 + in_2) if r < max(out_2, in_2) / 2 else out_2 * in_2
         return w1 + w2
-
-    def plan(self, run: RunConfig) -> AdapterPlan:
-        plan = super().plan(run)
-        plan.details = {"lokr_dim": run.method.lokr_dim, "targets": plan.targets}
-        plan.lines = [f"adapter        LoKr dim {run.method.lokr_dim} on {', '.join(plan.targets)}"]
-        return plan
 
     def export(self, run: RunConfig, notes: list[str]) -> dict[str, Any]:
         notes.append(

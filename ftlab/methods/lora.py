@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from ftlab.config.schema import MethodConfig
 from ftlab.errors import ConfigError, ModelLoadError
 from ftlab.methods.linear import LinearAdapterMethod, target_patterns
-from ftlab.methods.registry import AdapterPlan, register_method
+from ftlab.methods.registry import register_method
 from ftlab.models.families import family
 
 if TYPE_CHECKING:
@@ -150,6 +150,7 @@ class Lora(LinearAdapterMethod):
     supports_pipeline_parallel = True
     fixed_on_resume = ("lora_rank", "target_modules", "pissa", "lora_use_mixer", "use_mora")
     size_setting = "lora_rank"
+    plan_label = "LoRA rank"
 
     def check(self, run: RunConfig, env: Environment) -> None:
         m = run.method
@@ -272,14 +273,6 @@ class Lora(LinearAdapterMethod):
 
     def adapter_size(self, cfg: Any, linear: Linear) -> int:
         return lora_size(cfg, linear)
-
-    def plan(self, run: RunConfig) -> AdapterPlan:
-        plan = super().plan(run)
-        plan.details = {"lora_rank": run.method.lora_rank, "targets": plan.targets}
-        plan.lines = [
-            f"adapter        LoRA rank {run.method.lora_rank} on {', '.join(plan.targets)}"
-        ]
-        return plan
 
     def export(self, run: RunConfig, notes: list[str]) -> dict[str, Any]:
         m = run.method

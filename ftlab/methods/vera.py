@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ftlab.config.schema import MethodConfig
 from ftlab.errors import ConfigError, ModelLoadError
 from ftlab.methods.linear import LinearAdapterMethod, target_patterns
-from ftlab.methods.registry import AdapterPlan, register_method
+from ftlab.methods.registry import register_method
 
 if TYPE_CHECKING:
     import numpy as np
@@ -145,6 +145,7 @@ class Vera(LinearAdapterMethod):
     # The seed regenerates the frozen projections the trained vectors belong to.
     fixed_on_resume = ("vera_rank", "vera_seed", "target_modules")
     size_setting = "vera_rank"
+    plan_label = "VeRA rank"
 
     def check(self, run: RunConfig, env: Environment) -> None:
         m = run.method
@@ -216,14 +217,6 @@ class Vera(LinearAdapterMethod):
 
     def frozen_size(self, cfg: Any, linear: Linear) -> int:
         return cfg.vera_rank * (linear.fan_in + linear.fan_out)  # this layer's A and B
-
-    def plan(self, run: RunConfig) -> AdapterPlan:
-        plan = super().plan(run)
-        plan.details = {"vera_rank": run.method.vera_rank, "targets": plan.targets}
-        plan.lines = [
-            f"adapter        VeRA rank {run.method.vera_rank} on {', '.join(plan.targets)}"
-        ]
-        return plan
 
     def export(self, run: RunConfig, notes: list[str]) -> dict[str, Any]:
         notes.append(
