@@ -5,6 +5,8 @@ and the run index with no change anywhere else)."""
 from __future__ import annotations
 
 import ast
+import copy
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,23 +264,32 @@ def test_a_method_without_a_plan_is_refused_by_name(tiny: Any, monkeypatch: Any)
 # A setting of each built-in method that shapes its trained tensors, and a changed value.
 SIZE_CHANGES = [
     ("lora", "lora_rank", 4),
-    ("lora", "target_modules", "[.*q_proj]"),
-    ("lora", "use_mora", "true"),
+    ("lora", "target_modules", [".*q_proj"]),
+    ("lora", "use_mora", True),
     ("qlora", "lora_rank", 16),
     ("qlora", "quant_algo", "int8"),
     ("qlora", "quant_block_size", 128),
-    ("qlora", "double_quant", "true"),
+    ("qlora", "double_quant", True),
     ("vera", "vera_rank", 32),
     ("vera", "vera_seed", 1),
-    ("vera", "target_modules", "[.*q_proj]"),
+    ("vera", "target_modules", [".*q_proj"]),
     ("lokr", "lokr_dim", 4),
     ("lokr", "factor", 4),
-    ("lokr", "decompose_both", "true"),
+    ("lokr", "decompose_both", True),
     ("prefix", "num_prefix_tokens", 8),
-    ("prefix", "prefix_projection", "true"),
+    ("prefix", "prefix_projection", True),
     ("reft", "reft_rank", 8),
-    ("reft", "reft_layers", "[0,1]"),
+    ("reft", "reft_layers", [0, 1]),
 ]
+
+
+@functools.cache
+def recorded(method: str) -> tuple[str, dict[str, Any]]:
+    """(the resolved config a ``method`` run records, its settings as a plain dict)."""
+    from ftlab.resolve.compose import resolved_config_yaml, to_plain_dict
+
+    run = compose_run([f"method={method}"])
+    return resolved_config_yaml(run, {}), to_plain_dict(run)
 
 
 @pytest.mark.parametrize(("method", "key", "value"), SIZE_CHANGES)
@@ -286,10 +297,11 @@ def test_resume_refuses_a_changed_adapter_size_for_every_method(
     method: str, key: str, value: Any, tmp_path: Path
 ) -> None:
     from ftlab.record.resume import check_resume_config
-    from ftlab.resolve.compose import resolved_config_yaml, to_plain_dict
 
-    run = compose_run([f"method={method}"])
-    (tmp_path / "resolved_config.yaml").write_text(resolved_config_yaml(run, {}))
-    changed = compose_run([f"method={method}", f"method.{key}={value}"])
+    resolved, settings = recorded(method)
+    (tmp_path / "resolved_config.yaml").write_text(resolved)
+    changed = copy.deepcopy(settings)
+    assert changed["method"][key] != value
+    changed["method"][key] = value
     with pytest.raises(ConfigError, match=f"cannot change on resume.*method.{key}:"):
-        check_resume_config(tmp_path, to_plain_dict(changed))
+        check_resume_config(tmp_path, changed)
