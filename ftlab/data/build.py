@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,14 @@ from ftlab.errors import DataError
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class GenerationItem:
+    prompt: str  # the last user turn, for people reading predictions.jsonl
+    prompt_ids: list[int]
+    reference: str
+    source: str | None = None  # a mixture's source name
+
+
 @dataclass
 class DataBundle:
     """What training needs from the data; ``encode_prompt`` serves generation."""
@@ -40,6 +49,32 @@ class DataBundle:
     stats: DataStats
     fingerprints: dict[str, str] = field(default_factory=dict)
     builder: ExampleBuilder | None = field(default=None, repr=False)
+    # A weighted mixture's sources by name (ftlab.data.mixture), each a bundle of its own.
+    parts: dict[str, DataBundle] = field(default_factory=dict, repr=False)
+
+    def generation_items(self) -> list[GenerationItem]:
+        """Per dev record: its prompt as training renders and cuts it, and the answer.
+
+        The answer is the last assistant turn (what generation is scored against); a
+        mixture lists its sources' records in source order, each named.
+        """
+        if self.parts:
+            return [
+                dataclasses.replace(item, source=name)
+                for name, part in self.parts.items()
+                for item in part.generation_items()
+            ]
+        items = []
+        for record in self.dev_records:
+            conv = record_conversation(record, self.format)
+            items.append(
+                GenerationItem(
+                    prompt=conv.turns[-1].user_text(),
+                    prompt_ids=self.encode_prompt(record),
+                    reference=conv.turns[-1].assistant,
+                )
+            )
+        return items
 
     def encode_prompt(self, record: dict[str, Any]) -> list[int]:
         """Prompt token ids for a raw record, rendered and cut exactly as in training."""
