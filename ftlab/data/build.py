@@ -18,6 +18,7 @@ from ftlab.data.datasets import ExampleDataset, PackedDataset
 from ftlab.data.examples import ExampleBuilder, ExampleStore, Limits
 from ftlab.data.formats import detect_format, record_conversation, to_conversation
 from ftlab.data.layout import resolve_split_files
+from ftlab.data.mixture import build_mixture
 from ftlab.data.packing import make_packs
 from ftlab.data.records import BadRecords, Record, iter_records, read_split, sha256_file
 from ftlab.data.settings import check_data_settings
@@ -230,6 +231,19 @@ def build_data(
     """
     check_data_settings(cfg, max_steps)
     pad_id = _check_tokenizer(tokenizer)
+    if cfg.sources:  # a weighted mixture: each source read as a dataset of its own
+        return build_mixture(
+            cfg,
+            tokenizer,
+            seed=seed,
+            need_dev=need_dev,
+            max_steps=max_steps,
+            world_size=world_size,
+            rank=rank,
+            build_source=build_data,
+            bundle=DataBundle,
+            collate_fn=Collator(pad_id),
+        )
     train_files = resolve_split_files(cfg, "train")
     dev_files = resolve_split_files(cfg, "dev")
     if need_dev and dev_files is None and cfg.dev_from_train is None:
