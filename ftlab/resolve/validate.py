@@ -279,9 +279,13 @@ def check_trackers(run: RunConfig, available: Any = tracker_available) -> None:
 
 
 def generation_enabled(run: RunConfig) -> bool:
-    """``eval.generation``, with null resolved from the data option (data.generation_metric)."""
+    """``eval.generation``; null follows the data option (``data.generation_metric``) on
+    layouts that can generate, and is off on pipeline layouts (recorded as
+    ``derived.eval_generation``). An explicit true on a pipeline layout is refused."""
     g = run.eval.generation
-    return run.data.generation_metric if g is None else g
+    if g is None:
+        return run.data.generation_metric and run.parallel.pipeline <= 1
+    return g
 
 
 def check_generation(run: RunConfig) -> bool:
