@@ -216,8 +216,9 @@ def table(tmp: Path, methods: list[str], recompute: bool) -> None:
     )
 
 
-def fit() -> None:
-    """Refit the per-layer activation coefficients from Paddle's allocator counts."""
+def fit(granularity: str | None = None) -> None:
+    """Refit the per-layer activation coefficients from Paddle's allocator counts: what the
+    forward pass keeps for backward, without recompute or (``granularity``) with it."""
     import numpy as np
     import paddle
     import paddle.base.core as core
@@ -232,8 +233,13 @@ def fit() -> None:
             num_key_value_heads=kv,
             vocab_size=512,
             max_position_embeddings=1024,
+            recompute=granularity is not None,
+            recompute_granularity=granularity or "full",
         )
         model = LlamaForCausalLM(config)
+        if granularity is not None:
+            model.train()
+            model.recompute_enable()  # what the Trainer does for train.recompute=true
         ids = paddle.randint(0, 512, [4, s])
         before = core.host_memory_stat_current_value("Allocated", 0)
         loss = model(input_ids=ids, labels=ids)[0]
@@ -256,7 +262,7 @@ def fit() -> None:
         ys.append(per_layer / 4 / (4 * s))  # fp32 elements per token
     coef, *_ = np.linalg.lstsq(np.array(rows, float), np.array(ys), rcond=None)
     print(
-        "elements per token and layer = "
+        f"recompute {granularity or 'off'}: elements kept per token and layer = "
         f"{coef[0]:.2f} h + {coef[1]:.2f} kv_dim + {coef[2]:.2f} ffn + {coef[3]:.2f} heads*seq"
     )
 
@@ -269,7 +275,8 @@ def main() -> None:
     ap.add_argument("--recompute", action="store_true", help="also rows with recompute")
     args = ap.parse_args()
     if args.fit:
-        fit()
+        for granularity in (None, "full", "full_attn", "core_attn"):
+            fit(granularity)
         return
     with tempfile.TemporaryDirectory(prefix="ftlab_plan_bench_") as d:
         if args.baseline:
