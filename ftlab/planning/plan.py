@@ -403,7 +403,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         "memory / device (busiest device)",
         f"  weights              {mib(mem['weights'])}",
         f"  gradients            {mib(mem['gradients'])}",
-        f"  {'optimizer (' + optimizer_label(plan) + ')':<21}{mib(mem['optimizer'])}",
+        f"  {'optimizer (' + optimizer_label(plan) + ')':<20} {mib(mem['optimizer'])}",
         f"  activations          {mib(mem['activations'])} without recompute, "
         f"{mib(mem['activations_recompute'])} with ({plan['recompute_granularity']})",
         f"  total                {mib(mem['total'])} without recompute{no_rc}",
