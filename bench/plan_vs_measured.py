@@ -68,6 +68,7 @@ COMMON = [
     "train.logging_steps=1",
     "train.warmup_steps=0",
     "eval.demo_metric=false",
+    "eval.generation=false",
     "device=cpu",
 ]
 MEDIUM = {  # ~24M parameters
@@ -177,13 +178,19 @@ def rows(methods: list[str], recompute: bool, optims: list[str], granularities: 
 
 
 def table(
-    tmp: Path, methods: list[str], recompute: bool, optims: list[str], granularities: list[str]
+    tmp: Path,
+    methods: list[str],
+    recompute: bool,
+    optims: list[str],
+    granularities: list[str],
+    only: list[str],
 ) -> None:
     save_random_llama(MEDIUM, tmp / "medium")
     models = {
         "stories260k": ["model=stories260k"],
         "llama-24m": model_overrides("llama24m", tmp / "medium", MEDIUM),
     }
+    models = {k: v for k, v in models.items() if k in only}
     header = (
         f"{'model':11} {'method':6} {'optim':10} {'rc':9} {'weights':>7} {'grads':>6} {'optim':>6} "
         f"{'activ':>6} | {'tensors':>7} {'alloc':>6} {'err':>5} | {'est RSS':>7} "
@@ -287,6 +294,7 @@ def main() -> None:
     ap.add_argument("--fit", action="store_true", help="refit the activation coefficients")
     ap.add_argument("--methods", default="full,lora,qlora", help="comma-separated")
     ap.add_argument("--recompute", action="store_true", help="also rows with recompute")
+    ap.add_argument("--models", default="stories260k,llama-24m", help="comma-separated")
     ap.add_argument(
         "--optims",
         default="adamw,adamw_mini",
@@ -312,6 +320,7 @@ def main() -> None:
                 args.recompute,
                 [o for o in args.optims.split(",") if o],
                 [g for g in args.granularities.split(",") if g],
+                args.models.split(","),
             )
 
 

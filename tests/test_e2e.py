@@ -145,12 +145,35 @@ def test_visualdl_logs_hold_the_same_scalars(short_run) -> None:
         "train/learning_rate",
         "final/eval_loss",
         "final/entity_recall",
+        "final/bleu4",
+        "final/rougel",
     ):
         assert tag in tags, (tag, sorted(tags))
     losses = [(p.id, p.value) for p in tags["train/loss"]]
     metrics = [r for r in read_jsonl(short_run[1] / "metrics.jsonl") if r["kind"] == "train"]
     assert [s for s, _ in losses] == [r["step"] for r in metrics]
     assert [v for _, v in losses] == pytest.approx([r["loss"] for r in metrics], rel=1e-6)
+
+
+def test_generation_metrics_and_predictions(short_run) -> None:
+    """The demo task gains BLEU/ROUGE beside entity recall; predictions.jsonl holds every
+    dev generation, and the summary's numbers are those of its texts."""
+    from ftlab.evaluation.text_metrics import score_texts
+
+    run_dir = short_run[1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    gen = summary["generation"]
+    assert (gen["units"], gen["records"]) == ("word", 48)
+    rows = read_jsonl(run_dir / "predictions.jsonl")
+    assert len(rows) == 48 and set(rows[0]) == {"src", "tgt", "output", "base_output"}
+    refs = [r["tgt"] for r in rows]
+    for key, texts in (("finetuned", "output"), ("base", "base_output")):
+        again = score_texts([r[texts] for r in rows], refs, "word")
+        assert gen[key]["bleu4"] == pytest.approx(again.bleu4, abs=1e-12)
+        assert gen[key]["rougel"] == pytest.approx(again.rougel, abs=1e-12)
+    assert "BLEU-4" in short_run[2].stdout
+    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "eval_bleu4" in r]
+    assert len(evals) == 1 and evals[0]["eval_rouge1_base"] == gen["base"]["rouge1"]
 
 
 def test_samples_show_base_and_finetuned_outputs(short_run) -> None:

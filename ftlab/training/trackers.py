@@ -31,9 +31,16 @@ def attach_trackers(trainer: Any, run_dir: RunDir, report_to: Sequence[str]) -> 
         from paddlenlp.trainer.integrations import TensorBoardCallback
         from tensorboardX import SummaryWriter
 
+        logdir = str(run_dir / TENSORBOARD)
+
+        def writer(log_dir: str | None = None) -> Any:
+            # The callback opens a writer on the Trainer's logging_dir (VisualDL's), also
+            # again for logs after training; every one of them opens here instead.
+            return SummaryWriter(logdir=logdir)
+
         for cb in trainer.callback_handler.callbacks:
             if isinstance(cb, TensorBoardCallback):
-                cb.tb_writer = SummaryWriter(logdir=str(run_dir / TENSORBOARD))
+                cb._SummaryWriter = writer
     if "wandb" in report_to:
         import wandb
 
