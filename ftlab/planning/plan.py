@@ -8,19 +8,28 @@ The memory model (bytes on the busiest device):
 * **weights**: every parameter in the weight dtype (fp32; 16-bit under AMP O2); for QLoRA
   the target linears as packed codes + block scales, LoRA factors in fp32.
 * **gradients**: trainable parameters in their own dtype.
-* **optimizer**: AdamW's two fp32 moments per trainable parameter, plus an fp32 master copy
-  of every 16-bit trainable parameter (AMP O2, ``multi_precision``).
+* **optimizer**: per ``train.optim`` (``ftlab.config.trainer_options.OPTIMIZERS_TABLE``):
+  AdamW's two fp32 moments per trainable parameter (``adamw``, ``adamw_custom``; 16-bit
+  moments for 16-bit parameters with ``adamw_16bit_moment``), one (``adamw_mini``: its
+  second moment is one number per tensor), plus an fp32 master copy of every 16-bit
+  trainable parameter (AMP O2, ``multi_precision``). Optimizers updating in Python keep a
+  few parameter-sized temporaries during the step (when activations are freed).
+  ``train.offload_optim`` keeps the states off the device except during the step.
 * **activations**: tensors autograd keeps for backward, per micro-batch of
   ``per_device_train_batch_size`` x ``data.max_length`` tokens (the longest a batch can be).
   Per token and layer: ``12h + 2*kv_dim + 3*intermediate`` elements, plus
   ``heads * seq_len`` for the softmax output of eager (non-flash) attention; outside the
   layers ``3.3h + vocab`` (final norm, the softmax kept for the loss). These coefficients were
   fitted to Paddle's CPU allocator counts for PaddleNLP's eager Llama (fp32) and reproduce
-  them within 2% (``bench/plan_vs_measured.py --fit``). Full recompute keeps one ``h``
-  per token and layer plus one layer being recomputed; PaddleNLP does not recompute the first
-  layer when its input needs no gradient (frozen embeddings: LoRA, QLoRA), so that layer
-  keeps all of its activations. A transient of the largest temporary (attention scores or
-  logits gradient) is added.
+  them within 2% (``bench/plan_vs_measured.py --fit``). With recompute a layer keeps, per
+  token (fitted the same way): ``h`` (granularity ``full``), ``6h + 3*intermediate``
+  (``full_attn``), everything but the attention scores (``core_attn``), plus one block
+  being recomputed in backward. PaddleNLP does not recompute the first layer when its
+  input needs no gradient (frozen embeddings: LoRA, QLoRA) under ``full`` and
+  ``full_attn``, so that layer keeps all of its activations, as do
+  ``train.no_recompute_layers``; ``train.refined_recompute`` adds the outputs it keeps in
+  the layers it skips. A transient of the largest temporary (attention scores or logits
+  gradient) is added.
 
 Splits: tensor parallel divides linear and vocab weights by ``tensor`` (norms are
 replicated) and the activations except a replicated ``6h`` per token and layer (also split
