@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 UNITS = ("auto", "char", "word")
@@ -120,6 +120,7 @@ class GenerationResult:
 
     scores: TextScores
     predictions: list[str]
+    items: list[Any] = field(default_factory=list)  # what was generated (prompts, refs)
 
 
 def evaluate_generation(

@@ -148,8 +148,10 @@ def build_model(run: RunConfig, run_dir: RunDir, prepared: Prepared) -> Built:
         dtype=weight_dtype(run.precision),
         overrides=recompute_model_config(run),
     )
-    base_metric = task_metric(model, prepared.tokenizer, prepared.data.dev_records, run)
     base_generation = generation_metric(model, prepared, run)
+    base_metric = task_metric(
+        model, prepared.tokenizer, prepared.data.dev_records, run, base_generation
+    )
     if run.method.neftune_noise_alpha > 0:
         add_neftune_hook(model, run.method.neftune_noise_alpha)
     model = method.apply(model, run.method, run.model)
@@ -186,12 +188,12 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
                 eval_dataset=part.dev_dataset, metric_key_prefix=f"eval_{name}"
             )
             data.stats.set_source_eval_loss(name, evals.get(f"eval_{name}_loss"))
-    tuned = task_metric(built.model, prepared.tokenizer, data.dev_records, run)
+    tuned_generation = generation_metric(built.model, prepared, run)
+    tuned = task_metric(built.model, prepared.tokenizer, data.dev_records, run, tuned_generation)
     if tuned is not None:
         trainer.log(
             {"eval_entity_recall_base": built.base_metric.score, "eval_entity_recall": tuned.score}
         )
-    tuned_generation = generation_metric(built.model, prepared, run)
     if tuned_generation is not None:
         trainer.log(
             {
@@ -223,7 +225,7 @@ def finalize(
     if tuned_gen is not None:
         for key, value in _scores(tuned_gen).items():
             scalars[f"final/{key}"] = [(0, _scores(base_gen)[key]), (fitted.steps, value)]
-        run_dir.write_jsonl(PREDICTIONS, _predictions(prepared.data, base_gen, tuned_gen))
+        run_dir.write_jsonl(PREDICTIONS, _predictions(base_gen, tuned_gen))
     write_final_scalars(run_dir, fitted.steps, scalars, run.train.report_to)
 
     built.method.save_final(fitted.trainer, built.model, run_dir.final)
@@ -273,19 +275,48 @@ def seed_everything(seed: int) -> None:
     paddle.seed(seed)
 
 
-def task_metric(model: Any, tokenizer: Any, records: list[dict], run: RunConfig) -> Any:
-    """Entity recall on dev records that carry an ``entities`` list (None when none do)."""
+def task_metric(
+    model: Any, tokenizer: Any, records: list[dict], run: RunConfig, generation: Any = None
+) -> Any:
+    """Entity recall on dev records that carry an ``entities`` list (None when none do).
+
+    When the generation metric already decoded the same prompts greedily with the same
+    settings, its outputs are scored instead of generating them a second time.
+    """
     if not run.eval.demo_metric or not any("entities" in r for r in records):
         return None
     from ftlab.evaluation.entity_recall import entity_recall
 
+    scored = [r for r in records if "entities" in r]
     return entity_recall(
         model,
         tokenizer,
-        [r for r in records if "entities" in r],
+        scored,
         max_new_tokens=run.eval.max_new_tokens,
         batch_size=run.eval.batch_size,
+        outputs=_reusable_outputs(tokenizer, records, run, generation),
     )
+
+
+def _reusable_outputs(tokenizer: Any, records: list[dict], run: RunConfig, generation: Any) -> Any:
+    """The generation metric's outputs for the entity records, when they are exactly what
+    entity recall would generate: greedy, and the same prompt tokens (entity recall
+    prompts with ``[bos] + encode(src)``, the metric as training renders the record)."""
+    if generation is None or run.eval.decode_strategy != "greedy":
+        return None
+    from ftlab.evaluation.generation import prompt_ids
+
+    items = generation.items
+    if len(items) != len(records):
+        return None
+    outputs = []
+    for record, item, text in zip(records, items, generation.predictions, strict=True):
+        if "entities" not in record:
+            continue
+        if prompt_ids(tokenizer, str(record.get("src", ""))) != list(item.prompt_ids):
+            return None
+        outputs.append(text)
+    return outputs
 
 
 def generation_metric(model: Any, prepared: Prepared, run: RunConfig) -> Any:
@@ -302,7 +333,7 @@ def generation_metric(model: Any, prepared: Prepared, run: RunConfig) -> Any:
         )
     e = run.eval
     references = [i.reference for i in items]
-    return evaluate_generation(
+    result = evaluate_generation(
         model,
         prepared.tokenizer,
         [i.prompt_ids for i in items],
@@ -316,6 +347,8 @@ def generation_metric(model: Any, prepared: Prepared, run: RunConfig) -> Any:
         temperature=e.temperature,
         seed=run.train.seed,
     )
+    result.items = items
+    return result
 
 
 def _scores(result: Any) -> dict[str, float]:
@@ -334,13 +367,11 @@ def _generation_summary(base: Any, tuned: Any) -> dict[str, Any]:
     }
 
 
-def _predictions(data: Any, base: Any, tuned: Any) -> list[dict[str, Any]]:
+def _predictions(base: Any, tuned: Any) -> list[dict[str, Any]]:
     """``predictions.jsonl``: PaddleNLP's generated_output.json keys (output, tgt) plus the
     prompt, the base model's answer and, in a mixture, the source."""
     rows = []
-    for item, b, t in zip(
-        data.generation_items(), base.predictions, tuned.predictions, strict=True
-    ):
+    for item, b, t in zip(tuned.items, base.predictions, tuned.predictions, strict=True):
         row = {"src": item.prompt, "tgt": item.reference, "output": t, "base_output": b}
         if item.source is not None:
             row["source"] = item.source
