@@ -64,6 +64,7 @@ class Summary:
             f"entity recall  base {fmt(self.entity_recall_base, '.3f')} -> "
             f"fine-tuned {fmt(self.entity_recall, '.3f')}",
             *self._generation_lines(fmt),
+            *self._mixture_lines(fmt),
             f"throughput     {fmt(self.tokens_per_second, '.0f')} tokens/s "
             f"({fmt(self.effective_tokens_per_second, '.0f')} non-padding)",
             f"peak memory    {fmt(self.peak_memory_mb, '.0f')} MiB",
@@ -72,6 +73,17 @@ class Summary:
             f"{fmt(self.wall_seconds, '.1f')} s",
         ]
         return "\n".join(["", "ftlab summary", *("  " + x for x in lines)])
+
+    def _mixture_lines(self, fmt: Any) -> list[str]:
+        sources = (self.data or {}).get("sources")
+        if not sources:
+            return []
+        parts = [
+            f"{s['name']} {fmt(s['share'], '.3f')} (weight {s['weight']:.3f}, eval "
+            f"{fmt(s.get('eval_loss'), '.4f')})"
+            for s in sources
+        ]
+        return [f"mixture        {', '.join(parts)}"]
 
     def _generation_lines(self, fmt: Any) -> list[str]:
         g = self.generation
