@@ -28,6 +28,7 @@ def mixture_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]
     return run_dir, proc
 
 
+@pytest.mark.slow  # one more ftlab process (~30 s idle, 126 s on the loaded CI machine)
 def test_mixture_run_accounts_per_source(mixture_run) -> None:
     run_dir, _ = mixture_run
     summary = json.loads((run_dir / "summary.json").read_text())

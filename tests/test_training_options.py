@@ -284,7 +284,14 @@ def test_every_optimizer_trains_the_shipped_model(tmp_path: Path) -> None:
             if logs and "loss" in logs:
                 self.values.append(float(logs["loss"]))
 
-    base = compose_run(["method=full", "train.max_steps=4", "train.learning_rate=3e-3"])
+    base = compose_run(
+        [
+            "method=full",
+            "train.max_steps=4",
+            "train.learning_rate=3e-3",
+            "train.per_device_train_batch_size=8",
+        ]
+    )
     tok = load_tokenizer(base.model)
     data = build_data(base.data, tok, seed=0, need_dev=False)
     for optim in OPTIMIZERS:
