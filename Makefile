@@ -47,7 +47,7 @@ bench-qlora: $(STAMP) ## QLoRA (nf4, int8) vs LoRA on a ~100M Llama (ARGS="--siz
 bench-methods: $(STAMP) ## Every method on the shipped model: params, tokens/s, memory, eval loss, metric
 	$(PY) bench/methods.py $(ARGS)
 
-bench-plan: $(STAMP) ## Plan-mode memory estimate vs measured peak RSS
+bench-plan: $(STAMP) ## Plan memory estimate vs measured peak RSS: methods, optimizers, recompute granularities
 	$(PY) bench/plan_vs_measured.py $(ARGS)
 
 bench: bench-data bench-qlora bench-methods bench-plan ## All benchmarks (tens of minutes on 2 cores)

@@ -68,6 +68,7 @@ COMMON = [
     "train.logging_steps=1",
     "train.warmup_steps=0",
     "eval.demo_metric=false",
+    "eval.generation=false",
     "device=cpu",
 ]
 MEDIUM = {  # ~24M parameters
@@ -167,48 +168,68 @@ def baseline(tmp: Path) -> None:
         )
 
 
-def table(tmp: Path, methods: list[str], recompute: bool) -> None:
+def rows(methods: list[str], recompute: bool, optims: list[str], granularities: list[str]):
+    """(method, optimizer, recompute granularity or None) per row of the table."""
+    out = [(m, "adamw", g) for m in methods for g in ([None, "full"] if recompute else [None])]
+    out += [("full", o, None) for o in optims if o != "adamw"]
+    out += [(m, "adamw", g) for m in ("full", "lora") for g in granularities]
+    seen: list = []
+    return [r for r in out if not (r in seen or seen.append(r))]
+
+
+def table(
+    tmp: Path,
+    methods: list[str],
+    recompute: bool,
+    optims: list[str],
+    granularities: list[str],
+    only: list[str],
+) -> None:
     save_random_llama(MEDIUM, tmp / "medium")
     models = {
         "stories260k": ["model=stories260k"],
         "llama-24m": model_overrides("llama24m", tmp / "medium", MEDIUM),
     }
+    models = {k: v for k, v in models.items() if k in only}
     header = (
-        f"{'model':11} {'method':6} {'rc':2} {'weights':>7} {'grads':>6} {'optim':>6} "
+        f"{'model':11} {'method':6} {'optim':10} {'rc':9} {'weights':>7} {'grads':>6} {'optim':>6} "
         f"{'activ':>6} | {'tensors':>7} {'alloc':>6} {'err':>5} | {'est RSS':>7} "
         f"{'RSS':>6} {'err':>6} | {'RSS nr':>6} {'err':>5}"
     )
     print(header)
     print("-" * len(header))
     for model, model_over in models.items():
-        for method in methods:
-            for rc in [False, True] if recompute else [False]:
-                over = [
-                    *model_over,
-                    *METHODS[method],
-                    *COMMON,
-                    f"train.recompute={str(rc).lower()}",
-                ]
-                tag = f"{model}_{method}_{int(rc)}"
-                plan = plan_mib(over, tmp / f"{tag}_plan")
-                rss, alloc = measured_peak_mib(over, tmp / f"{tag}_train")
-                rss_nr, _ = measured_peak_mib(over, tmp / f"{tag}_train_nr", NO_RETENTION)
-                act = plan["activations_recompute"] if rc else plan["activations"]
-                est = plan["estimated_rss"]
+        for method, optim, granularity in rows(methods, recompute, optims, granularities):
+            rc = granularity is not None
+            over = [
+                *model_over,
+                *METHODS[method],
+                *COMMON,
+                f"train.optim={optim}",
+                f"train.recompute={str(rc).lower()}",
+                *([f"train.recompute_granularity={granularity}"] if rc else []),
+            ]
+            tag = f"{model}_{method}_{optim}_{granularity}"
+            plan = plan_mib(over, tmp / f"{tag}_plan")
+            rss, alloc = measured_peak_mib(over, tmp / f"{tag}_train")
+            rss_nr, _ = measured_peak_mib(over, tmp / f"{tag}_train_nr", NO_RETENTION)
+            act = plan["activations_recompute"] if rc else plan["activations"]
+            est = plan["estimated_rss"]
 
-                def err(est: float, meas: float) -> str:
-                    return f"{100 * (est - meas) / meas:+.0f}%"
+            def err(est: float, meas: float) -> str:
+                return f"{100 * (est - meas) / meas:+.0f}%"
 
-                print(
-                    f"{model:11} {method:6} {'y' if rc else 'n':2} {plan['weights']:7.1f} "
-                    f"{plan['gradients']:6.1f} {plan['optimizer']:6.1f} {act:6.1f} | "
-                    f"{plan['in_use']:7.1f} {alloc:6.1f} {err(plan['in_use'], alloc):>5} | "
-                    f"{est:7.1f} {rss:6.1f} {err(est, rss):>6} | {rss_nr:6.1f} "
-                    f"{err(est, rss_nr):>5}",
-                    flush=True,
-                )
+            print(
+                f"{model:11} {method:6} {optim:10} {granularity or 'off':9} {plan['weights']:7.1f} "
+                f"{plan['gradients']:6.1f} {plan['optimizer']:6.1f} {act:6.1f} | "
+                f"{plan['in_use']:7.1f} {alloc:6.1f} {err(plan['in_use'], alloc):>5} | "
+                f"{est:7.1f} {rss:6.1f} {err(est, rss):>6} | {rss_nr:6.1f} "
+                f"{err(est, rss_nr):>5}",
+                flush=True,
+            )
     print(
-        "MiB. tensors: the plan without the runtime baseline; alloc: Paddle's host-allocator "
+        "MiB. optim: train.optim; rc: train.recompute_granularity (off: no recompute). "
+        "tensors: the plan without the runtime baseline; alloc: Paddle's host-allocator "
         "peak over the training steps; est RSS = tensors + runtime baseline "
         f"({CPU_RUNTIME_BASELINE_MIB:.0f} MiB); RSS: peak ru_maxrss over the training steps "
         "(glibc default); RSS nr: the same with MALLOC_MMAP_THRESHOLD_=65536 (no heap "
@@ -216,8 +237,9 @@ def table(tmp: Path, methods: list[str], recompute: bool) -> None:
     )
 
 
-def fit() -> None:
-    """Refit the per-layer activation coefficients from Paddle's allocator counts."""
+def fit(granularity: str | None = None) -> None:
+    """Refit the per-layer activation coefficients from Paddle's allocator counts: what the
+    forward pass keeps for backward, without recompute or (``granularity``) with it."""
     import numpy as np
     import paddle
     import paddle.base.core as core
@@ -232,8 +254,13 @@ def fit() -> None:
             num_key_value_heads=kv,
             vocab_size=512,
             max_position_embeddings=1024,
+            recompute=granularity is not None,
+            recompute_granularity=granularity or "full",
         )
         model = LlamaForCausalLM(config)
+        if granularity is not None:
+            model.train()
+            model.recompute_enable()  # what the Trainer does for train.recompute=true
         ids = paddle.randint(0, 512, [4, s])
         before = core.host_memory_stat_current_value("Allocated", 0)
         loss = model(input_ids=ids, labels=ids)[0]
@@ -256,7 +283,7 @@ def fit() -> None:
         ys.append(per_layer / 4 / (4 * s))  # fp32 elements per token
     coef, *_ = np.linalg.lstsq(np.array(rows, float), np.array(ys), rcond=None)
     print(
-        "elements per token and layer = "
+        f"recompute {granularity or 'off'}: elements kept per token and layer = "
         f"{coef[0]:.2f} h + {coef[1]:.2f} kv_dim + {coef[2]:.2f} ffn + {coef[3]:.2f} heads*seq"
     )
 
@@ -267,15 +294,34 @@ def main() -> None:
     ap.add_argument("--fit", action="store_true", help="refit the activation coefficients")
     ap.add_argument("--methods", default="full,lora,qlora", help="comma-separated")
     ap.add_argument("--recompute", action="store_true", help="also rows with recompute")
+    ap.add_argument("--models", default="stories260k,llama-24m", help="comma-separated")
+    ap.add_argument(
+        "--optims",
+        default="adamw,adamw_mini",
+        help="optimizers measured with full fine-tuning (comma-separated)",
+    )
+    ap.add_argument(
+        "--granularities",
+        default="full,full_attn,core_attn",
+        help="recompute granularities measured with full and LoRA (comma-separated; '' none)",
+    )
     args = ap.parse_args()
     if args.fit:
-        fit()
+        for granularity in (None, "full", "full_attn", "core_attn"):
+            fit(granularity)
         return
     with tempfile.TemporaryDirectory(prefix="ftlab_plan_bench_") as d:
         if args.baseline:
             baseline(Path(d))
         else:
-            table(Path(d), args.methods.split(","), args.recompute)
+            table(
+                Path(d),
+                args.methods.split(","),
+                args.recompute,
+                [o for o in args.optims.split(",") if o],
+                [g for g in args.granularities.split(",") if g],
+                args.models.split(","),
+            )
 
 
 if __name__ == "__main__":

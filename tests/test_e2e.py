@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,7 @@ def short_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess
         "train.logging_steps=2",
         "train.save_steps=6",
         "eval.max_new_tokens=16",
+        "train.report_to=[visualdl,tensorboard]",
     )
     runs = list((cwd / "outputs").glob("*/*_stories260k_lora"))
     assert len(runs) == 1, runs
@@ -145,12 +147,73 @@ def test_visualdl_logs_hold_the_same_scalars(short_run) -> None:
         "train/learning_rate",
         "final/eval_loss",
         "final/entity_recall",
+        "final/bleu4",
+        "final/rougel",
     ):
         assert tag in tags, (tag, sorted(tags))
     losses = [(p.id, p.value) for p in tags["train/loss"]]
     metrics = [r for r in read_jsonl(short_run[1] / "metrics.jsonl") if r["kind"] == "train"]
     assert [s for s, _ in losses] == [r["step"] for r in metrics]
     assert [v for _, v in losses] == pytest.approx([r["loss"] for r in metrics], rel=1e-6)
+
+
+def test_generation_metrics_and_predictions(short_run) -> None:
+    """The demo task gains BLEU/ROUGE beside entity recall; predictions.jsonl holds every
+    dev generation, and the summary's numbers are those of its texts."""
+    from ftlab.evaluation.text_metrics import score_texts
+
+    run_dir = short_run[1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    gen = summary["generation"]
+    assert (gen["units"], gen["records"]) == ("word", 48)
+    rows = read_jsonl(run_dir / "predictions.jsonl")
+    assert len(rows) == 48 and set(rows[0]) == {"src", "tgt", "output", "base_output"}
+    refs = [r["tgt"] for r in rows]
+    for key, texts in (("finetuned", "output"), ("base", "base_output")):
+        again = score_texts([r[texts] for r in rows], refs, "word")
+        assert gen[key]["bleu4"] == pytest.approx(again.bleu4, abs=1e-12)
+        assert gen[key]["rougel"] == pytest.approx(again.rougel, abs=1e-12)
+    assert "BLEU-4" in short_run[2].stdout
+    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "eval_bleu4" in r]
+    assert len(evals) == 1 and evals[0]["eval_rouge1_base"] == gen["base"]["rouge1"]
+
+
+def tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of every tensorboardX event file in ``logdir`` (TFRecord framing: length,
+    its CRC, the Event proto, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_tensorboard_holds_the_scalars_ftlab_adds(short_run) -> None:
+    run_dir = short_run[1]
+    tags = tensorboard_scalars(run_dir / "tensorboard")
+    for tag in (
+        "train/loss",
+        "train/tokens_per_second",
+        "train/padding_efficiency",
+        "train/peak_memory_mb",
+        "eval/bleu4",
+        "final/eval_loss",
+        "final/rougel",
+    ):
+        assert tag in tags, (tag, sorted(tags))
+    train = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert [s for s, _ in tags["train/loss"]] == [r["step"] for r in train]
+    assert [v for _, v in tags["train/loss"]] == pytest.approx([r["loss"] for r in train])
+    assert list((run_dir / "visualdl").glob("vdlrecords.*"))  # and VisualDL as well
+    assert not list((run_dir / "visualdl").glob("events.out.tfevents.*"))
 
 
 def test_samples_show_base_and_finetuned_outputs(short_run) -> None:

@@ -204,3 +204,96 @@ def test_cli_writes_plan_json_for_a_gpu_layout_on_any_machine(tmp_path: Path) ->
     )
     assert "ftlab plan" in proc.stdout and "optimizer (AdamW)" in proc.stdout
     assert not (run_dir / "checkpoints").exists()  # nothing trained, nothing loaded
+
+
+# --------------------------------------------------------------------------- issue 17
+
+
+def test_optimizer_state_follows_the_optimizer() -> None:
+    p = STORIES_PARAMS
+    for optim, per_param in (
+        ("adamw", 8),
+        ("adamw_custom", 8),
+        ("adamw_16bit_moment", 8),  # fp32 parameters keep fp32 moments in PaddleNLP
+        ("adamw_mini", 4),  # the second moment is one number per tensor
+    ):
+        mem = plan_for(["method=full", f"train.optim={optim}"])["memory_bytes"]
+        assert mem["optimizer"] == per_param * p, optim
+    bf16 = ["method=full", "model=llama3", "precision=bf16", "device=gpu"]
+    p = LLAMA3_8B_PARAMS
+    mem = plan_for([*bf16, "train.optim=adamw_16bit_moment"], GPU8)["memory_bytes"]
+    assert mem["optimizer"] == (2 + 2 + 4) * p  # bf16 moments + fp32 master weights
+    plain = plan_for(bf16, GPU8)["memory_bytes"]
+    off = plan_for([*bf16, "train.offload_optim=true"], GPU8)["memory_bytes"]
+    assert off["optimizer"] == plain["optimizer"]
+    assert off["total"] == pytest.approx(
+        plain["weights"] + plain["gradients"] + max(plain["activations"], plain["optimizer"])
+    )
+
+
+def test_recompute_granularities_order_and_layers() -> None:
+    def act_rc(*extra: str) -> float:
+        overrides = ["method=full", "train.recompute=true", *extra]
+        return plan_for(overrides)["memory_bytes"]["activations_recompute"]
+
+    full, full_attn, core = (
+        act_rc(f"train.recompute_granularity={g}") for g in ("full", "full_attn", "core_attn")
+    )
+    plain = plan_for(["method=full"])["memory_bytes"]["activations"]
+    assert full < full_attn < core < plain
+    one = act_rc("train.no_recompute_layers=[2]")
+    two = act_rc("train.no_recompute_layers=[2,3]")
+    assert full < one < two and two - one == pytest.approx(one - full)
+    flash = ["model.flash_attention=true"]
+    assert act_rc(*flash, "train.refined_recompute='flash_attn:-1'") > act_rc(*flash)
+
+
+@pytest.mark.parametrize("granularity", ["full", "full_attn", "core_attn"])
+def test_recompute_terms_match_paddle_allocator(granularity: str) -> None:
+    """What a recomputed layer keeps for backward, per the plan, against Paddle's own byte
+    count: (3 layers - 1 layer) / 2 of the forward's saved bytes (fp32, CPU)."""
+    import paddle
+    import paddle.base.core as core
+    from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
+
+    base = [
+        "method=full",
+        "data.max_length=128",
+        "data.src_length=64",
+        "train.per_device_train_batch_size=4",
+        "train.recompute=true",
+        f"train.recompute_granularity={granularity}",
+    ]
+
+    def saved(layers: int) -> int:
+        a = compose_run(base).model.arch
+        config = LlamaConfig(
+            hidden_size=a.hidden_size,
+            intermediate_size=a.intermediate_size,
+            num_hidden_layers=layers,
+            num_attention_heads=a.num_attention_heads,
+            num_key_value_heads=a.num_key_value_heads,
+            vocab_size=a.vocab_size,
+            max_position_embeddings=a.max_position_embeddings,
+            recompute=True,
+            recompute_granularity=granularity,
+        )
+        paddle.seed(0)
+        model = LlamaForCausalLM(config)
+        model.train()
+        model.recompute_enable()  # what PaddleNLP's Trainer does for recompute=true
+        ids = paddle.randint(0, a.vocab_size, [4, 128])
+        mask = paddle.ones([4, 128], dtype="int64")
+        before = core.host_memory_stat_current_value("Allocated", 0)
+        loss = model(input_ids=ids, labels=ids, attention_mask=mask)[0]
+        out = core.host_memory_stat_current_value("Allocated", 0) - before
+        del loss
+        return out
+
+    def planned(layers: int) -> float:
+        plan = plan_for([*base, f"model.arch.num_hidden_layers={layers}"])
+        return plan["memory_bytes"]["activations_recompute"]
+
+    per_layer_measured = (saved(3) - saved(1)) / 2
+    per_layer_planned = (planned(3) - planned(1)) / 2
+    assert per_layer_planned == pytest.approx(per_layer_measured, rel=0.05)

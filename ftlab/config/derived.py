@@ -29,6 +29,10 @@ class Derived:
     # Pipeline layouts: micro-batches of this size, this many per optimizer step (1F1B).
     pipeline_micro_batch_size: int | None = None
     pipeline_accumulate_steps: int | None = None
+    # Whether BLEU/ROUGE of dev generations run (eval.generation, null resolved).
+    eval_generation: bool | None = None
+    # A data mixture's normalised weights by source name (data.sources).
+    mixture_weights: Mapping[str, float] | None = None
     # Known once the data is read.
     train_examples: int | None = None
     total_steps: int | None = None
@@ -41,6 +45,10 @@ class Derived:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", MappingProxyType(dict(self.method)))
+        if self.mixture_weights is not None:
+            object.__setattr__(
+                self, "mixture_weights", MappingProxyType(dict(self.mixture_weights))
+            )
         for name in ("resume_changes", "rerun_differences"):
             value = getattr(self, name)
             if value is not None:
@@ -57,6 +65,8 @@ class Derived:
             value = getattr(self, f.name)
             if f.name == "method":
                 out.update(value)
+            elif isinstance(value, Mapping):
+                out[f.name] = dict(value)
             elif value is not None:
                 out[f.name] = list(value) if isinstance(value, tuple) else value
         return out

@@ -66,10 +66,23 @@ class MethodConfig:
 
 
 @dataclass
+class DataSource:
+    """One dataset of a weighted mixture (``data.sources``)."""
+
+    path: str = MISSING  # a directory with train.json (and dev.json), or a train file
+    weight: float = 1.0  # relative share of the mixture's examples (normalised)
+    name: str | None = None  # label in the summary and eval logs; default: last path part
+    format: str = "auto"  # auto | src_tgt | alpaca | messages, detected per source
+    chat_template: str | None = None  # null: data.chat_template; "none": plain
+    on_bad_record: str | None = None  # null: data.on_bad_record
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
-    # A directory holding train.json / train/*.json (and dev.*), or a single file.
-    path: str = MISSING
+    # A directory holding train.json / train/*.json (and dev.*), or a single file; null
+    # when ``sources`` names a weighted mixture instead.
+    path: str | None = MISSING
     train_path: str | None = None  # explicit train file/dir; overrides path
     dev_path: str | None = None  # explicit dev file/dir; overrides path
     format: str = "auto"  # auto | src_tgt | alpaca | messages
@@ -82,6 +95,12 @@ class DataConfig:
     streaming: bool = False  # iterate files lazily; requires train.max_steps
     dev_from_train: float | None = None  # carve a dev split of this fraction
     shuffle: bool = True
+    # --- generation metric and weighted mixtures (issue 17)
+    # The task is scored by generation (BLEU/ROUGE); eval.generation=null follows this.
+    generation_metric: bool = False
+    # A weighted mixture of datasets (``data.path`` null): each source keeps its own
+    # format detection, chat template and bad-record policy (ftlab/data/mixture.py).
+    sources: list[DataSource] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- parallel
@@ -143,6 +162,15 @@ class TrainSettings:
     save_total_limit: int = 2
     recompute: bool = False
     dataloader_num_workers: int = 0
+    # --- optimizer, recompute detail, trackers (issue 17); PaddleNLP's names and values
+    optim: str = "adamw"  # adamw | adamw_mini | adamw_custom | adamw_16bit_moment
+    offload_optim: bool = False  # optimizer states in host memory between steps (GPU)
+    recompute_granularity: str = "full"  # full | full_attn | core_attn (train.recompute)
+    # Keep chosen ops' outputs instead of recomputing them, "op:skip_num,...", e.g.
+    # "flash_attn:-1" (-1: every layer, 0: none, k: the first k layers).
+    refined_recompute: str = ""
+    no_recompute_layers: list[int] | None = None  # decoder layers never recomputed
+    report_to: list[str] = field(default_factory=lambda: ["visualdl"])  # + tensorboard, wandb
 
 
 @dataclass
@@ -153,6 +181,16 @@ class EvalSettings:
     max_new_tokens: int = 48
     num_samples: int = 5  # sample generations saved to samples.jsonl
     batch_size: int = 32
+    # --- generation metrics (issue 17): BLEU-4 and ROUGE-1/2/L of the dev generations
+    # (PaddleNLP's eval_with_do_generation), base and fine-tuned; null: data.generation_metric
+    generation: bool | None = None
+    decode_strategy: str = "greedy"  # greedy | sampling
+    top_k: int = 0  # sampling only; 0: off
+    top_p: float = 1.0  # sampling only; 1.0: off
+    temperature: float = 1.0  # sampling only
+    # How BLEU/ROUGE split text: char (every character, as PaddleNLP scores AdvertiseGen),
+    # word (whitespace), auto (char when the references hold CJK characters, else word).
+    metric_tokens: str = "auto"
 
 
 # --------------------------------------------------------------------------- run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from ftlab.data.datasets import ExampleDataset, PackedDataset
 from ftlab.data.examples import ExampleBuilder, ExampleStore, Limits
 from ftlab.data.formats import detect_format, record_conversation, to_conversation
 from ftlab.data.layout import resolve_split_files
+from ftlab.data.mixture import build_mixture
 from ftlab.data.packing import make_packs
 from ftlab.data.records import BadRecords, Record, iter_records, read_split, sha256_file
 from ftlab.data.settings import check_data_settings
@@ -26,6 +28,14 @@ from ftlab.data.templates import make_renderer
 from ftlab.errors import DataError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    prompt: str  # the last user turn, for people reading predictions.jsonl
+    prompt_ids: list[int]
+    reference: str
+    source: str | None = None  # a mixture's source name
 
 
 @dataclass
@@ -40,6 +50,32 @@ class DataBundle:
     stats: DataStats
     fingerprints: dict[str, str] = field(default_factory=dict)
     builder: ExampleBuilder | None = field(default=None, repr=False)
+    # A weighted mixture's sources by name (ftlab.data.mixture), each a bundle of its own.
+    parts: dict[str, DataBundle] = field(default_factory=dict, repr=False)
+
+    def generation_items(self) -> list[GenerationItem]:
+        """Per dev record: its prompt as training renders and cuts it, and the answer.
+
+        The answer is the last assistant turn (what generation is scored against); a
+        mixture lists its sources' records in source order, each named.
+        """
+        if self.parts:
+            return [
+                dataclasses.replace(item, source=name)
+                for name, part in self.parts.items()
+                for item in part.generation_items()
+            ]
+        items = []
+        for record in self.dev_records:
+            conv = record_conversation(record, self.format)
+            items.append(
+                GenerationItem(
+                    prompt=conv.turns[-1].user_text(),
+                    prompt_ids=self.encode_prompt(record),
+                    reference=conv.turns[-1].assistant,
+                )
+            )
+        return items
 
     def encode_prompt(self, record: dict[str, Any]) -> list[int]:
         """Prompt token ids for a raw record, rendered and cut exactly as in training."""
@@ -195,6 +231,19 @@ def build_data(
     """
     check_data_settings(cfg, max_steps)
     pad_id = _check_tokenizer(tokenizer)
+    if cfg.sources:  # a weighted mixture: each source read as a dataset of its own
+        return build_mixture(
+            cfg,
+            tokenizer,
+            seed=seed,
+            need_dev=need_dev,
+            max_steps=max_steps,
+            world_size=world_size,
+            rank=rank,
+            build_source=build_data,
+            bundle=DataBundle,
+            collate_fn=Collator(pad_id),
+        )
     train_files = resolve_split_files(cfg, "train")
     dev_files = resolve_split_files(cfg, "dev")
     if need_dev and dev_files is None and cfg.dev_from_train is None:

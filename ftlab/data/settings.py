@@ -3,8 +3,11 @@ by ``build_data`` when it is called directly (as the tests and benchmarks do).""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 from ftlab.config.choices import check_choice
-from ftlab.config.schema import DataConfig
+from ftlab.config.schema import DataConfig, DataSource
 from ftlab.data.formats import FORMATS
 from ftlab.data.packing import PACKING_MODES
 from ftlab.errors import DataError
@@ -41,3 +44,58 @@ def check_data_settings(cfg: DataConfig, max_steps: int | None) -> None:
             "data.streaming=true cannot carve data.dev_from_train out of a stream "
             "read lazily; give a dev split (dev.json or data.dev_path) instead."
         )
+    check_sources(cfg)
+
+
+def source_name(src: DataSource) -> str:
+    """A source's label: ``name``, else the last part of its path."""
+    return src.name or Path(src.path.rstrip("/")).stem or src.path
+
+
+def check_sources(cfg: DataConfig) -> None:
+    """``data.sources`` (a weighted mixture) against the single-dataset settings."""
+    if not cfg.sources:
+        if not cfg.path and not cfg.train_path:
+            raise DataError(
+                "data.path is null and data.sources is empty: set data.path to a dataset "
+                "directory or file, or data.sources to a weighted mixture."
+            )
+        return
+    single = [
+        f"data.{k}={getattr(cfg, k)}" for k in ("path", "train_path", "dev_path") if getattr(cfg, k)
+    ]
+    if single:
+        raise DataError(
+            f"data.sources (a mixture of {len(cfg.sources)}) with {', '.join(single)}: a "
+            "mixture reads each source's own train and dev split. Set data.path=null (or use "
+            "data=mixture) and name every dataset in data.sources."
+        )
+    names = [source_name(s) for s in cfg.sources]
+    for src, name in zip(cfg.sources, names, strict=True):
+        where = f"data.sources[{name}]"
+        if not src.path:
+            raise DataError(f"{where}: path is empty; set it to a dataset directory or file.")
+        if not (math.isfinite(src.weight) and src.weight > 0):
+            raise DataError(
+                f"{where}: weight={src.weight} must be a positive number (weights are "
+                "normalised over the sources)."
+            )
+        check_choice(f"{where}.format", src.format, CHOICES["format"], DataError)
+        if src.on_bad_record is not None:
+            check_choice(
+                f"{where}.on_bad_record", src.on_bad_record, CHOICES["on_bad_record"], DataError
+            )
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(
+            f"data.sources: the name(s) {', '.join(dupes)} are used by more than one source; "
+            "give each source a distinct name (data.sources[i].name)."
+        )
+
+
+def mixture_weights(cfg: DataConfig) -> dict[str, float] | None:
+    """Normalised weights by source name (None without a mixture)."""
+    if not cfg.sources:
+        return None
+    total = sum(s.weight for s in cfg.sources)
+    return {source_name(s): s.weight / total for s in cfg.sources}

@@ -59,6 +59,40 @@ class SplitStats:
 
 
 @dataclass
+class SourceStats:
+    """One source of a weighted mixture (``data.sources``): what it held and what the
+    mixture drew from it."""
+
+    name: str
+    path: str
+    format: str
+    chat_template: str | None
+    on_bad_record: str
+    weight: float  # requested, normalised over the sources
+    fingerprint: str  # sha256 over the sha256 of each of its files
+    split: SplitStats  # its train split: records read, skips, cuts, examples
+    dev_examples: int | None = None
+    drawn: int = 0  # examples of this source in the mixture (repeats counted)
+    drawn_tokens: int = 0  # their input positions, after truncation
+    drawn_target_tokens: int = 0
+    eval_loss: float | None = None  # on its own dev split, after training
+
+    def draw(self, length: int, target_tokens: int) -> None:
+        self.drawn += 1
+        self.drawn_tokens += length
+        self.drawn_target_tokens += target_tokens
+
+    def to_dict(self, total_drawn: int, total_tokens: int) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "split"}
+        out["split"] = self.split.to_dict()
+        out["share"] = round(self.drawn / total_drawn, 6) if total_drawn else None
+        out["token_share"] = round(self.drawn_tokens / total_tokens, 6) if total_tokens else None
+        # Passes over the source's examples (above 1: repeated, below: not all used).
+        out["passes"] = round(self.drawn / self.split.examples, 4) if self.split.examples else None
+        return out
+
+
+@dataclass
 class DataStats:
     """Everything the run summary reports about the data."""
 
@@ -70,9 +104,19 @@ class DataStats:
     dev_source: str | None  # "file" | "dev_from_train" | None
     train: SplitStats = field(default_factory=SplitStats)
     dev: SplitStats | None = None
+    sources: list[SourceStats] | None = None  # a weighted mixture's sources
+
+    def set_source_eval_loss(self, name: str, loss: float | None) -> None:
+        for src in self.sources or []:
+            if src.name == name:
+                src.eval_loss = loss
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["train"] = self.train.to_dict()
         out["dev"] = self.dev.to_dict() if self.dev is not None else None
+        if self.sources is not None:
+            drawn = sum(s.drawn for s in self.sources)
+            tokens = sum(s.drawn_tokens for s in self.sources)
+            out["sources"] = [s.to_dict(drawn, tokens) for s in self.sources]
         return out

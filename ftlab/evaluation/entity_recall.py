@@ -72,12 +72,15 @@ def entity_recall(
     max_new_tokens: int = 48,
     batch_size: int = 16,
     pad_token_id: int | None = None,
+    outputs: Sequence[str] | None = None,
 ) -> EntityRecall:
     """Greedy entity recall of ``model`` on the records that carry ``entities``.
 
     Records need ``src`` (the prompt) and ``entities`` (a non-empty list of strings);
     records without ``entities`` are not scored. Greedy decoding makes the score a pure
-    function of the model, tokenizer, records and these settings.
+    function of the model, tokenizer, records and these settings. ``outputs``: the greedy
+    continuations of the scored records' prompts, already generated (by the generation
+    metric), instead of generating them again.
     """
     scored = [r for r in records if r.get("entities") is not None]
     if not scored:
@@ -90,15 +93,18 @@ def entity_recall(
             raise ValueError(f"record {i}: has 'entities' but no string 'src' prompt")
 
     prompts = [str(r["src"]) for r in scored]
-    outputs = generate_texts(
-        model,
-        tokenizer,
-        prompts,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        strategy="greedy",
-        pad_token_id=pad_token_id,
-    )
+    if outputs is None:
+        outputs = generate_texts(
+            model,
+            tokenizer,
+            prompts,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            strategy="greedy",
+            pad_token_id=pad_token_id,
+        )
+    elif len(outputs) != len(scored):
+        raise ValueError(f"{len(outputs)} outputs for {len(scored)} scored records")
     details = []
     for r, prompt, output in zip(scored, prompts, outputs, strict=True):
         entities = list(r["entities"])

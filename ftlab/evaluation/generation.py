@@ -81,6 +81,45 @@ def generate_texts(
     neither, this raises instead of picking one. The model runs in eval mode and gets its
     previous mode back afterwards.
     """
+    bos = _special_id(tokenizer, "bos_token_id")
+    encoded = [prompt_ids(tokenizer, p, bos) for p in prompts]
+    return generate_from_ids(
+        model,
+        tokenizer,
+        encoded,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        strategy=strategy,
+        top_k=top_k,
+        top_p=top_p,
+        temperature=temperature,
+        seed=seed,
+        pad_token_id=pad_token_id,
+    )
+
+
+def prompt_ids(tokenizer: Any, prompt: str, bos: int | None = None) -> list[int]:
+    """``[bos] + encode(prompt)``: a plain prompt as training sees it (no template)."""
+    bos = _special_id(tokenizer, "bos_token_id") if bos is None else bos
+    return [bos, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+
+
+def generate_from_ids(
+    model: Any,
+    tokenizer: Any,
+    encoded: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    strategy: Strategy = "greedy",
+    top_k: int = 0,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    pad_token_id: int | None = None,
+) -> list[str]:
+    """``generate_texts`` for prompts already encoded (e.g. rendered by a chat template
+    and cut to ``data.src_length`` exactly as in training)."""
     import paddle
     from paddlenlp.generation import GenerationConfig
 
@@ -88,10 +127,9 @@ def generate_texts(
     bos = _special_id(tokenizer, "bos_token_id")
     eos = _special_id(tokenizer, "eos_token_id")
     pad = resolve_pad_token_id(tokenizer, pad_token_id)
-    if not prompts:
+    if not encoded:
         return []
-
-    encoded = [[bos, *tokenizer(p, add_special_tokens=False)["input_ids"]] for p in prompts]
+    encoded = [list(ids) for ids in encoded]
     longest = max(len(ids) for ids in encoded)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and longest + max_new_tokens > limit:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,11 +119,19 @@ class QLora(Lora):
                 ">= 2 (two 4-bit codes share a byte)."
             )
 
-    def load_base(self, cfg: Any, model_cfg: ModelConfig, *, dtype: str) -> paddle.nn.Layer:
+    def load_base(
+        self,
+        cfg: Any,
+        model_cfg: ModelConfig,
+        *,
+        dtype: str,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> paddle.nn.Layer:
         """Quantize each target weight as the checkpoint is read (ftlab backend)."""
         backend = resolve_backend(cfg)
+        overrides = dict(overrides or {})
         if backend == "paddlenlp":
-            return _load_paddlenlp_quantized(model_cfg, dtype, cfg)
+            return _load_paddlenlp_quantized(model_cfg, dtype, cfg, overrides)
         path = Path(model_cfg.name_or_path)
         if not list(path.glob("*.safetensors")):
             # A hub name or a .pdparams checkpoint: load in float, then quantize layer by
@@ -130,7 +139,7 @@ class QLora(Lora):
             from ftlab.models.loading import load_model
             from ftlab.models.quant import quantize_model
 
-            model = load_model(model_cfg, dtype)
+            model = load_model(model_cfg, dtype, overrides)
             quantize_model(model, target_patterns(cfg, model_cfg), qlora_spec(cfg))
             return model
         import paddle
@@ -139,7 +148,7 @@ class QLora(Lora):
 
         from ftlab.models.quant import SafetensorsSource, quantize_while_loading
 
-        config = AutoConfig.from_pretrained(str(path), dtype=dtype)
+        config = AutoConfig.from_pretrained(str(path), dtype=dtype, **overrides)
         with no_init_weights(True), paddle.LazyGuard():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         with SafetensorsSource(path) as source:
@@ -272,7 +281,9 @@ def _check_tensor_parallel(cfg: QLoraMethodConfig, layout: str) -> None:
     )
 
 
-def _load_paddlenlp_quantized(model_cfg: ModelConfig, dtype: str, cfg: Any) -> Any:
+def _load_paddlenlp_quantized(
+    model_cfg: ModelConfig, dtype: str, cfg: Any, overrides: dict[str, Any]
+) -> Any:
     """PaddleNLP's native quantized loading (CUDA). CPU-only CI cannot exercise it."""
     from paddlenlp.quantization.quantization_config import QuantizationConfig
     from paddlenlp.transformers import AutoModelForCausalLM
@@ -291,5 +302,6 @@ def _load_paddlenlp_quantized(model_cfg: ModelConfig, dtype: str, cfg: Any) -> A
         model_cfg.name_or_path,
         dtype=dtype,
         quantization_config=qcfg,
+        **overrides,
         **model_parallel_kwargs(),  # tensor-parallel jobs: this rank's quantized shard
     )

@@ -14,6 +14,7 @@ heavy import, so methods import Paddle inside their functions only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -112,11 +113,19 @@ class Method:
 
     # ------------------------------------------------------------------ models
 
-    def load_base(self, cfg: Any, model_cfg: ModelConfig, *, dtype: str) -> paddle.nn.Layer:
-        """The base model this method trains on (QLoRA quantizes while loading)."""
+    def load_base(
+        self,
+        cfg: Any,
+        model_cfg: ModelConfig,
+        *,
+        dtype: str,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> paddle.nn.Layer:
+        """The base model this method trains on (QLoRA quantizes while loading);
+        ``overrides``: model-config values set at construction (recompute details)."""
         from ftlab.models.loading import load_model
 
-        return load_model(model_cfg, dtype)
+        return load_model(model_cfg, dtype, overrides)
 
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
         raise NotImplementedError

@@ -7,6 +7,7 @@ the live parameter count of a loaded model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +89,12 @@ def causal_lm_class(pipeline: int) -> Any:
     return AutoModelForCausalLMPipe if pipeline > 1 else AutoModelForCausalLM
 
 
-def load_model(cfg: ModelConfig, dtype: str) -> Any:
+def load_model(cfg: ModelConfig, dtype: str, overrides: Mapping[str, Any] | None = None) -> Any:
+    """The base model; ``overrides`` are model-config values set at construction (the
+    recompute details, which PaddleNLP's layers read in their constructors)."""
     from ftlab.distributed.layout import model_parallel_kwargs, pipeline_degree
 
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, **(overrides or {})}
     if cfg.flash_attention:
         kwargs["use_flash_attention"] = True
     kwargs.update(model_parallel_kwargs())  # tensor-parallel jobs: this rank's shard

@@ -20,6 +20,7 @@ from ftlab.config.schema import RunConfig
 from ftlab.errors import ConfigError
 from ftlab.methods.catalog import registered_methods
 from ftlab.record.rundir import EXPORT, EXPORT_NOTES, RunDir
+from ftlab.resolve.validate import generation_enabled
 from ftlab.training.arguments import shared_arguments
 
 
@@ -95,7 +96,51 @@ def _data(run: RunConfig, notes: list[str]) -> dict[str, Any]:
         notes.append(f"data.overlong={d.overlong}: run_finetune.py always truncates.")
     if d.streaming:
         args["lazy"] = True
+    if d.sources:
+        first = d.sources[0].path
+        args["dataset_name_or_path"] = first
+        mix = ", ".join(f"{s.path} x {s.weight:g}" for s in d.sources)
+        notes.append(
+            f"data.sources (a weighted mixture: {mix}): run_finetune.py reads one dataset; "
+            f"dataset_name_or_path is set to the first source ({first}). Mix the sources "
+            "into one train.json / dev.json by weight first and point it there."
+        )
     return args
+
+
+def _evaluation(run: RunConfig, generation: bool, notes: list[str]) -> dict[str, Any]:
+    """Generation metrics: run_finetune.py's eval_with_do_generation (DataConfig keys)."""
+    if not generation:
+        return {}
+    e = run.eval
+    notes.append(
+        "eval.generation=true: with eval_with_do_generation run_finetune.py scores BLEU-4 and "
+        "ROUGE-1/2/L instead of the eval loss at every evaluation, generating with its "
+        "GenerateArgument (top_k=1 by default, i.e. greedy; set top_k / top_p in this file "
+        f"to sample) and its own length limits; ftlab scores the base and the fine-tuned "
+        f"model once at the end, {e.decode_strategy}, max_new_tokens={e.max_new_tokens}."
+    )
+    if e.metric_tokens == "word":
+        notes.append(
+            "eval.metric_tokens=word: run_finetune.py always scores characters (it passes the "
+            "decoded strings to paddlenlp.metrics), so its numbers for English text differ."
+        )
+    return {"eval_with_do_generation": True, "save_generation_output": True}
+
+
+def _trainer_notes(run: RunConfig, notes: list[str]) -> None:
+    t = run.train
+    if "wandb" in t.report_to:
+        notes.append(
+            "train.report_to has wandb: ftlab records an offline run in the run dir; "
+            "run_finetune.py's callback logs online unless WANDB_MODE=offline is set."
+        )
+    if t.optim == "adamw_mini":
+        notes.append(
+            "train.optim=adamw_mini: ftlab's update uses the current first moment; PaddleNLP "
+            "3.0.0b4's AdamWMini applies the previous step's (its first step changes nothing), "
+            "so run_finetune.py trains differently."
+        )
 
 
 def _model(run: RunConfig, notes: list[str]) -> dict[str, Any]:
@@ -117,7 +162,9 @@ def _model(run: RunConfig, notes: list[str]) -> dict[str, Any]:
     return args
 
 
-def run_finetune_arguments(run: RunConfig, run_dir: Path) -> tuple[dict[str, Any], list[str]]:
+def run_finetune_arguments(
+    run: RunConfig, run_dir: Path, derived: Derived | None = None
+) -> tuple[dict[str, Any], list[str]]:
     """(the argument dict run_finetune.py reads, notes on what it cannot express)."""
     method = registered_methods().get(run.method.name)
     if method is None:
@@ -125,20 +172,23 @@ def run_finetune_arguments(run: RunConfig, run_dir: Path) -> tuple[dict[str, Any
             f"mode=export has no run_finetune.py mapping for method={run.method.name}: no such "
             f"method is registered ({', '.join(sorted(registered_methods()))})."
         )
+    generation = generation_enabled(run) if derived is None else bool(derived.eval_generation)
     notes: list[str] = []
     args = {
         **_model(run, notes),
         **_data(run, notes),
+        **_evaluation(run, generation, notes),
         **_training(run, run_dir, notes),
         **method().export(run, notes),
     }
+    _trainer_notes(run, notes)
     return {k: v for k, v in args.items() if v is not None}, notes
 
 
 def export_run_finetune(run: RunConfig, derived: Derived, run_dir: RunDir | Path) -> dict[str, Any]:
     """Write ``run_finetune.json`` (+ notes) into the run dir and print how to run it."""
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    args, notes = run_finetune_arguments(run, run_dir.path)
+    args, notes = run_finetune_arguments(run, run_dir.path, derived)
     path, notes_path = run_dir / EXPORT, run_dir / EXPORT_NOTES
     run_dir.write_text(EXPORT, json.dumps(args, indent=2) + "\n")
     run_dir.write_text(EXPORT_NOTES, json.dumps(notes, indent=2) + "\n")

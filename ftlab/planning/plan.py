@@ -8,19 +8,28 @@ The memory model (bytes on the busiest device):
 * **weights**: every parameter in the weight dtype (fp32; 16-bit under AMP O2); for QLoRA
   the target linears as packed codes + block scales, LoRA factors in fp32.
 * **gradients**: trainable parameters in their own dtype.
-* **optimizer**: AdamW's two fp32 moments per trainable parameter, plus an fp32 master copy
-  of every 16-bit trainable parameter (AMP O2, ``multi_precision``).
+* **optimizer**: per ``train.optim`` (``ftlab.config.trainer_options.OPTIMIZERS_TABLE``):
+  AdamW's two fp32 moments per trainable parameter (``adamw``, ``adamw_custom``; 16-bit
+  moments for 16-bit parameters with ``adamw_16bit_moment``), one (``adamw_mini``: its
+  second moment is one number per tensor), plus an fp32 master copy of every 16-bit
+  trainable parameter (AMP O2, ``multi_precision``). Optimizers updating in Python keep a
+  few parameter-sized temporaries during the step (when activations are freed).
+  ``train.offload_optim`` keeps the states off the device except during the step.
 * **activations**: tensors autograd keeps for backward, per micro-batch of
   ``per_device_train_batch_size`` x ``data.max_length`` tokens (the longest a batch can be).
   Per token and layer: ``12h + 2*kv_dim + 3*intermediate`` elements, plus
   ``heads * seq_len`` for the softmax output of eager (non-flash) attention; outside the
   layers ``3.3h + vocab`` (final norm, the softmax kept for the loss). These coefficients were
   fitted to Paddle's CPU allocator counts for PaddleNLP's eager Llama (fp32) and reproduce
-  them within 2% (``bench/plan_vs_measured.py --fit``). Full recompute keeps one ``h``
-  per token and layer plus one layer being recomputed; PaddleNLP does not recompute the first
-  layer when its input needs no gradient (frozen embeddings: LoRA, QLoRA), so that layer
-  keeps all of its activations. A transient of the largest temporary (attention scores or
-  logits gradient) is added.
+  them within 2% (``bench/plan_vs_measured.py --fit``). With recompute a layer keeps, per
+  token (fitted the same way): ``h`` (granularity ``full``), ``6h + 3*intermediate``
+  (``full_attn``), everything but the attention scores (``core_attn``), plus one block
+  being recomputed in backward. PaddleNLP does not recompute the first layer when its
+  input needs no gradient (frozen embeddings: LoRA, QLoRA) under ``full`` and
+  ``full_attn``, so that layer keeps all of its activations, as do
+  ``train.no_recompute_layers``; ``train.refined_recompute`` adds the outputs it keeps in
+  the layers it skips. A transient of the largest temporary (attention scores or logits
+  gradient) is added.
 
 Splits: tensor parallel divides linear and vocab weights by ``tensor`` (norms are
 replicated) and the activations except a replicated ``6h`` per token and layer (also split
@@ -50,6 +59,7 @@ from typing import Any
 from ftlab.config.derived import Derived
 from ftlab.config.environment import Environment, has_gpu, probe_environment
 from ftlab.config.schema import RunConfig
+from ftlab.config.trainer_options import OPTIMIZERS_TABLE, parse_refined_recompute
 from ftlab.methods.catalog import get_method
 from ftlab.methods.registry import AdapterPlan
 from ftlab.models.arch import base_counts, head_dim
@@ -70,7 +80,29 @@ ACT_PER_LAYER_SCORES = 1.0  # x heads x seq_len, eager attention only
 ACT_OUTSIDE_H = 3.3
 ACT_OUTSIDE_VOCAB = 1.0  # the softmax kept for the loss gradient
 ACT_TP_REPLICATED_H = 6.0  # of ACT_PER_LAYER_H, not split by tensor parallelism
-OPTIMIZER_MOMENTS = 2  # AdamW: first and second moment, fp32
+# What a recomputed layer keeps per token, by ``train.recompute_granularity`` (elements of
+# h, kv_dim, intermediate, heads*seq), fitted like the terms above (``--fit``: 1.00 h for
+# full; 6.00 h + 3.00 ffn for full_attn, which recomputes the attention block; for
+# core_attn, which recomputes only q.k^T, softmax and the product with v, every term but
+# the scores).
+ACT_KEPT = {
+    "full": (1.0, 0.0, 0.0, 0.0),
+    "full_attn": (6.0, 0.0, ACT_PER_LAYER_FFN, 0.0),
+    "core_attn": (ACT_PER_LAYER_H, ACT_PER_LAYER_KV, ACT_PER_LAYER_FFN, 0.0),
+}
+# Refined recompute keeps an op's output in the layers it skips (per token): flash
+# attention's output and log-sum-exp; the tensor-parallel linears' outputs (modelled from
+# the tensor shapes, GPU-only, not measured here).
+REFINED_KEPT = {
+    "flash_attn": (1.0, 0.0, 0.0, 0.0),  # + heads (log-sum-exp), added below
+    "attention_column_ln": (1.0, 2.0, 0.0, 0.0),  # q, k, v projections (split)
+    "attention_row_ln": (1.0, 0.0, 0.0, 0.0),  # o_proj output
+    "mlp_column_ln": (0.0, 0.0, 2.0, 0.0),  # gate and up projections (split)
+    "mlp_row_ln": (1.0, 0.0, 0.0, 0.0),  # down projection output
+}
+# An optimizer whose update is Python tensor code (PaddleNLP's AdamWMini, AdamWCustom,
+# AdamW_16Bit) holds this many temporaries the size of the parameter it updates.
+OPTIMIZER_PY_TEMPORARIES = 4
 
 
 @dataclass
@@ -166,7 +198,7 @@ class Memory:
     gradients: float
     optimizer: float
     activations: float
-    activations_recompute: float
+    activations_recompute: float  # with train.recompute_granularity (and refinements)
     total: float
     total_recompute: float
     in_use: float  # total with train.recompute as configured
@@ -240,8 +272,16 @@ def estimate_memory(
     trainable = stage_float if full else adapter
     train_b = base_b if full else adapter_b
     gradients = trainable * train_b
+    opt = OPTIMIZERS_TABLE[run.train.optim]
     master = 4 if train_b == 2 else 0
-    optimizer = trainable * (OPTIMIZER_MOMENTS * 4 + master)
+    moment_b = train_b if opt.moments_follow_param_dtype and train_b == 2 else 4
+    optimizer = trainable * (opt.moments_per_param * moment_b + master)
+    # Python updates allocate temporaries the size of the parameter being updated; the
+    # largest trainable tensor bounds them (the embedding or head in full fine-tuning).
+    largest = max(counts.lm_head or counts.embedding, 1) / tp if full else 0.0
+    if not full:
+        largest = counts.adapter_per_layer / max(len(counts.targets), 1) / tp
+    opt_transient = OPTIMIZER_PY_TEMPORARIES * largest * 4 if opt.python_update else 0.0
     if stage >= 1:
         optimizer /= lay.sharding
     if stage >= 2:
@@ -254,27 +294,54 @@ def estimate_memory(
     tokens = lay.micro_batch * lay.seq_len
     flash = run.model.flash_attention
     scores = 0.0 if flash else ACT_PER_LAYER_SCORES * heads * lay.seq_len
-    replicated = ACT_TP_REPLICATED_H * h
-    split = (
-        ACT_PER_LAYER_H * h
-        - replicated
-        + ACT_PER_LAYER_KV * kv
-        + ACT_PER_LAYER_FFN * a.intermediate_size
-        + scores
+
+    def per_token_layer(c_h: float, c_kv: float, c_ffn: float, c_scores: float) -> float:
+        """Elements per micro-batch of one layer's terms, split as tensor parallelism does."""
+        replicated = min(ACT_TP_REPLICATED_H, c_h) * h
+        split = c_h * h - replicated + c_kv * kv + c_ffn * a.intermediate_size + c_scores * scores
+        return (replicated / (tp if p.sequence_parallel else 1) + split / tp) * tokens
+
+    per_layer = per_token_layer(
+        ACT_PER_LAYER_H, ACT_PER_LAYER_KV, ACT_PER_LAYER_FFN, ACT_PER_LAYER_SCORES
     )
-    per_layer = (replicated / (tp if p.sequence_parallel else 1) + split / tp) * tokens
-    layer_input = h * tokens / (tp if p.sequence_parallel else 1)
+    granularity = run.train.recompute_granularity
+    kept = per_token_layer(*ACT_KEPT[granularity])
     vocab = v / tp if v % tp == 0 else v
     outside = (ACT_OUTSIDE_H * h + ACT_OUTSIDE_VOCAB * vocab) * tokens
     transient = max(scores / tp, vocab) * tokens
     flight = lay.micro_batches_in_flight
     act = (layers * per_layer * flight + outside + transient) * act_b
-    frozen_input = not full  # embeddings frozen: PaddleNLP skips recomputing layer 0
-    kept_full = (1 if frozen_input and lay.pipeline == 1 else 0) * per_layer
-    act_rc = ((layers * layer_input + kept_full) * flight + per_layer + outside + transient) * act_b
+    # Layers that keep everything under recompute: train.no_recompute_layers (those on the
+    # first stage, the busiest), and layer 0 when its input needs no gradient (frozen
+    # embeddings: LoRA, QLoRA) for full and full_attn, which test the layer's input;
+    # core_attn tests q/k/v, which an adapter or full fine-tuning makes trainable.
+    stage_layers = range(layers)
+    whole = {i for i in run.train.no_recompute_layers or [] if i in stage_layers}
+    if not full and lay.pipeline == 1 and granularity in ("full", "full_attn"):
+        whole.add(0)
+    refined = 0.0
+    for op, skip in parse_refined_recompute(run.train.refined_recompute).items():
+        n = layers if skip < 0 else min(skip, layers)
+        extra = heads * tokens / tp if op == "flash_attn" else 0.0
+        refined += n * (per_token_layer(*REFINED_KEPT[op]) + extra)
+    # Backward recomputes one block at a time: a whole layer (full), the attention block
+    # (full_attn) or the attention core (core_attn) is live again on top of what is kept.
+    recomputed = per_layer if granularity == "full" else per_layer - kept
+    act_rc = (
+        ((layers - len(whole)) * kept + len(whole) * per_layer + refined) * flight
+        + recomputed
+        + outside
+        + transient
+    ) * act_b
 
-    total = weights + gradients + optimizer + act
-    total_rc = weights + gradients + optimizer + act_rc
+    if run.train.offload_optim:
+        # States live in host memory and come back for the step, when the activations of
+        # the micro-batch are already freed: the peak is the larger of the two phases.
+        total = weights + gradients + max(act, optimizer + opt_transient)
+        total_rc = weights + gradients + max(act_rc, optimizer + opt_transient)
+    else:
+        total = weights + gradients + optimizer + max(act, opt_transient)
+        total_rc = weights + gradients + optimizer + max(act_rc, opt_transient)
     in_use = total_rc if run.train.recompute else total
     baseline = CPU_RUNTIME_BASELINE_MIB * MIB if device == "cpu" else 0.0
     return Memory(
@@ -308,6 +375,14 @@ def make_plan(run: RunConfig, derived: Derived, device: str) -> dict[str, Any]:
         "memory_bytes": asdict(mem),
         "memory_mib": {k: None if v is None else round(v / MIB, 1) for k, v in asdict(mem).items()},
         "recompute": run.train.recompute,
+        "recompute_granularity": run.train.recompute_granularity,
+        "refined_recompute": run.train.refined_recompute,
+        "no_recompute_layers": run.train.no_recompute_layers,
+        "optimizer": {
+            "name": run.train.optim,
+            "label": OPTIMIZERS_TABLE[run.train.optim].label,
+            "offload": run.train.offload_optim,
+        },
     }
 
 
@@ -337,9 +412,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         "memory / device (busiest device)",
         f"  weights              {mib(mem['weights'])}",
         f"  gradients            {mib(mem['gradients'])}",
-        f"  optimizer (AdamW)    {mib(mem['optimizer'])}",
+        f"  {'optimizer (' + optimizer_label(plan) + ')':<20} {mib(mem['optimizer'])}",
         f"  activations          {mib(mem['activations'])} without recompute, "
-        f"{mib(mem['activations_recompute'])} with",
+        f"{mib(mem['activations_recompute'])} with ({plan['recompute_granularity']})",
         f"  total                {mib(mem['total'])} without recompute{no_rc}",
         f"                       {mib(mem['total_recompute'])} with recompute{rc}",
     ]
@@ -349,6 +424,11 @@ def format_plan(plan: dict[str, Any]) -> str:
             f"{mib(mem['runtime_baseline'])} Python/Paddle runtime baseline (measured once)"
         )
     return "\n".join(lines)
+
+
+def optimizer_label(plan: dict[str, Any]) -> str:
+    opt = plan["optimizer"]
+    return opt["label"] + (", offloaded between steps" if opt["offload"] else "")
 
 
 def print_plan(

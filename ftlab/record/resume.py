@@ -34,9 +34,10 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".staging"
 # Overrides that name the invocation, not the experiment: never replayed.
 _NOT_REPLAYED = ("hydra.run.dir=", "hydra.output_subdir=", "resume=", "rerun=")
-# Settings of every run a resume cannot change: the checkpoint's weights belong to them.
+# Settings of every run a resume cannot change: the checkpoint's weights (and optimizer
+# state: AdamW-mini's second moments are one number per tensor) belong to them.
 # The method adds its own (``Method.fixed_on_resume``).
-_FIXED_ON_RESUME = ("model.", "method.name", "parallel.")
+_FIXED_ON_RESUME = ("model.", "method.name", "parallel.", "train.optim")
 
 
 def fixed_on_resume(method_name: str) -> tuple[str, ...]:

@@ -27,6 +27,8 @@ class Summary:
     eval_ppl: float | None = None
     entity_recall_base: float | None = None
     entity_recall: float | None = None
+    # BLEU-4 / ROUGE-1/2/L of the dev generations: units, records, base, finetuned.
+    generation: dict[str, Any] = field(default_factory=dict)
     tokens_per_second: float | None = None  # median over logging intervals
     effective_tokens_per_second: float | None = None  # non-padding tokens
     peak_memory_mb: float | None = None
@@ -61,6 +63,8 @@ class Summary:
             f"(eval {fmt(self.eval_loss)}, ppl {fmt(self.eval_ppl, '.2f')})",
             f"entity recall  base {fmt(self.entity_recall_base, '.3f')} -> "
             f"fine-tuned {fmt(self.entity_recall, '.3f')}",
+            *self._generation_lines(fmt),
+            *self._mixture_lines(fmt),
             f"throughput     {fmt(self.tokens_per_second, '.0f')} tokens/s "
             f"({fmt(self.effective_tokens_per_second, '.0f')} non-padding)",
             f"peak memory    {fmt(self.peak_memory_mb, '.0f')} MiB",
@@ -69,3 +73,28 @@ class Summary:
             f"{fmt(self.wall_seconds, '.1f')} s",
         ]
         return "\n".join(["", "ftlab summary", *("  " + x for x in lines)])
+
+    def _mixture_lines(self, fmt: Any) -> list[str]:
+        sources = (self.data or {}).get("sources")
+        if not sources:
+            return []
+        parts = [
+            f"{s['name']} {fmt(s['share'], '.3f')} (weight {s['weight']:.3f}, eval "
+            f"{fmt(s.get('eval_loss'), '.4f')})"
+            for s in sources
+        ]
+        return [f"mixture        {', '.join(parts)}"]
+
+    def _generation_lines(self, fmt: Any) -> list[str]:
+        g = self.generation
+        if not g:
+            return []
+        base, tuned = g["base"], g["finetuned"]
+        names = {"bleu4": "BLEU-4", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougel": "ROUGE-L"}
+        scores = ", ".join(
+            f"{label} {fmt(base[k], '.3f')} -> {fmt(tuned[k], '.3f')}" for k, label in names.items()
+        )
+        return [
+            f"generation     {g['records']} dev records, {g['units']}-level, base -> fine-tuned",
+            f"               {scores}",
+        ]

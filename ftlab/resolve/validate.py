@@ -16,7 +16,16 @@ from ftlab.config.choices import check_choice
 from ftlab.config.derived import Derived
 from ftlab.config.environment import Environment
 from ftlab.config.schema import RunConfig
-from ftlab.data.settings import check_data_settings
+from ftlab.config.trainer_options import (
+    ACCEPTED_NOT_BUILT,
+    OPTIMIZERS,
+    RECOMPUTE_GRANULARITIES,
+    REFINED_RECOMPUTE_LINEAR_OPS,
+    TRACKERS,
+    parse_refined_recompute,
+    tracker_available,
+)
+from ftlab.data.settings import check_data_settings, mixture_weights
 from ftlab.errors import ConfigError, DataError
 from ftlab.methods.catalog import get_method
 from ftlab.methods.registry import Method
@@ -30,6 +39,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision.dtype": ("float32", "bfloat16", "float16"),
     "precision.amp_level": ("O0", "O1", "O2"),
     "train.lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup"),
+    "train.optim": (*OPTIMIZERS, *ACCEPTED_NOT_BUILT),
+    "train.recompute_granularity": RECOMPUTE_GRANULARITIES,
+    "eval.decode_strategy": ("greedy", "sampling"),
+    "eval.metric_tokens": ("auto", "char", "word"),
 }
 
 
@@ -176,6 +189,133 @@ def check_parallel(run: RunConfig, env: Environment) -> dict[str, int]:
     return {"world_size": world, "nproc_per_node": nproc, "data_parallel_degree": dp}
 
 
+# --------------------------------------------------------------------------- issue 17:
+# optimizer, recompute detail, trackers, generation metrics
+
+
+def check_optimizer(run: RunConfig, env: Environment) -> None:
+    t, p = run.train, run.parallel
+    if t.optim in ACCEPTED_NOT_BUILT:
+        raise ConfigError(
+            f"train.optim={t.optim}: PaddleNLP's TrainingArguments accept the name but its "
+            "Trainer has no implementation (it raises 'unsupported optimizer' when the "
+            f"optimizer is built). Use one of {', '.join(OPTIMIZERS)}."
+        )
+    if t.optim == "adamw_mini" and p.tensor > 1:
+        raise ConfigError(
+            f"train.optim=adamw_mini with parallel={p.name} (tensor {p.tensor}): PaddleNLP's "
+            "AdamW-mini keeps one second moment per parameter tensor, which tensor "
+            "parallelism splits, and PaddleNLP rejects the pair. Use train.optim=adamw, or a "
+            "sharding or data-parallel layout."
+        )
+    if t.offload_optim and env.device == "cpu":
+        raise ConfigError(
+            "train.offload_optim=true moves optimizer states from device memory to host "
+            "memory between steps; on CPU they are in host memory already, so it would do "
+            "nothing. Set train.offload_optim=false (or run on a GPU)."
+        )
+
+
+def check_recompute(run: RunConfig) -> dict[str, int]:
+    """The recompute details; returns the parsed refined-recompute ops."""
+    t, m = run.train, run.model
+    layers = m.arch.num_hidden_layers
+    detail = []
+    if t.recompute_granularity != "full":
+        detail.append(f"train.recompute_granularity={t.recompute_granularity}")
+    if t.refined_recompute.strip():
+        detail.append(f"train.refined_recompute={t.refined_recompute!r}")
+    if t.no_recompute_layers is not None:
+        detail.append(f"train.no_recompute_layers={t.no_recompute_layers}")
+    if detail and not t.recompute:
+        raise ConfigError(
+            f"{', '.join(detail)} with train.recompute=false: these refine recomputation, "
+            "which is off, so they would do nothing. Set train.recompute=true or drop them."
+        )
+    if t.no_recompute_layers is not None:
+        bad = [i for i in t.no_recompute_layers if not 0 <= i < layers]
+        if bad or len(set(t.no_recompute_layers)) != len(t.no_recompute_layers):
+            raise ConfigError(
+                f"train.no_recompute_layers={t.no_recompute_layers}: layer indices must be "
+                f"distinct and in 0..{layers - 1} (model {m.name} has {layers} layers)."
+            )
+    ops = parse_refined_recompute(t.refined_recompute)
+    if ops and all(v == 0 for v in ops.values()):
+        raise ConfigError(
+            f"train.refined_recompute={t.refined_recompute!r}: every skip_num is 0, which "
+            "recomputes every op as plain recompute does (PaddleNLP then drops the setting). "
+            "Leave train.refined_recompute empty, or keep outputs with -1 or k."
+        )
+    linear = [op for op, k in ops.items() if op in REFINED_RECOMPUTE_LINEAR_OPS and k != 0]
+    if linear and run.parallel.tensor <= 1:
+        raise ConfigError(
+            f"train.refined_recompute: {', '.join(linear)} refine PaddleNLP's tensor-parallel "
+            f"linear layers, and parallel={run.parallel.name} has none (tensor 1); PaddleNLP "
+            "would ignore them with a warning. Use a tensor-parallel layout, or drop them."
+        )
+    if ops.get("flash_attn", 0) != 0 and not m.flash_attention:
+        raise ConfigError(
+            "train.refined_recompute: flash_attn keeps flash attention's output, and "
+            "model.flash_attention=false. Set model.flash_attention=true, or drop flash_attn."
+        )
+    return ops
+
+
+def check_trackers(run: RunConfig, available: Any = tracker_available) -> None:
+    """``train.report_to``: known trackers, each once, each with its package installed."""
+    names = run.train.report_to
+    for name in names:
+        check_choice("train.report_to", name, tuple(TRACKERS))
+    if len(set(names)) != len(names):
+        raise ConfigError(f"train.report_to={names}: a tracker is listed twice.")
+    missing = [TRACKERS[n] for n in names if not available(n)]
+    if missing:
+        raise ConfigError(
+            f"train.report_to={names}: "
+            + "; ".join(f"{t.name} needs the {t.module} package ({t.install})" for t in missing)
+            + ". Install it, or remove it from train.report_to (train.report_to=[] logs to "
+            "no tracker; metrics.jsonl is always written)."
+        )
+
+
+def generation_enabled(run: RunConfig) -> bool:
+    """``eval.generation``; null follows the data option (``data.generation_metric``) on
+    layouts that can generate, and is off on pipeline layouts (recorded as
+    ``derived.eval_generation``). An explicit true on a pipeline layout is refused."""
+    g = run.eval.generation
+    if g is None:
+        return run.data.generation_metric and run.parallel.pipeline <= 1
+    return g
+
+
+def check_generation(run: RunConfig) -> bool:
+    """The generation-metric settings; returns whether the metric runs."""
+    e = run.eval
+    if e.max_new_tokens < 1:
+        raise ConfigError(f"eval.max_new_tokens={e.max_new_tokens}: must be >= 1.")
+    if e.decode_strategy == "greedy" and (e.top_k != 0 or e.top_p != 1.0 or e.temperature != 1.0):
+        raise ConfigError(
+            f"eval.top_k={e.top_k}, eval.top_p={e.top_p}, eval.temperature={e.temperature} "
+            "only apply to eval.decode_strategy=sampling; greedy decoding would ignore them. "
+            "Set eval.decode_strategy=sampling, or leave them at 0 / 1.0 / 1.0."
+        )
+    if e.top_k < 0 or not 0.0 < e.top_p <= 1.0 or e.temperature <= 0.0:
+        raise ConfigError(
+            f"eval.top_k={e.top_k}, eval.top_p={e.top_p}, eval.temperature={e.temperature}: "
+            "need top_k >= 0, 0 < top_p <= 1 and temperature > 0."
+        )
+    enabled = generation_enabled(run)
+    p = run.parallel
+    if enabled and p.pipeline > 1:
+        raise ConfigError(
+            f"eval.generation=true with parallel={p.name} (pipeline {p.pipeline}): BLEU/ROUGE "
+            "score generated text, and a pipeline model, split across stages, cannot "
+            "generate. Set eval.generation=false (the eval loss is still computed), and "
+            "score the saved final/ model afterwards with ftlab-predict."
+        )
+    return enabled
+
+
 def check_method_layout(run: RunConfig, method: Method) -> None:
     """What the method's PaddleNLP implementation supports of the layout."""
     p = run.parallel
@@ -208,6 +348,10 @@ def validate(run: RunConfig, env: Environment) -> Derived:
     method = get_method(run.method.name)
     method.check(run, env)
     check_method_layout(run, method)
+    check_optimizer(run, env)
+    check_recompute(run)
+    check_trackers(run)
+    generation = check_generation(run)
     t = run.train
     # Sharding splits the data like data parallelism does, so both multiply the batch.
     batch_ranks = layout["data_parallel_degree"] * run.parallel.sharding
@@ -223,6 +367,8 @@ def validate(run: RunConfig, env: Environment) -> Derived:
         # per_device_train_batch_size through the stages per optimizer step (1F1B).
         pipeline_micro_batch_size=t.per_device_train_batch_size if pipeline else None,
         pipeline_accumulate_steps=t.gradient_accumulation_steps if pipeline else None,
+        eval_generation=generation,
+        mixture_weights=mixture_weights(run.data),
     )
 
 

@@ -26,6 +26,50 @@ def precision_arguments(p: PrecisionConfig) -> dict[str, Any]:
     return {}
 
 
+def optimizer_arguments(run: RunConfig) -> dict[str, Any]:
+    t = run.train
+    return {"optim": t.optim, "offload_optim": t.offload_optim}
+
+
+def recompute_arguments(run: RunConfig) -> dict[str, Any]:
+    """The recompute details as TrainingArguments name them (only with recompute on:
+    validation refuses them otherwise)."""
+    t = run.train
+    if not t.recompute:
+        return {}
+    args: dict[str, Any] = {"recompute_granularity": t.recompute_granularity}
+    if t.refined_recompute.strip():
+        args["refined_recompute"] = t.refined_recompute
+    if t.no_recompute_layers is not None:
+        args["no_recompute_layers"] = list(t.no_recompute_layers)
+    return args
+
+
+def recompute_model_config(run: RunConfig) -> dict[str, Any]:
+    """Model-config values PaddleNLP's decoder layers read in their constructors.
+
+    ``run_finetune.py`` copies them from its TrainingArguments into the model config
+    (``LlmMetaConfig.set_llm_config``) before building the model; ftlab builds the model
+    itself, so it passes the same values at load time. ``refined_recompute`` goes in the
+    parsed form TrainingArguments turns the string into (op -> skip_num), and a refined op
+    acts only when the config says ``recompute`` while the layers are built.
+    """
+    from ftlab.config.trainer_options import parse_refined_recompute
+
+    t = run.train
+    if not t.recompute:
+        return {}
+    out: dict[str, Any] = {
+        "recompute": True,
+        "recompute_granularity": t.recompute_granularity,
+        "no_recompute_layers": list(t.no_recompute_layers or []) or None,
+    }
+    refined = parse_refined_recompute(t.refined_recompute)
+    if refined:
+        out["refined_recompute"] = refined
+    return out
+
+
 def shared_arguments(run: RunConfig) -> dict[str, Any]:
     """TrainingArguments keys whose meaning ftlab and run_finetune.py share."""
     t = run.train
@@ -43,6 +87,9 @@ def shared_arguments(run: RunConfig) -> dict[str, Any]:
         "save_total_limit": t.save_total_limit,
         "recompute": t.recompute,
         "dataloader_num_workers": t.dataloader_num_workers,
+        **optimizer_arguments(run),
+        **recompute_arguments(run),
+        "report_to": list(t.report_to),
         **precision_arguments(run.precision),
         **parallel_training_arguments(run.parallel),
     }
@@ -72,7 +119,6 @@ def training_arguments(
     return SFTConfig(
         output_dir=str(run_dir / CHECKPOINTS),
         logging_dir=str(run_dir / VISUALDL),
-        report_to=["visualdl"],
         do_train=True,
         # PaddleNLP turns do_eval=True into evaluation every logging step; ftlab evaluates
         # at train.eval_steps when set, and always once at the end (training.stages).

@@ -27,8 +27,17 @@ from ftlab.config.derived import Derived
 from ftlab.config.schema import RunConfig
 from ftlab.errors import ConfigError
 from ftlab.record.provenance import environment_record
-from ftlab.record.rundir import ENVIRONMENT, FINGERPRINTS, RESOLVED_CONFIG, SAMPLES, SUMMARY, RunDir
+from ftlab.record.rundir import (
+    ENVIRONMENT,
+    FINGERPRINTS,
+    PREDICTIONS,
+    RESOLVED_CONFIG,
+    SAMPLES,
+    SUMMARY,
+    RunDir,
+)
 from ftlab.record.summary import Summary
+from ftlab.training.trackers import attach_trackers, write_final_scalars
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,7 @@ class Built:
     args: Any  # PaddleNLP's SFTConfig
     parameters: dict[str, int]
     base_metric: Any  # the task metric of the base model (None without one)
+    base_generation: Any = None  # BLEU/ROUGE of the base model's dev generations
 
 
 @dataclass
@@ -57,6 +67,7 @@ class Fitted:
     train_seconds: float
     eval_metrics: dict[str, float]
     tuned_metric: Any
+    tuned_generation: Any = None
 
 
 def train(run: RunConfig, run_dir: RunDir, derived: Derived) -> Summary:
@@ -116,7 +127,7 @@ def build_model(run: RunConfig, run_dir: RunDir, prepared: Prepared) -> Built:
     from ftlab.methods.catalog import get_method
     from ftlab.methods.neftune import add_neftune_hook
     from ftlab.models.loading import parameter_counts, weight_dtype
-    from ftlab.training.arguments import training_arguments
+    from ftlab.training.arguments import recompute_model_config, training_arguments
 
     method = get_method(run.method.name)
     if run.parallel.cpu_emulation and prepared.derived.device == "cpu":
@@ -131,14 +142,22 @@ def build_model(run: RunConfig, run_dir: RunDir, prepared: Prepared) -> Built:
         has_eval=prepared.data.dev_dataset is not None,
         unified_checkpoint=method.unified_checkpoint,
     )
-    model = method.load_base(run.method, run.model, dtype=weight_dtype(run.precision))
-    base_metric = task_metric(model, prepared.tokenizer, prepared.data.dev_records, run)
+    model = method.load_base(
+        run.method,
+        run.model,
+        dtype=weight_dtype(run.precision),
+        overrides=recompute_model_config(run),
+    )
+    base_generation = generation_metric(model, prepared, run)
+    base_metric = task_metric(
+        model, prepared.tokenizer, prepared.data.dev_records, run, base_generation
+    )
     if run.method.neftune_noise_alpha > 0:
         add_neftune_hook(model, run.method.neftune_noise_alpha)
     model = method.apply(model, run.method, run.model)
     params = parameter_counts(model)
     log.info("parameters: %s", params)
-    return Built(method, model, args, params, base_metric)
+    return Built(method, model, args, params, base_metric, base_generation)
 
 
 def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fitted:
@@ -157,17 +176,32 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
         count_tokens=count_tokens,
         shuffle=run.data.shuffle,
     )
+    attach_trackers(trainer, run_dir, run.train.report_to)
     checkpoint = prepared.checkpoint
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - start
     eval_metrics = trainer.evaluate() if data.dev_dataset is not None else {}
-    tuned = task_metric(built.model, prepared.tokenizer, data.dev_records, run)
+    for name, part in data.parts.items():  # a mixture: eval loss per source with a dev split
+        if part.dev_dataset is not None:
+            evals = trainer.evaluate(
+                eval_dataset=part.dev_dataset, metric_key_prefix=f"eval_{name}"
+            )
+            data.stats.set_source_eval_loss(name, evals.get(f"eval_{name}_loss"))
+    tuned_generation = generation_metric(built.model, prepared, run)
+    tuned = task_metric(built.model, prepared.tokenizer, data.dev_records, run, tuned_generation)
     if tuned is not None:
         trainer.log(
             {"eval_entity_recall_base": built.base_metric.score, "eval_entity_recall": tuned.score}
         )
-    return Fitted(trainer, result.global_step, train_seconds, eval_metrics, tuned)
+    if tuned_generation is not None:
+        trainer.log(
+            {
+                **{f"eval_{k}_base": v for k, v in _scores(built.base_generation).items()},
+                **{f"eval_{k}": v for k, v in _scores(tuned_generation).items()},
+            }
+        )
+    return Fitted(trainer, result.global_step, train_seconds, eval_metrics, tuned, tuned_generation)
 
 
 def finalize(
@@ -187,7 +221,12 @@ def finalize(
     if tuned is not None:
         # One curve: the base model at step 0, the fine-tuned one at the last step.
         scalars["final/entity_recall"] = [(0, base.score), (fitted.steps, tuned.score)]
-    run_dir.write_final_scalars(fitted.steps, scalars)
+    base_gen, tuned_gen = built.base_generation, fitted.tuned_generation
+    if tuned_gen is not None:
+        for key, value in _scores(tuned_gen).items():
+            scalars[f"final/{key}"] = [(0, _scores(base_gen)[key]), (fitted.steps, value)]
+        run_dir.write_jsonl(PREDICTIONS, _predictions(base_gen, tuned_gen))
+    write_final_scalars(run_dir, fitted.steps, scalars, run.train.report_to)
 
     built.method.save_final(fitted.trainer, built.model, run_dir.final)
     run_dir.save_tokenizer(prepared.tokenizer)
@@ -209,6 +248,7 @@ def finalize(
         eval_ppl=evals.get("eval_ppl"),
         entity_recall_base=base.score if base else None,
         entity_recall=tuned.score if tuned else None,
+        generation=_generation_summary(base_gen, tuned_gen),
         tokens_per_second=_median(train_logs, "tokens_per_second"),
         effective_tokens_per_second=_median(train_logs, "effective_tokens_per_second"),
         peak_memory_mb=round(peak_memory_mb(), 1),
@@ -235,19 +275,108 @@ def seed_everything(seed: int) -> None:
     paddle.seed(seed)
 
 
-def task_metric(model: Any, tokenizer: Any, records: list[dict], run: RunConfig) -> Any:
-    """Entity recall on dev records that carry an ``entities`` list (None when none do)."""
+def task_metric(
+    model: Any, tokenizer: Any, records: list[dict], run: RunConfig, generation: Any = None
+) -> Any:
+    """Entity recall on dev records that carry an ``entities`` list (None when none do).
+
+    When the generation metric already decoded the same prompts greedily with the same
+    settings, its outputs are scored instead of generating them a second time.
+    """
     if not run.eval.demo_metric or not any("entities" in r for r in records):
         return None
     from ftlab.evaluation.entity_recall import entity_recall
 
+    scored = [r for r in records if "entities" in r]
     return entity_recall(
         model,
         tokenizer,
-        [r for r in records if "entities" in r],
+        scored,
         max_new_tokens=run.eval.max_new_tokens,
         batch_size=run.eval.batch_size,
+        outputs=_reusable_outputs(tokenizer, records, run, generation),
     )
+
+
+def _reusable_outputs(tokenizer: Any, records: list[dict], run: RunConfig, generation: Any) -> Any:
+    """The generation metric's outputs for the entity records, when they are exactly what
+    entity recall would generate: greedy, and the same prompt tokens (entity recall
+    prompts with ``[bos] + encode(src)``, the metric as training renders the record)."""
+    if generation is None or run.eval.decode_strategy != "greedy":
+        return None
+    from ftlab.evaluation.generation import prompt_ids
+
+    items = generation.items
+    if len(items) != len(records):
+        return None
+    outputs = []
+    for record, item, text in zip(records, items, generation.predictions, strict=True):
+        if "entities" not in record:
+            continue
+        if prompt_ids(tokenizer, str(record.get("src", ""))) != list(item.prompt_ids):
+            return None
+        outputs.append(text)
+    return outputs
+
+
+def generation_metric(model: Any, prepared: Prepared, run: RunConfig) -> Any:
+    """BLEU-4 and ROUGE-1/2/L of the model's dev generations (None when off)."""
+    if not prepared.derived.eval_generation:
+        return None
+    from ftlab.evaluation.text_metrics import evaluate_generation, resolve_units
+
+    items = prepared.data.generation_items()
+    if not items:
+        raise ConfigError(
+            "eval.generation=true but the run has no dev records to generate for: give a dev "
+            "split (dev.json, data.dev_path or data.dev_from_train) or set eval.generation=false."
+        )
+    e = run.eval
+    references = [i.reference for i in items]
+    result = evaluate_generation(
+        model,
+        prepared.tokenizer,
+        [i.prompt_ids for i in items],
+        references,
+        units=resolve_units(references, e.metric_tokens),
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        strategy=e.decode_strategy,
+        top_k=e.top_k,
+        top_p=e.top_p,
+        temperature=e.temperature,
+        seed=run.train.seed,
+    )
+    result.items = items
+    return result
+
+
+def _scores(result: Any) -> dict[str, float]:
+    s = result.scores
+    return {"bleu4": s.bleu4, "rouge1": s.rouge1, "rouge2": s.rouge2, "rougel": s.rougel}
+
+
+def _generation_summary(base: Any, tuned: Any) -> dict[str, Any]:
+    if tuned is None:
+        return {}
+    return {
+        "units": tuned.scores.units,
+        "records": tuned.scores.records,
+        "base": _scores(base),
+        "finetuned": _scores(tuned),
+    }
+
+
+def _predictions(base: Any, tuned: Any) -> list[dict[str, Any]]:
+    """``predictions.jsonl``: PaddleNLP's generated_output.json keys (output, tgt) plus the
+    prompt, the base model's answer and, in a mixture, the source."""
+    rows = []
+    for item, b, t in zip(tuned.items, base.predictions, tuned.predictions, strict=True):
+        row = {"src": item.prompt, "tgt": item.reference, "output": t, "base_output": b}
+        if item.source is not None:
+            row["source"] = item.source
+        rows.append(row)
+    return rows
 
 
 def _samples(base: Any, tuned: Any, n: int) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from ftlab.distributed.batching import GlobalBatchSampler, global_token_scale
 from ftlab.record.resume import STAGING
 from ftlab.record.rundir import METRICS, RunDir
 from ftlab.training.memory import peak_memory_mb
+from ftlab.training.optimizers import use_ftlab_adamw_mini
 
 
 class FtlabTrainer(SFTTrainer):
@@ -77,6 +78,10 @@ class FtlabTrainer(SFTTrainer):
             return super().prediction_pipeline_step(model, inputs, *args, **kwargs)
         finally:
             model.micro_batch_size, model.accumulate_steps = saved
+
+    def create_optimizer(self, lr_scheduler: Any = None) -> Any:
+        """PaddleNLP's optimizer, with ftlab's AdamW-mini update (``training.optimizers``)."""
+        return use_ftlab_adamw_mini(super().create_optimizer(lr_scheduler))
 
     def _get_train_sampler(self) -> Any:
         """Same global batches, in the same order, for one process or several."""
