@@ -9,10 +9,12 @@ same dict goes to ``metrics.jsonl`` through ``MetricsJsonl``.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import paddle
@@ -21,9 +23,19 @@ from paddlenlp.trainer.trainer_utils import has_length
 from paddlenlp.trl import SFTTrainer
 
 from ftlab.distributed.batching import GlobalBatchSampler, global_token_scale
-from ftlab.record.resume import STAGING
-from ftlab.record.rundir import METRICS, RunDir
+from ftlab.record.resume import STAGING, checkpoint_step
+from ftlab.record.rundir import (
+    METRICS,
+    DiskFullError,
+    RunDir,
+    dir_bytes,
+    disk_full_message,
+    is_disk_full,
+)
+from ftlab.record.status import mark_running
 from ftlab.training.memory import peak_memory_mb
+
+log = logging.getLogger(__name__)
 
 
 class FtlabTrainer(SFTTrainer):
@@ -41,6 +53,19 @@ class FtlabTrainer(SFTTrainer):
         self._tokens = 0
         self._effective_tokens = 0
         self._interval_start = time.perf_counter()
+        self.add_callback(LogLastStep())
+
+    def load_trained_checkpoint(self, checkpoint: Path) -> int:
+        """Load a checkpoint that already holds every step, without training; its step.
+
+        ``Trainer.train`` resumed from the last step would train one step beyond
+        ``max_steps`` before it checks the limit.
+        """
+        from paddlenlp.trainer.trainer_callback import TrainerState
+
+        self._load_from_checkpoint(str(checkpoint))
+        self.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        return self.state.global_step
 
     def training_step(self, model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
         total, effective = self._count_tokens(inputs)
@@ -105,6 +130,15 @@ class FtlabTrainer(SFTTrainer):
         self.args.output_dir = self.args.output_signal_dir = staging
         try:
             super()._save_checkpoint(model, metrics)
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            # The partial save is useless (resume never reads .staging): free its space
+            # so that the run's status can still be recorded.
+            shutil.rmtree(staging, ignore_errors=True)
+            raise DiskFullError(
+                disk_full_message(Path(root) / name, self._checkpoint_bytes(Path(root)))
+            ) from err
         finally:
             self.args.output_dir = self.args.output_signal_dir = root
         if self.args.world_size > 1:
@@ -119,6 +153,15 @@ class FtlabTrainer(SFTTrainer):
         if self.args.world_size > 1:
             paddle.distributed.barrier()
 
+    def _checkpoint_bytes(self, root: Path) -> int:
+        """What one checkpoint takes: the size of the newest saved one, else an estimate
+        from the trainable parameters (weights + AdamW's two moments, fp32)."""
+        saved = sorted(root.glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
+        if saved:
+            return dir_bytes(saved[-1])
+        trainable = sum(int(p.size) for p in self.model.parameters() if not p.stop_gradient)
+        return 3 * 4 * trainable
+
     def log(self, logs: dict[str, float], **kwargs: Any) -> None:
         if "loss" in logs and self._tokens:
             elapsed = max(time.perf_counter() - self._interval_start, 1e-9)
@@ -131,6 +174,20 @@ class FtlabTrainer(SFTTrainer):
             self._tokens = self._effective_tokens = 0
             self._interval_start = time.perf_counter()
         super().log(logs, **kwargs)
+
+
+class LogLastStep(TrainerCallback):
+    """Log the last step whatever ``logging_steps`` is.
+
+    PaddleNLP logs every ``logging_steps`` only, so a run shorter than that (or one whose
+    length is not a multiple) would end with its last steps unlogged, and a summary
+    without any training loss. Runs after PaddleNLP's own flow callback.
+    """
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
 
 
 class MetricsJsonl(TrainerCallback):
@@ -154,3 +211,52 @@ class MetricsJsonl(TrainerCallback):
         if "loss" in line:
             line["loss"] = float(line["loss"])
         self.run_dir.append_jsonl(METRICS, line)
+
+
+def write_record(run_dir: RunDir, record: dict[str, Any]) -> None:
+    """Write record files: text as is, anything else as JSON."""
+    for name, content in record.items():
+        if isinstance(content, str):
+            run_dir.write_text(name, content)
+        else:
+            run_dir.write_json(name, content)
+
+
+class RecordStart(TrainerCallback):
+    """The run's record, written when training really starts.
+
+    ``on_train_begin`` comes after PaddleNLP's Trainer has loaded a resume's checkpoint
+    (weights, optimizer, scheduler, trainer state), so a resume that fails before that
+    leaves the run dir as it was. Then: the resumed run's environment, fingerprints and
+    resolved config, the metric lines after the checkpoint dropped (they are logged
+    again), an interrupted save's ``.staging`` removed, and ``status.json`` = running.
+    """
+
+    def __init__(
+        self, run_dir: RunDir, record: dict[str, Any], checkpoint: Path | None = None
+    ) -> None:
+        self.run_dir, self.record, self.checkpoint = run_dir, record, checkpoint
+        self.done = False
+
+    def write(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        context = {}
+        if self.checkpoint is not None:
+            step = checkpoint_step(self.checkpoint)
+            dropped = self.run_dir.truncate_metrics(step)
+            if self.run_dir.is_main:
+                shutil.rmtree(self.run_dir.checkpoints / STAGING, ignore_errors=True)
+            write_record(self.run_dir, self.record)
+            context = {"resumed_from": str(self.checkpoint)}
+            log.info(
+                "resumed from %s; %d metric lines after step %d dropped",
+                self.checkpoint,
+                dropped,
+                step,
+            )
+        mark_running(self.run_dir, context)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.write()
