@@ -298,6 +298,11 @@ def main() -> None:
         check_given_dirs(argv)
         sys.argv = [sys.argv[0], *argv]
         hydra_main()
+        from ftlab.record.sweep import sweep_failure
+
+        failure = sweep_failure()
+        if failure is not None:
+            raise failure
     except RunFinished as err:
         print(f"ftlab: {err}", flush=True)
         sys.exit(0)

@@ -49,18 +49,30 @@ class SweepFailed(FtlabError):
 class SweepSummary(Callback):
     """Hydra callback: write the sweep summary once every job of a sweep has ended.
 
-    A sweep in which a job failed then raises ``SweepFailed``, so that ``ftlab -m`` exits
-    non-zero (a scheduler or a script notices) with every job recorded in the summary.
+    A sweep in which a job failed must make ``ftlab -m`` exit non-zero (so a scheduler or
+    a script notices), with every job recorded in the summary. Hydra turns an exception
+    raised in a callback into a warning, so the failure is kept for the command to raise
+    once Hydra returns (``sweep_failure``).
     """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = summarize_sweep(Path(config.hydra.sweep.dir))
-        if sweep.failed:
-            raise SweepFailed(
-                f"{len(sweep.failed)} of {len(sweep.jobs)} jobs failed: "
-                + "; ".join(f"job {j.job_num} ({j.error})" for j in sweep.failed)
-                + f". Summary: {sweep.sweep_dir / 'summary.md'}"
-            )
+        _OUTCOME[:] = [sweep]
+
+
+_OUTCOME: list[Sweep] = []  # the last sweep this process summarised
+
+
+def sweep_failure() -> SweepFailed | None:
+    """``SweepFailed`` for the last sweep summarised here when a job failed, else None."""
+    if not _OUTCOME or not _OUTCOME[0].failed:
+        return None
+    sweep = _OUTCOME[0]
+    return SweepFailed(
+        f"{len(sweep.failed)} of {len(sweep.jobs)} jobs failed: "
+        + "; ".join(f"job {j.job_num} ({j.error})" for j in sweep.failed)
+        + f". Summary: {sweep.sweep_dir / 'summary.md'}"
+    )
 
 
 def summarize_sweep(sweep_dir: Path) -> Sweep:

@@ -9,6 +9,7 @@ same dict goes to ``metrics.jsonl`` through ``MetricsJsonl``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -33,6 +34,7 @@ from ftlab.record.rundir import (
     is_disk_full,
 )
 from ftlab.record.status import mark_running
+from ftlab.training import checkpoint_state as state_files
 from ftlab.training.memory import peak_memory_mb
 
 log = logging.getLogger(__name__)
@@ -127,9 +129,11 @@ class FtlabTrainer(SFTTrainer):
         root = self.args.output_dir
         staging = os.path.join(root, STAGING)
         name = f"checkpoint-{self.state.global_step}"
+        rng = state_files.rng_record(self.args.use_hybrid_parallel)  # before saving moves it
         self.args.output_dir = self.args.output_signal_dir = staging
         try:
             super()._save_checkpoint(model, metrics)
+            self._unpickle_free(Path(staging) / name, rng)
         except Exception as err:
             if not is_disk_full(err):
                 raise
@@ -152,6 +156,73 @@ class FtlabTrainer(SFTTrainer):
             self._rotate_checkpoints(use_mtime=False, output_dir=root)
         if self.args.world_size > 1:
             paddle.distributed.barrier()
+
+    def _unpickle_free(self, checkpoint: Path, rng: dict[str, Any]) -> None:
+        """Replace PaddleNLP's pickled RNG and scheduler state in ``checkpoint`` by JSON
+        (``ftlab.training.checkpoint_state``). fp16 runs keep PaddleNLP's files: their
+        loss scaler's state is restored by the same PaddleNLP code as the scheduler's."""
+        state_files.write_json(state_files.rng_file(checkpoint, self._rank), rng)
+        if self.args.process_index <= 0:
+            for pattern in state_files.PADDLE_RNG:
+                for f in checkpoint.glob(pattern):
+                    f.unlink()
+        if self.do_grad_scaling or not self.args.should_save:
+            return
+        pickled = checkpoint / state_files.PADDLE_SCHEDULER
+        if pickled.is_file():
+            record = state_files.scheduler_record(self.lr_scheduler)
+            state_files.write_json(checkpoint / state_files.SCHEDULER_JSON, record)
+            pickled.unlink()
+
+    @property
+    def _rank(self) -> int:
+        return max(self.args.process_index, 0)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """From ftlab's JSON; a checkpoint without it (written before ftlab wrote JSON) is
+        left to PaddleNLP's loader, which unpickles (see the README's security note)."""
+        path = state_files.rng_file(Path(checkpoint), self._rank) if checkpoint else None
+        if path is None or not path.is_file():
+            return super()._load_rng_state(checkpoint)
+        state_files.restore_rng(
+            json.loads(path.read_text()),
+            self.args.use_hybrid_parallel,
+            self.args.tensor_parallel_degree > 1,
+        )
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """PaddleNLP's loader, with the scheduler from ftlab's ``scheduler.json``.
+
+        PaddleNLP loads the optimizer, then insists on its pickled ``scheduler.pdparams``
+        and raises when it is missing: that is where ftlab takes over, doing what PaddleNLP
+        would have done after it (stop its load timer, offload the optimizer if asked).
+        """
+        path = Path(checkpoint) / state_files.SCHEDULER_JSON if checkpoint else None
+        if path is None or not path.is_file() or self.args.ignore_load_lr_and_optim:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except ValueError as err:
+            if "scheduler-file not found" not in str(err):
+                raise
+            self.runtime_timer.stop()
+        self.lr_scheduler.set_state_dict(json.loads(path.read_text()))
+        if self.args.offload_optim:
+            self._offload_optimizer()
+
+    def _load_from_peft_checkpoint(self, resume_from_checkpoint: str | None = None) -> None:
+        """ftlab's safetensors adapter state (VeRA, LoKr), else PaddleNLP's loader.
+
+        PaddleNLP looks for its pickled weights file and, when it is missing, silently
+        loads nothing: a resume would train on from fresh adapter weights.
+        """
+        from ftlab.methods.state import ADAPTER_STATE, load_trainable_state
+
+        checkpoint = Path(resume_from_checkpoint) if resume_from_checkpoint else None
+        if checkpoint is not None and (checkpoint / ADAPTER_STATE).is_file():
+            load_trainable_state(self.model, checkpoint)
+            return
+        super()._load_from_peft_checkpoint(resume_from_checkpoint)
 
     def _checkpoint_bytes(self, root: Path) -> int:
         """What one checkpoint takes: the size of the newest saved one, else an estimate
