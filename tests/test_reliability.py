@@ -275,6 +275,7 @@ def test_numeric_settings_are_range_checked(overrides: list[str], message: str) 
         validate(compose_run(overrides), CPU)
 
 
+@pytest.mark.slow
 def test_a_bad_setting_fails_before_anything_loads(tmp_path: Path) -> None:
     proc = run_cmd(tmp_path, BIN / "ftlab", "train.per_device_train_batch_size=0", "mode=plan")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -176,6 +176,27 @@ def test_resume_of_a_finished_run_changes_nothing(uninterrupted, tmp_path):
         assert snapshot(run_dir) == before
 
 
+@pytest.mark.slow
+def test_resume_from_the_last_step_trains_no_step_beyond_max_steps(uninterrupted, tmp_path):
+    """Issue 20, item 2, for a run stopped after its last checkpoint (before its summary):
+    PaddleNLP's train() resumed at max_steps would train one step more; ftlab loads the
+    checkpoint and finishes the run without training."""
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run_dir)
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "summary.json").unlink()
+    (run_dir / "status.json").unlink()
+    run_ftlab(tmp_path, f"resume={run_dir}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 16 and summary["derived"]["resumed_from"].endswith("checkpoint-16")
+    assert max(losses(run_dir)) == 16
+    assert_same_run(run_dir, uninterrupted)
+    reference = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["eval_loss"] == pytest.approx(reference["eval_loss"], abs=1e-6)
+
+
 def test_damaged_checkpoint_is_named_and_the_previous_one_taken(uninterrupted, tmp_path):
     """Issue 20, item 3: a truncated newest checkpoint gave a bare SafeTensorError after the
     record was rewritten and the run marked failed. Now: nothing changes until a whole

@@ -294,10 +294,14 @@ def run_launcher(cmd: list[str], log_dir: Path) -> tuple[int, str]:
 
 
 def stop_launcher(proc: subprocess.Popen) -> None:
-    """SIGTERM Paddle's launcher (it stops its workers), SIGKILL its group if it lingers."""
+    """SIGTERM Paddle's launcher (it stops its workers), SIGKILL its group if it lingers.
+
+    Its output is still read meanwhile: a launcher blocked on a full pipe cannot stop.
+    """
     try:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=STOP_GRACE_SECONDS)
+        rest, _ = proc.communicate(timeout=STOP_GRACE_SECONDS)
+        sys.stdout.write(rest or "")
     except BaseException:  # noqa: BLE001 - timed out, or a second signal: no more waiting
         try:
             os.killpg(proc.pid, signal.SIGKILL)
