@@ -492,6 +492,21 @@ def test_neftune_noise_training_only_with_documented_scale() -> None:
     np.testing.assert_array_equal(embeddings(ids).numpy(), plain)
 
 
+def test_full_finetuning_final_dir_reloads_without_unpickling(
+    examples: list[dict], tokenizer: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """``method=full`` saves the whole model through the Trainer: ftlab-predict and
+    ftlab-merge reload it from safetensors alone (issue 20, item 13)."""
+    from ftlab.methods.reopen import load_with_adapter
+
+    run, model, _, _ = train_and_save(["method=full"], tmp_path, examples, tokenizer)
+    batch = collate(tokenizer, examples)
+    reference = logits_of(model, batch)
+    request.getfixturevalue("no_unpickling")
+    reloaded, _ = load_with_adapter(run.model.name_or_path, tmp_path / "final")
+    assert np.abs(logits_of(reloaded, batch) - reference).max() <= RELOAD_TOL
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
