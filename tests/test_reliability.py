@@ -100,8 +100,6 @@ def test_a_given_dir_holding_a_run_is_refused_unless_resumed(tmp_path: Path) -> 
 
 def test_unwritable_run_dir_is_one_line(tmp_path: Path) -> None:
     """Item 7: a run dir under /proc gave a raw Hydra traceback."""
-    from ftlab.record.rundir import RunDirUnusable, claim_new_dir
-
     for args in (["hydra.run.dir=/proc/ftlab-run"], ["-m", "hydra.sweep.dir=/proc/ftlab-sweep"]):
         proc = run_cmd(tmp_path, BIN / "ftlab", *args, "method.lora_rank=2")
         assert proc.returncode == 2
@@ -111,6 +109,8 @@ def test_unwritable_run_dir_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("ftlab: error: cannot create or write the run dir outputs/")
+    from ftlab.record.rundir import RunDirUnusable, claim_new_dir
+
     with pytest.raises(RunDirUnusable, match="cannot create or write the run dir /proc/x/y"):
         claim_new_dir("/proc/x/y")
 
@@ -136,6 +136,7 @@ def test_failed_atomic_write_leaves_no_temporary_file(tmp_path: Path, monkeypatc
     """Item 6: recording a failure on a full disk left a 0-byte error.txt.tmp."""
 
     def full(self: Path, text: str) -> None:
+        self.open("w").close()  # the file is created, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device", str(self))
 
     monkeypatch.setattr(Path, "write_text", full)
