@@ -18,3 +18,17 @@ class DataError(FtlabError):
 
 class ModelLoadError(FtlabError):
     """A model or tokenizer that cannot be found or loaded."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal (SIGINT, SIGTERM, SIGHUP) stopped the run; the CLI records where it was.
+
+    A ``KeyboardInterrupt``, so that code which cleans up on Ctrl-C (data loader workers,
+    the launcher's subprocess) does so for every signal ftlab turns into one.
+    """
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = int(signum)
+        super().__init__(signal.Signals(self.signum).name)

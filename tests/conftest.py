@@ -41,3 +41,31 @@ def compose_run(overrides: list[str] | None = None) -> RunConfig:
 
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+class Unpickled(AssertionError):
+    """Raised by ``no_unpickling`` when code under test tried to unpickle something."""
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch: pytest.MonkeyPatch):
+    """Make every way of unpickling raise: ``pickle.load(s)``, ``pickle.Unpickler`` and
+    ``paddle.load`` (which unpickles). Code that needs only weights and configs (predict,
+    merge) must get through with it in force."""
+    import pickle
+
+    import paddle
+
+    def refuse(*args, **kwargs):
+        raise Unpickled(f"unpickling attempted: {args[:1]!r}")
+
+    class Refused(pickle.Unpickler):
+        def __init__(self, *args, **kwargs):
+            refuse(*args)
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", Refused)
+    monkeypatch.setattr(paddle, "load", refuse)
+    monkeypatch.setattr(paddle.framework.io, "load", refuse)
+    yield

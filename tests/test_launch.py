@@ -33,7 +33,7 @@ DERIVED_DP2 = Derived(
 def test_cpu_command_has_no_devices_and_fixes_run_dir(tmp_path: Path) -> None:
     run = compose_run(["parallel=dp2"])
     cmd = launch_command(run, DERIVED_DP2, tmp_path, ["parallel=dp2", "train.max_steps=3"])
-    assert cmd[:3] == [sys.executable, "-m", "paddle.distributed.launch"]
+    assert cmd[:3] == [sys.executable, "-m", "ftlab.distributed.paddle_launch"]
     assert "--devices" not in cmd
     assert cmd[cmd.index("--nproc_per_node") + 1] == "2"
     assert cmd[cmd.index("--log_dir") + 1] == str(tmp_path / "logs")
@@ -45,7 +45,7 @@ def test_cpu_command_has_no_devices_and_fixes_run_dir(tmp_path: Path) -> None:
         "ftlab.cli.app",
         "parallel=dp2",
         "train.max_steps=3",
-        f"hydra.run.dir={tmp_path}",
+        f"hydra.run.dir='{tmp_path}'",
         "hydra.output_subdir=null",
         "hydra/job_logging=stdout",
     ]
@@ -178,7 +178,7 @@ def test_pipeline_layout_loads_the_pipe_model(monkeypatch: pytest.MonkeyPatch) -
 def test_user_run_dir_override_is_replaced(tmp_path: Path) -> None:
     out = worker_overrides(["hydra.run.dir=/elsewhere", "method=full"], tmp_path)
     assert "hydra.run.dir=/elsewhere" not in out
-    assert f"hydra.run.dir={tmp_path}" in out and "method=full" in out
+    assert f"hydra.run.dir='{tmp_path}'" in out and "method=full" in out
 
 
 def test_needs_launch_only_outside_workers(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -238,6 +238,7 @@ def test_method_trains_reloads_and_merges(
     tokenizer: Any,
     trained: Callable[[str], Trained],
     capsys: pytest.CaptureFixture,
+    request: pytest.FixtureRequest,
 ) -> None:
     from paddlenlp.transformers import AutoModelForCausalLM
 
@@ -256,6 +257,9 @@ def test_method_trains_reloads_and_merges(
 
     batch = collate(tokenizer, examples)
     reference = logits_of(t.model, batch)
+    # Reloading and merging need weights and configs only: any unpickling fails the test
+    # (issue 20, item 13: a run dir from someone else must not run code).
+    request.getfixturevalue("no_unpickling")
     reloaded = load_adapter(load_model(t.run.model, "float32"), t.final, t.run.method.name)
     assert np.abs(logits_of(reloaded, batch) - reference).max() <= RELOAD_TOL  # (a)
 
@@ -488,6 +492,54 @@ def test_neftune_noise_training_only_with_documented_scale() -> None:
     np.testing.assert_array_equal(embeddings(ids).numpy(), plain)
 
 
+def test_full_finetuning_final_dir_reloads_without_unpickling(
+    examples: list[dict], tokenizer: Any, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """``method=full`` saves the whole model through the Trainer: ftlab-predict and
+    ftlab-merge reload it from safetensors alone (issue 20, item 13)."""
+    from ftlab.methods.reopen import load_with_adapter
+
+    run, model, _, _ = train_and_save(["method=full"], tmp_path, examples, tokenizer)
+    batch = collate(tokenizer, examples)
+    reference = logits_of(model, batch)
+    request.getfixturevalue("no_unpickling")
+    reloaded, _ = load_with_adapter(run.model.name_or_path, tmp_path / "final")
+    assert np.abs(logits_of(reloaded, batch) - reference).max() <= RELOAD_TOL
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("key", ["vera", "lokr"])
+def test_adapter_checkpoints_are_safetensors_and_resume_loads_them(
+    key: str,
+    trained: Callable[[str], Trained],
+    examples: list[dict],
+    tokenizer: Any,
+    tmp_path: Path,
+) -> None:
+    """Issue 20, item 13: VeRA and LoKr checkpoints held their tensors as pickles; a resume
+    now reads ftlab's safetensors (PaddleNLP would silently load nothing without its
+    pickle), and the RNG and scheduler states are JSON."""
+    from ftlab.methods.state import ADAPTER_STATE
+
+    t = trained(key)
+    checkpoint = t.run_dir / "checkpoints" / "checkpoint-4"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert {ADAPTER_STATE, "rng_state.rank0.json", "scheduler.json"} <= names
+    assert not [n for n in names if n.endswith((".pdparams", ".pth"))], names
+    assert ADAPTER_STATE in {p.name for p in t.final.iterdir()}
+    _, fresh, trainer = trainer_for(t.run, tmp_path, examples, tokenizer)
+    trained_state = t.model.get_trainable_state_dict()
+    assert any(
+        not np.array_equal(v.numpy(), trained_state[k].numpy())
+        for k, v in fresh.get_trainable_state_dict().items()
+    )
+    trainer._load_from_peft_checkpoint(str(checkpoint))
+    for k, v in fresh.get_trainable_state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), trained_state[k].numpy())
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -496,6 +548,7 @@ def test_load_trained_and_merge_from_run_dir(
     tokenizer: Any,
     trained: Callable[[str], Trained],
     capsys: pytest.CaptureFixture,
+    request: pytest.FixtureRequest,
 ) -> None:
     from ftlab.cli.merge import main as merge_main
     from ftlab.methods.reopen import load_trained, load_with_adapter
@@ -505,6 +558,7 @@ def test_load_trained_and_merge_from_run_dir(
     (t.run_dir / "resolved_config.yaml").write_text(resolved_config_yaml(t.run, {}))
     batch = collate(tokenizer, examples)
     reference = logits_of(t.model, batch)
+    request.getfixturevalue("no_unpickling")  # a run dir is read without unpickling
     model, tok = load_trained(t.run_dir)
     assert tok.pad_token == "<unk>"
     assert np.abs(logits_of(model, batch) - reference).max() <= RELOAD_TOL

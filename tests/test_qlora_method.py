@@ -47,7 +47,7 @@ def test_load_base_quantizes_every_target_linear(setup) -> None:
     assert all(p.stop_gradient for n, p in model.named_parameters() if "lora" not in n)
 
 
-def test_adapter_reloads_onto_a_fresh_float_base(setup, tmp_path: Path) -> None:
+def test_adapter_reloads_onto_a_fresh_float_base(setup, tmp_path: Path, request) -> None:
     run, method = setup
     from ftlab.models.loading import load_model
 
@@ -55,6 +55,7 @@ def test_adapter_reloads_onto_a_fresh_float_base(setup, tmp_path: Path) -> None:
     ids = paddle.to_tensor([[1, 403, 407, 261, 378, 2]])
     expected = _logits(model, ids)
     method.save_final(None, model, tmp_path)
+    request.getfixturevalue("no_unpickling")  # reloading reads no pickle (issue 20)
     reloaded = method.load(load_model(run.model, "float32"), tmp_path)
     assert np.abs(_logits(reloaded, ids) - expected).max() <= 1e-5
 

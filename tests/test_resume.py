@@ -126,17 +126,113 @@ def test_kill_during_save_is_never_resumed_from(uninterrupted, tmp_path):
     assert_same_run(run_dir, uninterrupted)
 
 
+def snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``run_dir``: its bytes and modification time."""
+    return {
+        str(f.relative_to(run_dir)): (f.read_bytes(), f.stat().st_mtime_ns)
+        for f in sorted(run_dir.rglob("*"))
+        if f.is_file()
+    }
+
+
+RECORD = ("status.json", "environment.json", "resolved_config.yaml", "summary.json")
+
+
 def test_resume_refuses_a_changed_method_and_warns_on_other_changes(uninterrupted, tmp_path):
     import shutil
 
     run_dir = tmp_path / "copy"
     shutil.copytree(uninterrupted, run_dir)
-    proc = run_ftlab(tmp_path, f"resume={run_dir}", "method.lora_rank=4", check=False)
+    before = snapshot(run_dir)
+    proc = run_ftlab(
+        tmp_path, f"resume={run_dir}", "train.max_steps=20", "method.lora_rank=4", check=False
+    )
     assert proc.returncode == 2
     assert "cannot change on resume" in proc.stderr and "method.lora_rank: 8 -> 4" in proc.stderr
+    # The resume never started: the finished run's record is exactly as it was.
+    after = snapshot(run_dir)
+    assert {n: after[n] for n in RECORD} == {n: before[n] for n in RECORD}
     proc = run_ftlab(tmp_path, f"resume={run_dir}", "train.max_steps=20", "train.save_steps=0")
-    assert "resume with a changed setting: train.max_steps: 16 -> 20" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert f"resume={run_dir}: the run completed 16 steps; continuing to train.max_steps=20" in out
+    assert "resume with a changed setting: train.max_steps: 16 -> 20" in out
     assert max(losses(run_dir)) == 20
+
+
+def test_resume_of_a_finished_run_changes_nothing(uninterrupted, tmp_path):
+    """Issue 20, item 2: it used to train a step past max_steps and rewrite the results."""
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run_dir)
+    before = snapshot(run_dir)
+    for more in ([], ["train.max_steps=16"]):
+        proc = run_ftlab(tmp_path, f"resume={run_dir}", *more)
+        assert proc.stdout.strip() == (
+            f"ftlab: resume={run_dir}: the run is finished (status completed after 16 steps, "
+            "final/ written); nothing to do, and nothing in it was changed. To train it "
+            "further, add train.max_steps=N with N > 16."
+        )
+        assert snapshot(run_dir) == before
+
+
+@pytest.mark.slow
+def test_resume_from_the_last_step_trains_no_step_beyond_max_steps(uninterrupted, tmp_path):
+    """Issue 20, item 2, for a run stopped after its last checkpoint (before its summary):
+    PaddleNLP's train() resumed at max_steps would train one step more; ftlab loads the
+    checkpoint and finishes the run without training."""
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run_dir)
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "summary.json").unlink()
+    (run_dir / "status.json").unlink()
+    run_ftlab(tmp_path, f"resume={run_dir}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 16 and summary["derived"]["resumed_from"].endswith("checkpoint-16")
+    assert max(losses(run_dir)) == 16
+    assert_same_run(run_dir, uninterrupted)
+    reference = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["eval_loss"] == pytest.approx(reference["eval_loss"], abs=1e-6)
+
+
+def test_damaged_checkpoint_is_named_and_the_previous_one_taken(uninterrupted, tmp_path):
+    """Issue 20, item 3: a truncated newest checkpoint gave a bare SafeTensorError after the
+    record was rewritten and the run marked failed. Now: nothing changes until a whole
+    checkpoint is found; the damaged file is named; the previous checkpoint is taken and
+    the run ends as the uninterrupted one did."""
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(uninterrupted, run_dir)
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "summary.json").unlink()
+    status = json.loads((run_dir / "status.json").read_text())
+    (run_dir / "status.json").write_text(json.dumps({**status, "status": "interrupted"}))
+    newest = run_dir / "checkpoints/checkpoint-16/peft_model-00001-of-00001.safetensors"
+    older = run_dir / "checkpoints/checkpoint-12/optimizer-00001-of-00001.safetensors"
+    whole = older.read_bytes()
+    newest.write_bytes(newest.read_bytes()[:1000])
+    older.write_bytes(whole[:100])
+    before = snapshot(run_dir)
+    proc = run_ftlab(tmp_path, f"resume={run_dir}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{newest} is damaged: truncated" in proc.stderr
+    assert f"{older} is damaged: truncated" in proc.stderr
+    assert snapshot(run_dir) == before  # checked before Hydra wrote anything
+
+    older.write_bytes(whole)
+    proc = run_ftlab(tmp_path, f"resume={run_dir}")
+    assert (
+        f"warning: checkpoint-16 is unusable: {newest} is damaged: truncated: its header "
+        "alone needs" in proc.stdout
+    )
+    assert "resuming from checkpoint-12 instead: steps 13-16 are trained again" in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["derived"]["resumed_from"].endswith("checkpoint-12")
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    assert_same_run(run_dir, uninterrupted)
 
 
 def test_rerun_reproduces_losses_and_reports_differences(uninterrupted, tmp_path):

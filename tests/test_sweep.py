@@ -56,10 +56,18 @@ def job_dir(sweep_dir: Path, num: int) -> Path:
 
 def test_sweep_runs_every_job_and_reports_the_failure(sweep) -> None:
     sweep_dir, proc = sweep
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # Issue 20, item 16: a sweep with a failed job exited 0. Every job ran, the summary
+    # is complete, and the exit status says that something failed.
+    assert proc.returncode == 1, proc.stderr[-4000:]
     out = proc.stdout + proc.stderr
     assert f"job 2 failed: ConfigError: {RANK0}" in out
-    assert f"1 of 3 jobs failed: job 2 (ConfigError: {RANK0})" in out
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"ftlab: error: 1 of 3 jobs failed: job 2 (ConfigError: {RANK0}). Summary: "
+        f"{sweep_dir / 'summary.md'}"
+    )
+    assert "Traceback" not in proc.stderr
+    assert len(list(csv.DictReader(open(sweep_dir / "summary.csv")))) == 3
+    assert (sweep_dir / "summary.md").is_file() and (sweep_dir / "summary.png").is_file()
     assert sorted(p.name for p in sweep_dir.glob("*_*")) == [
         f"{n}_eval.max_new_tokens=8,method.lora_rank={r},train.logging_steps=2,train.max_steps=6"
         for n, r in ((0, 2), (1, 4), (2, 0))

@@ -12,8 +12,11 @@ import difflib
 import logging
 import os
 import re
+import shlex
+import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +25,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from ftlab import signals
 from ftlab.errors import FtlabError
-from ftlab.record.rundir import ERROR, RunDir
-from ftlab.record.status import record_status
+from ftlab.record.rundir import (
+    ERROR,
+    DiskFullError,
+    RunDir,
+    check_given_dir,
+    disk_full_message,
+    is_disk_full,
+)
+from ftlab.record.status import ATTEMPT_ENV, record_status, started_by_this_attempt
 from ftlab.record.summary import Summary
 from ftlab.resolve.compose import register_configs
 
@@ -52,6 +63,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     else:
         env = probe_environment(run.device)
     derived = validate(run, env)
+    signals.install()  # Paddle's import replaced the SIGTERM handler (ftlab.signals)
     record = RunDir(run_dir)
     record.create()
     if run.mode == "plan":
@@ -89,14 +101,32 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
     In a sweep (``-m``) a failing job is recorded (``status.json``, ``error.txt``) and
     logged, and the sweep goes on with its next job; a single run still ends with a
-    clean error and a non-zero exit status.
+    clean error and a non-zero exit status. A signal ends the run (and a sweep) with
+    ``status: interrupted``, the last checkpoint and the command that resumes it.
     """
+    from ftlab.distributed.launch import inside_worker
+
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     started = time.time()
+    if not inside_worker():  # workers inherit the attempt of the ftlab process above them
+        os.environ[ATTEMPT_ENV] = uuid.uuid4().hex
     try:
         summary = execute(cfg, run_dir)
+    except KeyboardInterrupt as err:
+        signals.ignore()  # recording takes a moment; a second Ctrl-C must not cut it short
+        signum = getattr(err, "signum", signal.SIGINT)
+        record_outcome(cfg, run_dir, started, err)
+        print(interruption_message(run_dir, signum, cfg.get("resume")), file=sys.stderr)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            from ftlab.record.sweep import summarize_sweep
+
+            summarize_sweep(Path(hydra_cfg.sweep.dir))  # Hydra's end-of-sweep hook won't run
+            raise  # the whole sweep stops
+        sys.exit(128 + signum)
     except Exception as err:  # noqa: BLE001 - a sweep must survive any failing job
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            err = _disk_full(err, run_dir)
         record_outcome(cfg, run_dir, started, err)
         if hydra_cfg.mode != RunMode.MULTIRUN:
             if isinstance(err, FtlabError):
@@ -116,20 +146,63 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return float(loss) if loss is not None else None
 
 
+def _disk_full(err: BaseException, run_dir: Path) -> DiskFullError:
+    """A full disk met outside the places that name what they were writing."""
+    where = getattr(err, "filename", None) or run_dir
+    full = DiskFullError(disk_full_message(Path(where)))
+    full.__cause__ = err  # error.txt keeps the original traceback
+    return full
+
+
 def record_outcome(
     cfg: DictConfig, run_dir: Path, started: float, error: BaseException | None = None
 ) -> None:
     """``status.json`` of this job; the workers of a multi-process run leave it to their
-    launching process, which sees every worker's outcome."""
+    launching process, which sees every worker's outcome. A resume that ended before its
+    training really started (``status.json`` is not this attempt's) records nothing: the
+    run's record stays as the run left it."""
     from ftlab.distributed.launch import inside_worker
+    from ftlab.record.resume import latest_complete_checkpoint
 
     if inside_worker():
         return
+    record = RunDir(run_dir)
+    if cfg.get("resume") and not started_by_this_attempt(record):
+        return
     hydra_cfg = HydraConfig.get()
-    context = {"mode": cfg.get("mode"), "overrides": list(hydra_cfg.overrides.task)}
+    context: dict[str, Any] = {
+        "mode": cfg.get("mode"),
+        "overrides": list(hydra_cfg.overrides.task),
+    }
     if hydra_cfg.mode == RunMode.MULTIRUN:
         context["job_num"] = hydra_cfg.job.num
-    record_status(RunDir(run_dir), started, error, context)
+    if isinstance(error, KeyboardInterrupt):
+        checkpoint = latest_complete_checkpoint(run_dir)
+        context["last_checkpoint"] = str(checkpoint) if checkpoint else None
+        context["resume"] = _resume_command(run_dir) if checkpoint else None
+    record_status(record, started, error, context)
+
+
+def _resume_command(run_dir: Path) -> str:
+    return "ftlab " + shlex.quote(f"resume={run_dir}")
+
+
+def interruption_message(run_dir: Path, signum: int, resuming: Any = None) -> str:
+    """One line: which signal, the last checkpoint, and how to go on."""
+    from ftlab.record.resume import checkpoint_step, latest_complete_checkpoint
+
+    name = signal.Signals(signum).name
+    checkpoint = latest_complete_checkpoint(run_dir)
+    if checkpoint is None:
+        again = f"ftlab {shlex.quote(f'rerun={run_dir}')}" if not resuming else "the same command"
+        return (
+            f"ftlab: interrupted by {name} before any checkpoint was saved; start again "
+            f"with: {again}"
+        )
+    return (
+        f"ftlab: interrupted by {name}; last checkpoint: {checkpoint} (step "
+        f"{checkpoint_step(checkpoint)}). Resume with: {_resume_command(run_dir)}"
+    )
 
 
 def explain_composition_error(err: BaseException) -> str:
@@ -174,24 +247,83 @@ def _schema_fields(type_name: str) -> list[str]:
     return sorted(f.name for f in dataclasses.fields(cls))
 
 
+# Hydra options after which nothing runs (no run dir is made or written).
+_NO_RUN_FLAGS = ("-h", "--help", "--hydra-help", "-i", "--info", "-c", "--cfg", "--version")
+_NO_RUN_FLAGS += ("-sc", "--shell-completion")
+
+
+def check_given_dirs(argv: list[str]) -> None:
+    """An explicit ``hydra.run.dir`` (``hydra.sweep.dir`` for ``-m``), checked before Hydra
+    writes into it: writable, and holding no other run's results unless resumed."""
+    from ftlab.config.overrides import given_value
+    from ftlab.distributed.launch import inside_worker
+
+    if inside_worker() or any(a.split("=", 1)[0] in _NO_RUN_FLAGS for a in argv):
+        return
+    multirun = bool({"-m", "--multirun"} & set(argv)) or given_value(argv, "hydra.mode") == (
+        "MULTIRUN"
+    )
+    given = given_value(argv, "hydra.sweep.dir" if multirun else "hydra.run.dir")
+    if given is not None:
+        resuming = given_value(argv, "resume") is not None
+        check_given_dir(Path(given), sweep=multirun, reuse=resuming)
+
+
+def _ftlab_cause(err: BaseException) -> FtlabError | None:
+    """The ftlab error behind a Hydra or OmegaConf one (a resolver such as ``new_dir``)."""
+    seen = 0
+    cause: BaseException | None = err
+    while cause is not None and seen < 10:
+        if isinstance(cause, FtlabError):
+            return cause
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return None
+
+
 def main() -> None:
-    """Console entry point: turn composition errors into one readable message."""
+    """Console entry point: every user error, signal and full disk ends in one line."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from ftlab.distributed.launch import die_with_launcher
+    from ftlab.record.resume import RunFinished, replay_argv
+
+    signals.install()
+    die_with_launcher()  # a worker whose launcher is gone must not train on
     # Let composition errors reach us instead of Hydra printing a stripped traceback, so
     # the message can name the closest valid keys.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
-        from ftlab.record.resume import replay_argv
-
-        sys.argv = [sys.argv[0], *replay_argv(sys.argv[1:])]
+        argv = replay_argv(sys.argv[1:])
+        check_given_dirs(argv)
+        sys.argv = [sys.argv[0], *argv]
         hydra_main()
+        from ftlab.record.sweep import sweep_failure
+
+        failure = sweep_failure()
+        if failure is not None:
+            raise failure
+    except RunFinished as err:
+        print(f"ftlab: {err}", flush=True)
+        sys.exit(0)
     except (HydraException, OmegaConfBaseException) as err:
-        print(f"ftlab: config error: {explain_composition_error(err)}", file=sys.stderr)
+        cause = _ftlab_cause(err)
+        if cause is not None:
+            print(f"ftlab: error: {cause}", file=sys.stderr)
+        else:
+            print(f"ftlab: config error: {explain_composition_error(err)}", file=sys.stderr)
         sys.exit(2)
     except FtlabError as err:
         print(f"ftlab: error: {err}", file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", 2))
+    except KeyboardInterrupt as err:  # a sweep stopped, or a signal before any job ran
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"ftlab: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        sys.exit(128 + signum)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        print(f"ftlab: error: {_disk_full(err, Path.cwd())}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -21,21 +21,23 @@ PROMPT_KEYS = ("src", "prompt")
 
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
+    """The prompt records of ``path``, read by the same rules as training data.
+
+    ``ftlab.data.records`` reads the file: UTF-8 (a BOM is fine), one JSON object per
+    line, blank lines skipped; a line that is not valid UTF-8 or JSON, not an object, or
+    repeats a key is an error naming ``file:line``.
+    """
+    from ftlab.data.records import BadRecords, iter_records
+    from ftlab.data.stats import SplitStats
+
     if not path.is_file():
         raise DataError(f"--input {path}: no such file.")
+    stats = SplitStats()
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg}).") from None
-            key = next((k for k in PROMPT_KEYS if isinstance(record.get(k), str)), None)
-            if not isinstance(record, dict) or key is None:
-                raise DataError(f"{path}:{lineno}: needs a string field 'src' or 'prompt'.")
-            records.append(record)
+    for record in iter_records(path, BadRecords("error", stats, hint="Fix the line."), stats):
+        if not any(isinstance(record.data.get(k), str) for k in PROMPT_KEYS):
+            raise DataError(f"{record.where}: needs a string field 'src' or 'prompt'.")
+        records.append(record.data)
     if not records:
         raise DataError(f"--input {path}: no prompts in the file.")
     return records

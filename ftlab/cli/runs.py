@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-n", "--limit", type=int, default=None, help="show only the N newest runs")
     parser.add_argument(
         "--status",
-        choices=("completed", "failed", "incomplete"),
+        choices=("completed", "failed", "interrupted", "running", "incomplete"),
         help="show only runs with this status",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

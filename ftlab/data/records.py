@@ -32,13 +32,14 @@ class Record:
 class BadRecords:
     """Applies ``data.on_bad_record``: raise with the location, or count the skip."""
 
-    def __init__(self, policy: str, stats: SplitStats) -> None:
+    def __init__(self, policy: str, stats: SplitStats, hint: str = SKIP_HINT) -> None:
         self.policy = policy
         self.stats = stats
+        self.hint = hint  # what to do, after the message (a reader without a skip policy)
 
     def reject(self, reason: str, message: str) -> None:
         if self.policy == "error":
-            raise DataError(f"{message}. {SKIP_HINT}")
+            raise DataError(f"{message}. {self.hint}".strip())
         self.stats.count_skip(reason, message)
 
 
@@ -48,6 +49,22 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: an object with a repeated key is an error, at any depth."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _parse_line(raw: bytes, where: str, offset: int, bad: BadRecords) -> dict | None:
@@ -61,7 +78,14 @@ def _parse_line(raw: bytes, where: str, offset: int, bad: BadRecords) -> dict | 
         )
         return None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_unique_keys)
+    except DuplicateKey as dup:
+        bad.reject(
+            "duplicate_key",
+            f"{where}: key {dup.key!r} appears more than once in one object (JSON keeps only "
+            "the last value, silently); remove the duplicate",
+        )
+        return None
     except json.JSONDecodeError as err:
         hint = ""
         if text.lstrip().startswith("["):

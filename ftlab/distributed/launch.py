@@ -1,17 +1,23 @@
-"""Multi-process runs: ``ftlab`` starts ``paddle.distributed.launch`` itself.
+"""Multi-process runs: ``ftlab`` starts Paddle's launcher itself.
 
 When the layout needs more than one process, the ``ftlab`` process becomes the launcher:
-it runs ``python -m paddle.distributed.launch`` with one worker per device (GPUs from
-``CUDA_VISIBLE_DEVICES``; on CPU, gloo processes), and every worker re-enters
-``ftlab.cli.app`` with the user's original overrides plus ``hydra.run.dir=<this run dir>``,
-so one job writes one experiment directory. Only the launcher writes ``.hydra/``
+it runs Paddle's ``paddle.distributed.launch`` (through ``ftlab.distributed.paddle_launch``,
+see below) with one worker per device (GPUs from ``CUDA_VISIBLE_DEVICES``; on CPU, gloo
+processes), and every worker re-enters ``ftlab.cli.app`` with the user's original
+overrides plus ``hydra.run.dir=<this run dir>`` (quoted: a sweep's job dir holds ``=`` and
+``,``), so one job writes one experiment directory. Only the launcher writes ``.hydra/``
 (``hydra.output_subdir=null`` for workers); only rank 0 writes the run's files; each
 worker's output lands in ``<run dir>/logs/workerlog.<rank>``.
 
-Paddle's launcher dumps every worker's whole environment (``envlog.*``,
-``backup_env.*.json``, the pod log) into its log directory. Environments hold tokens and
-passwords, so ftlab deletes those files when the job ends, failed or not. Workers read
-``backup_env.<rank>.json`` while they start, so they cannot be removed earlier.
+The job goes down as one: Paddle's launcher runs in its own session, and ``ftlab`` stops
+it (SIGTERM, then SIGKILL) on any signal or error; Paddle's launcher asks the kernel for
+SIGTERM when ``ftlab`` dies (``PR_SET_PDEATHSIG``), and every worker for SIGKILL when
+Paddle's launcher dies, so even ``kill -9`` of ``ftlab`` leaves no worker training on.
+
+Paddle's launcher would dump every worker's whole environment (``envlog.*``,
+``backup_env.*.json``, the pod log) into the run dir; environments hold tokens and
+passwords, and a SIGKILL leaves no chance to delete them, so ``paddle_launch`` keeps
+them from being written at all.
 """
 
 from __future__ import annotations
@@ -20,11 +26,14 @@ import collections
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from ftlab import signals
 from ftlab.config.derived import Derived
+from ftlab.config.overrides import override
 from ftlab.config.schema import RunConfig
 from ftlab.errors import ConfigError, FtlabError
 from ftlab.record.rundir import SUMMARY, RunDir
@@ -33,9 +42,17 @@ from ftlab.record.summary import Summary
 log = logging.getLogger(__name__)
 
 JOB_ID = "ftlab"
-# Files in the launcher's log directory that hold a copy of the process environment.
+# Files Paddle's launcher would write into its log directory, holding a copy of the
+# process environment (``paddle_launch`` prevents them; ``remove_env_dumps`` is the
+# second line of defence for a Paddle that writes them some other way).
 ENV_DUMPS = ("envlog.*", "backup_env.*.json", f"{JOB_ID}.*.log")
 LOG_TAIL_LINES = 40
+# The pid a process must die with: Paddle's launcher reads the ftlab process's, the
+# workers read Paddle's launcher's.
+PARENT_PID_ENV = "FTLAB_PARENT_PID"
+# How long Paddle's launcher gets to stop its workers before ftlab kills it.
+STOP_GRACE_SECONDS = 30
+PR_SET_PDEATHSIG = 1
 
 
 class LaunchError(FtlabError):
@@ -45,6 +62,31 @@ class LaunchError(FtlabError):
 def inside_worker() -> bool:
     """True in a process started by Paddle's launcher (it sets PADDLE_TRAINERS_NUM)."""
     return "PADDLE_TRAINERS_NUM" in os.environ
+
+
+def die_with_parent(sig: int) -> None:
+    """Have the kernel send ``sig`` to this process when its parent (``PARENT_PID_ENV``) exits.
+
+    Linux ``prctl(PR_SET_PDEATHSIG)``; a parent that is already gone (it died between
+    starting this process and this call) gets the same answer at once.
+    """
+    expected = os.environ.get(PARENT_PID_ENV)
+    if expected is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != int(expected):
+        os.kill(os.getpid(), sig)
+
+
+def die_with_launcher() -> None:
+    """In a worker: SIGKILL when Paddle's launcher exits (nothing to save for an orphan;
+    checkpoints are staged, so a kill mid-save leaves nothing a resume would use)."""
+    if inside_worker():
+        die_with_parent(signal.SIGKILL)
 
 
 def needs_launch(derived: Derived) -> bool:
@@ -113,7 +155,7 @@ def launch_command(
     overrides: list[str],
     devices: list[str] | None = None,
 ) -> list[str]:
-    """The ``paddle.distributed.launch`` command line that starts this run's workers.
+    """The command line that starts this run's workers through Paddle's launcher.
 
     ``devices`` is the GPU list (None on CPU: Paddle's launcher then starts gloo
     processes; ``--devices`` would fail there).
@@ -122,7 +164,7 @@ def launch_command(
     cmd = [
         sys.executable,
         "-m",
-        "paddle.distributed.launch",
+        "ftlab.distributed.paddle_launch",
         "--nproc_per_node",
         str(derived.nproc_per_node),
         "--log_dir",
@@ -149,7 +191,7 @@ def worker_overrides(overrides: list[str], run_dir: Path) -> list[str]:
     own = [o for o in overrides if not o.lstrip("+~").startswith("hydra.run.dir=")]
     return [
         *own,
-        f"hydra.run.dir={run_dir}",
+        override("hydra.run.dir", str(run_dir)),
         "hydra.output_subdir=null",
         # Worker stdout is captured in logs/workerlog.<rank>; a log file per worker in the
         # run dir would interleave with the launcher's.
@@ -218,7 +260,13 @@ def failure_message(run: RunConfig, code: int, launcher_output: str, log_dir: Pa
 
 
 def run_launcher(cmd: list[str], log_dir: Path) -> tuple[int, str]:
-    """Run Paddle's launcher, echoing its output; return (exit code, output tail)."""
+    """Run Paddle's launcher, echoing its output; return (exit code, output tail).
+
+    It runs in a session of its own and is told which pid to die with. On any exception
+    here (a signal turned into ``Interrupted``, an error) it is stopped: SIGTERM, with
+    which it stops its workers, then SIGKILL after ``STOP_GRACE_SECONDS`` (or at a second
+    signal); its workers die with it.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=400)
     proc = subprocess.Popen(
@@ -228,6 +276,8 @@ def run_launcher(cmd: list[str], log_dir: Path) -> tuple[int, str]:
         text=True,
         bufsize=1,
         errors="replace",
+        start_new_session=True,
+        env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
     )
     try:
         assert proc.stdout is not None
@@ -236,17 +286,28 @@ def run_launcher(cmd: list[str], log_dir: Path) -> tuple[int, str]:
             tail.append(line)
         code = proc.wait()
     except BaseException:
-        # Ctrl-C or an error here: stop the launcher, which stops its workers.
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_launcher(proc)
         raise
     finally:
         remove_env_dumps(log_dir)
     return code, "".join(tail)
+
+
+def stop_launcher(proc: subprocess.Popen) -> None:
+    """SIGTERM Paddle's launcher (it stops its workers), SIGKILL its group if it lingers.
+
+    Its output is still read meanwhile: a launcher blocked on a full pipe cannot stop.
+    """
+    try:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=STOP_GRACE_SECONDS)
+        sys.stdout.write(rest or "")
+    except BaseException:  # noqa: BLE001 - timed out, or a second signal: no more waiting
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def launch_workers(run: RunConfig, derived: Derived, run_dir: RunDir) -> Summary | None:
@@ -263,6 +324,7 @@ def launch_workers(run: RunConfig, derived: Derived, run_dir: RunDir) -> Summary
         "GPUs " + ",".join(devices) if devices else "CPU gloo",
         " ".join(cmd),
     )
+    signals.install()  # Paddle's import replaced the SIGTERM handler (ftlab.signals)
     code, output = run_launcher(cmd, log_dir)
     if code != 0:
         raise LaunchError(failure_message(run, code, output, log_dir))

@@ -37,6 +37,31 @@ class LinearAdapterMethod(Method):
                 f"method={run.method.name}: no target modules. Set method.target_modules or "
                 f"model.lora_target_modules (regexes such as '.*q_proj')."
             )
+        self.check_size(run)
+
+    def size_limit(self, cfg: Any, linear: Linear) -> tuple[int, str] | None:
+        """The largest value of ``size_setting`` that means something on ``linear``, and
+        what that bound is (None: no bound)."""
+        return None
+
+    def check_size(self, run: RunConfig) -> None:
+        """Refuse a size (rank) beyond what the smallest target layer can use, naming both."""
+        if self.size_setting is None:
+            return
+        value = getattr(run.method, self.size_setting)
+        bounds = [(self.size_limit(run.method, x), x) for x in self.targeted_linears(run)]
+        bounds = [(b, x) for b, x in bounds if b is not None]
+        if not bounds:
+            return
+        (limit, what), linear = min(bounds, key=lambda item: item[0][0])
+        if value > limit:
+            raise ConfigError(
+                f"method.{self.size_setting}={value} exceeds {what} of the target layer "
+                f"{linear.name} ({linear.fan_in} in x {linear.fan_out} out), which is "
+                f"{limit}: the extra size adds parameters and no expressiveness. Use "
+                f"method.{self.size_setting} <= {limit}, or leave that layer out of "
+                "method.target_modules."
+            )
 
     def adapter_size(self, cfg: Any, linear: Linear) -> int:
         """Trainable parameters the method adds to one ``linear``."""

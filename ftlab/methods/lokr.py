@@ -3,12 +3,14 @@
 PaddleNLP 3.0.0b4's ``LoKrLinear.merge`` calls a ``get_weight`` method that does not
 exist (AttributeError) and would apply the scale twice; ftlab merges with the layer's
 own ``get_adapter_weight()``, the very matrix its forward adds, so merged and unmerged
-outputs agree. PaddleNLP's unified checkpoint cannot save a ``LoKrModel``; it is saved
-through its own ``save_pretrained`` (``lokr_model_state.pdparams`` + ``lokr_config.json``).
+outputs agree. PaddleNLP's unified checkpoint cannot save a ``LoKrModel``, and its own
+``save_pretrained`` pickles the tensors; ftlab's subclass writes ``lokr_config.json`` and
+the tensors as safetensors (``ftlab.methods.state``).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,8 +27,6 @@ if TYPE_CHECKING:
     from ftlab.config.schema import ModelConfig, RunConfig
     from ftlab.models.arch import Linear
 
-LOKR_WEIGHTS_STEM = "lokr_model_state"
-
 
 @dataclass
 class LokrMethodConfig(MethodConfig):
@@ -37,6 +37,21 @@ class LokrMethodConfig(MethodConfig):
     factor: int = -1
     decompose_both: bool = False  # also factorise w1 into two low-rank matrices
     target_modules: list[str] | None = None  # None -> model.lora_target_modules
+
+
+@functools.cache
+def _lokr_model_class() -> type:
+    from paddlenlp.peft import LoKrModel
+
+    class FtlabLoKrModel(LoKrModel):
+        """LoKrModel whose saved tensors are safetensors, not a pickle."""
+
+        def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
+            from ftlab.methods.state import save_peft_model
+
+            save_peft_model(self, save_directory, self.lokr_config, **kwargs)
+
+    return FtlabLoKrModel
 
 
 def lokr_layers(model: Any) -> list[tuple[str, Any]]:
@@ -86,7 +101,7 @@ class Lokr(LinearAdapterMethod):
             raise ConfigError(f"method.factor={m.factor}: use -1 (balanced) or a positive size.")
 
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
-        from paddlenlp.peft import LoKrConfig, LoKrModel
+        from paddlenlp.peft import LoKrConfig
 
         config = LoKrConfig(
             target_modules=target_patterns(cfg, model_cfg),
@@ -97,7 +112,7 @@ class Lokr(LinearAdapterMethod):
             dtype=model.config.dtype,
             base_model_name_or_path=model_cfg.name_or_path,
         )
-        lokr = LoKrModel(model, config)
+        lokr = _lokr_model_class()(model, config)
         if not lokr_layers(lokr.model):
             raise ConfigError(
                 f"method=lokr: no linear layer matches the target modules {config.target_modules}."
@@ -105,18 +120,17 @@ class Lokr(LinearAdapterMethod):
         return lokr
 
     def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
-        from paddlenlp.peft import LoKrConfig, LoKrModel
+        from paddlenlp.peft import LoKrConfig
 
-        from ftlab.methods.state import load_trainable_state, weights_file
+        from ftlab.methods.state import load_trainable_state
 
         trained_dir = Path(trained_dir)
-        weights = weights_file(trained_dir, LOKR_WEIGHTS_STEM, "LoKr")
         config = LoKrConfig.from_pretrained(str(trained_dir))
         # LoKrModel reads the base model's config.json from this path; the adapter dir has
         # a copy, so a moved run dir still loads.
         config.base_model_name_or_path = str(trained_dir)
-        model = LoKrModel(base, config)
-        load_trainable_state(model, weights)
+        model = _lokr_model_class()(base, config)
+        load_trainable_state(model, trained_dir)
         return model
 
     def merge(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
@@ -135,6 +149,15 @@ class Lokr(LinearAdapterMethod):
     def derived(self, cfg: Any) -> dict[str, Any]:
         alpha = cfg.lokr_alpha or float(cfg.lokr_dim)
         return {"lokr_scale": alpha / cfg.lokr_dim}
+
+    def size_limit(self, cfg: Any, linear: Linear) -> tuple[int, str]:
+        # lokr_dim is the rank of the Kronecker factor w2 (out_2 x in_2); with
+        # decompose_both also of w1 (out_1 x in_1).
+        out_1, out_2 = split_dimension(linear.fan_out, cfg.factor)
+        in_1, in_2 = split_dimension(linear.fan_in, cfg.factor)
+        if cfg.decompose_both and min(out_1, in_1) < min(out_2, in_2):
+            return min(out_1, in_1), f"the smaller side of its factor w1 ({out_1} x {in_1})"
+        return min(out_2, in_2), f"the smaller side of its factor w2 ({out_2} x {in_2})"
 
     def adapter_size(self, cfg: Any, linear: Linear) -> int:
         """w1 (``[out_1, in_1]``, or two rank-``lokr_dim`` factors with decompose_both)

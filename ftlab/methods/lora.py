@@ -185,6 +185,10 @@ class Lora(LinearAdapterMethod):
                 "data parallel or sharding, or plain LoRA."
             )
 
+    def size_limit(self, cfg: Any, linear: Linear) -> tuple[int, str]:
+        # A rank-r update of an m x n matrix has rank <= min(m, n).
+        return min(linear.fan_in, linear.fan_out), "the smaller side"
+
     def lora_config(self, cfg: LoraMethodConfig, model_cfg: ModelConfig, model: Any) -> Any:
         from paddlenlp.peft import LoRAConfig
 

@@ -9,7 +9,8 @@ ftlab corrects:
   so the update stays exactly zero and nothing learns. ftlab draws ``B`` at random and
   starts ``b`` at 0 and ``d`` at ``vera_d_init``, as in the paper (the update starts at 0
   yet both vectors get gradients after the first step);
-* it saves only the trained vectors, so the random ``A``/``B`` are lost and a reload
+* it saves only the trained vectors (as a pickle: ftlab writes safetensors, see
+  ``ftlab.methods.state``), so the random ``A``/``B`` are lost and a reload
   computes something else. ftlab draws them from NumPy's ``RandomState`` (whose stream
   NumPy keeps frozen across versions) from ``vera_seed``, shares one pair across layers
   as the paper does (each layer uses the top-left block it needs), records the seed and
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
     from ftlab.models.arch import Linear
 
 VERA_RECORD = "ftlab_vera.json"
-VERA_WEIGHTS_STEM = "vera_model_state"
 
 
 @dataclass
@@ -124,7 +124,9 @@ def _vera_model_class() -> type:
         def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
             import paddle
 
-            super().save_pretrained(save_directory, *args, **kwargs)
+            from ftlab.methods.state import save_peft_model
+
+            save_peft_model(self, save_directory, self.vera_config, **kwargs)
             if kwargs.get("is_main_process", paddle.distributed.get_rank() == 0):
                 record = {
                     "vera_seed": self.vera_seed,
@@ -174,7 +176,7 @@ class Vera(LinearAdapterMethod):
     def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
         from paddlenlp.peft import VeRAConfig
 
-        from ftlab.methods.state import load_trainable_state, weights_file
+        from ftlab.methods.state import load_trainable_state
 
         trained_dir = Path(trained_dir)
         record_path = trained_dir / VERA_RECORD
@@ -183,7 +185,6 @@ class Vera(LinearAdapterMethod):
                 f"{trained_dir} lacks {VERA_RECORD}: it was not saved by ftlab's vera method, "
                 "so its frozen random projections cannot be rebuilt."
             )
-        weights = weights_file(trained_dir, VERA_WEIGHTS_STEM, "VeRA")
         record = json.loads(record_path.read_text())
         config = VeRAConfig.from_pretrained(str(trained_dir))
         model = _vera_model_class()(base, config, record["vera_seed"], record["vera_d_init"])
@@ -194,7 +195,7 @@ class Vera(LinearAdapterMethod):
                 f"the trained ones (sha256 {digest[:12]} != {record['projections_sha256'][:12]}): "
                 "the target modules or the base model's shapes differ from training."
             )
-        load_trainable_state(model, weights)
+        load_trainable_state(model, trained_dir)
         return model
 
     def merge(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
@@ -211,6 +212,12 @@ class Vera(LinearAdapterMethod):
         inner = model.model
         fold_linear_adapters(inner, delta, "VeRA")
         return inner
+
+    def size_limit(self, cfg: Any, linear: Linear) -> tuple[int, str]:
+        # The update diag(b) B diag(d) A is a combination of vera_rank fixed rank-one
+        # matrices weighted by d; unlike LoRA's rank, a rank above the layer's smaller side
+        # still adds directions, up to the matrix's number of entries.
+        return linear.fan_in * linear.fan_out, "the number of weights (in x out)"
 
     def adapter_size(self, cfg: Any, linear: Linear) -> int:
         return cfg.vera_rank + linear.fan_out  # the vectors d and b

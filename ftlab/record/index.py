@@ -18,7 +18,7 @@ import yaml
 
 from ftlab.errors import FtlabError
 from ftlab.record.rundir import HYDRA, RESOLVED_CONFIG, STATUS, SUMMARY
-from ftlab.record.status import INCOMPLETE
+from ftlab.record.status import INCOMPLETE, RUNNING, is_running
 from ftlab.record.summary import Summary
 
 
@@ -31,7 +31,7 @@ class RunRecord:
     """One run directory as read from disk."""
 
     run_dir: Path
-    status: str  # completed | failed | incomplete
+    status: str  # completed | failed | interrupted | running | incomplete
     started: datetime
     config: dict[str, Any] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
@@ -98,6 +98,8 @@ def read_run(run_dir: Path) -> RunRecord:
     status_info = _read_json(run_dir / STATUS)
     summary = _read_json(run_dir / SUMMARY)
     status = status_info.get("status") or summary.get("status") or INCOMPLETE
+    if status == RUNNING and not is_running(status_info):
+        status = INCOMPLETE  # its process is gone: killed
     config = _read_yaml(run_dir / HYDRA / "config.yaml") or _read_yaml(run_dir / RESOLVED_CONFIG)
     overrides = _read_yaml(run_dir / HYDRA / "overrides.yaml") or []
     hydra_cfg = _read_yaml(run_dir / HYDRA / "hydra.yaml")

@@ -9,12 +9,16 @@ checks.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ftlab.errors import FtlabError
 
 HYDRA = ".hydra"
 RESOLVED_CONFIG = "resolved_config.yaml"
@@ -38,6 +42,19 @@ LOGS = "logs"
 MERGED = "merged"
 # Inside final/: which method and base model the saved artefact belongs to.
 METHOD_RECORD = "ftlab_method.json"
+# What only a run that trained leaves behind: a later run must not write over it.
+RESULTS = (STATUS, SUMMARY, METRICS, CHECKPOINTS)
+# Run and sweep dirs are private to their owner: the environment record, the logs and the
+# checkpoints are nobody else's business (chmod the dir to share it).
+DIR_MODE = 0o700
+
+
+class RunDirUnusable(FtlabError):
+    """A run dir (or sweep dir) that cannot be created, written, or must not be reused."""
+
+
+class DiskFullError(FtlabError):
+    """The filesystem of the run dir ran out of space (or quota) while ftlab wrote to it."""
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -46,9 +63,156 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a failed write leaves no ``.tmp`` behind)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- claiming dirs
+
+
+def claim_new_dir(path: str) -> str:
+    """Create ``path`` as a new directory, exclusively, private to its owner; return it.
+
+    The one rule for every run and sweep dir ftlab names itself (``conf/train.yaml`` calls
+    it through the ``${new_dir:...}`` resolver): ``mkdir`` without ``exist_ok`` succeeds for
+    exactly one process, so two runs started in the same second get ``<name>`` and
+    ``<name>-2``, never one shared dir. A dir given explicitly (``hydra.run.dir=...``: a
+    resume, the workers and nodes of one job) goes through ``check_given_dir`` instead.
+    Results are memoised per requested path: Hydra may resolve the name more than once.
+    """
+    if path in _CLAIMED:
+        return _CLAIMED[path]
+    base = Path(path)
+    _make_parents(base)
+    n = 1
+    while True:
+        candidate = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            candidate.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            n += 1
+            continue
+        except OSError as err:
+            raise _unusable(candidate, err) from None
+        os.chmod(candidate, DIR_MODE)  # exactly 0700, whatever the umask
+        _CLAIMED[path] = str(candidate)
+        return str(candidate)
+
+
+_CLAIMED: dict[str, str] = {}
+
+
+def check_given_dir(path: Path, *, sweep: bool = False, reuse: bool = False) -> None:
+    """Make sure an explicitly given run (or sweep) dir can be written and may be used.
+
+    Called before Hydra writes anything into it. A missing dir is created (0700); an
+    existing one must be writable and, unless ``reuse`` (a resume continues its own run),
+    must not hold another run's results: a new run would interleave its metrics with
+    theirs and overwrite their checkpoints and ``final/``.
+    """
+    if not path.exists():
+        _make_parents(path)
+        try:
+            path.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            pass  # another node of the same job made it first
+        except OSError as err:
+            raise _unusable(path, err) from None
+        else:
+            os.chmod(path, DIR_MODE)
+    if not path.is_dir():
+        raise RunDirUnusable(f"{path} exists and is not a directory. Choose another path.")
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise _unusable(path, err) from None
+    if reuse:
+        return
+    holders = [path] if not sweep else sorted(p for p in path.iterdir() if p.is_dir())
+    for holder in holders:
+        found = [name for name in RESULTS if (holder / name).exists()]
+        if found:
+            what = "the sweep dir" if sweep else "the run dir"
+            raise RunDirUnusable(
+                f"{what} {path} already holds the results of a run ({holder / found[0]}); "
+                "a new run would mix its files with them. Choose a new directory, or "
+                f"continue that run with: ftlab resume={holder}"
+            )
+
+
+def _make_parents(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _unusable(path, err) from None
+
+
+def _unusable(path: Path, err: OSError) -> RunDirUnusable:
+    return RunDirUnusable(
+        f"cannot create or write the run dir {path}: {err.strerror or err}. Choose a writable "
+        "location with hydra.run.dir=... (or hydra.sweep.dir=... for a sweep)."
+    )
+
+
+# --------------------------------------------------------------------------- a full disk
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# safetensors (Rust) reports a full disk in its own exception type, by message only.
+_DISK_FULL_TEXT = ("No space left on device", "StorageFull", "Disk quota exceeded")
+
+
+def is_disk_full(err: BaseException | None) -> bool:
+    """True when ``err`` (or an error it was raised from) is a full disk or quota."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, DiskFullError):
+            return True
+        if isinstance(err, OSError) and err.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(err) for text in _DISK_FULL_TEXT):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def disk_full_message(path: Path, needed: int | None = None) -> str:
+    """One line: where the write failed, what it needed and what is free there."""
+    free = _free_bytes(path)
+    need = f" It needs about {_mib(needed)};" if needed else ""
+    return (
+        f"disk full while writing {path}.{need} {_mib(free)} free on that filesystem. Free "
+        "some space (or move hydra.run.dir to a larger disk), then continue the run with "
+        "resume= (or start it again)."
+    )
+
+
+def _free_bytes(path: Path) -> int:
+    import shutil
+
+    for candidate in (path, *path.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return 0
+
+
+def _mib(n: int | None) -> str:
+    return f"{(n or 0) / 2**20:.1f} MiB"
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (0 when it does not exist)."""
+    if not path.exists():
+        return 0
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 class RunDir:
@@ -100,8 +264,9 @@ class RunDir:
     # ------------------------------------------------------------------ writes
 
     def create(self) -> None:
-        if self.is_main:
-            self.path.mkdir(parents=True, exist_ok=True)
+        """Make the dir if a caller outside the ``ftlab`` command has not (0700)."""
+        if self.is_main and not self.path.is_dir():
+            check_given_dir(self.path, reuse=True)
 
     def write_json(self, name: str, obj: Any) -> None:
         if self.is_main:

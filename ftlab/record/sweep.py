@@ -18,8 +18,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ftlab.errors import FtlabError
 from ftlab.record.index import RunRecord, is_run_dir, read_run
-from ftlab.record.status import COMPLETED, FAILED, INCOMPLETE
+from ftlab.record.status import COMPLETED, FAILED, INCOMPLETE, INTERRUPTED
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +40,47 @@ MAX_TICKS = 12  # up to this many distinct x values each get a labelled tick
 MAX_TICK_CHARS = 8  # ... when each is written in at most this many characters
 
 
+class SweepFailed(FtlabError):
+    """Some jobs of a sweep failed; the summary is written. ``ftlab -m`` exits 1."""
+
+    exit_code = 1
+
+
 class SweepSummary(Callback):
-    """Hydra callback: write the sweep summary once every job of a sweep has ended."""
+    """Hydra callback: write the sweep summary once every job of a sweep has ended.
+
+    A sweep in which a job failed must make ``ftlab -m`` exit non-zero (so a scheduler or
+    a script notices), with every job recorded in the summary. Hydra turns an exception
+    raised in a callback into a warning, so the failure is kept for the command to raise
+    once Hydra returns (``sweep_failure``).
+    """
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep = read_sweep(Path(config.hydra.sweep.dir))
-        written = write_sweep_summary(sweep)
-        log.info("sweep summary: %s", ", ".join(str(p) for p in written.values()))
-        if sweep.failed:
-            # The sweep itself exits 0 (the other jobs ran), so say it where it is seen.
-            log.warning(
-                "%d of %d jobs failed: %s",
-                len(sweep.failed),
-                len(sweep.jobs),
-                "; ".join(f"job {j.job_num} ({j.error})" for j in sweep.failed),
-            )
+        sweep = summarize_sweep(Path(config.hydra.sweep.dir))
+        _OUTCOME[:] = [sweep]
+
+
+_OUTCOME: list[Sweep] = []  # the last sweep this process summarised
+
+
+def sweep_failure() -> SweepFailed | None:
+    """``SweepFailed`` for the last sweep summarised here when a job failed, else None."""
+    if not _OUTCOME or not _OUTCOME[0].failed:
+        return None
+    sweep = _OUTCOME[0]
+    return SweepFailed(
+        f"{len(sweep.failed)} of {len(sweep.jobs)} jobs failed: "
+        + "; ".join(f"job {j.job_num} ({j.error})" for j in sweep.failed)
+        + f". Summary: {sweep.sweep_dir / 'summary.md'}"
+    )
+
+
+def summarize_sweep(sweep_dir: Path) -> Sweep:
+    """Read the sweep dir and write its summary files; return what was read."""
+    sweep = read_sweep(sweep_dir)
+    written = write_sweep_summary(sweep)
+    log.info("sweep summary: %s", ", ".join(str(p) for p in written.values()))
+    return sweep
 
 
 @dataclass
@@ -257,7 +284,11 @@ def plot_sweep(rows: list[dict[str, Any]], sweep: Sweep, path: Path) -> None:
                 xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, "o-", label=series or None)
                 plotted = True
-        for status, marker, color in ((FAILED, "x", "red"), (INCOMPLETE, "s", "grey")):
+        for status, marker, color in (
+            (FAILED, "x", "red"),
+            (INTERRUPTED, "s", "orange"),
+            (INCOMPLETE, "s", "grey"),
+        ):
             marks = [x for x, r in zip(axis.positions, rows, strict=True) if r["status"] == status]
             if marks:
                 ax.plot(

@@ -16,15 +16,22 @@ from omegaconf import DictConfig, OmegaConf
 from ftlab.config import schema
 from ftlab.config.derived import Derived
 from ftlab.methods.catalog import method_schemas
+from ftlab.record.rundir import claim_new_dir
 
 _registered = False
 
 
 def register_configs() -> None:
-    """Idempotent: the CLI, the tests and the sweep runner all call it."""
+    """Idempotent: the CLI, the tests and the sweep runner all call it.
+
+    Also registers ``${new_dir:PATH}``, which names every run and sweep dir
+    (``conf/train.yaml``): it creates ``PATH`` exclusively and returns the dir it made.
+    """
     global _registered
     if _registered:
         return
+    if not OmegaConf.has_resolver("new_dir"):
+        OmegaConf.register_new_resolver("new_dir", claim_new_dir, use_cache=True)
     cs = ConfigStore.instance()
     cs.store(name="base_run", node=schema.RunConfig)
     cs.store(group="model", name="base_model", node=schema.ModelConfig)

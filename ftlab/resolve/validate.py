@@ -10,6 +10,7 @@ the family table, ``check_data_settings``); nothing here names a method or a fam
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ftlab.config.choices import check_choice
@@ -61,6 +62,68 @@ def check_choices(run: RunConfig) -> None:
         if value is not None:
             check_choice(key, value, choices)
     check_choice("model.family", run.model.family, tuple(FAMILIES))
+
+
+# Numeric settings and the lowest value that can work: (setting, lowest, lowest allowed?,
+# what the value means at the edge). Checked before anything else: a zero batch size or a
+# negative learning rate would otherwise fail deep inside PaddleNLP after the data load.
+RANGES: tuple[tuple[str, float, bool, str], ...] = (
+    ("train.learning_rate", 0, False, ""),
+    ("train.per_device_train_batch_size", 1, True, ""),
+    ("train.per_device_eval_batch_size", 1, True, ""),
+    ("train.gradient_accumulation_steps", 1, True, ""),
+    ("train.warmup_steps", 0, True, ""),
+    ("train.weight_decay", 0, True, ""),
+    ("train.max_grad_norm", 0, True, " (0 turns clipping off)"),
+    ("train.seed", 0, True, ""),
+    ("train.logging_steps", 1, True, ""),
+    ("train.eval_steps", 0, True, " (0 evaluates once, at the end)"),
+    ("train.save_steps", 0, True, " (0 saves one checkpoint, at the end)"),
+    ("train.dataloader_num_workers", 0, True, ""),
+    ("eval.max_new_tokens", 1, True, ""),
+    ("eval.num_samples", 0, True, ""),
+    ("eval.batch_size", 1, True, ""),
+    ("parallel.tensor", 1, True, ""),
+    ("parallel.pipeline", 1, True, ""),
+    ("parallel.sharding", 1, True, ""),
+    ("parallel.data", 1, True, " (or leave it unset to derive it)"),
+    ("parallel.nproc_per_node", 1, True, " (or leave it unset to derive it)"),
+    ("launch.nnodes", 1, True, ""),
+)
+SEED_LIMIT = 2**32  # NumPy's seeds are 32-bit
+
+
+def check_ranges(run: RunConfig) -> None:
+    """Every numeric setting within what can work, before anything is loaded."""
+    for key, lowest, allowed, note in RANGES:
+        value = _lookup(run, key)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < lowest or (value == lowest and not allowed):
+            bound = f">= {lowest}" if allowed else f"> {lowest}"
+            raise ConfigError(f"{key}={value}: must be a number {bound}{note}.")
+    t = run.train
+    if t.seed >= SEED_LIMIT:
+        raise ConfigError(f"train.seed={t.seed}: must be below 2**32 (NumPy's seed range).")
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(
+            f"train.max_steps={t.max_steps}: give a number of optimizer steps >= 1, or -1 to "
+            "train for train.num_train_epochs epochs."
+        )
+    if t.max_steps == -1 and not (math.isfinite(t.num_train_epochs) and t.num_train_epochs > 0):
+        raise ConfigError(
+            f"train.num_train_epochs={t.num_train_epochs} with train.max_steps=-1: there would "
+            "be nothing to train. Give num_train_epochs > 0, or train.max_steps >= 1."
+        )
+    if t.save_total_limit == 0 or t.save_total_limit < -1:
+        raise ConfigError(
+            f"train.save_total_limit={t.save_total_limit}: keep at least 1 checkpoint (2 lets "
+            "a resume fall back when the newest is damaged), or -1 to keep every one."
+        )
+    if run.parallel.sharding_stage not in (0, 1, 2, 3):
+        raise ConfigError(
+            f"parallel.sharding_stage={run.parallel.sharding_stage}: choose 0 (off), 1, 2 or 3."
+        )
 
 
 def check_precision(run: RunConfig, env: Environment) -> None:
@@ -335,6 +398,7 @@ def check_method_layout(run: RunConfig, method: Method) -> None:
 
 def validate(run: RunConfig, env: Environment) -> Derived:
     """Run every check; return the derived values for the resolved config."""
+    check_ranges(run)
     check_choices(run)
     check_precision(run, env)
     check_model(run, env)

@@ -3,7 +3,9 @@
 ``train`` runs four stages, each a short function below:
 
 1. ``prepare_data``: environment record, tokenizer, data (fingerprinted), what the data
-   decides (examples, total steps), resume and rerun checks, the resolved config;
+   decides (examples, total steps), resume and rerun checks, the resolved config (for a
+   resume, the checkpoint is checked here and the record is written only once the
+   Trainer has loaded it: a resume that fails first leaves the run's record untouched);
 2. ``build_model``: TrainingArguments (they set up fleet, which model loading reads),
    the base model, its task metric, the method applied;
 3. ``fit``: PaddleNLP's Trainer trains (from the checkpoint a resume picked), evaluates,
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftlab import signals
 from ftlab.config.derived import Derived
 from ftlab.config.schema import RunConfig
 from ftlab.errors import ConfigError
@@ -48,6 +51,8 @@ class Prepared:
     data: Any  # ftlab.data.DataBundle
     derived: Derived
     checkpoint: Path | None  # the checkpoint a resume continues from
+    # Writes what the run records when training really starts (``RecordStart``).
+    record_start: Any = None
 
 
 @dataclass
@@ -76,7 +81,8 @@ def train(run: RunConfig, run_dir: RunDir, derived: Derived) -> Summary:
     started = time.perf_counter()
     reset_peak_memory()  # one process may run several sweep jobs
     run_dir = RunDir(run_dir.path, is_main=_is_rank_zero())
-    run_dir.write_json(ENVIRONMENT, environment_record(derived.device))
+    if not run.resume:  # a resume records its environment once it really starts
+        run_dir.write_json(ENVIRONMENT, environment_record(derived.device))
     seed_everything(run.train.seed)
     prepared = prepare_data(run, run_dir, derived)
     built = build_model(run, run_dir, prepared)
@@ -118,9 +124,14 @@ def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
             rerun_of=run.rerun,
             rerun_differences=_rerun_differences(run, data.fingerprints, derived.device),
         )
-    run_dir.write_json(FINGERPRINTS, data.fingerprints)
-    run_dir.write_text(RESOLVED_CONFIG, resolved_config_yaml(run, derived))
-    return Prepared(tokenizer, data, derived, checkpoint)
+    from ftlab.training.trainer import RecordStart, write_record
+
+    record = {FINGERPRINTS: data.fingerprints, RESOLVED_CONFIG: resolved_config_yaml(run, derived)}
+    if checkpoint is None:
+        write_record(run_dir, record)
+        return Prepared(tokenizer, data, derived, None, RecordStart(run_dir, {}))
+    record[ENVIRONMENT] = environment_record(derived.device)
+    return Prepared(tokenizer, data, derived, checkpoint, RecordStart(run_dir, record, checkpoint))
 
 
 def build_model(run: RunConfig, run_dir: RunDir, prepared: Prepared) -> Built:
@@ -162,6 +173,7 @@ def build_model(run: RunConfig, run_dir: RunDir, prepared: Prepared) -> Built:
 
 def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fitted:
     from ftlab.data import count_tokens
+    from ftlab.record.resume import checkpoint_step
     from ftlab.training.trainer import FtlabTrainer, MetricsJsonl
 
     data = prepared.data
@@ -172,14 +184,22 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
         eval_dataset=data.dev_dataset,
         tokenizer=prepared.tokenizer,
         data_collator=data.collate_fn,
-        callbacks=[MetricsJsonl(run_dir)],
+        callbacks=[prepared.record_start, MetricsJsonl(run_dir)],
         count_tokens=count_tokens,
         shuffle=run.data.shuffle,
     )
     attach_trackers(trainer, run_dir, run.train.report_to)
     checkpoint = prepared.checkpoint
+    signals.install()  # PaddleNLP's import replaced the SIGTERM handler (ftlab.signals)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if checkpoint is not None and checkpoint_step(checkpoint) >= prepared.derived.total_steps:
+        # Every step is in the checkpoint (the run stopped after saving its last one):
+        # PaddleNLP's train() would run one step beyond max_steps, so load and go on.
+        steps = trainer.load_trained_checkpoint(checkpoint)
+        prepared.record_start.write()
+    else:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        steps = result.global_step
     train_seconds = time.perf_counter() - start
     eval_metrics = trainer.evaluate() if data.dev_dataset is not None else {}
     for name, part in data.parts.items():  # a mixture: eval loss per source with a dev split
@@ -201,7 +221,7 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
                 **{f"eval_{k}": v for k, v in _scores(tuned_generation).items()},
             }
         )
-    return Fitted(trainer, result.global_step, train_seconds, eval_metrics, tuned, tuned_generation)
+    return Fitted(trainer, steps, train_seconds, eval_metrics, tuned, tuned_generation)
 
 
 def finalize(
@@ -420,21 +440,23 @@ def _is_rank_zero() -> bool:
 
 
 def _prepare_resume(run: RunConfig, run_dir: RunDir, derived: Derived) -> tuple[Path, Derived]:
-    from ftlab.record.resume import check_resume_config, latest_complete_checkpoint
+    """The checkpoint to continue from, checked whole and readable; nothing is written."""
+    from ftlab.record.resume import check_resume_config, checkpoint_step, pick_checkpoint
     from ftlab.resolve.compose import to_plain_dict
 
     changes = check_resume_config(run_dir.path, to_plain_dict(run))
-    checkpoint = latest_complete_checkpoint(run_dir.path)
-    if checkpoint is None:
+    checkpoint, warnings = pick_checkpoint(run_dir.path)
+    for warning in warnings:
+        log.warning("resume=%s: %s", run_dir, warning)
+        print(f"ftlab: warning: {warning}", flush=True)
+    step = checkpoint_step(checkpoint)
+    if derived.total_steps is not None and step > derived.total_steps:
         raise ConfigError(
-            f"resume={run_dir}: no complete checkpoint under {run_dir.checkpoints}. "
-            "Nothing to resume from; start the run again (rerun=) instead."
+            f"resume={run_dir}: the run would end at step {derived.total_steps} "
+            f"(train.max_steps / num_train_epochs) but {checkpoint.name} is already past it. "
+            "Nothing was changed. Keep the recorded train.max_steps, or raise it."
         )
-    step = int(checkpoint.name.rsplit("-", 1)[1])
-    dropped = run_dir.truncate_metrics(step)
-    log.info(
-        "resuming from %s (step %d); %d metric lines after it dropped", checkpoint, step, dropped
-    )
+    log.info("resuming from %s (step %d)", checkpoint, step)
     return checkpoint, derived.with_(resume_changes=changes, resumed_from=str(checkpoint))
 
 

@@ -9,10 +9,13 @@ same dict goes to ``metrics.jsonl`` through ``MetricsJsonl``.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import paddle
@@ -21,10 +24,21 @@ from paddlenlp.trainer.trainer_utils import has_length
 from paddlenlp.trl import SFTTrainer
 
 from ftlab.distributed.batching import GlobalBatchSampler, global_token_scale
-from ftlab.record.resume import STAGING
-from ftlab.record.rundir import METRICS, RunDir
+from ftlab.record.resume import STAGING, checkpoint_step
+from ftlab.record.rundir import (
+    METRICS,
+    DiskFullError,
+    RunDir,
+    dir_bytes,
+    disk_full_message,
+    is_disk_full,
+)
+from ftlab.record.status import mark_running
+from ftlab.training import checkpoint_state as state_files
 from ftlab.training.memory import peak_memory_mb
 from ftlab.training.optimizers import use_ftlab_adamw_mini
+
+log = logging.getLogger(__name__)
 
 
 class FtlabTrainer(SFTTrainer):
@@ -42,6 +56,19 @@ class FtlabTrainer(SFTTrainer):
         self._tokens = 0
         self._effective_tokens = 0
         self._interval_start = time.perf_counter()
+        self.add_callback(LogLastStep())
+
+    def load_trained_checkpoint(self, checkpoint: Path) -> int:
+        """Load a checkpoint that already holds every step, without training; its step.
+
+        ``Trainer.train`` resumed from the last step would train one step beyond
+        ``max_steps`` before it checks the limit.
+        """
+        from paddlenlp.trainer.trainer_callback import TrainerState
+
+        self._load_from_checkpoint(str(checkpoint))
+        self.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        return self.state.global_step
 
     def training_step(self, model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
         total, effective = self._count_tokens(inputs)
@@ -107,9 +134,20 @@ class FtlabTrainer(SFTTrainer):
         root = self.args.output_dir
         staging = os.path.join(root, STAGING)
         name = f"checkpoint-{self.state.global_step}"
+        rng = state_files.rng_record(self.args.use_hybrid_parallel)  # before saving moves it
         self.args.output_dir = self.args.output_signal_dir = staging
         try:
             super()._save_checkpoint(model, metrics)
+            self._unpickle_free(Path(staging) / name, rng)
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            # The partial save is useless (resume never reads .staging): free its space
+            # so that the run's status can still be recorded.
+            shutil.rmtree(staging, ignore_errors=True)
+            raise DiskFullError(
+                disk_full_message(Path(root) / name, self._checkpoint_bytes(Path(root)))
+            ) from err
         finally:
             self.args.output_dir = self.args.output_signal_dir = root
         if self.args.world_size > 1:
@@ -124,6 +162,82 @@ class FtlabTrainer(SFTTrainer):
         if self.args.world_size > 1:
             paddle.distributed.barrier()
 
+    def _unpickle_free(self, checkpoint: Path, rng: dict[str, Any]) -> None:
+        """Replace PaddleNLP's pickled RNG and scheduler state in ``checkpoint`` by JSON
+        (``ftlab.training.checkpoint_state``). fp16 runs keep PaddleNLP's files: their
+        loss scaler's state is restored by the same PaddleNLP code as the scheduler's."""
+        state_files.write_json(state_files.rng_file(checkpoint, self._rank), rng)
+        if self.args.process_index <= 0:
+            for pattern in state_files.PADDLE_RNG:
+                for f in checkpoint.glob(pattern):
+                    f.unlink()
+        if self.do_grad_scaling or not self.args.should_save:
+            return
+        pickled = checkpoint / state_files.PADDLE_SCHEDULER
+        if pickled.is_file():
+            record = state_files.scheduler_record(self.lr_scheduler)
+            state_files.write_json(checkpoint / state_files.SCHEDULER_JSON, record)
+            pickled.unlink()
+
+    @property
+    def _rank(self) -> int:
+        return max(self.args.process_index, 0)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """From ftlab's JSON; a checkpoint without it (written before ftlab wrote JSON) is
+        left to PaddleNLP's loader, which unpickles (see the README's security note)."""
+        path = state_files.rng_file(Path(checkpoint), self._rank) if checkpoint else None
+        if path is None or not path.is_file():
+            return super()._load_rng_state(checkpoint)
+        state_files.restore_rng(
+            json.loads(path.read_text()),
+            self.args.use_hybrid_parallel,
+            self.args.tensor_parallel_degree > 1,
+        )
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """PaddleNLP's loader, with the scheduler from ftlab's ``scheduler.json``.
+
+        PaddleNLP loads the optimizer, then insists on its pickled ``scheduler.pdparams``
+        and raises when it is missing: that is where ftlab takes over, doing what PaddleNLP
+        would have done after it (stop its load timer, offload the optimizer if asked).
+        """
+        path = Path(checkpoint) / state_files.SCHEDULER_JSON if checkpoint else None
+        if path is None or not path.is_file() or self.args.ignore_load_lr_and_optim:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except ValueError as err:
+            if "scheduler-file not found" not in str(err):
+                raise
+            self.runtime_timer.stop()
+        self.lr_scheduler.set_state_dict(json.loads(path.read_text()))
+        if self.args.offload_optim:
+            self._offload_optimizer()
+
+    def _load_from_peft_checkpoint(self, resume_from_checkpoint: str | None = None) -> None:
+        """ftlab's safetensors adapter state (VeRA, LoKr), else PaddleNLP's loader.
+
+        PaddleNLP looks for its pickled weights file and, when it is missing, silently
+        loads nothing: a resume would train on from fresh adapter weights.
+        """
+        from ftlab.methods.state import ADAPTER_STATE, load_trainable_state
+
+        checkpoint = Path(resume_from_checkpoint) if resume_from_checkpoint else None
+        if checkpoint is not None and (checkpoint / ADAPTER_STATE).is_file():
+            load_trainable_state(self.model, checkpoint)
+            return
+        super()._load_from_peft_checkpoint(resume_from_checkpoint)
+
+    def _checkpoint_bytes(self, root: Path) -> int:
+        """What one checkpoint takes: the size of the newest saved one, else an estimate
+        from the trainable parameters (weights + AdamW's two moments, fp32)."""
+        saved = sorted(root.glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
+        if saved:
+            return dir_bytes(saved[-1])
+        trainable = sum(int(p.size) for p in self.model.parameters() if not p.stop_gradient)
+        return 3 * 4 * trainable
+
     def log(self, logs: dict[str, float], **kwargs: Any) -> None:
         if "loss" in logs and self._tokens:
             elapsed = max(time.perf_counter() - self._interval_start, 1e-9)
@@ -136,6 +250,20 @@ class FtlabTrainer(SFTTrainer):
             self._tokens = self._effective_tokens = 0
             self._interval_start = time.perf_counter()
         super().log(logs, **kwargs)
+
+
+class LogLastStep(TrainerCallback):
+    """Log the last step whatever ``logging_steps`` is.
+
+    PaddleNLP logs every ``logging_steps`` only, so a run shorter than that (or one whose
+    length is not a multiple) would end with its last steps unlogged, and a summary
+    without any training loss. Runs after PaddleNLP's own flow callback.
+    """
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
 
 
 class MetricsJsonl(TrainerCallback):
@@ -159,3 +287,52 @@ class MetricsJsonl(TrainerCallback):
         if "loss" in line:
             line["loss"] = float(line["loss"])
         self.run_dir.append_jsonl(METRICS, line)
+
+
+def write_record(run_dir: RunDir, record: dict[str, Any]) -> None:
+    """Write record files: text as is, anything else as JSON."""
+    for name, content in record.items():
+        if isinstance(content, str):
+            run_dir.write_text(name, content)
+        else:
+            run_dir.write_json(name, content)
+
+
+class RecordStart(TrainerCallback):
+    """The run's record, written when training really starts.
+
+    ``on_train_begin`` comes after PaddleNLP's Trainer has loaded a resume's checkpoint
+    (weights, optimizer, scheduler, trainer state), so a resume that fails before that
+    leaves the run dir as it was. Then: the resumed run's environment, fingerprints and
+    resolved config, the metric lines after the checkpoint dropped (they are logged
+    again), an interrupted save's ``.staging`` removed, and ``status.json`` = running.
+    """
+
+    def __init__(
+        self, run_dir: RunDir, record: dict[str, Any], checkpoint: Path | None = None
+    ) -> None:
+        self.run_dir, self.record, self.checkpoint = run_dir, record, checkpoint
+        self.done = False
+
+    def write(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        context = {}
+        if self.checkpoint is not None:
+            step = checkpoint_step(self.checkpoint)
+            dropped = self.run_dir.truncate_metrics(step)
+            if self.run_dir.is_main:
+                shutil.rmtree(self.run_dir.checkpoints / STAGING, ignore_errors=True)
+            write_record(self.run_dir, self.record)
+            context = {"resumed_from": str(self.checkpoint)}
+            log.info(
+                "resumed from %s; %d metric lines after step %d dropped",
+                self.checkpoint,
+                dropped,
+                step,
+            )
+        mark_running(self.run_dir, context)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.write()
