@@ -33,6 +33,16 @@ class ModelArch:
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE scaling through PaddleNLP's long-sequence strategies (``ftlab/models/rope.py``)."""
+
+    # null (the model's own RoPE) | linear | ntk | dynamic_ntk | yarn
+    strategy: str | None = None
+    # Context multiplier: the model then takes max_position_embeddings x factor positions.
+    factor: float = 1.0
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING  # short label used in run-dir names
     # A hub name (``meta-llama/Meta-Llama-3-8B``) or a local directory; ``${asset:NAME}``
@@ -46,6 +56,11 @@ class ModelConfig:
     # Token used for padding when the tokenizer defines none (named in the run log).
     pad_token: str | None = None
     flash_attention: bool = False
+    # --- long sequences (issue 14) ---
+    # Packed batches carry FlashMask's attn_mask_startend_row_indices ([B, 1, L] int32)
+    # instead of a dense [B, L, L] mask; needs flash_attention and packing.
+    flash_mask: bool = False
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
 
 
 # --------------------------------------------------------------------------- method
@@ -72,7 +87,7 @@ class DataConfig:
     path: str = MISSING
     train_path: str | None = None  # explicit train file/dir; overrides path
     dev_path: str | None = None  # explicit dev file/dir; overrides path
-    format: str = "auto"  # auto | src_tgt | alpaca | messages
+    format: str = "auto"  # auto | src_tgt | alpaca | messages | text | autoregressive
     chat_template: str | None = None  # null | tokenizer | <named template>
     src_length: int = 256  # prompt tokens kept (truncated from the left)
     max_length: int = 512  # prompt + target tokens (target truncated from the right)
@@ -82,6 +97,10 @@ class DataConfig:
     streaming: bool = False  # iterate files lazily; requires train.max_steps
     dev_from_train: float | None = None  # carve a dev split of this fraction
     shuffle: bool = True
+    # --- long sequences (issue 14) ---
+    # PoSE: position ids skip ahead inside each training sequence, so examples of
+    # max_length tokens cover positions up to the model's (scaled) context.
+    pose: bool = False
 
 
 # --------------------------------------------------------------------------- parallel

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ftlab.config.choices import check_choice
 from ftlab.config.schema import DataConfig
-from ftlab.data.formats import FORMATS
+from ftlab.data.formats import FORMATS, TEXT_FORMATS
 from ftlab.data.packing import PACKING_MODES
 from ftlab.errors import DataError
 
@@ -36,8 +36,26 @@ def check_data_settings(cfg: DataConfig, max_steps: int | None) -> None:
             "data.streaming=true needs train.max_steps > 0: a stream has no known "
             "length. Set train.max_steps."
         )
+    if cfg.format in TEXT_FORMATS:
+        check_text_settings(cfg, cfg.format)
     if cfg.streaming and cfg.dev_from_train is not None:
         raise DataError(
             "data.streaming=true cannot carve data.dev_from_train out of a stream "
             "read lazily; give a dev split (dev.json or data.dev_path) instead."
+        )
+
+
+def check_text_settings(cfg: DataConfig, fmt: str) -> None:
+    """Settings that mean nothing for pretraining-style text (a named or detected format)."""
+    if cfg.chat_template is not None:
+        raise DataError(
+            f"data.chat_template={cfg.chat_template} with data.format={fmt}: text records are "
+            "documents, not conversations, so no chat template applies. Set "
+            "data.chat_template=null (or use an instruction format)."
+        )
+    if cfg.overlong != "truncate":
+        raise DataError(
+            f"data.overlong={cfg.overlong} with data.format={fmt}: documents are cut into "
+            "rows of data.max_length and nothing is truncated or dropped (the summary counts "
+            "documents_split). Leave data.overlong=truncate."
         )
