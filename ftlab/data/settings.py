@@ -21,7 +21,7 @@ def check_data_settings(cfg: DataConfig, max_steps: int | None) -> None:
     """Raise ``DataError`` for a data setting that cannot work (``max_steps`` <= 0: none)."""
     for name, allowed in CHOICES.items():
         check_choice(f"data.{name}", getattr(cfg, name), allowed, DataError)
-    if not 0 < cfg.src_length < cfg.max_length:
+    if cfg.format not in TEXT_FORMATS and not 0 < cfg.src_length < cfg.max_length:
         raise DataError(
             f"data.src_length={cfg.src_length} must be at least 1 and below "
             f"data.max_length={cfg.max_length}, so every example keeps some target tokens."

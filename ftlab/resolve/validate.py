@@ -16,6 +16,7 @@ from ftlab.config.choices import check_choice
 from ftlab.config.derived import Derived
 from ftlab.config.environment import Environment
 from ftlab.config.schema import RunConfig
+from ftlab.data.formats import TEXT_FORMATS
 from ftlab.data.settings import check_data_settings
 from ftlab.errors import ConfigError, DataError
 from ftlab.methods.catalog import get_method
@@ -83,7 +84,7 @@ def check_precision(run: RunConfig, env: Environment) -> None:
 def check_model(run: RunConfig, env: Environment) -> None:
     m, d = run.model, run.data
     check_context(run)
-    if d.src_length >= d.max_length:
+    if d.format not in TEXT_FORMATS and d.src_length >= d.max_length:
         raise ConfigError(
             f"data.src_length={d.src_length} must be below data.max_length={d.max_length}: "
             "no room would be left for the target."
