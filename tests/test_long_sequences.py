@@ -143,6 +143,26 @@ def test_per_example_losses_equal_unpacked_dense_and_flashmask(tok, family: str)
     assert leak > 1e-2  # without ftlab's CPU attention the examples saw each other
 
 
+def test_cpu_flash_attention_honours_a_left_padding_mask() -> None:
+    """Batched generation pads left; the CPU flash path must not attend to the padding."""
+    model = tiny_model("llama")
+    ids = np.array([[0, 0, 0, 5, 6, 7], [9, 8, 7, 6, 5, 4]])
+    mask = np.array([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    pos = np.array([[0, 0, 0, 0, 1, 2], [0, 1, 2, 3, 4, 5]])
+
+    def logits(flash: bool) -> np.ndarray:
+        model.config.use_flash_attention = flash
+        batch = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        with paddle.no_grad():
+            out = model(**{k: paddle.to_tensor(v) for k, v in batch.items()}, return_dict=True)
+        return out.logits.numpy()[:, 3:]  # the first row's real tokens
+
+    eager = logits(False)
+    assert np.abs(logits(True) - eager).max() > 1e-2  # PaddleNLP's CPU flash path
+    install_cpu_attention(model)
+    assert np.abs(logits(True) - eager).max() < 1e-5
+
+
 def test_flashmask_refusals_name_the_setting(monkeypatch) -> None:
     base = ["data.packing=greedy", "model.flash_attention=true", "model.flash_mask=true"]
     assert validate(compose_run(base), CPU).attention == "cpu_math+flashmask"
@@ -382,3 +402,17 @@ def test_ftlab_trains_text_with_flashmask_rope_scaling_and_pose(tmp_path: Path) 
     config = json.loads((run_dir / "final" / "config.json").read_text())
     assert config["use_long_sequence_strategies"] is True
     assert config["long_sequence_init_args"]["max_position_embeddings"] == 1024
+
+
+@pytest.mark.slow
+def test_continued_pretraining_lowers_held_out_perplexity(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftlab.cli.app", "data=demo_text", "method=full",
+         "data.max_length=256", "train.max_steps=20", "train.per_device_train_batch_size=4",
+         "train.learning_rate=2e-3", "train.warmup_steps=2", f"hydra.run.dir={run_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["eval_ppl"] < 0.7 * summary["eval_ppl_base"], summary
