@@ -236,7 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
     parser.add_argument("--no-steps", action="store_true", help="loader measurements only")
+    parser.add_argument("--no-loader", action="store_true", help="step measurements only")
+    parser.add_argument(
+        "--paths", default=",".join(STEPS), help=f"step paths to time (of {', '.join(STEPS)})"
+    )
     parser.add_argument("--step-timeout", type=float, default=3600)
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_long_sequence.json")
     parser.add_argument("--part", choices=("loader", "step"), help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
@@ -250,10 +255,11 @@ def main(argv: list[str] | None = None) -> int:
 
     lengths = [int(x) for x in args.lengths.split(",")]
     results: list[dict[str, Any]] = []
-    print("loader: every row through paddle.io.DataLoader, batch 1 (peak RSS of the process)")
-    print(f"{'L':>5} {'pipeline':<20} {'rows':>5} {'batch':>12} {'build s':>8} {'iter s':>7} "
-          f"{'peak RSS':>9}")  # fmt: skip
-    for length in lengths:
+    if not args.no_loader:
+        print("loader: every row through paddle.io.DataLoader, batch 1 (process peak RSS)")
+        print(f"{'L':>5} {'pipeline':<20} {'rows':>5} {'batch':>12} {'build s':>8} "
+              f"{'iter s':>7} {'peak RSS':>9}")  # fmt: skip
+    for length in [] if args.no_loader else lengths:
         for impl in LOADERS:
             r = child(["--part", "loader", "--impl", impl, "--length", str(length)], 3600)
             r.setdefault("impl", impl)
@@ -275,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nstep: 23.6M Llama, full recompute, AdamW, median of {args.steps} after warm-up")
         print(f"{'L':>5} {'path':<16} {'step s':>7} {'warm-up s':>9} {'peak RSS':>9}  first loss")
         for length in lengths:
-            for impl in STEPS:
+            for impl in args.paths.split(","):
                 cmd = ["--part", "step", "--impl", impl, "--length", str(length)]
                 r = child([*cmd, "--steps", str(args.steps)], args.step_timeout)
                 r.setdefault("impl", impl)
@@ -289,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['peak_rss_mib']:>6.0f} MiB  {r['losses'][0]:.6f}",
                     flush=True,
                 )
-    out = REPO / "outputs" / "bench_long_sequence.json"
-    out.parent.mkdir(exist_ok=True)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nresults: {out}")
     return 0
