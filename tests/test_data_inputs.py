@@ -107,11 +107,11 @@ def test_explicit_format_is_checked_against_records(tmp_path, tok):
 
 
 def test_format_auto_rejects_unknown_and_ambiguous_records(tmp_path, tok):
-    write_lines(tmp_path / "train.json", [{"text": "hello"}])
+    write_lines(tmp_path / "train.json", [{"body": "hello"}])
     with pytest.raises(
         DataError,
         match=r"train.json:1: data.format=auto: none of the first 1 "
-        r"records fits a format \(the first has keys \['text'\]\)\. Expected "
+        r"records fits a format \(the first has keys \['body'\]\)\. Expected "
         r"fields: src_tgt: src \(string",
     ):
         build(tmp_path, tok)

@@ -115,8 +115,14 @@ def test_recompute_and_flash_attention_shrink_activations() -> None:
     assert plain["activations_recompute"] < plain["activations"]
     rc = plan_for(["method=lora", "train.recompute=true"])["memory_bytes"]
     assert rc["in_use"] == rc["total_recompute"] and plain["in_use"] == plain["total"]
-    flash = plan_for(["method=lora", "model.flash_attention=true"])["memory_bytes"]
-    assert flash["activations"] < plain["activations"]
+    # GPU flash attention keeps no scores; Paddle's CPU flash attention (its math kernel)
+    # keeps exactly what eager attention keeps (measured with the host allocator).
+    gpu = ["method=lora", "device=gpu"]
+    eager_gpu = plan_for(gpu, GPU8)["memory_bytes"]
+    flash_gpu = plan_for([*gpu, "model.flash_attention=true"], GPU8)["memory_bytes"]
+    assert flash_gpu["activations"] < eager_gpu["activations"]
+    flash_cpu = plan_for(["method=lora", "model.flash_attention=true"])["memory_bytes"]
+    assert flash_cpu["activations"] == plain["activations"]
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,16 @@ class ModelArch:
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE scaling through PaddleNLP's long-sequence strategies (``ftlab/models/rope.py``)."""
+
+    # null (the model's own RoPE) | linear | ntk | dynamic_ntk | yarn
+    strategy: str | None = None
+    # Context multiplier: the model then takes max_position_embeddings x factor positions.
+    factor: float = 1.0
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING  # short label used in run-dir names
     # A hub name (``meta-llama/Meta-Llama-3-8B``) or a local directory; ``${asset:NAME}``
@@ -46,6 +56,11 @@ class ModelConfig:
     # Token used for padding when the tokenizer defines none (named in the run log).
     pad_token: str | None = None
     flash_attention: bool = False
+    # --- long sequences ---
+    # Packed batches carry FlashMask's attn_mask_startend_row_indices ([B, 1, L] int32)
+    # instead of a dense [B, L, L] mask; needs flash_attention and packing.
+    flash_mask: bool = False
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
 
 
 # --------------------------------------------------------------------------- method
@@ -85,7 +100,7 @@ class DataConfig:
     path: str | None = MISSING
     train_path: str | None = None  # explicit train file/dir; overrides path
     dev_path: str | None = None  # explicit dev file/dir; overrides path
-    format: str = "auto"  # auto | src_tgt | alpaca | messages
+    format: str = "auto"  # auto | src_tgt | alpaca | messages | text | autoregressive
     chat_template: str | None = None  # null | tokenizer | <named template>
     src_length: int = 256  # prompt tokens kept (truncated from the left)
     max_length: int = 512  # prompt + target tokens (target truncated from the right)
@@ -95,12 +110,17 @@ class DataConfig:
     streaming: bool = False  # iterate files lazily; requires train.max_steps
     dev_from_train: float | None = None  # carve a dev split of this fraction
     shuffle: bool = True
-    # --- generation metric and weighted mixtures (issue 17)
+    # --- generation metric and weighted mixtures ---
     # The task is scored by generation (BLEU/ROUGE); eval.generation=null follows this.
     generation_metric: bool = False
     # A weighted mixture of datasets (``data.path`` null): each source keeps its own
     # format detection, chat template and bad-record policy (ftlab/data/mixture.py).
     sources: list[DataSource] = field(default_factory=list)
+
+    # --- long sequences ---
+    # PoSE: position ids skip ahead inside each training sequence, so examples of
+    # max_length tokens cover positions up to the model's (scaled) context.
+    pose: bool = False
 
 
 # --------------------------------------------------------------------------- parallel

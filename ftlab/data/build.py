@@ -16,15 +16,17 @@ from ftlab.config.schema import DataConfig
 from ftlab.data.collate import Collator
 from ftlab.data.datasets import ExampleDataset, PackedDataset
 from ftlab.data.examples import ExampleBuilder, ExampleStore, Limits
-from ftlab.data.formats import detect_format, record_conversation, to_conversation
+from ftlab.data.formats import TEXT_FORMATS, detect_format, record_conversation, to_conversation
 from ftlab.data.layout import resolve_split_files
 from ftlab.data.mixture import build_mixture
 from ftlab.data.packing import make_packs
+from ftlab.data.pose import PoseDataset, PoseSkips
 from ftlab.data.records import BadRecords, Record, iter_records, read_split, sha256_file
-from ftlab.data.settings import check_data_settings
+from ftlab.data.settings import check_data_settings, check_text_settings
 from ftlab.data.stats import DataStats, SplitStats
 from ftlab.data.streaming import StreamingDataset
 from ftlab.data.templates import make_renderer
+from ftlab.data.text import DocumentBuilder, text_layout
 from ftlab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class DataBundle:
     format: str
     stats: DataStats
     fingerprints: dict[str, str] = field(default_factory=dict)
-    builder: ExampleBuilder | None = field(default=None, repr=False)
+    builder: ExampleBuilder | DocumentBuilder | None = field(default=None, repr=False)
     # A weighted mixture's sources by name (ftlab.data.mixture), each a bundle of its own.
     parts: dict[str, DataBundle] = field(default_factory=dict, repr=False)
 
@@ -129,7 +131,7 @@ def _valid(records: list[Record], fmt: str, bad: BadRecords) -> list[tuple[Recor
 
 
 def _examples(
-    builder: ExampleBuilder,
+    builder: ExampleBuilder | DocumentBuilder,
     pairs: list[tuple[Record, Any]],
     stats: SplitStats,
     bad: BadRecords,
@@ -168,9 +170,15 @@ def _log_split(name: str, stats: SplitStats) -> None:
 
 
 def _train_map_dataset(
-    cfg: DataConfig, store: ExampleStore, stats: SplitStats, seed: int
+    cfg: DataConfig, store: ExampleStore, stats: SplitStats, seed: int, rows_are_final: bool
 ) -> paddle.io.Dataset:
-    """One item per example, or per pack (examples seeded-shuffled first when data.shuffle)."""
+    """One item per example, or per pack (examples seeded-shuffled first when data.shuffle).
+
+    Text blocks are rows already (``rows_are_final``); their fill is reported like packs'.
+    """
+    if rows_are_final:
+        stats.set_packing(len(store), cfg.max_length, stats.tokens)
+        return ExampleDataset(store)
     if cfg.packing == "none":
         return ExampleDataset(store)
     n = len(store)
@@ -223,13 +231,23 @@ def build_data(
     max_steps: int | None = None,
     world_size: int = 1,
     rank: int = 0,
+    flash_mask: bool = False,
+    context_length: int | None = None,
 ) -> DataBundle:
     """Read, check, tokenize and (optionally) pack the data a run trains and evaluates on.
 
     Map-style datasets are not sharded here (the Trainer's sampler does it); a streaming
-    train set is sharded by ``world_size``/``rank``.
+    train set is sharded by ``world_size``/``rank``. ``flash_mask``: packed batches carry
+    FlashMask indices instead of dense masks (``model.flash_mask``); ``context_length``:
+    the model's (scaled) context, which ``data.pose`` spreads position ids over.
     """
     check_data_settings(cfg, max_steps)
+    if cfg.pose and context_length is None:
+        raise DataError(
+            "data.pose=true needs the model's context length (the positions PoSE skips "
+            "into): pass context_length to build_data."
+        )
+    pose = PoseSkips(context_length, seed) if cfg.pose else None
     pad_id = _check_tokenizer(tokenizer)
     if cfg.sources:  # a weighted mixture: each source read as a dataset of its own
         return build_mixture(
@@ -252,14 +270,13 @@ def build_data(
             "directory, or set data.dev_path), or set data.dev_from_train=0.05 to hold out 5% "
             "of the train records."
         )
-    limits = Limits(cfg.src_length, cfg.max_length, cfg.overlong)
-    builder = ExampleBuilder(tokenizer, make_renderer(cfg.chat_template, tokenizer), limits)
     fingerprints: dict[str, str] = {}
     train_stats = SplitStats()
     train_bad = BadRecords(cfg.on_bad_record, train_stats)
 
     if cfg.streaming:
         fmt = detect_format(_first_records(train_files, cfg.on_bad_record), cfg.format)
+        builder = _builder(cfg, tokenizer, fmt, train=True)
         for path in train_files:  # hashed up front: the stream itself reads lazily
             fingerprints[str(path.resolve())] = sha256_file(path)
         train_stats.files = len(train_files)
@@ -275,6 +292,7 @@ def build_data(
             world_size=world_size,
             rank=rank,
             stats=train_stats,
+            pose=pose,
         )
         train_pairs: list[tuple[Record, Any]] = []
     else:
@@ -286,6 +304,7 @@ def build_data(
                 f"{sum(train_stats.skipped.values())} skipped). Add records."
             )
         fmt = detect_format(records, cfg.format)
+        builder = _builder(cfg, tokenizer, fmt, train=True)
         train_pairs = _valid(records, fmt, train_bad)
 
     train_pairs, dev_pairs, dev_stats, dev_source = _dev_pairs(
@@ -293,13 +312,24 @@ def build_data(
     )
     if not cfg.streaming:
         store = _examples(builder, train_pairs, train_stats, train_bad, "train", train_files)
-        train_dataset = _train_map_dataset(cfg, store, train_stats, seed)
+        final = getattr(builder, "rows_are_final", False)
+        train_dataset = _train_map_dataset(cfg, store, train_stats, seed, final)
+        if pose is not None:
+            train_dataset = PoseDataset(train_dataset, pose)
         _log_split("train", train_stats)
     dev_dataset = None
     if dev_stats is not None:
         dev_bad = BadRecords(cfg.on_bad_record, dev_stats)
+        dev_builder = builder
+        if isinstance(builder, DocumentBuilder) and builder.layout != "pieces":
+            dev_builder = _builder(cfg, tokenizer, fmt, train=False)
         dev_store = _examples(
-            builder, dev_pairs, dev_stats, dev_bad, "dev", dev_files or train_files
+            dev_builder,
+            dev_pairs,
+            dev_stats,
+            dev_bad,
+            "dev",
+            dev_files or train_files,
         )
         dev_dataset = ExampleDataset(dev_store)  # never packed: eval loss independent of it
         _log_split("dev", dev_stats)
@@ -317,13 +347,25 @@ def build_data(
     return DataBundle(
         train_dataset=train_dataset,
         dev_dataset=dev_dataset,
-        collate_fn=Collator(pad_id),
+        collate_fn=Collator(pad_id, flash_mask=flash_mask),
         dev_records=[r.data for r, _ in dev_pairs],
         format=fmt,
         stats=stats,
         fingerprints=fingerprints,
         builder=builder,
     )
+
+
+def _builder(
+    cfg: DataConfig, tokenizer: Any, fmt: str, train: bool
+) -> ExampleBuilder | DocumentBuilder:
+    """Instruction examples, or (text formats) document rows; dev text: one piece a row."""
+    if fmt in TEXT_FORMATS:
+        check_text_settings(cfg, fmt)  # also when the format was detected
+        layout = text_layout(cfg.packing) if train else "pieces"
+        return DocumentBuilder(tokenizer, cfg.max_length, layout)
+    limits = Limits(cfg.src_length, cfg.max_length, cfg.overlong)
+    return ExampleBuilder(tokenizer, make_renderer(cfg.chat_template, tokenizer), limits)
 
 
 def _first_records(files: list[Path], policy: str, limit: int = 20) -> list[Record]:

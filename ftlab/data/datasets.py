@@ -12,7 +12,8 @@ from ftlab.data.packing import concat_pack
 
 
 class ExampleDataset(paddle.io.Dataset):
-    """Item i: ``{"input_ids", "labels"}`` of example i (int32 arrays)."""
+    """Item i: ``{"input_ids", "labels"}`` of example i (int32 arrays), plus ``seq_lens``
+    for a text block whose documents are masked from each other."""
 
     def __init__(self, store: ExampleStore) -> None:
         super().__init__()
@@ -22,8 +23,7 @@ class ExampleDataset(paddle.io.Dataset):
         return len(self.store)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        ex = self.store[i]
-        return {"input_ids": ex.input_ids, "labels": ex.labels}
+        return self.store[i].item()
 
 
 class PackedDataset(paddle.io.Dataset):

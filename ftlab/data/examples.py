@@ -42,6 +42,16 @@ class Limits:
 class Example:
     input_ids: np.ndarray  # int32 [n]
     labels: np.ndarray  # int32 [n], IGNORE where no loss
+    # Lengths of the independent sequences the row holds (summing to n): a text block
+    # whose documents must not attend to each other. None: one sequence.
+    seq_lens: np.ndarray | None = None
+
+    def item(self) -> dict[str, Any]:
+        """The dataset item the collator reads."""
+        out = {"input_ids": self.input_ids, "labels": self.labels}
+        if self.seq_lens is not None:
+            out["seq_lens"] = self.seq_lens
+        return out
 
 
 class ExampleBuilder:
@@ -183,10 +193,14 @@ class ExampleStore:
 
     def __init__(self, examples: Iterable[Example] = ()) -> None:
         ids, labels, offsets = array("i"), array("i"), [0]
+        seq_lens: dict[int, np.ndarray] = {}
         for ex in examples:
-            ids.frombytes(ex.input_ids.tobytes())
-            labels.frombytes(ex.labels.tobytes())
+            if ex.seq_lens is not None:
+                seq_lens[len(offsets) - 1] = ex.seq_lens
+            ids.frombytes(ex.input_ids.astype(np.int32).tobytes())
+            labels.frombytes(ex.labels.astype(np.int32).tobytes())
             offsets.append(len(ids))
+        self.seq_lens = seq_lens
         self.ids = np.frombuffer(ids, dtype=np.int32) if ids else np.zeros(0, np.int32)
         self.labels = np.frombuffer(labels, dtype=np.int32) if labels else np.zeros(0, np.int32)
         self.offsets = np.asarray(offsets, dtype=np.int64)
@@ -199,4 +213,4 @@ class ExampleStore:
 
     def __getitem__(self, i: int) -> Example:
         a, b = self.offsets[i], self.offsets[i + 1]
-        return Example(self.ids[a:b], self.labels[a:b])
+        return Example(self.ids[a:b], self.labels[a:b], self.seq_lens.get(i))

@@ -1,8 +1,14 @@
-"""Record formats (src/tgt, Alpaca, chat messages) and their common form, the conversation.
+"""Record formats and their common forms: the conversation and the document.
 
-Every format becomes a ``Conversation``: an optional system text and user/assistant turns.
-Templates and tokenization only ever see conversations, so a new format needs a converter
-here and nothing else.
+Instruction formats (src/tgt, Alpaca, chat messages) become a ``Conversation``: an
+optional system text and user/assistant turns; templates and tokenization only ever see
+conversations, so a new instruction format needs a converter here and nothing else.
+Pretraining-style formats become a ``Document`` (loss on every token; ``ftlab.data.text``
+cuts documents into training rows): ``text`` reads ``{"text": ...}`` records and
+``autoregressive`` reads PaddleNLP's unsupervised layout, ``{"src": ...}`` with no
+``tgt`` (its ``autoregressive=true``). ``format=auto`` detects ``text`` but never
+``autoregressive``: a src-only record is as likely an instruction record that lost its
+``tgt``, so that format must be named.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from ftlab.errors import DataError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("src_tgt", "alpaca", "messages")
+FORMATS = ("src_tgt", "alpaca", "messages", "text", "autoregressive")
+TEXT_FORMATS = ("text", "autoregressive")  # documents, not conversations
+DETECTABLE = ("src_tgt", "alpaca", "messages", "text")  # what format=auto may pick
 DETECT_RECORDS = 20  # records looked at by format=auto
 
 EXPECTED_FIELDS = {
@@ -27,11 +35,16 @@ EXPECTED_FIELDS = {
     "alpaca": "instruction (string), output (string) and optional input (string)",
     "messages": "messages (list of {role, content} objects: an optional system message, then "
     "user and assistant messages alternating, ending with an assistant message)",
+    "text": "text (a non-empty string: one document)",
+    "autoregressive": "src (a non-empty string: one document; PaddleNLP's autoregressive "
+    "layout) and no tgt",
 }
 REQUIRED_KEYS = {
     "src_tgt": ("src", "tgt"),
     "alpaca": ("instruction", "output"),
     "messages": ("messages",),
+    "text": ("text",),
+    "autoregressive": ("src",),
 }
 
 
@@ -52,6 +65,13 @@ class Turn:
 class Conversation:
     system: str | None
     turns: tuple[Turn, ...]
+
+
+@dataclass(frozen=True)
+class Document:
+    """One pretraining-style document: every token is a training target."""
+
+    text: str
 
 
 class RecordProblem(Exception):
@@ -148,19 +168,42 @@ def _from_messages(record: dict) -> Conversation:
     return Conversation(system, tuple(turns))
 
 
-CONVERTERS: dict[str, Callable[[dict], Conversation]] = {
+def _document(record: dict, key: str) -> Document:
+    text = _text(record, key)
+    if not text.strip():
+        raise RecordProblem("empty_text", f"empty document: field {key!r} is empty")
+    return Document(text)
+
+
+def _from_text(record: dict) -> Document:
+    return _document(record, "text")
+
+
+def _from_autoregressive(record: dict) -> Document:
+    if "tgt" in record:
+        raise RecordProblem(
+            "wrong_fields",
+            "an autoregressive record holds its document in src alone; this one also has "
+            "tgt (PaddleNLP would drop it). Use data.format=src_tgt for src/tgt pairs",
+        )
+    return _document(record, "src")
+
+
+CONVERTERS: dict[str, Callable[[dict], Conversation | Document]] = {
     "src_tgt": _from_src_tgt,
     "alpaca": _from_alpaca,
     "messages": _from_messages,
+    "text": _from_text,
+    "autoregressive": _from_autoregressive,
 }
 
 
 def _matching_formats(record: dict) -> list[str]:
-    return [f for f in FORMATS if all(k in record for k in REQUIRED_KEYS[f])]
+    return [f for f in DETECTABLE if all(k in record for k in REQUIRED_KEYS[f])]
 
 
 def _expected_all() -> str:
-    return "; ".join(f"{f}: {EXPECTED_FIELDS[f]}" for f in FORMATS)
+    return "; ".join(f"{f}: {EXPECTED_FIELDS[f]}" for f in DETECTABLE)
 
 
 def detect_format(records: Sequence[Record], setting: str) -> str:
@@ -205,13 +248,14 @@ def detect_format(records: Sequence[Record], setting: str) -> str:
     return fmt
 
 
-def to_conversation(record: Record, fmt: str, bad: BadRecords) -> Conversation | None:
-    """The record as a conversation, or None when it is bad and skipped (counted)."""
+def to_conversation(record: Record, fmt: str, bad: BadRecords) -> Conversation | Document | None:
+    """The record as a conversation (or, for text formats, a document); None when it is bad
+    and skipped (counted)."""
     try:
         return CONVERTERS[fmt](record.data)
     except RecordProblem as problem:
-        if problem.reason == "empty_target":
-            bad.reject("empty_target", f"{record.where}: {problem.detail}")
+        if problem.reason in ("empty_target", "empty_text"):
+            bad.reject(problem.reason, f"{record.where}: {problem.detail}")
         else:
             bad.reject(
                 problem.reason,
@@ -222,7 +266,7 @@ def to_conversation(record: Record, fmt: str, bad: BadRecords) -> Conversation |
         return None
 
 
-def record_conversation(record: dict[str, Any], fmt: str) -> Conversation:
+def record_conversation(record: dict[str, Any], fmt: str) -> Conversation | Document:
     """Convert one raw record (e.g. a dev record for generation); DataError when it is bad."""
     try:
         return CONVERTERS[fmt](record)

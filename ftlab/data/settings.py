@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ftlab.config.choices import check_choice
 from ftlab.config.schema import DataConfig, DataSource
-from ftlab.data.formats import FORMATS
+from ftlab.data.formats import FORMATS, TEXT_FORMATS
 from ftlab.data.packing import PACKING_MODES
 from ftlab.errors import DataError
 
@@ -24,7 +24,7 @@ def check_data_settings(cfg: DataConfig, max_steps: int | None) -> None:
     """Raise ``DataError`` for a data setting that cannot work (``max_steps`` <= 0: none)."""
     for name, allowed in CHOICES.items():
         check_choice(f"data.{name}", getattr(cfg, name), allowed, DataError)
-    if not 0 < cfg.src_length < cfg.max_length:
+    if cfg.format not in TEXT_FORMATS and not 0 < cfg.src_length < cfg.max_length:
         raise DataError(
             f"data.src_length={cfg.src_length} must be at least 1 and below "
             f"data.max_length={cfg.max_length}, so every example keeps some target tokens."
@@ -39,6 +39,8 @@ def check_data_settings(cfg: DataConfig, max_steps: int | None) -> None:
             "data.streaming=true needs train.max_steps > 0: a stream has no known "
             "length. Set train.max_steps."
         )
+    if cfg.format in TEXT_FORMATS:
+        check_text_settings(cfg, cfg.format)
     if cfg.streaming and cfg.dev_from_train is not None:
         raise DataError(
             "data.streaming=true cannot carve data.dev_from_train out of a stream "
@@ -99,3 +101,19 @@ def mixture_weights(cfg: DataConfig) -> dict[str, float] | None:
         return None
     total = sum(s.weight for s in cfg.sources)
     return {source_name(s): s.weight / total for s in cfg.sources}
+
+
+def check_text_settings(cfg: DataConfig, fmt: str) -> None:
+    """Settings that mean nothing for pretraining-style text (a named or detected format)."""
+    if cfg.chat_template is not None:
+        raise DataError(
+            f"data.chat_template={cfg.chat_template} with data.format={fmt}: text records are "
+            "documents, not conversations, so no chat template applies. Set "
+            "data.chat_template=null (or use an instruction format)."
+        )
+    if cfg.overlong != "truncate":
+        raise DataError(
+            f"data.overlong={cfg.overlong} with data.format={fmt}: documents are cut into "
+            "rows of data.max_length and nothing is truncated or dropped (the summary counts "
+            "documents_split). Leave data.overlong=truncate."
+        )

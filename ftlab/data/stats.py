@@ -32,6 +32,8 @@ class SplitStats:
     packs: int | None = None  # sequences after packing (None: not packed)
     packing_efficiency: float | None = None  # packed tokens / (packs * max_length)
     epochs_started: int | None = None  # streaming only: passes begun over the files
+    documents: int = 0  # text formats: documents tokenized
+    documents_split: int = 0  # text formats: documents that continue in another row
     # Streaming counts are this process's, cumulative over passes (a skipped record is
     # counted again on every pass that reads it).
 

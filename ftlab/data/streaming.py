@@ -26,8 +26,10 @@ import paddle
 from ftlab.data.examples import Example, ExampleBuilder
 from ftlab.data.formats import Conversation, to_conversation
 from ftlab.data.packing import GREEDY_WINDOW, concat_pack, pack_window
+from ftlab.data.pose import PoseSkips
 from ftlab.data.records import BadRecords, iter_records
 from ftlab.data.stats import SplitStats
+from ftlab.data.text import DocumentBuilder
 from ftlab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ SHUFFLE_BUFFER = 2048  # conversations held for the streaming shuffle
 
 
 def _plain_item(ex: Example) -> dict[str, Any]:
-    return {"input_ids": ex.input_ids, "labels": ex.labels}
+    return ex.item()
 
 
 class StreamingDataset(paddle.io.IterableDataset):
@@ -46,7 +48,7 @@ class StreamingDataset(paddle.io.IterableDataset):
         self,
         files: list[Path],
         fmt: str,
-        builder: ExampleBuilder,
+        builder: ExampleBuilder | DocumentBuilder,
         policy: str,
         packing: str,
         capacity: int,
@@ -55,6 +57,7 @@ class StreamingDataset(paddle.io.IterableDataset):
         world_size: int = 1,
         rank: int = 0,
         stats: SplitStats | None = None,
+        pose: PoseSkips | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= rank < world_size:
@@ -70,6 +73,7 @@ class StreamingDataset(paddle.io.IterableDataset):
         self.world_size = world_size
         self.rank = rank
         self.stats = stats if stats is not None else SplitStats(files=len(files))
+        self.pose = pose
         self._skip = 0
         self._packed_tokens = 0
 
@@ -110,7 +114,7 @@ class StreamingDataset(paddle.io.IterableDataset):
                 if skip:
                     skip -= 1
                     continue
-                yield item
+                yield item if self.pose is None else self.pose.apply(item, (epoch, shard, produced))
             if produced == 0:
                 raise DataError(
                     f"streaming data: a full pass over {len(self.files)} train file(s) gave no "
@@ -158,7 +162,8 @@ class StreamingDataset(paddle.io.IterableDataset):
         convs = self._shuffled(self._conversations(epoch, shards, shard), epoch, shard)
         bad = BadRecords(self.policy, self.stats)
         examples = self.builder.build(convs, self.stats, bad)
-        if self.packing == "none":
+        # Text blocks leave the builder as final rows (``ftlab.data.text``).
+        if self.packing == "none" or getattr(self.builder, "rows_are_final", False):
             return map(_plain_item, examples)
         if self.packing == "zero_padding":
             return self._pack_sequential(examples)

@@ -85,6 +85,10 @@ class Prefix(Method):
         "weights can reproduce them. Serve the base model with the adapter instead "
         "(ftlab.methods.reopen.load_trained)."
     )
+    flash_mask_unsupported = (
+        "its learned prefix adds key/value positions in front of every row, which FlashMask "
+        "indices (one per row position) cannot describe"
+    )
 
     def check(self, run: RunConfig, env: Environment) -> None:
         m = run.method

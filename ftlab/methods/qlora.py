@@ -146,9 +146,12 @@ class QLora(Lora):
         from paddlenlp.transformers import AutoConfig, AutoModelForCausalLM
         from paddlenlp.transformers.model_utils import no_init_weights
 
+        from ftlab.models.loading import finish_model, model_settings
         from ftlab.models.quant import SafetensorsSource, quantize_while_loading
 
         config = AutoConfig.from_pretrained(str(path), dtype=dtype, **overrides)
+        for key, value in model_settings(model_cfg, getattr(config, "rope_theta", None)).items():
+            setattr(config, key, value)  # flash attention, RoPE scaling: as load_model does
         with no_init_weights(True), paddle.LazyGuard():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         with SafetensorsSource(path) as source:
@@ -156,7 +159,7 @@ class QLora(Lora):
             quantize_while_loading(
                 model, source, target_patterns(cfg, model_cfg), qlora_spec(cfg), strict=False
             )
-        return model
+        return finish_model(model)
 
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
         from ftlab.models.quant import QuantLoRALinear
@@ -289,19 +292,26 @@ def _load_paddlenlp_quantized(
     from paddlenlp.transformers import AutoModelForCausalLM
 
     from ftlab.distributed.layout import model_parallel_kwargs
-    from ftlab.models.loading import load_pretrained
+    from ftlab.models.loading import (
+        checkpoint_rope_theta,
+        finish_model,
+        load_pretrained,
+        model_settings,
+    )
 
     qcfg = QuantizationConfig(
         weight_quantize_algo=PADDLENLP_ALGO[cfg.quant_algo],
         qlora_weight_blocksize=cfg.quant_block_size,
         qlora_weight_double_quant=cfg.double_quant,
     )
-    return load_pretrained(
+    model = load_pretrained(
         "model",
         AutoModelForCausalLM,
         model_cfg.name_or_path,
         dtype=dtype,
         quantization_config=qcfg,
         **overrides,
+        **model_settings(model_cfg, checkpoint_rope_theta(model_cfg)),
         **model_parallel_kwargs(),  # tensor-parallel jobs: this rank's quantized shard
     )
+    return finish_model(model)

@@ -68,6 +68,9 @@ class Method:
     name: ClassVar[str]
     schema: ClassVar[type[MethodConfig]]
     merge_unsupported: ClassVar[str | None] = None
+    # None when packed batches may carry FlashMask indices (``model.flash_mask``), else why
+    # the method's model cannot take them.
+    flash_mask_unsupported: ClassVar[str | None] = None
     # Methods whose PaddleNLP implementation supports tensor-parallel layers.
     supports_tensor_parallel: ClassVar[bool] = True
     # Methods that work on PaddleNLP's pipeline models (``...ForCausalLMPipe``).

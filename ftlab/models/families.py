@@ -35,6 +35,9 @@ class Family:
     tensor_parallel: bool = True  # PaddleNLP has column/row-parallel layers for it
     flash_attention: bool = True
     flash_mask: bool = True  # the model accepts ``attn_mask_startend_row_indices``
+    # The model's attention builds PaddleNLP's long-sequence strategies (RoPE scaling,
+    # ``use_long_sequence_strategies``); PaddleNLP 3.0.0b4's Qwen2 attention does not.
+    rope_scaling: bool = True
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -67,6 +70,7 @@ FAMILIES: dict[str, Family] = {
             pipeline_class="Qwen2ForCausalLMPipe",
             qkv_bias=True,
             prefix_kv_layout="qwen_postprocess_past_key_value",
+            rope_scaling=False,
         ),
     )
 }

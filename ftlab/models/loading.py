@@ -89,20 +89,54 @@ def causal_lm_class(pipeline: int) -> Any:
     return AutoModelForCausalLMPipe if pipeline > 1 else AutoModelForCausalLM
 
 
+def model_settings(cfg: ModelConfig, rope_theta: float | None = None) -> dict[str, Any]:
+    """PaddleNLP model-config keys for ``model.flash_attention`` and ``model.rope_scaling``
+    (``rope_theta``: the checkpoint's rotary base, needed when RoPE is scaled)."""
+    from ftlab.models.rope import DEFAULT_ROPE_THETA, long_sequence_config
+
+    out: dict[str, Any] = {}
+    if cfg.flash_attention:
+        out["use_flash_attention"] = True
+    theta = DEFAULT_ROPE_THETA if rope_theta is None else rope_theta
+    out.update(long_sequence_config(cfg, theta))
+    return out
+
+
+def checkpoint_rope_theta(cfg: ModelConfig) -> float | None:
+    """The checkpoint's rotary base, read from its config (only when RoPE is scaled)."""
+    if cfg.rope_scaling.strategy is None:
+        return None
+    from paddlenlp.transformers import AutoConfig
+
+    config = load_pretrained("model config", AutoConfig, cfg.name_or_path)
+    return float(getattr(config, "rope_theta", 10000.0))
+
+
+def finish_model(model: Any) -> Any:
+    """What every loaded model gets: attention that honours masks and FlashMask indices on
+    CPU (``ftlab.models.attention``; a no-op on GPU tensors)."""
+    from ftlab.models.attention import install_cpu_attention
+
+    install_cpu_attention(model)
+    return model
+
+
 def load_model(cfg: ModelConfig, dtype: str, overrides: Mapping[str, Any] | None = None) -> Any:
     """The base model; ``overrides`` are model-config values set at construction (the
     recompute details, which PaddleNLP's layers read in their constructors)."""
     from ftlab.distributed.layout import model_parallel_kwargs, pipeline_degree
 
-    kwargs: dict[str, Any] = {"dtype": dtype, **(overrides or {})}
-    if cfg.flash_attention:
-        kwargs["use_flash_attention"] = True
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        **model_settings(cfg, checkpoint_rope_theta(cfg)),
+        **(overrides or {}),
+    }
     kwargs.update(model_parallel_kwargs())  # tensor-parallel jobs: this rank's shard
     pipeline = pipeline_degree()
     model = load_pretrained("model", causal_lm_class(pipeline), cfg.name_or_path, **kwargs)
     if pipeline > 1:
         count_shared_weights_once(model)
-    return model
+    return finish_model(model)
 
 
 def count_shared_weights_once(model: Any) -> None:

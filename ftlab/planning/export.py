@@ -17,8 +17,10 @@ from typing import Any
 
 from ftlab.config.derived import Derived
 from ftlab.config.schema import RunConfig
+from ftlab.data.formats import TEXT_FORMATS
 from ftlab.errors import ConfigError
 from ftlab.methods.catalog import registered_methods
+from ftlab.models.rope import STRATEGIES, STRATEGY_TYPE
 from ftlab.record.rundir import EXPORT, EXPORT_NOTES, RunDir
 from ftlab.resolve.validate import generation_enabled
 from ftlab.training.arguments import shared_arguments
@@ -82,10 +84,21 @@ def _data(run: RunConfig, notes: list[str]) -> dict[str, Any]:
             "data.train_path / data.dev_path: run_finetune.py reads train.json and "
             f"dev.json inside dataset_name_or_path ({d.path}); put the files there."
         )
-    if d.format not in ("auto", "src_tgt"):
+    if d.format in TEXT_FORMATS:
+        args.update(_text_data(run, notes))
+    elif d.format not in ("auto", "src_tgt"):
         notes.append(
             f"data.format={d.format}: run_finetune.py reads src/tgt records; convert "
             "the data first."
+        )
+    if d.pose:
+        args["use_pose_convert"] = True
+        notes.append(
+            "data.pose=true: run_finetune.py's PoSE cuts two chunks out of one longer "
+            "document (dropping the text between them) and spreads positions over "
+            "max_length x rope_scaling_factor; ftlab keeps each row's text contiguous and "
+            "spreads its positions over the scaled context (model.arch."
+            "max_position_embeddings x factor)."
         )
     if d.dev_from_train is not None:
         notes.append(
@@ -143,9 +156,64 @@ def _trainer_notes(run: RunConfig, notes: list[str]) -> None:
         )
 
 
+def _text_data(run: RunConfig, notes: list[str]) -> dict[str, Any]:
+    """PaddleNLP's unsupervised mode (``autoregressive``) for the text formats."""
+    d = run.data
+    if d.format == "text":
+        notes.append(
+            'data.format=text: run_finetune.py\'s autoregressive mode reads {"src": ...} '
+            'records; rename each record\'s "text" field to "src" (or use '
+            "data.format=autoregressive)."
+        )
+    notes.append(
+        f"data.format={d.format} (data.packing={d.packing}): run_finetune.py tokenizes each "
+        "document as one example (its last input token replaced by eos) and its zero "
+        "padding skips examples longer than max_length; ftlab cuts documents into rows of "
+        "max_length, losing nothing (packing none / zero_padding: the concatenated stream in "
+        "blocks, zero_padding with per-document masks; greedy: a document only when longer "
+        "than a row)."
+    )
+    return {"autoregressive": True}
+
+
+def _long_sequence_model(run: RunConfig, notes: list[str]) -> dict[str, Any]:
+    """FlashMask and RoPE-scaling keys of run_finetune.py's ModelConfig."""
+    m = run.model
+    args: dict[str, Any] = {}
+    if m.flash_mask:
+        args["flash_mask"] = True
+    rs = m.rope_scaling
+    if rs.strategy is None:
+        return args
+    args.update(
+        use_long_sequence_strategies=True,
+        strategy_type=STRATEGY_TYPE,
+        strategy_name=STRATEGIES[rs.strategy],
+        rope_scaling_factor=float(rs.factor),
+    )
+    if rs.strategy == "dynamic_ntk":
+        notes.append(
+            "model.rope_scaling.strategy=dynamic_ntk: run_finetune.py caches max_length "
+            "positions and rescales only beyond them, so at max_length and below it trains "
+            "with plain RoPE; ftlab rescales beyond the pretrained context "
+            f"({m.arch.max_position_embeddings})."
+        )
+    if rs.strategy == "yarn":
+        notes.append(
+            "model.rope_scaling.strategy=yarn: run_finetune.py takes max_length as YaRN's "
+            "original context; ftlab takes the pretrained context "
+            f"({m.arch.max_position_embeddings}); the frequencies match only when they are "
+            "equal."
+        )
+    return args
+
+
 def _model(run: RunConfig, notes: list[str]) -> dict[str, Any]:
     m = run.model
-    args: dict[str, Any] = {"model_name_or_path": m.name_or_path}
+    args: dict[str, Any] = {
+        "model_name_or_path": m.name_or_path,
+        **_long_sequence_model(run, notes),
+    }
     if m.tokenizer_name_or_path:
         args["tokenizer_name_or_path"] = m.tokenizer_name_or_path
     if run.method.neftune_noise_alpha > 0:

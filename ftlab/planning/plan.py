@@ -18,10 +18,12 @@ The memory model (bytes on the busiest device):
 * **activations**: tensors autograd keeps for backward, per micro-batch of
   ``per_device_train_batch_size`` x ``data.max_length`` tokens (the longest a batch can be).
   Per token and layer: ``12h + 2*kv_dim + 3*intermediate`` elements, plus
-  ``heads * seq_len`` for the softmax output of eager (non-flash) attention; outside the
-  layers ``3.3h + vocab`` (final norm, the softmax kept for the loss). These coefficients were
-  fitted to Paddle's CPU allocator counts for PaddleNLP's eager Llama (fp32) and reproduce
-  them within 2% (``bench/plan_vs_measured.py --fit``). With recompute a layer keeps, per
+  ``heads * seq_len`` for the softmax output where the scores exist: eager attention, and
+  flash attention on CPU (Paddle's CPU "flash" attention is its math kernel; measured: it
+  saves exactly what eager attention saves); outside the layers ``3.3h + vocab`` (final
+  norm, the softmax kept for the loss). These coefficients were fitted to Paddle's CPU
+  allocator counts for PaddleNLP's eager Llama (fp32) and reproduce them within 2%
+  (``bench/plan_vs_measured.py --fit``). With recompute a layer keeps, per
   token (fitted the same way): ``h`` (granularity ``full``), ``6h + 3*intermediate``
   (``full_attn``), everything but the attention scores (``core_attn``), plus one block
   being recomputed in backward. PaddleNLP does not recompute the first layer when its
@@ -30,6 +32,12 @@ The memory model (bytes on the busiest device):
   ``train.no_recompute_layers``; ``train.refined_recompute`` adds the outputs it keeps in
   the layers it skips. A transient of the largest temporary (attention scores or logits
   gradient) is added.
+* **attention masks**: the collated mask per row (FlashMask indices ``4L`` bytes, a dense
+  packed mask ``L^2``, a padding mask ``8L``) plus the ``[1, 1, L, L]`` mask the model
+  builds from a dense or padding mask in the compute dtype; with flash attention and
+  FlashMask on GPU there is no ``L^2`` term at all (on CPU the indices are expanded to
+  that mask at the attention call: ``ftlab.models.attention``). The plan prints the
+  attention path the run takes.
 
 Splits: tensor parallel divides linear and vocab weights by ``tensor`` (norms are
 replicated) and the activations except a replicated ``6h`` per token and layer (also split
@@ -63,6 +71,7 @@ from ftlab.config.trainer_options import OPTIMIZERS_TABLE, parse_refined_recompu
 from ftlab.methods.catalog import get_method
 from ftlab.methods.registry import AdapterPlan
 from ftlab.models.arch import base_counts, head_dim
+from ftlab.models.attention import AttentionPath, attention_path
 from ftlab.record.rundir import PLAN, RunDir
 
 MIB = 2**20
@@ -76,7 +85,7 @@ CPU_RUNTIME_BASELINE_MIB = 556.0
 ACT_PER_LAYER_H = 12.0
 ACT_PER_LAYER_KV = 2.0
 ACT_PER_LAYER_FFN = 3.0
-ACT_PER_LAYER_SCORES = 1.0  # x heads x seq_len, eager attention only
+ACT_PER_LAYER_SCORES = 1.0  # x heads x seq_len, where the scores exist (not GPU flash)
 ACT_OUTSIDE_H = 3.3
 ACT_OUTSIDE_VOCAB = 1.0  # the softmax kept for the loss gradient
 ACT_TP_REPLICATED_H = 6.0  # of ACT_PER_LAYER_H, not split by tensor parallelism
@@ -199,6 +208,7 @@ class Memory:
     optimizer: float
     activations: float
     activations_recompute: float  # with train.recompute_granularity (and refinements)
+    attention_masks: float  # the collated mask + the model's [B, 1, L, L] mask, per batch
     total: float
     total_recompute: float
     in_use: float  # total with train.recompute as configured
@@ -292,8 +302,8 @@ def estimate_memory(
     # Activations per micro-batch.
     act_b = 4 if run.precision.dtype == "float32" or device == "cpu" else 2
     tokens = lay.micro_batch * lay.seq_len
-    flash = run.model.flash_attention
-    scores = 0.0 if flash else ACT_PER_LAYER_SCORES * heads * lay.seq_len
+    path = attention_path(run.model, run.data.packing, device)
+    scores = ACT_PER_LAYER_SCORES * heads * lay.seq_len if path.scores_kept else 0.0
 
     def per_token_layer(c_h: float, c_kv: float, c_ffn: float, c_scores: float) -> float:
         """Elements per micro-batch of one layer's terms, split as tensor parallelism does."""
@@ -334,14 +344,15 @@ def estimate_memory(
         + transient
     ) * act_b
 
+    masks = attention_mask_bytes(path, lay, act_b)
     if run.train.offload_optim:
         # States live in host memory and come back for the step, when the activations of
         # the micro-batch are already freed: the peak is the larger of the two phases.
-        total = weights + gradients + max(act, optimizer + opt_transient)
-        total_rc = weights + gradients + max(act_rc, optimizer + opt_transient)
+        total = masks + weights + gradients + max(act, optimizer + opt_transient)
+        total_rc = masks + weights + gradients + max(act_rc, optimizer + opt_transient)
     else:
-        total = weights + gradients + optimizer + max(act, opt_transient)
-        total_rc = weights + gradients + optimizer + max(act_rc, opt_transient)
+        total = masks + weights + gradients + optimizer + max(act, opt_transient)
+        total_rc = masks + weights + gradients + optimizer + max(act_rc, opt_transient)
     in_use = total_rc if run.train.recompute else total
     baseline = CPU_RUNTIME_BASELINE_MIB * MIB if device == "cpu" else 0.0
     return Memory(
@@ -350,6 +361,7 @@ def estimate_memory(
         optimizer=optimizer,
         activations=act,
         activations_recompute=act_rc,
+        attention_masks=masks,
         total=total,
         total_recompute=total_rc,
         in_use=in_use,
@@ -358,15 +370,25 @@ def estimate_memory(
     )
 
 
+def attention_mask_bytes(path: AttentionPath, lay: Layout, act_bytes: int) -> float:
+    """Masks held per micro-batch in flight: the collated one (what the loader hands over)
+    and the ``[B, 1, L, L]`` one the model builds from it (none with FlashMask on GPU)."""
+    row = path.collated_mask_bytes(lay.seq_len) + path.model_mask_bytes(lay.seq_len, act_bytes)
+    return float(row * lay.micro_batch * lay.micro_batches_in_flight)
+
+
 def make_plan(run: RunConfig, derived: Derived, device: str) -> dict[str, Any]:
     """The plan as a JSON-ready dict (what ``plan.json`` holds)."""
     adapter = get_method(run.method.name).plan(run)
     counts = count_parameters(run, adapter)
     lay = layout(run, derived)
     mem = estimate_memory(run, counts, lay, device, adapter)
+    path = attention_path(run.model, run.data.packing, device)
     return {
         "model": run.model.name,
         "device": device,
+        "attention": {"path": path.name, "description": path.describe()},
+        "context_length": derived.context_length,
         "precision": {"dtype": run.precision.dtype, "amp_level": run.precision.amp_level},
         "method": {"name": run.method.name, **adapter.details},
         "method_lines": adapter.lines,
@@ -404,7 +426,10 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"{lay['gradient_accumulation_steps']}, global {lay['global_batch']}",
         f"parameters     total {par['total']:,}, trainable {par['trainable']:,} "
         f"({100 * par['trainable'] / par['total']:.2f}%)",
+        f"attention      {plan['attention']['description']}",
     ]
+    if plan.get("context_length") is not None:
+        lines.append(f"context        {plan['context_length']:,} positions")
     lines += plan["method_lines"]
     rc = "  <- train.recompute" if plan["recompute"] else ""
     no_rc = "" if plan["recompute"] else "  <- train.recompute=false"
@@ -415,6 +440,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"  {'optimizer (' + optimizer_label(plan) + ')':<20} {mib(mem['optimizer'])}",
         f"  activations          {mib(mem['activations'])} without recompute, "
         f"{mib(mem['activations_recompute'])} with ({plan['recompute_granularity']})",
+        f"  attention masks      {mib(mem['attention_masks'])}",
         f"  total                {mib(mem['total'])} without recompute{no_rc}",
         f"                       {mib(mem['total_recompute'])} with recompute{rc}",
     ]

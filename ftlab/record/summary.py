@@ -25,6 +25,9 @@ class Summary:
     train_loss_mean: float | None = None
     eval_loss: float | None = None
     eval_ppl: float | None = None
+    # The base model's dev loss before training (text formats: held-out perplexity).
+    eval_loss_base: float | None = None
+    eval_ppl_base: float | None = None
     entity_recall_base: float | None = None
     entity_recall: float | None = None
     # BLEU-4 / ROUGE-1/2/L of the dev generations: units, records, base, finetuned.
@@ -61,6 +64,14 @@ class Summary:
             f"run dir        {self.run_dir}",
             f"loss           {fmt(self.first_loss)} -> {fmt(self.final_loss)} "
             f"(eval {fmt(self.eval_loss)}, ppl {fmt(self.eval_ppl, '.2f')})",
+        ]
+        if self.eval_ppl_base is not None:
+            lines.append(
+                f"held-out ppl   base {fmt(self.eval_ppl_base, '.2f')} -> trained "
+                f"{fmt(self.eval_ppl, '.2f')} (eval loss {fmt(self.eval_loss_base)} -> "
+                f"{fmt(self.eval_loss)})"
+            )
+        lines += [
             f"entity recall  base {fmt(self.entity_recall_base, '.3f')} -> "
             f"fine-tuned {fmt(self.entity_recall, '.3f')}",
             *self._generation_lines(fmt),

@@ -26,11 +26,14 @@ from ftlab.config.trainer_options import (
     parse_refined_recompute,
     tracker_available,
 )
+from ftlab.data.formats import TEXT_FORMATS
 from ftlab.data.settings import check_data_settings, mixture_weights
 from ftlab.errors import ConfigError, DataError
 from ftlab.methods.catalog import get_method
 from ftlab.methods.registry import Method
+from ftlab.models.attention import attention_path
 from ftlab.models.families import FAMILIES, family
+from ftlab.models.rope import STATIC_STRATEGIES, STRATEGIES, context_length
 
 # Allowed values of the run's string-typed settings (the data group keeps its own, in
 # ``ftlab.data.settings``; the method's are checked by the method).
@@ -44,6 +47,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.recompute_granularity": RECOMPUTE_GRANULARITIES,
     "eval.decode_strategy": ("greedy", "sampling"),
     "eval.metric_tokens": ("auto", "char", "word"),
+    "model.rope_scaling.strategy": tuple(STRATEGIES),
 }
 
 
@@ -155,13 +159,8 @@ def check_precision(run: RunConfig, env: Environment) -> None:
 
 def check_model(run: RunConfig, env: Environment) -> None:
     m, d = run.model, run.data
-    if d.max_length > m.arch.max_position_embeddings:
-        raise ConfigError(
-            f"data.max_length={d.max_length} exceeds model {m.name}'s context of "
-            f"{m.arch.max_position_embeddings} tokens (model.arch.max_position_embeddings). "
-            f"Lower data.max_length."
-        )
-    if d.src_length >= d.max_length:
+    check_context(run)
+    if d.format not in TEXT_FORMATS and d.src_length >= d.max_length:
         raise ConfigError(
             f"data.src_length={d.src_length} must be below data.max_length={d.max_length}: "
             "no room would be left for the target."
@@ -176,6 +175,94 @@ def check_model(run: RunConfig, env: Environment) -> None:
             f"model.flash_attention=true: PaddlePaddle {env.paddle_version} has no CPU flash "
             "attention kernel. Set model.flash_attention=false, or use paddlepaddle>=3.3."
         )
+
+
+def check_context(run: RunConfig) -> None:
+    """RoPE scaling and the context it gives: ``data.max_length`` must fit in it."""
+    m, d = run.model, run.data
+    rs, native = m.rope_scaling, m.arch.max_position_embeddings
+    if rs.strategy is None and rs.factor != 1.0:
+        raise ConfigError(
+            f"model.rope_scaling.factor={rs.factor} without model.rope_scaling.strategy has "
+            f"no effect. Choose a strategy ({'|'.join(STRATEGIES)}) or leave the factor at 1."
+        )
+    if rs.strategy is not None:
+        if not family(m.family).rope_scaling:
+            raise ConfigError(
+                f"model.rope_scaling.strategy={rs.strategy}: PaddleNLP's {m.family} attention "
+                "does not build long-sequence strategies (only "
+                f"{', '.join(n for n, f in FAMILIES.items() if f.rope_scaling)}). Set "
+                "model.rope_scaling.strategy=null."
+            )
+        if rs.factor < 1.0:
+            raise ConfigError(
+                f"model.rope_scaling.factor={rs.factor} must be at least 1: the scaled "
+                f"context is model.arch.max_position_embeddings ({native}) x factor."
+            )
+    context = context_length(m)
+    if d.max_length <= context:
+        return
+    need = -(-d.max_length // native)
+    if rs.strategy is None:
+        raise ConfigError(
+            f"data.max_length={d.max_length} exceeds model {m.name}'s context of {native} "
+            "tokens (model.arch.max_position_embeddings). Lower data.max_length, or scale "
+            f"RoPE: model.rope_scaling.strategy=linear model.rope_scaling.factor={need} "
+            f"(or ntk, dynamic_ntk, yarn) gives {native * need} positions."
+        )
+    raise ConfigError(
+        f"data.max_length={d.max_length} exceeds the scaled context of {context} tokens "
+        f"(model.arch.max_position_embeddings {native} x model.rope_scaling.factor "
+        f"{rs.factor}). Raise model.rope_scaling.factor to at least {need}, or lower "
+        "data.max_length."
+    )
+
+
+def check_long_sequences(run: RunConfig, method: Method) -> None:
+    """``model.flash_mask`` and ``data.pose`` against the model, the layout and the method."""
+    m, d = run.model, run.data
+    if m.flash_mask:
+        if not m.flash_attention:
+            raise ConfigError(
+                "model.flash_mask=true needs model.flash_attention=true: FlashMask is a flash "
+                "attention kernel, and PaddleNLP's eager attention ignores the indices (its "
+                "examples would attend to each other). Set model.flash_attention=true, or "
+                "model.flash_mask=false for the dense mask."
+            )
+        if not family(m.family).flash_mask:
+            raise ConfigError(
+                f"model.flash_mask=true: PaddleNLP's {m.family} models do not accept "
+                "attn_mask_startend_row_indices (FlashMask: "
+                f"{', '.join(n for n, f in FAMILIES.items() if f.flash_mask)}). Set "
+                "model.flash_mask=false: packed batches then carry a dense mask."
+            )
+        if d.packing == "none":
+            raise ConfigError(
+                "model.flash_mask=true with data.packing=none has no effect: unpacked rows "
+                "need no block mask (flash attention's causal mode covers them). Set "
+                "data.packing=greedy or zero_padding to pack, or model.flash_mask=false."
+            )
+        if method.flash_mask_unsupported:
+            raise ConfigError(
+                f"model.flash_mask=true with method={run.method.name}: "
+                f"{method.flash_mask_unsupported}. Set model.flash_mask=false."
+            )
+    if d.pose:
+        strategy = m.rope_scaling.strategy
+        if strategy not in STATIC_STRATEGIES:
+            raise ConfigError(
+                f"data.pose=true needs model.rope_scaling.strategy={'|'.join(STATIC_STRATEGIES)}"
+                f" (it is {strategy}): PaddleNLP's plain RoPE and dynamic NTK compute the "
+                "rotary table only up to the batch's own length, and PoSE's skipped position "
+                "ids go past it. factor=1 keeps the pretrained context."
+            )
+        context = context_length(m)
+        if d.max_length >= context:
+            raise ConfigError(
+                f"data.pose=true with data.max_length={d.max_length} and a context of "
+                f"{context}: PoSE trains a context longer than the rows, and these rows "
+                "already span it. Raise model.rope_scaling.factor or lower data.max_length."
+            )
 
 
 def check_data(run: RunConfig) -> None:
@@ -416,6 +503,7 @@ def validate(run: RunConfig, env: Environment) -> Derived:
     check_recompute(run)
     check_trackers(run)
     generation = check_generation(run)
+    check_long_sequences(run, method)
     t = run.train
     # Sharding splits the data like data parallelism does, so both multiply the batch.
     batch_ranks = layout["data_parallel_degree"] * run.parallel.sharding
@@ -433,6 +521,8 @@ def validate(run: RunConfig, env: Environment) -> Derived:
         pipeline_accumulate_steps=t.gradient_accumulation_steps if pipeline else None,
         eval_generation=generation,
         mixture_weights=mixture_weights(run.data),
+        context_length=context_length(run.model),
+        attention=attention_path(run.model, run.data.packing, env.device).name,
     )
 
 

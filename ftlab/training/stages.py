@@ -19,6 +19,7 @@ Every file goes through ``RunDir``, which writes on rank 0 only.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -108,6 +109,8 @@ def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
         # ranks itself; sharding here too would split twice.
         world_size=1,
         rank=0,
+        flash_mask=run.model.flash_mask,
+        context_length=derived.context_length,
     )
     check_demo_metric(run, data.dev_records)  # before the model: pipeline models cannot generate
     examples = _length(data.train_dataset)
@@ -173,6 +176,7 @@ def build_model(run: RunConfig, run_dir: RunDir, prepared: Prepared) -> Built:
 
 def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fitted:
     from ftlab.data import count_tokens
+    from ftlab.data.formats import TEXT_FORMATS
     from ftlab.record.resume import checkpoint_step
     from ftlab.training.trainer import FtlabTrainer, MetricsJsonl
 
@@ -190,6 +194,11 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
     )
     attach_trackers(trainer, run_dir, run.train.report_to)
     checkpoint = prepared.checkpoint
+    base_eval: dict[str, float] = {}
+    if data.format in TEXT_FORMATS and data.dev_dataset is not None:
+        # Pretraining-style text has no task metric: the held-out loss before training is
+        # the baseline that continued pretraining should lower.
+        base_eval = trainer.evaluate(metric_key_prefix="eval_base")
     signals.install()  # PaddleNLP's import replaced the SIGTERM handler (ftlab.signals)
     start = time.perf_counter()
     if checkpoint is not None and checkpoint_step(checkpoint) >= prepared.derived.total_steps:
@@ -202,6 +211,8 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
         steps = result.global_step
     train_seconds = time.perf_counter() - start
     eval_metrics = trainer.evaluate() if data.dev_dataset is not None else {}
+    if "eval_base_loss" in base_eval:
+        eval_metrics["eval_base_loss"] = base_eval["eval_base_loss"]
     for name, part in data.parts.items():  # a mixture: eval loss per source with a dev split
         if part.dev_dataset is not None:
             evals = trainer.evaluate(
@@ -266,6 +277,8 @@ def finalize(
         train_loss_mean=_mean_train_loss(train_logs),
         eval_loss=evals.get("eval_loss"),
         eval_ppl=evals.get("eval_ppl"),
+        eval_loss_base=evals.get("eval_base_loss"),
+        eval_ppl_base=math.exp(evals["eval_base_loss"]) if "eval_base_loss" in evals else None,
         entity_recall_base=base.score if base else None,
         entity_recall=tuned.score if tuned else None,
         generation=_generation_summary(base_gen, tuned_gen),
