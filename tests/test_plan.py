@@ -233,7 +233,10 @@ def test_optimizer_state_follows_the_optimizer() -> None:
     off = plan_for([*bf16, "train.offload_optim=true"], GPU8)["memory_bytes"]
     assert off["optimizer"] == plain["optimizer"]
     assert off["total"] == pytest.approx(
-        plain["weights"] + plain["gradients"] + max(plain["activations"], plain["optimizer"])
+        plain["attention_masks"]
+        + plain["weights"]
+        + plain["gradients"]
+        + max(plain["activations"], plain["optimizer"])
     )
 
 
