@@ -213,6 +213,7 @@ class QLora(Lora):
         plan.quantized = sum(x.size for x in targeted)
         plan.quantized_per_layer = sum(x.size for x in targeted if x.layer == 0)
         plan.quantized_lm_head = sum(x.size for x in targeted if x.layer is None)
+        plan.quantized_layers = sum(x.size for x in targeted if x.layer is not None)
         plan.quantized_bytes_per_param = per_param
         plan.adapter_fp32 = True
         plan.details.update(

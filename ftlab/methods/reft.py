@@ -119,6 +119,8 @@ def _reft_classes() -> tuple[type, type]:
     from paddle import nn
     from paddlenlp.peft import ReFTModel
 
+    from ftlab.models.loading import decoder_layers
+
     class LoReftIntervention(nn.Layer):
         """The edit ``R^T (act(W h + b) - R h)`` (added to ``h`` by the wrapper)."""
 
@@ -163,7 +165,7 @@ def _reft_classes() -> tuple[type, type]:
                 p.stop_gradient = True
             self._pending: paddle.Tensor | None = None
             self._active: paddle.Tensor | None = None
-            decoder = getattr(model, model.base_model_prefix).layers
+            decoder = decoder_layers(model)
             for i in settings["layers"]:
                 decoder[i].register_forward_post_hook(self._edit_hook(str(i)))
             # Arm the edits for exactly one forward of the wrapped model (the prompt pass).

@@ -12,6 +12,7 @@ from typing import Any
 
 from ftlab.config.schema import ModelConfig, PrecisionConfig
 from ftlab.errors import ModelLoadError
+from ftlab.models.config_json import looks_local
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,9 @@ def parameter_counts(model: Any) -> dict[str, int]:
     return {"total": total, "trainable": trainable}
 
 
-def _looks_local(name_or_path: str) -> bool:
-    return name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
-
-
 def load_pretrained(kind: str, loader: Any, name_or_path: str, **kwargs: Any) -> Any:
     path = Path(name_or_path).expanduser()
-    if _looks_local(name_or_path) and not path.is_dir():
+    if looks_local(name_or_path) and not path.is_dir():
         raise ModelLoadError(
             f"model.name_or_path={name_or_path!r}: no such directory. Point it at a local "
             "checkpoint directory or a hub name."
@@ -119,3 +116,19 @@ def count_shared_weights_once(model: Any) -> None:
     for comm in getattr(model, "shared_comm", {}).values():
         for attr in comm["weight_attr"]:
             getattr(comm["layer"], attr).is_firstly_shared = rank == min(comm["ranks"])
+
+
+def decoder_layers(model: Any) -> Any:
+    """The decoder layers of a live causal LM (``<layers_path>`` of its family's row)."""
+    from ftlab.models.families import FAMILIES
+
+    fam = FAMILIES.get(model.config.model_type)
+    if fam is None:
+        raise ModelLoadError(
+            f"model type {model.config.model_type!r} is not in ftlab's family table; its "
+            "decoder layers are unknown."
+        )
+    layers = model
+    for part in fam.layers_path.split("."):
+        layers = getattr(layers, part)
+    return layers

@@ -49,10 +49,15 @@ def register_resolvers() -> None:
 
 
 def to_run_config(cfg: DictConfig) -> schema.RunConfig:
-    """Resolve interpolations and convert to dataclasses (method -> its own schema)."""
+    """Resolve interpolations and convert to dataclasses (method -> its own schema); the
+    model's family, architecture numbers, label and LoRA targets are completed from its
+    directory's config.json or its model option (``ftlab.models.config_json``)."""
+    from ftlab.models.config_json import resolve_model
+
     register_resolvers()
     run = OmegaConf.to_object(cfg)
     assert isinstance(run, schema.RunConfig), type(run)
+    run.model = resolve_model(run.model)
     return run
 
 

@@ -79,18 +79,26 @@ def check_precision(run: RunConfig, env: Environment) -> None:
 
 def check_model(run: RunConfig, env: Environment) -> None:
     m, d = run.model, run.data
-    if d.max_length > m.arch.max_position_embeddings:
+    fam = family(m.family)
+    context = m.arch.max_position_embeddings  # None: ALiBi, no fixed context
+    if context is not None and d.max_length > context:
         raise ConfigError(
             f"data.max_length={d.max_length} exceeds model {m.name}'s context of "
-            f"{m.arch.max_position_embeddings} tokens (model.arch.max_position_embeddings). "
-            f"Lower data.max_length."
+            f"{context} tokens (model.arch.max_position_embeddings). Lower data.max_length."
         )
     if d.src_length >= d.max_length:
         raise ConfigError(
             f"data.src_length={d.src_length} must be below data.max_length={d.max_length}: "
             "no room would be left for the target."
         )
-    if m.flash_attention and not family(m.family).flash_attention:
+    if m.arch.tie_word_embeddings and not fam.ties_embeddings:
+        raise ConfigError(
+            f"model.arch.tie_word_embeddings=true: PaddleNLP 3.0.0b4's {fam.name} model "
+            f"({fam.causal_lm_class}) never ties its output layer to the embedding, so a tied "
+            "checkpoint would leave its output layer at random initialisation. Use an "
+            "untied checkpoint of this family."
+        )
+    if m.flash_attention and not fam.flash_attention:
         raise ConfigError(
             f"model.flash_attention=true: PaddleNLP's {m.family} models have no flash "
             "attention path. Set model.flash_attention=false."
@@ -135,6 +143,7 @@ def check_parallel(run: RunConfig, env: Environment) -> dict[str, int]:
             "devices."
         )
     fam = family(run.model.family)
+    check_expert_parallel(run, env, dp)
     if p.tensor > 1 and not fam.tensor_parallel:
         raise ConfigError(
             f"parallel.tensor={p.tensor}: PaddleNLP has no tensor-parallel layers for "
@@ -148,6 +157,17 @@ def check_parallel(run: RunConfig, env: Environment) -> dict[str, int]:
             f"({arch.num_attention_heads}) and key/value heads "
             f"({arch.num_key_value_heads}) of model {run.model.name}."
         )
+    widths = {"intermediate_size": arch.intermediate_size}
+    if arch.num_experts and fam.moe is not None and fam.moe.tensor_parallel_experts:
+        widths["moe_intermediate_size"] = arch.moe_intermediate_size
+    if arch.shared_expert_intermediate_size:
+        widths["shared_expert_intermediate_size"] = arch.shared_expert_intermediate_size
+    for key, width in widths.items():
+        if p.tensor > 1 and width and width % p.tensor:
+            raise ConfigError(
+                f"parallel.tensor={p.tensor} must divide model.arch.{key}={width} of model "
+                f"{run.model.name}: tensor parallelism splits those columns evenly."
+            )
     if p.pipeline > 1 and fam.pipeline_class is None:
         raise ConfigError(
             f"parallel.pipeline={p.pipeline}: PaddleNLP has no pipeline model for "
@@ -174,6 +194,61 @@ def check_parallel(run: RunConfig, env: Environment) -> dict[str, int]:
             "add parallel.cpu_emulation=true (slow, for correctness checks)."
         )
     return {"world_size": world, "nproc_per_node": nproc, "data_parallel_degree": dp}
+
+
+def check_expert_parallel(run: RunConfig, env: Environment, dp: int) -> None:
+    """``parallel.expert`` as PaddleNLP 3.0.0b4 implements it, and the layouts that would
+    split experts without it.
+
+    Its ``MoELayer`` (Qwen2-MoE, DeepSeek-V2/V3) places the routed experts across the
+    data-parallel group whenever fleet's hybrid groups exist (some tensor, pipeline or
+    sharding degree > 1); ``use_expert_parallel`` then keeps their gradients rank-local
+    and saves each rank's experts. Mixtral's block keeps every expert on every rank.
+    """
+    p, a = run.parallel, run.model.arch
+    moe = family(run.model.family).moe
+    hybrid = p.tensor > 1 or p.pipeline > 1 or p.sharding > 1
+    name = f"model {run.model.name} ({run.model.family})"
+    if p.expert < 1:
+        raise ConfigError(f"parallel.expert={p.expert}: must be >= 1 (1: no expert parallelism).")
+    if p.expert == 1:
+        if a.num_experts and moe is not None and moe.expert_parallel and hybrid and dp > 1:
+            raise ConfigError(
+                f"parallel={p.name} with {name}: PaddleNLP 3.0.0b4 places the experts across "
+                f"the {dp} data-parallel ranks in this layout, which needs expert "
+                f"parallelism to train correctly. Set parallel.expert={dp}."
+            )
+        return
+    if not a.num_experts:
+        raise ConfigError(
+            f"parallel.expert={p.expert}: {name} has no experts (model.arch.num_experts=0). "
+            "Set parallel.expert=1."
+        )
+    if moe is None or not moe.expert_parallel:
+        raise ConfigError(
+            f"parallel.expert={p.expert}: PaddleNLP 3.0.0b4's {run.model.family} keeps every "
+            "expert on every rank (no expert-parallel MoE layer). Set parallel.expert=1 and "
+            "shard with parallel.sharding / parallel.tensor instead."
+        )
+    if a.num_experts % p.expert:
+        raise ConfigError(
+            f"parallel.expert={p.expert} must divide the {a.num_experts} experts of {name}."
+        )
+    if p.expert != dp or not hybrid:
+        raise ConfigError(
+            f"parallel.expert={p.expert}: PaddleNLP 3.0.0b4 splits the experts across the "
+            "data-parallel group, and only inside a hybrid layout (tensor, pipeline or "
+            f"sharding degree > 1). Here the data-parallel degree is {dp} (tensor "
+            f"{p.tensor}, pipeline {p.pipeline}, sharding {p.sharding}): use e.g. "
+            f"parallel.tensor=2 with {2 * p.expert} devices, so that data parallel = "
+            f"{p.expert}."
+        )
+    if env.device == "cpu":
+        raise ConfigError(
+            f"parallel.expert={p.expert} on CPU: experts exchange tokens with all-to-all, "
+            "which PaddlePaddle's gloo backend does not implement (ProcessGroupGLOO: "
+            "all_to_all unimplemented). Plan it with mode=plan device=gpu, run it on GPUs."
+        )
 
 
 def check_method_layout(run: RunConfig, method: Method) -> None:
