@@ -110,12 +110,14 @@ class Prefix(Method):
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
         from paddlenlp.peft import PrefixConfig
 
+        from ftlab.models.loading import num_layers
+
         c = model.config
         prefix_config = PrefixConfig(
             num_prefix_tokens=cfg.num_prefix_tokens,
             num_attention_heads=c.num_attention_heads,
             multi_query_group_num=kv_heads(c),
-            num_hidden_layers=c.num_hidden_layers,
+            num_hidden_layers=num_layers(c),
             hidden_size=c.hidden_size,
             prefix_projection=cfg.prefix_projection,
             prefix_projection_hidden_size=cfg.prefix_projection_hidden_size or c.hidden_size,
@@ -129,6 +131,8 @@ class Prefix(Method):
     def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
         from paddlenlp.peft import PrefixConfig
 
+        from ftlab.models.loading import num_layers
+
         trained_dir = Path(trained_dir)
         if not any(
             (trained_dir / f).exists()
@@ -138,13 +142,12 @@ class Prefix(Method):
         saved = PrefixConfig.from_pretrained(str(trained_dir))
         c = base.config
         heads = kv_heads(c)
-        if saved.multi_query_group_num != heads or saved.num_hidden_layers != (
-            base.config.num_hidden_layers
-        ):
+        layers = num_layers(c)
+        if saved.multi_query_group_num != heads or saved.num_hidden_layers != layers:
             raise ModelLoadError(
                 f"the prefix in {trained_dir} was trained for {saved.num_hidden_layers} layers "
                 f"x {saved.multi_query_group_num} key/value heads; this base model has "
-                f"{base.config.num_hidden_layers} x {heads}. Load it onto its own base model."
+                f"{layers} x {heads}. Load it onto its own base model."
             )
         return _prefix_model_class().from_pretrained(
             base, str(trained_dir), postprocess_past_key_value=_postprocess(base.config.model_type)

@@ -137,8 +137,10 @@ class QLora(Lora):
         from paddlenlp.transformers import AutoConfig, AutoModelForCausalLM
         from paddlenlp.transformers.model_utils import no_init_weights
 
+        from ftlab.models.compat import apply_fixes
         from ftlab.models.quant import SafetensorsSource, quantize_while_loading
 
+        apply_fixes()
         config = AutoConfig.from_pretrained(str(path), dtype=dtype)
         with no_init_weights(True), paddle.LazyGuard():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)

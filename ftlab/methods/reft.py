@@ -318,7 +318,9 @@ class Reft(Method):
             )
 
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
-        settings = reft_settings(cfg, model.config.num_hidden_layers)
+        from ftlab.models.loading import num_layers
+
+        settings = reft_settings(cfg, num_layers(model.config))
         return _reft_classes()[1](model, settings)
 
     def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
@@ -332,7 +334,9 @@ class Reft(Method):
                 f"no ReFT interventions ({REFT_RECORD}, {REFT_WEIGHTS}) in {trained_dir}"
             )
         settings = json.loads(record.read_text())
-        n_layers = base.config.num_hidden_layers
+        from ftlab.models.loading import num_layers
+
+        n_layers = num_layers(base.config)
         if any(not 0 <= i < n_layers for i in settings["layers"]):
             raise ModelLoadError(
                 f"the interventions in {trained_dir} sit on layers {settings['layers']} but "

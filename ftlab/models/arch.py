@@ -28,6 +28,7 @@ class Linear:
     part: str = "attention"  # attention | mlp | expert | shared | router | mtp
     bias: bool = False
     expert: int | None = None  # routed expert index
+    tp_split: bool = True  # tensor parallelism splits it (else every rank holds it whole)
 
     @property
     def size(self) -> int:
@@ -92,6 +93,7 @@ def model_linears(model: ModelConfig) -> list[Linear]:
                         spec.part,
                         spec.has_bias(a),
                         expert,
+                        spec.tp_split,
                     )
                 )
         if layer >= a.num_hidden_layers:  # DeepSeek-V3's MTP layer: eh_proj joins two states
@@ -108,7 +110,8 @@ class LayerCounts:
     index: int
     split: int  # linear weights tensor parallelism splits (attention, dense MLP, shared)
     experts: int  # routed experts (weights + biases): split by expert parallelism
-    replicated: int  # norms, biases and routers: whole on every tensor-parallel rank
+    # norms, biases, routers and unsplit linears: whole on every tensor-parallel rank
+    replicated: int
     active_experts: int  # of ``experts``, what one token runs through (top-k)
     moe: bool
 
@@ -132,7 +135,7 @@ def layer_counts(model: ModelConfig) -> list[LayerCounts]:
             bias = spec.fan_out(a) if spec.has_bias(a) else 0
             if expert is not None:
                 experts += weight + bias
-            elif spec.part == "router":
+            elif spec.part == "router" or not spec.tp_split:
                 replicated += weight + bias
             else:
                 split += weight

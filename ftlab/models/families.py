@@ -146,6 +146,9 @@ class LinearSpec:
     bias: Flag | bool = False
     when: Flag = _always  # present only when this holds (DeepSeek: q_proj vs q_a/q_b)
     is_linear: bool = True
+    # Tensor parallelism splits it (PaddleNLP's column/row-parallel layer); False: each
+    # rank holds it whole (DeepSeek's low-rank down-projections).
+    tp_split: bool = True
 
     def has_bias(self, a: ModelArch) -> bool:
         return self.bias(a) if callable(self.bias) else bool(self.bias)
@@ -213,6 +216,7 @@ class Family:
     prefix_kv_layout: str | None = None
     tensor_parallel: bool = True  # PaddleNLP has column/row-parallel layers for it
     flash_attention: bool = True
+    flash_attention_reason: str = ""  # why not, when flash_attention is False
     flash_mask: bool = True  # the model accepts ``attn_mask_startend_row_indices``
     # What run_finetune.py's ``get_lora_target_modules`` adapts for this family.
     script_lora_targets: tuple[str, ...] = ()
@@ -277,6 +281,7 @@ def _prefixed(spec: LinearSpec, prefix: str) -> LinearSpec:
         spec.bias,
         spec.when,
         spec.is_linear,
+        spec.tp_split,
     )
 
 
@@ -325,9 +330,9 @@ LLAMA_SCRIPT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 
 MLA_ATTENTION = (
     LinearSpec("self_attn.q_proj", H, MLA_Q, "attention", when=_no_q_lora),
-    LinearSpec("self_attn.q_a_proj", H, MLA_Q_RANK, "attention", when=_q_lora),
+    LinearSpec("self_attn.q_a_proj", H, MLA_Q_RANK, "attention", when=_q_lora, tp_split=False),
     LinearSpec("self_attn.q_b_proj", MLA_Q_RANK, MLA_Q, "attention", when=_q_lora),
-    LinearSpec("self_attn.kv_a_proj_with_mqa", H, MLA_KV_A, "attention"),
+    LinearSpec("self_attn.kv_a_proj_with_mqa", H, MLA_KV_A, "attention", tp_split=False),
     LinearSpec("self_attn.kv_b_proj", MLA_KV_RANK, MLA_KV_B, "attention"),
     LinearSpec("self_attn.o_proj", MLA_O, H, "attention"),
 )
@@ -373,6 +378,15 @@ def _read_qwen2_moe(cfg: Mapping[str, Any], arch: dict[str, Any]) -> dict[str, A
 
 
 def _read_deepseek(cfg: Mapping[str, Any], arch: dict[str, Any]) -> dict[str, Any]:
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("type", scaling.get("rope_type")) != "yarn":
+        # DeepseekV2Attention adds two axes to the cos/sin of the plain rotary embedding,
+        # which already has them: the forward pass fails (measured, PaddleNLP 3.0.0b4).
+        raise ConfigError(
+            f"config.json has rope_scaling={cfg.get('rope_scaling')}: PaddleNLP 3.0.0b4's "
+            "DeepSeek attention runs only with YaRN rope scaling (its plain-RoPE path fails "
+            "on a shape mismatch), as the released DeepSeek-V2/V3 configs use."
+        )
     experts = cfg.get("n_routed_experts")
     nextn = cfg.get("num_nextn_predict_layers", 0) or 0
     out: dict[str, Any] = {
@@ -618,6 +632,10 @@ FAMILIES: dict[str, Family] = {
             head_dim_from_config=True,
             qkv_bias=False,
             prefix_kv_layout="chatglm_postprocess_past_key_value",
+            flash_attention=False,
+            flash_attention_reason="its flash path reshapes the [batch, seq] attention output "
+            "as [seq, batch]: logits differ from the eager path by 2.2 on a tiny model "
+            "(measured, batch 2)",
             flash_mask=False,
             script_lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
             config_keys={
@@ -676,7 +694,6 @@ FAMILIES: dict[str, Family] = {
             moe=DEEPSEEK_MOE,
             ties_embeddings=False,
             prefix_kv_layout=None,
-            flash_attention=False,
             flash_mask=False,
             script_lora_targets=(
                 "q_proj",
@@ -746,6 +763,8 @@ FAMILIES: dict[str, Family] = {
             qkv_bias=True,
             prefix_kv_layout=None,
             flash_attention=False,
+            flash_attention_reason="PaddleNLP's OPT has no flash-attention path (the setting "
+            "is ignored)",
             flash_mask=False,
             script_lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "linear1", "linear2"),
             config_keys={"intermediate_size": ("ffn_dim",)},

@@ -29,10 +29,12 @@ def parameter_counts(model: Any) -> dict[str, int]:
     A quantized layer holds its base weight as packed codes (buffers, not parameters), so
     without this the total of a QLoRA model would leave the base out.
     """
+    from ftlab.models.quant.qlinear import QuantLoRALinear
+
     total = sum(int(p.size) for p in model.parameters())
     trainable = sum(int(p.size) for p in model.parameters() if not p.stop_gradient)
     for layer in model.sublayers():
-        if hasattr(layer, "quantized_weight"):
+        if isinstance(layer, QuantLoRALinear):
             total += layer.in_features * layer.out_features
     return {"total": total, "trainable": trainable}
 
@@ -87,7 +89,9 @@ def causal_lm_class(pipeline: int) -> Any:
 
 def load_model(cfg: ModelConfig, dtype: str) -> Any:
     from ftlab.distributed.layout import model_parallel_kwargs, pipeline_degree
+    from ftlab.models.compat import apply_fixes
 
+    apply_fixes()
     kwargs: dict[str, Any] = {"dtype": dtype}
     if cfg.flash_attention:
         kwargs["use_flash_attention"] = True
@@ -132,3 +136,17 @@ def decoder_layers(model: Any) -> Any:
     for part in fam.layers_path.split("."):
         layers = getattr(layers, part)
     return layers
+
+
+def output_logits(out: Any) -> Any:
+    """The logits of a causal LM's forward output: a tuple, an output object, or (OPT) the
+    bare logits tensor."""
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return getattr(out, "logits", out)
+
+
+def num_layers(config: Any) -> int:
+    """Decoder layers of a live PaddleNLP config (Bloom names them ``n_layer``)."""
+    value = getattr(config, "num_hidden_layers", None)
+    return int(value if value is not None else config.n_layer)

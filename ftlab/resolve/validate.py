@@ -100,8 +100,9 @@ def check_model(run: RunConfig, env: Environment) -> None:
         )
     if m.flash_attention and not fam.flash_attention:
         raise ConfigError(
-            f"model.flash_attention=true: PaddleNLP's {m.family} models have no flash "
-            "attention path. Set model.flash_attention=false."
+            f"model.flash_attention=true with model.family={m.family}: "
+            f"{fam.flash_attention_reason or 'PaddleNLP has no flash-attention path for it'}. "
+            "Set model.flash_attention=false."
         )
     if m.flash_attention and env.device == "cpu" and env.paddle_version.startswith("3.0"):
         raise ConfigError(
