@@ -333,6 +333,29 @@ def test_tensor_parallel_mappings_cover_every_split_weight(
     assert split_in_plan == split_by_paddlenlp
 
 
+@pytest.mark.parametrize("name", list(TINY))
+def test_tensor_and_pipeline_layouts_validate_and_plan(
+    name: str, tiny_dirs: dict[str, Path]
+) -> None:
+    """On GPUs: tp2 splits the weights; pp2 where PaddleNLP has a pipeline model, else the
+    refusal names the family."""
+    from ftlab.planning.plan import make_plan
+
+    run = run_for(tiny_dirs, name)
+
+    def weights(**layout: Any) -> float:
+        r = changed(run, **{f"parallel__{k}": v for k, v in layout.items()})
+        return make_plan(r, validate(r, GPU8), "gpu")["memory_bytes"]["weights"]
+
+    single = weights()
+    assert weights(tensor=2) < single
+    if family(name).pipeline_class is None:
+        with pytest.raises(ConfigError, match=f"no pipeline model for model.family={name}"):
+            weights(pipeline=2)
+    else:
+        assert weights(pipeline=2) < single
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -747,3 +770,24 @@ def test_ftlab_command_on_a_model_directory_without_a_yaml(
     planned = count_parameters(run_for(tiny_dirs, name))
     assert summary["parameters"] == {"total": planned.total, "trainable": planned.trainable}
     assert np.isfinite(summary["final_loss"]) and summary["final_loss"] < summary["first_loss"]
+
+
+def test_pad_token_must_be_in_the_vocabulary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.pad_token fills in only for a tokenizer without one, and only with its own token."""
+    from ftlab.config.schema import ModelConfig
+    from ftlab.errors import ModelLoadError
+    from ftlab.models import loading
+
+    class NoPad:
+        pad_token = None
+
+        def get_vocab(self) -> dict[str, int]:
+            return {"<unk>": 0, "<s>": 1}
+
+    monkeypatch.setattr(loading, "load_pretrained", lambda *a, **k: NoPad())
+    with pytest.raises(ModelLoadError, match=r"model.pad_token='<pad>' is not in the vocabulary"):
+        loading.load_tokenizer(ModelConfig(name="m", name_or_path="m", pad_token="<pad>"))
+    assert (
+        loading.load_tokenizer(ModelConfig(name="m", name_or_path="m", pad_token="<unk>")).pad_token
+        == "<unk>"
+    )

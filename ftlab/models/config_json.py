@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,19 @@ REQUIRED = (
 MOE_REQUIRED = ("num_experts_per_tok", "moe_intermediate_size")
 MLA_REQUIRED = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ModelArch))
+
+
+def model_label(name: str | None, name_or_path: str | None) -> str | None:
+    """The model's label in run-dir names and run lists: ``model.name``, else the last part
+    of ``model.name_or_path`` (of ``${asset:NAME}``, NAME: read before resolution)."""
+    if name not in (None, "", "None"):
+        return str(name)
+    if not name_or_path:
+        return None
+    asset = re.fullmatch(r"\$\{asset:([^}]+)\}", str(name_or_path))
+    if asset:
+        return asset.group(1)
+    return Path(str(name_or_path).rstrip("/")).name or str(name_or_path)
 
 
 def supported() -> str:
@@ -252,7 +266,7 @@ def resolve_model(model: ModelConfig) -> ModelConfig:
     targets = model.lora_target_modules
     if targets is None:
         targets = fam.default_targets(arch)
-    name = model.name or Path(model.name_or_path.rstrip("/")).name or model.name_or_path
+    name = model_label(model.name, model.name_or_path)
     return dataclasses.replace(
         model, name=name, family=fam.name, arch=arch, lora_target_modules=list(targets)
     )

@@ -446,6 +446,11 @@ def _read_gemma(cfg: Mapping[str, Any], arch: dict[str, Any]) -> dict[str, Any]:
 
 def _read_bloom(cfg: Mapping[str, Any], arch: dict[str, Any]) -> dict[str, Any]:
     # Bloom's MLP is 4 x hidden (no key for it); ALiBi positions have no fixed limit.
+    if cfg.get("tie_word_embeddings") is False:
+        raise ConfigError(
+            "config.json has tie_word_embeddings=false: PaddleNLP 3.0.0b4's Bloom always "
+            "uses the embedding as its output layer, so an untied head would not load."
+        )
     return {"intermediate_size": 4 * arch["hidden_size"]}
 
 

@@ -70,6 +70,14 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
                 "null. Set model.pad_token to a token that never occurs in your data "
                 "(e.g. the unknown token)."
             )
+        if cfg.pad_token not in tok.get_vocab():
+            # Setting it anyway would pad with an id outside the embedding (or with the
+            # unknown token's id under another name): refused instead.
+            raise ModelLoadError(
+                f"model.pad_token={cfg.pad_token!r} is not in the vocabulary of model "
+                f"{cfg.name}'s tokenizer (which has no pad token of its own). Set "
+                "model.pad_token to one of its tokens that never occurs in your data."
+            )
         tok.pad_token = cfg.pad_token
         log.info("tokenizer has no pad token: using model.pad_token=%r", cfg.pad_token)
     return tok

@@ -22,9 +22,18 @@ The memory model (bytes on the busiest device):
   keeps all of its activations. A transient of the largest temporary (attention scores or
   logits gradient) is added.
 
-Splits: tensor parallel divides linear and vocab weights by ``tensor`` (norms are
-replicated) and the activations except a replicated ``6h`` per token and layer (also split
-with sequence parallel); pipeline parallel keeps ``ceil(layers / pipeline)`` layers, plus
+Parameters come from ``ftlab.models.arch`` (the family's layers expanded over the model,
+exact against the live PaddleNLP model for every family). Mixture-of-experts layers count
+every routed expert (``total``) and the top-k a token runs through (``active``); their
+activations use the MLP width a token runs through (top-k experts + shared expert), an
+extrapolation of the dense fit, not a measurement.
+
+Splits: tensor parallel divides linear and vocab weights by ``tensor`` (norms, biases,
+routers and the linears PaddleNLP keeps whole, such as DeepSeek's low-rank projections, are
+replicated; routed experts only where the family's experts are tensor-parallel); expert
+parallel divides the routed experts by ``parallel.expert``; tensor parallel also splits
+the activations except a replicated ``6h`` per token and layer (also split with sequence
+parallel); pipeline parallel keeps ``ceil(layers / pipeline)`` layers, plus
 the embedding on the first stage and the LM head on the last, and holds up to
 ``min(pipeline, gradient_accumulation_steps)`` micro-batches in flight (1F1B); sharding
 stage 1 divides optimizer states, stage 2 also gradients, stage 3 also weights.
@@ -90,8 +99,8 @@ class ParamCounts:
     quantized_lm_head: int
     frozen_added: int = 0  # frozen parameters the method adds (VeRA's projections)
     frozen_added_per_layer: int = 0
-    # Mixture of experts: parameters one token runs through (top-k of the routed experts)
-    # and the routed experts' share of the base; both equal total / 0 for dense models.
+    # Mixture of experts: base-model parameters one token runs through (top-k of the routed
+    # experts) and the routed experts' share of the base (dense: the base total, and 0).
     active: int = 0
     experts: int = 0
     targets: list[str] = field(default_factory=list)  # short names of the adapted linears
@@ -116,7 +125,7 @@ def count_parameters(run: RunConfig, adapter: AdapterPlan | None = None) -> Para
         quantized_lm_head=a.quantized_lm_head,
         frozen_added=a.frozen,
         frozen_added_per_layer=a.frozen_per_layer,
-        active=base.active + a.adapter + a.frozen,
+        active=base.active,
         experts=base.experts,
         targets=list(a.targets),
     )
@@ -389,8 +398,9 @@ def format_plan(plan: dict[str, Any]) -> str:
     if moe:
         lines += [
             f"experts        {moe['num_experts']} per MoE layer, top-{moe['experts_per_token']}: "
-            f"active {par['active']:,} of {par['total']:,} parameters per token; experts "
-            f"{par['experts']:,}",
+            f"a token runs through {par['active']:,} of the base model's "
+            f"{par['total'] - par['adapter'] - par['frozen_added']:,} parameters; "
+            f"routed experts {par['experts']:,}",
             f"               expert parallel {moe['expert_parallel']}: "
             f"{moe['experts_per_device_per_layer']} experts per layer per device, "
             f"{moe['expert_params_per_device']:,.0f} expert parameters "
