@@ -791,3 +791,22 @@ def test_pad_token_must_be_in_the_vocabulary(monkeypatch: pytest.MonkeyPatch) ->
         loading.load_tokenizer(ModelConfig(name="m", name_or_path="m", pad_token="<unk>")).pad_token
         == "<unk>"
     )
+
+
+def test_readme_family_table_says_what_the_rows_say() -> None:
+    """Every family has a README row, and its prefix, PP and FlashMask cells agree with
+    the family table (a "yes" there is one of the tests above)."""
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("| family | checkpoints |") :].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells
+    assert sorted(rows) == sorted(FAMILIES)
+    for name, cells in rows.items():
+        fam = family(name)
+        full, lora, qlora, prefix, tp, pp, flashmask, plan = cells[2:]
+        assert (full, lora, qlora, tp, plan) == ("yes",) * 5
+        assert prefix.startswith("yes" if fam.prefix_kv_layout else "no")
+        assert pp.startswith("yes" if fam.pipeline_class else "no")
+        assert flashmask.startswith("yes" if fam.flash_mask else "no")

@@ -227,7 +227,6 @@ class Family:
     # Family-specific reading: (config.json dict, arch so far) -> more arch values; raises
     # ConfigError for configs PaddleNLP's class would build differently.
     read_config: Callable[[Mapping[str, Any], dict[str, Any]], dict[str, Any]] | None = None
-    notes: str = ""  # what the README's family table says about it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "config_keys", MappingProxyType(dict(self.config_keys)))
@@ -242,11 +241,6 @@ class Family:
     def latent_attention(self) -> bool:
         """Multi-head latent attention (DeepSeek): its low-rank numbers are required."""
         return any(s.path.endswith("kv_b_proj") for s in self.attention)
-
-    @property
-    def layer_linears(self) -> tuple[LinearSpec, ...]:
-        """Linear layers of a decoder layer with a dense MLP (attention + MLP)."""
-        return self.attention + self.mlp
 
     def default_targets(self, a: ModelArch) -> list[str]:
         """LoRA targets as PaddleNLP's scripts choose them: every linear layer (experts
@@ -472,8 +466,6 @@ FAMILIES: dict[str, Family] = {
             prefix_kv_layout="llama_postprocess_past_key_value",
             script_lora_targets=LLAMA_SCRIPT_TARGETS,
             config_defaults={"tie_word_embeddings": False},
-            notes="Llama 2/3/3.1 (and Llama-format checkpoints such as Baichuan2 in "
-            "PaddleNLP's hub)",
         ),
         Family(
             name="qwen",
@@ -502,7 +494,6 @@ FAMILIES: dict[str, Family] = {
             script_lora_targets=("c_attn", "c_proj", "w1", "w2"),
             config_keys={"head_dim": ("kv_channels",)},
             config_defaults={"tie_word_embeddings": False},
-            notes="Qwen (v1): fused q/k/v (c_attn); intermediate_size spans both MLP branches",
         ),
         Family(
             name="qwen2",
@@ -518,7 +509,6 @@ FAMILIES: dict[str, Family] = {
             prefix_kv_layout="qwen_postprocess_past_key_value",
             script_lora_targets=LLAMA_SCRIPT_TARGETS,
             config_defaults={"tie_word_embeddings": False},
-            notes="Qwen1.5, Qwen2, Qwen2.5",
         ),
         Family(
             name="qwen2_moe",
@@ -548,8 +538,6 @@ FAMILIES: dict[str, Family] = {
             config_keys={"num_experts": ("num_experts",)},
             config_defaults={"tie_word_embeddings": False},
             read_config=_read_qwen2_moe,
-            notes="Qwen1.5-MoE, Qwen2-MoE (57B-A14B): routed experts + a gated shared "
-            "expert in every layer",
         ),
         Family(
             name="mistral",
@@ -568,7 +556,6 @@ FAMILIES: dict[str, Family] = {
             # do not have: the script adapts q, k, v, o and gate_proj only.
             script_lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"),
             config_defaults={"tie_word_embeddings": False},
-            notes="Mistral 7B",
         ),
         Family(
             name="mixtral",
@@ -596,7 +583,6 @@ FAMILIES: dict[str, Family] = {
             config_keys={"num_experts": ("num_local_experts",)},
             config_defaults={"tie_word_embeddings": False},
             read_config=_read_mixtral,
-            notes="Mixtral 8x7B: every layer's MLP is 8 experts, top-2",
         ),
         Family(
             name="gemma",
@@ -615,7 +601,6 @@ FAMILIES: dict[str, Family] = {
             script_lora_targets=(),
             config_defaults={"tie_word_embeddings": True},
             read_config=_read_gemma,
-            notes="Gemma (v1): head_dim from config.json (256), tied embeddings",
         ),
         Family(
             name="chatglm_v2",
@@ -653,8 +638,6 @@ FAMILIES: dict[str, Family] = {
             },
             config_defaults={"tie_word_embeddings": False},
             read_config=_read_chatglm2,
-            notes="ChatGLM2/3: fused q/k/v with multi-query groups, fused gate/up "
-            "(dense_h_to_4h is 2 x ffn_hidden_size)",
         ),
         Family(
             name="deepseek_v2",
@@ -683,8 +666,6 @@ FAMILIES: dict[str, Family] = {
             config_keys={"num_experts": ("n_routed_experts",)},
             config_defaults={"tie_word_embeddings": False},
             read_config=_read_deepseek,
-            notes="DeepSeek-V2 (Lite): multi-head latent attention, routed + shared "
-            "experts, first_k_dense_replace dense layers",
         ),
         Family(
             name="deepseek_v3",
@@ -714,8 +695,6 @@ FAMILIES: dict[str, Family] = {
             config_keys={"num_experts": ("n_routed_experts",)},
             config_defaults={"tie_word_embeddings": False},
             read_config=_read_deepseek,
-            notes="DeepSeek-V3: as V2 with a low-rank query, the router's correction bias "
-            "and multi-token-prediction layers",
         ),
         Family(
             name="bloom",
@@ -742,7 +721,6 @@ FAMILIES: dict[str, Family] = {
             config_keys={"max_position_embeddings": ("seq_length",)},
             config_defaults={"tie_word_embeddings": True, "max_position_embeddings": None},
             read_config=_read_bloom,
-            notes="BLOOM: ALiBi positions (no fixed context), LayerNorm, biases, tied",
         ),
         Family(
             name="opt",
@@ -775,8 +753,6 @@ FAMILIES: dict[str, Family] = {
             config_keys={"intermediate_size": ("ffn_dim",)},
             config_defaults={"tie_word_embeddings": True},
             read_config=_read_opt,
-            notes="OPT: learned positions, LayerNorm, biases; PaddleNLP keeps its own LM "
-            "head matrix (lm_head.decoder_weight)",
         ),
     )
 }
