@@ -115,7 +115,7 @@ def test_settings_the_script_cannot_express_are_listed(tmp_path: Path) -> None:
     )
     notes = "\n".join(out["notes"])
     assert "lora_alpha=4: run_finetune.py fixes alpha at 16" in notes
-    assert "lora_dropout=0.1" in notes and "adapts every projection" in notes
+    assert "lora_dropout=0.1" in notes and "run_finetune.py adapts 35 layers instead" in notes
     assert json.loads((tmp_path / "run_finetune_notes.json").read_text()) == out["notes"]
 
 

@@ -127,7 +127,10 @@ def test_pipeline_emulation_validates_on_cpu(method: str) -> None:
     [
         (["method=prefix"], "method=prefix with parallel=pp2.*no pipeline-parallel"),
         (["method=qlora"], "method=qlora with parallel=pp2.*no pipeline-parallel"),
-        (["model.arch.num_hidden_layers=1"], "parallel.pipeline=2 exceeds .* 1 layers"),
+        (
+            ["model=llama2", "model.arch.num_hidden_layers=1", "data.max_length=512"],
+            "parallel.pipeline=2 exceeds .* 1 layers",
+        ),
     ],
 )
 def test_pipeline_settings_a_pipeline_model_cannot_honour(

@@ -127,7 +127,9 @@ def logits_of(model: Any, batch: dict[str, Any]) -> np.ndarray:
             input_ids=paddle.to_tensor(batch["input_ids"]),
             attention_mask=paddle.to_tensor(batch["attention_mask"]),
         )
-    return (out[0] if isinstance(out, (tuple, list)) else out.logits).numpy()
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return (out if isinstance(out, paddle.Tensor) else out.logits).numpy()  # OPT: a bare tensor
 
 
 def trainer_for(

@@ -143,21 +143,14 @@ def test_plan_counts_every_method(method: str, trainable: int, added_frozen: int
     assert plan["parameters"]["trainable"] == trainable and plan["method"]["name"] == method
 
 
-def test_activation_model_matches_paddle_allocator() -> None:
+def test_activation_model_matches_paddle_allocator(tmp_path: Path) -> None:
     """The fitted per-token activation terms against Paddle's own byte count (fp32, CPU)."""
     import paddle
     import paddle.base.core as core
     from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
-    overrides = [
-        "method=full",
-        "model.arch.num_hidden_layers=2",
-        "data.max_length=128",
-        "data.src_length=64",
-        "train.per_device_train_batch_size=4",
-    ]
-    run = compose_run(overrides)
-    a = run.model.arch
+    # The shipped model's shapes with 2 layers: a directory whose config.json says so.
+    a = compose_run().model.arch
     config = LlamaConfig(
         hidden_size=a.hidden_size,
         intermediate_size=a.intermediate_size,
@@ -167,6 +160,17 @@ def test_activation_model_matches_paddle_allocator() -> None:
         vocab_size=a.vocab_size,
         max_position_embeddings=a.max_position_embeddings,
     )
+    config.save_pretrained(str(tmp_path))
+    overrides = [
+        "method=full",
+        f"model.name_or_path={tmp_path}",
+        "data.max_length=128",
+        "data.src_length=64",
+        "train.per_device_train_batch_size=4",
+    ]
+    run = compose_run(overrides)
+    a = run.model.arch
+    assert a.num_hidden_layers == 2
     paddle.seed(0)
     model = LlamaForCausalLM(config)
     ids = paddle.randint(0, a.vocab_size, [4, 128])

@@ -37,12 +37,13 @@ from ftlab.record.rundir import (
 )
 from ftlab.record.status import ATTEMPT_ENV, record_status, started_by_this_attempt
 from ftlab.record.summary import Summary
-from ftlab.resolve.compose import register_configs
+from ftlab.resolve.compose import register_configs, register_resolvers
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 log = logging.getLogger("ftlab")
 
 register_configs()
+register_resolvers()  # hydra.run.dir reads ${model_label:...} before any job starts
 
 
 def execute(cfg: DictConfig, run_dir: Path) -> Any:

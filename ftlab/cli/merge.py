@@ -53,11 +53,12 @@ def check_mergeable(method_name: str) -> None:
 def probe_logits(model: Any, tokenizer: Any) -> Any:
     import paddle
 
+    from ftlab.models.loading import output_logits
+
     ids = [tokenizer.bos_token_id, *tokenizer(PROBE, add_special_tokens=False)["input_ids"]]
     with paddle.no_grad():
         out = model(input_ids=paddle.to_tensor([ids], dtype="int64"))
-    logits = out[0] if isinstance(out, (tuple, list)) else out.logits
-    return logits.astype("float32").numpy()
+    return output_logits(out).astype("float32").numpy()
 
 
 def merge_model(model: Any, tokenizer: Any, method_name: str) -> tuple[Any, float]:

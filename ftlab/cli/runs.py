@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.errors import FtlabError
+from ftlab.models.config_json import model_label
 from ftlab.record.index import RunRecord, list_runs
 from ftlab.record.status import FAILED
 from ftlab.record.summary import Summary
@@ -44,7 +45,8 @@ def run_fields(run: RunRecord, root: Path) -> dict[str, Any]:
     return {
         "time": run.started.astimezone().strftime("%Y-%m-%d %H:%M:%S"),  # local time
         "status": run.status,
-        "model": summary.get("model") or run.setting("model.name"),
+        "model": summary.get("model")
+        or model_label(run.setting("model.name"), run.setting("model.name_or_path")),
         "method": summary.get("method") or run.setting("method.name"),
         "lr": run.setting("train.learning_rate"),
         "steps": steps if steps is not None else run.setting("train.max_steps"),

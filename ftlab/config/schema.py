@@ -20,16 +20,40 @@ from omegaconf import MISSING
 
 @dataclass
 class ModelArch:
-    """Architecture numbers, known without loading weights (plan mode and validation)."""
+    """Architecture numbers, known without loading weights (plan mode and validation).
 
-    hidden_size: int = MISSING
-    intermediate_size: int = MISSING
-    num_hidden_layers: int = MISSING
-    num_attention_heads: int = MISSING
-    num_key_value_heads: int = MISSING
-    vocab_size: int = MISSING
-    max_position_embeddings: int = MISSING
-    tie_word_embeddings: bool = False
+    Every field may stay unset (null) in a model option whose ``name_or_path`` is a local
+    directory: composition reads it from the directory's ``config.json`` (PaddleNLP or
+    Hugging Face naming) and records it here. A value set in YAML (or an override) that
+    contradicts ``config.json`` is refused, naming both. Hub names carry all numbers in
+    their YAML (from the public config of the checkpoint), so plan and export work offline.
+    """
+
+    hidden_size: int | None = None
+    intermediate_size: int | None = None  # dense MLP width (MoE models: their dense layers)
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    vocab_size: int | None = None
+    # Context length; null for ALiBi families (no fixed limit).
+    max_position_embeddings: int | None = None
+    tie_word_embeddings: bool | None = None
+    head_dim: int | None = None  # null -> hidden_size / num_attention_heads
+    qkv_bias: bool | None = None  # q/k/v projections carry a bias (null -> the family's)
+    # Mixture of experts (num_experts null or 0: a dense model).
+    num_experts: int | None = None  # routed experts per MoE layer
+    num_experts_per_tok: int | None = None  # experts each token is routed to (top-k)
+    moe_intermediate_size: int | None = None  # width of one routed expert's MLP
+    shared_expert_intermediate_size: int | None = None  # width of the shared expert(s)
+    dense_layers: list[int] | None = None  # decoder layers with a dense MLP (MoE models)
+    router_bias: bool | None = None  # the router carries a score-correction bias (DeepSeek-V3)
+    # Multi-head latent attention (DeepSeek-V2/V3); q_lora_rank null: a plain q_proj.
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    num_nextn_predict_layers: int | None = None  # DeepSeek-V3's multi-token-prediction layers
 
 
 @dataclass
@@ -44,16 +68,19 @@ class RopeScalingConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # short label used in run-dir names
+    name: str | None = None  # label used in run-dir names; null -> last part of name_or_path
     # A hub name (``meta-llama/Meta-Llama-3-8B``) or a local directory; ``${asset:NAME}``
-    # resolves to a checkpoint shipped inside ftlab.
+    # resolves to a checkpoint shipped inside ftlab. A local directory's config.json gives
+    # the family and model.arch (recorded in the resolved config).
     name_or_path: str = MISSING
     tokenizer_name_or_path: str | None = None  # defaults to name_or_path
-    family: str = "llama"  # a row of the family table (ftlab/models/families.py)
+    family: str | None = None  # a row of ftlab/models/families.py; null -> config.json
     arch: ModelArch = field(default_factory=ModelArch)
-    # Regex patterns on sublayer names (PaddleNLP ``target_modules`` convention).
-    lora_target_modules: list[str] = field(default_factory=list)
-    # Token used for padding when the tokenizer defines none (named in the run log).
+    # Regex patterns on sublayer names (PaddleNLP ``target_modules`` convention); null ->
+    # the family's default (every linear layer except MoE routers), recorded when resolved.
+    lora_target_modules: list[str] | None = None
+    # Token used for padding when the tokenizer defines none (named in the run log; it
+    # must be in the tokenizer's vocabulary).
     pad_token: str | None = None
     flash_attention: bool = False
     # --- long sequences ---
@@ -135,6 +162,9 @@ class ParallelConfig:
     pipeline: int = 1
     sharding: int = 1  # sharding degree
     sharding_stage: int = 0  # 0 (off) | 1 | 2 | 3
+    # Expert parallelism (mixture-of-experts models): PaddleNLP 3.0.0b4 splits the routed
+    # experts across the data-parallel group, so this equals the data-parallel degree.
+    expert: int = 1
     sequence_parallel: bool = False
     offload: bool = False  # sharding offload of optimizer states
     # Processes per node; None -> product of degrees on one node.

@@ -20,6 +20,11 @@ def parallel_training_arguments(p: ParallelConfig) -> dict[str, Any]:
         args["sequence_parallel"] = p.sequence_parallel
     if p.pipeline > 1:
         args["pipeline_parallel_degree"] = p.pipeline
+    if p.expert > 1:
+        # PaddleNLP 3.0.0b4 places the experts across the data-parallel group itself; the
+        # flag keeps expert gradients rank-local and saves every rank's experts. (Its
+        # expert_parallel_degree argument asserts data parallel == 1, so it stays unset.)
+        args["use_expert_parallel"] = True
     if p.sharding_stage:
         args["sharding"] = f"stage{p.sharding_stage}" + (" offload" if p.offload else "")
         args["sharding_parallel_degree"] = p.sharding

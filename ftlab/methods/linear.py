@@ -21,8 +21,11 @@ if TYPE_CHECKING:
 
 
 def target_patterns(cfg: Any, model_cfg: ModelConfig) -> list[str]:
-    """The regexes naming the adapted linears: the method's own, else the model's."""
-    return list(cfg.target_modules) if cfg.target_modules else list(model_cfg.lora_target_modules)
+    """The regexes naming the adapted linears: the method's own, else the model's (its
+    family's default unless the model option sets them; resolved in composition)."""
+    if cfg.target_modules:
+        return list(cfg.target_modules)
+    return list(model_cfg.lora_target_modules or [])
 
 
 class LinearAdapterMethod(Method):
@@ -98,4 +101,6 @@ class LinearAdapterMethod(Method):
                 "targets": targets,
             },
             lines=[f"adapter        {self.plan_label} {size} on {', '.join(targets)}"],
+            adapter_layers=sum(self.adapter_size(cfg, x) for x in targeted if x.layer is not None),
+            frozen_layers=sum(self.frozen_size(cfg, x) for x in targeted if x.layer is not None),
         )

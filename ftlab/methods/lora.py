@@ -27,6 +27,7 @@ What ftlab changes on top of PaddleNLP 3.0.0b4, and why:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ from ftlab.config.schema import MethodConfig
 from ftlab.errors import ConfigError, ModelLoadError
 from ftlab.methods.linear import LinearAdapterMethod, target_patterns
 from ftlab.methods.registry import register_method
+from ftlab.models.arch import model_linears
 from ftlab.models.families import family
 
 if TYPE_CHECKING:
@@ -299,12 +301,26 @@ class Lora(LinearAdapterMethod):
             notes.append(
                 f"method.lora_dropout={m.lora_dropout}: run_finetune.py uses no LoRA dropout."
             )
-        # PaddleNLP's get_lora_target_modules adapts every linear layer of the family.
-        script_targets = set(family(run.model.family).linears)
-        patterns = target_patterns(m, run.model)
-        if {t.strip(".*") for t in patterns} != script_targets:
+        # What run_finetune.py's get_lora_target_modules adapts for the family, compared
+        # layer by layer with ftlab's targets (both matched on the plan's layer names).
+        fam = family(run.model.family)
+        if not fam.script_lora_targets:
             notes.append(
-                f"LoRA targets {sorted(patterns)}: run_finetune.py adapts "
-                f"every projection ({', '.join(sorted(script_targets))})."
+                f"model.family={fam.name}: run_finetune.py has no LoRA target list for this "
+                "family (its get_lora_target_modules raises); pass lora target modules to it "
+                f"by hand: {target_patterns(m, run.model)}."
             )
+        else:
+            ours = {x.name for x in self.targeted_linears(run)}
+            theirs = {
+                x.name
+                for x in model_linears(run.model)
+                if any(re.fullmatch(f".*{t}.*", x.name) for t in fam.script_lora_targets)
+            }
+            if ours != theirs:
+                notes.append(
+                    f"LoRA targets {target_patterns(m, run.model)} ({len(ours)} layers): "
+                    f"run_finetune.py adapts {len(theirs)} layers instead, those matching "
+                    f"{', '.join(fam.script_lora_targets)}."
+                )
         return args

@@ -40,6 +40,15 @@ class PrefixMethodConfig(MethodConfig):
     prefix_dropout: float = 0.0
 
 
+def kv_heads(config: Any) -> int:
+    """Key/value heads of a live PaddleNLP config (ChatGLM2 names them multi-query groups)."""
+    for name in ("num_key_value_heads", "multi_query_group_num"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    return int(config.num_attention_heads)
+
+
 def prefix_families() -> list[str]:
     return sorted(name for name, f in FAMILIES.items() if f.prefix_kv_layout)
 
@@ -105,12 +114,14 @@ class Prefix(Method):
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
         from paddlenlp.peft import PrefixConfig
 
+        from ftlab.models.loading import num_layers
+
         c = model.config
         prefix_config = PrefixConfig(
             num_prefix_tokens=cfg.num_prefix_tokens,
             num_attention_heads=c.num_attention_heads,
-            multi_query_group_num=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-            num_hidden_layers=c.num_hidden_layers,
+            multi_query_group_num=kv_heads(c),
+            num_hidden_layers=num_layers(c),
             hidden_size=c.hidden_size,
             prefix_projection=cfg.prefix_projection,
             prefix_projection_hidden_size=cfg.prefix_projection_hidden_size or c.hidden_size,
@@ -124,6 +135,8 @@ class Prefix(Method):
     def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
         from paddlenlp.peft import PrefixConfig
 
+        from ftlab.models.loading import num_layers
+
         trained_dir = Path(trained_dir)
         if not any(
             (trained_dir / f).exists()
@@ -132,14 +145,13 @@ class Prefix(Method):
             raise ModelLoadError(f"no prefix-tuning weights in {trained_dir}")
         saved = PrefixConfig.from_pretrained(str(trained_dir))
         c = base.config
-        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        if saved.multi_query_group_num != kv_heads or saved.num_hidden_layers != (
-            base.config.num_hidden_layers
-        ):
+        heads = kv_heads(c)
+        layers = num_layers(c)
+        if saved.multi_query_group_num != heads or saved.num_hidden_layers != layers:
             raise ModelLoadError(
                 f"the prefix in {trained_dir} was trained for {saved.num_hidden_layers} layers "
                 f"x {saved.multi_query_group_num} key/value heads; this base model has "
-                f"{base.config.num_hidden_layers} x {kv_heads}. Load it onto its own base model."
+                f"{layers} x {heads}. Load it onto its own base model."
             )
         return _prefix_model_class().from_pretrained(
             base, str(trained_dir), postprocess_past_key_value=_postprocess(base.config.model_type)

@@ -146,9 +146,11 @@ class QLora(Lora):
         from paddlenlp.transformers import AutoConfig, AutoModelForCausalLM
         from paddlenlp.transformers.model_utils import no_init_weights
 
+        from ftlab.models.compat import apply_fixes
         from ftlab.models.loading import finish_model, model_settings
         from ftlab.models.quant import SafetensorsSource, quantize_while_loading
 
+        apply_fixes()
         config = AutoConfig.from_pretrained(str(path), dtype=dtype, **overrides)
         for key, value in model_settings(model_cfg, getattr(config, "rope_theta", None)).items():
             setattr(config, key, value)  # flash attention, RoPE scaling: as load_model does
@@ -225,6 +227,7 @@ class QLora(Lora):
         plan.quantized = sum(x.size for x in targeted)
         plan.quantized_per_layer = sum(x.size for x in targeted if x.layer == 0)
         plan.quantized_lm_head = sum(x.size for x in targeted if x.layer is None)
+        plan.quantized_layers = sum(x.size for x in targeted if x.layer is not None)
         plan.quantized_bytes_per_param = per_param
         plan.adapter_fp32 = True
         plan.details.update(

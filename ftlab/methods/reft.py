@@ -119,6 +119,8 @@ def _reft_classes() -> tuple[type, type]:
     from paddle import nn
     from paddlenlp.peft import ReFTModel
 
+    from ftlab.models.loading import decoder_layers
+
     class LoReftIntervention(nn.Layer):
         """The edit ``R^T (act(W h + b) - R h)`` (added to ``h`` by the wrapper)."""
 
@@ -163,7 +165,7 @@ def _reft_classes() -> tuple[type, type]:
                 p.stop_gradient = True
             self._pending: paddle.Tensor | None = None
             self._active: paddle.Tensor | None = None
-            decoder = getattr(model, model.base_model_prefix).layers
+            decoder = decoder_layers(model)
             for i in settings["layers"]:
                 decoder[i].register_forward_post_hook(self._edit_hook(str(i)))
             # Arm the edits for exactly one forward of the wrapped model (the prompt pass).
@@ -316,7 +318,9 @@ class Reft(Method):
             )
 
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
-        settings = reft_settings(cfg, model.config.num_hidden_layers)
+        from ftlab.models.loading import num_layers
+
+        settings = reft_settings(cfg, num_layers(model.config))
         return _reft_classes()[1](model, settings)
 
     def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
@@ -330,7 +334,9 @@ class Reft(Method):
                 f"no ReFT interventions ({REFT_RECORD}, {REFT_WEIGHTS}) in {trained_dir}"
             )
         settings = json.loads(record.read_text())
-        n_layers = base.config.num_hidden_layers
+        from ftlab.models.loading import num_layers
+
+        n_layers = num_layers(base.config)
         if any(not 0 <= i < n_layers for i in settings["layers"]):
             raise ModelLoadError(
                 f"the interventions in {trained_dir} sit on layers {settings['layers']} but "

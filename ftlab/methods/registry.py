@@ -46,6 +46,10 @@ class AdapterPlan:
     quantized: int = 0  # base parameters stored quantized (QLoRA's target linears)
     quantized_per_layer: int = 0
     quantized_lm_head: int = 0
+    # Sums over all decoder layers (MoE models' layers differ); 0: per-layer x layers.
+    adapter_layers: int = 0
+    frozen_layers: int = 0
+    quantized_layers: int = 0
     quantized_bytes_per_param: float = 0.0  # codes + scales
     adapter_fp32: bool = False  # adapter kept in fp32 whatever the weight dtype (QLoRA)
     targets: list[str] = field(default_factory=list)  # short names of adapted layers

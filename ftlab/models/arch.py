@@ -1,17 +1,20 @@
 """Parameter and layer arithmetic from ``model.arch`` alone (no Paddle, no weights).
 
-The plan counts parameters and memory from these numbers, and each method counts what
-it adds from the same list of linear layers (``Method.plan``), named as PaddleNLP names
-the sublayers so that ``target_modules`` regexes match here exactly as on the live model.
+The family's row (``ftlab.models.families``) describes one decoder layer; this module
+expands it over the model's layers and experts. The plan counts parameters and memory
+from these numbers, and each method counts what it adds from the same list of linear
+layers (``Method.plan``), named as PaddleNLP names the sublayers so that
+``target_modules`` regexes match here exactly as on the live model. The tests build a
+tiny random model of every family and check both the names and the count exactly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ftlab.config.schema import ModelConfig
+from ftlab.config.schema import ModelArch, ModelConfig
 from ftlab.errors import ConfigError
-from ftlab.models.families import family
+from ftlab.models.families import Family, H, LinearSpec, family, moe_layer
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,11 @@ class Linear:
     name: str  # full sublayer name, e.g. ``llama.layers.0.self_attn.q_proj``
     fan_in: int
     fan_out: int
-    layer: int | None  # decoder layer index; None for the LM head
+    layer: int | None  # decoder layer index; None outside the decoder layers
+    part: str = "attention"  # attention | mlp | expert | shared | router | mtp
+    bias: bool = False
+    expert: int | None = None  # routed expert index
+    tp_split: bool = True  # tensor parallelism splits it (else every rank holds it whole)
 
     @property
     def size(self) -> int:
@@ -30,6 +37,8 @@ class Linear:
 
 def head_dim(model: ModelConfig) -> int:
     a = model.arch
+    if a.head_dim:
+        return a.head_dim
     if a.hidden_size % a.num_attention_heads:
         raise ConfigError(
             f"model.arch.hidden_size={a.hidden_size} is not a multiple of "
@@ -43,27 +52,103 @@ def kv_dim(model: ModelConfig) -> int:
     return model.arch.num_key_value_heads * head_dim(model)
 
 
+def _layer_count(a: ModelArch) -> int:
+    """Decoder layers PaddleNLP builds: the model's, plus DeepSeek-V3's MTP layers."""
+    return a.num_hidden_layers + (a.num_nextn_predict_layers or 0)
+
+
+def _layer_specs(fam: Family, a: ModelArch, index: int) -> list[tuple[LinearSpec, str, int | None]]:
+    """(spec, full path inside the layer, expert index) of every weight matrix of a layer."""
+    out: list[tuple[LinearSpec, str, int | None]] = [(s, s.path, None) for s in fam.attention]
+    if moe_layer(a, index):
+        moe = fam.moe
+        if moe is None:
+            raise ConfigError(
+                f"model.arch.num_experts={a.num_experts}: model.family={fam.name} has no "
+                "mixture-of-experts layers in PaddleNLP. Set num_experts to 0 or null."
+            )
+        out += [(s, s.path, None) for s in moe.router]
+        for e in range(a.num_experts):
+            out += [(s, f"{moe.block}.experts.{e}.{s.path}", e) for s in moe.expert]
+        if moe.shared_path and a.shared_expert_intermediate_size:
+            out += [(s, f"{moe.shared_path}.{s.path}", None) for s in moe.shared]
+    else:
+        out += [(s, s.path, None) for s in fam.mlp]
+    return [(s, path, e) for s, path, e in out if s.when(a)]
+
+
 def model_linears(model: ModelConfig) -> list[Linear]:
-    """Every linear layer of the decoder (and the untied LM head), in PaddleNLP's order."""
+    """Every ``nn.Linear`` of the decoder, in layer order, named as PaddleNLP names it."""
     a, fam = model.arch, family(model.family)
-    h, i, kv = a.hidden_size, a.intermediate_size, kv_dim(model)
-    shapes = {
-        "q_proj": (h, h),
-        "k_proj": (h, kv),
-        "v_proj": (h, kv),
-        "o_proj": (h, h),
-        "gate_proj": (h, i),
-        "up_proj": (h, i),
-        "down_proj": (i, h),
-    }
     out = []
-    for layer in range(a.num_hidden_layers):
-        for name in fam.linears:
-            fan_in, fan_out = shapes[name]
-            path = f"{fam.decoder_prefix}.layers.{layer}.{fam.block_of(name)}.{name}"
-            out.append(Linear(path, fan_in, fan_out, layer))
-    if not a.tie_word_embeddings:
-        out.append(Linear("lm_head", h, a.vocab_size, None))
+    for layer in range(_layer_count(a)):
+        for spec, path, expert in _layer_specs(fam, a, layer):
+            if spec.is_linear:
+                out.append(
+                    Linear(
+                        f"{fam.layers_path}.{layer}.{path}",
+                        spec.fan_in(a),
+                        spec.fan_out(a),
+                        layer,
+                        spec.part,
+                        spec.has_bias(a),
+                        expert,
+                        spec.tp_split,
+                    )
+                )
+        if layer >= a.num_hidden_layers:  # DeepSeek-V3's MTP layer: eh_proj joins two states
+            out.append(
+                Linear(f"{fam.layers_path}.{layer}.eh_proj", 2 * H(a), H(a), layer, "mtp", True)
+            )
+    return out
+
+
+@dataclass(frozen=True)
+class LayerCounts:
+    """Parameters of one decoder layer, by how parallelism splits them."""
+
+    index: int
+    split: int  # linear weights tensor parallelism splits (attention, dense MLP, shared)
+    experts: int  # routed experts (weights + biases): split by expert parallelism
+    # norms, biases, routers and unsplit linears: whole on every tensor-parallel rank
+    replicated: int
+    active_experts: int  # of ``experts``, what one token runs through (top-k)
+    moe: bool
+
+    @property
+    def total(self) -> int:
+        return self.split + self.experts + self.replicated
+
+    @property
+    def active(self) -> int:
+        return self.split + self.active_experts + self.replicated
+
+
+def layer_counts(model: ModelConfig) -> list[LayerCounts]:
+    a, fam = model.arch, family(model.family)
+    norm_factor = 2 if fam.norm_bias else 1
+    out = []
+    for layer in range(_layer_count(a)):
+        split = experts = replicated = 0
+        for spec, _, expert in _layer_specs(fam, a, layer):
+            weight = spec.fan_in(a) * spec.fan_out(a)
+            bias = spec.fan_out(a) if spec.has_bias(a) else 0
+            if expert is not None:
+                experts += weight + bias
+            elif spec.part == "router" or not spec.tp_split:
+                replicated += weight + bias
+            else:
+                split += weight
+                replicated += bias
+        replicated += norm_factor * sum(n.width(a) for n in fam.norms if n.when(a))
+        is_moe = moe_layer(a, layer)
+        if is_moe and a.router_bias and fam.moe and fam.moe.router_bias_path:
+            replicated += a.num_experts
+        if layer >= a.num_hidden_layers:  # MTP: enorm, hnorm, eh_proj (with bias)
+            replicated += norm_factor * 2 * H(a) + H(a)
+            split += 2 * H(a) * H(a)
+        active = experts * (a.num_experts_per_tok or 0) // a.num_experts if is_moe else 0
+        out.append(LayerCounts(layer, split, experts, replicated, active, is_moe))
     return out
 
 
@@ -72,27 +157,56 @@ class BaseCounts:
     """Parameters of the base model, by where they sit."""
 
     total: int
-    embedding: int
+    embedding: int  # token (+ position) embeddings and the embedding norm
     lm_head: int  # 0 when tied to the embedding
-    per_layer: int  # one decoder layer, norms and biases included
-    norms_and_biases_per_layer: int
+    layers: tuple[LayerCounts, ...]
     final_norm: int
+    active: int  # parameters one token runs through (MoE: top-k experts, not all)
+    experts: int  # routed-expert parameters over all layers
+
+    @property
+    def per_layer(self) -> int:
+        """The largest decoder layer, norms and biases included."""
+        return max(x.total for x in self.layers)
+
+    @property
+    def norms_and_biases_per_layer(self) -> int:
+        return max(self.layers, key=lambda x: x.total).replicated
+
+
+def lm_head_untied(model: ModelConfig) -> bool:
+    """PaddleNLP builds a separate output matrix (untied, or a family that never ties)."""
+    return not model.arch.tie_word_embeddings or not family(model.family).ties_embeddings
 
 
 def base_counts(model: ModelConfig) -> BaseCounts:
     a, fam = model.arch, family(model.family)
     h = a.hidden_size
-    layer_linears = [x for x in model_linears(model) if x.layer == 0]
-    # Two RMSNorm weights per layer, plus the q/k/v biases of families that have them.
-    norms_biases = 2 * h + ((h + 2 * kv_dim(model)) if fam.qkv_bias else 0)
-    per_layer = sum(x.size for x in layer_linears) + norms_biases
+    norm = (2 if fam.norm_bias else 1) * h
     embedding = a.vocab_size * h
-    lm_head = 0 if a.tie_word_embeddings else a.vocab_size * h
+    if fam.position_embeddings is not None:
+        embedding += fam.position_embeddings(a) * h
+    if fam.embedding_norm:
+        embedding += norm
+    lm_head = a.vocab_size * h if lm_head_untied(model) else 0
+    layers = tuple(layer_counts(model))
+    outside = embedding + lm_head + norm
     return BaseCounts(
-        total=embedding + lm_head + a.num_hidden_layers * per_layer + h,
+        total=outside + sum(x.total for x in layers),
         embedding=embedding,
         lm_head=lm_head,
-        per_layer=per_layer,
-        norms_and_biases_per_layer=norms_biases,
-        final_norm=h,
+        layers=layers,
+        final_norm=norm,
+        active=outside + sum(x.active for x in layers),
+        experts=sum(x.experts for x in layers),
     )
+
+
+def ffn_width(model: ModelConfig) -> int:
+    """MLP width one token runs through in the widest layer (for the activation estimate)."""
+    a, fam = model.arch, family(model.family)
+    dense = fam.mlp_width(a) if fam.mlp else 0
+    if not a.num_experts:
+        return dense
+    moe = (a.num_experts_per_tok or 0) * (a.moe_intermediate_size or 0)
+    return max(dense if a.dense_layers else 0, moe + (a.shared_expert_intermediate_size or 0))

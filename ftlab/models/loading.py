@@ -13,6 +13,7 @@ from typing import Any
 
 from ftlab.config.schema import ModelConfig, PrecisionConfig
 from ftlab.errors import ModelLoadError
+from ftlab.models.config_json import looks_local
 
 log = logging.getLogger(__name__)
 
@@ -29,21 +30,19 @@ def parameter_counts(model: Any) -> dict[str, int]:
     A quantized layer holds its base weight as packed codes (buffers, not parameters), so
     without this the total of a QLoRA model would leave the base out.
     """
+    from ftlab.models.quant.qlinear import QuantLoRALinear
+
     total = sum(int(p.size) for p in model.parameters())
     trainable = sum(int(p.size) for p in model.parameters() if not p.stop_gradient)
     for layer in model.sublayers():
-        if hasattr(layer, "quantized_weight"):
+        if isinstance(layer, QuantLoRALinear):
             total += layer.in_features * layer.out_features
     return {"total": total, "trainable": trainable}
 
 
-def _looks_local(name_or_path: str) -> bool:
-    return name_or_path.startswith(("/", "./", "../", "~")) or Path(name_or_path).exists()
-
-
 def load_pretrained(kind: str, loader: Any, name_or_path: str, **kwargs: Any) -> Any:
     path = Path(name_or_path).expanduser()
-    if _looks_local(name_or_path) and not path.is_dir():
+    if looks_local(name_or_path) and not path.is_dir():
         raise ModelLoadError(
             f"model.name_or_path={name_or_path!r}: no such directory. Point it at a local "
             "checkpoint directory or a hub name."
@@ -71,6 +70,14 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
                 f"the tokenizer of model {cfg.name} has no pad token and model.pad_token is "
                 "null. Set model.pad_token to a token that never occurs in your data "
                 "(e.g. the unknown token)."
+            )
+        if cfg.pad_token not in tok.get_vocab():
+            # Setting it anyway would pad with an id outside the embedding (or with the
+            # unknown token's id under another name): refused instead.
+            raise ModelLoadError(
+                f"model.pad_token={cfg.pad_token!r} is not in the vocabulary of model "
+                f"{cfg.name}'s tokenizer (which has no pad token of its own). Set "
+                "model.pad_token to one of its tokens that never occurs in your data."
             )
         tok.pad_token = cfg.pad_token
         log.info("tokenizer has no pad token: using model.pad_token=%r", cfg.pad_token)
@@ -125,7 +132,9 @@ def load_model(cfg: ModelConfig, dtype: str, overrides: Mapping[str, Any] | None
     """The base model; ``overrides`` are model-config values set at construction (the
     recompute details, which PaddleNLP's layers read in their constructors)."""
     from ftlab.distributed.layout import model_parallel_kwargs, pipeline_degree
+    from ftlab.models.compat import apply_fixes
 
+    apply_fixes()
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         **model_settings(cfg, checkpoint_rope_theta(cfg)),
@@ -156,3 +165,33 @@ def count_shared_weights_once(model: Any) -> None:
     for comm in getattr(model, "shared_comm", {}).values():
         for attr in comm["weight_attr"]:
             getattr(comm["layer"], attr).is_firstly_shared = rank == min(comm["ranks"])
+
+
+def decoder_layers(model: Any) -> Any:
+    """The decoder layers of a live causal LM (``<layers_path>`` of its family's row)."""
+    from ftlab.models.families import FAMILIES
+
+    fam = FAMILIES.get(model.config.model_type)
+    if fam is None:
+        raise ModelLoadError(
+            f"model type {model.config.model_type!r} is not in ftlab's family table; its "
+            "decoder layers are unknown."
+        )
+    layers = model
+    for part in fam.layers_path.split("."):
+        layers = getattr(layers, part)
+    return layers
+
+
+def output_logits(out: Any) -> Any:
+    """The logits of a causal LM's forward output: a tuple, an output object, or (OPT) the
+    bare logits tensor."""
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return getattr(out, "logits", out)
+
+
+def num_layers(config: Any) -> int:
+    """Decoder layers of a live PaddleNLP config (Bloom names them ``n_layer``)."""
+    value = getattr(config, "num_hidden_layers", None)
+    return int(value if value is not None else config.n_layer)

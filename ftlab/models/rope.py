@@ -40,10 +40,11 @@ STATIC_STRATEGIES = ("linear", "ntk", "yarn")
 DEFAULT_ROPE_THETA = 10000.0
 
 
-def context_length(model: ModelConfig) -> int:
-    """Positions the model takes: the pretrained context, times the factor when scaled."""
+def context_length(model: ModelConfig) -> int | None:
+    """Positions the model takes: the pretrained context, times the factor when scaled
+    (None: no fixed context, as with Bloom's ALiBi)."""
     native = model.arch.max_position_embeddings
-    if model.rope_scaling.strategy is None:
+    if native is None or model.rope_scaling.strategy is None:
         return native
     return int(native * model.rope_scaling.factor)
 

@@ -39,9 +39,18 @@ The memory model (bytes on the busiest device):
   that mask at the attention call: ``ftlab.models.attention``). The plan prints the
   attention path the run takes.
 
-Splits: tensor parallel divides linear and vocab weights by ``tensor`` (norms are
-replicated) and the activations except a replicated ``6h`` per token and layer (also split
-with sequence parallel); pipeline parallel keeps ``ceil(layers / pipeline)`` layers, plus
+Parameters come from ``ftlab.models.arch`` (the family's layers expanded over the model,
+exact against the live PaddleNLP model for every family). Mixture-of-experts layers count
+every routed expert (``total``) and the top-k a token runs through (``active``); their
+activations use the MLP width a token runs through (top-k experts + shared expert), an
+extrapolation of the dense fit, not a measurement.
+
+Splits: tensor parallel divides linear and vocab weights by ``tensor`` (norms, biases,
+routers and the linears PaddleNLP keeps whole, such as DeepSeek's low-rank projections, are
+replicated; routed experts only where the family's experts are tensor-parallel); expert
+parallel divides the routed experts by ``parallel.expert``; tensor parallel also splits
+the activations except a replicated ``6h`` per token and layer (also split with sequence
+parallel); pipeline parallel keeps ``ceil(layers / pipeline)`` layers, plus
 the embedding on the first stage and the LM head on the last, and holds up to
 ``min(pipeline, gradient_accumulation_steps)`` micro-batches in flight (1F1B); sharding
 stage 1 divides optimizer states, stage 2 also gradients, stage 3 also weights.
@@ -70,8 +79,9 @@ from ftlab.config.schema import RunConfig
 from ftlab.config.trainer_options import OPTIMIZERS_TABLE, parse_refined_recompute
 from ftlab.methods.catalog import get_method
 from ftlab.methods.registry import AdapterPlan
-from ftlab.models.arch import base_counts, head_dim
+from ftlab.models.arch import base_counts, ffn_width, kv_dim
 from ftlab.models.attention import AttentionPath, attention_path
+from ftlab.models.families import family
 from ftlab.record.rundir import PLAN, RunDir
 
 MIB = 2**20
@@ -130,6 +140,10 @@ class ParamCounts:
     quantized_lm_head: int
     frozen_added: int = 0  # frozen parameters the method adds (VeRA's projections)
     frozen_added_per_layer: int = 0
+    # Mixture of experts: base-model parameters one token runs through (top-k of the routed
+    # experts) and the routed experts' share of the base (dense: the base total, and 0).
+    active: int = 0
+    experts: int = 0
     targets: list[str] = field(default_factory=list)  # short names of the adapted linears
 
 
@@ -152,6 +166,8 @@ def count_parameters(run: RunConfig, adapter: AdapterPlan | None = None) -> Para
         quantized_lm_head=a.quantized_lm_head,
         frozen_added=a.frozen,
         frozen_added_per_layer=a.frozen_per_layer,
+        active=base.active,
+        experts=base.experts,
         targets=list(a.targets),
     )
 
@@ -167,6 +183,7 @@ class Layout:
     sharding: int
     sharding_stage: int
     sequence_parallel: bool
+    expert: int
     micro_batch: int
     gradient_accumulation_steps: int
     global_batch: int
@@ -188,6 +205,7 @@ def layout(run: RunConfig, derived: Derived) -> Layout:
         sharding=p.sharding,
         sharding_stage=p.sharding_stage,
         sequence_parallel=p.sequence_parallel,
+        expert=p.expert,
         micro_batch=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         global_batch=derived.global_batch_size,
@@ -224,21 +242,38 @@ def _weight_bytes(run: RunConfig, adapter_plan: AdapterPlan) -> tuple[int, int]:
 
 
 def _stage_params(
-    counts: ParamCounts, num_layers: int, lay: Layout, which: str
+    run: RunConfig, counts: ParamCounts, plan: AdapterPlan, lay: Layout, which: str
 ) -> tuple[float, float, float]:
     """(float, quantized, adapter) parameters on one device of a pipeline stage.
 
     ``only``: no pipeline. ``first``: its layers + the embedding. ``last``: its layers +
     the LM head (a copy of the embedding when tied) + the final norm. Tensor parallelism
-    splits linears and the vocabulary dimension; norms and biases are replicated.
+    splits linears and the vocabulary dimension; norms, biases and routers are replicated.
+    Routed experts are split across the expert-parallel ranks (and by tensor parallelism
+    where the family's PaddleNLP experts are tensor-parallel). What a method adds inside
+    the layers follows its stage's share of the layers' parameters.
     """
-    tp, layers = lay.tensor, lay.layers_per_stage
-    norms = counts.norms_and_biases_per_layer
-    linear = counts.per_layer - norms - counts.quantized_per_layer + counts.frozen_added_per_layer
-    floats = layers * (linear / tp + norms)
-    quant = layers * counts.quantized_per_layer / tp
-    adapter = layers * counts.adapter_per_layer / tp
-    head_adapter = (counts.adapter - num_layers * counts.adapter_per_layer) / tp
+    tp, ep = lay.tensor, lay.expert
+    base = base_counts(run.model)
+    moe = family(run.model.family).moe
+    expert_tp = tp if moe is not None and moe.tensor_parallel_experts else 1
+    layers = base.layers[: lay.layers_per_stage] if which == "first" else base.layers
+    if which == "last":
+        layers = base.layers[-lay.layers_per_stage :]
+    all_layers = sum(x.total for x in base.layers)
+    share = sum(x.total for x in layers) / all_layers if all_layers else 0.0
+    experts = sum(x.experts for x in layers)
+    expert_share = experts / sum(x.total for x in layers) if layers else 0.0
+    on_device = (1 - expert_share) / tp + expert_share / (ep * expert_tp)
+    n = run.model.arch.num_hidden_layers
+    quant_layers = plan.quantized_layers or plan.quantized_per_layer * n
+    adapter_layers = plan.adapter_layers or plan.adapter_per_layer * n
+    frozen_layers = plan.frozen_layers or plan.frozen_per_layer * n
+    floats = sum(x.split / tp + x.experts / (ep * expert_tp) + x.replicated for x in layers)
+    floats += (frozen_layers - quant_layers) * share * on_device
+    quant = quant_layers * share * on_device
+    adapter = adapter_layers * share * on_device
+    head_adapter = (counts.adapter - adapter_layers) / tp
     head = counts.lm_head or counts.embedding
     if which in ("only", "first"):
         floats += counts.embedding / tp
@@ -249,8 +284,20 @@ def _stage_params(
     if which in ("only", "last"):
         quant += counts.quantized_lm_head / tp
         adapter += head_adapter
-        floats += (counts.frozen_added - num_layers * counts.frozen_added_per_layer) / tp
+        floats += (counts.frozen_added - frozen_layers) / tp
     return floats, quant, adapter
+
+
+def expert_params_per_device(run: RunConfig, lay: Layout) -> float:
+    """Routed-expert parameters one device holds (the busiest pipeline stage's share)."""
+    base = base_counts(run.model)
+    moe = family(run.model.family).moe
+    if not base.experts or moe is None:
+        return 0.0
+    expert_tp = lay.tensor if moe.tensor_parallel_experts else 1
+    k = lay.layers_per_stage
+    stages = [base.layers[:k], base.layers[-k:]] if lay.pipeline > 1 else [base.layers]
+    return max(sum(x.experts for x in stage) for stage in stages) / (lay.expert * expert_tp)
 
 
 def estimate_memory(
@@ -262,7 +309,7 @@ def estimate_memory(
 ) -> Memory:
     a, p = run.model.arch, run.parallel
     h, v, heads = a.hidden_size, a.vocab_size, a.num_attention_heads
-    kv = a.num_key_value_heads * head_dim(run.model)
+    kv = kv_dim(run.model)
     tp, stage = lay.tensor, lay.sharding_stage
     plan = adapter_plan if adapter_plan is not None else get_method(run.method.name).plan(run)
     base_b, adapter_b = _weight_bytes(run, plan)
@@ -271,7 +318,7 @@ def estimate_memory(
 
     qbytes = plan.quantized_bytes_per_param if counts.quantized else 0.0
     stages = [
-        _stage_params(counts, a.num_hidden_layers, lay, which)
+        _stage_params(run, counts, plan, lay, which)
         for which in (("only",) if lay.pipeline == 1 else ("first", "last"))
     ]
     # The busiest stage: the one whose parameters take the most bytes.
@@ -308,7 +355,7 @@ def estimate_memory(
     def per_token_layer(c_h: float, c_kv: float, c_ffn: float, c_scores: float) -> float:
         """Elements per micro-batch of one layer's terms, split as tensor parallelism does."""
         replicated = min(ACT_TP_REPLICATED_H, c_h) * h
-        split = c_h * h - replicated + c_kv * kv + c_ffn * a.intermediate_size + c_scores * scores
+        split = c_h * h - replicated + c_kv * kv + c_ffn * ffn_width(run.model) + c_scores * scores
         return (replicated / (tp if p.sequence_parallel else 1) + split / tp) * tokens
 
     per_layer = per_token_layer(
@@ -384,6 +431,21 @@ def make_plan(run: RunConfig, derived: Derived, device: str) -> dict[str, Any]:
     lay = layout(run, derived)
     mem = estimate_memory(run, counts, lay, device, adapter)
     path = attention_path(run.model, run.data.packing, device)
+    a = run.model.arch
+    moe = None
+    if counts.experts:
+        per_device = expert_params_per_device(run, lay)
+        base_b, _ = _weight_bytes(run, adapter)
+        moe = {
+            "num_experts": a.num_experts,
+            "experts_per_token": a.num_experts_per_tok,
+            "expert_parallel": lay.expert,
+            "experts_per_device_per_layer": a.num_experts // lay.expert,
+            "expert_params": counts.experts,
+            "expert_params_per_device": per_device,
+            # Base weights of the experts on the busiest device (in the weights line).
+            "expert_weight_bytes_per_device": per_device * base_b,
+        }
     return {
         "model": run.model.name,
         "device": device,
@@ -405,6 +467,7 @@ def make_plan(run: RunConfig, derived: Derived, device: str) -> dict[str, Any]:
             "label": OPTIMIZERS_TABLE[run.train.optim].label,
             "offload": run.train.offload_optim,
         },
+        "moe": moe,
     }
 
 
@@ -421,7 +484,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"layout         world {lay['world_size']} = {lay['nnodes']} node(s) x "
         f"{lay['nproc_per_node']} proc; data {lay['data']}, tensor {lay['tensor']}, pipeline "
         f"{lay['pipeline']}, sharding {lay['sharding']} (stage {lay['sharding_stage']})"
-        + (", sequence parallel" if lay["sequence_parallel"] else ""),
+        + (", sequence parallel" if lay["sequence_parallel"] else "")
+        + (f", expert {lay['expert']}" if lay["expert"] > 1 else ""),
         f"batch          micro {lay['micro_batch']} x seq {lay['seq_len']}, grad accumulation "
         f"{lay['gradient_accumulation_steps']}, global {lay['global_batch']}",
         f"parameters     total {par['total']:,}, trainable {par['trainable']:,} "
@@ -430,6 +494,18 @@ def format_plan(plan: dict[str, Any]) -> str:
     ]
     if plan.get("context_length") is not None:
         lines.append(f"context        {plan['context_length']:,} positions")
+    moe = plan.get("moe")
+    if moe:
+        lines += [
+            f"experts        {moe['num_experts']} per MoE layer, top-{moe['experts_per_token']}: "
+            f"a token runs through {par['active']:,} of the base model's "
+            f"{par['total'] - par['adapter'] - par['frozen_added']:,} parameters; "
+            f"routed experts {par['experts']:,}",
+            f"               expert parallel {moe['expert_parallel']}: "
+            f"{moe['experts_per_device_per_layer']} experts per layer per device, "
+            f"{moe['expert_params_per_device']:,.0f} expert parameters "
+            f"({mib(moe['expert_weight_bytes_per_device'] / MIB)}) on the busiest device",
+        ]
     lines += plan["method_lines"]
     rc = "  <- train.recompute" if plan["recompute"] else ""
     no_rc = "" if plan["recompute"] else "  <- train.recompute=false"

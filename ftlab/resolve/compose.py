@@ -49,17 +49,31 @@ def _asset(name: str) -> str:
     return str(asset_path(name))
 
 
+def _model_label(name: Any, name_or_path: Any) -> str:
+    from ftlab.models.config_json import model_label
+
+    return str(model_label(name, name_or_path))
+
+
 def register_resolvers() -> None:
-    """``${asset:NAME}`` -> the absolute path of a checkpoint or dataset shipped in ftlab."""
+    """``${asset:NAME}`` -> the absolute path of a checkpoint or dataset shipped in ftlab;
+    ``${model_label:NAME,PATH}`` -> the model's run-dir label (NAME, else PATH's last part)."""
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", _asset)
+    if not OmegaConf.has_resolver("model_label"):
+        OmegaConf.register_new_resolver("model_label", _model_label)
 
 
 def to_run_config(cfg: DictConfig) -> schema.RunConfig:
-    """Resolve interpolations and convert to dataclasses (method -> its own schema)."""
+    """Resolve interpolations and convert to dataclasses (method -> its own schema); the
+    model's family, architecture numbers, label and LoRA targets are completed from its
+    directory's config.json or its model option (``ftlab.models.config_json``)."""
+    from ftlab.models.config_json import resolve_model
+
     register_resolvers()
     run = OmegaConf.to_object(cfg)
     assert isinstance(run, schema.RunConfig), type(run)
+    run.model = resolve_model(run.model)
     return run
 
 

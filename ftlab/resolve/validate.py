@@ -159,16 +159,25 @@ def check_precision(run: RunConfig, env: Environment) -> None:
 
 def check_model(run: RunConfig, env: Environment) -> None:
     m, d = run.model, run.data
+    fam = family(m.family)
     check_context(run)
     if d.format not in TEXT_FORMATS and d.src_length >= d.max_length:
         raise ConfigError(
             f"data.src_length={d.src_length} must be below data.max_length={d.max_length}: "
             "no room would be left for the target."
         )
-    if m.flash_attention and not family(m.family).flash_attention:
+    if m.arch.tie_word_embeddings and not fam.ties_embeddings:
         raise ConfigError(
-            f"model.flash_attention=true: PaddleNLP's {m.family} models have no flash "
-            "attention path. Set model.flash_attention=false."
+            f"model.arch.tie_word_embeddings=true: PaddleNLP 3.0.0b4's {fam.name} model "
+            f"({fam.causal_lm_class}) never ties its output layer to the embedding, so a tied "
+            "checkpoint would leave its output layer at random initialisation. Use an "
+            "untied checkpoint of this family."
+        )
+    if m.flash_attention and not fam.flash_attention:
+        raise ConfigError(
+            f"model.flash_attention=true with model.family={m.family}: "
+            f"{fam.flash_attention_reason or 'PaddleNLP has no flash-attention path for it'}. "
+            "Set model.flash_attention=false."
         )
     if m.flash_attention and env.device == "cpu" and env.paddle_version.startswith("3.0"):
         raise ConfigError(
@@ -189,10 +198,11 @@ def check_context(run: RunConfig) -> None:
     if rs.strategy is not None:
         if not family(m.family).rope_scaling:
             raise ConfigError(
-                f"model.rope_scaling.strategy={rs.strategy}: PaddleNLP's {m.family} attention "
-                "does not build long-sequence strategies (only "
-                f"{', '.join(n for n, f in FAMILIES.items() if f.rope_scaling)}). Set "
-                "model.rope_scaling.strategy=null."
+                f"model.rope_scaling.strategy={rs.strategy}: ftlab scales RoPE through "
+                "PaddleNLP's long-sequence strategies for "
+                f"{', '.join(n for n, f in FAMILIES.items() if f.rope_scaling)} only, not "
+                f"{m.family} (its attention does not build them, has no rotary table, or "
+                "is untested). Set model.rope_scaling.strategy=null."
             )
         if rs.factor < 1.0:
             raise ConfigError(
@@ -200,15 +210,19 @@ def check_context(run: RunConfig) -> None:
                 f"context is model.arch.max_position_embeddings ({native}) x factor."
             )
     context = context_length(m)
-    if d.max_length <= context:
+    if context is None or d.max_length <= context:  # None: ALiBi, no fixed context
         return
     need = -(-d.max_length // native)
     if rs.strategy is None:
+        scale = (
+            f", or scale RoPE: model.rope_scaling.strategy=linear model.rope_scaling.factor="
+            f"{need} (or ntk, dynamic_ntk, yarn) gives {native * need} positions"
+            if family(m.family).rope_scaling
+            else ""
+        )
         raise ConfigError(
             f"data.max_length={d.max_length} exceeds model {m.name}'s context of {native} "
-            "tokens (model.arch.max_position_embeddings). Lower data.max_length, or scale "
-            f"RoPE: model.rope_scaling.strategy=linear model.rope_scaling.factor={need} "
-            f"(or ntk, dynamic_ntk, yarn) gives {native * need} positions."
+            f"tokens (model.arch.max_position_embeddings). Lower data.max_length{scale}."
         )
     raise ConfigError(
         f"data.max_length={d.max_length} exceeds the scaled context of {context} tokens "
@@ -298,6 +312,7 @@ def check_parallel(run: RunConfig, env: Environment) -> dict[str, int]:
             "devices."
         )
     fam = family(run.model.family)
+    check_expert_parallel(run, env, dp)
     if p.tensor > 1 and not fam.tensor_parallel:
         raise ConfigError(
             f"parallel.tensor={p.tensor}: PaddleNLP has no tensor-parallel layers for "
@@ -311,6 +326,17 @@ def check_parallel(run: RunConfig, env: Environment) -> dict[str, int]:
             f"({arch.num_attention_heads}) and key/value heads "
             f"({arch.num_key_value_heads}) of model {run.model.name}."
         )
+    widths = {"intermediate_size": arch.intermediate_size}
+    if arch.num_experts and fam.moe is not None and fam.moe.tensor_parallel_experts:
+        widths["moe_intermediate_size"] = arch.moe_intermediate_size
+    if arch.shared_expert_intermediate_size:
+        widths["shared_expert_intermediate_size"] = arch.shared_expert_intermediate_size
+    for key, width in widths.items():
+        if p.tensor > 1 and width and width % p.tensor:
+            raise ConfigError(
+                f"parallel.tensor={p.tensor} must divide model.arch.{key}={width} of model "
+                f"{run.model.name}: tensor parallelism splits those columns evenly."
+            )
     if p.pipeline > 1 and fam.pipeline_class is None:
         raise ConfigError(
             f"parallel.pipeline={p.pipeline}: PaddleNLP has no pipeline model for "
@@ -339,8 +365,8 @@ def check_parallel(run: RunConfig, env: Environment) -> dict[str, int]:
     return {"world_size": world, "nproc_per_node": nproc, "data_parallel_degree": dp}
 
 
-# --------------------------------------------------------------------------- issue 17:
-# optimizer, recompute detail, trackers, generation metrics
+# --------------------------------------------------------------------------- optimizer,
+# recompute detail, trackers, generation metrics
 
 
 def check_optimizer(run: RunConfig, env: Environment) -> None:
@@ -464,6 +490,61 @@ def check_generation(run: RunConfig) -> bool:
             "score the saved final/ model afterwards with ftlab-predict."
         )
     return enabled
+
+
+def check_expert_parallel(run: RunConfig, env: Environment, dp: int) -> None:
+    """``parallel.expert`` as PaddleNLP 3.0.0b4 implements it, and the layouts that would
+    split experts without it.
+
+    Its ``MoELayer`` (Qwen2-MoE, DeepSeek-V2/V3) places the routed experts across the
+    data-parallel group whenever fleet's hybrid groups exist (some tensor, pipeline or
+    sharding degree > 1); ``use_expert_parallel`` then keeps their gradients rank-local
+    and saves each rank's experts. Mixtral's block keeps every expert on every rank.
+    """
+    p, a = run.parallel, run.model.arch
+    moe = family(run.model.family).moe
+    hybrid = p.tensor > 1 or p.pipeline > 1 or p.sharding > 1
+    name = f"model {run.model.name} ({run.model.family})"
+    if p.expert < 1:
+        raise ConfigError(f"parallel.expert={p.expert}: must be >= 1 (1: no expert parallelism).")
+    if p.expert == 1:
+        if a.num_experts and moe is not None and moe.expert_parallel and hybrid and dp > 1:
+            raise ConfigError(
+                f"parallel={p.name} with {name}: PaddleNLP 3.0.0b4 places the experts across "
+                f"the {dp} data-parallel ranks in this layout, which needs expert "
+                f"parallelism to train correctly. Set parallel.expert={dp}."
+            )
+        return
+    if not a.num_experts:
+        raise ConfigError(
+            f"parallel.expert={p.expert}: {name} has no experts (model.arch.num_experts=0). "
+            "Set parallel.expert=1."
+        )
+    if moe is None or not moe.expert_parallel:
+        raise ConfigError(
+            f"parallel.expert={p.expert}: PaddleNLP 3.0.0b4's {run.model.family} keeps every "
+            "expert on every rank (no expert-parallel MoE layer). Set parallel.expert=1 and "
+            "shard with parallel.sharding / parallel.tensor instead."
+        )
+    if a.num_experts % p.expert:
+        raise ConfigError(
+            f"parallel.expert={p.expert} must divide the {a.num_experts} experts of {name}."
+        )
+    if p.expert != dp or not hybrid:
+        raise ConfigError(
+            f"parallel.expert={p.expert}: PaddleNLP 3.0.0b4 splits the experts across the "
+            "data-parallel group, and only inside a hybrid layout (tensor, pipeline or "
+            f"sharding degree > 1). Here the data-parallel degree is {dp} (tensor "
+            f"{p.tensor}, pipeline {p.pipeline}, sharding {p.sharding}): use e.g. "
+            f"parallel.tensor=2 with {2 * p.expert} devices, so that data parallel = "
+            f"{p.expert}."
+        )
+    if env.device == "cpu":
+        raise ConfigError(
+            f"parallel.expert={p.expert} on CPU: experts exchange tokens with all-to-all, "
+            "which PaddlePaddle's gloo backend does not implement (ProcessGroupGLOO: "
+            "all_to_all unimplemented). Plan it with mode=plan device=gpu, run it on GPUs."
+        )
 
 
 def check_method_layout(run: RunConfig, method: Method) -> None:

@@ -255,6 +255,20 @@ class QuantizeReport:
         return d
 
 
+def _plain_linear(layer: nn.Layer) -> bool:
+    """``nn.Linear``, or a PaddleNLP subclass that computes exactly what it does: its
+    ``linear_utils.Linear`` and DeepSeek's fp8-capable ``Linear`` while the weight is not
+    8-bit (both named ``Linear``; adapter layers such as ``LoRALinear`` are not)."""
+    if type(layer) is nn.Linear:
+        return True
+    return (
+        isinstance(layer, nn.Linear)
+        and type(layer).__name__ == "Linear"
+        and type(layer).__module__.startswith("paddlenlp.transformers")
+        and layer.weight.element_size() > 1
+    )
+
+
 def find_target_linears(model: nn.Layer, target_patterns: Iterable[str]) -> list[str]:
     """Names of ``nn.Linear`` sublayers whose full name ``re.fullmatch``-es a pattern.
 
@@ -269,7 +283,7 @@ def find_target_linears(model: nn.Layer, target_patterns: Iterable[str]) -> list
     for name, layer in model.named_sublayers():
         if not any(p.fullmatch(name) for p in patterns):
             continue
-        if type(layer) is nn.Linear:
+        if _plain_linear(layer):
             names.append(name)
         elif not isinstance(layer, QuantLoRALinear):
             wrong_type.append(f"{name} ({type(layer).__name__})")
@@ -279,7 +293,7 @@ def find_target_linears(model: nn.Layer, target_patterns: Iterable[str]) -> list
             f"{wrong_type[:5]}; narrow the patterns (ftlab quantizes nn.Linear only)"
         )
     if not names:
-        linears = [n for n, m in model.named_sublayers() if type(m) is nn.Linear][:8]
+        linears = [n for n, m in model.named_sublayers() if _plain_linear(m)][:8]
         raise ValueError(
             f"target_modules {[p.pattern for p in patterns]} match no nn.Linear sublayer "
             f"(patterns must match the full name); linear layers include: {linears}"
