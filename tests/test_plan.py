@@ -304,7 +304,15 @@ def test_recompute_terms_match_paddle_allocator(granularity: str) -> None:
         return out
 
     def planned(layers: int) -> float:
-        plan = plan_for([*base, f"model.arch.num_hidden_layers={layers}"])
+        # A hypothetical depth: a hub-style name with the shipped numbers, so the shipped
+        # config.json (which fixes the depth) is not read.
+        a = compose_run(base).model.arch
+        hypothetical = [
+            "model.name_or_path=hypothetical/stories260k",
+            "model.family=llama",
+            *(f"model.arch.{k}={v}" for k, v in vars(a).items() if v is not None),
+        ]
+        plan = plan_for([*base, *hypothetical, f"model.arch.num_hidden_layers={layers}"])
         return plan["memory_bytes"]["activations_recompute"]
 
     per_layer_measured = (saved(3) - saved(1)) / 2
