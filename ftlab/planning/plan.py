@@ -6,7 +6,10 @@ Llama-3-8B on eight GPUs can be made on a laptop before any GPU hours are spent.
 The memory model (bytes on the busiest device):
 
 * **weights**: every parameter in the weight dtype (fp32; 16-bit under AMP O2); for QLoRA
-  the target linears as packed codes + block scales, LoRA factors in fp32.
+  the target linears as packed codes + block scales, LoRA factors in fp32. A preference
+  stage (DPO, KTO) whose reference model is a frozen copy (full fine-tuning, PiSSA, VeRA,
+  LoKr, prefix) adds the base weights once more (``reference``); with LoRA/QLoRA the
+  reference is the same model with its adapter switched off and costs no memory.
 * **gradients**: trainable parameters in their own dtype.
 * **optimizer**: AdamW's two fp32 moments per trainable parameter, plus an fp32 master copy
   of every 16-bit trainable parameter (AMP O2, ``multi_precision``).
@@ -47,6 +50,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ftlab.alignment.catalog import get_stage
+from ftlab.alignment.registry import REFERENCE_COPY, StagePlan
 from ftlab.config.derived import Derived
 from ftlab.config.environment import Environment, has_gpu, probe_environment
 from ftlab.config.schema import RunConfig
@@ -172,6 +177,8 @@ class Memory:
     in_use: float  # total with train.recompute as configured
     runtime_baseline: float  # CPU only: the process baseline added to estimate RSS
     estimated_rss: float | None  # CPU only: in_use + runtime_baseline
+    # A preference stage's frozen reference copy of the starting model (0: none held).
+    reference: float = 0.0
 
 
 def _weight_bytes(run: RunConfig, adapter_plan: AdapterPlan) -> tuple[int, int]:
@@ -217,6 +224,7 @@ def estimate_memory(
     lay: Layout,
     device: str,
     adapter_plan: AdapterPlan | None = None,
+    stage_plan: StagePlan | None = None,
 ) -> Memory:
     a, p = run.model.arch, run.parallel
     h, v, heads = a.hidden_size, a.vocab_size, a.num_attention_heads
@@ -237,6 +245,14 @@ def estimate_memory(
         stages, key=lambda x: x[0] * base_b + x[1] * qbytes + x[2] * adapter_b
     )
     weights = stage_float * base_b + stage_quant * qbytes + adapter * adapter_b
+    stage_plan = stage_plan if stage_plan is not None else get_stage(run.stage.name).plan(run)
+    # A frozen copy of the starting model: the base weights of this device, no gradients
+    # or optimizer states; its forward keeps no activations (no_grad).
+    reference = (
+        stage_float * base_b + stage_quant * qbytes
+        if stage_plan.reference == REFERENCE_COPY
+        else 0.0
+    )
     trainable = stage_float if full else adapter
     train_b = base_b if full else adapter_b
     gradients = trainable * train_b
@@ -273,8 +289,8 @@ def estimate_memory(
     kept_full = (1 if frozen_input and lay.pipeline == 1 else 0) * per_layer
     act_rc = ((layers * layer_input + kept_full) * flight + per_layer + outside + transient) * act_b
 
-    total = weights + gradients + optimizer + act
-    total_rc = weights + gradients + optimizer + act_rc
+    total = weights + reference + gradients + optimizer + act
+    total_rc = weights + reference + gradients + optimizer + act_rc
     in_use = total_rc if run.train.recompute else total
     baseline = CPU_RUNTIME_BASELINE_MIB * MIB if device == "cpu" else 0.0
     return Memory(
@@ -288,21 +304,24 @@ def estimate_memory(
         in_use=in_use,
         runtime_baseline=baseline,
         estimated_rss=in_use + baseline if device == "cpu" else None,
+        reference=reference,
     )
 
 
 def make_plan(run: RunConfig, derived: Derived, device: str) -> dict[str, Any]:
     """The plan as a JSON-ready dict (what ``plan.json`` holds)."""
     adapter = get_method(run.method.name).plan(run)
+    stage = get_stage(run.stage.name).plan(run)
     counts = count_parameters(run, adapter)
     lay = layout(run, derived)
-    mem = estimate_memory(run, counts, lay, device, adapter)
+    mem = estimate_memory(run, counts, lay, device, adapter, stage)
     return {
         "model": run.model.name,
         "device": device,
         "precision": {"dtype": run.precision.dtype, "amp_level": run.precision.amp_level},
         "method": {"name": run.method.name, **adapter.details},
-        "method_lines": adapter.lines,
+        "method_lines": adapter.lines + stage.lines,
+        "stage": {"name": run.stage.name, **stage.details},
         "layout": asdict(lay),
         "parameters": {k: v for k, v in asdict(counts).items() if k != "targets"},
         "memory_bytes": asdict(mem),
@@ -336,6 +355,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines += [
         "memory / device (busiest device)",
         f"  weights              {mib(mem['weights'])}",
+        *([f"  reference (frozen)   {mib(mem['reference'])}"] if mem.get("reference") else []),
         f"  gradients            {mib(mem['gradients'])}",
         f"  optimizer (AdamW)    {mib(mem['optimizer'])}",
         f"  activations          {mib(mem['activations'])} without recompute, "

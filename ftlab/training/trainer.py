@@ -20,13 +20,19 @@ from paddlenlp.trainer import TrainerCallback
 from paddlenlp.trainer.trainer_utils import has_length
 from paddlenlp.trl import SFTTrainer
 
-from ftlab.distributed.batching import GlobalBatchSampler, global_token_scale
+from ftlab.distributed.batching import GlobalBatchSampler, global_unit_scale, target_tokens
 from ftlab.record.resume import STAGING
 from ftlab.record.rundir import METRICS, RunDir
 from ftlab.training.memory import peak_memory_mb
 
 
-class FtlabTrainer(SFTTrainer):
+class FtlabTrainerMixin:
+    """What every ftlab Trainer adds to PaddleNLP's: token counts, throughput and peak
+    memory in the logs, one global batch order for any number of ranks, per-rank loss
+    weights, and checkpoints renamed into place only when whole. Mixed in before a
+    PaddleNLP Trainer class (``SFTTrainer`` here; ``DPOTrainer`` and ``KTOTrainer`` in
+    ``ftlab.alignment.trainers``)."""
+
     def __init__(
         self,
         *args: Any,
@@ -42,41 +48,30 @@ class FtlabTrainer(SFTTrainer):
         self._effective_tokens = 0
         self._interval_start = time.perf_counter()
 
+    def loss_units(self, inputs: dict) -> int:
+        """What this rank's loss is a mean over: target tokens (preference stages: records)."""
+        return target_tokens(inputs["labels"])
+
     def training_step(self, model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
         total, effective = self._count_tokens(inputs)
         self._tokens += total
         self._effective_tokens += effective
-        # Several ranks: weight each rank's loss by its share of the global batch's target
-        # tokens (ftlab.distributed.batching); pipeline layouts compute their loss elsewhere.
+        # Several ranks: weight each rank's loss by its share of the global batch's loss
+        # units (ftlab.distributed.batching); pipeline layouts compute their loss elsewhere.
         if self.args.world_size > 1 and self.args.pipeline_parallel_degree <= 1:
-            self._loss_scale = global_token_scale(inputs["labels"], self.args.world_size)
+            self._loss_scale = global_unit_scale(self.loss_units(inputs), self.args.world_size)
         try:
             return super().training_step(model, inputs, *args, **kwargs)
         finally:
             self._loss_scale = None
 
     def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False) -> Any:
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs)
+        # PaddleNLP's preference trainers take no return_outputs (they never return them).
+        extra = {"return_outputs": True} if return_outputs else {}
+        out = super().compute_loss(model, inputs, **extra)
         if self._loss_scale is None:
             return out
         return (out[0] * self._loss_scale, out[1]) if return_outputs else out * self._loss_scale
-
-    def prediction_pipeline_step(self, model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
-        """Evaluate a pipeline model on one eval batch of whatever size it has.
-
-        ``PipelineParallel.eval_batch`` cuts a batch into ``accumulate_steps`` micro-batches
-        of the *training* micro-batch size and asserts the batch is exactly that big, so an
-        eval batch of another size (``per_device_eval_batch_size``, or the dev set's last,
-        shorter batch) would fail. The whole eval batch is one micro-batch here; the loss
-        is the same token mean either way.
-        """
-        size = int(inputs["input_ids"].shape[0])
-        saved = model.micro_batch_size, model.accumulate_steps
-        model.micro_batch_size, model.accumulate_steps = size, 1
-        try:
-            return super().prediction_pipeline_step(model, inputs, *args, **kwargs)
-        finally:
-            model.micro_batch_size, model.accumulate_steps = saved
 
     def _get_train_sampler(self) -> Any:
         """Same global batches, in the same order, for one process or several."""
@@ -131,6 +126,27 @@ class FtlabTrainer(SFTTrainer):
             self._tokens = self._effective_tokens = 0
             self._interval_start = time.perf_counter()
         super().log(logs, **kwargs)
+
+
+class FtlabTrainer(FtlabTrainerMixin, SFTTrainer):
+    """The supervised fine-tuning Trainer."""
+
+    def prediction_pipeline_step(self, model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
+        """Evaluate a pipeline model on one eval batch of whatever size it has.
+
+        ``PipelineParallel.eval_batch`` cuts a batch into ``accumulate_steps`` micro-batches
+        of the *training* micro-batch size and asserts the batch is exactly that big, so an
+        eval batch of another size (``per_device_eval_batch_size``, or the dev set's last,
+        shorter batch) would fail. The whole eval batch is one micro-batch here; the loss
+        is the same token mean either way.
+        """
+        size = int(inputs["input_ids"].shape[0])
+        saved = model.micro_batch_size, model.accumulate_steps
+        model.micro_batch_size, model.accumulate_steps = size, 1
+        try:
+            return super().prediction_pipeline_step(model, inputs, *args, **kwargs)
+        finally:
+            model.micro_batch_size, model.accumulate_steps = saved
 
 
 class MetricsJsonl(TrainerCallback):
