@@ -3,7 +3,8 @@
 The reference model is the policy before training. For a method that can switch its
 adapter off (LoRA and its variants but PiSSA, QLoRA) it is the trained model itself with
 the adapter off, so no second copy is held; otherwise (full fine-tuning, PiSSA, VeRA,
-LoKr, prefix tuning) a frozen copy of the starting model, which the plan counts.
+LoKr) a frozen copy of the starting model, which the plan counts. Prefix tuning and ReFT
+are refused (``Method.preference_unsupported`` says why).
 """
 
 from __future__ import annotations

@@ -113,7 +113,9 @@ class Method:
 
         ``adapter``: switch this method's adapter off on the trained model itself, so no
         second copy is held (``set_adapter_enabled``); ``copy``: a frozen copy of the base,
-        loaded before ``apply`` (the plan counts it). ``copy`` is always right.
+        loaded before ``apply`` (the plan counts it). Either is right only for a method
+        whose ``apply`` leaves the model's outputs unchanged until training moves it
+        (adapters initialised to no effect); others set ``preference_unsupported``.
         """
         return "copy"
 

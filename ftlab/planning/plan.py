@@ -8,7 +8,7 @@ The memory model (bytes on the busiest device):
 * **weights**: every parameter in the weight dtype (fp32; 16-bit under AMP O2); for QLoRA
   the target linears as packed codes + block scales, LoRA factors in fp32. A preference
   stage (DPO, KTO) whose reference model is a frozen copy (full fine-tuning, PiSSA, VeRA,
-  LoKr, prefix) adds the base weights once more (``reference``); with LoRA/QLoRA the
+  LoKr) adds the base weights once more (``reference``); with LoRA/QLoRA the
   reference is the same model with its adapter switched off and costs no memory.
 * **gradients**: trainable parameters in their own dtype.
 * **optimizer**: AdamW's two fp32 moments per trainable parameter, plus an fp32 master copy
