@@ -1,6 +1,6 @@
 """``ftlab-runs``: the runs under ``outputs/`` (or a given dir), newest first.
 
-``ftlab-runs`` prints a table (time, status, model, method, key settings, losses, entity
+``ftlab-runs`` prints a table (time, status, model, method, stage, key settings, losses, entity
 recall, run dir) and, below it, the error of every failed run; ``--json`` prints the
 same fields for scripts. Single runs and sweep jobs are listed alike: both are run dirs.
 """
@@ -24,6 +24,7 @@ COLUMNS = (
     ("status", "status", ""),
     ("model", "model", ""),
     ("method", "method", ""),
+    ("stage", "stage", ""),
     ("lr", "lr", "g"),
     ("steps", "steps", ""),
     ("rank", "rank", ""),
@@ -46,6 +47,8 @@ def run_fields(run: RunRecord, root: Path) -> dict[str, Any]:
         "status": run.status,
         "model": summary.get("model") or run.setting("model.name"),
         "method": summary.get("method") or run.setting("method.name"),
+        # Runs from before stages existed were SFT.
+        "stage": summary.get("stage") or run.setting("stage.name") or "sft",
         "lr": run.setting("train.learning_rate"),
         "steps": steps if steps is not None else run.setting("train.max_steps"),
         "rank": run.rank,
