@@ -383,3 +383,24 @@ def test_gpu_layouts_validate_for_dpo() -> None:
     for layout in ("dp8", "sharding_stage2", "tp4"):
         derived = validate(compose_run(["stage=dpo", f"parallel={layout}", "precision=bf16"]), GPU8)
         assert derived["reference"] == "adapter"
+
+
+def test_resume_refuses_a_changed_stage_or_starting_point(tmp_path: Path) -> None:
+    from ftlab.record.resume import check_resume_config
+    from ftlab.resolve.compose import resolved_config_yaml, to_plain_dict
+
+    run = compose_run(["stage=dpo"])
+    (tmp_path / "resolved_config.yaml").write_text(resolved_config_yaml(run, {}))
+    for changed, key in (
+        (["stage=kto"], "stage.name"),
+        (["stage=dpo", "init_from=/x"], "init_from"),
+    ):
+        with pytest.raises(ConfigError, match=f"cannot change on resume.*{key}"):
+            check_resume_config(tmp_path, to_plain_dict(compose_run(changed)))
+    beta = compose_run(["stage=dpo", "stage.beta=0.2"])
+    assert check_resume_config(tmp_path, to_plain_dict(beta)) == ["stage.beta: 0.5 -> 0.2"]
+    # A run from before stages existed resumes as the SFT run it was.
+    sft = compose_run([])
+    body = resolved_config_yaml(sft, {}).replace("stage:\n  name: sft\n", "")
+    (tmp_path / "resolved_config.yaml").write_text(body.replace("init_from: null\n", ""))
+    assert check_resume_config(tmp_path, to_plain_dict(sft)) == []
