@@ -8,7 +8,7 @@ comma := ,
 EXTRAS := $(if $(filter cpu,$(PADDLE)),cpu$(comma)dev,dev)
 STAMP := $(VENV)/.installed-$(PADDLE)
 
-.PHONY: help install train test test-full lint format bench bench-data bench-qlora bench-methods bench-plan bench-long lock clean
+.PHONY: help install train test test-full lint format bench bench-data bench-pref bench-qlora bench-methods bench-plan bench-long lock clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 bench-data: $(STAMP) ## Tokenization + packing: ftlab vs PaddleNLP's dataset path, 100k examples
 	$(PY) bench/data_pipeline.py $(ARGS)
 
+bench-pref: $(STAMP) ## Preference data (DPO rows + packing): ftlab vs PaddleNLP's run_dpo.py path
+	$(PY) bench/preference_data.py $(ARGS)
+
 bench-qlora: $(STAMP) ## QLoRA (nf4, int8) vs LoRA on a ~100M Llama (ARGS="--size 1b"): bytes, RSS, time
 	$(PY) bench/qlora_memory.py $(ARGS)
 
@@ -53,7 +56,7 @@ bench-plan: $(STAMP) ## Plan memory estimate vs measured peak RSS: methods, opti
 bench-long: $(STAMP) ## Long packed rows (512/2048/8192): dense mask vs FlashMask indices, ftlab vs PaddleNLP
 	$(PY) bench/long_sequence.py $(ARGS)
 
-bench: bench-data bench-qlora bench-methods bench-plan bench-long ## All benchmarks (an hour or more on 2 cores)
+bench: bench-data bench-pref bench-qlora bench-methods bench-plan bench-long ## All benchmarks (an hour or more on 2 cores)
 
 lock: ## Rewrite constraints.txt from the current venv
 	$(PY) -m pip freeze --exclude-editable | grep -v '^ftlab' > constraints.txt

@@ -48,6 +48,7 @@ LAYERS: list[tuple[str, ...]] = [
     ),
     ("ftlab.methods",),
     (  # what runs a job, and reading runs back (asks methods about their settings)
+        "ftlab.alignment",
         "ftlab.resolve",
         "ftlab.training",
         "ftlab.planning",

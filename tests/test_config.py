@@ -12,14 +12,17 @@ from ftlab.methods.lora import LoraMethodConfig
 from ftlab.resolve.validate import validate
 
 GPU_ONLY_PRECISION = {"bf16", "bf16_o1", "fp16", "fp16_o2"}
+PREFERENCE_DATA = {"demo_preferences"}
 
 
-@pytest.mark.parametrize("group", ["model", "method", "data", "parallel", "precision"])
+@pytest.mark.parametrize("group", ["model", "method", "stage", "data", "parallel", "precision"])
 def test_every_option_composes_and_validates(group: str) -> None:
     options = group_options(group)
     assert options, f"conf/{group} is empty"
     for option in options:
         extra = ["model=llama3"] if group == "parallel" else []
+        if group == "data" and option in PREFERENCE_DATA:
+            extra = ["stage=dpo"]  # preference data trains a preference stage
         run = compose_run([f"{group}={option}", *extra])
         assert isinstance(run, RunConfig)
         assert getattr(run, group).name == option, (group, option)

@@ -109,6 +109,7 @@ def test_listing_newest_first_with_settings_and_status(outputs: Path, capsys) ->
         "status",
         "model",
         "method",
+        "stage",
         "lr",
         "steps",
         "rank",
@@ -135,6 +136,7 @@ def test_listing_newest_first_with_settings_and_status(outputs: Path, capsys) ->
         "completed",
         "stories260k",
         "lora",
+        "sft",
         "0.01",
         "6",
         "16",
@@ -149,6 +151,7 @@ def test_listing_newest_first_with_settings_and_status(outputs: Path, capsys) ->
     assert rows[2][3:] == [
         "llama3",
         "qlora",
+        "sft",
         "0.01",
         "40",
         "8",
@@ -159,11 +162,12 @@ def test_listing_newest_first_with_settings_and_status(outputs: Path, capsys) ->
         "-",
         "2026-01-03/09-00-00_llama3_qlora",
     ]
-    assert rows[3][2:9] == ["failed", "stories260k", "lora", "0.01", "40", "0", "single"]
+    assert rows[3][2:10] == ["failed", "stories260k", "lora", "sft", "0.01", "40", "0", "single"]
     assert rows[4][2:] == [
         "completed",
         "stories260k",
         "lora",
+        "sft",
         "0.01",
         "6",
         "8",
@@ -178,6 +182,7 @@ def test_listing_newest_first_with_settings_and_status(outputs: Path, capsys) ->
         "completed",
         "stories260k",
         "full",
+        "sft",
         "-",
         "6",
         "-",

@@ -237,10 +237,11 @@ def explain_composition_error(err: BaseException) -> str:
 def _schema_fields(type_name: str) -> list[str]:
     import dataclasses
 
+    from ftlab.alignment.catalog import stage_schemas
     from ftlab.config import schema
     from ftlab.methods.catalog import method_schemas
 
-    candidates = {c.__name__: c for c in method_schemas().values()}
+    candidates = {c.__name__: c for c in (*method_schemas().values(), *stage_schemas().values())}
     candidates.update({n: getattr(schema, n) for n in dir(schema)})
     cls = candidates.get(type_name)
     if cls is None or not dataclasses.is_dataclass(cls):

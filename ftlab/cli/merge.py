@@ -18,11 +18,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from ftlab.errors import ConfigError, FtlabError, ModelLoadError
 
-PROBE = "Once upon a time, there was a little dog named Max. He liked to play."
 MERGE_RECORD = "ftlab_merged.json"
 
 
@@ -41,48 +39,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def check_mergeable(method_name: str) -> None:
-    """Raise ``ConfigError`` with the reason when ``method_name`` cannot be merged."""
-    from ftlab.methods.catalog import get_method
-
-    reason = get_method(method_name).merge_unsupported
-    if reason is not None:
-        raise ConfigError(f"a {method_name} model cannot be merged into its base: {reason}")
-
-
-def probe_logits(model: Any, tokenizer: Any) -> Any:
-    import paddle
-
-    from ftlab.models.loading import output_logits
-
-    ids = [tokenizer.bos_token_id, *tokenizer(PROBE, add_special_tokens=False)["input_ids"]]
-    with paddle.no_grad():
-        out = model(input_ids=paddle.to_tensor([ids], dtype="int64"))
-    return output_logits(out).astype("float32").numpy()
-
-
-def merge_model(model: Any, tokenizer: Any, method_name: str) -> tuple[Any, float]:
-    """The merged plain model and the max |logit| difference it shows on the probe."""
-    import numpy as np
-
-    from ftlab.methods.catalog import get_method
-
-    before = probe_logits(model, tokenizer)
-    merged = get_method(method_name).merge(model)
-    merged.eval()
-    after = probe_logits(merged, tokenizer)
-    diff = float(np.abs(after - before).max())
-    tolerance = 1e-3 * max(1.0, float(np.abs(before).max()))
-    if not diff <= tolerance:
-        raise ModelLoadError(
-            f"the merged {method_name} model's logits differ from the adapter model's by "
-            f"{diff:.3g} (> {tolerance:.3g}) on a probe prompt; refusing to write it."
-        )
-    return merged, diff
-
-
 def run(args: argparse.Namespace) -> Path:
-    from ftlab.methods.reopen import load_trained, load_with_adapter, method_of
+    from ftlab.methods.reopen import (
+        check_mergeable,
+        load_trained,
+        load_with_adapter,
+        merge_model,
+        method_of,
+    )
     from ftlab.record.rundir import METHOD_RECORD, RunDir
 
     final = args.adapter if args.adapter is not None else RunDir(args.run_dir).final

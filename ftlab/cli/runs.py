@@ -1,6 +1,6 @@
 """``ftlab-runs``: the runs under ``outputs/`` (or a given dir), newest first.
 
-``ftlab-runs`` prints a table (time, status, model, method, key settings, losses, entity
+``ftlab-runs`` prints a table (time, status, model, method, stage, key settings, losses, entity
 recall, run dir) and, below it, the error of every failed run; ``--json`` prints the
 same fields for scripts. Single runs and sweep jobs are listed alike: both are run dirs.
 """
@@ -25,6 +25,7 @@ COLUMNS = (
     ("status", "status", ""),
     ("model", "model", ""),
     ("method", "method", ""),
+    ("stage", "stage", ""),
     ("lr", "lr", "g"),
     ("steps", "steps", ""),
     ("rank", "rank", ""),
@@ -48,6 +49,8 @@ def run_fields(run: RunRecord, root: Path) -> dict[str, Any]:
         "model": summary.get("model")
         or model_label(run.setting("model.name"), run.setting("model.name_or_path")),
         "method": summary.get("method") or run.setting("method.name"),
+        # Runs from before stages existed were SFT.
+        "stage": summary.get("stage") or run.setting("stage.name") or "sft",
         "lr": run.setting("train.learning_rate"),
         "steps": steps if steps is not None else run.setting("train.max_steps"),
         "rank": run.rank,

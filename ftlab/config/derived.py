@@ -5,7 +5,7 @@ LoRA's alpha and scaling); the run adds what it learns from the data and the run
 (examples, total steps, what a resume started from) by making a new one with ``with_``.
 It is frozen: nothing downstream mutates what validation decided. ``to_dict`` is the
 ``derived:`` section of ``resolved_config.yaml`` and of ``summary.json``: the method's
-values sit beside the others, and unset values are left out.
+values (and the stage's) sit beside the others, and unset values are left out.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ class Derived:
     global_batch_size: int  # micro batch x accumulation x data-parallel and sharding ranks
     # The method's own derived values (``Method.derived``): lora_alpha, quant_backend, ...
     method: Mapping[str, Any] = field(default_factory=dict)
+    # The stage's (``Stage.derived``): the reference model, the loss PaddleNLP runs, ...
+    stage: Mapping[str, Any] = field(default_factory=dict)
     # Pipeline layouts: micro-batches of this size, this many per optimizer step (1F1B).
     pipeline_micro_batch_size: int | None = None
     pipeline_accumulate_steps: int | None = None
@@ -46,6 +48,9 @@ class Derived:
     resume_changes: tuple[str, ...] | None = None
     rerun_of: str | None = None
     rerun_differences: tuple[str, ...] | None = None
+    # init_from: the run (or adapter dir) started from, and the model loaded as the base.
+    init_from: str | None = None
+    init_model: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", MappingProxyType(dict(self.method)))
@@ -53,6 +58,7 @@ class Derived:
             object.__setattr__(
                 self, "mixture_weights", MappingProxyType(dict(self.mixture_weights))
             )
+        object.__setattr__(self, "stage", MappingProxyType(dict(self.stage)))
         for name in ("resume_changes", "rerun_differences"):
             value = getattr(self, name)
             if value is not None:
@@ -67,7 +73,7 @@ class Derived:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "method":
+            if f.name in ("method", "stage"):
                 out.update(value)
             elif isinstance(value, Mapping):
                 out[f.name] = dict(value)

@@ -104,6 +104,17 @@ class MethodConfig:
     neftune_noise_alpha: float = 0.0
 
 
+# --------------------------------------------------------------------------- stage
+
+
+@dataclass
+class StageConfig:
+    """Fields every training stage shares (``sft``, ``dpo``, ``kto``). Each stage extends
+    this with its own dataclass, in its module (``ftlab/alignment/<name>.py``)."""
+
+    name: str = MISSING
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -127,7 +138,9 @@ class DataConfig:
     path: str | None = MISSING
     train_path: str | None = None  # explicit train file/dir; overrides path
     dev_path: str | None = None  # explicit dev file/dir; overrides path
-    format: str = "auto"  # auto | src_tgt | alpaca | messages | text | autoregressive
+    # auto | src_tgt | alpaca | messages | text | autoregressive; preference stages:
+    # src_response | prompt_chosen_rejected | chosen_rejected | prompt_completion_label
+    format: str = "auto"
     chat_template: str | None = None  # null | tokenizer | <named template>
     src_length: int = 256  # prompt tokens kept (truncated from the left)
     max_length: int = 512  # prompt + target tokens (target truncated from the right)
@@ -252,6 +265,7 @@ class RunConfig:
 
     model: ModelConfig = MISSING
     method: Any = MISSING  # a MethodConfig subclass, chosen by the method group
+    stage: Any = MISSING  # a StageConfig subclass, chosen by the stage group (sft, dpo, kto)
     data: DataConfig = MISSING
     parallel: ParallelConfig = MISSING
     precision: PrecisionConfig = MISSING
@@ -262,3 +276,6 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | gpu
     resume: str | None = None  # a run dir to continue from its latest checkpoint
     rerun: str | None = None  # a run dir whose saved config runs again, in a new dir
+    # Start from a finished run (its adapter merged into the base, or its full model), or
+    # from a saved adapter directory: e.g. DPO from an SFT run. Recorded in the run dir.
+    init_from: str | None = None

@@ -10,10 +10,11 @@ from ftlab.config.choices import check_choice
 from ftlab.config.schema import DataConfig, DataSource
 from ftlab.data.formats import FORMATS, TEXT_FORMATS
 from ftlab.data.packing import PACKING_MODES
+from ftlab.data.preference import PREFERENCE_FORMATS
 from ftlab.errors import DataError
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "format": ("auto", *FORMATS),
+    "format": ("auto", *FORMATS, *PREFERENCE_FORMATS),  # the stage says which kind it reads
     "overlong": ("truncate", "drop", "error"),
     "packing": PACKING_MODES,
     "on_bad_record": ("error", "skip"),

@@ -120,7 +120,13 @@ def target_tokens(labels: Any) -> int:
 
 
 def global_token_scale(labels: Any, world_size: int) -> float:
-    """``tokens_here * world / tokens_everywhere``: the factor for this rank's mean loss.
+    """``tokens_here * world / tokens_everywhere``: the factor for this rank's mean loss."""
+    return global_unit_scale(target_tokens(labels), world_size)
+
+
+def global_unit_scale(here: int, world_size: int) -> float:
+    """``units_here * world / units_everywhere`` for a loss that is a mean over ``here``
+    units on this rank (target tokens; preference records for DPO and KTO).
 
     Ranks that share their data (tensor-parallel peers) count it once each on both sides
     of the ratio, so the factor is right for tensor parallelism too. Needs a collective:
@@ -128,7 +134,6 @@ def global_token_scale(labels: Any, world_size: int) -> float:
     """
     import paddle.distributed as dist
 
-    here = target_tokens(labels)
     total = paddle.to_tensor([here], dtype="int64")
     dist.all_reduce(total)
     everywhere = int(total.item())

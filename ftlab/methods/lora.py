@@ -80,6 +80,29 @@ def lora_layers(model: Any) -> list[tuple[str, Any]]:
     return [(n, layer) for n, layer in model.named_sublayers() if isinstance(layer, LoRALinear)]
 
 
+def set_lora_enabled(model: Any, enabled: bool) -> int:
+    """Switch every LoRA layer under ``model`` on or off; returns how many were switched.
+
+    Covers PaddleNLP's LoRA layers (plain, tensor-parallel, quantized: the layers its
+    ``LoRAModel.disable_lora`` knows) and ftlab's ``QuantLoRALinear``. With the adapter
+    off each layer computes its base weight alone (and, for MoRA and MoSLoRA, nothing of
+    the adapter either): the model LoRA training started from.
+    """
+    from paddlenlp.peft.lora.lora_model import AVAILABLE_LAYERS
+
+    from ftlab.models.quant import QuantLoRALinear
+
+    kinds = (*AVAILABLE_LAYERS, QuantLoRALinear)
+    switched = 0
+    for _, layer in model.named_sublayers():
+        if isinstance(layer, kinds):
+            layer.disable_lora = not enabled
+            switched += 1
+    if not switched:
+        raise ModelLoadError("the model has no LoRA layers to switch on or off")
+    return switched
+
+
 def lora_delta(layer: Any) -> Any:
     """The exact ``[in, out]`` update a ``LoRALinear`` adds to ``x @ W``."""
     import paddle
@@ -268,6 +291,14 @@ class Lora(LinearAdapterMethod):
         inner = model.model
         fold_linear_adapters(inner, delta, "LoRA")
         return inner
+
+    def reference_mode(self, cfg: Any) -> str:
+        # PiSSA rewrote the base weights to W - A0 @ B0: with the adapter off the model is
+        # that residual, not the model training started from, so it needs a frozen copy.
+        return "copy" if cfg.pissa else "adapter"
+
+    def set_adapter_enabled(self, model: paddle.nn.Layer, enabled: bool) -> None:
+        set_lora_enabled(model, enabled)
 
     def derived(self, cfg: Any) -> dict[str, Any]:
         alpha = lora_alpha(cfg)

@@ -88,6 +88,12 @@ class Prefix(Method):
     name = "prefix"
     schema = PrefixMethodConfig
     fixed_on_resume = ("num_prefix_tokens", "prefix_projection", "prefix_projection_hidden_size")
+    preference_unsupported = (
+        "prefix tuning's virtual tokens start from random values and change the model's "
+        "outputs before any training (measured: the first DPO step's loss is 1.31, not "
+        "log 2), so the base model is not the policy training starts from and cannot be "
+        "its reference"
+    )
     merge_unsupported = (
         "prefix tuning adds learned key/value entries to every attention layer; they are "
         "extra positions attended to, not a change of any weight matrix, so no merged "

@@ -270,6 +270,11 @@ class Reft(Method):
     supports_tensor_parallel = False
     fixed_on_resume = ("reft_layers", "reft_positions", "reft_rank", "reft_act_fn")
     size_setting = "reft_rank"
+    preference_unsupported = (
+        "ReFT finds each prompt from a batch's 2-D attention mask and its labels, and a "
+        "preference row holds a prompt and two responses under a 3-D mask with one label "
+        "row per response, so its intervention positions are undefined there"
+    )
     merge_unsupported = (
         "ReFT edits hidden states at chosen prompt positions only, by an amount that "
         "depends on the input; a weight matrix acts on every position alike, so no merged "

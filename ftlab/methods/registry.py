@@ -90,6 +90,8 @@ class Method:
     size_setting: ClassVar[str | None] = None
     # The saved artefact is a whole model (reloading needs no base model).
     saves_whole_model: ClassVar[bool] = False
+    # Why a preference stage (DPO, KTO) cannot train this method; None: it can.
+    preference_unsupported: ClassVar[str | None] = None
 
     # ------------------------------------------------------------------ settings
 
@@ -113,6 +115,21 @@ class Method:
             f"mode=export has no run_finetune.py mapping for method={self.name}; give its "
             "Method class an export()."
         )
+
+    def reference_mode(self, cfg: Any) -> str:
+        """How a preference stage gets its reference model (the policy before training).
+
+        ``adapter``: switch this method's adapter off on the trained model itself, so no
+        second copy is held (``set_adapter_enabled``); ``copy``: a frozen copy of the base,
+        loaded before ``apply`` (the plan counts it). Either is right only for a method
+        whose ``apply`` leaves the model's outputs unchanged until training moves it
+        (adapters initialised to no effect); others set ``preference_unsupported``.
+        """
+        return "copy"
+
+    def set_adapter_enabled(self, model: paddle.nn.Layer, enabled: bool) -> None:
+        """Switch the adapter on or off (methods whose ``reference_mode`` is ``adapter``)."""
+        raise NotImplementedError(f"method={self.name} cannot switch its adapter off")
 
     def size(self, cfg: dict[str, Any]) -> Any:
         """The value of ``size_setting`` in a recorded method config (None without one)."""

@@ -14,12 +14,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ftlab.errors import ModelLoadError
+from ftlab.errors import ConfigError, ModelLoadError
 from ftlab.methods.catalog import get_method, method_schemas
 from ftlab.models.loading import load_model, load_tokenizer, weight_dtype
 from ftlab.record.rundir import METHOD_RECORD, RESOLVED_CONFIG, RunDir
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+PROBE = "Once upon a time, there was a little dog named Max. He liked to play."
 
 
 def method_of(adapter_dir: Path) -> str:
@@ -34,7 +35,8 @@ def method_of(adapter_dir: Path) -> str:
 
 
 def read_run_config(run_dir: Path) -> tuple[Any, Any, str]:
-    """(ModelConfig, method config, model dtype) of a finished run, as it trained."""
+    """(ModelConfig, method config, model dtype) of a finished run, as it trained; the
+    model is the one the run loaded as its base (``derived.init_model`` after init_from)."""
     from omegaconf import OmegaConf
 
     from ftlab.config.schema import ModelConfig, PrecisionConfig
@@ -52,7 +54,11 @@ def read_run_config(run_dir: Path) -> tuple[Any, Any, str]:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
 
     dtype = weight_dtype(typed(PrecisionConfig, body.precision))
-    return typed(ModelConfig, body.model), typed(schemas[name], body.method), dtype
+    model = typed(ModelConfig, body.model)
+    init_model = (body.get("derived") or {}).get("init_model")
+    if init_model:  # the run started from another (init_from): its adapter sits on that
+        model = dataclasses.replace(model, name_or_path=str(init_model))
+    return model, typed(schemas[name], body.method), dtype
 
 
 def _tokenizer(model_cfg: Any, saved_dir: Path) -> Any:
@@ -108,3 +114,42 @@ def load_with_adapter(
         model.eval()
         return model, tokenizer
     return load_adapter(load_model(model_cfg, dtype), adapter, name), tokenizer
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def check_mergeable(method_name: str) -> None:
+    """Raise ``ConfigError`` with the reason when ``method_name`` cannot be merged."""
+    reason = get_method(method_name).merge_unsupported
+    if reason is not None:
+        raise ConfigError(f"a {method_name} model cannot be merged into its base: {reason}")
+
+
+def probe_logits(model: Any, tokenizer: Any) -> Any:
+    import paddle
+
+    ids = [tokenizer.bos_token_id, *tokenizer(PROBE, add_special_tokens=False)["input_ids"]]
+    with paddle.no_grad():
+        out = model(input_ids=paddle.to_tensor([ids], dtype="int64"))
+    from ftlab.models.loading import output_logits
+
+    return output_logits(out).astype("float32").numpy()
+
+
+def merge_model(model: Any, tokenizer: Any, method_name: str) -> tuple[Any, float]:
+    """The merged plain model and the max |logit| difference it shows on the probe."""
+    import numpy as np
+
+    before = probe_logits(model, tokenizer)
+    merged = get_method(method_name).merge(model)
+    merged.eval()
+    after = probe_logits(merged, tokenizer)
+    diff = float(np.abs(after - before).max())
+    tolerance = 1e-3 * max(1.0, float(np.abs(before).max()))
+    if not diff <= tolerance:
+        raise ModelLoadError(
+            f"the merged {method_name} model's logits differ from the adapter model's by "
+            f"{diff:.3g} (> {tolerance:.3g}) on a probe prompt; refusing to write it."
+        )
+    return merged, diff

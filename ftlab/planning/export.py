@@ -6,7 +6,8 @@ plus the script's own ``ReftArgument`` and ``GenerateArgument``); an unknown key
 error there. So ``run_finetune.json`` holds exactly those keys, and settings the script
 cannot express (its LoRA alpha is fixed at ``2 * rank``, or 4 with rsLoRA; its LoRA targets
 are every projection; ...) are listed in ``run_finetune_notes.json`` and printed, never
-dropped silently.
+dropped silently. A preference stage turns this mapping into the argument file of its own
+PaddleNLP script (``Stage.export``: ``run_dpo.json``, ``run_kto.json``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ftlab.alignment.catalog import get_stage
 from ftlab.config.derived import Derived
 from ftlab.config.schema import RunConfig
 from ftlab.data.formats import TEXT_FORMATS
@@ -230,16 +232,21 @@ def _model(run: RunConfig, notes: list[str]) -> dict[str, Any]:
     return args
 
 
-def run_finetune_arguments(
-    run: RunConfig, run_dir: Path, derived: Derived | None = None
-) -> tuple[dict[str, Any], list[str]]:
-    """(the argument dict run_finetune.py reads, notes on what it cannot express)."""
+def _method(run: RunConfig) -> Any:
     method = registered_methods().get(run.method.name)
     if method is None:
         raise ConfigError(
             f"mode=export has no run_finetune.py mapping for method={run.method.name}: no such "
             f"method is registered ({', '.join(sorted(registered_methods()))})."
         )
+    return method()
+
+
+def run_finetune_arguments(
+    run: RunConfig, run_dir: Path, derived: Derived | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """(the argument dict run_finetune.py reads, notes on what it cannot express)."""
+    method = _method(run)
     generation = generation_enabled(run) if derived is None else bool(derived.eval_generation)
     notes: list[str] = []
     args = {
@@ -247,19 +254,34 @@ def run_finetune_arguments(
         **_data(run, notes),
         **_evaluation(run, generation, notes),
         **_training(run, run_dir, notes),
-        **method().export(run, notes),
+        **method.export(run, notes),
     }
     _trainer_notes(run, notes)
     return {k: v for k, v in args.items() if v is not None}, notes
 
 
 def export_run_finetune(run: RunConfig, derived: Derived, run_dir: RunDir | Path) -> dict[str, Any]:
-    """Write ``run_finetune.json`` (+ notes) into the run dir and print how to run it."""
+    """Write the argument file of the stage's PaddleNLP script (``run_finetune.json`` for
+    SFT, ``run_dpo.json`` / ``run_kto.json`` for preference stages; + notes) into the run
+    dir and print how to run it."""
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    args, notes = run_finetune_arguments(run, run_dir.path, derived)
-    path, notes_path = run_dir / EXPORT, run_dir / EXPORT_NOTES
-    run_dir.write_text(EXPORT, json.dumps(args, indent=2) + "\n")
-    run_dir.write_text(EXPORT_NOTES, json.dumps(notes, indent=2) + "\n")
+    stage = get_stage(run.stage.name)
+    file = stage.export_file
+    if file == EXPORT:
+        args, notes = run_finetune_arguments(run, run_dir.path, derived)
+    else:  # the stage's script: its own data keys, the rest as run_finetune.py has them
+        notes = []
+        common = {
+            **_model(run, notes),
+            **_training(run, run_dir.path, notes),
+            **_method(run).export(run, notes),
+        }
+        args = stage.export(run, common, notes)
+        _trainer_notes(run, notes)
+    notes_file = EXPORT_NOTES if file == EXPORT else f"{Path(file).stem}_notes.json"
+    path, notes_path = run_dir / file, run_dir / notes_file
+    run_dir.write_text(file, json.dumps(args, indent=2) + "\n")
+    run_dir.write_text(notes_file, json.dumps(notes, indent=2) + "\n")
     nproc = derived.nproc_per_node
     launcher = (
         f"python -m paddle.distributed.launch --devices {','.join(str(i) for i in range(nproc))} "
@@ -268,10 +290,10 @@ def export_run_finetune(run: RunConfig, derived: Derived, run_dir: RunDir | Path
     )
     lines = [
         f"wrote {path}",
-        f"run it from a PaddleNLP checkout: {launcher}llm/run_finetune.py {path}",
+        f"run it from a PaddleNLP checkout: {launcher}{stage.export_script} {path}",
     ]
     if notes:
-        lines.append(f"not expressible in run_finetune.py ({notes_path.name}):")
+        lines.append(f"not expressible in {Path(stage.export_script).name} ({notes_path.name}):")
         lines += [f"  - {n}" for n in notes]
     print("\nftlab export\n" + "\n".join("  " + x for x in lines), flush=True)
     return {"run_dir": str(run_dir), "path": str(path), "arguments": args, "notes": notes}

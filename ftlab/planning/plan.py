@@ -6,7 +6,10 @@ Llama-3-8B on eight GPUs can be made on a laptop before any GPU hours are spent.
 The memory model (bytes on the busiest device):
 
 * **weights**: every parameter in the weight dtype (fp32; 16-bit under AMP O2); for QLoRA
-  the target linears as packed codes + block scales, LoRA factors in fp32.
+  the target linears as packed codes + block scales, LoRA factors in fp32. A preference
+  stage (DPO, KTO) whose reference model is a frozen copy (full fine-tuning, PiSSA, VeRA,
+  LoKr) adds the base weights once more (``reference``); with LoRA/QLoRA the
+  reference is the same model with its adapter switched off and costs no memory.
 * **gradients**: trainable parameters in their own dtype.
 * **optimizer**: per ``train.optim`` (``ftlab.config.trainer_options.OPTIMIZERS_TABLE``):
   AdamW's two fp32 moments per trainable parameter (``adamw``, ``adamw_custom``; 16-bit
@@ -73,6 +76,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ftlab.alignment.catalog import get_stage
+from ftlab.alignment.registry import REFERENCE_COPY, StagePlan
 from ftlab.config.derived import Derived
 from ftlab.config.environment import Environment, has_gpu, probe_environment
 from ftlab.config.schema import RunConfig
@@ -232,6 +237,8 @@ class Memory:
     in_use: float  # total with train.recompute as configured
     runtime_baseline: float  # CPU only: the process baseline added to estimate RSS
     estimated_rss: float | None  # CPU only: in_use + runtime_baseline
+    # A preference stage's frozen reference copy of the starting model (0: none held).
+    reference: float = 0.0
 
 
 def _weight_bytes(run: RunConfig, adapter_plan: AdapterPlan) -> tuple[int, int]:
@@ -306,6 +313,7 @@ def estimate_memory(
     lay: Layout,
     device: str,
     adapter_plan: AdapterPlan | None = None,
+    stage_plan: StagePlan | None = None,
 ) -> Memory:
     a, p = run.model.arch, run.parallel
     h, v, heads = a.hidden_size, a.vocab_size, a.num_attention_heads
@@ -326,6 +334,14 @@ def estimate_memory(
         stages, key=lambda x: x[0] * base_b + x[1] * qbytes + x[2] * adapter_b
     )
     weights = stage_float * base_b + stage_quant * qbytes + adapter * adapter_b
+    stage_plan = stage_plan if stage_plan is not None else get_stage(run.stage.name).plan(run)
+    # A frozen copy of the starting model: the base weights of this device, no gradients
+    # or optimizer states; its forward keeps no activations (no_grad).
+    reference = (
+        stage_float * base_b + stage_quant * qbytes
+        if stage_plan.reference == REFERENCE_COPY
+        else 0.0
+    )
     trainable = stage_float if full else adapter
     train_b = base_b if full else adapter_b
     gradients = trainable * train_b
@@ -395,11 +411,11 @@ def estimate_memory(
     if run.train.offload_optim:
         # States live in host memory and come back for the step, when the activations of
         # the micro-batch are already freed: the peak is the larger of the two phases.
-        total = masks + weights + gradients + max(act, optimizer + opt_transient)
-        total_rc = masks + weights + gradients + max(act_rc, optimizer + opt_transient)
+        total = masks + weights + reference + gradients + max(act, optimizer + opt_transient)
+        total_rc = masks + weights + reference + gradients + max(act_rc, optimizer + opt_transient)
     else:
-        total = masks + weights + gradients + optimizer + max(act, opt_transient)
-        total_rc = masks + weights + gradients + optimizer + max(act_rc, opt_transient)
+        total = masks + weights + reference + gradients + optimizer + max(act, opt_transient)
+        total_rc = masks + weights + reference + gradients + optimizer + max(act_rc, opt_transient)
     in_use = total_rc if run.train.recompute else total
     baseline = CPU_RUNTIME_BASELINE_MIB * MIB if device == "cpu" else 0.0
     return Memory(
@@ -414,6 +430,7 @@ def estimate_memory(
         in_use=in_use,
         runtime_baseline=baseline,
         estimated_rss=in_use + baseline if device == "cpu" else None,
+        reference=reference,
     )
 
 
@@ -427,9 +444,10 @@ def attention_mask_bytes(path: AttentionPath, lay: Layout, act_bytes: int) -> fl
 def make_plan(run: RunConfig, derived: Derived, device: str) -> dict[str, Any]:
     """The plan as a JSON-ready dict (what ``plan.json`` holds)."""
     adapter = get_method(run.method.name).plan(run)
+    stage = get_stage(run.stage.name).plan(run)
     counts = count_parameters(run, adapter)
     lay = layout(run, derived)
-    mem = estimate_memory(run, counts, lay, device, adapter)
+    mem = estimate_memory(run, counts, lay, device, adapter, stage)
     path = attention_path(run.model, run.data.packing, device)
     a = run.model.arch
     moe = None
@@ -453,7 +471,8 @@ def make_plan(run: RunConfig, derived: Derived, device: str) -> dict[str, Any]:
         "context_length": derived.context_length,
         "precision": {"dtype": run.precision.dtype, "amp_level": run.precision.amp_level},
         "method": {"name": run.method.name, **adapter.details},
-        "method_lines": adapter.lines,
+        "method_lines": adapter.lines + stage.lines,
+        "stage": {"name": run.stage.name, **stage.details},
         "layout": asdict(lay),
         "parameters": {k: v for k, v in asdict(counts).items() if k != "targets"},
         "memory_bytes": asdict(mem),
@@ -512,6 +531,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines += [
         "memory / device (busiest device)",
         f"  weights              {mib(mem['weights'])}",
+        *([f"  reference (frozen)   {mib(mem['reference'])}"] if mem.get("reference") else []),
         f"  gradients            {mib(mem['gradients'])}",
         f"  {'optimizer (' + optimizer_label(plan) + ')':<20} {mib(mem['optimizer'])}",
         f"  activations          {mib(mem['activations'])} without recompute, "

@@ -48,7 +48,7 @@ _NOT_REPLAYED = ("hydra.run.dir=", "hydra.output_subdir=", "resume=", "rerun=")
 # Settings of every run a resume cannot change: the checkpoint's weights (and optimizer
 # state: AdamW-mini's second moments are one number per tensor) belong to them.
 # The method adds its own (``Method.fixed_on_resume``).
-_FIXED_ON_RESUME = ("model.", "method.name", "parallel.", "train.optim")
+_FIXED_ON_RESUME = ("model.", "method.name", "parallel.", "train.optim", "stage.name", "init_from")
 
 
 def fixed_on_resume(method_name: str) -> tuple[str, ...]:
@@ -161,6 +161,8 @@ def check_resume_config(run_dir: Path, new: dict[str, Any]) -> list[str]:
     if not resolved.is_file():
         raise ConfigError(f"resume={run_dir}: no {RESOLVED_CONFIG}; the run never started.")
     old = OmegaConf.to_container(OmegaConf.load(resolved))
+    old.setdefault("stage", {"name": "sft"})  # runs from before stages existed were SFT
+    old.setdefault("init_from", None)
     diffs = config_differences(old, new)
     fixed_keys = fixed_on_resume(str((old.get("method") or {}).get("name")))
     fixed = [d for d in diffs if d[0].startswith(fixed_keys)]

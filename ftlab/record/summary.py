@@ -17,6 +17,7 @@ class Summary:
     status: str = "completed"
     model: str | None = None
     method: str | None = None
+    stage: str | None = None  # sft | dpo | kto (None: a run from before stages existed)
     steps: int | None = None
     parameters: dict[str, int] = field(default_factory=dict)  # total, trainable
     first_loss: float | None = None
@@ -39,6 +40,9 @@ class Summary:
     wall_seconds: float | None = None
     derived: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    # The stage's own metrics (DPO's rewards/accuracies, ...): "train/<key>" for the last
+    # logging interval, "eval/<key>" for the dev set.
+    stage_metrics: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,6 +83,7 @@ class Summary:
             f"throughput     {fmt(self.tokens_per_second, '.0f')} tokens/s "
             f"({fmt(self.effective_tokens_per_second, '.0f')} non-padding)",
             f"peak memory    {fmt(self.peak_memory_mb, '.0f')} MiB",
+            *self._stage_lines(),
             f"trainable      {params.get('trainable', 0):,} of {params.get('total', 0):,} params",
             f"time           train {fmt(self.train_seconds, '.1f')} s, run "
             f"{fmt(self.wall_seconds, '.1f')} s",
@@ -109,3 +114,16 @@ class Summary:
             f"generation     {g['records']} dev records, {g['units']}-level, base -> fine-tuned",
             f"               {scores}",
         ]
+
+    def _stage_lines(self) -> list[str]:
+        lines = []
+        for split, label in (("train", "last interval"), ("eval", "dev")):
+            values = {
+                k.split("/", 1)[1]: v
+                for k, v in self.stage_metrics.items()
+                if k.startswith(split + "/")
+            }
+            if values:
+                body = ", ".join(f"{k} {v:.3f}" for k, v in values.items())
+                lines.append(f"{(self.stage or '') + ' ' + split:<15}{body} ({label})")
+        return lines

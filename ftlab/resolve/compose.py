@@ -13,6 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from ftlab.alignment.catalog import stage_schemas
 from ftlab.config import schema
 from ftlab.config.derived import Derived
 from ftlab.methods.catalog import method_schemas
@@ -40,6 +41,9 @@ def register_configs() -> None:
     cs.store(group="precision", name="base_precision", node=schema.PrecisionConfig)
     for name, node in method_schemas().items():
         cs.store(group="method", name=f"base_{name}", node=node)
+    for name, node in stage_schemas().items():
+        cs.store(group="stage", name=f"base_{name}", node=node)
+    register_resolvers()  # before Hydra resolves the run dir's name
     _registered = True
 
 
@@ -55,13 +59,20 @@ def _model_label(name: Any, name_or_path: Any) -> str:
     return str(model_label(name, name_or_path))
 
 
+def _stage_suffix(stage: str) -> str:
+    return "" if stage == "sft" else f"_{stage}"
+
+
 def register_resolvers() -> None:
     """``${asset:NAME}`` -> the absolute path of a checkpoint or dataset shipped in ftlab;
-    ``${model_label:NAME,PATH}`` -> the model's run-dir label (NAME, else PATH's last part)."""
+    ``${model_label:NAME,PATH}`` -> the model's run-dir label (NAME, else PATH's last part);
+    ``${stage_suffix:NAME}`` -> "" for sft, "_dpo" etc. (run dir names)."""
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", _asset)
     if not OmegaConf.has_resolver("model_label"):
         OmegaConf.register_new_resolver("model_label", _model_label)
+    if not OmegaConf.has_resolver("stage_suffix"):
+        OmegaConf.register_new_resolver("stage_suffix", _stage_suffix)
 
 
 def to_run_config(cfg: DictConfig) -> schema.RunConfig:

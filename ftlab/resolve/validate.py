@@ -4,8 +4,9 @@ Every check raises ``ConfigError`` with a message that names the setting, says w
 cannot work, and what to do instead. Nothing is reset silently: values ftlab computes
 (data-parallel degree, global batch, the method's own values such as LoRA's alpha) are
 returned as a frozen ``Derived`` and written into the run's resolved config. What a
-method, a model family or the data settings require is asked of them (``Method.check``,
-the family table, ``check_data_settings``); nothing here names a method or a family.
+method, a stage, a model family or the data settings require is asked of them
+(``Method.check``, ``Stage.check``, the family table, ``check_data_settings``); nothing here
+names a method, a stage or a family.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ftlab.alignment.catalog import get_stage
+from ftlab.alignment.init import inspect_init
 from ftlab.config.choices import check_choice
 from ftlab.config.derived import Derived
 from ftlab.config.environment import Environment
@@ -585,6 +588,9 @@ def validate(run: RunConfig, env: Environment) -> Derived:
     check_trackers(run)
     generation = check_generation(run)
     check_long_sequences(run, method)
+    stage = get_stage(run.stage.name)
+    stage.check(run, env)
+    init_from = str(inspect_init(run).path) if run.init_from else None
     t = run.train
     # Sharding splits the data like data parallelism does, so both multiply the batch.
     batch_ranks = layout["data_parallel_degree"] * run.parallel.sharding
@@ -596,6 +602,8 @@ def validate(run: RunConfig, env: Environment) -> Derived:
         * t.gradient_accumulation_steps
         * batch_ranks,
         method=method.derived(run.method),
+        stage=stage.derived(run),
+        init_from=init_from,
         # PaddleNLP's PipelineParallel runs gradient_accumulation_steps micro-batches of
         # per_device_train_batch_size through the stages per optimizer step (1F1B).
         pipeline_micro_batch_size=t.per_device_train_batch_size if pipeline else None,

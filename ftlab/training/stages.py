@@ -7,17 +7,21 @@
    resume, the checkpoint is checked here and the record is written only once the
    Trainer has loaded it: a resume that fails first leaves the run's record untouched);
 2. ``build_model``: TrainingArguments (they set up fleet, which model loading reads),
-   the base model, its task metric, the method applied;
-3. ``fit``: PaddleNLP's Trainer trains (from the checkpoint a resume picked), evaluates,
-   and the fine-tuned model's task metric is scored;
+   the base model (the ``init_from`` model, merged once), its task and generation
+   metrics, a frozen reference copy when the stage needs one, the method applied;
+3. ``fit``: the stage's Trainer trains (from the checkpoint a resume picked), evaluates,
+   and the fine-tuned model's metrics are scored;
 4. ``finalize``: ``final/`` (the artefact, tokenizer and method record), samples,
-   VisualDL's final scalars and the summary.
+   the trackers' final scalars and the summary.
 
-Every file goes through ``RunDir``, which writes on rank 0 only.
+The stage (``run.stage``: sft, dpo, kto) decides the data, the reference model, the
+Trainer and its summary metrics; everything else is the same for every stage. Every
+file goes through ``RunDir``, which writes on rank 0 only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -27,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from ftlab import signals
+from ftlab.alignment.registry import REFERENCE_COPY
 from ftlab.config.derived import Derived
-from ftlab.config.schema import RunConfig
+from ftlab.config.schema import ModelConfig, RunConfig
 from ftlab.errors import ConfigError
 from ftlab.record.provenance import environment_record
 from ftlab.record.rundir import (
@@ -52,6 +57,8 @@ class Prepared:
     data: Any  # ftlab.data.DataBundle
     derived: Derived
     checkpoint: Path | None  # the checkpoint a resume continues from
+    stage: Any  # ftlab.alignment.registry.Stage: where the run differs by its objective
+    model: ModelConfig  # the model loaded as the base (the init model after init_from)
     # Writes what the run records when training really starts (``RecordStart``).
     record_start: Any = None
 
@@ -64,6 +71,7 @@ class Built:
     parameters: dict[str, int]
     base_metric: Any  # the task metric of the base model (None without one)
     base_generation: Any = None  # BLEU/ROUGE of the base model's dev generations
+    reference: Any = None  # a frozen copy of the starting model (stages that need one)
 
 
 @dataclass
@@ -92,27 +100,23 @@ def train(run: RunConfig, run_dir: RunDir, derived: Derived) -> Summary:
 
 
 def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
-    from ftlab.data import build_data
+    from ftlab.alignment.catalog import get_stage
     from ftlab.models.loading import load_tokenizer
     from ftlab.resolve.compose import resolved_config_yaml
     from ftlab.resolve.validate import check_demo_metric
     from ftlab.training.arguments import total_steps
 
+    stage = get_stage(run.stage.name)
     tokenizer = load_tokenizer(run.model)
-    data = build_data(
-        run.data,
-        tokenizer,
-        seed=run.train.seed,
-        need_dev=True,  # eval loss and the task metric are part of every summary
-        max_steps=run.train.max_steps if run.train.max_steps > 0 else None,
-        # PaddleNLP's Trainer shards map and iterable datasets across data-parallel
-        # ranks itself; sharding here too would split twice.
-        world_size=1,
-        rank=0,
-        flash_mask=run.model.flash_mask,
-        context_length=derived.context_length,
-    )
+    data = stage.build_data(run, tokenizer)
     check_demo_metric(run, data.dev_records)  # before the model: pipeline models cannot generate
+    model = run.model
+    if run.init_from:
+        from ftlab.alignment.init import init_model_path, inspect_init
+
+        init_model = init_model_path(inspect_init(run), run_dir.path)
+        derived = derived.with_(init_model=str(init_model))
+        model = dataclasses.replace(run.model, name_or_path=str(init_model))
     examples = _length(data.train_dataset)
     derived = derived.with_(
         train_examples=examples,
@@ -132,9 +136,10 @@ def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
     record = {FINGERPRINTS: data.fingerprints, RESOLVED_CONFIG: resolved_config_yaml(run, derived)}
     if checkpoint is None:
         write_record(run_dir, record)
-        return Prepared(tokenizer, data, derived, None, RecordStart(run_dir, {}))
+        return Prepared(tokenizer, data, derived, None, stage, model, RecordStart(run_dir, {}))
     record[ENVIRONMENT] = environment_record(derived.device)
-    return Prepared(tokenizer, data, derived, checkpoint, RecordStart(run_dir, record, checkpoint))
+    start = RecordStart(run_dir, record, checkpoint)
+    return Prepared(tokenizer, data, derived, checkpoint, stage, model, start)
 
 
 def build_model(run: RunConfig, run_dir: RunDir, prepared: Prepared) -> Built:
@@ -156,32 +161,39 @@ def build_model(run: RunConfig, run_dir: RunDir, prepared: Prepared) -> Built:
         has_eval=prepared.data.dev_dataset is not None,
         unified_checkpoint=method.unified_checkpoint,
     )
-    model = method.load_base(
-        run.method,
-        run.model,
-        dtype=weight_dtype(run.precision),
-        overrides=recompute_model_config(run),
-    )
+    if run.init_from:
+        _materialize_init(run, run_dir)
+    dtype, overrides = weight_dtype(run.precision), recompute_model_config(run)
+    model = method.load_base(run.method, prepared.model, dtype=dtype, overrides=overrides)
     base_generation = generation_metric(model, prepared, run)
     base_metric = task_metric(
         model, prepared.tokenizer, prepared.data.dev_records, run, base_generation
     )
+    reference = None
+    if prepared.stage.reference(run) == REFERENCE_COPY:
+        reference = method.load_base(run.method, prepared.model, dtype=dtype, overrides=overrides)
+        for p in reference.parameters():
+            p.stop_gradient = True
+        reference.eval()
     if run.method.neftune_noise_alpha > 0:
         add_neftune_hook(model, run.method.neftune_noise_alpha)
-    model = method.apply(model, run.method, run.model)
+    model = method.apply(model, run.method, prepared.model)
     params = parameter_counts(model)
     log.info("parameters: %s", params)
-    return Built(method, model, args, params, base_metric, base_generation)
+    return Built(method, model, args, params, base_metric, base_generation, reference)
 
 
 def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fitted:
     from ftlab.data import count_tokens
     from ftlab.data.formats import TEXT_FORMATS
     from ftlab.record.resume import checkpoint_step
-    from ftlab.training.trainer import FtlabTrainer, MetricsJsonl
+    from ftlab.training.trainer import MetricsJsonl
 
     data = prepared.data
-    trainer = FtlabTrainer(
+    trainer = prepared.stage.make_trainer(
+        run,
+        reference_model=built.reference,
+        method=built.method,
         model=built.model,
         args=built.args,
         train_dataset=data.train_dataset,
@@ -246,9 +258,15 @@ def finalize(
     from ftlab.training.memory import peak_memory_mb
 
     base, tuned, evals = built.base_metric, fitted.tuned_metric, fitted.eval_metrics
+    stage = prepared.stage
+    if not stage.loss_is_likelihood:
+        evals = {k: v for k, v in evals.items() if k != "eval_ppl"}  # exp of a DPO loss is no ppl
+    train_logs = run_dir.train_logs()
+    stage_metrics = _stage_metrics(stage.summary_keys, train_logs, evals)
     scalars = {
         f"final/{k}": [(fitted.steps, evals[k])] for k in ("eval_loss", "eval_ppl") if k in evals
     }
+    scalars.update({f"final/{k}": [(fitted.steps, v)] for k, v in stage_metrics.items()})
     if tuned is not None:
         # One curve: the base model at step 0, the fine-tuned one at the last step.
         scalars["final/entity_recall"] = [(0, base.score), (fitted.steps, tuned.score)]
@@ -261,13 +279,14 @@ def finalize(
 
     built.method.save_final(fitted.trainer, built.model, run_dir.final)
     run_dir.save_tokenizer(prepared.tokenizer)
-    run_dir.write_method_record(run.method.name, run.model.name_or_path)
+    run_dir.write_method_record(run.method.name, prepared.model.name_or_path)
 
-    train_logs = run_dir.train_logs()
     summary = Summary(
         run_dir=str(run_dir),
         model=run.model.name,
         method=run.method.name,
+        stage=stage.name,
+        stage_metrics=stage_metrics,
         steps=fitted.steps,
         parameters=built.parameters,
         first_loss=train_logs[0]["loss"] if train_logs else None,
@@ -424,6 +443,32 @@ def _samples(base: Any, tuned: Any, n: int) -> list[dict[str, Any]]:
         }
         for b, t in list(zip(base.records, tuned.records, strict=True))[:n]
     ]
+
+
+def _stage_metrics(
+    keys: tuple[str, ...], train_logs: list[dict], evals: dict[str, float]
+) -> dict[str, float]:
+    """The stage's metrics of the last training interval (``train/...``) and of the dev
+    set (``eval/...``)."""
+    out: dict[str, float] = {}
+    last = train_logs[-1] if train_logs else {}
+    for key in keys:
+        if key in last:
+            out[f"train/{key}"] = float(last[key])
+        if f"eval_{key}" in evals:
+            out[f"eval/{key}"] = float(evals[f"eval_{key}"])
+    return out
+
+
+def _materialize_init(run: RunConfig, run_dir: RunDir) -> None:
+    """The merged starting model, written by the main process; the others wait for it."""
+    import paddle.distributed as dist
+
+    from ftlab.alignment.init import inspect_init, materialize_init
+
+    materialize_init(run, inspect_init(run), run_dir)
+    if dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def _mean_train_loss(rows: list[dict]) -> float | None:

@@ -23,7 +23,7 @@ from paddlenlp.trainer import TrainerCallback
 from paddlenlp.trainer.trainer_utils import has_length
 from paddlenlp.trl import SFTTrainer
 
-from ftlab.distributed.batching import GlobalBatchSampler, global_token_scale
+from ftlab.distributed.batching import GlobalBatchSampler, global_unit_scale, target_tokens
 from ftlab.record.resume import STAGING, checkpoint_step
 from ftlab.record.rundir import (
     METRICS,
@@ -41,7 +41,15 @@ from ftlab.training.optimizers import use_ftlab_adamw_mini
 log = logging.getLogger(__name__)
 
 
-class FtlabTrainer(SFTTrainer):
+class FtlabTrainerMixin:
+    """What every ftlab Trainer adds to PaddleNLP's: token counts, throughput and peak
+    memory in the logs, the last step always logged, one global batch order for any
+    number of ranks, per-rank loss weights, ftlab's AdamW-mini update, checkpoints renamed
+    into place only when whole and free of pickles, a clear disk-full error, and resume
+    from a checkpoint that already holds every step. Mixed in before a PaddleNLP Trainer
+    class (``SFTTrainer`` here; ``DPOTrainer`` and ``KTOTrainer`` in
+    ``ftlab.alignment.trainers``)."""
+
     def __init__(
         self,
         *args: Any,
@@ -70,41 +78,30 @@ class FtlabTrainer(SFTTrainer):
         self.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
         return self.state.global_step
 
+    def loss_units(self, inputs: dict) -> int:
+        """What this rank's loss is a mean over: target tokens (preference stages: records)."""
+        return target_tokens(inputs["labels"])
+
     def training_step(self, model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
         total, effective = self._count_tokens(inputs)
         self._tokens += total
         self._effective_tokens += effective
-        # Several ranks: weight each rank's loss by its share of the global batch's target
-        # tokens (ftlab.distributed.batching); pipeline layouts compute their loss elsewhere.
+        # Several ranks: weight each rank's loss by its share of the global batch's loss
+        # units (ftlab.distributed.batching); pipeline layouts compute their loss elsewhere.
         if self.args.world_size > 1 and self.args.pipeline_parallel_degree <= 1:
-            self._loss_scale = global_token_scale(inputs["labels"], self.args.world_size)
+            self._loss_scale = global_unit_scale(self.loss_units(inputs), self.args.world_size)
         try:
             return super().training_step(model, inputs, *args, **kwargs)
         finally:
             self._loss_scale = None
 
     def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False) -> Any:
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs)
+        # PaddleNLP's preference trainers take no return_outputs (they never return them).
+        extra = {"return_outputs": True} if return_outputs else {}
+        out = super().compute_loss(model, inputs, **extra)
         if self._loss_scale is None:
             return out
         return (out[0] * self._loss_scale, out[1]) if return_outputs else out * self._loss_scale
-
-    def prediction_pipeline_step(self, model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
-        """Evaluate a pipeline model on one eval batch of whatever size it has.
-
-        ``PipelineParallel.eval_batch`` cuts a batch into ``accumulate_steps`` micro-batches
-        of the *training* micro-batch size and asserts the batch is exactly that big, so an
-        eval batch of another size (``per_device_eval_batch_size``, or the dev set's last,
-        shorter batch) would fail. The whole eval batch is one micro-batch here; the loss
-        is the same token mean either way.
-        """
-        size = int(inputs["input_ids"].shape[0])
-        saved = model.micro_batch_size, model.accumulate_steps
-        model.micro_batch_size, model.accumulate_steps = size, 1
-        try:
-            return super().prediction_pipeline_step(model, inputs, *args, **kwargs)
-        finally:
-            model.micro_batch_size, model.accumulate_steps = saved
 
     def create_optimizer(self, lr_scheduler: Any = None) -> Any:
         """PaddleNLP's optimizer, with ftlab's AdamW-mini update (``training.optimizers``)."""
@@ -250,6 +247,27 @@ class FtlabTrainer(SFTTrainer):
             self._tokens = self._effective_tokens = 0
             self._interval_start = time.perf_counter()
         super().log(logs, **kwargs)
+
+
+class FtlabTrainer(FtlabTrainerMixin, SFTTrainer):
+    """The supervised fine-tuning Trainer."""
+
+    def prediction_pipeline_step(self, model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
+        """Evaluate a pipeline model on one eval batch of whatever size it has.
+
+        ``PipelineParallel.eval_batch`` cuts a batch into ``accumulate_steps`` micro-batches
+        of the *training* micro-batch size and asserts the batch is exactly that big, so an
+        eval batch of another size (``per_device_eval_batch_size``, or the dev set's last,
+        shorter batch) would fail. The whole eval batch is one micro-batch here; the loss
+        is the same token mean either way.
+        """
+        size = int(inputs["input_ids"].shape[0])
+        saved = model.micro_batch_size, model.accumulate_steps
+        model.micro_batch_size, model.accumulate_steps = size, 1
+        try:
+            return super().prediction_pipeline_step(model, inputs, *args, **kwargs)
+        finally:
+            model.micro_batch_size, model.accumulate_steps = saved
 
 
 class LogLastStep(TrainerCallback):

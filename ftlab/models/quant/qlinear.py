@@ -171,6 +171,9 @@ class QuantLoRALinear(nn.Layer):
             default_initializer=nn.initializer.Constant(0.0),
         )
         self.lora_dropout = nn.Dropout(spec.lora_dropout) if spec.lora_dropout > 0 else None
+        # True: the quantized base alone (a preference stage's reference model, as
+        # PaddleNLP's LoRA layers do with the same attribute).
+        self.disable_lora = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, spec: QLoRASpec) -> QuantLoRALinear:
@@ -216,6 +219,8 @@ class QuantLoRALinear(nn.Layer):
         out = _DequantMatmul.apply(xc, self.quantized_weight, cdt)
         if self.bias is not None:
             out = out + (self.bias if self.bias.dtype == cdt else self.bias.astype(cdt))
+        if self.disable_lora:
+            return out if out.dtype == x.dtype else out.astype(x.dtype)
         h = self.lora_dropout(xc) if self.lora_dropout is not None else xc
         a = self.lora_A if cdt == paddle.float32 else self.lora_A.astype(cdt)
         b = self.lora_B if cdt == paddle.float32 else self.lora_B.astype(cdt)
