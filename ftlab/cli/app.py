@@ -40,18 +40,15 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     Returns the run's ``Summary`` (train mode; None when rank 0 ran on another node), or
     the plan / export record.
     """
-    from ftlab.config.environment import probe_environment
+    from ftlab.config.environment import run_environment
     from ftlab.resolve.compose import to_run_config
-    from ftlab.resolve.validate import validate
+    from ftlab.resolve.validate import validate_for
 
     run = to_run_config(cfg)
-    if run.mode == "plan":
-        from ftlab.planning.plan import plan_environment
-
-        env = plan_environment(run)  # device=gpu plans for GPUs on any machine
-    else:
-        env = probe_environment(run.device)
-    derived = validate(run, env)
+    # Training validates against this machine; plan and export with device=gpu against
+    # the GPU machine the target settings describe, on any machine.
+    env = run_environment(run)
+    derived = validate_for(run, env)
     record = RunDir(run_dir)
     record.create()
     if run.mode == "plan":

@@ -38,10 +38,12 @@ class Derived:
     resume_changes: tuple[str, ...] | None = None
     rerun_of: str | None = None
     rerun_differences: tuple[str, ...] | None = None
+    # Validated against a described machine (plan/export for a GPU target): what was assumed.
+    assumptions: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", MappingProxyType(dict(self.method)))
-        for name in ("resume_changes", "rerun_differences"):
+        for name in ("resume_changes", "rerun_differences", "assumptions"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(value))

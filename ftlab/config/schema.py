@@ -155,6 +155,19 @@ class EvalSettings:
     batch_size: int = 32
 
 
+@dataclass
+class TargetConfig:
+    """The GPU machine ``mode=plan`` / ``mode=export`` with ``device=gpu`` prepare a run for.
+
+    Described, not probed: validation answers for it on any machine, and the plan and the
+    export list these values as what they assumed.
+    """
+
+    gpus_per_node: int | None = None  # None -> what the parallel layout needs per node
+    compute_capability: str = "8.0"  # 7.0 V100, 8.0 A100, 8.9 L40S, 9.0 H100
+    paddleslim_ops: bool = True  # PaddleSlim's CUDA ops installed (PaddleNLP's nf4/fp4)
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -170,7 +183,9 @@ class RunConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
     mode: str = "train"  # train | plan | export
     device: str = "auto"  # auto | cpu | gpu
     resume: str | None = None  # a run dir to continue from its latest checkpoint
     rerun: str | None = None  # a run dir whose saved config runs again, in a new dir
+    verbose: bool = False  # also print PaddleNLP's and Paddle's log (always in train.log)

@@ -92,6 +92,16 @@ class Method:
         """Values computed from the settings, written into the resolved config."""
         return {}
 
+    def environment_derived(self, cfg: Any, env: Environment) -> dict[str, Any]:
+        """Values that depend on the machine (``env``: this one, or a described target)
+        as well as the settings, written into the resolved config beside ``derived``."""
+        return {}
+
+    def assumptions(self, run: RunConfig, env: Environment) -> list[str]:
+        """What this method assumes about a described machine (``env.described``) that the
+        run depends on; the plan and the export list these lines."""
+        return []
+
     def plan(self, run: RunConfig) -> AdapterPlan:
         """What the method adds to the base model, from ``model.arch`` (no Paddle)."""
         raise ConfigError(

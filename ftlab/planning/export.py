@@ -141,7 +141,8 @@ def export_run_finetune(run: RunConfig, derived: Derived, run_dir: RunDir | Path
     args, notes = run_finetune_arguments(run, run_dir.path)
     path, notes_path = run_dir / EXPORT, run_dir / EXPORT_NOTES
     run_dir.write_text(EXPORT, json.dumps(args, indent=2) + "\n")
-    run_dir.write_text(EXPORT_NOTES, json.dumps(notes, indent=2) + "\n")
+    assumed = [f"assumed: {a}" for a in derived.assumptions or ()]
+    run_dir.write_text(EXPORT_NOTES, json.dumps(notes + assumed, indent=2) + "\n")
     nproc = derived.nproc_per_node
     launcher = (
         f"python -m paddle.distributed.launch --devices {','.join(str(i) for i in range(nproc))} "
@@ -155,5 +156,14 @@ def export_run_finetune(run: RunConfig, derived: Derived, run_dir: RunDir | Path
     if notes:
         lines.append(f"not expressible in run_finetune.py ({notes_path.name}):")
         lines += [f"  - {n}" for n in notes]
+    if derived.assumptions:
+        lines.append("assumed (validated for a described machine, not this one):")
+        lines += [f"  - {a}" for a in derived.assumptions]
     print("\nftlab export\n" + "\n".join("  " + x for x in lines), flush=True)
-    return {"run_dir": str(run_dir), "path": str(path), "arguments": args, "notes": notes}
+    return {
+        "run_dir": str(run_dir),
+        "path": str(path),
+        "arguments": args,
+        "notes": notes,
+        "assumptions": list(derived.assumptions or ()),
+    }

@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ftlab.config.derived import Derived
-from ftlab.config.environment import Environment, has_gpu, probe_environment
+from ftlab.config.environment import Environment
 from ftlab.config.schema import RunConfig
 from ftlab.methods.catalog import get_method
 from ftlab.methods.registry import AdapterPlan
@@ -308,6 +308,7 @@ def make_plan(run: RunConfig, derived: Derived, device: str) -> dict[str, Any]:
         "memory_bytes": asdict(mem),
         "memory_mib": {k: None if v is None else round(v / MIB, 1) for k, v in asdict(mem).items()},
         "recompute": run.train.recompute,
+        "assumptions": list(derived.assumptions or ()),
     }
 
 
@@ -343,6 +344,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"  total                {mib(mem['total'])} without recompute{no_rc}",
         f"                       {mib(mem['total_recompute'])} with recompute{rc}",
     ]
+    if plan.get("assumptions"):
+        lines.append("assumed (validated for a described machine, not this one)")
+        lines += [f"  - {a}" for a in plan["assumptions"]]
     if mem["estimated_rss"] is not None:
         lines.append(
             f"  CPU peak RSS         {mib(mem['estimated_rss'])} = total + "
@@ -362,21 +366,3 @@ def print_plan(
         "\nftlab plan\n" + "\n".join("  " + x for x in format_plan(plan).splitlines()), flush=True
     )
     return plan
-
-
-def plan_environment(run: RunConfig) -> Environment:
-    """The machine to plan for: this one, or with ``device=gpu`` the GPUs the layout needs.
-
-    A plan loads nothing, so a GPU layout can be planned on a CPU-only machine: the
-    environment then has exactly the GPUs the layout asks for (per node) and an unknown
-    compute capability (bf16 support is not checked).
-    """
-    if run.device != "gpu":
-        return probe_environment(run.device)
-    import paddle
-
-    p = run.parallel
-    nproc = p.nproc_per_node or p.tensor * p.pipeline * p.sharding * (p.data or 1)
-    if has_gpu():
-        return probe_environment("gpu")
-    return Environment("gpu", nproc, paddle.__version__, None)
