@@ -22,16 +22,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from ftlab.cli.help import CONF_DIR, check_selected_options, register_help_resolver
 from ftlab.errors import FtlabError
 from ftlab.record.rundir import ERROR, RunDir
 from ftlab.record.status import record_status
 from ftlab.record.summary import Summary
 from ftlab.resolve.compose import register_configs
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 log = logging.getLogger("ftlab")
 
 register_configs()
+register_help_resolver()
 
 
 def execute(cfg: DictConfig, run_dir: Path) -> Any:
@@ -49,6 +50,10 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     # the GPU machine the target settings describe, on any machine.
     env = run_environment(run)
     derived = validate_for(run, env)
+    if run.mode == "train":  # plan and export read no data (it may live on the target)
+        from ftlab.data.layout import resolve_split_files
+
+        resolve_split_files(run.data, "train")  # a missing data.path fails before heavy work
     record = RunDir(run_dir)
     record.create()
     if run.mode == "plan":
@@ -92,6 +97,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     started = time.time()
     try:
+        check_selected_options(hydra_cfg.runtime.choices, hydra_cfg.runtime.config_sources)
         summary = execute(cfg, run_dir)
     except Exception as err:  # noqa: BLE001 - a sweep must survive any failing job
         record_outcome(cfg, run_dir, started, err)
@@ -131,8 +137,6 @@ def record_outcome(
 
 def explain_composition_error(err: BaseException) -> str:
     """Hydra's message plus the closest valid names, for keys and group options."""
-    from ftlab.config.choices import suggest
-
     text = str(err).strip()
     cause = err.__cause__
     if cause is not None and str(cause) not in text:
@@ -141,12 +145,11 @@ def explain_composition_error(err: BaseException) -> str:
     # schema fails anyway) or only add noise.
     text = re.sub(r"\nTo append to your config use \S+", "", text)
     text = re.sub(r"\nConfig search path:(\n\t.*)+", "", text)
-    text = re.sub(r"\n\tbase_\w+", "", text)  # schemas, not options a user picks
     missing_option = re.search(r"Could not find '(\w+)/([\w.-]+)'", text)
     if missing_option:
-        group, option = missing_option.groups()
-        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        return f"{text}\n{suggest(option, options).strip()}".strip()
+        from ftlab.cli.help import option_advice
+
+        return option_advice(*missing_option.groups()) or text
     key_err = re.search(r"Key '(\w+)' not in '(\w+)'", text)
     if key_err:
         key, type_name = key_err.groups()
@@ -183,6 +186,9 @@ def main() -> None:
         from ftlab.record.resume import replay_argv
 
         sys.argv = [sys.argv[0], *replay_argv(sys.argv[1:])]
+        if "--hydra-help" in sys.argv:
+            # Hydra composes its own help without train.yaml, so ftlab's text is chosen here.
+            sys.argv.append("hydra/hydra_help=ftlab")
         hydra_main()
     except (HydraException, OmegaConfBaseException) as err:
         print(f"ftlab: config error: {explain_composition_error(err)}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Typed schemas behind every config group.
 
 Each dataclass is registered in Hydra's ConfigStore (``ftlab/resolve/compose.py``) and every YAML
-option starts with ``defaults: [base_<schema>]``, so a misspelled key or a wrong type
+option starts with ``defaults: [/base_<schema>@_here_]``, so a misspelled key or a wrong type
 fails at composition time, before anything heavy is imported or loaded.
 
 Fields carry a one-line docstring-comment; that text is what ``ftlab --help`` users and
