@@ -78,6 +78,8 @@ def _prefix_model_class() -> type:
 class Prefix(Method):
     name = "prefix"
     schema = PrefixMethodConfig
+    argument_flag = "prefix_tuning"
+    argument_keys = {"num_prefix_tokens": "num_prefix_tokens"}
     fixed_on_resume = ("num_prefix_tokens", "prefix_projection", "prefix_projection_hidden_size")
     merge_unsupported = (
         "prefix tuning adds learned key/value entries to every attention layer; they are "
@@ -167,4 +169,4 @@ class Prefix(Method):
             "(get_prefix_tuning_params); method.prefix_projection / prefix_dropout are "
             "not arguments there."
         )
-        return {"prefix_tuning": True, "num_prefix_tokens": run.method.num_prefix_tokens}
+        return self.flag_arguments(run.method)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from ftlab.config.environment import Environment
     from ftlab.config.schema import ModelConfig, RunConfig
 
+# PaddleNLP quantizes nf4/fp4 in blocks (these keys); int8/int4 per channel.
+BLOCKWISE_IN_PADDLENLP = ("nf4", "fp4")
+BLOCKWISE_KEYS = {"weight_blocksize": "quant_block_size", "weight_double_quant": "double_quant"}
 ADAPTER_FILE = "qlora_adapter.safetensors"
 QUANT_CONFIG_FILE = "quant_config.json"
 
@@ -257,8 +261,10 @@ class QLora(Lora):
         m = run.method
         args = super().export(run, notes)
         args["weight_quantize_algo"] = PADDLENLP_ALGO[m.quant_algo]
-        if m.quant_algo in ("nf4", "fp4"):
-            args.update(weight_blocksize=m.quant_block_size, weight_double_quant=m.double_quant)
+        if m.quant_algo in BLOCKWISE_IN_PADDLENLP:
+            args.update(
+                {key: getattr(m, f) for key, f in BLOCKWISE_KEYS.items()},
+            )
         else:
             notes.append(
                 f"method.quant_algo={m.quant_algo}: PaddleNLP quantizes per channel "
@@ -269,6 +275,25 @@ class QLora(Lora):
             "and nf4/fp4 need PaddleSlim's CUDA ops."
         )
         return args
+
+    def import_arguments(
+        self, args: Mapping[str, Any], model: ModelConfig, notes: list[str]
+    ) -> tuple[dict[str, Any], set[str]] | None:
+        algo = {v: k for k, v in PADDLENLP_ALGO.items()}.get(args.get("weight_quantize_algo"))
+        found = super().import_arguments(args, model, notes) if algo else None
+        if found is None:
+            return None
+        settings, keys = found
+        settings["quant_algo"] = algo
+        keys.add("weight_quantize_algo")
+        if algo in BLOCKWISE_IN_PADDLENLP:
+            settings.update({f: args[key] for key, f in BLOCKWISE_KEYS.items() if key in args})
+            keys.update(BLOCKWISE_KEYS)
+        notes.append(
+            "method.quant_backend=auto: PaddleNLP's quantized kernels where they run (as in "
+            "run_finetune.py), ftlab's elsewhere; the run records which ran."
+        )
+        return settings, keys
 
 
 def _check_tensor_parallel(cfg: QLoraMethodConfig, layout: str, env: Environment) -> None:

@@ -14,6 +14,7 @@ heavy import, so methods import Paddle inside their functions only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -82,6 +83,11 @@ class Method:
     size_setting: ClassVar[str | None] = None
     # The saved artefact is a whole model (reloading needs no base model).
     saves_whole_model: ClassVar[bool] = False
+    # run_finetune.py's flag that selects this method (``lora``, ``prefix_tuning``, ...).
+    argument_flag: ClassVar[str | None] = None
+    # run_finetune.py keys that carry one of this method's settings unchanged (key -> field
+    # of ``schema``): ``export`` writes them and ``ftlab-import`` reads them back from here.
+    argument_keys: ClassVar[dict[str, str]] = {}
 
     # ------------------------------------------------------------------ settings
 
@@ -115,6 +121,23 @@ class Method:
             f"mode=export has no run_finetune.py mapping for method={self.name}; give its "
             "Method class an export()."
         )
+
+    def flag_arguments(self, cfg: Any) -> dict[str, Any]:
+        """``argument_flag`` and the ``argument_keys`` of ``cfg``: where exports start."""
+        args: dict[str, Any] = {self.argument_flag: True} if self.argument_flag else {}
+        args.update({key: getattr(cfg, f) for key, f in self.argument_keys.items()})
+        return args
+
+    def import_arguments(
+        self, args: Mapping[str, Any], model: ModelConfig, notes: list[str]
+    ) -> tuple[dict[str, Any], set[str]] | None:
+        """The inverse of ``export``: (this method's settings, the keys read) for the
+        arguments ``run_finetune.py`` would use (the file over PaddleNLP's defaults), or None
+        when they do not select this method. What the import assumed goes to ``notes``."""
+        if self.argument_flag is None or not args.get(self.argument_flag):
+            return None
+        settings = {f: args[key] for key, f in self.argument_keys.items() if key in args}
+        return settings, {self.argument_flag, *self.argument_keys}
 
     def size(self, cfg: dict[str, Any]) -> Any:
         """The value of ``size_setting`` in a recorded method config (None without one)."""
