@@ -22,12 +22,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from ftlab.cli.console import describe_run, job_console, job_line
 from ftlab.cli.help import CONF_DIR, check_selected_options, register_help_resolver
+from ftlab.distributed.launch import inside_worker
 from ftlab.errors import FtlabError
 from ftlab.record.rundir import ERROR, RunDir
 from ftlab.record.status import record_status
 from ftlab.record.summary import Summary
 from ftlab.resolve.compose import register_configs
+from ftlab.training.progress import console
 
 log = logging.getLogger("ftlab")
 
@@ -54,6 +57,8 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
         from ftlab.data.layout import resolve_split_files
 
         resolve_split_files(run.data, "train")  # a missing data.path fails before heavy work
+    if not inside_worker():  # a worker's job was described by its launcher
+        console.info(describe_run(run, derived, run_dir))
     record = RunDir(run_dir)
     record.create()
     if run.mode == "plan":
@@ -69,13 +74,12 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     if needs_launch(derived):
         # This process becomes the launcher: Paddle's launcher starts the workers, each
         # re-entering ftlab with the same overrides and this same run dir.
-        summary = launch_workers(run, derived, record)
-    else:
-        from ftlab.training.stages import train
+        return launch_workers(run, derived, record)  # rank 0 printed the summary
+    from ftlab.training.stages import train
 
-        summary = train(run, record, derived)
-    if summary is not None and _is_rank_zero():
-        print(summary.format(), flush=True)
+    summary = train(run, record, derived)
+    if _is_rank_zero():
+        console.info(summary.format())
     return summary
 
 
@@ -96,9 +100,11 @@ def hydra_main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     started = time.time()
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         check_selected_options(hydra_cfg.runtime.choices, hydra_cfg.runtime.config_sources)
-        summary = execute(cfg, run_dir)
+        with job_console(cfg, run_dir, sweep=sweep, worker=inside_worker()):
+            summary = execute(cfg, run_dir)
     except Exception as err:  # noqa: BLE001 - a sweep must survive any failing job
         record_outcome(cfg, run_dir, started, err)
         if hydra_cfg.mode != RunMode.MULTIRUN:
@@ -115,6 +121,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
         )
         return None
     record_outcome(cfg, run_dir, started)
+    if sweep:
+        print(job_line(hydra_cfg.job.num, hydra_cfg.overrides.task, summary, started), flush=True)
     loss = summary.eval_loss if isinstance(summary, Summary) else None
     return float(loss) if loss is not None else None
 

@@ -108,6 +108,8 @@ def training_arguments(
         save_steps=t.save_steps or steps,
         unified_checkpoint=unified_checkpoint,
         remove_unused_columns=False,
-        disable_tqdm=False,
+        # ftlab's console shows one progress bar (training.trainer.ConsoleProgress);
+        # PaddleNLP's then logs its lines to train.log instead of drawing its own bars.
+        disable_tqdm=True,
         **args,
     )

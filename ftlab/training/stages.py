@@ -29,8 +29,26 @@ from ftlab.errors import ConfigError
 from ftlab.record.provenance import environment_record
 from ftlab.record.rundir import ENVIRONMENT, FINGERPRINTS, RESOLVED_CONFIG, SAMPLES, SUMMARY, RunDir
 from ftlab.record.summary import Summary
+from ftlab.training.progress import console
 
 log = logging.getLogger(__name__)
+
+
+def data_line(stats: Any) -> str:
+    """The data counts a person checks before training starts."""
+    tr, dev = stats.train, stats.dev
+    text = f"data   train {tr.examples:,} examples ({tr.tokens:,} tokens)"
+    if dev is not None:
+        text += f", dev {dev.examples:,} ({dev.tokens:,} tokens)"
+    text += f"; format {stats.format}, packing {stats.packing}"
+    cut = {
+        "skipped": sum(tr.skipped.values()),
+        "prompts cut": tr.truncated_prompt,
+        "answers cut": tr.truncated_target,
+        "dropped overlong": tr.dropped_overlong,
+    }
+    extra = ", ".join(f"{v:,} {k}" for k, v in cut.items() if v)
+    return text + (f"; train: {extra}" if extra else "")
 
 
 @dataclass
@@ -80,6 +98,7 @@ def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
     from ftlab.resolve.validate import check_demo_metric
     from ftlab.training.arguments import total_steps
 
+    console.info("load   tokenizer and data (%s: %s)", run.data.name, run.data.path)
     tokenizer = load_tokenizer(run.model)
     data = build_data(
         run.data,
@@ -109,6 +128,7 @@ def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
         )
     run_dir.write_json(FINGERPRINTS, data.fingerprints)
     run_dir.write_text(RESOLVED_CONFIG, resolved_config_yaml(run, derived))
+    console.info(data_line(data.stats))
     return Prepared(tokenizer, data, derived, checkpoint)
 
 
@@ -131,6 +151,7 @@ def build_model(run: RunConfig, run_dir: RunDir, prepared: Prepared) -> Built:
         has_eval=prepared.data.dev_dataset is not None,
         unified_checkpoint=method.unified_checkpoint,
     )
+    console.info("load   model %s (%s)", run.model.name, run.model.name_or_path)
     model = method.load_base(run.method, run.model, dtype=weight_dtype(run.precision))
     base_metric = task_metric(model, prepared.tokenizer, prepared.data.dev_records, run)
     if run.method.neftune_noise_alpha > 0:
@@ -138,12 +159,27 @@ def build_model(run: RunConfig, run_dir: RunDir, prepared: Prepared) -> Built:
     model = method.apply(model, run.method, run.model)
     params = parameter_counts(model)
     log.info("parameters: %s", params)
+    share = 100 * params["trainable"] / max(params["total"], 1)
+    console.info(
+        "model  %s loaded (%s): %s parameters, %s trainable (%.2f%%)",
+        run.model.name,
+        run.method.name,
+        f"{params['total']:,}",
+        f"{params['trainable']:,}",
+        share,
+    )
+    if base_metric is not None:
+        console.info(
+            "base   entity recall %.3f on %d dev prompts",
+            base_metric.score,
+            len(base_metric.records),
+        )
     return Built(method, model, args, params, base_metric)
 
 
 def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fitted:
     from ftlab.data import count_tokens
-    from ftlab.training.trainer import FtlabTrainer, MetricsJsonl
+    from ftlab.training.trainer import ConsoleProgress, FtlabTrainer, MetricsJsonl
 
     data = prepared.data
     trainer = FtlabTrainer(
@@ -153,16 +189,33 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
         eval_dataset=data.dev_dataset,
         tokenizer=prepared.tokenizer,
         data_collator=data.collate_fn,
-        callbacks=[MetricsJsonl(run_dir)],
+        callbacks=[MetricsJsonl(run_dir), ConsoleProgress()],
         count_tokens=count_tokens,
         shuffle=run.data.shuffle,
     )
     checkpoint = prepared.checkpoint
+    t, d = run.train, prepared.derived
+    console.info(
+        "train  %d steps, global batch %d, lr %.1e %s%s",
+        d.total_steps,
+        d.global_batch_size,
+        t.learning_rate,
+        t.lr_scheduler_type,
+        f", from {checkpoint.name}" if checkpoint else "",
+    )
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - start
     eval_metrics = trainer.evaluate() if data.dev_dataset is not None else {}
+    if "eval_loss" in eval_metrics:
+        console.info(
+            "eval   loss %.4f, perplexity %.2f",
+            eval_metrics["eval_loss"],
+            eval_metrics.get("eval_ppl", float("nan")),
+        )
     tuned = task_metric(built.model, prepared.tokenizer, data.dev_records, run)
+    if tuned is not None:
+        console.info("tuned  entity recall %.3f (base %.3f)", tuned.score, built.base_metric.score)
     if tuned is not None:
         trainer.log(
             {"eval_entity_recall_base": built.base_metric.score, "eval_entity_recall": tuned.score}
@@ -192,6 +245,7 @@ def finalize(
     built.method.save_final(fitted.trainer, built.model, run_dir.final)
     run_dir.save_tokenizer(prepared.tokenizer)
     run_dir.write_method_record(run.method.name, run.model.name_or_path)
+    console.info("saved  final/ (%s, with the tokenizer) and checkpoints/", run.method.name)
 
     train_logs = run_dir.train_logs()
     summary = Summary(
@@ -315,8 +369,7 @@ def _rerun_differences(run: RunConfig, fingerprints: dict[str, str], device: str
     source = Path(run.rerun)
     warnings = reproducibility_warnings(source, fingerprints, environment_record(device))
     for w in warnings:
-        log.warning("rerun of %s differs: %s", source, w)
-        print(f"ftlab: rerun differs from the recorded run: {w}", flush=True)
+        log.warning("rerun differs from the recorded run: %s (recorded run: %s)", w, source)
     if not warnings:
-        print(f"ftlab: rerun of {source}: data, ftlab commit and packages match.", flush=True)
+        console.info("rerun of %s: data, ftlab commit and packages match.", source)
     return warnings
