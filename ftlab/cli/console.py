@@ -77,7 +77,7 @@ NOISE: tuple[Noise, ...] = (
     Noise(
         "paddlenlp-lora-tp-reset",
         "PaddleNLP",
-        r"Reset tensor_parallel_degree of lora_config to 1",
+        r"Reset tensor_parallel_degree of \w+_config to 1",
         "PaddleNLP's LoRAModel says this for every single-device model",
     ),
     Noise(

@@ -178,7 +178,9 @@ class ConsoleProgress(TrainerCallback):
                 initial=state.global_step,
                 file=stream,
                 desc="train ",
-                dynamic_ncols=True,
+                # A terminal that reports no size (0 x 0) would get no bar at all.
+                ncols=shutil.get_terminal_size().columns or 100,
+                nrows=shutil.get_terminal_size().lines or 24,
                 bar_format="{desc}{n}/{total} |{bar}| {elapsed}<{remaining}{postfix}",
             )
 
