@@ -58,7 +58,8 @@ GPU_EXAMPLES = [
     ("method=qlora", "model=llama3", "parallel=tp4"),
     ("method.lora_rank=4", "parallel=sharding_stage2"),
     ("mode=plan", "device=gpu", "model=llama3", "method=lora", "parallel=tp4", "precision=bf16"),
-    ("mode=export", "model=llama3", "method=lora", "parallel=sharding_stage2", "precision=bf16"),
+    ("mode=export", "device=gpu", "model=llama3", "method=lora", "parallel=sharding_stage2")
+    + ("precision=bf16",),
     ("parallel=tp4", "model=llama3", "method=lora", "precision=bf16"),
     *[  # launch/README.md's SLURM sweep, each swept value once
         ("model=llama3", "parallel=dp8", "precision=bf16", method, f"train.learning_rate={lr}")
