@@ -200,19 +200,30 @@ class LogStream:
         self.log = logging.getLogger(f"{STREAM}.{name}")
         self.original = original
         self.buffer = ""
+        self.busy = False
 
     def write(self, text: str) -> int:
         self.buffer += text
         *lines, self.buffer = re.split(r"[\r\n]", self.buffer)
         for line in lines:
-            if line.strip():
-                self.log.info(_plain(line.rstrip()))
+            self._emit(line)
         return len(text)
 
     def flush(self) -> None:
-        if self.buffer.strip():
-            self.log.info(_plain(self.buffer.rstrip()))
+        self._emit(self.buffer)
         self.buffer = ""
+
+    def _emit(self, line: str) -> None:
+        if not line.strip():
+            return
+        if self.busy:  # a handler failing while it writes reports on this stream
+            self.original.write(line + "\n")
+            return
+        self.busy = True
+        try:
+            self.log.info(_plain(line.rstrip()))
+        finally:
+            self.busy = False
 
     def isatty(self) -> bool:
         return False
