@@ -62,8 +62,10 @@ def test_cfg_info_and_shell_completion(monkeypatch, capsys) -> None:
     assert "complete" in script and "ftlab" in script
     monkeypatch.setenv("COMP_LINE", "ftlab method=")
     out = run_hydra_flags(monkeypatch, capsys, "--shell-completion", "query=bash").split()
-    options = sorted(o for o in out if o.startswith("method"))
-    assert options == [f"method={o}" for o in group_options("method")]
+    options = {o for o in out if o.startswith("method")}
+    # (Other tests may store a method of their own in the process-wide ConfigStore.)
+    assert {f"method={o}" for o in group_options("method")} <= options
+    assert not any("base_" in o for o in options)
     monkeypatch.setenv("COMP_LINE", "ftlab ")
     top = run_hydra_flags(monkeypatch, capsys, "--shell-completion", "query=bash").split()
     assert "method=" in top and not any("base_" in t for t in top)
