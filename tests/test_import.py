@@ -226,6 +226,19 @@ def test_method_settings_come_back() -> None:
     assert qlora.choices["method"] == "qlora" and qlora.settings["method.quant_algo"] == "int8"
     rslora = import_arguments({**FILES["lora"], "rslora": True}, CONF_DIR, defaults())
     assert rslora.settings["method.lora_alpha"] == 4.0  # run_finetune.py's fixed alpha
+    base = {k: v for k, v in FILES["sft"].items() if k != "sharding"}
+    for extra, method, settings in (
+        ({"vera": True, "vera_rank": 4}, "vera", {"method.vera_rank": 4}),
+        ({"lokr": True, "lokr_dim": 16}, "lokr", {"method.lokr_dim": 16}),
+        (
+            {"reft": True, "layers": "0;1", "rank": 2, "position": "f3+l3", "act_fn": "linear"},
+            "reft",
+            {"method.reft_layers": [0, 1], "method.reft_rank": 2, "method.reft_act_fn": None},
+        ),
+    ):
+        imported = import_arguments({**base, **extra}, CONF_DIR, defaults())
+        assert imported.choices["method"] == method and not set(extra) & set(imported.unsupported)
+        assert {k: imported.settings[k] for k in settings} == settings
 
 
 def test_unknown_model_and_unknown_keys_are_said(tmp_path: Path) -> None:
