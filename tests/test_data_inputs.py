@@ -97,13 +97,27 @@ def test_format_auto_detects(tmp_path, tok, row, fmt):
 
 
 def test_explicit_format_is_checked_against_records(tmp_path, tok):
-    write_lines(tmp_path / "train.json", [GOOD])
+    write_lines(tmp_path / "train.json", [{"prompt": "a", "answer": "b"}])
     with pytest.raises(
         DataError,
         match=r"train.json:1: record does not match data.format=alpaca"
         r".*Expected fields: instruction \(string\), output",
     ):
         build(tmp_path, tok, format="alpaca")
+
+
+def test_a_record_of_another_format_names_that_format(tok):
+    """The default data option (src_tgt) pointed at Alpaca records: the advice is the
+    format setting, not skipping (which would skip every record)."""
+    with pytest.raises(DataError) as info:
+        build(FIXTURES / "alpaca_seed", tok, format="src_tgt")
+    msg = str(info.value)
+    assert "train.json:1: record does not match data.format=src_tgt" in msg
+    assert "are those of the alpaca format. Set data.format=alpaca (or data.format=auto" in msg
+    assert "on_bad_record" not in msg
+    # Skipping still counts them, under their own reason.
+    with pytest.raises(DataError, match=r"the train split is empty"):
+        build(FIXTURES / "alpaca_seed", tok, format="src_tgt", on_bad_record="skip")
 
 
 def test_format_auto_rejects_unknown_and_ambiguous_records(tmp_path, tok):
@@ -255,15 +269,15 @@ def test_empty_split(tmp_path, tok):
 def test_missing_directory_and_missing_train(tmp_path, tok):
     with pytest.raises(
         DataError,
-        match=r"data.path=.*nope: .*nope does not exist\. Set "
+        match=r"data.path=.*nope \(data=t\): looked for /.*nope, which does not exist\. Set "
         "data.path to a directory holding train.json",
     ):
         build(tmp_path / "nope", tok)
     (tmp_path / "empty").mkdir()
     with pytest.raises(
         DataError,
-        match=r"no train split in .*empty: expected train.json, "
-        "train.jsonl or a train/ directory",
+        match=r"no train split; looked for /.*empty/train.json, /.*empty/train.jsonl, "
+        "/.*empty/train/",
     ):
         build(tmp_path / "empty", tok)
     (tmp_path / "empty" / "train").mkdir()

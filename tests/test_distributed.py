@@ -30,6 +30,8 @@ COMMON = [
     "device=cpu",
 ]
 TOLERANCE = 1e-5
+# Per rank: its complete log (train.N.log) and its console (workerlog.N, Paddle's launcher).
+RANK_LOGS = ["train.0.log", "train.1.log", "workerlog.0", "workerlog.1"]
 
 
 def ftlab(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -82,9 +84,17 @@ def test_two_processes_match_single_process(
     assert (run_dir / ".hydra" / "overrides.yaml").exists()
     assert (run_dir / "summary.json").exists() and (run_dir / "resolved_config.yaml").exists()
     logs = sorted(p.name for p in (run_dir / "logs").iterdir())
-    assert logs == ["workerlog.0", "workerlog.1"], logs
+    assert logs == RANK_LOGS, logs
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["run_dir"] == str(run_dir)
+    # The console is rank 0's, once; every rank's complete log is in the run dir.
+    assert proc.stdout.count("ftlab summary") == 1 and proc.stdout.count("train  3 steps") == 1
+    assert "[PaddleNLP]" not in proc.stdout and "LAUNCH INFO" not in proc.stdout
+    for rank in (0, 1):
+        assert (
+            "Training Configuration Arguments"
+            in (run_dir / "logs" / f"train.{rank}.log").read_text()
+        )
 
 
 FULL_BATCH4 = ["method=full", "train.per_device_train_batch_size=4"]
@@ -109,7 +119,7 @@ def emulated_run_matching(layout: str, single_dir: Path, cwd: Path) -> Path:
     for step, (a, b) in enumerate(zip(emulated, single, strict=True), start=1):
         assert abs(a - b) <= TOLERANCE, (layout, step, a, b)
     logs = sorted(p.name for p in (run_dir / "logs").iterdir())
-    assert logs == ["workerlog.0", "workerlog.1"], logs
+    assert logs == RANK_LOGS, logs
     return run_dir
 
 
@@ -143,16 +153,17 @@ def test_pipeline_emulation_matches_single_process(single_full_run: Path, tmp_pa
 
 
 def test_worker_failure_fails_the_job_with_its_log(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "train.json").write_text("{oops\n")  # the workers fail reading it
+    (broken / "dev.json").write_text(json.dumps({"src": "a", "tgt": "b"}) + "\n")
     proc = ftlab(
-        tmp_path,
-        "parallel=dp2",
-        "train.per_device_train_batch_size=4",
-        f"data.path={tmp_path / 'missing'}",
+        tmp_path, "parallel=dp2", "train.per_device_train_batch_size=4", f"data.path={broken}"
     )
     assert proc.returncode == 2
     err = proc.stderr
     assert "parallel=dp2: the distributed job failed" in err
     assert "failed (exit 2)" in err and "workerlog." in err
-    assert f"data.path={tmp_path / 'missing'}" in err  # the worker's own error, from its log
+    assert f"{broken}/train.json:1: not valid JSON" in err  # the worker's own error, from its log
     run_dir = only_run_dir(tmp_path)
     assert not list((run_dir / "logs").glob("envlog.*"))

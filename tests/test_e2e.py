@@ -252,10 +252,22 @@ def test_missing_model_fails_with_one_line(tmp_path: Path) -> None:
 
 def test_default_run_lifts_entity_recall(tmp_path: Path) -> None:
     """The default ``ftlab`` run (LoRA) must visibly change behaviour: +30 points."""
-    run_ftlab(tmp_path, "hydra.run.dir=run")
+    proc = run_ftlab(tmp_path, "hydra.run.dir=run")
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["steps"] == 40
     assert summary["entity_recall"] - summary["entity_recall_base"] >= 0.30, summary
+    # What a new user reads: ftlab's own lines, at most ~40 besides the progress lines;
+    # PaddleNLP's and Paddle's log, its argument dump included, is in train.log.
+    console = (proc.stdout + proc.stderr).splitlines()
+    progress = [x for x in console if x.startswith("step ")]
+    assert len(progress) == 4 and len(console) - len(progress) <= 40, proc.stdout + proc.stderr
+    for line in ("ftlab  model stories260k  method lora", "data   train 2,000 examples"):
+        assert any(x.startswith(line) for x in console), line
+    assert "eval   loss" in proc.stdout and "ftlab summary" in proc.stdout
+    assert not proc.stderr and "PaddleNLP" not in proc.stdout and "Warning" not in proc.stdout
+    log = (tmp_path / "run/train.log").read_text()
+    assert "Training Configuration Arguments" in log and "[PaddleNLP][INFO]" in log
+    assert "No ccache found" in log  # known noise: kept in the log, not shown
 
 
 @pytest.mark.slow

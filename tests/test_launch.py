@@ -47,7 +47,7 @@ def test_cpu_command_has_no_devices_and_fixes_run_dir(tmp_path: Path) -> None:
         "train.max_steps=3",
         f"hydra.run.dir='{tmp_path}'",
         "hydra.output_subdir=null",
-        "hydra/job_logging=stdout",
+        "hydra/job_logging=ftlab_worker",
     ]
 
 

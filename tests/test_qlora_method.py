@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -98,44 +99,38 @@ def test_unsupported_variant_is_refused(setup) -> None:
 
 
 @pytest.mark.parametrize(
-    "backend,native,message",
+    "backend,env,message",
     [
-        ("ftlab", (True, "GPU sm90"), "quant_backend=ftlab was chosen"),
-        ("auto", (False, "no CUDA"), "quant_backend=auto resolves to ftlab's backend here"),
+        ("ftlab", "gpu_slim", "quant_backend=ftlab was chosen"),
+        ("auto", "gpu_no_slim", "quant_backend=auto resolves to ftlab's backend here"),
     ],
 )
 def test_tensor_parallel_qlora_needs_the_paddlenlp_backend(
-    backend: str, native: tuple[bool, str], message: str, monkeypatch: pytest.MonkeyPatch
+    backend: str, env: str, message: str
 ) -> None:
     from conftest import GPU8
 
-    import ftlab.models.quant
     from ftlab.errors import ConfigError
     from ftlab.resolve.validate import validate
 
-    monkeypatch.setattr(ftlab.models.quant, "native_backend_available", lambda algo: native)
+    envs = {
+        "gpu_slim": dataclasses.replace(GPU8, paddleslim_ops=True),
+        "gpu_no_slim": GPU8,
+    }
     run = compose_run(["method=qlora", f"method.quant_backend={backend}", "parallel=tp4"])
     with pytest.raises(ConfigError, match=f"parallel=tp4: {message}.*no tensor-parallel form"):
-        validate(run, GPU8)
+        validate(run, envs[env])
 
 
 @pytest.mark.parametrize("backend", ["auto", "paddlenlp"])
-def test_tensor_parallel_qlora_validates_where_paddlenlp_kernels_run(
-    backend: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The issue's first example, on a GPU machine with PaddleSlim (probe simulated)."""
+def test_tensor_parallel_qlora_validates_where_paddlenlp_kernels_run(backend: str) -> None:
+    """The issue's first example, on a GPU machine with PaddleSlim (an injected environment)."""
     from conftest import GPU8
 
-    import ftlab.models.quant
     from ftlab.resolve.validate import validate
 
-    monkeypatch.setattr(
-        ftlab.models.quant,
-        "native_backend_available",
-        lambda algo: (True, "GPU sm90 with paddleslim"),
-    )
     run = compose_run(
         ["method=qlora", f"method.quant_backend={backend}", "parallel=tp4", "model=llama3"]
     )
-    derived = validate(run, GPU8)
+    derived = validate(run, dataclasses.replace(GPU8, paddleslim_ops=True))
     assert derived["quant_backend"] == "paddlenlp" and derived["world_size"] == 4

@@ -68,6 +68,12 @@ def test_sweep_runs_every_job_and_reports_the_failure(sweep) -> None:
     assert "Traceback" not in proc.stderr
     assert len(list(csv.DictReader(open(sweep_dir / "summary.csv")))) == 3
     assert (sweep_dir / "summary.md").is_file() and (sweep_dir / "summary.png").is_file()
+    # The console of a sweep: one line per job, then the summary; no job's own lines.
+    lines = out.splitlines()
+    for num in (0, 1):
+        assert sum(x.startswith(f"job {num} done in ") for x in lines) == 1, out
+    assert "sweep summary: 3 jobs (2 completed, 1 failed)" in out
+    assert "PaddleNLP" not in out and "data   train" not in out and len(lines) <= 12, out
     assert sorted(p.name for p in sweep_dir.glob("*_*")) == [
         f"{n}_eval.max_new_tokens=8,method.lora_rank={r},train.logging_steps=2,train.max_steps=6"
         for n, r in ((0, 2), (1, 4), (2, 0))

@@ -26,6 +26,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ftlab import signals
+from ftlab.cli.console import describe_run, job_console, job_line
+from ftlab.cli.help import CONF_DIR, check_selected_options, register_help_resolver
+from ftlab.distributed.launch import inside_worker
 from ftlab.errors import FtlabError
 from ftlab.record.rundir import (
     ERROR,
@@ -38,12 +41,13 @@ from ftlab.record.rundir import (
 from ftlab.record.status import ATTEMPT_ENV, record_status, started_by_this_attempt
 from ftlab.record.summary import Summary
 from ftlab.resolve.compose import register_configs, register_resolvers
+from ftlab.training.progress import console
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 log = logging.getLogger("ftlab")
 
 register_configs()
 register_resolvers()  # hydra.run.dir reads ${model_label:...} before any job starts
+register_help_resolver()
 
 
 def execute(cfg: DictConfig, run_dir: Path) -> Any:
@@ -52,18 +56,22 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     Returns the run's ``Summary`` (train mode; None when rank 0 ran on another node), or
     the plan / export record.
     """
-    from ftlab.config.environment import probe_environment
+    from ftlab.config.environment import run_environment
     from ftlab.resolve.compose import to_run_config
-    from ftlab.resolve.validate import validate
+    from ftlab.resolve.validate import validate_for
 
     run = to_run_config(cfg)
-    if run.mode == "plan":
-        from ftlab.planning.plan import plan_environment
+    # Training validates against this machine; plan and export with device=gpu against
+    # the GPU machine the target settings describe, on any machine.
+    env = run_environment(run)
+    derived = validate_for(run, env)
+    if run.mode == "train":  # plan and export read no data (it may live on the target)
+        from ftlab.data.layout import resolve_split_files
 
-        env = plan_environment(run)  # device=gpu plans for GPUs on any machine
-    else:
-        env = probe_environment(run.device)
-    derived = validate(run, env)
+        for data in _datasets(run.data):  # a missing data.path fails before heavy work
+            resolve_split_files(data, "train")
+    if not inside_worker():  # a worker's job was described by its launcher
+        console.info(describe_run(run, derived, run_dir))
     signals.install()  # Paddle's import replaced the SIGTERM handler (ftlab.signals)
     record = RunDir(run_dir)
     record.create()
@@ -80,14 +88,25 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     if needs_launch(derived):
         # This process becomes the launcher: Paddle's launcher starts the workers, each
         # re-entering ftlab with the same overrides and this same run dir.
-        summary = launch_workers(run, derived, record)
-    else:
-        from ftlab.training.stages import train
+        return launch_workers(run, derived, record)  # rank 0 printed the summary
+    from ftlab.training.stages import train
 
-        summary = train(run, record, derived)
-    if summary is not None and _is_rank_zero():
-        print(summary.format(), flush=True)
+    summary = train(run, record, derived)
+    if _is_rank_zero():
+        console.info(summary.format())
     return summary
+
+
+def _datasets(data: Any) -> list[Any]:
+    """The dataset settings whose files a run reads: each source of a mixture, else one."""
+    import dataclasses
+
+    if not data.sources:
+        return [data]
+    return [
+        dataclasses.replace(data, path=src.path, train_path=None, dev_path=None, sources=[])
+        for src in data.sources
+    ]
 
 
 def _is_rank_zero() -> bool:
@@ -110,10 +129,13 @@ def hydra_main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     started = time.time()
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
     if not inside_worker():  # workers inherit the attempt of the ftlab process above them
         os.environ[ATTEMPT_ENV] = uuid.uuid4().hex
     try:
-        summary = execute(cfg, run_dir)
+        check_selected_options(hydra_cfg.runtime.choices, hydra_cfg.runtime.config_sources)
+        with job_console(cfg, run_dir, sweep=sweep, worker=inside_worker()):
+            summary = execute(cfg, run_dir)
     except KeyboardInterrupt as err:
         signals.ignore()  # recording takes a moment; a second Ctrl-C must not cut it short
         signum = getattr(err, "signum", signal.SIGINT)
@@ -143,6 +165,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
         )
         return None
     record_outcome(cfg, run_dir, started)
+    if sweep:
+        print(job_line(hydra_cfg.job.num, hydra_cfg.overrides.task, summary, started), flush=True)
     loss = summary.eval_loss if isinstance(summary, Summary) else None
     return float(loss) if loss is not None else None
 
@@ -208,8 +232,6 @@ def interruption_message(run_dir: Path, signum: int, resuming: Any = None) -> st
 
 def explain_composition_error(err: BaseException) -> str:
     """Hydra's message plus the closest valid names, for keys and group options."""
-    from ftlab.config.choices import suggest
-
     text = str(err).strip()
     cause = err.__cause__
     if cause is not None and str(cause) not in text:
@@ -218,12 +240,11 @@ def explain_composition_error(err: BaseException) -> str:
     # schema fails anyway) or only add noise.
     text = re.sub(r"\nTo append to your config use \S+", "", text)
     text = re.sub(r"\nConfig search path:(\n\t.*)+", "", text)
-    text = re.sub(r"\n\tbase_\w+", "", text)  # schemas, not options a user picks
     missing_option = re.search(r"Could not find '(\w+)/([\w.-]+)'", text)
     if missing_option:
-        group, option = missing_option.groups()
-        options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        return f"{text}\n{suggest(option, options).strip()}".strip()
+        from ftlab.cli.help import option_advice
+
+        return option_advice(*missing_option.groups()) or text
     key_err = re.search(r"Key '(\w+)' not in '(\w+)'", text)
     if key_err:
         key, type_name = key_err.groups()
@@ -299,6 +320,9 @@ def main() -> None:
         argv = replay_argv(sys.argv[1:])
         check_given_dirs(argv)
         sys.argv = [sys.argv[0], *argv]
+        if "--hydra-help" in sys.argv:
+            # Hydra composes its own help without train.yaml, so ftlab's text is chosen here.
+            sys.argv.append("hydra/hydra_help=ftlab")
         hydra_main()
         from ftlab.record.sweep import sweep_failure
 

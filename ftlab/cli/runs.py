@@ -2,7 +2,9 @@
 
 ``ftlab-runs`` prints a table (time, status, model, method, stage, key settings, losses, entity
 recall, run dir) and, below it, the error of every failed run; ``--json`` prints the
-same fields for scripts. Single runs and sweep jobs are listed alike: both are run dirs.
+same fields for scripts. ``--compare RUN RUN ...`` puts runs side by side
+(``ftlab.record.compare``): the settings that differ, the final metrics, and a PNG of their
+train and eval loss curves. Single runs and sweep jobs are listed alike: both are run dirs.
 """
 
 from __future__ import annotations
@@ -118,12 +120,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="show only runs with this status",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RUN",
+        type=Path,
+        help="compare these run dirs: settings that differ, final metrics, loss curves",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=Path("compare.png"),
+        help="where --compare writes the loss curves (default: compare.png)",
+    )
     return parser.parse_args(argv)
+
+
+def compare(args: argparse.Namespace) -> None:
+    from ftlab.record.compare import compare_runs
+
+    paths = [p if p.exists() or p.is_absolute() else args.root / p for p in args.compare]
+    _, text = compare_runs(paths, args.plot)
+    print(text)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``ftlab-runs``)."""
     args = parse_args(argv)
+    if args.compare:
+        try:
+            compare(args)
+        except FtlabError as err:
+            print(f"ftlab-runs: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        return
     if not args.root.is_dir():
         print(
             f"ftlab-runs: error: {args.root} is not a directory (give the directory "

@@ -51,6 +51,8 @@ class Derived:
     # init_from: the run (or adapter dir) started from, and the model loaded as the base.
     init_from: str | None = None
     init_model: str | None = None
+    # Validated against a described machine (plan/export for a GPU target): what was assumed.
+    assumptions: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", MappingProxyType(dict(self.method)))
@@ -59,7 +61,7 @@ class Derived:
                 self, "mixture_weights", MappingProxyType(dict(self.mixture_weights))
             )
         object.__setattr__(self, "stage", MappingProxyType(dict(self.stage)))
-        for name in ("resume_changes", "rerun_differences"):
+        for name in ("resume_changes", "rerun_differences", "assumptions"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(value))

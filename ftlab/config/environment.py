@@ -1,14 +1,22 @@
 """The machine a run computes on: the one device probe every module asks.
 
-``probe_environment`` answers for this machine; ``Environment`` can also be built by hand
-to describe another one (a GPU cluster to plan for, an injected environment in tests).
+``probe_environment`` answers for this machine; ``target_environment`` describes the GPU
+machine that ``mode=plan`` / ``mode=export`` with ``device=gpu`` prepare a run for (from
+the ``target`` settings, probing nothing here), and ``run_environment`` picks between them.
+An ``Environment`` can also be built by hand (tests inject one). Every check that depends on
+the machine (devices, precision support, PaddleNLP's quantized kernels, flash attention)
+reads these fields and never probes the machine itself, so a described machine answers
+for the target, and says what it assumed (``assumptions``).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 from dataclasses import dataclass
 
+from ftlab.config.schema import RunConfig
 from ftlab.errors import ConfigError
 
 
@@ -20,6 +28,27 @@ class Environment:
     device_count: int  # GPUs, or CPU cores for gloo processes
     paddle_version: str
     gpu_compute_capability: tuple[int, int] | None = None
+    # Paddle is a CUDA build (None: assume so exactly when device is gpu).
+    cuda_build: bool | None = None
+    # PaddleSlim and its CUDA extension import (PaddleNLP's nf4/fp4 quantized kernels).
+    paddleslim_ops: bool = False
+    # A machine described by the ``target`` settings, not this one: its facts are assumed.
+    described: bool = False
+
+    @property
+    def is_cuda_build(self) -> bool:
+        return self.device == "gpu" if self.cuda_build is None else self.cuda_build
+
+    def assumptions(self) -> list[str]:
+        """The facts of a described machine, one line each (empty for a probed one)."""
+        if not self.described:
+            return []
+        cap = ".".join(map(str, self.gpu_compute_capability or ()))
+        return [
+            f"target GPU machine (described, not probed): {self.device_count} GPU(s) per node "
+            f"of compute capability {cap} (target.gpus_per_node, target.compute_capability), "
+            f"PaddlePaddle {self.paddle_version} CUDA build"
+        ]
 
 
 def has_gpu() -> bool:
@@ -27,6 +56,16 @@ def has_gpu() -> bool:
     import paddle
 
     return paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+
+
+def paddleslim_ops_importable() -> bool:
+    """PaddleSlim and its CUDA extension (``paddleslim_ops``) import in this process."""
+    for module in ("paddleslim", "paddleslim_ops"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return False
+    return True
 
 
 def probe_environment(requested: str = "auto") -> Environment:
@@ -38,9 +77,76 @@ def probe_environment(requested: str = "auto") -> Environment:
         raise ConfigError(
             "device=gpu: no CUDA device is visible to PaddlePaddle (CPU build, or "
             "CUDA_VISIBLE_DEVICES empty). Use device=cpu or device=auto, or install "
-            "paddlepaddle-gpu (see README)."
+            "paddlepaddle-gpu (see README). To prepare a GPU run on this machine, use "
+            "mode=plan or mode=export with device=gpu."
         )
+    cuda = paddle.device.is_compiled_with_cuda()
     if gpu and requested != "cpu":
         cap = paddle.device.cuda.get_device_capability()
-        return Environment("gpu", paddle.device.cuda.device_count(), paddle.__version__, cap)
-    return Environment("cpu", os.cpu_count() or 1, paddle.__version__)
+        return Environment(
+            "gpu",
+            paddle.device.cuda.device_count(),
+            paddle.__version__,
+            cap,
+            cuda_build=True,
+            paddleslim_ops=paddleslim_ops_importable(),
+        )
+    return Environment("cpu", os.cpu_count() or 1, paddle.__version__, cuda_build=cuda)
+
+
+def parse_compute_capability(text: str) -> tuple[int, int]:
+    """``"8.0"`` -> ``(8, 0)``; anything else is a ``ConfigError`` naming the setting."""
+    match = re.fullmatch(r"\s*(\d+)\.(\d)\s*", str(text))
+    if not match:
+        raise ConfigError(
+            f"target.compute_capability={text!r}: write it as MAJOR.MINOR, e.g. 7.0 (V100), "
+            "8.0 (A100), 8.9 (L40S), 9.0 (H100)."
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+def layout_processes(run: RunConfig) -> int:
+    """Processes per node the parallel layout asks for."""
+    p = run.parallel
+    return p.nproc_per_node or p.tensor * p.pipeline * p.sharding * (p.data or 1)
+
+
+def target_environment(run: RunConfig) -> Environment:
+    """The GPU machine ``run.target`` describes; nothing about this machine is probed.
+
+    Its GPU count is ``target.gpus_per_node`` or, unset, what the layout needs per node;
+    Paddle's version is this machine's (the one ftlab's checks were written against).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    t = run.target
+    if t.gpus_per_node is not None and t.gpus_per_node < 1:
+        raise ConfigError(f"target.gpus_per_node={t.gpus_per_node}: must be >= 1 (or null).")
+    paddle_version = "unknown"
+    for dist in ("paddlepaddle-gpu", "paddlepaddle"):
+        try:
+            paddle_version = version(dist)
+            break
+        except PackageNotFoundError:
+            continue
+    return Environment(
+        device="gpu",
+        device_count=t.gpus_per_node or layout_processes(run),
+        paddle_version=paddle_version,
+        gpu_compute_capability=parse_compute_capability(t.compute_capability),
+        cuda_build=True,
+        paddleslim_ops=t.paddleslim_ops,
+        described=True,
+    )
+
+
+def run_environment(run: RunConfig) -> Environment:
+    """The machine a run is validated against.
+
+    Training runs here, so it is probed. ``mode=plan`` and ``mode=export`` with
+    ``device=gpu`` prepare a run for a GPU machine, which may be elsewhere: they validate
+    against the machine the ``target`` settings describe, on any machine.
+    """
+    if run.mode in ("plan", "export") and run.device == "gpu":
+        return target_environment(run)
+    return probe_environment(run.device)

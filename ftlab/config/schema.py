@@ -1,7 +1,7 @@
 """Typed schemas behind every config group.
 
 Each dataclass is registered in Hydra's ConfigStore (``ftlab/resolve/compose.py``) and every YAML
-option starts with ``defaults: [base_<schema>]``, so a misspelled key or a wrong type
+option starts with ``defaults: [/base_<schema>@_here_]``, so a misspelled key or a wrong type
 fails at composition time, before anything heavy is imported or loaded.
 
 Fields carry a one-line docstring-comment; that text is what ``ftlab --help`` users and
@@ -256,6 +256,19 @@ class EvalSettings:
     metric_tokens: str = "auto"
 
 
+@dataclass
+class TargetConfig:
+    """The GPU machine ``mode=plan`` / ``mode=export`` with ``device=gpu`` prepare a run for.
+
+    Described, not probed: validation answers for it on any machine, and the plan and the
+    export list these values as what they assumed.
+    """
+
+    gpus_per_node: int | None = None  # None -> what the parallel layout needs per node
+    compute_capability: str = "8.0"  # 7.0 V100, 8.0 A100, 8.9 L40S, 9.0 H100
+    paddleslim_ops: bool = True  # PaddleSlim's CUDA ops installed (PaddleNLP's nf4/fp4)
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -272,6 +285,7 @@ class RunConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
     mode: str = "train"  # train | plan | export
     device: str = "auto"  # auto | cpu | gpu
     resume: str | None = None  # a run dir to continue from its latest checkpoint
@@ -279,3 +293,4 @@ class RunConfig:
     # Start from a finished run (its adapter merged into the base, or its full model), or
     # from a saved adapter directory: e.g. DPO from an SFT run. Recorded in the run dir.
     init_from: str | None = None
+    verbose: bool = False  # also print PaddleNLP's and Paddle's log (always in train.log)

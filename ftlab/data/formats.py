@@ -254,8 +254,19 @@ def to_conversation(record: Record, fmt: str, bad: BadRecords) -> Conversation |
     try:
         return CONVERTERS[fmt](record.data)
     except RecordProblem as problem:
+        other = [f for f in _matching_formats(record.data) if f != fmt]
         if problem.reason in ("empty_target", "empty_text"):
             bad.reject(problem.reason, f"{record.where}: {problem.detail}")
+        elif other:
+            # The record is fine, the setting is not: skipping would skip every such record.
+            message = (
+                f"{record.where}: record does not match data.format={fmt} ({problem.detail}); "
+                f"its keys {sorted(record.data)} are those of the {other[0]} format. Set "
+                f"data.format={other[0]} (or data.format=auto to detect it)"
+            )
+            if bad.policy == "error":
+                raise DataError(message + ".") from None
+            bad.reject("other_format", message)
         else:
             bad.reject(
                 problem.reason,

@@ -28,8 +28,9 @@ def _files_of(path: Path, setting: str) -> list[Path]:
             )
         return files
     raise DataError(
-        f"{setting}: {path} does not exist (resolved from {Path.cwd()}). "
-        "Set it to an existing JSON-lines file or directory."
+        f"{setting}: looked for {path.resolve()}"
+        + ("" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})")
+        + ", which does not exist. Set it to an existing JSON-lines file or directory."
     )
 
 
@@ -57,16 +58,20 @@ def resolve_split_files(cfg: DataConfig, split: str) -> list[Path] | None:
         return None
     root = Path(cfg.path).expanduser()
     if not root.exists():
+        where = "" if root.is_absolute() else f" (relative to the working directory {Path.cwd()})"
         raise DataError(
-            f"data.path={cfg.path}: {root.resolve()} does not exist. Set data.path to a "
-            "directory holding train.json (and dev.json) or to a JSON-lines file."
+            f"data.path={cfg.path} (data={cfg.name}): looked for {root.resolve()}{where}, "
+            "which does not exist. Set data.path to a directory holding train.json and "
+            "dev.json (or train/ and dev/ directories of *.json / *.jsonl files), or to a "
+            "JSON-lines file."
         )
     if root.is_file():
         return [root] if split == "train" else None
     files = _split_in_dir(root, split)
     if files is None and split == "train":
+        looked = ", ".join(f"{root.resolve() / 'train'}{s}" for s in (*SUFFIXES, "/"))
         raise DataError(
-            f"data.path={cfg.path}: no train split in {root.resolve()}: expected train.json, "
-            "train.jsonl or a train/ directory of *.json files (or set data.train_path)."
+            f"data.path={cfg.path} (data={cfg.name}): no train split; looked for {looked}. "
+            "Put the training records there (JSON lines), or set data.train_path to the file."
         )
     return files

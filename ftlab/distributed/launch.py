@@ -31,7 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ftlab import signals
+from ftlab import CONSOLE, signals
 from ftlab.config.derived import Derived
 from ftlab.config.overrides import override
 from ftlab.config.schema import RunConfig
@@ -40,6 +40,7 @@ from ftlab.record.rundir import SUMMARY, RunDir
 from ftlab.record.summary import Summary
 
 log = logging.getLogger(__name__)
+rank0_console = logging.getLogger(f"{CONSOLE}.rank0")  # rank 0's console lines, echoed
 
 JOB_ID = "ftlab"
 # Files Paddle's launcher would write into its log directory, holding a copy of the
@@ -53,6 +54,11 @@ PARENT_PID_ENV = "FTLAB_PARENT_PID"
 # How long Paddle's launcher gets to stop its workers before ftlab kills it.
 STOP_GRACE_SECONDS = 30
 PR_SET_PDEATHSIG = 1
+# Lines of Paddle's launcher process itself, not of a worker (workers format their
+# warnings): its "LAUNCH INFO ..." lines and the raw Python warnings of its imports.
+LAUNCHER_LINE = re.compile(
+    r"^(LAUNCH (INFO|DEBUG)\b|\S+\.py:\d+: \w*Warning: |\s+warnings\.warn\()"
+)
 
 
 class LaunchError(FtlabError):
@@ -193,9 +199,9 @@ def worker_overrides(overrides: list[str], run_dir: Path) -> list[str]:
         *own,
         override("hydra.run.dir", str(run_dir)),
         "hydra.output_subdir=null",
-        # Worker stdout is captured in logs/workerlog.<rank>; a log file per worker in the
-        # run dir would interleave with the launcher's.
-        "hydra/job_logging=stdout",
+        # Worker stdout (its console lines) is captured in logs/workerlog.<rank>; its
+        # complete log goes to logs/train.<rank>.log (ftlab.cli.console).
+        "hydra/job_logging=ftlab_worker",
     ]
 
 
@@ -282,7 +288,10 @@ def run_launcher(cmd: list[str], log_dir: Path) -> tuple[int, str]:
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
-            sys.stdout.write(line)
+            # Paddle's launcher echoes rank 0's log, which holds its console lines: they are
+            # this job's console; the launcher's own lines go to train.log only.
+            launcher_line = LAUNCHER_LINE.match(line)
+            (log.info if launcher_line else rank0_console.info)(line.rstrip("\n"))
             tail.append(line)
         code = proc.wait()
     except BaseException:

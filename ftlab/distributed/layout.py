@@ -31,6 +31,33 @@ def parallel_training_arguments(p: ParallelConfig) -> dict[str, Any]:
     return args
 
 
+PARALLEL_KEYS = (
+    "tensor_parallel_degree",
+    "sequence_parallel",
+    "pipeline_parallel_degree",
+    "sharding",
+    "sharding_parallel_degree",
+)
+
+
+def parallel_from_arguments(args: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of ``parallel_training_arguments``: ``parallel.*`` settings from
+    TrainingArguments values. ``sharding`` is None when the arguments leave the sharding
+    degree to PaddleNLP (-1: every data-parallel rank, known only at launch)."""
+    sharding = args.get("sharding") or ""
+    words = (sharding if isinstance(sharding, str) else " ".join(sharding)).split()
+    stages = [int(w[len("stage") :]) for w in words if w.startswith("stage")]
+    degree = int(args.get("sharding_parallel_degree") or -1)
+    return {
+        "tensor": max(int(args.get("tensor_parallel_degree") or 1), 1),
+        "sequence_parallel": bool(args.get("sequence_parallel")),
+        "pipeline": max(int(args.get("pipeline_parallel_degree") or 1), 1),
+        "sharding_stage": max(stages, default=0),
+        "offload": "offload" in words,
+        "sharding": degree if degree > 0 else (None if stages else 1),
+    }
+
+
 def _hybrid_group() -> Any:
     """Fleet's hybrid communicate group, or None outside a hybrid-parallel job."""
     from paddle.distributed import fleet

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,11 @@ class Full(Method):
 
     def export(self, run: RunConfig, notes: list[str]) -> dict[str, Any]:
         return {}  # run_finetune.py fine-tunes every weight unless a PEFT flag is set
+
+    def import_arguments(
+        self, args: Mapping[str, Any], model: ModelConfig, notes: list[str]
+    ) -> tuple[dict[str, Any], set[str]] | None:
+        return {}, set()  # selected when no PEFT method reads more of the file
 
     def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
         for p in model.parameters():

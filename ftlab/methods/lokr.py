@@ -86,6 +86,8 @@ def split_dimension(dim: int, factor: int) -> tuple[int, int]:
 class Lokr(LinearAdapterMethod):
     name = "lokr"
     schema = LokrMethodConfig
+    argument_flag = "lokr"
+    argument_keys = {"lokr_dim": "lokr_dim"}
     unified_checkpoint = False
     supports_tensor_parallel = False
     fixed_on_resume = ("lokr_dim", "factor", "decompose_both", "target_modules")
@@ -178,4 +180,4 @@ class Lokr(LinearAdapterMethod):
             "LoKr: run_finetune.py has only lokr_dim; alpha, factor and "
             "decompose_both are its own defaults."
         )
-        return {"lokr": True, "lokr_dim": run.method.lokr_dim}
+        return self.flag_arguments(run.method)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,12 @@ class LoraMethodConfig(MethodConfig):
     pissa: bool = False  # initialise from the principal singular vectors of W
     lora_use_mixer: bool = False  # MoSLoRA: learnable r x r mixer between A and B
     use_mora: bool = False  # MoRA: square high-rank update instead of A @ B
+
+
+def script_lora_alpha(rank: int, rslora: bool) -> float:
+    """The alpha PaddleNLP's run_finetune.py fixes (it has no setting): 4 with rsLoRA, else
+    2 x rank."""
+    return 4.0 if rslora else 2.0 * rank
 
 
 def lora_alpha(cfg: LoraMethodConfig) -> float:
@@ -176,6 +183,11 @@ class Lora(LinearAdapterMethod):
     fixed_on_resume = ("lora_rank", "target_modules", "pissa", "lora_use_mixer", "use_mora")
     size_setting = "lora_rank"
     plan_label = "LoRA rank"
+    argument_flag = "lora"
+    argument_keys = {
+        k: k
+        for k in ("lora_rank", "rslora", "lora_plus_scale", "pissa", "lora_use_mixer", "use_mora")
+    }
 
     def check(self, run: RunConfig, env: Environment) -> None:
         m = run.method
@@ -313,16 +325,8 @@ class Lora(LinearAdapterMethod):
 
     def export(self, run: RunConfig, notes: list[str]) -> dict[str, Any]:
         m = run.method
-        args: dict[str, Any] = {
-            "lora": True,
-            "lora_rank": m.lora_rank,
-            "rslora": m.rslora,
-            "lora_plus_scale": m.lora_plus_scale,
-            "pissa": m.pissa,
-            "lora_use_mixer": m.lora_use_mixer,
-            "use_mora": m.use_mora,
-        }
-        script_alpha = 4.0 if m.rslora else 2.0 * m.lora_rank
+        args = self.flag_arguments(m)
+        script_alpha = script_lora_alpha(m.lora_rank, m.rslora)
         if lora_alpha(m) != script_alpha:
             notes.append(
                 f"method.lora_alpha={lora_alpha(m):g}: run_finetune.py fixes alpha at "
@@ -355,3 +359,20 @@ class Lora(LinearAdapterMethod):
                     f"{', '.join(fam.script_lora_targets)}."
                 )
         return args
+
+    def import_arguments(
+        self, args: Mapping[str, Any], model: ModelConfig, notes: list[str]
+    ) -> tuple[dict[str, Any], set[str]] | None:
+        found = super().import_arguments(args, model, notes)
+        if found is None:
+            return None
+        settings, keys = found
+        # run_finetune.py's alpha is fixed (no key): 2 x rank, or 4 with rsLoRA.
+        alpha = script_lora_alpha(int(settings.get("lora_rank", 8)), bool(settings.get("rslora")))
+        if alpha != 2.0 * settings.get("lora_rank", 8):
+            settings["lora_alpha"] = alpha
+        # ... and it adapts every linear layer of the family.
+        every = [f".*{name}" for name in family(model.family).linears]
+        if {t.strip(".*") for t in model.lora_target_modules} != set(family(model.family).linears):
+            settings["target_modules"] = every
+        return settings, keys

@@ -87,6 +87,8 @@ def _prefix_model_class() -> type:
 class Prefix(Method):
     name = "prefix"
     schema = PrefixMethodConfig
+    argument_flag = "prefix_tuning"
+    argument_keys = {"num_prefix_tokens": "num_prefix_tokens"}
     fixed_on_resume = ("num_prefix_tokens", "prefix_projection", "prefix_projection_hidden_size")
     preference_unsupported = (
         "prefix tuning's virtual tokens start from random values and change the model's "
@@ -189,4 +191,4 @@ class Prefix(Method):
             "(get_prefix_tuning_params); method.prefix_projection / prefix_dropout are "
             "not arguments there."
         )
-        return {"prefix_tuning": True, "num_prefix_tokens": run.method.num_prefix_tokens}
+        return self.flag_arguments(run.method)

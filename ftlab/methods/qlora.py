@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from ftlab.config.environment import Environment
     from ftlab.config.schema import ModelConfig, RunConfig
 
+# PaddleNLP quantizes nf4/fp4 in blocks (these keys); int8/int4 per channel.
+BLOCKWISE_IN_PADDLENLP = ("nf4", "fp4")
+BLOCKWISE_KEYS = {"weight_blocksize": "quant_block_size", "weight_double_quant": "double_quant"}
 ADAPTER_FILE = "qlora_adapter.safetensors"
 QUANT_CONFIG_FILE = "quant_config.json"
 
@@ -48,14 +51,17 @@ def quantized_bytes_per_param(m: QLoraMethodConfig) -> float:
     return bytes_per_param(m.quant_algo, m.quant_block_size, m.double_quant)
 
 
-def resolve_backend(cfg: QLoraMethodConfig) -> str:
+def resolve_backend(cfg: QLoraMethodConfig, env: Environment | None = None) -> str:
+    """The backend that runs on ``env`` (this machine when None); a requested one that
+    cannot run there is a ``ConfigError`` saying why."""
     from ftlab.models.quant import native_backend_available
 
-    ok, why = native_backend_available(cfg.quant_algo)
+    ok, why = native_backend_available(cfg.quant_algo, env)
     if cfg.quant_backend == "auto":
         return "paddlenlp" if ok else "ftlab"
     if cfg.quant_backend == "paddlenlp" and not ok:
-        raise ConfigError(f"method.quant_backend=paddlenlp cannot run here: {why}.")
+        where = "on the target GPU machine" if env is not None and env.described else "here"
+        raise ConfigError(f"method.quant_backend=paddlenlp cannot run {where}: {why}.")
     return cfg.quant_backend
 
 
@@ -104,6 +110,7 @@ class QLora(Lora):
                 "quantized kernels need a GPU (nf4/fp4 also need PaddleSlim's CUDA ops). "
                 "Use method.quant_backend=ftlab (or auto), which runs on any device."
             )
+        resolve_backend(cfg, env)  # a requested backend that cannot run on env says why
         unsupported = [f for f in ("pissa", "lora_use_mixer", "use_mora") if getattr(cfg, f)]
         if unsupported or cfg.lora_plus_scale != 1.0:
             raise ConfigError(
@@ -112,7 +119,7 @@ class QLora(Lora):
                 "for the other variants."
             )
         if run.parallel.tensor > 1:
-            _check_tensor_parallel(cfg, run.parallel.name)
+            _check_tensor_parallel(cfg, run.parallel.name, env)
         if cfg.quant_block_size < 2 or cfg.quant_block_size % 2:
             raise ConfigError(
                 f"method.quant_block_size={cfg.quant_block_size}: must be an even number "
@@ -128,7 +135,7 @@ class QLora(Lora):
         overrides: Mapping[str, Any] | None = None,
     ) -> paddle.nn.Layer:
         """Quantize each target weight as the checkpoint is read (ftlab backend)."""
-        backend = resolve_backend(cfg)
+        backend = resolve_backend(cfg)  # training runs here: this machine decides
         overrides = dict(overrides or {})
         if backend == "paddlenlp":
             return _load_paddlenlp_quantized(model_cfg, dtype, cfg, overrides)
@@ -217,8 +224,26 @@ class QLora(Lora):
             return model
         return super().merge(model)
 
-    def derived(self, cfg: Any) -> dict[str, Any]:
-        return {**super().derived(cfg), "quant_backend": resolve_backend(cfg)}
+    def environment_derived(self, cfg: Any, env: Environment) -> dict[str, Any]:
+        return {"quant_backend": resolve_backend(cfg, env)}
+
+    def assumptions(self, run: RunConfig, env: Environment) -> list[str]:
+        if not env.described:
+            return []
+        m = run.method
+        backend = resolve_backend(m, env)
+        if backend == "ftlab":
+            return [f"QLoRA runs ftlab's quantized layers there (quant_backend={m.quant_backend})"]
+        slim = (
+            "; nf4/fp4 need PaddleSlim's CUDA ops (paddleslim_ops) there, assumed installed "
+            "(target.paddleslim_ops=true)"
+            if m.quant_algo in ("nf4", "fp4")
+            else ""
+        )
+        return [
+            f"QLoRA runs PaddleNLP's quantized kernels there (quant_backend={m.quant_backend} "
+            f"-> paddlenlp, {PADDLENLP_ALGO[m.quant_algo]}){slim}"
+        ]
 
     def plan(self, run: RunConfig) -> AdapterPlan:
         m, plan = run.method, super().plan(run)
@@ -250,8 +275,10 @@ class QLora(Lora):
         m = run.method
         args = super().export(run, notes)
         args["weight_quantize_algo"] = PADDLENLP_ALGO[m.quant_algo]
-        if m.quant_algo in ("nf4", "fp4"):
-            args.update(weight_blocksize=m.quant_block_size, weight_double_quant=m.double_quant)
+        if m.quant_algo in BLOCKWISE_IN_PADDLENLP:
+            args.update(
+                {key: getattr(m, f) for key, f in BLOCKWISE_KEYS.items()},
+            )
         else:
             notes.append(
                 f"method.quant_algo={m.quant_algo}: PaddleNLP quantizes per channel "
@@ -263,20 +290,40 @@ class QLora(Lora):
         )
         return args
 
+    def import_arguments(
+        self, args: Mapping[str, Any], model: ModelConfig, notes: list[str]
+    ) -> tuple[dict[str, Any], set[str]] | None:
+        algo = {v: k for k, v in PADDLENLP_ALGO.items()}.get(args.get("weight_quantize_algo"))
+        found = super().import_arguments(args, model, notes) if algo else None
+        if found is None:
+            return None
+        settings, keys = found
+        settings["quant_algo"] = algo
+        keys.add("weight_quantize_algo")
+        if algo in BLOCKWISE_IN_PADDLENLP:
+            settings.update({f: args[key] for key, f in BLOCKWISE_KEYS.items() if key in args})
+            keys.update(BLOCKWISE_KEYS)
+        notes.append(
+            "method.quant_backend=auto: PaddleNLP's quantized kernels where they run (as in "
+            "run_finetune.py), ftlab's elsewhere; the run records which ran."
+        )
+        return settings, keys
 
-def _check_tensor_parallel(cfg: QLoraMethodConfig, layout: str) -> None:
+
+def _check_tensor_parallel(cfg: QLoraMethodConfig, layout: str, env: Environment) -> None:
     """Tensor-parallel QLoRA exists only as PaddleNLP's (CUDA) quantized parallel layers."""
     if cfg.quant_backend == "paddlenlp":
         return  # whether it can run on this device is checked with the precision/device
     if cfg.quant_backend == "auto":
         from ftlab.models.quant import native_backend_available
 
-        ok, why = native_backend_available(cfg.quant_algo)
+        ok, why = native_backend_available(cfg.quant_algo, env)
         if ok:
             return
         # The probe's own advice (switch to ftlab's backend) is wrong for this layout.
         why = re.sub(r",? (or )?use quant_backend=ftlab$", "", why, flags=re.IGNORECASE)
-        reason = f"quant_backend=auto resolves to ftlab's backend here ({why})"
+        where = "on the target GPU machine" if env.described else "here"
+        reason = f"quant_backend=auto resolves to ftlab's backend {where} ({why})"
     else:
         reason = "quant_backend=ftlab was chosen"
     raise ConfigError(

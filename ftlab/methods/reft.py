@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,10 @@ if TYPE_CHECKING:
 REFT_RECORD = "ftlab_reft.json"
 REFT_WEIGHTS = "reft_interventions.safetensors"
 IGNORE_INDEX = -100
+
+
+# run_finetune.py's name for the LoReFT intervention (the only one ftlab implements).
+INTERVENTION = "LoreftIntervention"
 
 
 @dataclass
@@ -266,6 +271,10 @@ def reft_settings(cfg: ReftMethodConfig, num_layers: int) -> dict[str, Any]:
 class Reft(Method):
     name = "reft"
     schema = ReftMethodConfig
+    argument_flag = "reft"
+    # The keys run_finetune.py's ReftArgument shares with ftlab unchanged; its layers,
+    # intervention type and activation are spelled differently (export / import_arguments).
+    argument_keys = {"position": "reft_positions", "rank": "reft_rank", "dropout": "reft_dropout"}
     unified_checkpoint = False
     supports_tensor_parallel = False
     fixed_on_resume = ("reft_layers", "reft_positions", "reft_rank", "reft_act_fn")
@@ -380,11 +389,24 @@ class Reft(Method):
         m = run.method
         layers = "all" if m.reft_layers is None else ";".join(str(x) for x in m.reft_layers)
         return {
-            "reft": True,
+            **self.flag_arguments(m),
             "layers": layers,
-            "position": m.reft_positions,
-            "intervention_type": "LoreftIntervention",
-            "rank": m.reft_rank,
+            "intervention_type": INTERVENTION,
             "act_fn": m.reft_act_fn or "linear",
-            "dropout": m.reft_dropout,
         }
+
+    def import_arguments(
+        self, args: Mapping[str, Any], model: ModelConfig, notes: list[str]
+    ) -> tuple[dict[str, Any], set[str]] | None:
+        found = super().import_arguments(args, model, notes)
+        if found is None or args.get("intervention_type", INTERVENTION) != INTERVENTION:
+            return None  # another intervention is not ftlab's LoReFT: the keys stay listed
+        settings, keys = found
+        layers = str(args.get("layers", "all"))
+        settings["reft_layers"] = (
+            None if layers == "all" else [int(x) for x in layers.replace(",", ";").split(";")]
+        )
+        settings["reft_act_fn"] = (
+            None if args.get("act_fn", "linear") == "linear" else args["act_fn"]
+        )
+        return settings, keys | {"layers", "intervention_type", "act_fn"}

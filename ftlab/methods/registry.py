@@ -92,6 +92,11 @@ class Method:
     saves_whole_model: ClassVar[bool] = False
     # Why a preference stage (DPO, KTO) cannot train this method; None: it can.
     preference_unsupported: ClassVar[str | None] = None
+    # run_finetune.py's flag that selects this method (``lora``, ``prefix_tuning``, ...).
+    argument_flag: ClassVar[str | None] = None
+    # run_finetune.py keys that carry one of this method's settings unchanged (key -> field
+    # of ``schema``): ``export`` writes them and ``ftlab-import`` reads them back from here.
+    argument_keys: ClassVar[dict[str, str]] = {}
 
     # ------------------------------------------------------------------ settings
 
@@ -101,6 +106,16 @@ class Method:
     def derived(self, cfg: Any) -> dict[str, Any]:
         """Values computed from the settings, written into the resolved config."""
         return {}
+
+    def environment_derived(self, cfg: Any, env: Environment) -> dict[str, Any]:
+        """Values that depend on the machine (``env``: this one, or a described target)
+        as well as the settings, written into the resolved config beside ``derived``."""
+        return {}
+
+    def assumptions(self, run: RunConfig, env: Environment) -> list[str]:
+        """What this method assumes about a described machine (``env.described``) that the
+        run depends on; the plan and the export list these lines."""
+        return []
 
     def plan(self, run: RunConfig) -> AdapterPlan:
         """What the method adds to the base model, from ``model.arch`` (no Paddle)."""
@@ -130,6 +145,23 @@ class Method:
     def set_adapter_enabled(self, model: paddle.nn.Layer, enabled: bool) -> None:
         """Switch the adapter on or off (methods whose ``reference_mode`` is ``adapter``)."""
         raise NotImplementedError(f"method={self.name} cannot switch its adapter off")
+
+    def flag_arguments(self, cfg: Any) -> dict[str, Any]:
+        """``argument_flag`` and the ``argument_keys`` of ``cfg``: where exports start."""
+        args: dict[str, Any] = {self.argument_flag: True} if self.argument_flag else {}
+        args.update({key: getattr(cfg, f) for key, f in self.argument_keys.items()})
+        return args
+
+    def import_arguments(
+        self, args: Mapping[str, Any], model: ModelConfig, notes: list[str]
+    ) -> tuple[dict[str, Any], set[str]] | None:
+        """The inverse of ``export``: (this method's settings, the keys read) for the
+        arguments ``run_finetune.py`` would use (the file over PaddleNLP's defaults), or None
+        when they do not select this method. What the import assumed goes to ``notes``."""
+        if self.argument_flag is None or not args.get(self.argument_flag):
+            return None
+        settings = {f: args[key] for key, f in self.argument_keys.items() if key in args}
+        return settings, {self.argument_flag, *self.argument_keys}
 
     def size(self, cfg: dict[str, Any]) -> Any:
         """The value of ``size_setting`` in a recorded method config (None without one)."""

@@ -142,6 +142,8 @@ def _vera_model_class() -> type:
 class Vera(LinearAdapterMethod):
     name = "vera"
     schema = VeraMethodConfig
+    argument_flag = "vera"
+    argument_keys = {"vera_rank": "vera_rank"}
     unified_checkpoint = False
     supports_tensor_parallel = False
     # The seed regenerates the frozen projections the trained vectors belong to.
@@ -230,4 +232,4 @@ class Vera(LinearAdapterMethod):
             "VeRA: run_finetune.py has only vera_rank; d init, seed, dropout and "
             "targets are its own defaults."
         )
-        return {"vera": True, "vera_rank": run.method.vera_rank}
+        return self.flag_arguments(run.method)

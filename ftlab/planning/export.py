@@ -18,30 +18,49 @@ from typing import Any
 
 from ftlab.alignment.catalog import get_stage
 from ftlab.config.derived import Derived
-from ftlab.config.schema import RunConfig
+from ftlab.config.schema import RunConfig, TrainSettings
 from ftlab.data.formats import TEXT_FORMATS
 from ftlab.errors import ConfigError
 from ftlab.methods.catalog import registered_methods
 from ftlab.models.rope import STRATEGIES, STRATEGY_TYPE
 from ftlab.record.rundir import EXPORT, EXPORT_NOTES, RunDir
 from ftlab.resolve.validate import generation_enabled
-from ftlab.training.arguments import shared_arguments
+from ftlab.training.arguments import setting, shared_arguments
+
+# run_finetune.py keys that carry one ftlab setting unchanged (key -> dotted setting),
+# beside ``training.arguments.TRAIN_KEYS``: the export writes them, ``ftlab-import`` reads
+# them back. The keys below this table are spelled differently on each side and have a
+# function per direction here.
+SCRIPT_KEYS: dict[str, str] = {
+    "model_name_or_path": "model.name_or_path",
+    "tokenizer_name_or_path": "model.tokenizer_name_or_path",
+    "dataset_name_or_path": "data.path",
+    "src_length": "data.src_length",
+    "max_length": "data.max_length",
+    "use_flash_attention": "model.flash_attention",
+    "lazy": "data.streaming",
+}
+# Keys the script needs whatever the run: ftlab always trains, evaluates at the end and
+# saves unified checkpoints.
+FIXED_KEYS: dict[str, Any] = {"do_train": True, "do_eval": True, "unified_checkpoint": True}
 
 
-def _training(run: RunConfig, run_dir: Path, notes: list[str]) -> dict[str, Any]:
-    t, p = run.train, run.parallel
-    args: dict[str, Any] = {
-        "output_dir": str(run_dir / "run_finetune_output"),
-        "do_train": True,
-        "do_eval": True,
-        "save_strategy": "steps" if t.save_steps else "no",
-        "unified_checkpoint": True,
-        "use_flash_attention": run.model.flash_attention,
-        # The script reads the degrees even when they are 1.
-        "tensor_parallel_degree": p.tensor,
-        "pipeline_parallel_degree": p.pipeline,
-        **shared_arguments(run),
-    }
+def packing_arguments(packing: str) -> dict[str, Any]:
+    args: dict[str, Any] = {"zero_padding": packing in ("zero_padding", "greedy")}
+    if packing == "greedy":
+        args["greedy_zero_padding"] = True
+    return args
+
+
+def packing_from_arguments(args: dict[str, Any]) -> str:
+    if not args.get("zero_padding"):
+        return "none"
+    return "greedy" if args.get("greedy_zero_padding") else "zero_padding"
+
+
+def schedule_arguments(t: TrainSettings) -> dict[str, Any]:
+    """Length, evaluation and checkpoint cadence, as run_finetune.py spells them."""
+    args: dict[str, Any] = {"save_strategy": "steps" if t.save_steps else "no"}
     if t.max_steps > 0:
         args["max_steps"] = t.max_steps
     else:
@@ -56,6 +75,46 @@ def _training(run: RunConfig, run_dir: Path, notes: list[str]) -> dict[str, Any]
         args["evaluation_strategy"] = "epoch"
     if t.save_steps:
         args["save_steps"] = t.save_steps
+    return args
+
+
+def schedule_from_arguments(args: dict[str, Any], unsupported: dict[str, str]) -> dict[str, Any]:
+    """The inverse of ``schedule_arguments``: ``train.*`` settings; what ftlab cannot do
+    goes to ``unsupported`` (key -> why)."""
+    max_steps = int(args.get("max_steps") or -1)
+    out: dict[str, Any] = {"train.max_steps": max_steps if max_steps > 0 else -1}
+    if max_steps <= 0:
+        out["train.num_train_epochs"] = float(args.get("num_train_epochs", 1.0))
+    strategy = str(args.get("evaluation_strategy") or "no")
+    eval_steps = args.get("eval_steps") or args.get("logging_steps")
+    if strategy == "steps":
+        out["train.eval_steps"] = 0 if eval_steps == max_steps else int(eval_steps)
+    else:
+        out["train.eval_steps"] = 0
+        if strategy != "epoch" or max_steps > 0:
+            unsupported["evaluation_strategy"] = (
+                "ftlab evaluates every train.eval_steps and always at the end"
+            )
+    save = str(args.get("save_strategy") or "steps")
+    out["train.save_steps"] = int(args.get("save_steps", 500)) if save == "steps" else 0
+    if save == "epoch":
+        unsupported["save_strategy"] = (
+            "ftlab checkpoints every train.save_steps (0: once, at the end), not per epoch"
+        )
+    return out
+
+
+def _training(run: RunConfig, run_dir: Path, notes: list[str]) -> dict[str, Any]:
+    t, p = run.train, run.parallel
+    args: dict[str, Any] = {
+        "output_dir": str(run_dir / "run_finetune_output"),
+        **FIXED_KEYS,
+        # The script reads the degrees even when they are 1.
+        "tensor_parallel_degree": p.tensor,
+        "pipeline_parallel_degree": p.pipeline,
+        **shared_arguments(run),
+        **schedule_arguments(t),
+    }
     if t.eval_steps == 0 and t.max_steps <= 0:
         notes.append(
             "train.eval_steps=0 (evaluate at the end): run_finetune.py evaluates every "
@@ -66,14 +125,7 @@ def _training(run: RunConfig, run_dir: Path, notes: list[str]) -> dict[str, Any]
 
 def _data(run: RunConfig, notes: list[str]) -> dict[str, Any]:
     d = run.data
-    args: dict[str, Any] = {
-        "dataset_name_or_path": d.path,
-        "src_length": d.src_length,
-        "max_length": d.max_length,
-        "zero_padding": d.packing in ("zero_padding", "greedy"),
-    }
-    if d.packing == "greedy":
-        args["greedy_zero_padding"] = True
+    args: dict[str, Any] = packing_arguments(d.packing)
     if d.chat_template == "tokenizer":
         args["chat_template"] = run.model.name_or_path  # the script's "default loading"
     elif d.chat_template is not None:
@@ -109,8 +161,6 @@ def _data(run: RunConfig, notes: list[str]) -> dict[str, Any]:
         )
     if d.overlong != "truncate":
         notes.append(f"data.overlong={d.overlong}: run_finetune.py always truncates.")
-    if d.streaming:
-        args["lazy"] = True
     if d.sources:
         first = d.sources[0].path
         args["dataset_name_or_path"] = first
@@ -212,12 +262,7 @@ def _long_sequence_model(run: RunConfig, notes: list[str]) -> dict[str, Any]:
 
 def _model(run: RunConfig, notes: list[str]) -> dict[str, Any]:
     m = run.model
-    args: dict[str, Any] = {
-        "model_name_or_path": m.name_or_path,
-        **_long_sequence_model(run, notes),
-    }
-    if m.tokenizer_name_or_path:
-        args["tokenizer_name_or_path"] = m.tokenizer_name_or_path
+    args: dict[str, Any] = _long_sequence_model(run, notes)
     if run.method.neftune_noise_alpha > 0:
         args.update(neftune=True, neftune_noise_alpha=run.method.neftune_noise_alpha)
         notes.append(
@@ -250,6 +295,7 @@ def run_finetune_arguments(
     generation = generation_enabled(run) if derived is None else bool(derived.eval_generation)
     notes: list[str] = []
     args = {
+        **{key: setting(run, dotted) for key, dotted in SCRIPT_KEYS.items()},
         **_model(run, notes),
         **_data(run, notes),
         **_evaluation(run, generation, notes),
@@ -257,7 +303,8 @@ def run_finetune_arguments(
         **method.export(run, notes),
     }
     _trainer_notes(run, notes)
-    return {k: v for k, v in args.items() if v is not None}, notes
+    # Unset settings and a false ``lazy`` (the script's default) are left out.
+    return {k: v for k, v in args.items() if v is not None and (k != "lazy" or v)}, notes
 
 
 def export_run_finetune(run: RunConfig, derived: Derived, run_dir: RunDir | Path) -> dict[str, Any]:
@@ -272,6 +319,11 @@ def export_run_finetune(run: RunConfig, derived: Derived, run_dir: RunDir | Path
     else:  # the stage's script: its own data keys, the rest as run_finetune.py has them
         notes = []
         common = {
+            **{
+                k: setting(run, d)
+                for k, d in SCRIPT_KEYS.items()
+                if d.startswith("model.") and setting(run, d) is not None
+            },
             **_model(run, notes),
             **_training(run, run_dir.path, notes),
             **_method(run).export(run, notes),
@@ -281,7 +333,8 @@ def export_run_finetune(run: RunConfig, derived: Derived, run_dir: RunDir | Path
     notes_file = EXPORT_NOTES if file == EXPORT else f"{Path(file).stem}_notes.json"
     path, notes_path = run_dir / file, run_dir / notes_file
     run_dir.write_text(file, json.dumps(args, indent=2) + "\n")
-    run_dir.write_text(notes_file, json.dumps(notes, indent=2) + "\n")
+    assumed = [f"assumed: {a}" for a in derived.assumptions or ()]
+    run_dir.write_text(notes_file, json.dumps(notes + assumed, indent=2) + "\n")
     nproc = derived.nproc_per_node
     launcher = (
         f"python -m paddle.distributed.launch --devices {','.join(str(i) for i in range(nproc))} "
@@ -295,5 +348,14 @@ def export_run_finetune(run: RunConfig, derived: Derived, run_dir: RunDir | Path
     if notes:
         lines.append(f"not expressible in {Path(stage.export_script).name} ({notes_path.name}):")
         lines += [f"  - {n}" for n in notes]
+    if derived.assumptions:
+        lines.append("assumed (validated for a described machine, not this one):")
+        lines += [f"  - {a}" for a in derived.assumptions]
     print("\nftlab export\n" + "\n".join("  " + x for x in lines), flush=True)
-    return {"run_dir": str(run_dir), "path": str(path), "arguments": args, "notes": notes}
+    return {
+        "run_dir": str(run_dir),
+        "path": str(path),
+        "arguments": args,
+        "notes": notes,
+        "assumptions": list(derived.assumptions or ()),
+    }

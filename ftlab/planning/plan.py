@@ -79,7 +79,7 @@ from typing import Any
 from ftlab.alignment.catalog import get_stage
 from ftlab.alignment.registry import REFERENCE_COPY, StagePlan
 from ftlab.config.derived import Derived
-from ftlab.config.environment import Environment, has_gpu, probe_environment
+from ftlab.config.environment import Environment
 from ftlab.config.schema import RunConfig
 from ftlab.config.trainer_options import OPTIMIZERS_TABLE, parse_refined_recompute
 from ftlab.methods.catalog import get_method
@@ -487,6 +487,7 @@ def make_plan(run: RunConfig, derived: Derived, device: str) -> dict[str, Any]:
             "offload": run.train.offload_optim,
         },
         "moe": moe,
+        "assumptions": list(derived.assumptions or ()),
     }
 
 
@@ -540,6 +541,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"  total                {mib(mem['total'])} without recompute{no_rc}",
         f"                       {mib(mem['total_recompute'])} with recompute{rc}",
     ]
+    if plan.get("assumptions"):
+        lines.append("assumed (validated for a described machine, not this one)")
+        lines += [f"  - {a}" for a in plan["assumptions"]]
     if mem["estimated_rss"] is not None:
         lines.append(
             f"  CPU peak RSS         {mib(mem['estimated_rss'])} = total + "
@@ -564,21 +568,3 @@ def print_plan(
         "\nftlab plan\n" + "\n".join("  " + x for x in format_plan(plan).splitlines()), flush=True
     )
     return plan
-
-
-def plan_environment(run: RunConfig) -> Environment:
-    """The machine to plan for: this one, or with ``device=gpu`` the GPUs the layout needs.
-
-    A plan loads nothing, so a GPU layout can be planned on a CPU-only machine: the
-    environment then has exactly the GPUs the layout asks for (per node) and an unknown
-    compute capability (bf16 support is not checked).
-    """
-    if run.device != "gpu":
-        return probe_environment(run.device)
-    import paddle
-
-    p = run.parallel
-    nproc = p.nproc_per_node or p.tensor * p.pipeline * p.sharding * (p.data or 1)
-    if has_gpu():
-        return probe_environment("gpu")
-    return Environment("gpu", nproc, paddle.__version__, None)

@@ -79,7 +79,10 @@ def summarize_sweep(sweep_dir: Path) -> Sweep:
     """Read the sweep dir and write its summary files; return what was read."""
     sweep = read_sweep(sweep_dir)
     written = write_sweep_summary(sweep)
-    log.info("sweep summary: %s", ", ".join(str(p) for p in written.values()))
+    log.debug("sweep summary: %s", ", ".join(str(p) for p in written.values()))
+    # The console of a sweep: one line per job (ftlab.cli.app), then this; a failed job
+    # makes the sweep's exit status non-zero (``sweep_failure``).
+    print(console_summary(summary_rows(sweep), sweep, written), flush=True)
     return sweep
 
 
@@ -148,6 +151,23 @@ def write_sweep_summary(sweep: Sweep) -> dict[str, Path]:
     paths["md"].write_text(summary_markdown(rows, sweep))
     plot_sweep(rows, sweep, paths["png"])
     return paths
+
+
+def console_summary(rows: list[dict[str, Any]], sweep: Sweep, written: dict[str, Path]) -> str:
+    """The sweep's end on the console: counts, the best job, where the summary is."""
+    statuses = sorted({r["status"] for r in rows})
+    counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in statuses)
+    lines = [f"sweep summary: {len(rows)} jobs ({counts or 'none'}) in {sweep.sweep_dir}"]
+    scored = [r for r in rows if r["eval_loss"] is not None]
+    if scored:
+        best = min(scored, key=lambda r: r["eval_loss"])
+        swept = ", ".join(f"{k}={_swept_cell(best[k])}" for k in sweep.swept)
+        lines.append(
+            f"  best eval loss {best['eval_loss']:.4f}: job {best['job']}"
+            + (f" ({swept})" if swept else "")
+        )
+    lines.append("  " + ", ".join(p.name for p in written.values()))
+    return "\n".join(lines)
 
 
 def write_csv(rows: list[dict[str, Any]], sweep: Sweep, path: Path) -> None:

@@ -1,8 +1,11 @@
 """Composition: the schemas in Hydra's ConfigStore, and the composed DictConfig -> ``RunConfig``.
 
-YAML options name their schema first in their defaults list (``- base_lora``), which
-makes OmegaConf type-check and reject unknown keys while Hydra composes the run. This is
-the one place that touches raw DictConfig: everything downstream receives dataclasses.
+YAML options name their schema first in their defaults list (``- /base_lora@_here_``),
+which makes OmegaConf type-check and reject unknown keys while Hydra composes the run.
+The schemas are stored outside every config group (top-level ``base_<name>`` entries), so
+they never appear among a group's options in ``ftlab --help``, in Hydra's error messages or
+in shell completion. This is the one place that touches raw DictConfig: everything
+downstream receives dataclasses.
 """
 
 from __future__ import annotations
@@ -19,7 +22,31 @@ from ftlab.config.derived import Derived
 from ftlab.methods.catalog import method_schemas
 from ftlab.record.rundir import claim_new_dir
 
+# The schema of each config group whose options share one; a method's and a stage's
+# schema is its own (``base_<method>``, ``base_<stage>``). An option YAML in
+# conf/<group>/ starts with ``defaults: [/base_<group>@_here_, _self_]``.
+GROUP_SCHEMAS: dict[str, type] = {
+    "model": schema.ModelConfig,
+    "data": schema.DataConfig,
+    "parallel": schema.ParallelConfig,
+    "precision": schema.PrecisionConfig,
+}
+
 _registered = False
+
+
+def schema_entries() -> dict[str, type]:
+    """``base_<name>`` -> schema: what the ConfigStore holds, outside every group."""
+    entries: dict[str, type] = {"base_run": schema.RunConfig}
+    for name, node in [
+        *GROUP_SCHEMAS.items(),
+        *method_schemas().items(),
+        *stage_schemas().items(),
+    ]:
+        if f"base_{name}" in entries:
+            raise ValueError(f"two schemas would be stored as base_{name}")
+        entries[f"base_{name}"] = node
+    return entries
 
 
 def register_configs() -> None:
@@ -34,15 +61,8 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("new_dir"):
         OmegaConf.register_new_resolver("new_dir", claim_new_dir, use_cache=True)
     cs = ConfigStore.instance()
-    cs.store(name="base_run", node=schema.RunConfig)
-    cs.store(group="model", name="base_model", node=schema.ModelConfig)
-    cs.store(group="data", name="base_data", node=schema.DataConfig)
-    cs.store(group="parallel", name="base_parallel", node=schema.ParallelConfig)
-    cs.store(group="precision", name="base_precision", node=schema.PrecisionConfig)
-    for name, node in method_schemas().items():
-        cs.store(group="method", name=f"base_{name}", node=node)
-    for name, node in stage_schemas().items():
-        cs.store(group="stage", name=f"base_{name}", node=node)
+    for name, node in schema_entries().items():
+        cs.store(name=name, node=node)
     register_resolvers()  # before Hydra resolves the run dir's name
     _registered = True
 

@@ -12,6 +12,7 @@ names a method, a stage or a family.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from ftlab.alignment.catalog import get_stage
@@ -601,7 +602,7 @@ def validate(run: RunConfig, env: Environment) -> Derived:
         global_batch_size=t.per_device_train_batch_size
         * t.gradient_accumulation_steps
         * batch_ranks,
-        method=method.derived(run.method),
+        method={**method.derived(run.method), **method.environment_derived(run.method, env)},
         stage=stage.derived(run),
         init_from=init_from,
         # PaddleNLP's PipelineParallel runs gradient_accumulation_steps micro-batches of
@@ -612,7 +613,21 @@ def validate(run: RunConfig, env: Environment) -> Derived:
         mixture_weights=mixture_weights(run.data),
         context_length=context_length(run.model),
         attention=attention_path(run.model, run.data.packing, env.device).name,
+        assumptions=tuple(assumptions(run, env, method)) or None,
     )
+
+
+def assumptions(run: RunConfig, env: Environment, method: Method) -> list[str]:
+    """What validating against a described machine took for granted (none when probed)."""
+    if not env.described:
+        return []
+    lines = env.assumptions() + method.assumptions(run, env)
+    if run.model.flash_attention:
+        lines.append(
+            "model.flash_attention=true: Paddle's flash-attention kernels assumed to run on "
+            "the target GPUs (not checked)"
+        )
+    return lines
 
 
 def check_demo_metric(run: RunConfig, dev_records: list[dict]) -> None:
@@ -630,3 +645,23 @@ def check_demo_metric(run: RunConfig, dev_records: list[dict]) -> None:
             "computed), and score the saved final/ model afterwards in one process with "
             "ftlab-predict."
         )
+
+
+def validate_for(run: RunConfig, env: Environment) -> Derived:
+    """``validate``; a plan or export refused on this CPU machine that a GPU machine would
+    accept says to add ``device=gpu`` (the checks answered for this machine)."""
+    try:
+        return validate(run, env)
+    except ConfigError as err:
+        if run.mode not in ("plan", "export") or env.described or env.device != "cpu":
+            raise
+        from ftlab.config.environment import target_environment
+
+        try:
+            validate(replace(run, device="gpu"), target_environment(run))
+        except ConfigError:
+            raise err from None
+        raise ConfigError(
+            f"{err}\n(mode={run.mode} checked this run against this CPU machine. Add "
+            "device=gpu to prepare it for a GPU machine instead; it validates there.)"
+        ) from None

@@ -17,13 +17,50 @@ from ftlab.config.schema import PrecisionConfig, RunConfig
 from ftlab.distributed.layout import parallel_training_arguments
 from ftlab.record.rundir import CHECKPOINTS, VISUALDL
 
+# TrainingArguments keys that carry one ftlab setting unchanged (key -> dotted setting):
+# ftlab's Trainer, ``mode=export`` and ``ftlab-import`` all read this one table.
+TRAIN_KEYS: dict[str, str] = {
+    "per_device_train_batch_size": "train.per_device_train_batch_size",
+    "per_device_eval_batch_size": "train.per_device_eval_batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "learning_rate": "train.learning_rate",
+    "lr_scheduler_type": "train.lr_scheduler_type",
+    "warmup_steps": "train.warmup_steps",
+    "weight_decay": "train.weight_decay",
+    "max_grad_norm": "train.max_grad_norm",
+    "seed": "train.seed",
+    "logging_steps": "train.logging_steps",
+    "save_total_limit": "train.save_total_limit",
+    "recompute": "train.recompute",
+    "dataloader_num_workers": "train.dataloader_num_workers",
+}
+
+
+def setting(run: Any, dotted: str) -> Any:
+    """The value of a dotted setting (``train.seed``) of a run config."""
+    value = run
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+# Compute dtype -> the TrainingArguments flag that turns it on; the AMP level's key.
+PRECISION_FLAGS = {"bfloat16": "bf16", "float16": "fp16"}
+AMP_LEVEL_KEY = "fp16_opt_level"
+
 
 def precision_arguments(p: PrecisionConfig) -> dict[str, Any]:
-    if p.dtype == "bfloat16":
-        return {"bf16": True, "fp16_opt_level": p.amp_level}
-    if p.dtype == "float16":
-        return {"fp16": True, "fp16_opt_level": p.amp_level}
-    return {}
+    if p.dtype not in PRECISION_FLAGS:
+        return {}
+    return {PRECISION_FLAGS[p.dtype]: True, AMP_LEVEL_KEY: p.amp_level}
+
+
+def precision_from_arguments(args: dict[str, Any]) -> tuple[str, str]:
+    """The inverse of ``precision_arguments``: (dtype, amp_level) of TrainingArguments."""
+    for dtype, flag in PRECISION_FLAGS.items():
+        if args.get(flag):
+            return dtype, args.get(AMP_LEVEL_KEY) or "O1"
+    return "float32", "O0"
 
 
 def optimizer_arguments(run: RunConfig) -> dict[str, Any]:
@@ -72,24 +109,11 @@ def recompute_model_config(run: RunConfig) -> dict[str, Any]:
 
 def shared_arguments(run: RunConfig) -> dict[str, Any]:
     """TrainingArguments keys whose meaning ftlab and run_finetune.py share."""
-    t = run.train
     return {
-        "per_device_train_batch_size": t.per_device_train_batch_size,
-        "per_device_eval_batch_size": t.per_device_eval_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "learning_rate": t.learning_rate,
-        "lr_scheduler_type": t.lr_scheduler_type,
-        "warmup_steps": t.warmup_steps,
-        "weight_decay": t.weight_decay,
-        "max_grad_norm": t.max_grad_norm,
-        "seed": t.seed,
-        "logging_steps": t.logging_steps,
-        "save_total_limit": t.save_total_limit,
-        "recompute": t.recompute,
-        "dataloader_num_workers": t.dataloader_num_workers,
+        **{key: setting(run, dotted) for key, dotted in TRAIN_KEYS.items()},
         **optimizer_arguments(run),
         **recompute_arguments(run),
-        "report_to": list(t.report_to),
+        "report_to": list(run.train.report_to),
         **precision_arguments(run.precision),
         **parallel_training_arguments(run.parallel),
     }
@@ -130,6 +154,8 @@ def training_arguments(
         save_steps=t.save_steps or steps,
         unified_checkpoint=unified_checkpoint,
         remove_unused_columns=False,
-        disable_tqdm=False,
+        # ftlab's console shows one progress bar (training.trainer.ConsoleProgress);
+        # PaddleNLP's then logs its lines to train.log instead of drawing its own bars.
+        disable_tqdm=True,
         **args,
     )

@@ -46,9 +46,27 @@ from ftlab.record.rundir import (
     RunDir,
 )
 from ftlab.record.summary import Summary
+from ftlab.training.progress import console
 from ftlab.training.trackers import attach_trackers, write_final_scalars
 
 log = logging.getLogger(__name__)
+
+
+def data_line(stats: Any) -> str:
+    """The data counts a person checks before training starts."""
+    tr, dev = stats.train, stats.dev
+    text = f"data   train {tr.examples:,} examples ({tr.tokens:,} tokens)"
+    if dev is not None:
+        text += f", dev {dev.examples:,} ({dev.tokens:,} tokens)"
+    text += f"; format {stats.format}, packing {stats.packing}"
+    cut = {
+        "skipped": sum(tr.skipped.values()),
+        "prompts cut": tr.truncated_prompt,
+        "answers cut": tr.truncated_target,
+        "dropped overlong": tr.dropped_overlong,
+    }
+    extra = ", ".join(f"{v:,} {k}" for k, v in cut.items() if v)
+    return text + (f"; train: {extra}" if extra else "")
 
 
 @dataclass
@@ -107,6 +125,7 @@ def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
     from ftlab.training.arguments import total_steps
 
     stage = get_stage(run.stage.name)
+    console.info("load   tokenizer and data (%s: %s)", run.data.name, run.data.path)
     tokenizer = load_tokenizer(run.model)
     data = stage.build_data(run, tokenizer)
     check_demo_metric(run, data.dev_records)  # before the model: pipeline models cannot generate
@@ -134,6 +153,7 @@ def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
     from ftlab.training.trainer import RecordStart, write_record
 
     record = {FINGERPRINTS: data.fingerprints, RESOLVED_CONFIG: resolved_config_yaml(run, derived)}
+    console.info(data_line(data.stats))
     if checkpoint is None:
         write_record(run_dir, record)
         return Prepared(tokenizer, data, derived, None, stage, model, RecordStart(run_dir, {}))
@@ -161,6 +181,7 @@ def build_model(run: RunConfig, run_dir: RunDir, prepared: Prepared) -> Built:
         has_eval=prepared.data.dev_dataset is not None,
         unified_checkpoint=method.unified_checkpoint,
     )
+    console.info("load   model %s (%s)", run.model.name, prepared.model.name_or_path)
     if run.init_from:
         _materialize_init(run, run_dir)
     dtype, overrides = weight_dtype(run.precision), recompute_model_config(run)
@@ -180,6 +201,21 @@ def build_model(run: RunConfig, run_dir: RunDir, prepared: Prepared) -> Built:
     model = method.apply(model, run.method, prepared.model)
     params = parameter_counts(model)
     log.info("parameters: %s", params)
+    share = 100 * params["trainable"] / max(params["total"], 1)
+    console.info(
+        "model  %s loaded (%s): %s parameters, %s trainable (%.2f%%)",
+        run.model.name,
+        run.method.name,
+        f"{params['total']:,}",
+        f"{params['trainable']:,}",
+        share,
+    )
+    if base_metric is not None:
+        console.info(
+            "base   entity recall %.3f on %d dev prompts",
+            base_metric.score,
+            len(base_metric.records),
+        )
     return Built(method, model, args, params, base_metric, base_generation, reference)
 
 
@@ -187,7 +223,7 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
     from ftlab.data import count_tokens
     from ftlab.data.formats import TEXT_FORMATS
     from ftlab.record.resume import checkpoint_step
-    from ftlab.training.trainer import MetricsJsonl
+    from ftlab.training.trainer import ConsoleProgress, MetricsJsonl
 
     data = prepared.data
     trainer = prepared.stage.make_trainer(
@@ -200,7 +236,7 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
         eval_dataset=data.dev_dataset,
         tokenizer=prepared.tokenizer,
         data_collator=data.collate_fn,
-        callbacks=[prepared.record_start, MetricsJsonl(run_dir)],
+        callbacks=[prepared.record_start, MetricsJsonl(run_dir), ConsoleProgress()],
         count_tokens=count_tokens,
         shuffle=run.data.shuffle,
     )
@@ -211,6 +247,15 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
         # Pretraining-style text has no task metric: the held-out loss before training is
         # the baseline that continued pretraining should lower.
         base_eval = trainer.evaluate(metric_key_prefix="eval_base")
+    t, d = run.train, prepared.derived
+    console.info(
+        "train  %d steps, global batch %d, lr %.1e %s%s",
+        d.total_steps,
+        d.global_batch_size,
+        t.learning_rate,
+        t.lr_scheduler_type,
+        f", from {checkpoint.name}" if checkpoint else "",
+    )
     signals.install()  # PaddleNLP's import replaced the SIGTERM handler (ftlab.signals)
     start = time.perf_counter()
     if checkpoint is not None and checkpoint_step(checkpoint) >= prepared.derived.total_steps:
@@ -223,6 +268,12 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
         steps = result.global_step
     train_seconds = time.perf_counter() - start
     eval_metrics = trainer.evaluate() if data.dev_dataset is not None else {}
+    if "eval_loss" in eval_metrics:
+        console.info(
+            "eval   loss %.4f, perplexity %.2f",
+            eval_metrics["eval_loss"],
+            eval_metrics.get("eval_ppl", float("nan")),
+        )
     if "eval_base_loss" in base_eval:
         eval_metrics["eval_base_loss"] = base_eval["eval_base_loss"]
     for name, part in data.parts.items():  # a mixture: eval loss per source with a dev split
@@ -233,6 +284,8 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
             data.stats.set_source_eval_loss(name, evals.get(f"eval_{name}_loss"))
     tuned_generation = generation_metric(built.model, prepared, run)
     tuned = task_metric(built.model, prepared.tokenizer, data.dev_records, run, tuned_generation)
+    if tuned is not None:
+        console.info("tuned  entity recall %.3f (base %.3f)", tuned.score, built.base_metric.score)
     if tuned is not None:
         trainer.log(
             {"eval_entity_recall_base": built.base_metric.score, "eval_entity_recall": tuned.score}
@@ -280,6 +333,7 @@ def finalize(
     built.method.save_final(fitted.trainer, built.model, run_dir.final)
     run_dir.save_tokenizer(prepared.tokenizer)
     run_dir.write_method_record(run.method.name, prepared.model.name_or_path)
+    console.info("saved  final/ (%s, with the tokenizer) and checkpoints/", run.method.name)
 
     summary = Summary(
         run_dir=str(run_dir),
@@ -524,8 +578,7 @@ def _rerun_differences(run: RunConfig, fingerprints: dict[str, str], device: str
     source = Path(run.rerun)
     warnings = reproducibility_warnings(source, fingerprints, environment_record(device))
     for w in warnings:
-        log.warning("rerun of %s differs: %s", source, w)
-        print(f"ftlab: rerun differs from the recorded run: {w}", flush=True)
+        log.warning("rerun differs from the recorded run: %s (recorded run: %s)", w, source)
     if not warnings:
-        print(f"ftlab: rerun of {source}: data, ftlab commit and packages match.", flush=True)
+        console.info("rerun of %s: data, ftlab commit and packages match.", source)
     return warnings

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,7 @@ from ftlab.record.status import mark_running
 from ftlab.training import checkpoint_state as state_files
 from ftlab.training.memory import peak_memory_mb
 from ftlab.training.optimizers import use_ftlab_adamw_mini
+from ftlab.training.progress import console, duration, progress_settings
 
 log = logging.getLogger(__name__)
 
@@ -354,3 +356,65 @@ class RecordStart(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.write()
+
+
+class ConsoleProgress(TrainerCallback):
+    """One progress bar (a terminal) or one line per logging step (a file or pipe)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.start = 0.0
+        self.first_step = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.bar = None
+        self.start, self.first_step = time.perf_counter(), state.global_step
+        stream = progress_settings["stream"] or sys.stdout
+        if progress_settings["enabled"] and state.is_world_process_zero and stream.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                file=stream,
+                desc="train ",
+                # A terminal that reports no size (0 x 0) would get no bar at all.
+                ncols=shutil.get_terminal_size().columns or 100,
+                nrows=shutil.get_terminal_size().lines or 24,
+                bar_format="{desc}{n}/{total} |{bar}| {elapsed}<{remaining}{postfix}",
+            )
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
+    ) -> None:
+        if not logs or "loss" not in logs or not state.is_world_process_zero:
+            return
+        parts = [f"loss {float(logs['loss']):.4f}"]
+        if "learning_rate" in logs:
+            parts.append(f"lr {float(logs['learning_rate']):.2e}")
+        if "tokens_per_second" in logs:
+            parts.append(f"{float(logs['tokens_per_second']):,.0f} tokens/s")
+        if self.bar is not None:
+            self.bar.set_postfix_str("  ".join(parts), refresh=True)
+        elif progress_settings["enabled"]:
+            done = state.global_step - self.first_step
+            elapsed = time.perf_counter() - self.start
+            left = elapsed / done * (state.max_steps - state.global_step) if done else 0.0
+            width = len(str(state.max_steps))
+            console.info(
+                "step   %*d/%d  %s  %s left",
+                width,
+                state.global_step,
+                state.max_steps,
+                "  ".join(parts),
+                duration(left),
+            )
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

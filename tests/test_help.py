@@ -1,0 +1,118 @@
+"""``ftlab --help`` explains ftlab from the conf tree; schemas stay out of the groups; Hydra's
+own flags (--cfg, --info, --shell-completion) work; unknown options get the closest one."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import yaml
+from conftest import CONF_DIR, compose_cfg, group_options
+from hydra.core.config_store import ConfigStore
+
+from ftlab.cli.app import explain_composition_error, main
+from ftlab.cli.help import check_selected_options, help_text, option_line
+from ftlab.errors import ConfigError
+from ftlab.resolve.compose import register_configs, schema_entries
+
+GROUPS = ["model", "method", "data", "parallel", "precision", "experiment"]
+
+
+def run_hydra_flags(monkeypatch, capsys, *argv: str) -> str:
+    """The ``ftlab`` Hydra app in this process with ``argv`` (flags that print and return)."""
+    monkeypatch.setattr(sys, "argv", ["ftlab", *argv])
+    try:
+        main()
+    except SystemExit as done:  # --help and --hydra-help exit 0 after printing
+        assert done.code in (0, None)
+    return capsys.readouterr().out
+
+
+def test_help_lists_every_option_with_its_first_comment_line() -> None:
+    text = help_text({"model": "llama3"}).replace("$$", "$")
+    for group in GROUPS:
+        assert f"\n  {group}: " in text, group
+        for option in group_options(group):
+            line = option_line(CONF_DIR / group / f"{option}.yaml")
+            assert line and not line.startswith("@package"), (group, option)
+            assert f" {option}" in text and line in text, (group, option, line)
+    assert "* llama3" in text and "* stories260k" not in text
+    for mode in ("train", "plan", "export"):
+        assert f"\n  {mode} " in text
+    for command in ("ftlab-runs", "ftlab-predict", "ftlab-merge", "ftlab-import", "ftlab-sweep"):
+        assert command in text
+    assert "base_" not in text and "powered by Hydra" not in text
+
+
+def test_ftlab_help_command(monkeypatch, capsys) -> None:
+    out = run_hydra_flags(monkeypatch, capsys, "--help", "method=qlora")
+    assert out.startswith("ftlab: fine-tune large language models")
+    assert "* qlora" in out and "* lora " not in out
+    assert "base_" not in out and "$" not in out.replace("$ ", "")
+    hydra_help = run_hydra_flags(monkeypatch, capsys, "--hydra-help")
+    assert hydra_help.startswith("ftlab is a Hydra app") and "--shell-completion" in hydra_help
+
+
+def test_cfg_info_and_shell_completion(monkeypatch, capsys) -> None:
+    cfg = yaml.safe_load(run_hydra_flags(monkeypatch, capsys, "--cfg", "job", "method=qlora"))
+    assert cfg["method"]["name"] == "qlora" and cfg["method"]["quant_algo"] == "nf4"
+    info = run_hydra_flags(monkeypatch, capsys, "--info", "defaults")
+    assert "method/lora" in info and "base_lora" in info  # the schema, under the option
+    script = run_hydra_flags(monkeypatch, capsys, "--shell-completion", "install=bash")
+    assert "complete" in script and "ftlab" in script
+    monkeypatch.setenv("COMP_LINE", "ftlab method=")
+    out = run_hydra_flags(monkeypatch, capsys, "--shell-completion", "query=bash").split()
+    options = {o for o in out if o.startswith("method")}
+    # (Other tests may store a method of their own in the process-wide ConfigStore.)
+    assert {f"method={o}" for o in group_options("method")} <= options
+    assert not any("base_" in o for o in options)
+    monkeypatch.setenv("COMP_LINE", "ftlab ")
+    top = run_hydra_flags(monkeypatch, capsys, "--shell-completion", "query=bash").split()
+    assert "method=" in top and not any("base_" in t for t in top)
+
+
+def test_schemas_live_outside_the_groups() -> None:
+    register_configs()
+    repo = ConfigStore.instance().repo
+    for group in ("model", "method", "data", "parallel", "precision"):
+        assert not any(name.startswith("base_") for name in repo.get(group, {})), group
+    for name in schema_entries():
+        assert f"{name}.yaml" in repo, name
+
+
+@pytest.mark.parametrize("group", ["model", "method", "data", "parallel", "precision"])
+def test_every_option_names_its_schema_first(group: str) -> None:
+    """The defaults-list line every option YAML needs: ``- /base_<schema>@_here_``."""
+    entries = schema_entries()
+    for option in group_options(group):
+        defaults = yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text())["defaults"]
+        first = defaults[0]
+        assert first.startswith("/base_") and first.endswith("@_here_"), (option, first)
+        assert first[1:-7] in entries, (option, first)
+
+
+def test_unknown_option_lists_the_options_and_the_closest(capsys) -> None:
+    for override, closest in (("method=lorra", "method=lora"), ("model=llama", "model=llama3")):
+        with pytest.raises(Exception) as info:
+            compose_cfg([override])
+        msg = explain_composition_error(info.value)
+        group = override.split("=")[0]
+        options = ", ".join(group_options(group))
+        assert msg.startswith(f"{override}: no such {group} option. Options: {options}.")
+        assert f"Closest: {closest}." in msg
+    with pytest.raises(Exception) as info:
+        compose_cfg(["parallel=zz"])
+    msg = explain_composition_error(info.value)
+    assert "Options: dp2, dp8" in msg and "Closest" not in msg  # nothing is close to zz
+    with pytest.raises(Exception) as info:
+        compose_cfg(["data=alpacca"])
+    assert "Closest: data=alpaca." in explain_composition_error(info.value)
+
+
+def test_a_missing_optional_option_is_refused() -> None:
+    """Hydra skips ``experiment=typo`` (the group is optional) and would run without it."""
+    sources = [type("Source", (), {"schema": "file", "path": str(CONF_DIR)})()]
+    check_selected_options({"experiment": "optuna_lr_rank", "method": "lora"}, sources)
+    check_selected_options({"experiment": None}, sources)
+    with pytest.raises(ConfigError, match=r"experiment=optuna: no such experiment option.*"):
+        check_selected_options({"experiment": "optuna"}, sources)
