@@ -80,15 +80,21 @@ def test_schemas_live_outside_the_groups() -> None:
         assert f"{name}.yaml" in repo, name
 
 
-@pytest.mark.parametrize("group", ["model", "method", "data", "parallel", "precision"])
+@pytest.mark.parametrize("group", ["model", "method", "data", "parallel", "precision", "stage"])
 def test_every_option_names_its_schema_first(group: str) -> None:
-    """The defaults-list line every option YAML needs: ``- /base_<schema>@_here_``."""
+    """The defaults-list line every option YAML needs: ``- /base_<schema>@_here_`` (a
+    stage that also overrides other groups is global: ``@stage``), or another option of
+    the group that does (``model=qwen2`` extends ``qwen2_5_7b``)."""
     entries = schema_entries()
-    for option in group_options(group):
+    options = group_options(group)
+    for option in options:
         defaults = yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text())["defaults"]
         first = defaults[0]
-        assert first.startswith("/base_") and first.endswith("@_here_"), (option, first)
-        assert first[1:-7] in entries, (option, first)
+        if first in options:
+            continue  # checked as an option of its own
+        package = "@stage" if group == "stage" and first.endswith("@stage") else "@_here_"
+        assert first.startswith("/base_") and first.endswith(package), (option, first)
+        assert first[1 : -len(package)] in entries, (option, first)
 
 
 def test_unknown_option_lists_the_options_and_the_closest(capsys) -> None:

@@ -371,8 +371,20 @@ class Lora(LinearAdapterMethod):
         alpha = script_lora_alpha(int(settings.get("lora_rank", 8)), bool(settings.get("rslora")))
         if alpha != 2.0 * settings.get("lora_rank", 8):
             settings["lora_alpha"] = alpha
-        # ... and it adapts every linear layer of the family.
-        every = [f".*{name}" for name in family(model.family).linears]
-        if {t.strip(".*") for t in model.lora_target_modules} != set(family(model.family).linears):
-            settings["target_modules"] = every
+        # ... and it adapts the layers its get_lora_target_modules lists for the family.
+        fam = family(model.family)
+        if not fam.script_lora_targets:
+            notes.append(
+                f"run_finetune.py has no LoRA target list for model.family={fam.name} (its "
+                "LoRA fails there); ftlab keeps its default targets (every linear layer)."
+            )
+            return settings, keys
+        script = [f".*{t}.*" for t in fam.script_lora_targets]
+        linears = [x.name for x in model_linears(model)]
+
+        def matched(patterns: list[str]) -> set[str]:
+            return {n for n in linears if any(re.fullmatch(p, n) for p in patterns)}
+
+        if matched(script) != matched(list(model.lora_target_modules)):
+            settings["target_modules"] = script
         return settings, keys

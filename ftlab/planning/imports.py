@@ -27,10 +27,11 @@ from typing import Any
 
 import yaml
 
-from ftlab.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
+from ftlab.config.schema import ModelArch, ModelConfig, ParallelConfig, PrecisionConfig
 from ftlab.distributed.layout import PARALLEL_KEYS, parallel_from_arguments
 from ftlab.errors import ConfigError
 from ftlab.methods.catalog import registered_methods
+from ftlab.models.config_json import resolve_model
 from ftlab.models.families import FAMILIES
 from ftlab.planning.export import (
     FIXED_KEYS,
@@ -46,6 +47,17 @@ from ftlab.training.arguments import (
 )
 
 # Keys whose values belong to the script's own run, not to the experiment.
+# run_finetune.py keys ``_trainer_options`` reads.
+TRAINER_OPTION_KEYS = (
+    "optim",
+    "offload_optim",
+    "recompute_granularity",
+    "no_recompute_layers",
+    "refined_recompute",
+    "report_to",
+    "eval_with_do_generation",
+    "save_generation_output",
+)
 SCRIPT_OWNED = {"output_dir": "ftlab writes everything into its run dir under outputs/"}
 # Why common run_finetune.py keys have no ftlab setting (others: "no ftlab setting").
 NO_SETTING = {
@@ -124,12 +136,21 @@ def script_defaults() -> dict[str, Any]:
 
 def read_options(conf_dir: Path, group: str) -> dict[str, dict[str, Any]]:
     """Every option of a group as its YAML body (the schema's defaults not filled in)."""
-    out = {}
-    for path in sorted((conf_dir / group).glob("*.yaml")):
-        body = yaml.safe_load(path.read_text()) or {}
-        body.pop("defaults", None)
-        out[path.stem] = body
-    return out
+    raw = {
+        path.stem: yaml.safe_load(path.read_text()) or {}
+        for path in sorted((conf_dir / group).glob("*.yaml"))
+    }
+
+    def body(name: str) -> dict[str, Any]:
+        own = dict(raw[name])
+        merged: dict[str, Any] = {}
+        for entry in own.pop("defaults", None) or []:
+            if isinstance(entry, str) and entry in raw:  # extends another option
+                merged.update(body(entry))
+        merged.update(own)
+        return merged
+
+    return {name: body(name) for name in raw}
 
 
 def import_arguments(
@@ -148,6 +169,7 @@ def import_arguments(
     _parallel(args, conf_dir, out)
     used.update(PARALLEL_KEYS)
     _method(args, model, out, used)
+    trainer_gaps = _trainer_options(args, out, used)
 
     for key, dotted in [*TRAIN_KEYS.items(), *SCRIPT_KEYS.items()]:
         used.add(key)
@@ -170,6 +192,7 @@ def import_arguments(
             }.get(key, f"ftlab always sets {key}={value}")
         used.add(key)
     unsupported.update(out.unsupported)
+    unsupported.update(trainer_gaps)
     unsupported.update({k: v for k, v in SCRIPT_OWNED.items() if k in source})
 
     # Account for every key of the file.
@@ -203,6 +226,38 @@ def _optional(dotted: str) -> bool:
 # --------------------------------------------------------------------------- groups
 
 
+def _trainer_options(args: dict[str, Any], out: Imported, used: set[str]) -> dict[str, str]:
+    """Optimizer, recompute details, trackers and the generation metric; returns the keys
+    ftlab cannot express (key -> why)."""
+    from ftlab.config.trainer_options import OPTIMIZERS
+
+    gaps: dict[str, str] = {}
+    used.update(TRAINER_OPTION_KEYS)
+    optim = str(args.get("optim") or "adamw")
+    if optim in OPTIMIZERS:
+        out.settings["train.optim"] = optim
+    else:
+        gaps["optim"] = f"ftlab trains with {', '.join(OPTIMIZERS)}"
+    out.settings["train.offload_optim"] = bool(args.get("offload_optim"))
+    if args.get("recompute"):
+        out.settings["train.recompute_granularity"] = args.get("recompute_granularity") or "full"
+        if args.get("no_recompute_layers"):
+            out.settings["train.no_recompute_layers"] = list(args["no_recompute_layers"])
+        if isinstance(args.get("refined_recompute"), str) and args["refined_recompute"]:
+            out.settings["train.refined_recompute"] = args["refined_recompute"]
+    report = args.get("report_to")
+    if report is None or report == "all":
+        gaps["report_to"] = (
+            "PaddleNLP reports to every installed tracker; ftlab to the ones train.report_to "
+            "lists (visualdl unless set)"
+        )
+    else:
+        names = [report] if isinstance(report, str) else list(report)
+        out.settings["train.report_to"] = [n for n in names if n != "none"]
+    out.settings["eval.generation"] = bool(args.get("eval_with_do_generation"))
+    return gaps
+
+
 def _model(args: dict[str, Any], conf_dir: Path, out: Imported) -> ModelConfig:
     path = str(args.get("model_name_or_path") or "")
     if not path:
@@ -225,12 +280,9 @@ def _model(args: dict[str, Any], conf_dir: Path, out: Imported) -> ModelConfig:
             )
         out.settings["model.name_or_path"] = path
         out.settings["model.name"] = Path(path).name
-        for key in ARCH_KEYS:
-            if key in hf:
-                out.settings[f"model.arch.{key}"] = hf[key]
         out.notes.append(
-            f"model_name_or_path={path}: a local checkpoint; model.arch read from its "
-            f"config.json, on model={option}'s family ({fam})."
+            f"model_name_or_path={path}: a local checkpoint; ftlab reads its family and "
+            f"model.arch from its config.json (model={option} gives the other defaults)."
         )
     else:
         names = {n: str(b.get("name_or_path", "")) for n, b in options.items()}
@@ -246,12 +298,16 @@ def _model(args: dict[str, Any], conf_dir: Path, out: Imported) -> ModelConfig:
         )
     out.choices["model"] = option
     body = options[option]
-    return ModelConfig(
-        name=str(body.get("name", option)),
+    local = config.is_file()
+    model = ModelConfig(
+        name=str(out.settings.get("model.name", body.get("name", option))),
         name_or_path=str(out.settings.get("model.name_or_path", body.get("name_or_path"))),
-        family=str(body.get("family", "llama")),
-        lora_target_modules=list(body.get("lora_target_modules") or []),
+        # A local checkpoint's family and numbers come from its config.json.
+        family=None if local else body.get("family"),
+        arch=ModelArch() if local else ModelArch(**(body.get("arch") or {})),
+        lora_target_modules=body.get("lora_target_modules"),
     )
+    return resolve_model(model)
 
 
 def _data(args: dict[str, Any], conf_dir: Path, out: Imported, used: set[str]) -> None:
