@@ -45,19 +45,44 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     from ftlab.resolve.validate import validate
 
     run = to_run_config(cfg)
+    record = RunDir(run_dir)
+    auto = run.parallel.name == "auto"
+    notes: list[str] = []
     if run.mode == "plan":
+        from ftlab.planning.auto import planning_environment
         from ftlab.planning.plan import plan_environment
 
-        env = plan_environment(run)  # device=gpu plans for GPUs on any machine
+        # device=gpu plans for GPUs on any machine.
+        env, notes = planning_environment(run) if auto else (plan_environment(run), [])
     else:
         env = probe_environment(run.device)
+    decision = None
+    if auto:
+        # The degrees are chosen after composition and before validation, which then
+        # checks the chosen layout like any other.
+        from ftlab.distributed.launch import inside_worker
+        from ftlab.planning.auto import resolve_auto
+
+        worker = inside_worker()
+        run, decision = resolve_auto(
+            run,
+            env,
+            record,
+            overrides=_task_overrides(),
+            reuse=worker or run.resume is not None,  # the launcher's (or first run's) choice
+            notes=notes,
+            quiet=worker or run.mode == "plan",  # the plan prints it
+        )
     derived = validate(run, env)
-    record = RunDir(run_dir)
+    if decision is not None:
+        derived = derived.with_(auto_layout=decision.chosen.label)
     record.create()
     if run.mode == "plan":
+        from ftlab.planning.auto import layout_estimate
         from ftlab.planning.plan import print_plan
 
-        return print_plan(run, derived, env, record)
+        extra, lines = layout_estimate(run, env, decision, notes)
+        return print_plan(run, derived, env, record, extra, lines)
     if run.mode == "export":
         from ftlab.planning.export import export_run_finetune
 
@@ -75,6 +100,11 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     if summary is not None and _is_rank_zero():
         print(summary.format(), flush=True)
     return summary
+
+
+def _task_overrides() -> list[str]:
+    """This job's command-line overrides (empty outside a Hydra app, e.g. in tests)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _is_rank_zero() -> bool:

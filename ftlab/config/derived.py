@@ -29,6 +29,8 @@ class Derived:
     # Pipeline layouts: micro-batches of this size, this many per optimizer step (1F1B).
     pipeline_micro_batch_size: int | None = None
     pipeline_accumulate_steps: int | None = None
+    # parallel=auto: the layout it chose, in words (the whole table: auto_layout.json).
+    auto_layout: str | None = None
     # Known once the data is read.
     train_examples: int | None = None
     total_steps: int | None = None

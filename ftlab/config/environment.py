@@ -20,6 +20,11 @@ class Environment:
     device_count: int  # GPUs, or CPU cores for gloo processes
     paddle_version: str
     gpu_compute_capability: tuple[int, int] | None = None
+    # Memory of one device (GPU), or the machine's RAM (CPU: its processes share it); and
+    # the GPU's name (picks parallel=auto's cost profile). None: unknown (a described
+    # machine; parallel=auto then takes them from launch.* or the accelerator's profile).
+    device_memory_gib: float | None = None
+    device_name: str | None = None
 
 
 def has_gpu() -> bool:
@@ -42,5 +47,24 @@ def probe_environment(requested: str = "auto") -> Environment:
         )
     if gpu and requested != "cpu":
         cap = paddle.device.cuda.get_device_capability()
-        return Environment("gpu", paddle.device.cuda.device_count(), paddle.__version__, cap)
-    return Environment("cpu", os.cpu_count() or 1, paddle.__version__)
+        props = paddle.device.cuda.get_device_properties()
+        return Environment(
+            "gpu",
+            paddle.device.cuda.device_count(),
+            paddle.__version__,
+            cap,
+            props.total_memory / GIB,
+            props.name,
+        )
+    return Environment("cpu", os.cpu_count() or 1, paddle.__version__, None, ram_gib())
+
+
+GIB = 2**30
+
+
+def ram_gib() -> float | None:
+    """Physical memory of this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    except (ValueError, OSError, AttributeError):
+        return None

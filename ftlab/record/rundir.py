@@ -26,6 +26,7 @@ SAMPLES = "samples.jsonl"
 STATUS = "status.json"
 ERROR = "error.txt"
 PLAN = "plan.json"
+AUTO_LAYOUT = "auto_layout.json"  # parallel=auto: every candidate layout and the choice
 EXPORT = "run_finetune.json"
 EXPORT_NOTES = "run_finetune_notes.json"
 VISUALDL = "visualdl"
