@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -458,3 +459,53 @@ def test_a_candidate_records_everything_the_table_shows() -> None:
     again = type(decision).from_dict(json.loads(json.dumps(table)))
     assert [c.label for c in again.ranked] == [c.label for c in decision.ranked]
     assert isinstance(again.candidates[0], Candidate)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_cpu_auto_sweep_trains_the_fitting_job_and_launches_nothing_for_the_other(
+    tmp_path: Path,
+) -> None:
+    """The shipped model on this machine's 2 processes: auto picks single, dp2 or sharding
+    stage 1 and the run completes; a job whose memory fits no layout stops before launching."""
+    sweep_dir = tmp_path / "sweep"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ftlab.cli.app",
+            "-m",
+            "parallel=auto",
+            "device=cpu",
+            "train.max_steps=3",
+            "train.logging_steps=1",
+            "eval.demo_metric=false",
+            "launch.device_memory_gib=23,0.5",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran, small = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+    decision = json.loads((ran / "auto_layout.json").read_text())
+    chosen = decision["chosen"]
+    layout = Candidate(**chosen).layout_label
+    assert layout in {"single", "dp2", "sharding2/stage1"}
+    assert json.loads((ran / "status.json").read_text())["status"] == "completed"
+    summary = json.loads((ran / "summary.json").read_text())
+    assert summary["derived"]["auto_layout"] == decision["chosen_label"]
+    assert summary["derived"]["world_size"] == chosen["nproc_per_node"]
+    resolved = (ran / "resolved_config.yaml").read_text()
+    assert f"per_device_train_batch_size: {chosen['micro_batch']}" in resolved
+    assert (ran / "logs").exists() == (chosen["nproc_per_node"] > 1)
+    status = json.loads((small / "status.json").read_text())
+    assert status["status"] == "failed" and status["error_type"] == "NoLayoutFits"
+    assert not (small / "logs").exists() and not (small / "checkpoints").exists()
+    md = (sweep_dir / "summary.md").read_text()
+    assert decision["chosen_label"] in md and "| does not fit |" in md
+    assert json.loads((small / "auto_layout.json").read_text())["does_not_fit"] in md

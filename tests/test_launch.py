@@ -45,7 +45,7 @@ def test_cpu_command_has_no_devices_and_fixes_run_dir(tmp_path: Path) -> None:
         "ftlab.cli.app",
         "parallel=dp2",
         "train.max_steps=3",
-        f"hydra.run.dir={tmp_path}",
+        f"hydra.run.dir='{tmp_path}'",
         "hydra.output_subdir=null",
         "hydra/job_logging=stdout",
     ]
@@ -178,7 +178,16 @@ def test_pipeline_layout_loads_the_pipe_model(monkeypatch: pytest.MonkeyPatch) -
 def test_user_run_dir_override_is_replaced(tmp_path: Path) -> None:
     out = worker_overrides(["hydra.run.dir=/elsewhere", "method=full"], tmp_path)
     assert "hydra.run.dir=/elsewhere" not in out
-    assert f"hydra.run.dir={tmp_path}" in out and "method=full" in out
+    assert f"hydra.run.dir='{tmp_path}'" in out and "method=full" in out
+
+
+def test_a_sweep_job_dir_reaches_the_workers_whole(tmp_path: Path) -> None:
+    """A sweep job's dir name holds its overrides ('=', ',', brackets, quotes)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    run_dir = tmp_path / "0_a=1,b=[2,3],c=it's"
+    (item,) = [o for o in worker_overrides([], run_dir) if o.startswith("hydra.run.dir=")]
+    assert OverridesParser.create().parse_override(item).value() == str(run_dir)
 
 
 def test_needs_launch_only_outside_workers(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -149,12 +149,22 @@ def worker_overrides(overrides: list[str], run_dir: Path) -> list[str]:
     own = [o for o in overrides if not o.lstrip("+~").startswith("hydra.run.dir=")]
     return [
         *own,
-        f"hydra.run.dir={run_dir}",
+        # Quoted: a sweep job's dir name holds '=' and ',' (its overrides), which Hydra's
+        # override grammar would otherwise parse.
+        f"hydra.run.dir={quote_override_value(str(run_dir))}",
         "hydra.output_subdir=null",
         # Worker stdout is captured in logs/workerlog.<rank>; a log file per worker in the
         # run dir would interleave with the launcher's.
         "hydra/job_logging=stdout",
     ]
+
+
+def quote_override_value(value: str) -> str:
+    """``value`` as one quoted string in Hydra's override grammar (there a backslash is an
+    escape only before a quote or the closing quote, so only those runs are doubled)."""
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    trailing = len(escaped) - len(escaped.rstrip("\\"))
+    return "'" + escaped + "\\" * trailing + "'"
 
 
 def remove_env_dumps(log_dir: Path) -> list[str]:

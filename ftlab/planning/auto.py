@@ -281,9 +281,9 @@ class Decision:
 
     @property
     def closest(self) -> list[Candidate]:
-        """The candidates that run but do not fit, least memory first."""
+        """The candidates that run but do not fit, smallest shortfall first."""
         over = [c for c in self.candidates if c.kind == MEMORY and c.memory_gib is not None]
-        return sorted(over, key=lambda c: (c.memory_gib, c.step_seconds or math.inf))
+        return sorted(over, key=lambda c: (c.memory_gib - c.usable_gib, c.memory_gib))
 
     def to_dict(self) -> dict[str, Any]:
         chosen = self.chosen
