@@ -184,6 +184,15 @@ def test_user_run_dir_override_is_replaced(tmp_path: Path) -> None:
     assert f"hydra.run.dir='{tmp_path}'" in out and "method=full" in out
 
 
+def test_a_sweep_job_dir_reaches_the_workers_whole(tmp_path: Path) -> None:
+    """A sweep job's dir name holds its overrides ('=', ',', brackets, quotes)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    run_dir = tmp_path / "0_a=1,b=[2,3],c=it's"
+    (item,) = [o for o in worker_overrides([], run_dir) if o.startswith("hydra.run.dir=")]
+    assert OverridesParser.create().parse_override(item).value() == str(run_dir)
+
+
 def test_needs_launch_only_outside_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PADDLE_TRAINERS_NUM", raising=False)
     two, one = DERIVED_DP2, DERIVED_DP2.with_(world_size=1)

@@ -61,10 +61,36 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     from ftlab.resolve.validate import validate_for
 
     run = to_run_config(cfg)
-    # Training validates against this machine; plan and export with device=gpu against
-    # the GPU machine the target settings describe, on any machine.
-    env = run_environment(run)
+    record = RunDir(run_dir)
+    auto = run.parallel.name == "auto"
+    notes: list[str] = []
+    if auto and run.mode == "plan":
+        from ftlab.planning.auto import planning_environment
+
+        env, notes = planning_environment(run)
+    else:
+        # Training validates against this machine; plan and export with device=gpu against
+        # the GPU machine the target settings describe, on any machine.
+        env = run_environment(run)
+    decision = None
+    if auto:
+        # The degrees are chosen after composition and before validation, which then
+        # checks the chosen layout like any other.
+        from ftlab.planning.auto import resolve_auto
+
+        worker = inside_worker()
+        run, decision = resolve_auto(
+            run,
+            env,
+            record,
+            overrides=_task_overrides(),
+            reuse=worker or run.resume is not None,  # the launcher's (or first run's) choice
+            notes=notes,
+            quiet=worker or run.mode == "plan",  # the plan prints it
+        )
     derived = validate_for(run, env)
+    if decision is not None:
+        derived = derived.with_(auto_layout=decision.chosen.label)
     if run.mode == "train":  # plan and export read no data (it may live on the target)
         from ftlab.data.layout import resolve_split_files
 
@@ -73,12 +99,13 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     if not inside_worker():  # a worker's job was described by its launcher
         console.info(describe_run(run, derived, run_dir))
     signals.install()  # Paddle's import replaced the SIGTERM handler (ftlab.signals)
-    record = RunDir(run_dir)
     record.create()
     if run.mode == "plan":
+        from ftlab.planning.auto import layout_estimate
         from ftlab.planning.plan import print_plan
 
-        return print_plan(run, derived, env, record)
+        extra, lines = layout_estimate(run, env, decision, notes)
+        return print_plan(run, derived, env, record, extra, lines)
     if run.mode == "export":
         from ftlab.planning.export import export_run_finetune
 
@@ -107,6 +134,11 @@ def _datasets(data: Any) -> list[Any]:
         dataclasses.replace(data, path=src.path, train_path=None, dev_path=None, sources=[])
         for src in data.sources
     ]
+
+
+def _task_overrides() -> list[str]:
+    """This job's command-line overrides (empty outside a Hydra app, e.g. in tests)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _is_rank_zero() -> bool:

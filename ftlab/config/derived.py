@@ -35,6 +35,8 @@ class Derived:
     eval_generation: bool | None = None
     # A data mixture's normalised weights by source name (data.sources).
     mixture_weights: Mapping[str, float] | None = None
+    # parallel=auto: the layout it chose, in words (the whole table: auto_layout.json).
+    auto_layout: str | None = None
     # Known once the data is read.
     train_examples: int | None = None
     total_steps: int | None = None

@@ -28,6 +28,11 @@ class Environment:
     device_count: int  # GPUs, or CPU cores for gloo processes
     paddle_version: str
     gpu_compute_capability: tuple[int, int] | None = None
+    # Memory of one device (GPU), or the machine's RAM (CPU: its processes share it); and
+    # the GPU's name (picks parallel=auto's cost profile). None: unknown (a described
+    # machine; parallel=auto then takes them from launch.* or the accelerator's profile).
+    device_memory_gib: float | None = None
+    device_name: str | None = None
     # Paddle is a CUDA build (None: assume so exactly when device is gpu).
     cuda_build: bool | None = None
     # PaddleSlim and its CUDA extension import (PaddleNLP's nf4/fp4 quantized kernels).
@@ -83,6 +88,7 @@ def probe_environment(requested: str = "auto") -> Environment:
     cuda = paddle.device.is_compiled_with_cuda()
     if gpu and requested != "cpu":
         cap = paddle.device.cuda.get_device_capability()
+        props = paddle.device.cuda.get_device_properties()
         return Environment(
             "gpu",
             paddle.device.cuda.device_count(),
@@ -90,8 +96,27 @@ def probe_environment(requested: str = "auto") -> Environment:
             cap,
             cuda_build=True,
             paddleslim_ops=paddleslim_ops_importable(),
+            device_memory_gib=props.total_memory / GIB,
+            device_name=props.name,
         )
-    return Environment("cpu", os.cpu_count() or 1, paddle.__version__, cuda_build=cuda)
+    return Environment(
+        "cpu",
+        os.cpu_count() or 1,
+        paddle.__version__,
+        cuda_build=cuda,
+        device_memory_gib=ram_gib(),
+    )
+
+
+GIB = 2**30
+
+
+def ram_gib() -> float | None:
+    """Physical memory of this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def parse_compute_capability(text: str) -> tuple[int, int]:

@@ -167,6 +167,21 @@ class DataConfig:
 
 
 @dataclass
+class AutoLayoutSettings:
+    """``parallel=auto``: how ftlab chooses the layout (``ftlab/planning/auto.py``)."""
+
+    # Samples per optimizer step, split into micro-batch x accumulation x data ranks by
+    # the chosen layout. None -> train.per_device_train_batch_size x
+    # train.gradient_accumulation_steps (what one process trains on per step).
+    global_batch_size: int | None = None
+    # Fraction of device memory kept free beyond the plan's estimate (allocator
+    # fragmentation, the plan's own error: within 25% of measured peaks on CPU).
+    memory_margin: float = 0.10
+    recompute: str = "choose"  # choose (off and on) | off | on
+    show: int = 5  # ranked candidates printed (plan.json and auto_layout.json hold all)
+
+
+@dataclass
 class ParallelConfig:
     name: str = MISSING
     # Degrees. data=None means "derive from world size" (recorded in the resolved config).
@@ -184,6 +199,8 @@ class ParallelConfig:
     nproc_per_node: int | None = None
     # Run tensor/pipeline layouts on CPU with gloo through ftlab's emulation shims.
     cpu_emulation: bool = False
+    # Only with parallel=auto (conf/parallel/auto.yaml): how the layout is chosen.
+    auto: AutoLayoutSettings = field(default_factory=AutoLayoutSettings)
 
 
 @dataclass
@@ -191,6 +208,15 @@ class LaunchConfig:
     nnodes: int = 1
     master: str | None = None  # host:port of the rendezvous master (multi-node)
     ips: str | None = None  # comma-separated node IPs (multi-node)
+    # The devices parallel=auto plans for (``ftlab/planning/cost.py`` documents the
+    # profiles). Unset numbers come from the accelerator's profile or the device probe.
+    accelerator: str = "auto"  # auto (this machine) | a100 | a100_40g | h100 | h800 | cpu
+    device_memory_gib: float | None = None  # memory per device (CPU: the machine's RAM)
+    device_tflops: float | None = None  # peak dense TFLOP/s per device, run's compute dtype
+    mfu: float | None = None  # fraction of that peak a training step sustains
+    intra_node_gbps: float | None = None  # collective bus bandwidth per device in a node, GB/s
+    inter_node_gbps: float | None = None  # ... across nodes, GB/s per device
+    host_gbps: float | None = None  # device <-> host copies (sharding offload), GB/s
 
 
 # --------------------------------------------------------------------------- precision

@@ -197,6 +197,8 @@ def worker_overrides(overrides: list[str], run_dir: Path) -> list[str]:
     own = [o for o in overrides if not o.lstrip("+~").startswith("hydra.run.dir=")]
     return [
         *own,
+        # Quoted: a sweep job's dir name holds '=' and ',' (its overrides), which Hydra's
+        # override grammar would otherwise parse.
         override("hydra.run.dir", str(run_dir)),
         "hydra.output_subdir=null",
         # Worker stdout (its console lines) is captured in logs/workerlog.<rank>; its

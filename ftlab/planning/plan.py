@@ -56,7 +56,9 @@ the activations except a replicated ``6h`` per token and layer (also split with 
 parallel); pipeline parallel keeps ``ceil(layers / pipeline)`` layers, plus
 the embedding on the first stage and the LM head on the last, and holds up to
 ``min(pipeline, gradient_accumulation_steps)`` micro-batches in flight (1F1B); sharding
-stage 1 divides optimizer states, stage 2 also gradients, stage 3 also weights.
+stage 1 divides optimizer states, stage 2 also gradients, stage 3 also weights; sharding
+offload (stage 2/3) leaves the optimizer states on the host, and under stage 3 the device
+holds only the layers being computed.
 
 On CPU the measured number is the process's peak RSS, which also holds the Python and
 Paddle/PaddleNLP runtime (libraries, allocator pools, tokenizer, data): a constant
@@ -361,6 +363,15 @@ def estimate_memory(
         gradients /= lay.sharding
     if stage >= 3:
         weights /= lay.sharding
+    if p.offload and stage >= 2:
+        # Paddle's group-sharded offload keeps the fp32 master weights and AdamW moments on
+        # the host; stage 3 also its weight and gradient shards, gathering a layer (and
+        # prefetching the next) onto the device as it runs.
+        optimizer = 0.0
+        if stage >= 3:
+            largest = max(2 * counts.per_layer, counts.lm_head or counts.embedding) / tp
+            weights = min(weights, largest * base_b)
+            gradients = min(gradients, largest * train_b) if full else gradients
 
     # Activations per micro-batch.
     act_b = 4 if run.precision.dtype == "float32" or device == "cpu" else 2
@@ -558,13 +569,22 @@ def optimizer_label(plan: dict[str, Any]) -> str:
 
 
 def print_plan(
-    run: RunConfig, derived: Derived, env: Environment, run_dir: RunDir
+    run: RunConfig,
+    derived: Derived,
+    env: Environment,
+    run_dir: RunDir,
+    extra: dict[str, Any] | None = None,
+    extra_lines: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Print the plan and write ``plan.json`` into the run dir; loads no weights."""
+    """Print the plan and write ``plan.json`` into the run dir; loads no weights.
+
+    ``extra`` (keys added to ``plan.json``) and ``extra_lines`` (printed after the plan)
+    carry what other planners add: the step-time estimate and parallel=auto's ranking.
+    """
     plan = make_plan(run, derived, env.device)
+    plan.update(extra or {})
     plan["run_dir"] = str(run_dir)
     run_dir.write_text(PLAN, json.dumps(plan, indent=2) + "\n")
-    print(
-        "\nftlab plan\n" + "\n".join("  " + x for x in format_plan(plan).splitlines()), flush=True
-    )
+    lines = format_plan(plan).splitlines() + list(extra_lines or [])
+    print("\nftlab plan\n" + "\n".join("  " + x for x in lines), flush=True)
     return plan

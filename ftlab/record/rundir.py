@@ -31,6 +31,7 @@ PREDICTIONS = "predictions.jsonl"  # dev generations scored by BLEU/ROUGE (eval.
 STATUS = "status.json"
 ERROR = "error.txt"
 PLAN = "plan.json"
+AUTO_LAYOUT = "auto_layout.json"  # parallel=auto: every candidate layout and the choice
 EXPORT = "run_finetune.json"
 EXPORT_NOTES = "run_finetune_notes.json"
 VISUALDL = "visualdl"

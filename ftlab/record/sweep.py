@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from ftlab.errors import FtlabError
 from ftlab.record.index import RunRecord, is_run_dir, read_run
+from ftlab.record.rundir import AUTO_LAYOUT, RunDir
 from ftlab.record.status import COMPLETED, FAILED, INCOMPLETE, INTERRUPTED
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ METRICS = (
     ("peak_memory_mb", "peak memory MiB", ".0f"),
     ("wall_seconds", "wall s", ".1f"),
 )
+DOES_NOT_FIT = "does not fit"  # parallel=auto found no layout; nothing was launched
 PLOTTED = ("final_loss", "eval_loss", "entity_recall", "tokens_per_second")
 ERROR_CHARS = 160  # an error message is cut to this length in summary.md
 LOG_SCALE_RATIO = 20  # numeric swept values spanning this factor get a log axis
@@ -121,13 +123,31 @@ def read_sweep(sweep_dir: Path) -> Sweep:
     return Sweep(sweep_dir, jobs, values, swept, common)
 
 
+def auto_layout(job: RunRecord) -> tuple[str | None, bool]:
+    """What ``parallel=auto`` decided for a job: (the chosen layout, or "does not fit: needs
+    X GiB per device, has Y"; True when nothing fitted). (None, False) without auto."""
+    run_dir = RunDir(job.run_dir)
+    if not run_dir.exists(AUTO_LAYOUT):
+        return None, False
+    decision = run_dir.read_json(AUTO_LAYOUT)
+    if decision.get("chosen_label"):
+        return decision["chosen_label"], False
+    return decision.get("does_not_fit") or "does not fit: no candidate passed validation", True
+
+
 def summary_rows(sweep: Sweep) -> list[dict[str, Any]]:
-    """One row per job: job number, swept values, status, metrics, run dir, error."""
+    """One row per job: job number, swept values, status, metrics, run dir, error.
+
+    With ``parallel=auto`` a row also says which layout auto chose; a job for which no
+    layout fitted (it stopped before launching) has the status ``does not fit``.
+    """
     rows = []
     for job, values in zip(sweep.jobs, sweep.values, strict=True):
         row: dict[str, Any] = {"job": job.job_num}
         row.update({k: values.get(k) for k in sweep.swept})
-        row["status"] = job.status
+        layout, no_fit = auto_layout(job)
+        row["status"] = DOES_NOT_FIT if no_fit and job.status == FAILED else job.status
+        row["layout"] = layout
         for key, _, _ in METRICS:
             summary = job.summary
             row[key] = (
@@ -170,8 +190,14 @@ def console_summary(rows: list[dict[str, Any]], sweep: Sweep, written: dict[str,
     return "\n".join(lines)
 
 
+def _layout_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The layout column, when a job of the sweep used parallel=auto."""
+    return ["layout"] if any(r["layout"] for r in rows) else []
+
+
 def write_csv(rows: list[dict[str, Any]], sweep: Sweep, path: Path) -> None:
-    columns = ["job", *sweep.swept, "status", *(m[0] for m in METRICS), "run_dir", "error"]
+    columns = ["job", *sweep.swept, "status", *_layout_columns(rows)]
+    columns += [*(m[0] for m in METRICS), "run_dir", "error"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -201,11 +227,14 @@ def summary_markdown(rows: list[dict[str, Any]], sweep: Sweep) -> str:
         )
     elif done:
         lines.append("- best eval loss: n/a (no job reported one)")
-    header = ["job", *sweep.swept, "status", *(m[1] for m in METRICS), "run dir", "error"]
-    align = ["---:", *(["---"] * len(sweep.swept)), "---", *(["---:"] * len(METRICS)), "---", "---"]
+    layout = _layout_columns(rows)
+    header = ["job", *sweep.swept, "status", *layout, *(m[1] for m in METRICS), "run dir", "error"]
+    align = ["---:", *(["---"] * (len(sweep.swept) + 1 + len(layout)))]
+    align += [*(["---:"] * len(METRICS)), "---", "---"]
     lines += ["", _md_row(header), _md_row(align)]
     for row in rows:
         cells = [_cell(row["job"]), *(_swept_cell(row[k]) for k in sweep.swept), row["status"]]
+        cells += [_cell(row[k]) for k in layout]
         cells += [_cell(row[key], spec) for key, _, spec in METRICS]
         cells += [f"`{row['run_dir']}`", _error_cell(row["error"])]
         lines.append(_md_row(cells))
@@ -307,6 +336,7 @@ def plot_sweep(rows: list[dict[str, Any]], sweep: Sweep, path: Path) -> None:
         for status, marker, color in (
             (FAILED, "x", "red"),
             (INTERRUPTED, "s", "orange"),
+            (DOES_NOT_FIT, "v", "orange"),
             (INCOMPLETE, "s", "grey"),
         ):
             marks = [x for x, r in zip(axis.positions, rows, strict=True) if r["status"] == status]

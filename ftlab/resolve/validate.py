@@ -308,6 +308,7 @@ def check_parallel(run: RunConfig, env: Environment) -> dict[str, int]:
             f"parallel.data={p.data} does not match world size {world} / (tensor x pipeline x "
             f"sharding = {model_parallel}) = {dp}. Leave parallel.data unset to derive it."
         )
+    check_combination(run, dp)
     if nproc > env.device_count:
         unit = "GPUs" if env.device == "gpu" else "CPU cores (one gloo process each)"
         raise ConfigError(
@@ -551,6 +552,92 @@ def check_expert_parallel(run: RunConfig, env: Environment, dp: int) -> None:
         )
 
 
+def check_combination(run: RunConfig, dp: int) -> None:
+    """Degree combinations PaddleNLP refuses, or would drop without a word."""
+    p = run.parallel
+    where = f"parallel={p.name}"
+    if p.sharding_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.sharding_stage={p.sharding_stage}: one of 0 (off), 1, 2, 3.")
+    if p.sharding_stage and p.sharding < 2:
+        raise ConfigError(
+            f"{where}: parallel.sharding_stage={p.sharding_stage} with parallel.sharding="
+            f"{p.sharding} shards over one rank, which PaddleNLP turns off silently. Set "
+            "parallel.sharding to 2 or more, or parallel.sharding_stage=0."
+        )
+    if p.sharding > 1 and not p.sharding_stage:
+        raise ConfigError(
+            f"{where}: parallel.sharding={p.sharding} without parallel.sharding_stage: "
+            "PaddleNLP ignores a sharding degree without a stage. Set sharding_stage=1, 2 "
+            "or 3, or use parallel.data for plain data parallelism."
+        )
+    if p.pipeline > 1 and p.sharding_stage >= 2:
+        raise ConfigError(
+            f"{where}: pipeline {p.pipeline} with sharding stage {p.sharding_stage}: "
+            "PaddleNLP's pipeline parallelism combines with sharding stage 1 only."
+        )
+    if p.tensor > 1 and p.sharding_stage == 3:
+        raise ConfigError(
+            f"{where}: tensor {p.tensor} with sharding stage 3: PaddleNLP combines tensor "
+            "parallelism with sharding stage 1 or 2 only."
+        )
+    if p.sequence_parallel and p.tensor < 2:
+        raise ConfigError(
+            f"{where}: parallel.sequence_parallel=true needs tensor parallelism (it splits "
+            "the activations tensor parallelism replicates). Set parallel.tensor >= 2."
+        )
+    if p.offload and p.sharding_stage not in (2, 3):
+        raise ConfigError(
+            f"{where}: parallel.offload=true needs sharding stage 2 or 3 (PaddleNLP ignores "
+            f"it otherwise); this layout has stage {p.sharding_stage}."
+        )
+    if p.offload and p.sharding_stage == 2 and dp > 1:
+        raise ConfigError(
+            f"{where}: parallel.offload=true with sharding stage 2 and data parallel {dp}: "
+            "Paddle offloads pure sharding only. Shard over every data rank "
+            f"(parallel.sharding={p.sharding * dp}) or turn offload off."
+        )
+    if p.offload and run.precision.amp_level != "O2":
+        raise ConfigError(
+            f"{where}: parallel.offload=true needs pure 16-bit training (precision=bf16 or "
+            f"fp16_o2): Paddle's sharding offload keeps fp32 master weights on the host; "
+            f"precision={run.precision.name} has none."
+        )
+
+
+# launch.* settings read only by parallel=auto and mode=plan (ftlab/planning/cost.py).
+COST_SETTINGS = (
+    "accelerator",
+    "device_memory_gib",
+    "device_tflops",
+    "mfu",
+    "intra_node_gbps",
+    "inter_node_gbps",
+    "host_gbps",
+)
+
+
+def check_auto_settings(run: RunConfig) -> None:
+    """``parallel.auto.*`` and the cost-model settings do nothing without parallel=auto
+    (outside plan mode): say so rather than ignore them."""
+    from ftlab.config.schema import AutoLayoutSettings, LaunchConfig
+
+    if run.parallel.name == "auto":
+        return
+    if run.parallel.auto != AutoLayoutSettings():
+        raise ConfigError(
+            f"parallel.auto.* settings apply to parallel=auto only; parallel={run.parallel.name} "
+            "names its layout. Drop them, or use parallel=auto."
+        )
+    defaults = LaunchConfig()
+    changed = [k for k in COST_SETTINGS if getattr(run.launch, k) != getattr(defaults, k)]
+    if changed and run.mode != "plan":
+        raise ConfigError(
+            f"launch.{changed[0]} describes the devices for parallel=auto and mode=plan; with "
+            f"parallel={run.parallel.name} and mode={run.mode} nothing reads it. Drop it, or "
+            "use parallel=auto or mode=plan."
+        )
+
+
 def check_method_layout(run: RunConfig, method: Method) -> None:
     """What the method's PaddleNLP implementation supports of the layout."""
     p = run.parallel
@@ -580,6 +667,7 @@ def validate(run: RunConfig, env: Environment) -> Derived:
             f"method.neftune_noise_alpha={run.method.neftune_noise_alpha}: must be >= 0 "
             "(0 disables)."
         )
+    check_auto_settings(run)
     layout = check_parallel(run, env)
     method = get_method(run.method.name)
     method.check(run, env)
