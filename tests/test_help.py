@@ -109,7 +109,7 @@ def test_unknown_option_lists_the_options_and_the_closest(capsys) -> None:
     with pytest.raises(Exception) as info:
         compose_cfg(["parallel=zz"])
     msg = explain_composition_error(info.value)
-    assert "Options: dp2, dp8" in msg and "Closest" not in msg  # nothing is close to zz
+    assert "Options: auto, dp2, dp8" in msg and "Closest" not in msg  # nothing is close to zz
     with pytest.raises(Exception) as info:
         compose_cfg(["data=alpacca"])
     assert "Closest: data=alpaca." in explain_composition_error(info.value)

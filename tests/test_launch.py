@@ -160,8 +160,10 @@ def test_pipeline_layout_loads_the_pipe_model(monkeypatch: pytest.MonkeyPatch) -
     calls: list = []
 
     def fake_load(kind: str, loader: object, name: str, **kwargs: object) -> object:
+        import paddle
+
         calls.append((loader, kwargs))
-        return object()
+        return paddle.nn.Layer()  # an empty model: loading's finishing touches find no layer
 
     monkeypatch.setattr(ftlab.models.loading, "load_pretrained", fake_load)
     cfg = compose_run([]).model

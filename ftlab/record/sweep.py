@@ -100,7 +100,14 @@ class Sweep:
 
     @property
     def failed(self) -> list[RunRecord]:
-        return [j for j in self.jobs if j.status == FAILED]
+        """Jobs that failed. A plan in which ``parallel=auto`` found no layout that fits is
+        an answer, not a failure (its row says ``does not fit``); a training job that could
+        not start for that reason failed."""
+        return [
+            j
+            for j in self.jobs
+            if j.status == FAILED and not (j.setting("mode") == "plan" and auto_layout(j)[1])
+        ]
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, str]:
