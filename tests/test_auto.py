@@ -490,7 +490,9 @@ def test_cpu_auto_sweep_trains_the_fitting_job_and_launches_nothing_for_the_othe
         text=True,
         timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # A training job that could not start is a failed job: the sweep exits 1 and says so.
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "1 of 2 jobs failed: job 1 (NoLayoutFits" in proc.stderr, proc.stderr[-3000:]
     ran, small = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
     decision = json.loads((ran / "auto_layout.json").read_text())
     chosen = decision["chosen"]

@@ -3,10 +3,30 @@
 ``build_data`` is the entry point; ``count_tokens`` measures collated batches for
 throughput. See the module docstrings of ``examples`` (label shift, truncation),
 ``collate`` (what the model receives) and ``packing``.
+
+The names below are imported from their submodules on first use, so that the Paddle-free
+modules (``layout``, ``formats``, ``settings``: what composition and validation read) do
+not import Paddle, whose import prints warnings before ftlab's console is set up.
 """
 
-from ftlab.data.build import DataBundle, build_data
-from ftlab.data.collate import Collator, count_tokens
-from ftlab.data.stats import DataStats, SplitStats
+from __future__ import annotations
 
-__all__ = ["Collator", "DataBundle", "DataStats", "SplitStats", "build_data", "count_tokens"]
+import importlib
+from typing import Any
+
+_SUBMODULE = {
+    "DataBundle": "build",
+    "build_data": "build",
+    "Collator": "collate",
+    "count_tokens": "collate",
+    "DataStats": "stats",
+    "SplitStats": "stats",
+}
+
+__all__ = sorted(_SUBMODULE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SUBMODULE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"ftlab.data.{_SUBMODULE[name]}"), name)

@@ -25,6 +25,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ftlab import console
 from ftlab.config.overrides import given_value, override
 from ftlab.errors import ConfigError, FtlabError
 from ftlab.record.rundir import (
@@ -117,16 +118,11 @@ def check_resumable(run_dir: Path, new: list[str]) -> None:
     except ValueError:
         return  # not a number: validation names the setting
     if more:
-        log.warning(
-            "resume=%s: the run completed %s steps; continuing to train.max_steps=%s",
+        console.warning(
+            "resume=%s: the run completed %s steps; continuing to train.max_steps=%s.",
             run_dir,
             done,
             asked,
-        )
-        print(
-            f"ftlab: resume={run_dir}: the run completed {done} steps; continuing to "
-            f"train.max_steps={asked}.",
-            flush=True,
         )
         return
     raise RunFinished(

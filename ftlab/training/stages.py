@@ -559,8 +559,7 @@ def _prepare_resume(run: RunConfig, run_dir: RunDir, derived: Derived) -> tuple[
     changes = check_resume_config(run_dir.path, to_plain_dict(run))
     checkpoint, warnings = pick_checkpoint(run_dir.path)
     for warning in warnings:
-        log.warning("resume=%s: %s", run_dir, warning)
-        print(f"ftlab: warning: {warning}", flush=True)
+        console.warning("warning: %s", warning)
     step = checkpoint_step(checkpoint)
     if derived.total_steps is not None and step > derived.total_steps:
         raise ConfigError(
