@@ -41,7 +41,7 @@ class Derived:
     train_examples: int | None = None
     total_steps: int | None = None
     data_format: str | None = None
-    # Long sequences (issue 14): positions the model takes (RoPE-scaled when set) and the
+    # Long sequences: positions the model takes (RoPE-scaled when set) and the
     # attention path (``ftlab.models.attention.AttentionPath.name``).
     context_length: int | None = None
     attention: str | None = None

@@ -251,7 +251,7 @@ class TrainSettings:
     save_total_limit: int = 2
     recompute: bool = False
     dataloader_num_workers: int = 0
-    # --- optimizer, recompute detail, trackers (issue 17); PaddleNLP's names and values
+    # --- optimizer, recompute detail, trackers; PaddleNLP's names and values
     optim: str = "adamw"  # adamw | adamw_mini | adamw_custom | adamw_16bit_moment
     offload_optim: bool = False  # optimizer states in host memory between steps (GPU)
     recompute_granularity: str = "full"  # full | full_attn | core_attn (train.recompute)
@@ -270,7 +270,7 @@ class EvalSettings:
     max_new_tokens: int = 48
     num_samples: int = 5  # sample generations saved to samples.jsonl
     batch_size: int = 32
-    # --- generation metrics (issue 17): BLEU-4 and ROUGE-1/2/L of the dev generations
+    # --- generation metrics: BLEU-4 and ROUGE-1/2/L of the dev generations
     # (PaddleNLP's eval_with_do_generation), base and fine-tuned; null: data.generation_metric
     generation: bool | None = None
     decode_strategy: str = "greedy"  # greedy | sampling
