@@ -123,6 +123,7 @@ def test_dpo_scalars_reach_visualdl(dpo_run: tuple[Path, Any]) -> None:
         assert tag in tags, sorted(tags)
 
 
+@pytest.mark.slow  # resume = uninterrupted is in the default suite for SFT
 def test_resumed_dpo_run_equals_the_uninterrupted_one(
     dpo_run: tuple[Path, Any], tmp_path: Path
 ) -> None:

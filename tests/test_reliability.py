@@ -491,6 +491,34 @@ def test_sweep_over_layouts_completes_every_job(tmp_path: Path) -> None:
         assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
 
 
+@pytest.mark.slow
+def test_sweep_of_lora_ranks_over_layouts(tmp_path: Path) -> None:
+    """Item 15's own example, ``ftlab -m method.lora_rank=4,8,16 parallel=single,dp2`` (two
+    ranks here): every job completes, and two processes train as one does."""
+    import csv
+
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cmd(
+        tmp_path,
+        BIN / "ftlab",
+        "-m",
+        "method.lora_rank=4,8",
+        "parallel=single,dp2",
+        "train.max_steps=2",
+        "train.logging_steps=1",
+        "eval.demo_metric=false",
+        f"hydra.sweep.dir={sweep_dir}",
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
+    assert [r["status"] for r in rows] == ["completed"] * 4
+    loss = {(r["method.lora_rank"], r["parallel"]): float(r["final_loss"]) for r in rows}
+    assert set(loss) == {(k, p) for k in ("4", "8") for p in ("single", "dp2")}
+    for rank in ("4", "8"):
+        assert abs(loss[(rank, "dp2")] - loss[(rank, "single")]) <= 1e-4, loss
+
+
 # --------------------------------------------------------------------------- 4, 5: signals
 
 

@@ -106,6 +106,7 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(uninterrupted
     assert_same_run(run_dir, uninterrupted)
 
 
+@pytest.mark.slow  # ~40 s; the staging rename is also covered by the disk-full save test
 def test_kill_during_save_is_never_resumed_from(uninterrupted, tmp_path):
     run_dir, mark = tmp_path / "run", tmp_path / "saving"
     proc = subprocess.Popen(
@@ -235,6 +236,7 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_taken(uninterrupted, t
     assert_same_run(run_dir, uninterrupted)
 
 
+@pytest.mark.slow  # ~40 s: two more ftlab runs
 def test_rerun_reproduces_losses_and_reports_differences(uninterrupted, tmp_path):
     proc = run_ftlab(tmp_path, f"rerun={uninterrupted}", "hydra.run.dir=again")
     again = tmp_path / "again"

@@ -226,6 +226,7 @@ def test_summary_of_fake_grid_with_incomplete_job(tmp_path: Path) -> None:
     assert png_size(paths["png"]) == (1000, 700)
 
 
+@pytest.mark.slow  # ~25 s: the submitit launcher's own processes
 def test_submitit_launcher_runs_jobs_as_separate_processes(tmp_path: Path) -> None:
     """The SLURM option's machinery (hydra-submitit-launcher), through its local executor."""
     sweep_dir = tmp_path / "sweep"

@@ -356,7 +356,8 @@ def _precision(args: dict[str, Any], conf_dir: Path, out: Imported) -> None:
 def _parallel(args: dict[str, Any], conf_dir: Path, out: Imported) -> None:
     wanted = parallel_from_arguments(args)
     schema = ParallelConfig()
-    options = read_options(conf_dir, "parallel")
+    # An argument file names its degrees: parallel=auto (ftlab chooses them) is no match.
+    options = {k: v for k, v in read_options(conf_dir, "parallel").items() if k != "auto"}
     shape = ("tensor", "pipeline", "sharding_stage", "sequence_parallel", "offload")
 
     weights = {"tensor": 16, "pipeline": 16, "sharding_stage": 8, "sequence_parallel": 4}
