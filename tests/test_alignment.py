@@ -365,6 +365,25 @@ def test_every_installed_dpo_loss_validates(loss_type: str) -> None:
         (["parallel=pp2", "parallel.cpu_emulation=true"], "pipeline 2"),
         (["parallel=tp2", "parallel.cpu_emulation=true"], "checked for SFT only"),
         (["init_from=/no/such/run"], "init_from=/no/such/run: .* does not exist"),
+        # What only the SFT data path builds.
+        (
+            ["model.flash_attention=true", "model.flash_mask=true", "data.packing=zero_padding"],
+            "model.flash_mask=true with stage=dpo",
+        ),
+        (
+            ["data.pose=true", "model.rope_scaling.strategy=linear", "model.rope_scaling.factor=4"],
+            "data.pose=true with stage=dpo",
+        ),
+        (
+            [
+                "data.path=null",
+                "data.train_path=null",
+                "data.dev_path=null",
+                "data.sources=[{path:/x,weight:1}]",
+            ],
+            r"data.sources \(a mixture\) with stage=dpo",
+        ),
+        (["eval.generation=true"], "eval.generation=true with stage=dpo"),
     ],
 )
 def test_settings_a_preference_stage_cannot_honour_fail_in_validation(

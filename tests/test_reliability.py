@@ -494,7 +494,8 @@ def test_sweep_over_layouts_completes_every_job(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sweep_of_lora_ranks_over_layouts(tmp_path: Path) -> None:
     """Item 15's own example, ``ftlab -m method.lora_rank=4,8,16 parallel=single,dp2`` (two
-    ranks here): every job completes, and two processes train as one does."""
+    ranks here): every job completes on its layout (dp2: two ranks of 16, a global batch of
+    32; the two-processes-equal-one claim is ``test_distributed.py``'s)."""
     import csv
 
     sweep_dir = tmp_path / "sweep"
@@ -515,8 +516,11 @@ def test_sweep_of_lora_ranks_over_layouts(tmp_path: Path) -> None:
     assert [r["status"] for r in rows] == ["completed"] * 4
     loss = {(r["method.lora_rank"], r["parallel"]): float(r["final_loss"]) for r in rows}
     assert set(loss) == {(k, p) for k in ("4", "8") for p in ("single", "dp2")}
-    for rank in ("4", "8"):
-        assert abs(loss[(rank, "dp2")] - loss[(rank, "single")]) <= 1e-4, loss
+    assert all(0 < v < 10 for v in loss.values()), loss
+    for job in sweep_dir.glob("[0-9]*_*"):
+        summary = json.loads((job / "summary.json").read_text())
+        world = 2 if "parallel=dp2" in job.name else 1
+        assert summary["derived"]["world_size"] == world and summary["steps"] == 2, job.name
 
 
 # --------------------------------------------------------------------------- 4, 5: signals
@@ -695,7 +699,9 @@ def test_the_launcher_takes_its_workers_down(sig: int, tmp_path: Path) -> None:
     ):
         time.sleep(0.2)
     assert not [w.pid for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
-    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["workerlog.0", "workerlog.1"]
+    # Per rank: its complete log and its console; no environment dump.
+    logs = sorted(p.name for p in (run_dir / "logs").iterdir())
+    assert logs == ["train.0.log", "train.1.log", "workerlog.0", "workerlog.1"], logs
     assert not [f for f in run_dir.rglob("*") if f.is_file() and b"hunter2" in f.read_bytes()]
     if sig == signal.SIGTERM:
         assert_interrupted(proc, run_dir, sig)

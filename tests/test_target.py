@@ -20,9 +20,9 @@ from ftlab.resolve.validate import validate, validate_for
 MISSION = ["method=qlora", "model=llama3", "parallel=tp4", "precision=bf16"]
 DOCS = [REPO / "README.md", REPO / "launch" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # README examples that show an error on purpose.
-SHOWN_FAILING = {("method.lora_rnk=4",)}
+SHOWN_FAILING = {("method.lora_rnk=4",), ("method=lorra",)}
 # Settings of documented commands that need a run dir or a launcher, not a config.
-NOT_CONFIG = re.compile(r"^(hydra[./]|rerun=|resume=|experiment=)")
+NOT_CONFIG = re.compile(r"^(hydra[./]|rerun=|resume=|experiment=|init_from=)")
 
 
 def documented_commands() -> list[tuple[str, ...]]:
@@ -43,10 +43,13 @@ def documented_commands() -> list[tuple[str, ...]]:
                     continue  # printed output (``ftlab summary``), or needs a run dir
                 args = [a for a in args if not NOT_CONFIG.match(a)]
                 # A sweep: every value of every swept setting once (not the whole grid).
-                first = [a.split(",")[0] for a in args]
+                # (A list or dict value, such as data.sources=[{...},{...}], is one value.)
+                first = [a if a.partition("=")[2][:1] in "[{" else a.split(",")[0] for a in args]
                 commands.append(tuple(first))
                 for i, a in enumerate(args):
                     key, _, values = a.partition("=")
+                    if values[:1] in ("[", "{"):
+                        continue
                     for v in values.split(",")[1:]:
                         commands.append(tuple(first[:i] + [f"{key}={v}"] + first[i + 1 :]))
     return list(dict.fromkeys(commands))
@@ -61,6 +64,16 @@ GPU_EXAMPLES = [
     ("mode=export", "device=gpu", "model=llama3", "method=lora", "parallel=sharding_stage2")
     + ("precision=bf16",),
     ("parallel=tp4", "model=llama3", "method=lora", "precision=bf16"),
+    # The command ftlab-import prints for the README's run_finetune.py argument file.
+    tuple(
+        "model=llama3 method=lora data=advertisegen parallel=sharding_stage1 precision=bf16 "
+        "train.per_device_train_batch_size=1 train.per_device_eval_batch_size=8 "
+        "train.learning_rate=0.0003 train.lr_scheduler_type=linear train.warmup_steps=30 "
+        "train.logging_steps=1 train.save_total_limit=1 train.recompute=true data.path=./data "
+        "data.src_length=1024 data.max_length=2048 model.flash_attention=true "
+        "train.max_steps=-1 train.num_train_epochs=3.0 train.eval_steps=1 "
+        "train.save_steps=1".split()
+    ),
     *[  # launch/README.md's SLURM sweep, each swept value once
         ("model=llama3", "parallel=dp8", "precision=bf16", method, f"train.learning_rate={lr}")
         for method, lr in (
@@ -86,7 +99,8 @@ def test_gpu_examples_list_every_gpu_command_of_the_docs() -> None:
             gpu = True
         if gpu:
             found.append(frozenset(command))
-    assert set(found) == {frozenset(c) for c in GPU_EXAMPLES}
+    mission = frozenset(["mode=plan", "device=gpu", *MISSION])  # the target section's example
+    assert set(found) == {frozenset(c) for c in GPU_EXAMPLES} | {mission}
 
 
 @pytest.mark.parametrize("command", [tuple(MISSION), *GPU_EXAMPLES], ids=" ".join)

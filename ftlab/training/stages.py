@@ -269,10 +269,11 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
     train_seconds = time.perf_counter() - start
     eval_metrics = trainer.evaluate() if data.dev_dataset is not None else {}
     if "eval_loss" in eval_metrics:
+        ppl = eval_metrics.get("eval_ppl") if prepared.stage.loss_is_likelihood else None
         console.info(
-            "eval   loss %.4f, perplexity %.2f",
+            "eval   loss %.4f%s",
             eval_metrics["eval_loss"],
-            eval_metrics.get("eval_ppl", float("nan")),
+            "" if ppl is None else f", perplexity {ppl:.2f}",
         )
     if "eval_base_loss" in base_eval:
         eval_metrics["eval_base_loss"] = base_eval["eval_base_loss"]
