@@ -67,6 +67,7 @@ GPU_EXAMPLES = [
     # The command ftlab-import prints for the README's run_finetune.py argument file.
     tuple(
         "model=llama3 method=lora data=advertisegen parallel=sharding_stage1 precision=bf16 "
+        "eval.generation=false "
         "train.per_device_train_batch_size=1 train.per_device_eval_batch_size=8 "
         "train.learning_rate=0.0003 train.lr_scheduler_type=linear train.warmup_steps=30 "
         "train.logging_steps=1 train.save_total_limit=1 train.recompute=true data.path=./data "

@@ -126,6 +126,16 @@ NOISE: tuple[Noise, ...] = (
 )
 
 
+def ignore_noise_warnings() -> None:
+    """Commands without a job console (``ftlab-import``, ``-predict``, ``-merge``): Python
+    warnings that are known noise (``NOISE``) are not shown."""
+    import warnings
+
+    for noise in NOISE:
+        if noise.logger == "py.warnings":
+            warnings.filterwarnings("ignore", message=f".*{noise.pattern}")
+
+
 @dataclass
 class _State:
     verbose: bool = False

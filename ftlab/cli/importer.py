@@ -167,6 +167,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``ftlab-import``)."""
+    from ftlab.cli.console import ignore_noise_warnings
+
+    ignore_noise_warnings()
     args = parse_args(argv)
     try:
         imported = import_arguments(read_argument_file(args.argument_file), args.conf_dir)

@@ -85,6 +85,9 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ftlab.cli.console import ignore_noise_warnings
+
+    ignore_noise_warnings()
     args = parse_args(argv)
     try:
         out = run(args)

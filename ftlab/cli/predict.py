@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ftlab.cli.console import ignore_noise_warnings
+
+    ignore_noise_warnings()
     args = parse_args(argv)
     try:
         records = read_prompts(args.input)
