@@ -215,13 +215,28 @@ def detect_format(records: Sequence[Record], setting: str) -> str:
     check_choice("data.format", setting, ("auto", *FORMATS), DataError)
     if setting != "auto":
         return setting
+    return vote_format(records, _matching_formats, _expected_all(), kind="", fits="fits a format")
+
+
+def vote_format(
+    records: Sequence[Record],
+    matching: Callable[[dict], list[str]],
+    expected: str,
+    *,
+    kind: str,
+    fits: str,
+) -> str:
+    """The one format the first records agree on (SFT formats here, preference formats in
+    ``ftlab.data.preference``): a record matching several, no record matching any, or
+    records of different formats are errors naming the records. ``kind`` qualifies
+    "formats" in the messages ("preference "), ``fits`` says what a matching record is."""
     found: dict[str, str] = {}
     for rec in records[:DETECT_RECORDS]:
-        matches = _matching_formats(rec.data)
+        matches = matching(rec.data)
         if len(matches) > 1:
             raise DataError(
                 f"{rec.where}: data.format=auto: the record (keys {sorted(rec.data)}) matches "
-                f"several formats ({', '.join(matches)}). Set data.format explicitly."
+                f"several {kind}formats ({', '.join(matches)}). Set data.format explicitly."
             )
         if matches:
             found.setdefault(matches[0], rec.where)
@@ -229,13 +244,13 @@ def detect_format(records: Sequence[Record], setting: str) -> str:
         first = records[0] if records else None
         raise DataError(
             f"{first.where if first else 'train split'}: data.format=auto: none of the first "
-            f"{min(len(records), DETECT_RECORDS)} records fits a format (the first has keys "
-            f"{sorted(first.data) if first else []}). Expected fields: {_expected_all()}. Set "
+            f"{min(len(records), DETECT_RECORDS)} records {fits} (the first has keys "
+            f"{sorted(first.data) if first else []}). Expected fields: {expected}. Set "
             "data.format explicitly or fix the data."
         )
     if len(found) > 1:
         raise DataError(
-            "data.format=auto: the first records mix formats "
+            f"data.format=auto: the first records mix {kind}formats "
             f"({', '.join(f'{f} at {w}' for f, w in found.items())}). Use one format per "
             "dataset or set data.format explicitly."
         )

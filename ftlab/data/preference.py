@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftlab.config.choices import check_choice
-from ftlab.data.formats import Conversation, RecordProblem, Turn
+from ftlab.data.formats import Conversation, RecordProblem, Turn, vote_format
 from ftlab.data.records import BadRecords, Record
 from ftlab.errors import DataError
 
@@ -316,34 +316,14 @@ def detect_preference_format(records: Sequence[Record], setting: str) -> str:
     check_choice("data.format", setting, ("auto", *PREFERENCE_FORMATS), DataError)
     if setting != "auto":
         return setting
-    found: dict[str, str] = {}
-    for rec in records[:DETECT_RECORDS]:
-        matches = [f for f in PREFERENCE_FORMATS if _matches(f, rec.data)]
-        if len(matches) > 1:
-            raise DataError(
-                f"{rec.where}: data.format=auto: the record (keys {sorted(rec.data)}) matches "
-                f"several preference formats ({', '.join(matches)}). Set data.format."
-            )
-        if matches:
-            found.setdefault(matches[0], rec.where)
-    if not found:
-        first = records[0] if records else None
-        expected = "; ".join(f"{f}: {EXPECTED_FIELDS[f]}" for f in PREFERENCE_FORMATS)
-        raise DataError(
-            f"{first.where if first else 'train split'}: data.format=auto: none of the first "
-            f"{min(len(records), DETECT_RECORDS)} records is a preference record (the first "
-            f"has keys {sorted(first.data) if first else []}). Expected fields: {expected}. "
-            "Set data.format explicitly or fix the data."
-        )
-    if len(found) > 1:
-        raise DataError(
-            "data.format=auto: the first records mix preference formats "
-            f"({', '.join(f'{f} at {w}' for f, w in found.items())}). Use one format per "
-            "dataset or set data.format explicitly."
-        )
-    fmt = next(iter(found))
-    log.info("data.format=auto: detected %s from the first records", fmt)
-    return fmt
+    expected = "; ".join(f"{f}: {EXPECTED_FIELDS[f]}" for f in PREFERENCE_FORMATS)
+    return vote_format(
+        records,
+        lambda data: [f for f in PREFERENCE_FORMATS if _matches(f, data)],
+        expected,
+        kind="preference ",
+        fits="is a preference record",
+    )
 
 
 def parse_preference(record: Record, fmt: str, bad: BadRecords) -> Parsed | None:

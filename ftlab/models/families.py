@@ -453,6 +453,20 @@ def _read_bloom(cfg: Mapping[str, Any], arch: dict[str, Any]) -> dict[str, Any]:
     return {"intermediate_size": 4 * arch["hidden_size"]}
 
 
+# run_finetune.py's LoRA targets for DeepSeek-V2 and -V3 (its get_lora_target_modules).
+DEEPSEEK_SCRIPT_TARGETS = (
+    "q_proj",
+    "q_a_proj",
+    "q_b_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+    "o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
 # --------------------------------------------------------------------------- the table
 
 FAMILIES: dict[str, Family] = {
@@ -658,17 +672,7 @@ FAMILIES: dict[str, Family] = {
             moe=DEEPSEEK_MOE,
             ties_embeddings=False,
             prefix_kv_layout=None,
-            script_lora_targets=(
-                "q_proj",
-                "q_a_proj",
-                "q_b_proj",
-                "kv_a_proj_with_mqa",
-                "kv_b_proj",
-                "o_proj",
-                "mlp.gate_proj",
-                "mlp.up_proj",
-                "mlp.down_proj",
-            ),
+            script_lora_targets=DEEPSEEK_SCRIPT_TARGETS,
             config_keys={"num_experts": ("n_routed_experts",)},
             config_defaults={"tie_word_embeddings": False},
             read_config=_read_deepseek,
@@ -687,17 +691,7 @@ FAMILIES: dict[str, Family] = {
             ties_embeddings=False,
             prefix_kv_layout=None,
             flash_mask=False,
-            script_lora_targets=(
-                "q_proj",
-                "q_a_proj",
-                "q_b_proj",
-                "kv_a_proj_with_mqa",
-                "kv_b_proj",
-                "o_proj",
-                "mlp.gate_proj",
-                "mlp.up_proj",
-                "mlp.down_proj",
-            ),
+            script_lora_targets=DEEPSEEK_SCRIPT_TARGETS,
             config_keys={"num_experts": ("n_routed_experts",)},
             config_defaults={"tie_word_embeddings": False},
             read_config=_read_deepseek,

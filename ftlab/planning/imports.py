@@ -77,17 +77,6 @@ SCHEDULE_KEYS = (
     "save_strategy",
     "save_steps",
 )
-# The architecture numbers a config.json carries under ftlab's names.
-ARCH_KEYS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "vocab_size",
-    "max_position_embeddings",
-    "tie_word_embeddings",
-)
 
 
 @dataclass
