@@ -81,6 +81,14 @@ NOISE: tuple[Noise, ...] = (
         "PaddleNLP's LoRAModel says this for every single-device model",
     ),
     Noise(
+        "paddlenlp-rope-strategy-buffers",
+        "PaddleNLP",
+        r"were not initialized from the model checkpoint .* newly initialized: "
+        r"\[('[\w.]+\.rotary_emb\.inv_freq'(, )?)+\]",
+        "with model.rope_scaling the strategy's rotary frequencies are computed in the "
+        "constructor (tested against the formula), not read: PaddleNLP names them anyway",
+    ),
+    Noise(
         "paddlenlp-async-save",
         "PaddleNLP",
         r"Asynchronous saving is not supported for single card",
