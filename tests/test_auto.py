@@ -511,3 +511,32 @@ def test_cpu_auto_sweep_trains_the_fitting_job_and_launches_nothing_for_the_othe
     md = (sweep_dir / "summary.md").read_text()
     assert decision["chosen_label"] in md and "| does not fit |" in md
     assert json.loads((small / "auto_layout.json").read_text())["does_not_fit"] in md
+
+
+def test_recompute_granularities_are_candidates_with_their_costs() -> None:
+    """Each ``train.recompute_granularity`` is a choice: it writes its settings, the plan
+    keeps what it keeps, and the cost model reruns its share of a layer."""
+    from ftlab.config.schema import AutoLayoutSettings
+    from ftlab.planning.auto import recompute_choices
+
+    run = auto_run(*LLAMA3, "method=full", "parallel.auto.global_batch_size=16")
+    choices = {c.label: c for c in recompute_choices(AutoLayoutSettings())}
+    assert list(choices) == ["off", "full", "full_attn", "core_attn"]
+    shares = {k: c.shares(run) for k, c in choices.items()}
+    assert shares["off"] == (0.0, 0.0) and shares["full"] == (1.0, 1.0)
+    assert 0 < shares["core_attn"][0] < shares["full_attn"][0] < 1
+    assert shares["full_attn"][1] == 0.5 and shares["core_attn"][1] == 0.0
+    decision = decide(run, GPU8)
+    check_decision(run, GPU8, decision)
+    # The same layout and batch split under each granularity: memory falls and compute
+    # rises with what is recomputed.
+    groups: dict[tuple, dict[str, object]] = {}
+    for c in decision.candidates:
+        if c.step is not None:
+            groups.setdefault((c.layout_label, c.micro_batch), {})[c.recompute] = c
+    pairs = [g for g in groups.values() if {"full", "full_attn", "core_attn"} <= set(g)]
+    assert pairs, sorted(groups)[:5]
+    for g in pairs:
+        assert g["full"].memory_gib < g["full_attn"].memory_gib < g["core_attn"].memory_gib
+        assert g["full"].step["compute"] > g["full_attn"].step["compute"]
+        assert g["full_attn"].step["compute"] > g["core_attn"].step["compute"]

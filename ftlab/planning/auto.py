@@ -10,8 +10,8 @@ batch, every layout PaddleNLP can run is a candidate:
   pipeline degree: divisors of what is left; the rest split into sharding x data, with
   sharding stage 1, 2 or 3 (2 and 3 also with ``parallel.offload``) when sharding > 1;
   sequence parallel on and off with tensor parallelism;
-* recompute: ``recompute_choices`` (off and full-layer recompute; the extension point for
-  recompute granularity);
+* recompute: ``recompute_choices`` (off, or on with each ``train.recompute_granularity``:
+  full, full_attn, core_attn);
 * micro-batch: every divisor of the batch one data rank trains per step
   (``parallel.auto.global_batch_size`` / (data x sharding)); the rest is accumulation.
 
@@ -41,6 +41,7 @@ from ftlab.config.schema import AutoLayoutSettings, ParallelConfig, RunConfig
 from ftlab.errors import ConfigError
 from ftlab.methods.catalog import get_method, method_schemas
 from ftlab.methods.registry import AdapterPlan
+from ftlab.models.arch import ffn_width, kv_dim
 from ftlab.planning.cost import (
     ASSUMED_GPUS_PER_NODE,
     Hardware,
@@ -98,29 +99,60 @@ def is_auto(run: RunConfig) -> bool:
 
 @dataclass(frozen=True)
 class RecomputeChoice:
-    """One recompute setting auto may choose.
-
-    Extension point: recompute granularity adds choices here (its ``train.*`` settings and
-    the share of a decoder layer's forward it recomputes); the plan reads the settings,
-    the cost model the share.
-    """
+    """One recompute setting auto may choose: off, or on with a granularity
+    (``train.recompute_granularity``: full, full_attn, core_attn). The plan reads the
+    ``train.*`` settings it writes; the cost model the share of a layer it recomputes."""
 
     label: str
-    train: dict[str, Any]  # train.* settings this choice writes into the run
-    forward_share: float  # extra forward of each decoder layer per step (0: none)
+    granularity: str | None  # None: recompute off
+
+    @property
+    def train(self) -> dict[str, Any]:
+        """The ``train.*`` settings this choice writes into the run."""
+        granularity = self.granularity or "full"  # off: the schema's default, refining nothing
+        return {"recompute": self.granularity is not None, "recompute_granularity": granularity}
+
+    def shares(self, run: RunConfig) -> tuple[float, float]:
+        """(share of a decoder layer's forward FLOPs run again in backward, share of its
+        forward tensor-parallel all-reduces repeated). ``full`` reruns the layer;
+        ``full_attn`` the attention block (projections and scores; one of the layer's two
+        all-reduces); ``core_attn`` softmax(q k^T) v only (no collective)."""
+        if self.granularity is None:
+            return 0.0, 0.0
+        if self.granularity == "full":
+            return 1.0, 1.0
+        a = run.model.arch
+        h, seq = a.hidden_size, run.data.max_length
+        scores = 4 * seq * h
+        attention = 2 * (2 * h * h + 2 * h * kv_dim(run.model)) + scores
+        layer = attention + 2 * 3 * h * ffn_width(run.model)
+        if self.granularity == "full_attn":
+            return attention / layer, 0.5
+        return scores / layer, 0.0
 
 
-RECOMPUTE_OFF = RecomputeChoice("off", {"recompute": False}, 0.0)
-RECOMPUTE_FULL = RecomputeChoice("full", {"recompute": True}, 1.0)
+RECOMPUTE_OFF = RecomputeChoice("off", None)
+RECOMPUTE_ON = tuple(RecomputeChoice(g, g) for g in ("full", "full_attn", "core_attn"))
 
 
 def recompute_choices(settings: AutoLayoutSettings) -> list[RecomputeChoice]:
-    """The recompute settings to try (``parallel.auto.recompute``)."""
+    """The recompute settings to try (``parallel.auto.recompute``): off, and each
+    granularity (they differ in what stays in memory and what is recomputed)."""
     return {
-        "choose": [RECOMPUTE_OFF, RECOMPUTE_FULL],
+        "choose": [RECOMPUTE_OFF, *RECOMPUTE_ON],
         "off": [RECOMPUTE_OFF],
-        "on": [RECOMPUTE_FULL],
+        "on": list(RECOMPUTE_ON),
     }[settings.recompute]
+
+
+def recompute_choice_of(run: RunConfig) -> RecomputeChoice:
+    """The recompute setting a run names itself."""
+    t = run.train
+    return (
+        RecomputeChoice(t.recompute_granularity, t.recompute_granularity)
+        if t.recompute
+        else RECOMPUTE_OFF
+    )
 
 
 # --------------------------------------------------------------------------- candidates
@@ -423,7 +455,8 @@ def _evaluate(
         sharding_stage=cand.sharding_stage,
         offload=cand.offload,
         sequence_parallel=cand.sequence_parallel,
-        recompute=choice.forward_share,
+        recompute=choice.shares(run)[0],
+        recompute_collectives=choice.shares(run)[1],
         micro_batch=cand.micro_batch or 0,
         accumulation=cand.accumulation or 0,
         seq_len=run.data.max_length,
@@ -701,11 +734,11 @@ def layout_estimate(
         sharding_stage=p.sharding_stage,
         offload=p.offload,
         sequence_parallel=p.sequence_parallel,
-        recompute=RECOMPUTE_FULL.label if t.recompute else RECOMPUTE_OFF.label,
+        recompute=recompute_choice_of(run).label,
         micro_batch=t.per_device_train_batch_size,
         accumulation=t.gradient_accumulation_steps,
     )
-    choice = RECOMPUTE_FULL if t.recompute else RECOMPUTE_OFF
+    choice = recompute_choice_of(run)
     adapter = get_method(run.method.name).plan(run)
     cand = _evaluate(run, env, hw, cand, choice, count_parameters(run, adapter), adapter)
     margin = AutoLayoutSettings().memory_margin

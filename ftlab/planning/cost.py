@@ -220,10 +220,16 @@ class Shape:
     sharding_stage: int
     offload: bool
     sequence_parallel: bool
-    recompute: float  # share of each decoder layer's forward run again in backward
+    recompute: float  # share of each decoder layer's forward FLOPs run again in backward
     micro_batch: int
     accumulation: int  # micro-batches per optimizer step on each rank
     seq_len: int
+    # Share of each layer's forward collectives repeated by recompute (None: as ``recompute``).
+    recompute_collectives: float | None = None
+
+    @property
+    def repeated_collectives(self) -> float:
+        return self.recompute if self.recompute_collectives is None else self.recompute_collectives
 
 
 @dataclass(frozen=True)
@@ -319,7 +325,7 @@ def step_time(
         scatters = m if shape.sharding_stage >= 2 else 1
         data_comm += scatters * _ring(s, grad_bytes, sh_bw)
         if shape.sharding_stage == 3:
-            gathers = 2 + shape.recompute
+            gathers = 2 + shape.repeated_collectives
             data_comm += m * gathers * _ring(s, weight_bytes, sh_bw)
         else:
             data_comm += _ring(s, trained_param_bytes, sh_bw)
@@ -329,13 +335,13 @@ def step_time(
     if shape.offload and hw.host_gbps:
         offload = (grad_bytes + trained_param_bytes) / s / (hw.host_gbps * 1e9)
         if shape.sharding_stage == 3:
-            gathers = 2 + shape.recompute
+            gathers = 2 + shape.repeated_collectives
             offload += m * gathers * weight_bytes / s / (hw.host_gbps * 1e9)
 
     tensor_comm = 0.0
     if t > 1:
         act = tokens * h * act_b
-        reduces = stage_layers * (4 + 2 * shape.recompute) + 1  # + the embedding's
+        reduces = stage_layers * (4 + 2 * shape.repeated_collectives) + 1  # + the embedding's
         tensor_comm = m * (
             reduces * _ring(t, act, hw.intra_node_gbps, all_reduce=True)
             + _ring(t, tokens * v * act_b, hw.intra_node_gbps)  # gathered logits
