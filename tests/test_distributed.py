@@ -169,3 +169,54 @@ def test_worker_failure_fails_the_job_with_its_log(tmp_path: Path) -> None:
     assert f"{broken}/train.json:1: not valid JSON" in err  # the worker's own error, from its log
     run_dir = only_run_dir(tmp_path)
     assert not list((run_dir / "logs").glob("envlog.*"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # two launchers and their workers (~60 s)
+def test_two_nodes_on_this_machine_match_single_process(
+    single_losses: list[float], tmp_path: Path
+) -> None:
+    """Two ftlab launchers as two nodes (one process each) rendezvous on the loopback
+    address, as launch/multinode.sh runs them on a cluster: one run dir, the losses of the
+    single process with the same global batch, each node's worker logs kept."""
+    run_dir = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "ftlab.cli.app",
+        *COMMON,
+        "parallel=dp2",
+        "parallel.nproc_per_node=1",
+        "train.per_device_train_batch_size=4",
+        "launch.nnodes=2",
+        f"launch.master=127.0.0.1:{free_port()}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    nodes = [
+        subprocess.Popen(
+            args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    losses = train_losses(run_dir)
+    assert len(losses) == len(single_losses)
+    for step, (a, b) in enumerate(zip(losses, single_losses, strict=True), start=1):
+        assert abs(a - b) <= TOLERANCE, (step, a, b)
+    logs = run_dir / "logs"
+    assert sorted(p.name for p in logs.glob("train.*.log")) == ["train.0.log", "train.1.log"]
+    node_dirs = sorted(p for p in logs.glob("node-*") if p.is_dir())
+    assert len(node_dirs) == 2, sorted(logs.iterdir())
+    assert all((d / "workerlog.0").is_file() for d in node_dirs)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "completed"
+    assert json.loads((run_dir / "summary.json").read_text())["derived"]["world_size"] == 2

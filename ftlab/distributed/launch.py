@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -174,7 +175,7 @@ def launch_command(
         "--nproc_per_node",
         str(derived.nproc_per_node),
         "--log_dir",
-        str(RunDir(run_dir).logs),
+        str(launcher_log_dir(run, RunDir(run_dir))),
         "--job_id",
         JOB_ID,
     ]
@@ -267,6 +268,15 @@ def failure_message(run: RunConfig, code: int, launcher_output: str, log_dir: Pa
     )
 
 
+def launcher_log_dir(run: RunConfig, run_dir: RunDir) -> Path:
+    """Where this node's workers' logs go: ``logs/``, or with several nodes sharing the run
+    dir ``logs/node-<host>-<pid>/`` (Paddle names them ``workerlog.<local rank>``, so the
+    nodes' files would collide; the launcher's pid tells two nodes on one host apart)."""
+    if run.launch.nnodes <= 1:
+        return run_dir.logs
+    return run_dir.logs / f"node-{socket.gethostname()}-{os.getpid()}"
+
+
 def run_launcher(cmd: list[str], log_dir: Path) -> tuple[int, str]:
     """Run Paddle's launcher, echoing its output; return (exit code, output tail).
 
@@ -327,7 +337,7 @@ def launch_workers(run: RunConfig, derived: Derived, run_dir: RunDir) -> Summary
     check_launch(run)
     devices = gpu_devices(derived.nproc_per_node) if derived.device == "gpu" else None
     cmd = launch_command(run, derived, run_dir.path, original_overrides(), devices)
-    log_dir = run_dir.logs
+    log_dir = launcher_log_dir(run, run_dir)
     log.info(
         "launching %d worker(s) per node x %d node(s) (%s): %s",
         derived.nproc_per_node,
