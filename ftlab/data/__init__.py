@@ -15,7 +15,7 @@ import importlib
 from typing import Any
 
 _SUBMODULE = {
-    "DataBundle": "build",
+    "DataBundle": "bundle",
     "build_data": "build",
     "Collator": "collate",
     "count_tokens": "collate",

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +10,11 @@ import numpy as np
 import paddle
 
 from ftlab.config.schema import DataConfig
+from ftlab.data.bundle import DataBundle
 from ftlab.data.collate import Collator
 from ftlab.data.datasets import ExampleDataset, PackedDataset
 from ftlab.data.examples import ExampleBuilder, ExampleStore, Limits
-from ftlab.data.formats import TEXT_FORMATS, detect_format, record_conversation, to_conversation
+from ftlab.data.formats import TEXT_FORMATS, detect_format, to_conversation
 from ftlab.data.layout import resolve_split_files
 from ftlab.data.mixture import build_mixture
 from ftlab.data.packing import make_packs
@@ -30,63 +28,6 @@ from ftlab.data.text import DocumentBuilder, text_layout
 from ftlab.errors import DataError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationItem:
-    prompt: str  # the last user turn, for people reading predictions.jsonl
-    prompt_ids: list[int]
-    reference: str
-    source: str | None = None  # a mixture's source name
-
-
-@dataclass
-class DataBundle:
-    """What training needs from the data; ``encode_prompt`` serves generation."""
-
-    train_dataset: paddle.io.Dataset | paddle.io.IterableDataset
-    dev_dataset: paddle.io.Dataset | None
-    collate_fn: Callable[[list[dict[str, Any]]], dict[str, np.ndarray]]
-    dev_records: list[dict[str, Any]]
-    format: str
-    stats: DataStats
-    fingerprints: dict[str, str] = field(default_factory=dict)
-    builder: ExampleBuilder | DocumentBuilder | None = field(default=None, repr=False)
-    # A weighted mixture's sources by name (ftlab.data.mixture), each a bundle of its own.
-    parts: dict[str, DataBundle] = field(default_factory=dict, repr=False)
-
-    def generation_items(self) -> list[GenerationItem]:
-        """Per dev record: its prompt as training renders and cuts it, and the answer.
-
-        The answer is the last assistant turn (what generation is scored against); a
-        mixture lists its sources' records in source order, each named.
-        """
-        if self.parts:
-            return [
-                dataclasses.replace(item, source=name)
-                for name, part in self.parts.items()
-                for item in part.generation_items()
-            ]
-        items = []
-        for record in self.dev_records:
-            conv = record_conversation(record, self.format)
-            items.append(
-                GenerationItem(
-                    prompt=conv.turns[-1].user_text(),
-                    prompt_ids=self.encode_prompt(record),
-                    reference=conv.turns[-1].assistant,
-                )
-            )
-        return items
-
-    def encode_prompt(self, record: dict[str, Any]) -> list[int]:
-        """Prompt token ids for a raw record, rendered and cut exactly as in training."""
-        if self.builder is None:
-            raise DataError(
-                "this DataBundle was built without an example builder; build it "
-                "with ftlab.data.build_data to encode prompts."
-            )
-        return self.builder.prompt_ids(record_conversation(record, self.format))
 
 
 def _check_tokenizer(tokenizer: Any) -> int:
@@ -259,7 +200,6 @@ def build_data(
             world_size=world_size,
             rank=rank,
             build_source=build_data,
-            bundle=DataBundle,
             collate_fn=Collator(pad_id),
         )
     train_files = resolve_split_files(cfg, "train")

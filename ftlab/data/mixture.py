@@ -28,12 +28,13 @@ import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import paddle
 
 from ftlab.config.schema import DataConfig, DataSource
+from ftlab.data.bundle import DataBundle
 from ftlab.data.datasets import ExampleDataset, PackedDataset
 from ftlab.data.examples import IGNORE, Example, ExampleStore
 from ftlab.data.packing import make_packs
@@ -41,9 +42,6 @@ from ftlab.data.settings import mixture_weights, source_name
 from ftlab.data.stats import DataStats, SourceStats, SplitStats
 from ftlab.data.streaming import StreamingDataset
 from ftlab.errors import DataError
-
-if TYPE_CHECKING:
-    from ftlab.data.build import DataBundle
 
 log = logging.getLogger(__name__)
 
@@ -212,13 +210,11 @@ def build_mixture(
     world_size: int,
     rank: int,
     build_source: Callable[..., DataBundle],
-    bundle: Callable[..., DataBundle],
     collate_fn: Callable[[list[dict[str, Any]]], dict[str, np.ndarray]],
 ) -> DataBundle:
     """The mixture of ``cfg.sources`` as one ``DataBundle`` (see the module docstring).
 
-    ``build_source`` is ``build_data`` (passed in: it calls this module, not the reverse),
-    ``bundle`` the ``DataBundle`` class.
+    ``build_source`` is ``build_data`` (passed in: it calls this module, not the reverse).
     """
     weights = mixture_weights(cfg) or {}
     parts: dict[str, DataBundle] = {}
@@ -278,7 +274,7 @@ def build_mixture(
     )
     shares = ", ".join(f"{s.name} {s.weight:.3f}" for s in sources)
     log.info("data mixture of %d sources (weights %s), seed %d", len(sources), shares, seed)
-    return bundle(
+    return DataBundle(
         train_dataset=train_dataset,
         dev_dataset=dev_dataset,
         collate_fn=collate_fn,

@@ -39,7 +39,8 @@ import numpy as np
 import paddle
 
 from ftlab.config.schema import DataConfig
-from ftlab.data.build import DataBundle, _carve_dev, _check_tokenizer, _log_split
+from ftlab.data.build import _carve_dev, _check_tokenizer, _log_split
+from ftlab.data.bundle import DataBundle
 from ftlab.data.encoder import TextEncoder
 from ftlab.data.examples import ENCODE_BATCH, Example, ExampleStore
 from ftlab.data.layout import resolve_split_files
