@@ -24,7 +24,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from ftlab.demo.make_stories import ANIMALS, NAMES, OBJECTS, SEED, build_splits, write_jsonl
+from ftlab.demo.make_stories import ANIMALS, NAMES, OBJECTS, SEED, build_splits, write_splits
 from ftlab.evaluation.entity_recall import count_entity, entity_pattern
 
 KINDS = ("name", "animal", "object")
@@ -81,10 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
     train, dev = build_pairs(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(train, args.out / "train.json")
-    write_jsonl(dev, args.out / "dev.json")
-    print(f"wrote {len(train)} train and {len(dev)} dev preference pairs to {args.out}")
+    write_splits(args.out, train, dev, "preference pairs")
     return 0
 
 

@@ -197,6 +197,16 @@ def write_jsonl(records: Iterable[dict[str, object]], path: Path) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+def write_splits(
+    out: Path, train: list[dict[str, object]], dev: list[dict[str, object]], noun: str
+) -> None:
+    """``out/train.json`` and ``out/dev.json`` (every demo set's layout), and say so."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(train, out / "train.json")
+    write_jsonl(dev, out / "dev.json")
+    print(f"wrote {len(train)} train and {len(dev)} dev {noun} to {out}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to write into")
@@ -205,10 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-dev", type=int, default=N_DEV)
     args = parser.parse_args(argv)
     train, dev = build_splits(args.seed, args.n_train, args.n_dev)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(train, args.out / "train.json")
-    write_jsonl(dev, args.out / "dev.json")
-    print(f"wrote {len(train)} train and {len(dev)} dev records to {args.out}")
+    write_splits(args.out, train, dev, "records")
     return 0
 
 

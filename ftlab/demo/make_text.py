@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftlab.demo.make_stories import ANIMALS, COLOURS, NAMES, OBJECTS, write_jsonl
+from ftlab.demo.make_stories import ANIMALS, COLOURS, NAMES, OBJECTS, write_splits
 
 SEED = 20261128
 N_TRAIN = 240
@@ -173,10 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-dev", type=int, default=N_DEV)
     args = parser.parse_args(argv)
     train, dev = build_splits(args.seed, args.n_train, args.n_dev)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(train, args.out / "train.json")
-    write_jsonl(dev, args.out / "dev.json")
-    print(f"wrote {len(train)} train and {len(dev)} dev documents to {args.out}")
+    write_splits(args.out, train, dev, "documents")
     return 0
 
 
