@@ -47,6 +47,19 @@ class Unpickled(AssertionError):
     """Raised by ``no_unpickling`` when code under test tried to unpickle something."""
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """The shipped model's tokenizer with a pad token (a bare sentencepiece tokenizer has
+    none; the data tests choose one explicitly)."""
+    from paddlenlp.transformers import AutoTokenizer
+
+    from ftlab.assets import asset_path
+
+    t = AutoTokenizer.from_pretrained(str(asset_path("stories260k")))
+    t.pad_token = "<unk>"
+    return t
+
+
 @pytest.fixture
 def no_unpickling(monkeypatch: pytest.MonkeyPatch):
     """Make every way of unpickling raise: ``pickle.load(s)``, ``pickle.Unpickler`` and

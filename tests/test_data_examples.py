@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from ftlab.assets import asset_path
 from ftlab.config.schema import DataConfig
@@ -21,15 +20,6 @@ BOS, EOS, IGNORE = 1, 2, -100
 SRC = [274, 411, 306, 284, 411, 261, 349, 304, 422, 426]  # "Tell me a story."
 TGT = [403, 407, 261, 378, 426]  # "Once upon a time."
 RECORD = {"src": "Tell me a story.", "tgt": "Once upon a time."}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from paddlenlp.transformers import AutoTokenizer
-
-    t = AutoTokenizer.from_pretrained(str(asset_path("stories260k")))
-    t.pad_token = "<unk>"
-    return t
 
 
 def enc(tok, text: str) -> list[int]:

@@ -17,15 +17,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 GOOD = {"src": "Tell me a story about a cat.", "tgt": "Once upon a time, a cat sat."}
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from paddlenlp.transformers import AutoTokenizer
-
-    t = AutoTokenizer.from_pretrained(str(asset_path("stories260k")))
-    t.pad_token = "<unk>"  # a bare sentencepiece tokenizer has none; choose one explicitly
-    return t
-
-
 def write_lines(path: Path, rows: list) -> Path:
     """JSON lines; a str row is written as is (for broken lines), bytes as raw bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,15 +18,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 DEMO = asset_path("demo_stories")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from paddlenlp.transformers import AutoTokenizer
-
-    t = AutoTokenizer.from_pretrained(str(asset_path("stories260k")))
-    t.pad_token = "<unk>"
-    return t
-
-
 def data_for(tok, path: Path, **overrides):
     cfg = DataConfig(name="t", path=str(path), **overrides)
     return build_data(cfg, tok, seed=0, need_dev=False)

@@ -9,21 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ftlab.assets import asset_path
 from ftlab.config.schema import DataConfig
 from ftlab.data import build_data
 from ftlab.errors import DataError
 
 N = 30
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from paddlenlp.transformers import AutoTokenizer
-
-    t = AutoTokenizer.from_pretrained(str(asset_path("stories260k")))
-    t.pad_token = "<unk>"
-    return t
 
 
 @pytest.fixture()

@@ -35,15 +35,6 @@ PACKED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from paddlenlp.transformers import AutoTokenizer
-
-    t = AutoTokenizer.from_pretrained(str(asset_path("stories260k")))
-    t.pad_token = "<unk>"
-    return t
-
-
 # --------------------------------------------------------------------------- FlashMask
 
 

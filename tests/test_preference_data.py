@@ -22,15 +22,6 @@ PAIR = {
 }
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from paddlenlp.transformers import AutoTokenizer
-
-    t = AutoTokenizer.from_pretrained(str(asset_path("stories260k")))
-    t.pad_token = "<unk>"
-    return t
-
-
 def write(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))

@@ -92,15 +92,6 @@ def test_pieces_cut_only_documents_longer_than_a_row() -> None:
     assert all(p.input_ids[0] == BOS for p in pieces[:1])
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from paddlenlp.transformers import AutoTokenizer
-
-    t = AutoTokenizer.from_pretrained(str(asset_path("stories260k")))
-    t.pad_token = "<unk>"
-    return t
-
-
 def write(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
