@@ -93,9 +93,16 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
         derived = derived.with_(auto_layout=decision.chosen.label)
     if run.mode == "train":  # plan and export read no data (it may live on the target)
         from ftlab.data.layout import resolve_split_files
+        from ftlab.errors import DataError
 
         for data in _datasets(run.data):  # a missing data.path fails before heavy work
-            resolve_split_files(data, "train")
+            try:
+                resolve_split_files(data, "train")
+            except DataError as err:
+                if not run.data.sources:
+                    raise
+                # A mixture's source, named as the data pipeline names it.
+                raise DataError(f"data.sources[{data.name}]: {err}") from None
     if not inside_worker():  # a worker's job was described by its launcher
         console.info(describe_run(run, derived, run_dir))
     signals.install()  # Paddle's import replaced the SIGTERM handler (ftlab.signals)
@@ -126,14 +133,9 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
 
 def _datasets(data: Any) -> list[Any]:
     """The dataset settings whose files a run reads: each source of a mixture, else one."""
-    import dataclasses
+    from ftlab.data.settings import source_config
 
-    if not data.sources:
-        return [data]
-    return [
-        dataclasses.replace(data, path=src.path, train_path=None, dev_path=None, sources=[])
-        for src in data.sources
-    ]
+    return [source_config(data, src) for src in data.sources] if data.sources else [data]
 
 
 def _task_overrides() -> list[str]:

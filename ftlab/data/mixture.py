@@ -24,7 +24,6 @@ files, and, when it has a dev split, its own eval loss after training.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -33,12 +32,12 @@ from typing import Any
 import numpy as np
 import paddle
 
-from ftlab.config.schema import DataConfig, DataSource
+from ftlab.config.schema import DataConfig
 from ftlab.data.bundle import DataBundle
 from ftlab.data.datasets import ExampleDataset, PackedDataset
 from ftlab.data.examples import IGNORE, Example, ExampleStore
 from ftlab.data.packing import make_packs
-from ftlab.data.settings import mixture_weights, source_name
+from ftlab.data.settings import mixture_weights, source_config, source_name
 from ftlab.data.stats import DataStats, SourceStats, SplitStats
 from ftlab.data.streaming import StreamingDataset
 from ftlab.errors import DataError
@@ -161,22 +160,6 @@ class MixtureStream(StreamingDataset):
         return self._pack_greedy(examples())
 
 
-def _source_config(cfg: DataConfig, src: DataSource) -> DataConfig:
-    """The single-dataset settings one source is read with."""
-    return dataclasses.replace(
-        cfg,
-        name=source_name(src),
-        path=src.path,
-        train_path=None,
-        dev_path=None,
-        format=src.format,
-        chat_template=cfg.chat_template if src.chat_template is None else src.chat_template,
-        on_bad_record=src.on_bad_record or cfg.on_bad_record,
-        packing="none",  # packs are made of the mixture, not per source
-        sources=[],
-    )
-
-
 def _fingerprint(fingerprints: dict[str, str]) -> str:
     digest = hashlib.sha256()
     for path in sorted(fingerprints):
@@ -222,7 +205,7 @@ def build_mixture(
         name = source_name(src)
         try:
             parts[name] = build_source(
-                _source_config(cfg, src),
+                source_config(cfg, src),
                 tokenizer,
                 seed=seed,
                 need_dev=False,

@@ -3,6 +3,7 @@ by ``build_data`` when it is called directly (as the tests and benchmarks do).""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -53,6 +54,22 @@ def check_data_settings(cfg: DataConfig, max_steps: int | None) -> None:
 def source_name(src: DataSource) -> str:
     """A source's label: ``name``, else the last part of its path."""
     return src.name or Path(src.path.rstrip("/")).stem or src.path
+
+
+def source_config(cfg: DataConfig, src: DataSource) -> DataConfig:
+    """The single-dataset settings one source is read with."""
+    return dataclasses.replace(
+        cfg,
+        name=source_name(src),
+        path=src.path,
+        train_path=None,
+        dev_path=None,
+        format=src.format,
+        chat_template=cfg.chat_template if src.chat_template is None else src.chat_template,
+        on_bad_record=src.on_bad_record or cfg.on_bad_record,
+        packing="none",  # packs are made of the mixture, not per source
+        sources=[],
+    )
 
 
 def check_sources(cfg: DataConfig) -> None:
