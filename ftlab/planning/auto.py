@@ -446,6 +446,7 @@ def _evaluate(
             kind=MEMORY,
             reason=f"needs {need:.1f} GiB per device, has {usable:.1f}",
         )
+    forward_share, collective_share = choice.shares(run)
     shape = Shape(
         nproc_per_node=cand.nproc_per_node,
         data=cand.data,
@@ -455,8 +456,8 @@ def _evaluate(
         sharding_stage=cand.sharding_stage,
         offload=cand.offload,
         sequence_parallel=cand.sequence_parallel,
-        recompute=choice.shares(run)[0],
-        recompute_collectives=choice.shares(run)[1],
+        recompute=forward_share,
+        recompute_collectives=collective_share,
         micro_batch=cand.micro_batch or 0,
         accumulation=cand.accumulation or 0,
         seq_len=run.data.max_length,

@@ -40,9 +40,15 @@ SCRIPT_KEYS: dict[str, str] = {
     "use_flash_attention": "model.flash_attention",
     "lazy": "data.streaming",
 }
+# The ones among them that belong to the model (a preference script's argument file too).
+MODEL_KEYS = {k for k, dotted in SCRIPT_KEYS.items() if dotted.startswith("model.")}
 # Keys the script needs whatever the run: ftlab always trains, evaluates at the end and
 # saves unified checkpoints.
 FIXED_KEYS: dict[str, Any] = {"do_train": True, "do_eval": True, "unified_checkpoint": True}
+
+
+def _script_keys(run: RunConfig) -> dict[str, Any]:
+    return {key: setting(run, dotted) for key, dotted in SCRIPT_KEYS.items()}
 
 
 def packing_arguments(packing: str) -> dict[str, Any]:
@@ -295,7 +301,7 @@ def run_finetune_arguments(
     generation = generation_enabled(run) if derived is None else bool(derived.eval_generation)
     notes: list[str] = []
     args = {
-        **{key: setting(run, dotted) for key, dotted in SCRIPT_KEYS.items()},
+        **_script_keys(run),
         **_model(run, notes),
         **_data(run, notes),
         **_evaluation(run, generation, notes),
@@ -319,11 +325,7 @@ def export_run_finetune(run: RunConfig, derived: Derived, run_dir: RunDir | Path
     else:  # the stage's script: its own data keys, the rest as run_finetune.py has them
         notes = []
         common = {
-            **{
-                k: setting(run, d)
-                for k, d in SCRIPT_KEYS.items()
-                if d.startswith("model.") and setting(run, d) is not None
-            },
+            **{k: v for k, v in _script_keys(run).items() if v is not None and k in MODEL_KEYS},
             **_model(run, notes),
             **_training(run, run_dir.path, notes),
             **_method(run).export(run, notes),
