@@ -211,6 +211,14 @@ def killed_after_a_checkpoint(cwd: Path, layout: list[str]) -> Path:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # Paddle's launcher and the workers die with the killed ftlab (PR_SET_PDEATHSIG); the
+    # resume waits for the process its status names (it refuses a run still running).
+    from ftlab.record.status import is_running
+
+    status = json.loads((run_dir / "status.json").read_text())
+    while is_running(status):
+        assert time.time() - start < 360, status
+        time.sleep(0.1)
     assert not (run_dir / "summary.json").exists(), "the run finished before the kill"
     return run_dir
 
@@ -224,7 +232,6 @@ def test_resume_on_another_layout_continues_with_the_uninterrupted_losses(
     before: list[str], after: list[str], uninterrupted: dict[int, float], tmp_path: Path
 ) -> None:
     run_dir = killed_after_a_checkpoint(tmp_path, before)
-    time.sleep(1)  # Paddle's launcher and the workers die with the killed ftlab (PDEATHSIG)
     proc = ftlab(tmp_path, f"resume={run_dir}", *after)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resume on a different layout: parallel=" in proc.stdout + proc.stderr
