@@ -120,6 +120,11 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     from ftlab.distributed.launch import launch_workers, needs_launch
 
     if needs_launch(derived):
+        if run.resume:  # a change the checkpoint cannot honour fails before any worker starts
+            from ftlab.record.resume import refuse_resume_changes
+            from ftlab.resolve.compose import to_plain_dict
+
+            refuse_resume_changes(record.path, {**to_plain_dict(run), "derived": derived.to_dict()})
         # This process becomes the launcher: Paddle's launcher starts the workers, each
         # re-entering ftlab with the same overrides and this same run dir.
         return launch_workers(run, derived, record)  # rank 0 printed the summary

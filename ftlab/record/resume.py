@@ -48,8 +48,12 @@ STAGING = ".staging"
 _NOT_REPLAYED = ("hydra.run.dir=", "hydra.output_subdir=", "resume=", "rerun=")
 # Settings of every run a resume cannot change: the checkpoint's weights (and optimizer
 # state: AdamW-mini's second moments are one number per tensor) belong to them.
-# The method adds its own (``Method.fixed_on_resume``).
-_FIXED_ON_RESUME = ("model.", "method.name", "parallel.", "train.optim", "stage.name", "init_from")
+# The method adds its own (``Method.fixed_on_resume``). The layout (``parallel.*``) may
+# change where the checkpoint can be resharded: ``check_layout_change``.
+_FIXED_ON_RESUME = ("model.", "method.name", "train.optim", "stage.name", "init_from")
+# How a layout splits the checkpoint's tensors; the data-parallel degree is the resolved
+# one (``derived.data_parallel_degree``: ``parallel.data`` may be left to the world size).
+_SPLITS = ("tensor", "pipeline", "sharding", "sharding_stage", "expert")
 
 
 def fixed_on_resume(method_name: str) -> tuple[str, ...]:
@@ -151,8 +155,143 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[s
     ]
 
 
+def layout(config: dict[str, Any], data_parallel_degree: int | None) -> dict[str, int]:
+    """A run's parallel degrees, from its config and its resolved data-parallel degree."""
+    par = config.get("parallel") or {}
+    degrees = {"data": int(data_parallel_degree or par.get("data") or 1)}
+    degrees.update({k: int(par.get(k) or (0 if k == "sharding_stage" else 1)) for k in _SPLITS})
+    return degrees
+
+
+def describe_layout(name: Any, degrees: dict[str, int]) -> str:
+    world = degrees["data"] * degrees["sharding"] * degrees["tensor"] * degrees["pipeline"]
+    shown = ", ".join(f"{k} {v}" for k, v in degrees.items() if v > 1 and k != "expert")
+    return f"{name} ({shown or 'one process'}; {world} rank{'s' if world > 1 else ''})"
+
+
+def check_layout_change(run_dir: Path, old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """Refuse a layout the checkpoint cannot be resharded to; describe an accepted change.
+
+    PaddleNLP's unified checkpoint stores every tensor whole (the optimizer's moments
+    under the parameter's structured name), and on load each rank takes its share,
+    "dynamically" when the ranks' shares differ from the saver's: a checkpoint saved by
+    data-parallel or sharded (ZeRO stage 1/2) ranks loads into any number of them. What
+    it does not do here is refused before anything loads:
+
+    * tensor/pipeline degrees: PaddleNLP 3.0.0b4 fails to load a tensor-parallel
+      checkpoint into one process (``Optimizer set error, embedding_0.w_0_moment2_0
+      should in state dict``, measured under the CPU emulation); other splits are not
+      exercised anywhere ftlab is tested, so they are refused rather than trusted;
+    * ZeRO stage 3 splits the parameters themselves, and expert parallelism places the
+      experts by data-parallel rank: neither is resharded here;
+    * methods PaddleNLP's unified checkpoint cannot save keep the optimizer state in
+      per-rank pickles (``Method.unified_checkpoint``), which do not reshard.
+
+    The global batch must stay (``check_global_batch``): fewer ranks take a larger
+    per-device batch.
+    """
+    old_derived, new_derived = old.get("derived") or {}, new.get("derived") or {}
+    before = layout(old, old_derived.get("data_parallel_degree"))
+    after = layout(new, new_derived.get("data_parallel_degree"))
+    if before == after:
+        return None
+    old_name = (old.get("parallel") or {}).get("name")
+    new_name = (new.get("parallel") or {}).get("name")
+    change = f"{describe_layout(old_name, before)} -> {describe_layout(new_name, after)}"
+    head = f"resume={run_dir}: the checkpoint was trained as parallel={change}"
+    for key in ("tensor", "pipeline"):
+        if before[key] != after[key]:
+            raise ConfigError(
+                f"{head}, and parallel.{key} cannot change on resume ({before[key]} -> "
+                f"{after[key]}): PaddleNLP's unified checkpoint does not reshard a "
+                f"{key}-parallel split here. Keep parallel.{key}={before[key]}; the data-"
+                "parallel and sharding degrees may change."
+            )
+    for involved, what in (
+        (
+            3 in (before["sharding_stage"], after["sharding_stage"]),
+            "ZeRO stage 3 splits the parameters themselves",
+        ),
+        (
+            max(before["expert"], after["expert"]) > 1,
+            "the experts are placed by data-parallel rank",
+        ),
+    ):
+        if involved:
+            raise ConfigError(
+                f"{head}: {what}, and such a checkpoint is not resharded on resume. "
+                f"Resume with the recorded layout (parallel={old_name})."
+            )
+    method = str((old.get("method") or {}).get("name"))
+    from ftlab.methods.catalog import registered_methods
+
+    cls = registered_methods().get(method)
+    if cls is not None and not cls.unified_checkpoint:
+        raise ConfigError(
+            f"{head}: method={method} cannot use PaddleNLP's unified checkpoint, so its "
+            "optimizer state is saved per rank and cannot be resharded. Resume with the "
+            f"recorded layout (parallel={old_name})."
+        )
+    return change
+
+
+def check_global_batch(run_dir: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse a resume whose global batch differs from the checkpoint's.
+
+    The Trainer skips the trained steps in batches of the resumed run's size, so another
+    global batch would continue at the wrong sample (and change the optimisation); with
+    fewer ranks, a larger per-device batch keeps it.
+    """
+    old_batch = (old.get("derived") or {}).get("global_batch_size")
+    new_batch = (new.get("derived") or {}).get("global_batch_size")
+    if old_batch is None or new_batch is None or int(old_batch) == int(new_batch):
+        return
+    train = new.get("train") or {}
+    per_device = train.get("per_device_train_batch_size")
+    accumulation = int(train.get("gradient_accumulation_steps") or 1)
+    degrees = layout(new, (new.get("derived") or {}).get("data_parallel_degree"))
+    ranks = degrees["data"] * degrees["sharding"]
+    keep, rest = divmod(int(old_batch), ranks * accumulation)
+    fix = (
+        f"train.per_device_train_batch_size={keep}"
+        if not rest
+        else f"per-device batch x gradient accumulation x {ranks} rank(s) = {old_batch}"
+    )
+    raise ConfigError(
+        f"resume={run_dir}: the global batch would be {new_batch} (per-device batch "
+        f"{per_device} x accumulation {accumulation} x {ranks} data rank(s)) instead of the "
+        f"checkpoint's {old_batch}: the resumed run would skip the trained steps in batches "
+        f"of the new size and train on other samples. Keep the global batch: {fix}."
+    )
+
+
 def check_resume_config(run_dir: Path, new: dict[str, Any]) -> list[str]:
-    """Warn about changed settings; refuse those the checkpoint cannot honour."""
+    """Warn about changed settings; refuse those the checkpoint cannot honour.
+
+    ``new`` is the resumed run's config; with its ``derived`` section (as the recorded
+    one has it) the global batch and a layout change are checked against the resolved
+    values. Returns the changes, as recorded in the resolved config.
+    """
+    diffs, relayout = refuse_resume_changes(run_dir, new)
+    lines = [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs]
+    if relayout is not None:
+        console.warning(
+            "resume on a different layout: parallel=%s; PaddleNLP's unified checkpoint "
+            "reshards the weights and optimizer state on load.",
+            relayout,
+        )
+        lines.append(f"layout: {relayout}")
+    for line in lines:
+        log.warning("resume with a changed setting: %s", line)
+    return lines
+
+
+def refuse_resume_changes(
+    run_dir: Path, new: dict[str, Any]
+) -> tuple[list[tuple[str, Any, Any]], str | None]:
+    """Raise ``ConfigError`` for a change the checkpoint cannot honour; else return the
+    changed settings and the layout change (None: same layout). Prints nothing: the
+    launcher of a multi-process resume calls it before starting any worker."""
     resolved = run_dir / RESOLVED_CONFIG
     if not resolved.is_file():
         raise ConfigError(f"resume={run_dir}: no {RESOLVED_CONFIG}; the run never started.")
@@ -168,10 +307,8 @@ def check_resume_config(run_dir: Path, new: dict[str, Any]) -> list[str]:
             f"resume={run_dir}: these settings cannot change on resume, the checkpoint was "
             f"trained with them: {listed}. Start a new run (or rerun=) instead."
         )
-    lines = [f"{k}: {a!r} -> {b!r}" for k, a, b in diffs]
-    for line in lines:
-        log.warning("resume with a changed setting: %s", line)
-    return lines
+    check_global_batch(run_dir, old, new)
+    return diffs, check_layout_change(run_dir, old, new)
 
 
 def checkpoint_step(path: Path) -> int:

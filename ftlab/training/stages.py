@@ -557,7 +557,9 @@ def _prepare_resume(run: RunConfig, run_dir: RunDir, derived: Derived) -> tuple[
     from ftlab.record.resume import check_resume_config, checkpoint_step, pick_checkpoint
     from ftlab.resolve.compose import to_plain_dict
 
-    changes = check_resume_config(run_dir.path, to_plain_dict(run))
+    changes = check_resume_config(
+        run_dir.path, {**to_plain_dict(run), "derived": derived.to_dict()}
+    )
     checkpoint, warnings = pick_checkpoint(run_dir.path)
     for warning in warnings:
         console.warning("warning: %s", warning)

@@ -184,10 +184,24 @@ class FtlabTrainerMixin:
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         """From ftlab's JSON; a checkpoint without it (written before ftlab wrote JSON) is
-        left to PaddleNLP's loader, which unpickles (see the README's security note)."""
-        path = state_files.rng_file(Path(checkpoint), self._rank) if checkpoint else None
-        if path is None or not path.is_file():
+        left to PaddleNLP's loader, which unpickles (see the README's security note).
+
+        The choice is made on rank 0's file, the same for every rank: PaddleNLP's loader
+        broadcasts, so one rank taking it while the others do not would hang the job. A
+        rank the checkpoint has no state for (a resume on more ranks than it was saved
+        with) keeps the generators the run's seed gave it, and says so.
+        """
+        if checkpoint is None or not state_files.rng_file(Path(checkpoint), 0).is_file():
             return super()._load_rng_state(checkpoint)
+        path = state_files.rng_file(Path(checkpoint), self._rank)
+        if not path.is_file():
+            log.warning(
+                "%s holds no random state for rank %d (it was saved by fewer ranks): this "
+                "rank keeps the generators seeded at the start (train.seed).",
+                checkpoint,
+                self._rank,
+            )
+            return
         state_files.restore_rng(
             json.loads(path.read_text()),
             self.args.use_hybrid_parallel,
