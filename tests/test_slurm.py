@@ -4,7 +4,9 @@ There is no SLURM here. ``sbatch``, ``srun``, ``sacct`` and ``scontrol`` are rep
 small scripts on ``PATH``, so the real ``ftlab -m hydra/launcher=slurm_multinode ...`` path
 (Hydra, hydra-submitit-launcher, submitit) runs up to the submission and the plain
 ``sbatch launch/slurm_multinode.sbatch`` script runs up to ``ftlab``; the node-side
-resolution of ``launch.master=slurm`` gets the environment an srun task would get.
+resolution of ``launch.master=slurm`` gets the environment an srun task would get. One
+slow test lets a stand-in SLURM run the submitted job on this machine, two tasks as two
+nodes.
 What they are asserted against is what ``launch/multinode.sh`` needs on every node: the
 same ``launch.nnodes``, the same ``launch.master`` (the first node), the same run dir,
 one ftlab per node, and GPUs per node = the layout's processes per node.
@@ -12,6 +14,8 @@ one ftlab per node, and GPUs per node = the layout's processes per node.
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import shlex
 import signal
@@ -308,3 +312,86 @@ def test_slurm_multinode_refuses_at_submission(
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"ftlab: error: {message}")
     assert not submitted.exists()  # nothing was queued
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# A stand-in for SLURM that runs what it is given on this machine: sbatch starts the batch
+# script in the background (submitit writes the job's pickle only after sbatch answers)
+# with the environment SLURM gives a two-node job, and srun starts one task per "node",
+# each with its own task ids. The nodes are 127.0.0.1 and 127.0.0.2 (both loopback).
+FAKE_SBATCH = """cp "$1" "$FAKE_SLURM/submitted.sh"
+SLURM_JOB_ID={job} SLURM_JOB_NODELIST='127.0.0.[1-2]' SLURM_JOB_NUM_NODES=2 \\
+  SLURM_NNODES=2 SLURM_SUBMIT_DIR="$PWD" nohup bash "$1" > "$FAKE_SLURM/batch.log" 2>&1 &
+echo "Submitted batch job {job}"
+"""
+FAKE_SRUN = """while :; do case "$1" in --unbuffered) shift;; --output|--error) shift 2;;
+  *) break;; esac; done
+for n in 0 1; do
+  SLURM_PROCID=$n SLURM_NODEID=$n SLURM_LOCALID=0 SLURM_NTASKS=2 SLURM_STEP_NUM_TASKS=2 \\
+    "$@" > "$FAKE_SLURM/task$n.log" 2>&1 &
+done
+wait
+"""
+
+
+@pytest.mark.slow  # two ftlab nodes, each with Paddle's launcher and a worker (~60-90 s)
+@pytest.mark.distributed
+def test_submitit_two_node_job_forms_one_paddle_job(tmp_path: Path) -> None:
+    """The whole hydra/launcher=slurm_multinode path with SLURM faked on this machine: the
+    two SLURM tasks each run the pickled job, read the master from their SLURM environment
+    and form one data-parallel job of two nodes in one run dir."""
+    fake = tmp_path / "fake_slurm"
+    fake.mkdir()
+    env = _fake_bin(
+        tmp_path,
+        {
+            "sbatch": FAKE_SBATCH.format(job=JOB_ID),
+            "srun": FAKE_SRUN,
+            "sacct": f"printf 'JobID|State|NodeList\\n{JOB_ID}|RUNNING|127.0.0.[1-2]\\n'\n",
+        },
+    )
+    env["FAKE_SLURM"] = str(fake)
+    sweep_dir = tmp_path / "sweep"
+    port = _free_port()
+    proc = subprocess.run(
+        [BIN / "ftlab", "-m", "hydra/launcher=slurm_multinode", "hydra.launcher.timeout_min=10"]
+        + ["parallel=dp2", "parallel.nproc_per_node=1", "launch.nnodes=2"]
+        + [f"launch.master=slurm:{port}", "train.max_steps=3", "train.logging_steps=1"]
+        + ["eval.demo_metric=false", "device=cpu", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(fake.glob("*.log")))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
+    assert sbatch_lines((fake / "submitted.sh").read_text())["nodes"] == "2"
+    (run_dir,) = sweep_dir.glob("0_*")
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "completed", status
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["derived"]["world_size"] == 2 and summary["steps"] == 3
+    # Both nodes' launchers worked in the one run dir, each keeping its workers' logs.
+    node_dirs = sorted(p for p in (run_dir / "logs").glob("node-*") if p.is_dir())
+    assert len(node_dirs) == 2 and all((d / "workerlog.0").is_file() for d in node_dirs)
+    assert sorted(p.name for p in (run_dir / "logs").glob("train.*.log")) == [
+        "train.0.log",
+        "train.1.log",
+    ]
+    # Each node's launcher (both log to the run's train.log) resolved launch.master=slurm
+    # to the fake job's first node and the given port.
+    launches = [
+        line for line in (run_dir / "train.log").read_text().splitlines() if "launching" in line
+    ]
+    assert len(launches) == 2, launches
+    assert all(f"--nnodes 2 --master 127.0.0.1:{port} " in line for line in launches), launches
+    rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
+    assert [r["status"] for r in rows] == ["completed"]
