@@ -206,7 +206,8 @@ class ParallelConfig:
 @dataclass
 class LaunchConfig:
     nnodes: int = 1
-    master: str | None = None  # host:port of the rendezvous master (multi-node)
+    # host:port of the rendezvous master (multi-node); slurm[:PORT]: the SLURM job's first node
+    master: str | None = None
     ips: str | None = None  # comma-separated node IPs (multi-node)
     # The devices parallel=auto plans for (``ftlab/planning/cost.py`` documents the
     # profiles). Unset numbers come from the accelerator's profile or the device probe.

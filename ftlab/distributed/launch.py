@@ -36,6 +36,7 @@ from ftlab import CONSOLE, signals
 from ftlab.config.derived import Derived
 from ftlab.config.overrides import override
 from ftlab.config.schema import RunConfig
+from ftlab.distributed.slurm import slurm_master
 from ftlab.errors import ConfigError, FtlabError
 from ftlab.record.rundir import SUMMARY, RunDir
 from ftlab.record.summary import Summary
@@ -334,6 +335,7 @@ def stop_launcher(proc: subprocess.Popen) -> None:
 def launch_workers(run: RunConfig, derived: Derived, run_dir: RunDir) -> Summary | None:
     """Start the workers, wait for them, and return rank 0's summary (None when rank 0 ran
     on another node)."""
+    run = slurm_master(run)  # launch.master=slurm: the first node of this SLURM job
     check_launch(run)
     devices = gpu_devices(derived.nproc_per_node) if derived.device == "gpu" else None
     cmd = launch_command(run, derived, run_dir.path, original_overrides(), devices)

@@ -8,6 +8,11 @@ from typing import Any
 from ftlab.config.schema import ParallelConfig
 
 
+def processes_per_node(p: ParallelConfig) -> int:
+    """``parallel.nproc_per_node``, or unset: the product of the degrees, on one node."""
+    return p.nproc_per_node or p.tensor * p.pipeline * p.sharding * (p.data or 1)
+
+
 def parallel_training_arguments(p: ParallelConfig) -> dict[str, Any]:
     """Degrees and sharding flags as PaddleNLP's TrainingArguments name them.
 

@@ -86,13 +86,21 @@ def _stage_suffix(stage: str) -> str:
 def register_resolvers() -> None:
     """``${asset:NAME}`` -> the absolute path of a checkpoint or dataset shipped in ftlab;
     ``${model_label:NAME,PATH}`` -> the model's run-dir label (NAME, else PATH's last part);
-    ``${stage_suffix:NAME}`` -> "" for sft, "_dpo" etc. (run dir names)."""
+    ``${stage_suffix:NAME}`` -> "" for sft, "_dpo" etc. (run dir names);
+    ``${slurm_nodes:...}``, ``${slurm_gpus_per_node:...}`` -> the SLURM allocation of
+    ``hydra/launcher=slurm_multinode`` (``ftlab.distributed.slurm``)."""
+    from ftlab.distributed.slurm import slurm_gpus_per_node, slurm_nodes
+
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", _asset)
     if not OmegaConf.has_resolver("model_label"):
         OmegaConf.register_new_resolver("model_label", _model_label)
     if not OmegaConf.has_resolver("stage_suffix"):
         OmegaConf.register_new_resolver("stage_suffix", _stage_suffix)
+    if not OmegaConf.has_resolver("slurm_nodes"):
+        OmegaConf.register_new_resolver("slurm_nodes", slurm_nodes)
+    if not OmegaConf.has_resolver("slurm_gpus_per_node"):
+        OmegaConf.register_new_resolver("slurm_gpus_per_node", slurm_gpus_per_node)
 
 
 def to_run_config(cfg: DictConfig) -> schema.RunConfig:

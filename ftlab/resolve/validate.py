@@ -32,6 +32,7 @@ from ftlab.config.trainer_options import (
 )
 from ftlab.data.formats import TEXT_FORMATS
 from ftlab.data.settings import check_data_settings, mixture_weights
+from ftlab.distributed.layout import processes_per_node
 from ftlab.errors import ConfigError, DataError
 from ftlab.methods.catalog import get_method
 from ftlab.methods.registry import Method
@@ -294,7 +295,7 @@ def check_parallel(run: RunConfig, env: Environment) -> dict[str, int]:
     """Check the layout against the devices and the model; return the derived degrees."""
     p, launch, arch = run.parallel, run.launch, run.model.arch
     model_parallel = p.tensor * p.pipeline * p.sharding
-    nproc = p.nproc_per_node or (model_parallel * (p.data or 1))
+    nproc = processes_per_node(p)
     world = nproc * launch.nnodes
     if world % model_parallel:
         raise ConfigError(
