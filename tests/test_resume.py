@@ -139,6 +139,10 @@ def snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
 RECORD = ("status.json", "environment.json", "resolved_config.yaml", "summary.json")
 
 
+# ~30 s; the refusals themselves are checked without training in the default suite
+# (tests/test_architecture.py, tests/test_elastic.py), and a resume that changes nothing
+# in a finished run by test_resume_of_a_finished_run_changes_nothing.
+@pytest.mark.slow
 def test_resume_refuses_a_changed_method_and_warns_on_other_changes(uninterrupted, tmp_path):
     import shutil
 
