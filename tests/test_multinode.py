@@ -147,6 +147,16 @@ def test_surviving_node_names_the_failed_rank_of_the_other_node(tmp_path: Path) 
     (node_b / FAILED_RECORD).write_text(report)
     err = analyse_failure(run, 250, LAUNCHER_ABORTED, node_a, since=time.time() + 60, peer_wait=0)
     assert "went away" in str(err)
+    # A frozen peer: gloo gives up after ~30 s with a Python error naming no rank.
+    (node_a / "workerlog.0").write_text(
+        "RuntimeError: [/paddle/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:80] "
+        "TIMEOUT self_rank = none pair_rank = -1 peer_str = none\n"
+    )
+    later = time.time() + 60  # node-b's report is from an earlier attempt
+    err = analyse_failure(run, 1, LAUNCHER_ABORTED.replace("-6", "1"), node_a, later, 0)
+    assert "A rank on another node (gloo peer unknown) went away" in str(err)
+    assert "on this node rank 0 (host hosta, local rank 0, logs/node-a-11) stopped" in str(err)
+    (node_a / "workerlog.0").write_text(GLOO_TIMEOUT)
     # ... this job's is read, waited for when it comes later than this node's failure.
     (node_b / FAILED_RECORD).unlink()
     threading.Timer(0.6, (node_b / FAILED_RECORD).write_text, [report]).start()

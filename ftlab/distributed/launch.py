@@ -86,9 +86,11 @@ FAILED_RECORD = "failed.json"
 # How long a node whose workers only lost their peer waits for the failing node's
 # failed.json (that node's launcher notices its worker's death within ~2-5 s here).
 PEER_REPORT_SECONDS = 15.0
-# What a worker's log shows when it failed because a peer went away (gloo's TCP pair).
+# What a worker's log shows when it failed because a peer went away (gloo's TCP pair: a
+# closed socket, or ~30 s without an answer from a peer that froze).
 PEER_LOST = re.compile(
-    r"gloo::(IoException|TimeoutException)|Connection (reset|closed) by peer|pair_rank = \d+"
+    r"gloo::(IoException|TimeoutException)|Connection (reset|closed) by peer"
+    r"|gloo/transport/tcp/\S+\] TIMEOUT"
 )
 GLOO_PAIR = re.compile(r"self_rank = (\d+) pair_rank = (\d+) peer_str = (\S+)")
 GLOO_PEER = re.compile(r"Read error (\S+): Connection (?:reset|closed) by peer")
