@@ -117,14 +117,12 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
         from ftlab.planning.export import export_run_finetune
 
         return export_run_finetune(run, derived, record)
-    from ftlab.distributed.launch import launch_workers, needs_launch
+    from ftlab.distributed.launch import launch_workers, multi_node_worker, needs_launch
 
     if needs_launch(derived):
         # This process becomes the launcher: Paddle's launcher starts the workers, each
         # re-entering ftlab with the same overrides and this same run dir.
         return launch_workers(run, derived, record)  # rank 0 printed the summary
-    from ftlab.distributed.launch import multi_node_worker
-
     if multi_node_worker():
         # Each node composed its own command line: refuse a job whose nodes differ,
         # before any data or model is loaded (ftlab.distributed.rendezvous).
