@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -220,3 +224,186 @@ def test_two_nodes_on_this_machine_match_single_process(
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "completed"
     assert json.loads((run_dir / "summary.json").read_text())["derived"]["world_size"] == 2
+
+
+def node_command(run_dir: Path, master: str, *extra: str) -> list[str]:
+    """One node of a two-node job (one process each) sharing ``run_dir``; ``extra``
+    overrides replace COMMON's of the same key."""
+    keys = {e.split("=", 1)[0] for e in extra}
+    return [
+        sys.executable,
+        "-m",
+        "ftlab.cli.app",
+        *(c for c in COMMON if c.split("=", 1)[0] not in keys),
+        "parallel=dp2",
+        "parallel.nproc_per_node=1",
+        "train.per_device_train_batch_size=4",
+        "launch.nnodes=2",
+        f"launch.master={master}",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+
+
+def start_node(cmd: list[str], cwd: Path, name: str) -> subprocess.Popen:
+    """Start one node; its stdout and stderr go to files (``stderr_of``), so that a long
+    run never blocks on a full pipe nobody reads."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    with open(cwd / f"{name}.out", "w") as out, open(cwd / f"{name}.err", "w") as err:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+
+
+def stderr_of(cwd: Path, name: str) -> str:
+    return (cwd / f"{name}.err").read_text()
+
+
+def wait_all(nodes: list[subprocess.Popen], timeout: float) -> list[float]:
+    """Wait for every node; the seconds until each one exited (from this call)."""
+    started, exits = time.monotonic(), [0.0] * len(nodes)
+    pending = set(range(len(nodes)))
+    while pending and time.monotonic() - started < timeout:
+        for i in list(pending):
+            if nodes[i].poll() is not None:
+                exits[i] = time.monotonic() - started
+                pending.discard(i)
+        time.sleep(0.1)
+    assert not pending, f"nodes {sorted(pending)} still running after {timeout} s"
+    return exits
+
+
+def job_processes(run_dir: Path) -> str:
+    """Processes whose command line names the run dir (launchers, Paddle's, workers)."""
+    found = subprocess.run(["pgrep", "-af", str(run_dir)], capture_output=True, text=True)
+    return found.stdout.strip()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+
+ENV_DUMP_PATTERNS = ("envlog.*", "backup_env.*", "ftlab.*.log")
+
+
+@pytest.mark.slow  # two launchers training until a checkpoint exists (~60-90 s)
+def test_a_killed_node_worker_fails_both_launchers_naming_its_rank(tmp_path: Path) -> None:
+    """SIGKILL of one node's worker mid-run, after a checkpoint: both launchers exit 2
+    within a bound, both name the killed job rank and its host, nothing of the job keeps
+    running, status.json says failed with the rank, the checkpoint stays resumable and no
+    environment dump is left."""
+    from ftlab.record.resume import checkpoint_step, pick_checkpoint
+
+    run_dir = tmp_path / "run"
+    cmd = node_command(
+        run_dir, f"127.0.0.1:{free_port()}", "train.max_steps=400", "train.save_steps=2"
+    )
+    nodes = [start_node(cmd, tmp_path, f"node{i}") for i in range(2)]
+    try:
+        deadline = time.monotonic() + 400
+        while not list(run_dir.glob("checkpoints/checkpoint-*")):
+            assert time.monotonic() < deadline, "no checkpoint within 400 s"
+            assert all(n.poll() is None for n in nodes), stderr_of(tmp_path, "node0")
+            time.sleep(0.5)
+        records = [json.loads(p.read_text()) for p in run_dir.glob("logs/node-*/worker.*.json")]
+        pids = {r["rank"]: r["pid"] for r in records}
+        assert sorted(pids) == [0, 1], records
+        os.kill(pids[1], signal.SIGKILL)
+        exits = wait_all(nodes, timeout=120)
+        outputs = [stderr_of(tmp_path, f"node{i}") for i in range(2)]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                n.kill()
+    print(f"launchers exited {exits[0]:.1f} s and {exits[1]:.1f} s after the kill")
+    assert [n.returncode for n in nodes] == [2, 2], outputs
+    # Measured here 1.4-4.5 s; the bound leaves room for a loaded machine and the
+    # surviving node's wait for the other node's report (15 s at most).
+    assert max(exits) < 30, exits
+    host = socket.gethostname()
+    for err in outputs:
+        assert "Traceback" not in err, err
+        assert re.search(
+            rf"Rank 1 \(host {re.escape(host)}, (local rank 0, )?logs/node-[^)]+\) failed "
+            r"\(killed by SIGKILL, exit -9\)",
+            err,
+        ), err
+    # One node says its own worker was killed; the other that its worker lost the peer.
+    assert sum("stopped because its collective peer was gone" in e for e in outputs) == 1
+    assert not any(alive(pid) for pid in pids.values())
+    assert job_processes(run_dir) == ""
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and status["failed_rank"] == 1, status
+    assert status["failed_host"] == host and status["failed_exit"] == -9
+    checkpoint, problems = pick_checkpoint(run_dir)
+    assert checkpoint_step(checkpoint) >= 2 and problems == []
+    dumps = [p for pattern in ENV_DUMP_PATTERNS for p in run_dir.rglob(pattern)]
+    assert dumps == []
+
+
+@pytest.mark.slow  # one launcher waiting out the rendezvous (~25-30 s each)
+@pytest.mark.parametrize("alone", [True, False], ids=["node-alone", "unroutable-master"])
+def test_a_master_that_never_answers_times_out_naming_it(alone: bool, tmp_path: Path) -> None:
+    """A node started alone (it becomes the master on 127.0.0.1 and no one joins), or a
+    master on an address nothing answers from (TEST-NET-1, never routed): one line naming
+    the master and the bound, exit 2, nothing left running."""
+    master = f"127.0.0.1:{free_port()}" if alone else "192.0.2.1:8090"
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    node = start_node(
+        node_command(run_dir, master, "launch.rendezvous_timeout=15"), tmp_path, "node"
+    )
+    try:
+        wait_all([node], timeout=120)
+        err = stderr_of(tmp_path, "node")
+    finally:
+        if node.poll() is None:
+            node.kill()
+    elapsed = time.monotonic() - started
+    print(f"exit {node.returncode} after {elapsed:.1f} s")
+    assert node.returncode == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    said = "answers, but 1 of 2 nodes joined" if alone else "no answer from the master"
+    assert lines[0].startswith("ftlab: error: launch.nnodes=2: "), lines
+    assert said in lines[0] and f"launch.master={master}" in lines[0], lines
+    assert "within launch.rendezvous_timeout=15 s" in lines[0]
+    assert 15 <= elapsed < 15 + 30, elapsed  # the timeout, plus start-up and the probe
+    assert job_processes(run_dir) == ""
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and status["error_type"] == "RendezvousTimeout"
+
+
+@pytest.mark.slow  # two launchers up to the config check (~25 s)
+def test_nodes_given_different_overrides_are_refused_before_training(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    master = f"127.0.0.1:{free_port()}"
+    nodes = [
+        start_node(node_command(run_dir, master, *extra), tmp_path, f"node{i}")
+        for i, extra in enumerate([[], ["train.learning_rate=0.001"]])
+    ]
+    try:
+        wait_all(nodes, timeout=300)
+        outputs = [stderr_of(tmp_path, f"node{i}") for i in range(2)]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                n.kill()
+    assert [n.returncode for n in nodes] == [2, 2], outputs
+    # Rank 0 is the node that became the master, either of the two.
+    refusal = re.compile(
+        r"ftlab: error: the nodes of this job were given different configs; first difference: "
+        r"train\.learning_rate: (0\.01|0\.001) \(rank 0 on host \S+\) vs (0\.001|0\.01) "
+        r"\(rank 1 on host \S+\)\. Start every node with the same overrides\."
+    )
+    for err in outputs:
+        found = refusal.search(err)
+        assert found and found.group(1) != found.group(2), err
+        assert "Traceback" not in err
+    # No training step ran: no metrics, no checkpoint; both nodes' logs are kept.
+    assert not (run_dir / "metrics.jsonl").exists()
+    assert not (run_dir / "checkpoints").exists()
+    assert len(list(run_dir.glob("logs/node-*/workerlog.0"))) == 2
+    assert job_processes(run_dir) == ""

@@ -117,7 +117,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
         from ftlab.planning.export import export_run_finetune
 
         return export_run_finetune(run, derived, record)
-    from ftlab.distributed.launch import launch_workers, needs_launch
+    from ftlab.distributed.launch import launch_workers, multi_node_worker, needs_launch
 
     if needs_launch(derived):
         if run.resume:  # a change the checkpoint cannot honour fails before any worker starts
@@ -128,6 +128,12 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
         # This process becomes the launcher: Paddle's launcher starts the workers, each
         # re-entering ftlab with the same overrides and this same run dir.
         return launch_workers(run, derived, record)  # rank 0 printed the summary
+    if multi_node_worker():
+        # Each node composed its own command line: refuse a job whose nodes differ,
+        # before any data or model is loaded (ftlab.distributed.rendezvous).
+        from ftlab.distributed.rendezvous import check_same_config
+
+        check_same_config(cfg, run.launch.rendezvous_timeout)
     from ftlab.training.stages import train
 
     summary = train(run, record, derived)
@@ -244,6 +250,8 @@ def record_outcome(
         checkpoint = latest_complete_checkpoint(run_dir)
         context["last_checkpoint"] = str(checkpoint) if checkpoint else None
         context["resume"] = _resume_command(run_dir) if checkpoint else None
+    # A failed launch names the failed rank, its host and exit in fields of their own.
+    context.update(getattr(error, "status_fields", {}))
     record_status(record, started, error, context)
 
 
@@ -347,11 +355,12 @@ def main() -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from ftlab.distributed.launch import die_with_launcher
+    from ftlab.distributed.launch import die_with_launcher, record_worker
     from ftlab.record.resume import RunFinished, replay_argv
 
     signals.install()
     die_with_launcher()  # a worker whose launcher is gone must not train on
+    record_worker()  # its job rank, host and pid, for its node's launcher (several nodes)
     # Let composition errors reach us instead of Hydra printing a stripped traceback, so
     # the message can name the closest valid keys.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")

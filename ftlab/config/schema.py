@@ -209,6 +209,10 @@ class LaunchConfig:
     # host:port of the rendezvous master (multi-node); slurm[:PORT]: the SLURM job's first node
     master: str | None = None
     ips: str | None = None  # comma-separated node IPs (multi-node)
+    # Seconds a node waits for every node to join (launch.master's rendezvous, then the
+    # workers' config check) before it fails naming the master: Paddle's launcher would
+    # wait forever. Nodes of a cluster job start within seconds to minutes of each other.
+    rendezvous_timeout: float = 300.0
     # The devices parallel=auto plans for (``ftlab/planning/cost.py`` documents the
     # profiles). Unset numbers come from the accelerator's profile or the device probe.
     accelerator: str = "auto"  # auto (this machine) | a100 | a100_40g | h100 | h800 | cpu

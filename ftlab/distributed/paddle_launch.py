@@ -12,6 +12,14 @@ needs and Paddle does not do:
   and passwords. The backup file exists for variables too long for an environment
   (endpoint lists of thousands of ranks); here it holds only those, never the rest.
 
+and one thing Paddle's HTTP master lacks: a bound on the rendezvous. With ``--master``
+Paddle's launcher waits for the master and for every node without end (it retries
+``master not ready`` and ``Waiting peer start...`` forever), so a master that never
+answers would hang the job. ``--rendezvous_timeout SECONDS`` (ftlab's own option, taken
+off the command line before Paddle's parser sees it) ends this process with
+``RENDEZVOUS_EXIT`` and one line naming the master and what it saw when the workers have
+not been started by then; no worker exists yet at that point.
+
 The patched functions are checked before the launch: a Paddle version without them
 fails here, loudly, rather than dumping environments unnoticed.
 """
@@ -21,10 +29,24 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
+import threading
+import urllib.request
 from typing import Any
 
-from ftlab.distributed.launch import PARENT_PID_ENV, die_with_parent
+from ftlab.distributed.launch import (
+    JOB_ID,
+    PARENT_PID_ENV,
+    RENDEZVOUS_EXIT,
+    RENDEZVOUS_MARKER,
+    die_with_parent,
+)
+
+RENDEZVOUS_FLAG = "--rendezvous_timeout"
+# How long the timeout's probe of the master may take (it only shapes the message).
+PROBE_SECONDS = 2.0
 
 
 def _no_env_dump(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -81,10 +103,102 @@ def quiet_env_dumps() -> None:
     process_context.ProcessContext._start = _start_without_env_backup
 
 
+def pop_option(argv: list[str], flag: str) -> tuple[list[str], str | None]:
+    """``argv`` without the launcher option ``flag VALUE``, and its value (None if absent).
+
+    Only the launcher's own options are read: they come as ``--name value`` pairs before
+    the worker's command, whose arguments are left alone.
+    """
+    i = 0
+    while i + 1 < len(argv) and argv[i].startswith("--"):
+        if argv[i] == flag:
+            return argv[:i] + argv[i + 2 :], argv[i + 1]
+        i += 2
+    return list(argv), None
+
+
+def option_value(argv: list[str], flag: str) -> str | None:
+    """The value of the launcher option ``flag`` in ``argv`` (None if absent)."""
+    return pop_option(argv, flag)[1]
+
+
+def master_answers(master: str, timeout: float = PROBE_SECONDS) -> bool:
+    """Whether something accepts TCP connections at ``host:port``."""
+    host, port = master.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def nodes_joined(master: str, timeout: float = PROBE_SECONDS) -> int | None:
+    """How many nodes have registered with Paddle's HTTP master (None: no answer)."""
+    url = f"http://{master}/{JOB_ID}/info"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - http only
+            return len(json.loads(r.read() or b"{}"))
+    except (OSError, ValueError):
+        return None
+
+
+def rendezvous_timeout_message(master: str | None, nnodes: str | None, seconds: float) -> str:
+    """One line: what the rendezvous saw when its time ran out."""
+    where = f"launch.rendezvous_timeout={seconds:g} s"
+    if not master:
+        return f"the workers were not started within {where}."
+    if not master_answers(master):
+        return (
+            f"no answer from the master launch.master={master} within {where}: nothing "
+            "listens there or it cannot be reached from this node. Start the node that "
+            "owns that address (it becomes the master) or correct launch.master."
+        )
+    joined = nodes_joined(master)
+    seen = f"{joined} of {nnodes}" if joined is not None else f"not all {nnodes}"
+    return (
+        f"the master launch.master={master} answers, but {seen} nodes joined within "
+        f"{where}. Start every node with the same launch.master and launch.nnodes."
+    )
+
+
+def bound_rendezvous(seconds: float, master: str | None, nnodes: str | None) -> None:
+    """End this process if Paddle's launcher has not started its workers in ``seconds``.
+
+    Paddle's launcher starts its workers (``deploy_pod``) only once every node joined;
+    until then nothing but this process and its master thread run, so ``os._exit`` is a
+    complete stop. The marker line tells the ftlab process why.
+    """
+    from paddle.distributed.launch.controllers.controller import ControllerBase
+
+    deployed = threading.Event()
+    original = ControllerBase.deploy_pod
+
+    def deploy_pod(self: Any) -> None:
+        deployed.set()
+        original(self)
+
+    def expire() -> None:
+        if deployed.is_set():
+            return
+        message = rendezvous_timeout_message(master, nnodes, seconds)
+        print(f"{RENDEZVOUS_MARKER}{message}", flush=True)
+        os._exit(RENDEZVOUS_EXIT)
+
+    ControllerBase.deploy_pod = deploy_pod
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+
+
 def main() -> None:
     die_with_parent(signal.SIGTERM)
     os.environ[PARENT_PID_ENV] = str(os.getpid())  # what the workers die with
+    argv, timeout = pop_option(sys.argv[1:], RENDEZVOUS_FLAG)
+    sys.argv = [sys.argv[0], *argv]
     quiet_env_dumps()
+    if timeout is not None:
+        master = option_value(argv, "--master")
+        bound_rendezvous(float(timeout), master, option_value(argv, "--nnodes"))
     from paddle.distributed.launch.main import launch
 
     launch()

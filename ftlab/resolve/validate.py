@@ -98,6 +98,7 @@ RANGES: tuple[tuple[str, float, bool, str], ...] = (
     ("parallel.data", 1, True, " (or leave it unset to derive it)"),
     ("parallel.nproc_per_node", 1, True, " (or leave it unset to derive it)"),
     ("launch.nnodes", 1, True, ""),
+    ("launch.rendezvous_timeout", 0, False, " (seconds the nodes wait for each other)"),
 )
 SEED_LIMIT = 2**32  # NumPy's seeds are 32-bit
 
