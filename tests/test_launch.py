@@ -12,10 +12,9 @@ from conftest import CPU, compose_run
 from ftlab.config.derived import Derived
 from ftlab.config.environment import Environment
 from ftlab.distributed.batching import GlobalBatchSampler, target_tokens
+from ftlab.distributed.failures import failed_ranks, failure_message
 from ftlab.distributed.launch import (
     check_launch,
-    failed_ranks,
-    failure_message,
     gpu_devices,
     launch_command,
     needs_launch,

@@ -18,13 +18,8 @@ from conftest import CPU, compose_cfg, compose_run
 
 from ftlab.config.derived import Derived
 from ftlab.distributed import rendezvous
-from ftlab.distributed.launch import (
-    FAILED_RECORD,
-    analyse_failure,
-    check_launch,
-    launch_command,
-    record_worker,
-)
+from ftlab.distributed.failures import FAILED_RECORD, analyse_failure
+from ftlab.distributed.launch import check_launch, launch_command, record_worker
 from ftlab.distributed.paddle_launch import pop_option, rendezvous_timeout_message
 from ftlab.errors import ConfigError
 from ftlab.resolve.validate import validate
