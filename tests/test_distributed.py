@@ -128,6 +128,9 @@ def emulated_run_matching(layout: str, single_dir: Path, cwd: Path) -> Path:
     return run_dir
 
 
+# ~45 s: the emulation's claim (same losses as one process) stays in the default suite
+# through the pipeline layout; the tensor-parallel one runs with the slow tests.
+@pytest.mark.slow
 def test_tensor_parallel_emulation_matches_single_process(
     single_full_run: Path, tmp_path: Path
 ) -> None:
