@@ -75,13 +75,10 @@ GPU_EXAMPLES = [
         "train.max_steps=-1 train.num_train_epochs=3.0 train.eval_steps=1 "
         "train.save_steps=1".split()
     ),
-    *[  # launch/README.md's SLURM sweep, each swept value once
-        ("model=llama3", "parallel=dp8", "precision=bf16", method, f"train.learning_rate={lr}")
-        for method, lr in (
-            ("method=lora", "1e-4"),
-            ("method=qlora", "1e-4"),
-            ("method=lora", "3e-4"),
-        )
+    *[  # launch/README.md's two-node SLURM sweep, each swept value once
+        ("launch.nnodes=2", "launch.master=slurm", "model=llama3", "parallel=dp8")
+        + ("precision=bf16", method)
+        for method in ("method=lora", "method=qlora")
     ],
 ]
 

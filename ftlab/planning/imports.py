@@ -352,10 +352,12 @@ def _parallel(args: dict[str, Any], conf_dir: Path, out: Imported) -> None:
     weights = {"tensor": 16, "pipeline": 16, "sharding_stage": 8, "sequence_parallel": 4}
 
     def score(body: dict[str, Any]) -> tuple[int, int]:
-        """Options that share the degrees first, then the flags; no fixed data degree."""
+        """Options that share the degrees first, then the flags; no fixed data degree or
+        process count (the file does not say how many devices run it)."""
         same = sum(weights.get(k, 2) for k in shape if body.get(k, getattr(schema, k)) == wanted[k])
         sharding_ok = wanted["sharding"] in (None, body.get("sharding", schema.sharding))
-        return same + sharding_ok, -int(body.get("data") is not None)
+        fixed = body.get("data") is not None or body.get("nproc_per_node") is not None
+        return same + sharding_ok, -int(fixed)
 
     option = max(sorted(options), key=lambda n: score(options[n]))
     out.choices["parallel"] = option

@@ -306,9 +306,16 @@ def check_parallel(run: RunConfig, env: Environment) -> dict[str, int]:
         )
     dp = world // model_parallel
     if p.data is not None and p.data != dp:
+        nodes = (
+            f" ({launch.nnodes} nodes x {nproc} processes per node; parallel.nproc_per_node "
+            "sets the processes per node)"
+            if launch.nnodes > 1
+            else ""
+        )
         raise ConfigError(
-            f"parallel.data={p.data} does not match world size {world} / (tensor x pipeline x "
-            f"sharding = {model_parallel}) = {dp}. Leave parallel.data unset to derive it."
+            f"parallel.data={p.data} does not match world size {world}{nodes} / (tensor x "
+            f"pipeline x sharding = {model_parallel}) = {dp}. Leave parallel.data unset to "
+            "derive it."
         )
     check_combination(run, dp)
     if nproc > env.device_count:
