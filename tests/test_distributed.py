@@ -194,18 +194,7 @@ def test_two_nodes_on_this_machine_match_single_process(
     address, as launch/multinode.sh runs them on a cluster: one run dir, the losses of the
     single process with the same global batch, each node's worker logs kept."""
     run_dir = tmp_path / "run"
-    args = [
-        sys.executable,
-        "-m",
-        "ftlab.cli.app",
-        *COMMON,
-        "parallel=dp2",
-        "parallel.nproc_per_node=1",
-        "train.per_device_train_batch_size=4",
-        "launch.nnodes=2",
-        f"launch.master=127.0.0.1:{free_port()}",
-        f"hydra.run.dir={run_dir}",
-    ]
+    args = node_command(run_dir, f"127.0.0.1:{free_port()}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
     nodes = [
         subprocess.Popen(
