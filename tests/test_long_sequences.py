@@ -3,7 +3,7 @@ validation, the plan and export say about them."""
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import json
 import math
 import subprocess
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
-from conftest import CPU, GPU8, REPO, compose_run
+from conftest import CPU, GPU8, REPO, compose_run, group_options
 from test_data_packing import DEMO, alone_loss, data_for, tiny_model, token_losses
 from test_export import parse_like_run_finetune
 
@@ -154,7 +154,7 @@ def test_cpu_flash_attention_honours_a_left_padding_mask() -> None:
     assert np.abs(logits(True) - eager).max() < 1e-5
 
 
-def test_flashmask_refusals_name_the_setting(monkeypatch) -> None:
+def test_flashmask_refusals_name_the_setting() -> None:
     base = ["data.packing=greedy", "model.flash_attention=true", "model.flash_mask=true"]
     assert validate(compose_run(base), CPU).attention == "cpu_math+flashmask"
     assert validate(compose_run([*base, "device=gpu"]), GPU8).attention == "flash+flashmask"
@@ -166,10 +166,36 @@ def test_flashmask_refusals_name_the_setting(monkeypatch) -> None:
     for message, overrides in cases.items():
         with pytest.raises(ConfigError, match=message):
             validate(compose_run(overrides), CPU)
-    lacking = dataclasses.replace(families.FAMILIES["llama"], flash_mask=False)
-    monkeypatch.setitem(families.FAMILIES, "llama", lacking)
-    with pytest.raises(ConfigError, match=r"llama models do not accept .*FlashMask: qwen2"):
-        validate(compose_run(base), CPU)
+
+
+@pytest.mark.parametrize("option", group_options("model"))
+def test_flashmask_accepted_exactly_where_paddlenlp_takes_the_indices(option: str) -> None:
+    """Every shipped model option, against the installed PaddleNLP's own signature (not the
+    family table): Gemma's and Mixtral's causal LMs lack ``attn_mask_startend_row_indices``,
+    so those real families are refused by name; ChatGLM2 is refused earlier, for its flash
+    path (FlashMask needs flash attention)."""
+    import paddlenlp.transformers as T
+
+    run = compose_run([f"model={option}", "device=gpu", "data.packing=greedy",
+                       "model.flash_attention=true", "model.flash_mask=true"])  # fmt: skip
+    fam = families.family(run.model.family)
+    forward = getattr(T, fam.causal_lm_class).forward
+    if "attn_mask_startend_row_indices" in inspect.signature(forward).parameters:
+        assert validate(run, GPU8).attention == "flash+flashmask"
+    elif not fam.flash_attention:
+        with pytest.raises(ConfigError, match=r"model.flash_attention=true with model.family"):
+            validate(run, GPU8)
+    else:
+        message = rf"model.flash_mask=true: PaddleNLP's {run.model.family} models do not accept"
+        with pytest.raises(ConfigError, match=message + r".*Set model.flash_mask=false"):
+            validate(run, GPU8)
+
+
+def test_shipped_options_include_families_without_flashmask() -> None:
+    """The test above exercises the refusal on real families only while some exist."""
+    lacking = {compose_run([f"model={o}"]).model.family for o in group_options("model")}
+    lacking = {f for f in lacking if not families.family(f).flash_mask}
+    assert {"gemma", "mixtral"} <= lacking
 
 
 # --------------------------------------------------------------------------- RoPE scaling
