@@ -116,8 +116,9 @@ def test_per_example_losses_equal_unpacked_dense_and_flashmask(tok, family: str)
     for name, batch in losses.items():
         model.config.use_flash_attention = name != "dense eager"
         per_token[name] = token_losses(model, batch if batch is not None else dense)
-    assert model.ftlab_mask_cache.expansions == 1  # once per forward, shared by both layers
-    assert model.ftlab_mask_cache.mask is None  # released when the forward returned
+    cache = model.ftlab_mask_cache
+    assert (cache.span_reads, cache.expansions) == (1, 0)  # spans once, shared; no L x L mask
+    assert cache.spans is None  # released when the forward returned
     model.config.use_flash_attention = False
     worst = dict.fromkeys(per_token, 0.0)
     leak = 0.0
@@ -132,6 +133,60 @@ def test_per_example_losses_equal_unpacked_dense_and_flashmask(tok, family: str)
             start += n
     assert max(worst.values()) < 1e-5, worst
     assert leak > 1e-2  # without ftlab's CPU attention the examples saw each other
+
+
+def test_per_example_attention_equals_the_expanded_mask_with_gradients() -> None:
+    """The CPU FlashMask path attends each packed example alone (no L x L mask); it must
+    give the expanded mask's outputs (padding rows included) and gradients, and
+    ``_attend`` must be Paddle's own math kernel."""
+    import paddle.nn.functional as F
+
+    from ftlab.models.attention import (
+        _attend,
+        _attend_documents,
+        _MaskCache,
+        additive_mask,
+        document_spans,
+        expand_startend_row_indices,
+    )
+
+    rows = [  # two rows of 24: three examples; two examples and 5 padding columns
+        {"input_ids": np.arange(24), "labels": np.arange(24), "seq_lens": np.array([7, 1, 16])},
+        {"input_ids": np.arange(19), "labels": np.arange(19), "seq_lens": np.array([11, 8])},
+    ]
+    indices = paddle.to_tensor(Collator(0, flash_mask=True)(rows)[FLASHMASK_KEY])
+    assert document_spans(indices.numpy()) == [[(0, 7), (7, 8), (8, 24)], [(0, 11), (11, 19)]]
+    rng = np.random.default_rng(0)
+    q, k, v = (
+        paddle.to_tensor(rng.normal(size=(2, 24, h, 8)).astype("float32")) for h in (4, 2, 2)
+    )  # fmt: skip  (grouped-query: 4 heads, 2 key/value heads)
+    # A model's loss never depends on a padding row's output (its label is ignored and no
+    # row attends it), so no gradient reaches it: under the expanded mask that output still
+    # depends on q and k through a constant softmax, here it does not.
+    weight = rng.normal(size=(2, 24, 4, 8)).astype("float32")
+    weight[1, 19:] = 0.0
+    weight = paddle.to_tensor(weight)
+    mask = additive_mask(expand_startend_row_indices(indices), paddle.float32)
+
+    def run(attend) -> list[np.ndarray]:
+        for t in (q, k, v):
+            t.stop_gradient = False
+            t.clear_gradient()
+        out = attend()
+        (out * weight).sum().backward()
+        return [out.numpy()] + [t.grad.numpy() for t in (q, k, v)]
+
+    cache = _MaskCache(additive_mask)
+    spans = cache.spans_for(indices)
+    per_example = run(lambda: _attend_documents(q, k, v, spans, cache))
+    expanded = run(lambda: _attend(q, k, v, mask))
+    paddles = run(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    for a, b, c in zip(per_example, expanded, paddles, strict=True):
+        assert np.abs(a - b).max() < 1e-5 and np.array_equal(b, c)
+    assert (cache.span_reads, cache.expansions) == (1, 0)
+    shared_prompt = indices.numpy().copy()
+    shared_prompt[0, 0, :7] = 24  # the first example visible to the whole row
+    assert document_spans(shared_prompt) is None  # left to the full expansion
 
 
 def test_cpu_flash_attention_honours_a_left_padding_mask() -> None:
@@ -361,7 +416,7 @@ def test_plan_names_the_attention_path_and_counts_masks() -> None:
                            "model.flash_mask=true"])  # fmt: skip
     cpu = make_plan(cpu_run, validate(cpu_run, CPU), "cpu")
     assert cpu["attention"]["path"] == "cpu_math+flashmask"
-    assert "expanded to [B, 1, L, L] at the attention call" in cpu["attention"]["description"]
+    assert "attended per example on CPU" in cpu["attention"]["description"]
 
 
 def test_export_writes_the_long_sequence_keys_paddlenlp_parses(tmp_path: Path) -> None:
