@@ -195,8 +195,9 @@ def run_step(impl: str, length: int, steps: int) -> dict[str, Any]:
     params = sum(int(p.size) for p in model.parameters())
     opt = paddle.optimizer.AdamW(1e-4, parameters=model.parameters())
     times, losses = [], []
-    lens = [[int(n) for n in row.get("seq_lens", [len(row["input_ids"])])] for row in rows[1:]]
-    share = sum(n * n for row in lens for n in row) / (len(lens) * length**2) if lens else 1.0
+    timed = rows[1:] or rows  # --steps 0: the warm-up step is the one timed
+    lens = [[int(n) for n in row.get("seq_lens", [len(row["input_ids"])])] for row in timed]
+    share = sum(n * n for row in lens for n in row) / (len(lens) * length**2)
     for row in rows:
         batch = {k: paddle.to_tensor(v) for k, v in data.collate_fn([row]).items()}
         start = time.perf_counter()
