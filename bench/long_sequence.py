@@ -25,11 +25,19 @@ one warm-up step, then ``--steps`` timed steps (median) on the same rows:
 
 * ``eager dense``: PaddleNLP's eager attention with the dense mask (the plain PaddleNLP
   path that is correct on CPU);
-* ``flash flashmask``: flash attention with FlashMask indices, expanded on CPU at the
-  attention call by ``ftlab.models.attention`` (PaddleNLP's FlashMask kernel is GPU-only);
+* ``flash flashmask``: flash attention with FlashMask indices; on CPU
+  ``ftlab.models.attention`` attends each packed example alone (PaddleNLP's FlashMask
+  kernel is GPU-only);
 * ``flash dense``: flash attention with the dense mask through ftlab's CPU attention.
 
 The step's first loss is printed for each: the three paths compute the same function.
+``score share`` is ``sum(n_i^2) / L^2`` over the timed rows (``n_i``: the rows' example
+lengths): the part of the ``L x L`` scores the per-example path computes.
+
+On this machine's AMD EPYC, Paddle's MKL takes its generic code path: a 2048^3 fp32
+matmul ran at ~17-22 GFLOP/s, and at 79 (1 thread) / 145 (2 threads) with
+``MKL_DEBUG_CPU_TYPE=5`` set before the process starts. The steps here run as Paddle
+starts by default (its ``OMP_NUM_THREADS=1``); matmuls are most of each step.
 """
 
 from __future__ import annotations
@@ -187,6 +195,9 @@ def run_step(impl: str, length: int, steps: int) -> dict[str, Any]:
     params = sum(int(p.size) for p in model.parameters())
     opt = paddle.optimizer.AdamW(1e-4, parameters=model.parameters())
     times, losses = [], []
+    timed = rows[1:] or rows  # --steps 0: the warm-up step is the one timed
+    lens = [[int(n) for n in row.get("seq_lens", [len(row["input_ids"])])] for row in timed]
+    share = sum(n * n for row in lens for n in row) / (len(lens) * length**2)
     for row in rows:
         batch = {k: paddle.to_tensor(v) for k, v in data.collate_fn([row]).items()}
         start = time.perf_counter()
@@ -206,6 +217,7 @@ def run_step(impl: str, length: int, steps: int) -> dict[str, Any]:
         "steps_s": [round(t, 2) for t in times[1:]],
         "losses": losses,
         "finite": bool(np.isfinite(losses).all()),
+        "score_share": round(share, 3),
         "peak_rss_mib": round(peak_rss_mib(), 1),
     }
 
@@ -282,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{length:>5} collated batch bytes, dense / FlashMask indices: {ratio:,.0f}x")
     if not args.no_steps:
         print(f"\nstep: 23.6M Llama, full recompute, AdamW, median of {args.steps} after warm-up")
-        print(f"{'L':>5} {'path':<16} {'step s':>7} {'warm-up s':>9} {'peak RSS':>9}  first loss")
+        print(f"{'L':>5} {'path':<16} {'step s':>7} {'warm-up s':>9} {'peak RSS':>9}  first loss"
+              "  score share  steps s")  # fmt: skip
         for length in lengths:
             for impl in args.paths.split(","):
                 cmd = ["--part", "step", "--impl", impl, "--length", str(length)]
@@ -295,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print(
                     f"{length:>5} {impl:<16} {r['step_s']:>7} {r['warmup_s']:>9} "
-                    f"{r['peak_rss_mib']:>6.0f} MiB  {r['losses'][0]:.6f}",
+                    f"{r['peak_rss_mib']:>6.0f} MiB  {r['losses'][0]:.6f}  "
+                    f"{r['score_share']:>11}  {r['steps_s']}",
                     flush=True,
                 )
     out = args.out

@@ -3,7 +3,7 @@ validation, the plan and export say about them."""
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import json
 import math
 import subprocess
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
-from conftest import CPU, GPU8, REPO, compose_run
+from conftest import CPU, GPU8, REPO, compose_run, group_options
 from test_data_packing import DEMO, alone_loss, data_for, tiny_model, token_losses
 from test_export import parse_like_run_finetune
 
@@ -116,8 +116,9 @@ def test_per_example_losses_equal_unpacked_dense_and_flashmask(tok, family: str)
     for name, batch in losses.items():
         model.config.use_flash_attention = name != "dense eager"
         per_token[name] = token_losses(model, batch if batch is not None else dense)
-    assert model.ftlab_mask_cache.expansions == 1  # once per forward, shared by both layers
-    assert model.ftlab_mask_cache.mask is None  # released when the forward returned
+    cache = model.ftlab_mask_cache
+    assert (cache.span_reads, cache.expansions) == (1, 0)  # spans once, shared; no L x L mask
+    assert cache.spans is None  # released when the forward returned
     model.config.use_flash_attention = False
     worst = dict.fromkeys(per_token, 0.0)
     leak = 0.0
@@ -132,6 +133,60 @@ def test_per_example_losses_equal_unpacked_dense_and_flashmask(tok, family: str)
             start += n
     assert max(worst.values()) < 1e-5, worst
     assert leak > 1e-2  # without ftlab's CPU attention the examples saw each other
+
+
+def test_per_example_attention_equals_the_expanded_mask_with_gradients() -> None:
+    """The CPU FlashMask path attends each packed example alone (no L x L mask); it must
+    give the expanded mask's outputs (padding rows included) and gradients, and
+    ``_attend`` must be Paddle's own math kernel."""
+    import paddle.nn.functional as F
+
+    from ftlab.models.attention import (
+        _attend,
+        _attend_documents,
+        _MaskCache,
+        additive_mask,
+        document_spans,
+        expand_startend_row_indices,
+    )
+
+    rows = [  # two rows of 24: three examples; two examples and 5 padding columns
+        {"input_ids": np.arange(24), "labels": np.arange(24), "seq_lens": np.array([7, 1, 16])},
+        {"input_ids": np.arange(19), "labels": np.arange(19), "seq_lens": np.array([11, 8])},
+    ]
+    indices = paddle.to_tensor(Collator(0, flash_mask=True)(rows)[FLASHMASK_KEY])
+    assert document_spans(indices.numpy()) == [[(0, 7), (7, 8), (8, 24)], [(0, 11), (11, 19)]]
+    rng = np.random.default_rng(0)
+    q, k, v = (
+        paddle.to_tensor(rng.normal(size=(2, 24, h, 8)).astype("float32")) for h in (4, 2, 2)
+    )  # fmt: skip  (grouped-query: 4 heads, 2 key/value heads)
+    # A model's loss never depends on a padding row's output (its label is ignored and no
+    # row attends it), so no gradient reaches it: under the expanded mask that output still
+    # depends on q and k through a constant softmax, here it does not.
+    weight = rng.normal(size=(2, 24, 4, 8)).astype("float32")
+    weight[1, 19:] = 0.0
+    weight = paddle.to_tensor(weight)
+    mask = additive_mask(expand_startend_row_indices(indices), paddle.float32)
+
+    def run(attend) -> list[np.ndarray]:
+        for t in (q, k, v):
+            t.stop_gradient = False
+            t.clear_gradient()
+        out = attend()
+        (out * weight).sum().backward()
+        return [out.numpy()] + [t.grad.numpy() for t in (q, k, v)]
+
+    cache = _MaskCache(additive_mask)
+    spans = cache.spans_for(indices)
+    per_example = run(lambda: _attend_documents(q, k, v, spans, cache))
+    expanded = run(lambda: _attend(q, k, v, mask))
+    paddles = run(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    for a, b, c in zip(per_example, expanded, paddles, strict=True):
+        assert np.abs(a - b).max() < 1e-5 and np.array_equal(b, c)
+    assert (cache.span_reads, cache.expansions) == (1, 0)
+    shared_prompt = indices.numpy().copy()
+    shared_prompt[0, 0, :7] = 24  # the first example visible to the whole row
+    assert document_spans(shared_prompt) is None  # left to the full expansion
 
 
 def test_cpu_flash_attention_honours_a_left_padding_mask() -> None:
@@ -154,7 +209,7 @@ def test_cpu_flash_attention_honours_a_left_padding_mask() -> None:
     assert np.abs(logits(True) - eager).max() < 1e-5
 
 
-def test_flashmask_refusals_name_the_setting(monkeypatch) -> None:
+def test_flashmask_refusals_name_the_setting() -> None:
     base = ["data.packing=greedy", "model.flash_attention=true", "model.flash_mask=true"]
     assert validate(compose_run(base), CPU).attention == "cpu_math+flashmask"
     assert validate(compose_run([*base, "device=gpu"]), GPU8).attention == "flash+flashmask"
@@ -166,10 +221,32 @@ def test_flashmask_refusals_name_the_setting(monkeypatch) -> None:
     for message, overrides in cases.items():
         with pytest.raises(ConfigError, match=message):
             validate(compose_run(overrides), CPU)
-    lacking = dataclasses.replace(families.FAMILIES["llama"], flash_mask=False)
-    monkeypatch.setitem(families.FAMILIES, "llama", lacking)
-    with pytest.raises(ConfigError, match=r"llama models do not accept .*FlashMask: qwen2"):
-        validate(compose_run(base), CPU)
+
+
+@pytest.mark.parametrize("option", group_options("model"))
+def test_flashmask_accepted_exactly_where_paddlenlp_takes_the_indices(option: str) -> None:
+    """Every shipped model option, against the installed PaddleNLP's own signature (not the
+    family table): Gemma's and Mixtral's causal LMs lack ``attn_mask_startend_row_indices``,
+    so those real families are refused by name; ChatGLM2 is refused earlier, for its flash
+    path (FlashMask needs flash attention)."""
+    import paddlenlp.transformers as T
+
+    run = compose_run([f"model={option}", "device=gpu", "data.packing=greedy",
+                       "model.flash_attention=true", "model.flash_mask=true"])  # fmt: skip
+    fam = families.family(run.model.family)
+    forward = getattr(T, fam.causal_lm_class).forward
+    accepts = "attn_mask_startend_row_indices" in inspect.signature(forward).parameters
+    # The refusal stays tested on real families only while some shipped option lacks it.
+    assert accepts == (option not in ("chatglm2_6b", "gemma_7b", "mixtral_8x7b"))
+    if accepts:
+        assert validate(run, GPU8).attention == "flash+flashmask"
+    elif not fam.flash_attention:
+        with pytest.raises(ConfigError, match=r"model.flash_attention=true with model.family"):
+            validate(run, GPU8)
+    else:
+        message = rf"model.flash_mask=true: PaddleNLP's {run.model.family} models do not accept"
+        with pytest.raises(ConfigError, match=message + r".*Set model.flash_mask=false"):
+            validate(run, GPU8)
 
 
 # --------------------------------------------------------------------------- RoPE scaling
@@ -335,7 +412,7 @@ def test_plan_names_the_attention_path_and_counts_masks() -> None:
                            "model.flash_mask=true"])  # fmt: skip
     cpu = make_plan(cpu_run, validate(cpu_run, CPU), "cpu")
     assert cpu["attention"]["path"] == "cpu_math+flashmask"
-    assert "expanded to [B, 1, L, L] at the attention call" in cpu["attention"]["description"]
+    assert "attended per example on CPU" in cpu["attention"]["description"]
 
 
 def test_export_writes_the_long_sequence_keys_paddlenlp_parses(tmp_path: Path) -> None:
@@ -407,3 +484,55 @@ def test_continued_pretraining_lowers_held_out_perplexity(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval_ppl"] < 0.7 * summary["eval_ppl_base"], summary
+
+
+def held_out_ppl(model_dir: str, dev: Path, tok, context_overrides: list[str]) -> float:
+    """Perplexity on ``dev`` at ``data.max_length=1024``: exp of the token-weighted mean
+    loss, one document piece per row (ftlab's dev rows)."""
+    from ftlab.config.schema import DataConfig
+    from ftlab.data import build_data
+
+    run = compose_run([f"model.name_or_path={model_dir}", *context_overrides])
+    model = load_model(run.model, "float32")
+    model.eval()
+    cfg = DataConfig(name="t", path=str(asset_path("demo_text")), dev_path=str(dev),
+                     format="text", max_length=1024)  # fmt: skip
+    data = build_data(cfg, tok, seed=0, need_dev=True)
+    total, tokens = 0.0, 0
+    with paddle.no_grad():
+        for i in range(len(data.dev_dataset)):
+            batch = data.collate_fn([data.dev_dataset[i]])
+            n = int((batch["labels"] >= 0).sum())
+            out = model(**{k: paddle.to_tensor(v) for k, v in batch.items()}, return_dict=True)
+            total, tokens = total + float(out.loss) * n, tokens + n
+    return math.exp(total / tokens)
+
+
+@pytest.mark.slow
+def test_pose_on_short_rows_lowers_perplexity_at_the_scaled_context(tmp_path: Path, tok) -> None:
+    """PoSE trains 2x the shipped model's context on rows of 256: held-out perplexity at
+    1024 (4x the rows, 2x the pretrained context) falls well below the base model's there.
+    (On the full dev set: 14.05 -> 1.43 after 40 steps; the same rows without PoSE
+    reached 1.41, and rows of 64 gave 1.54 with PoSE, 1.47 without: at factor 2 this shows
+    the long context trained from short rows, not PoSE's advantage over plain rows. Here,
+    on 4 dev documents: 14.53 -> 1.60. README, Long sequences.)"""
+    lines = (asset_path("demo_text") / "dev.json").read_text().splitlines(True)
+    dev = tmp_path / "dev.json"
+    dev.write_text("".join(lines[:4]))
+    scaled = ["model.rope_scaling.strategy=linear", "model.rope_scaling.factor=2"]
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftlab.cli.app", "data=demo_text", f"data.dev_path={dev}",
+         "method=full", "data.max_length=256", "data.pose=true", *scaled,
+         "train.max_steps=30", "train.per_device_train_batch_size=8",
+         "train.learning_rate=2e-3", "train.warmup_steps=2", f"hydra.run.dir={run_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["derived"]["context_length"] == 1024 and summary["steps"] == 30
+    assert summary["eval_ppl"] < summary["eval_ppl_base"]  # at 256, the rows' length
+    at_1024 = [*scaled, "data.max_length=1024"]
+    base = held_out_ppl(str(asset_path("stories260k")), dev, tok, at_1024)
+    trained = held_out_ppl(str(run_dir / "final"), dev, tok, at_1024)
+    assert trained < 0.3 * base, (base, trained)

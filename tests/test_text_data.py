@@ -14,8 +14,10 @@ import pytest
 from ftlab.assets import asset_path
 from ftlab.config.schema import DataConfig
 from ftlab.data import build_data
+from ftlab.data.collate import FLASHMASK_KEY
 from ftlab.data.examples import IGNORE
 from ftlab.data.formats import Document
+from ftlab.data.packing import GREEDY_WINDOW
 from ftlab.data.records import BadRecords
 from ftlab.data.stats import SplitStats
 from ftlab.data.text import DocumentBuilder
@@ -202,6 +204,64 @@ def test_streaming_text_yields_the_map_rows(tmp_path: Path, tok, packing: str) -
         assert set(a) == set(b)
         for k in a:
             assert np.array_equal(a[k], b[k])
+
+
+def first_pass(stream) -> list[dict]:
+    """The items of an (endless) stream's first pass over its files."""
+    items = []
+    for item in stream:
+        if stream.stats.epochs_started > 1:  # set before the next pass's first item
+            return items
+        items.append(item)
+    raise AssertionError("a stream ended")
+
+
+def pieces_of(items: list[dict]) -> list[tuple[bytes, bytes]]:
+    """Each packed row cut back into its document pieces (ids, labels), sorted."""
+    out = []
+    for item in items:
+        ends = np.cumsum(item["seq_lens"])
+        for ids, labels in zip(np.split(item["input_ids"], ends[:-1]),
+                               np.split(item["labels"], ends[:-1]), strict=True):  # fmt: skip
+            out.append((ids.tobytes(), labels.tobytes()))
+    return sorted(out)
+
+
+def test_streaming_greedy_text_equals_the_map_rows_on_the_demo_text(tok) -> None:
+    """Greedy packing of the shipped demo text, streamed vs in memory. At max_length 48 the
+    ~5.5k pieces span two packing windows (GREEDY_WINDOW = 4096 pieces), which streaming
+    fills as it reads: without shuffling the rows, and their collated FlashMask indices,
+    position ids and labels, are identical. With data.shuffle the two differ by design (the
+    map set permutes all pieces, the stream shuffles records through a 2048-record buffer
+    and packs pieces in window order), but one pass holds the same pieces."""
+    common = dict(name="demo_text", path=str(SHIPPED), format="text", max_length=48,
+                  packing="greedy")  # fmt: skip
+    for shuffle in (False, True):
+        cfg = DataConfig(shuffle=shuffle, **common)
+        eager = build_data(cfg, tok, seed=0, need_dev=False, flash_mask=True)
+        expected = [eager.train_dataset[i] for i in range(len(eager.train_dataset))]
+        lazy = build_data(
+            DataConfig(shuffle=shuffle, streaming=True, **common),
+            tok,
+            seed=0,
+            need_dev=False,
+            max_steps=5,
+            flash_mask=True,
+        )
+        got = first_pass(lazy.train_dataset)
+        assert sum(len(x["seq_lens"]) for x in expected) > GREEDY_WINDOW  # two windows
+        assert pieces_of(got) == pieces_of(expected)
+        if shuffle:
+            assert [len(x["input_ids"]) for x in got] != [len(x["input_ids"]) for x in expected]
+            continue
+        assert len(got) == len(expected)
+        for a, b in zip(expected, got, strict=True):
+            assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+        for start in range(0, len(expected), 64):
+            batch = [eager.collate_fn(expected[start : start + 64]),
+                     lazy.collate_fn(got[start : start + 64])]  # fmt: skip
+            assert FLASHMASK_KEY in batch[0] and set(batch[0]) == set(batch[1])
+            assert all(np.array_equal(batch[0][k], batch[1][k]) for k in batch[0])
 
 
 def test_demo_text_is_generated_deterministically(tmp_path: Path) -> None:

@@ -38,8 +38,9 @@ The memory model (bytes on the busiest device):
 * **attention masks**: the collated mask per row (FlashMask indices ``4L`` bytes, a dense
   packed mask ``L^2``, a padding mask ``8L``) plus the ``[1, 1, L, L]`` mask the model
   builds from a dense or padding mask in the compute dtype; with flash attention and
-  FlashMask on GPU there is no ``L^2`` term at all (on CPU the indices are expanded to
-  that mask at the attention call: ``ftlab.models.attention``). The plan prints the
+  FlashMask on GPU there is no ``L^2`` term at all (on CPU it stays as an upper bound:
+  each example is attended alone under its own ``[n, n]`` causal mask,
+  ``ftlab.models.attention``). The plan prints the
   attention path the run takes.
 
 Parameters come from ``ftlab.models.arch`` (the family's layers expanded over the model,
