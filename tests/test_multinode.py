@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CPU, compose_cfg, compose_run
+from conftest import CPU, GPU8, compose_cfg, compose_run
 
 from ftlab.config.derived import Derived
 from ftlab.distributed import rendezvous
@@ -28,6 +28,38 @@ TWO_NODES = ["parallel=dp2", "parallel.nproc_per_node=1", "launch.nnodes=2"]
 DERIVED = Derived(
     device="cpu", world_size=2, nproc_per_node=1, data_parallel_degree=2, global_batch_size=8
 )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "per_node", "data"),
+    [
+        (["parallel=dp8"], 8, 8, 8),
+        (["parallel=dp8", "launch.nnodes=2"], 16, 8, 16),
+        (["parallel=tp4", "launch.nnodes=2"], 8, 4, 2),
+        (["parallel=dp8", "parallel.nproc_per_node=4", "launch.nnodes=2"], 8, 4, 8),
+    ],
+)
+def test_a_layout_on_several_nodes_derives_the_data_degree_from_the_world(
+    overrides: list[str], world: int, per_node: int, data: int
+) -> None:
+    """dp2/dp8 name the processes per node, like every layout: `parallel=dp8
+    launch.nnodes=2` is 16-way data parallel (it used to be refused: data 8 vs world 16)."""
+    gpu = ["device=gpu", "precision=bf16", "model=llama3", "launch.master=10.0.0.1:8090"]
+    derived = validate(compose_run([*gpu, *overrides]), GPU8)
+    assert (derived.world_size, derived.nproc_per_node, derived.data_parallel_degree) == (
+        world,
+        per_node,
+        data,
+    )
+
+
+def test_a_fixed_data_degree_that_misses_the_world_names_nodes_and_processes() -> None:
+    run = compose_run([*TWO_NODES, "parallel.data=4", "launch.master=127.0.0.1:8090"])
+    with pytest.raises(
+        ConfigError,
+        match=r"parallel.data=4 does not match world size 2 \(2 nodes x 1 processes per node",
+    ):
+        validate(run, CPU)
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "nan"])
