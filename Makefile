@@ -24,7 +24,7 @@ install: $(STAMP) ## Create .venv and install ftlab with pinned dependencies
 train: $(STAMP) ## Fine-tune the shipped model on the demo task (LoRA, CPU, < 60 s)
 	$(VENV)/bin/ftlab $(ARGS)
 
-test: $(STAMP) ## Run the default test suite (< 10 min on 2 cores)
+test: $(STAMP) ## Run the default test suite (about 10 min on 2 cores)
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
 test-full: $(STAMP) ## Run every test, the slow ones included
