@@ -4,12 +4,15 @@ ftlab passes values to other ``ftlab`` processes as Hydra overrides: the run dir
 workers of a multi-process job (``hydra.run.dir=...``) and the run dir of a resume or a
 rerun. A value is an arbitrary path; Hydra's override grammar gives ``=``, ``,``, spaces,
 quotes and brackets a meaning, and OmegaConf gives ``${`` one. ``override`` quotes the
-value so that the receiving process reads back exactly the same string.
+value so that the receiving process reads back exactly the same string. ``flatten`` names
+every setting of a config tree by its dotted key, as overrides do (resume, rerun and the
+nodes' config check compare configs that way).
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # Quoted strings in Hydra's grammar: a run of backslashes is literal unless it precedes a
 # quote or ends the string, where 2n backslashes stand for n (and 2n+1 + quote for n + a
@@ -54,3 +57,13 @@ def given_value(argv: list[str], key: str) -> str | None:
             value = parsed.value()
             found = None if value is None else str(value)
     return found
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: every leaf by its dotted key (lists stay values)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out

@@ -25,6 +25,7 @@ import socket
 import time
 from typing import Any
 
+from ftlab.config.overrides import flatten
 from ftlab.errors import ConfigError
 
 PREFIX = "ftlab/config"
@@ -39,17 +40,7 @@ def flat_config(cfg: Any) -> dict[str, Any]:
     from omegaconf import DictConfig, OmegaConf
 
     tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    out: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            out[prefix[:-1]] = node
-
-    walk(tree, "")
-    return out
+    return flatten(tree)
 
 
 def config_digest(flat: dict[str, Any]) -> str:

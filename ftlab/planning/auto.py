@@ -38,6 +38,7 @@ from typing import Any
 
 from ftlab.config.environment import Environment
 from ftlab.config.schema import AutoLayoutSettings, ParallelConfig, RunConfig
+from ftlab.distributed.layout import processes_per_node
 from ftlab.errors import ConfigError
 from ftlab.methods.catalog import get_method, method_schemas
 from ftlab.methods.registry import AdapterPlan
@@ -719,9 +720,7 @@ def layout_estimate(
         ).splitlines()
     p, t = run.parallel, run.train
     try:
-        hw = resolve_hardware(
-            run, env, p.nproc_per_node or p.tensor * p.pipeline * p.sharding * (p.data or 1)
-        )
+        hw = resolve_hardware(run, env, processes_per_node(p))
     except ConfigError as err:
         return {"estimate": None}, [f"estimate        n/a: {err}"]
     world = hw.devices_per_node * hw.nnodes

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftlab.config.overrides import flatten
 from ftlab.errors import FtlabError
 from ftlab.record.index import RunRecord, is_run_dir, read_run
 from ftlab.record.rundir import METRICS, RESOLVED_CONFIG, RunDir
@@ -39,16 +40,6 @@ class ComparedRun:
     record: RunRecord
     settings: dict[str, Any]  # dotted setting -> value
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # train / eval
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def load_run(path: Path, label: str) -> ComparedRun:

@@ -26,7 +26,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ftlab import console
-from ftlab.config.overrides import given_value, override
+from ftlab.config.overrides import flatten, given_value, override
 from ftlab.errors import ConfigError, FtlabError
 from ftlab.record.rundir import (
     CHECKPOINTS,
@@ -134,15 +134,6 @@ def check_resumable(run_dir: Path, new: list[str]) -> None:
         "final/ written); nothing to do, and nothing in it was changed. To train it "
         f"further, add train.max_steps=N with N > {done}."
     )
-
-
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
