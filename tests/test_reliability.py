@@ -451,31 +451,40 @@ def test_resume_of_a_dir_with_nasty_characters_is_replayed_quoted(tmp_path: Path
     assert values["rerun"] == str(run_dir) and values["method.lora_rank"] == 4
 
 
-@pytest.mark.slow
-def test_sweep_over_layouts_completes_every_job(tmp_path: Path) -> None:
-    """Item 15: ``ftlab -m parallel=single,dp2,sharding_stage1`` failed both multi-process
-    jobs; with tensor and pipeline parallel (CPU emulation) every job completes and the
-    summary compares them."""
+def sweep_of_two_steps(tmp_path: Path, *overrides: str) -> tuple[Path, list[dict[str, str]]]:
+    """Run ``ftlab -m <overrides>`` (2 steps per job) to exit 0; its dir and summary rows."""
     import csv
 
     sweep_dir = tmp_path / "sweep"
-    layouts = ["single", "dp2", "sharding_stage1", "tp2", "pp2"]
     proc = run_cmd(
         tmp_path,
         BIN / "ftlab",
         "-m",
-        f"parallel={','.join(layouts)}",
-        "parallel.cpu_emulation=true",
-        "method=full",
+        *overrides,
         "train.max_steps=2",
         "train.logging_steps=1",
-        "train.per_device_train_batch_size=4",
         "eval.demo_metric=false",
         f"hydra.sweep.dir={sweep_dir}",
         timeout=1800,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
+    with open(sweep_dir / "summary.csv") as f:
+        return sweep_dir, list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_sweep_over_layouts_completes_every_job(tmp_path: Path) -> None:
+    """Item 15: ``ftlab -m parallel=single,dp2,sharding_stage1`` failed both multi-process
+    jobs; with tensor and pipeline parallel (CPU emulation) every job completes and the
+    summary compares them."""
+    layouts = ["single", "dp2", "sharding_stage1", "tp2", "pp2"]
+    sweep_dir, rows = sweep_of_two_steps(
+        tmp_path,
+        f"parallel={','.join(layouts)}",
+        "parallel.cpu_emulation=true",
+        "method=full",
+        "train.per_device_train_batch_size=4",
+    )
     assert [r["parallel"] for r in rows] == layouts
     assert [r["status"] for r in rows] == ["completed"] * len(layouts)
     assert all(float(r["final_loss"]) > 0 and float(r["eval_loss"]) > 0 for r in rows)
@@ -496,23 +505,7 @@ def test_sweep_of_lora_ranks_over_layouts(tmp_path: Path) -> None:
     """Item 15's own example, ``ftlab -m method.lora_rank=4,8,16 parallel=single,dp2`` (two
     ranks here): every job completes on its layout (dp2: two ranks of 16, a global batch of
     32; the two-processes-equal-one claim is ``test_distributed.py``'s)."""
-    import csv
-
-    sweep_dir = tmp_path / "sweep"
-    proc = run_cmd(
-        tmp_path,
-        BIN / "ftlab",
-        "-m",
-        "method.lora_rank=4,8",
-        "parallel=single,dp2",
-        "train.max_steps=2",
-        "train.logging_steps=1",
-        "eval.demo_metric=false",
-        f"hydra.sweep.dir={sweep_dir}",
-        timeout=1800,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
+    sweep_dir, rows = sweep_of_two_steps(tmp_path, "method.lora_rank=4,8", "parallel=single,dp2")
     assert [r["status"] for r in rows] == ["completed"] * 4
     loss = {(r["method.lora_rank"], r["parallel"]): float(r["final_loss"]) for r in rows}
     assert set(loss) == {(k, p) for k in ("4", "8") for p in ("single", "dp2")}
