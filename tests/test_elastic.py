@@ -116,8 +116,14 @@ def test_nodes_and_processes_per_node_may_change_without_a_reshard(tmp_path: Pat
             CPU,
             r"method=vera cannot use PaddleNLP's unified checkpoint.*cannot be resharded",
         ),
+        (  # the batch changes too (1 data rank): the layout is what cannot be resumed
+            ["parallel=dp2", B4],
+            ["parallel=tp2", "parallel.cpu_emulation=true", B4],
+            CPU,
+            r"parallel.tensor cannot change on resume \(1 -> 2\)",
+        ),
     ],
-    ids=["tensor", "pipeline", "zero3", "vera"],
+    ids=["tensor", "pipeline", "zero3", "vera", "tensor-before-batch"],
 )
 def test_a_layout_that_cannot_be_resharded_is_refused_by_name(
     before: list[str], after: list[str], env: Environment, match: str, tmp_path: Path

@@ -298,8 +298,11 @@ def refuse_resume_changes(
             f"resume={run_dir}: these settings cannot change on resume, the checkpoint was "
             f"trained with them: {listed}. Start a new run (or rerun=) instead."
         )
+    # The layout first: a layout the checkpoint cannot take is refused whatever the batch
+    # (the batch refusal's advice would not make it resumable).
+    relayout = check_layout_change(run_dir, old, new)
     check_global_batch(run_dir, old, new)
-    return diffs, check_layout_change(run_dir, old, new)
+    return diffs, relayout
 
 
 def checkpoint_step(path: Path) -> int:
