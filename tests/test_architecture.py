@@ -48,10 +48,11 @@ LAYERS: list[tuple[str, ...]] = [
     ),
     ("ftlab.methods",),
     (  # what runs a job, and reading runs back (asks methods about their settings)
-        "ftlab.alignment",
+        "ftlab.stages",
         "ftlab.resolve",
         "ftlab.training",
         "ftlab.planning",
+        "ftlab.interop",
         "ftlab.record",
     ),
     ("ftlab.cli",),
@@ -199,7 +200,7 @@ def tiny() -> Any:
 
 
 def test_a_registered_method_is_validated_planned_and_exported(tiny: Any, tmp_path: Path) -> None:
-    from ftlab.planning.export import export_run_finetune
+    from ftlab.interop.paddlenlp_export import export_run_finetune
     from ftlab.planning.plan import make_plan
     from ftlab.resolve.validate import validate
 

@@ -43,7 +43,7 @@ def recorded_run(tmp_path: Path, overrides: list[str], env: Environment = CPU) -
 
 
 def resumed_as(overrides: list[str], env: Environment = CPU) -> dict[str, Any]:
-    """The resumed run's settings with its derived values, as ``training.stages`` passes them."""
+    """The resumed run's settings with its derived values, as ``training.run`` passes them."""
     from ftlab.resolve.compose import to_plain_dict
     from ftlab.resolve.validate import validate
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import CPU, REPO, compose_run
 
 from ftlab.errors import ConfigError
-from ftlab.planning.export import export_run_finetune, run_finetune_arguments
+from ftlab.interop.paddlenlp_export import export_run_finetune, run_finetune_arguments
 from ftlab.resolve.validate import validate
 
 

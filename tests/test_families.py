@@ -468,7 +468,7 @@ def test_export_parses_with_paddlenlps_parser(
 ) -> None:
     from test_export import parse_like_run_finetune
 
-    from ftlab.planning.export import export_run_finetune
+    from ftlab.interop.paddlenlp_export import export_run_finetune
 
     run = run_for(tiny_dirs, name, "method=lora")
     out = export_run_finetune(run, validate(run, CPU), tmp_path)
@@ -486,7 +486,7 @@ def test_export_parses_with_paddlenlps_parser(
 def test_export_of_expert_parallel_sets_use_expert_parallel(tmp_path: Path) -> None:
     from test_export import parse_like_run_finetune
 
-    from ftlab.planning.export import export_run_finetune
+    from ftlab.interop.paddlenlp_export import export_run_finetune
 
     run = compose_run(
         ["model=qwen2_57b_a14b", "parallel=tp2", "parallel.nproc_per_node=8", "parallel.expert=4"]

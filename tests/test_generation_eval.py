@@ -100,7 +100,7 @@ def test_summary_and_predictions_of_a_run(tmp_path: Path) -> None:
     """The summary's generation block and predictions.jsonl rows, from a stub result."""
     from ftlab.evaluation.text_metrics import GenerationResult
     from ftlab.record.summary import Summary
-    from ftlab.training.stages import _generation_summary
+    from ftlab.training.run import _generation_summary
 
     refs = ["the cat sat", "a dog ran"]
     base = GenerationResult(score_texts(["x y", "a cat"], refs, "word"), ["x y", "a cat"])

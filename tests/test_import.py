@@ -21,8 +21,8 @@ from conftest import CONF_DIR, compose_run
 
 from ftlab.cli.importer import command_overrides, main, override_value
 from ftlab.config.environment import target_environment
-from ftlab.planning.export import run_finetune_arguments
-from ftlab.planning.imports import import_arguments, script_defaults
+from ftlab.interop.paddlenlp_export import run_finetune_arguments
+from ftlab.interop.paddlenlp_import import import_arguments, script_defaults
 from ftlab.resolve.validate import validate
 
 COMMON = {

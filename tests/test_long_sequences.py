@@ -21,10 +21,10 @@ from ftlab.assets import asset_path
 from ftlab.data.collate import FLASHMASK_KEY, Collator, count_tokens
 from ftlab.data.pose import PoseSkips
 from ftlab.errors import ConfigError
+from ftlab.interop.paddlenlp_export import export_run_finetune
 from ftlab.models import families
 from ftlab.models.attention import expand_startend_row_indices_np, install_cpu_attention
 from ftlab.models.loading import load_model
-from ftlab.planning.export import export_run_finetune
 from ftlab.planning.plan import make_plan
 from ftlab.resolve.compose import resolved_config_yaml
 from ftlab.resolve.validate import validate

@@ -206,7 +206,7 @@ def test_model_layers_take_the_recompute_details() -> None:
 def test_export_keys_parse_with_paddlenlp(tmp_path: Path) -> None:
     from test_export import parse_like_run_finetune
 
-    from ftlab.planning.export import export_run_finetune
+    from ftlab.interop.paddlenlp_export import export_run_finetune
 
     run = compose_run(
         [

@@ -92,7 +92,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     if decision is not None:
         derived = derived.with_(auto_layout=decision.chosen.label)
     if run.mode == "train":  # plan and export read no data (it may live on the target)
-        from ftlab.data.layout import resolve_split_files
+        from ftlab.data.splits import resolve_split_files
         from ftlab.errors import DataError
 
         for data in _datasets(run.data):  # a missing data.path fails before heavy work
@@ -114,7 +114,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
         extra, lines = layout_estimate(run, env, decision, notes)
         return print_plan(run, derived, env, record, extra, lines)
     if run.mode == "export":
-        from ftlab.planning.export import export_run_finetune
+        from ftlab.interop.paddlenlp_export import export_run_finetune
 
         return export_run_finetune(run, derived, record)
     from ftlab.distributed.launch import launch_workers, multi_node_worker, needs_launch
@@ -134,7 +134,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
         from ftlab.distributed.rendezvous import check_same_config
 
         check_same_config(cfg, run.launch.rendezvous_timeout)
-    from ftlab.training.stages import train
+    from ftlab.training.run import train
 
     summary = train(run, record, derived)
     if _is_rank_zero():
@@ -305,9 +305,9 @@ def explain_composition_error(err: BaseException) -> str:
 def _schema_fields(type_name: str) -> list[str]:
     import dataclasses
 
-    from ftlab.alignment.catalog import stage_schemas
     from ftlab.config import schema
     from ftlab.methods.catalog import method_schemas
+    from ftlab.stages.catalog import stage_schemas
 
     candidates = {c.__name__: c for c in (*method_schemas().values(), *stage_schemas().values())}
     candidates.update({n: getattr(schema, n) for n in dir(schema)})

@@ -4,7 +4,7 @@
 Prints the command (group options, then the settings that differ from what those options
 give), the keys it carried over, and every key it cannot express with the reason; with
 ``--save NAME`` it also writes ``conf/experiment/NAME.yaml`` (run it as
-``ftlab experiment=NAME``). The mapping is ``ftlab.planning.imports``, the inverse of
+``ftlab experiment=NAME``). The mapping is ``ftlab.interop.paddlenlp_import``, the inverse of
 ``mode=export``.
 """
 
@@ -21,7 +21,7 @@ import yaml
 
 from ftlab.cli.help import CONF_DIR
 from ftlab.errors import FtlabError
-from ftlab.planning.imports import Imported, import_arguments, read_argument_file
+from ftlab.interop.paddlenlp_import import Imported, import_arguments, read_argument_file
 
 GROUPS = ("model", "method", "data", "parallel", "precision")
 PLAIN = re.compile(r"[A-Za-z0-9_./:+*-]+")

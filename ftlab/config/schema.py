@@ -110,7 +110,7 @@ class MethodConfig:
 @dataclass
 class StageConfig:
     """Fields every training stage shares (``sft``, ``dpo``, ``kto``). Each stage extends
-    this with its own dataclass, in its module (``ftlab/alignment/<name>.py``)."""
+    this with its own dataclass, in its module (``ftlab/stages/<name>.py``)."""
 
     name: str = MISSING
 

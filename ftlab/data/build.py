@@ -15,12 +15,12 @@ from ftlab.data.collate import Collator
 from ftlab.data.datasets import ExampleDataset, PackedDataset
 from ftlab.data.examples import ExampleBuilder, ExampleStore, Limits
 from ftlab.data.formats import TEXT_FORMATS, detect_format, to_conversation
-from ftlab.data.layout import resolve_split_files
 from ftlab.data.mixture import build_mixture
 from ftlab.data.packing import make_packs
 from ftlab.data.pose import PoseDataset, PoseSkips
 from ftlab.data.records import BadRecords, Record, iter_records, read_split, sha256_file
 from ftlab.data.settings import check_data_settings, check_text_settings
+from ftlab.data.splits import resolve_split_files
 from ftlab.data.stats import DataStats, SplitStats
 from ftlab.data.streaming import StreamingDataset
 from ftlab.data.templates import make_renderer

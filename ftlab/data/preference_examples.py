@@ -43,7 +43,6 @@ from ftlab.data.build import _carve_dev, _check_tokenizer, _log_split
 from ftlab.data.bundle import DataBundle
 from ftlab.data.encoder import TextEncoder
 from ftlab.data.examples import ENCODE_BATCH, Example, ExampleStore
-from ftlab.data.layout import resolve_split_files
 from ftlab.data.packing import make_packs
 from ftlab.data.preference import (
     LABELLED,
@@ -57,6 +56,7 @@ from ftlab.data.preference import (
 )
 from ftlab.data.records import BadRecords, Record, read_split
 from ftlab.data.settings import check_data_settings
+from ftlab.data.splits import resolve_split_files
 from ftlab.data.stats import DataStats, SplitStats
 from ftlab.data.templates import Renderer, make_renderer
 from ftlab.errors import DataError

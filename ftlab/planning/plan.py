@@ -79,8 +79,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ftlab.alignment.catalog import get_stage
-from ftlab.alignment.registry import REFERENCE_COPY, StagePlan
 from ftlab.config.derived import Derived
 from ftlab.config.environment import Environment
 from ftlab.config.schema import RunConfig
@@ -91,6 +89,8 @@ from ftlab.models.arch import base_counts, ffn_width, kv_dim
 from ftlab.models.attention import AttentionPath, attention_path
 from ftlab.models.families import family
 from ftlab.record.rundir import PLAN, RunDir
+from ftlab.stages.catalog import get_stage
+from ftlab.stages.registry import REFERENCE_COPY, StagePlan
 
 MIB = 2**20
 # Peak RSS of an ftlab training process whose tensors are negligible (one tiny training

@@ -11,7 +11,7 @@ a resume would pick up; a file damaged later (a truncated copy, a bad disk) is f
 A finished run is never modified by a later command: ``resume=`` of a completed run says
 so and stops before Hydra opens the dir (``check_resumable``), unless a larger
 ``train.max_steps`` asks for more training. A resume that fails before it really starts
-(``training.stages`` writes the record only once the Trainer has loaded the checkpoint)
+(``training.run`` writes the record only once the Trainer has loaded the checkpoint)
 leaves the run's record as it was.
 """
 

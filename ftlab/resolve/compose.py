@@ -16,11 +16,11 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab.alignment.catalog import stage_schemas
 from ftlab.config import schema
 from ftlab.config.derived import Derived
 from ftlab.methods.catalog import method_schemas
 from ftlab.record.rundir import claim_new_dir
+from ftlab.stages.catalog import stage_schemas
 
 # The schema of each config group whose options share one; a method's and a stage's
 # schema is its own (``base_<method>``, ``base_<stage>``). An option YAML in

@@ -15,8 +15,6 @@ import math
 from dataclasses import replace
 from typing import Any
 
-from ftlab.alignment.catalog import get_stage
-from ftlab.alignment.init import inspect_init
 from ftlab.config.choices import check_choice
 from ftlab.config.derived import Derived
 from ftlab.config.environment import Environment
@@ -39,6 +37,8 @@ from ftlab.methods.registry import Method
 from ftlab.models.attention import attention_path
 from ftlab.models.families import FAMILIES, family
 from ftlab.models.rope import STATIC_STRATEGIES, STRATEGIES, context_length
+from ftlab.stages.catalog import get_stage
+from ftlab.stages.init import inspect_init
 
 # Allowed values of the run's string-typed settings (the data group keeps its own, in
 # ``ftlab.data.settings``; the method's are checked by the method).
@@ -731,7 +731,7 @@ def check_demo_metric(run: RunConfig, dev_records: list[dict]) -> None:
     """Refuse the entity-recall metric on a pipeline model, once the data says it would run.
 
     The metric runs only when dev records carry ``entities`` (the demo task), which is
-    known after the data is read and before the model is loaded (``training.stages``).
+    known after the data is read and before the model is loaded (``training.run``).
     """
     p = run.parallel
     if p.pipeline > 1 and run.eval.demo_metric and any("entities" in r for r in dev_records):

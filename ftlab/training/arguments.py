@@ -3,7 +3,7 @@
 ``shared_arguments`` holds every setting that means the same to ftlab's Trainer and to
 PaddleNLP's ``llm/run_finetune.py`` (batch, optimizer, schedule, precision, parallel
 degrees); ``training_arguments`` adds what an ftlab run needs (its run dir, its
-evaluation and checkpoint cadence), and ``ftlab.planning.export`` adds what the script
+evaluation and checkpoint cadence), and ``ftlab.interop.paddlenlp_export`` adds what the script
 needs. Neither restates a shared key.
 """
 

@@ -50,7 +50,7 @@ class FtlabTrainerMixin:
     into place only when whole and free of pickles, a clear disk-full error, and resume
     from a checkpoint that already holds every step. Mixed in before a PaddleNLP Trainer
     class (``SFTTrainer`` here; ``DPOTrainer`` and ``KTOTrainer`` in
-    ``ftlab.alignment.trainers``)."""
+    ``ftlab.stages.trainers``)."""
 
     def __init__(
         self,

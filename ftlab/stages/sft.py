@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ftlab.alignment.registry import Stage, register_stage
 from ftlab.config.schema import StageConfig
 from ftlab.data.formats import FORMATS
 from ftlab.errors import ConfigError
+from ftlab.stages.registry import Stage, register_stage
 
 if TYPE_CHECKING:
     from ftlab.config.environment import Environment

@@ -1,2 +1,2 @@
 """Training stages: supervised fine-tuning and preference alignment (DPO and its
-variants, KTO), each one registered class (``ftlab.alignment.registry``)."""
+variants, KTO), each one registered class (``ftlab.stages.registry``)."""

@@ -8,7 +8,7 @@ answers every question the rest of ftlab asks about it: its checks against the m
 layout and data settings; its derived values (the reference model, the loss PaddleNLP
 runs); the data it reads; the Trainer it trains with; the metrics its summary reports;
 its effect on the plan (a reference model); its export (which PaddleNLP script, which
-keys). ``ftlab.training.stages`` runs every stage through the same four steps and asks
+keys). ``ftlab.training.run`` runs every stage through the same four steps and asks
 the stage only where they differ.
 
 This module must stay importable without Paddle (composition and planning).

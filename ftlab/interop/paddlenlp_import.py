@@ -2,7 +2,7 @@
 reproduces it; the inverse of ``mode=export``.
 
 It reads back the same tables the export writes from, so no key name is restated here:
-``training.arguments.TRAIN_KEYS`` (trainer settings), ``planning.export.SCRIPT_KEYS``
+``training.arguments.TRAIN_KEYS`` (trainer settings), ``interop.paddlenlp_export.SCRIPT_KEYS``
 (model and data paths and lengths), each method's ``argument_flag`` / ``argument_keys`` and
 ``import_arguments`` hook, and the paired functions for keys spelled differently on each
 side (precision, parallel degrees, packing, schedule). The group options come from the conf
@@ -30,15 +30,15 @@ import yaml
 from ftlab.config.schema import ModelArch, ModelConfig, ParallelConfig, PrecisionConfig
 from ftlab.distributed.layout import PARALLEL_KEYS, parallel_from_arguments
 from ftlab.errors import ConfigError
-from ftlab.methods.catalog import registered_methods
-from ftlab.models.config_json import resolve_model
-from ftlab.models.families import FAMILIES
-from ftlab.planning.export import (
+from ftlab.interop.paddlenlp_export import (
     FIXED_KEYS,
     SCRIPT_KEYS,
     packing_from_arguments,
     schedule_from_arguments,
 )
+from ftlab.methods.catalog import registered_methods
+from ftlab.models.config_json import resolve_model
+from ftlab.models.families import FAMILIES
 from ftlab.training.arguments import (
     AMP_LEVEL_KEY,
     PRECISION_FLAGS,

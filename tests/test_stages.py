@@ -59,13 +59,13 @@ def preference_batch(tmp_path: Path, tokenizer: Any, kind: str = "pairwise") -> 
 
 def stage_trainer(run: Any, tmp_path: Path, tokenizer: Any, perturb: float = 0.3) -> tuple:
     """The run's model (LoRA factors drawn away from zero so policy and reference differ),
-    its reference, and the stage's Trainer, built as ``ftlab.training.stages`` builds them."""
+    its reference, and the stage's Trainer, built as ``ftlab.training.run`` builds them."""
     import paddle
 
-    from ftlab.alignment.catalog import get_stage
-    from ftlab.alignment.registry import REFERENCE_COPY
     from ftlab.data import count_tokens
     from ftlab.methods.catalog import get_method
+    from ftlab.stages.catalog import get_stage
+    from ftlab.stages.registry import REFERENCE_COPY
     from ftlab.training.arguments import training_arguments
 
     paddle.seed(0)
@@ -213,7 +213,7 @@ def test_reference_logps_equal_the_adapter_free_base(
 ) -> None:
     """The reference is the trained model with its adapter off: no second copy, and its
     log-probs are a freshly loaded base model's (QLoRA: the same quantized base)."""
-    from ftlab.alignment.catalog import get_stage
+    from ftlab.stages.catalog import get_stage
 
     run = compose_run(["stage=dpo", f"method={method}"])
     assert get_stage("dpo").reference(run) == "adapter"
@@ -267,7 +267,7 @@ def test_reference_logps_equal_the_base_exactly_in_one_layout(
 def test_full_finetuning_keeps_a_frozen_copy_as_reference(tmp_path: Path, tokenizer: Any) -> None:
     import paddle
 
-    from ftlab.alignment.catalog import get_stage
+    from ftlab.stages.catalog import get_stage
 
     run = compose_run(["stage=dpo", "method=full"])
     assert get_stage("dpo").reference(run) == "copy"

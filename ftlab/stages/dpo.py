@@ -20,14 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ftlab.alignment.export import preference_arguments, script_notes
-from ftlab.alignment.preference_stage import PreferenceStage
-from ftlab.alignment.registry import StagePlan, register_stage
 from ftlab.config.choices import check_choice
 from ftlab.config.schema import StageConfig
 from ftlab.data.preference import PAIRWISE
 from ftlab.errors import ConfigError
+from ftlab.interop.preference_export import preference_arguments, script_notes
 from ftlab.methods.catalog import get_method
+from ftlab.stages.preference_stage import PreferenceStage
+from ftlab.stages.registry import StagePlan, register_stage
 
 if TYPE_CHECKING:
     from ftlab.config.environment import Environment
@@ -157,7 +157,7 @@ class Dpo(PreferenceStage):
     def make_trainer(
         self, run: RunConfig, *, reference_model: Any, method: Any, **kwargs: Any
     ) -> Any:
-        from ftlab.alignment.trainers import FtlabDPOTrainer, PaddleDPOConfig
+        from ftlab.stages.trainers import FtlabDPOTrainer, PaddleDPOConfig
 
         s, loss = run.stage, self._loss_settings(run.stage)
         switch = self.switch_for(run, method)
@@ -202,7 +202,7 @@ class Dpo(PreferenceStage):
 def check_method_expressible(run: RunConfig, script: str) -> None:
     """The preference scripts train a full model or LoRA (QLoRA with
     ``weight_quantize_algo``); a method that switches on anything else cannot be exported."""
-    from ftlab.alignment.export import MODEL_KEYS
+    from ftlab.interop.preference_export import MODEL_KEYS
 
     own = get_method(run.method.name).export(run, [])
     unknown = [k for k, v in own.items() if v is True and k != "lora" and k not in MODEL_KEYS]

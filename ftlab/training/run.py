@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from ftlab import signals
-from ftlab.alignment.registry import REFERENCE_COPY
 from ftlab.config.derived import Derived
 from ftlab.config.schema import ModelConfig, RunConfig
 from ftlab.errors import ConfigError
@@ -46,6 +45,7 @@ from ftlab.record.rundir import (
     RunDir,
 )
 from ftlab.record.summary import Summary
+from ftlab.stages.registry import REFERENCE_COPY
 from ftlab.training.progress import console
 from ftlab.training.trackers import attach_trackers, write_final_scalars
 
@@ -75,7 +75,7 @@ class Prepared:
     data: Any  # ftlab.data.DataBundle
     derived: Derived
     checkpoint: Path | None  # the checkpoint a resume continues from
-    stage: Any  # ftlab.alignment.registry.Stage: where the run differs by its objective
+    stage: Any  # ftlab.stages.registry.Stage: where the run differs by its objective
     model: ModelConfig  # the model loaded as the base (the init model after init_from)
     # Writes what the run records when training really starts (``RecordStart``).
     record_start: Any = None
@@ -118,10 +118,10 @@ def train(run: RunConfig, run_dir: RunDir, derived: Derived) -> Summary:
 
 
 def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
-    from ftlab.alignment.catalog import get_stage
     from ftlab.models.loading import load_tokenizer
     from ftlab.resolve.compose import resolved_config_yaml
     from ftlab.resolve.validate import check_demo_metric
+    from ftlab.stages.catalog import get_stage
     from ftlab.training.arguments import total_steps
 
     stage = get_stage(run.stage.name)
@@ -131,7 +131,7 @@ def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
     check_demo_metric(run, data.dev_records)  # before the model: pipeline models cannot generate
     model = run.model
     if run.init_from:
-        from ftlab.alignment.init import init_model_path, inspect_init
+        from ftlab.stages.init import init_model_path, inspect_init
 
         init_model = init_model_path(inspect_init(run), run_dir.path)
         derived = derived.with_(init_model=str(init_model))
@@ -519,7 +519,7 @@ def _materialize_init(run: RunConfig, run_dir: RunDir) -> None:
     """The merged starting model, written by the main process; the others wait for it."""
     import paddle.distributed as dist
 
-    from ftlab.alignment.init import inspect_init, materialize_init
+    from ftlab.stages.init import inspect_init, materialize_init
 
     materialize_init(run, inspect_init(run), run_dir)
     if dist.get_world_size() > 1:

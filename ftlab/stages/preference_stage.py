@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ftlab.alignment.registry import (
+from ftlab.data.formats import FORMATS
+from ftlab.errors import ConfigError
+from ftlab.methods.catalog import get_method, registered_methods
+from ftlab.stages.registry import (
     REFERENCE_ADAPTER,
     REFERENCE_COPY,
     REFERENCE_NONE,
     Stage,
     StagePlan,
 )
-from ftlab.data.formats import FORMATS
-from ftlab.errors import ConfigError
-from ftlab.methods.catalog import get_method, registered_methods
 
 if TYPE_CHECKING:
     from ftlab.config.environment import Environment

@@ -19,7 +19,7 @@ import pytest
 from conftest import CPU, GPU8, compose_run
 
 from ftlab.errors import ConfigError
-from ftlab.planning.export import export_run_finetune
+from ftlab.interop.paddlenlp_export import export_run_finetune
 from ftlab.planning.plan import make_plan
 from ftlab.resolve.validate import validate
 

@@ -16,7 +16,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ftlab.alignment.catalog import get_stage
 from ftlab.config.derived import Derived
 from ftlab.config.schema import RunConfig, TrainSettings
 from ftlab.data.formats import TEXT_FORMATS
@@ -25,6 +24,7 @@ from ftlab.methods.catalog import registered_methods
 from ftlab.models.rope import STRATEGIES, STRATEGY_TYPE
 from ftlab.record.rundir import EXPORT, EXPORT_NOTES, RunDir
 from ftlab.resolve.validate import generation_enabled
+from ftlab.stages.catalog import get_stage
 from ftlab.training.arguments import setting, shared_arguments
 
 # run_finetune.py keys that carry one ftlab setting unchanged (key -> dotted setting),

@@ -15,7 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftlab.data.layout import resolve_split_files
+from ftlab.data.splits import resolve_split_files
 from ftlab.errors import ConfigError, DataError
 
 if TYPE_CHECKING:

@@ -6,9 +6,9 @@ below, and its YAML in ``conf/stage/``.
 
 from __future__ import annotations
 
-from ftlab.alignment import dpo, kto, sft  # noqa: F401 (register)
-from ftlab.alignment.registry import Stage, registered_stages
 from ftlab.config.schema import StageConfig
+from ftlab.stages import dpo, kto, sft  # noqa: F401 (register)
+from ftlab.stages.registry import Stage, registered_stages
 
 
 def get_stage(name: str) -> Stage:

@@ -19,13 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ftlab.alignment.dpo import check_method_expressible
-from ftlab.alignment.export import preference_arguments, script_notes
-from ftlab.alignment.preference_stage import PreferenceStage
-from ftlab.alignment.registry import StagePlan, register_stage
 from ftlab.config.schema import StageConfig
 from ftlab.data.preference import LABELLED
 from ftlab.errors import ConfigError
+from ftlab.interop.preference_export import preference_arguments, script_notes
+from ftlab.stages.dpo import check_method_expressible
+from ftlab.stages.preference_stage import PreferenceStage
+from ftlab.stages.registry import StagePlan, register_stage
 
 if TYPE_CHECKING:
     from ftlab.config.environment import Environment
@@ -78,7 +78,7 @@ class Kto(PreferenceStage):
     def make_trainer(
         self, run: RunConfig, *, reference_model: Any, method: Any, **kwargs: Any
     ) -> Any:
-        from ftlab.alignment.trainers import ClippedKTO, FtlabKTOTrainer, PaddleKTOConfig
+        from ftlab.stages.trainers import ClippedKTO, FtlabKTOTrainer, PaddleKTOConfig
 
         s = run.stage
         switch = self.switch_for(run, method)
