@@ -83,6 +83,9 @@ class ModelConfig:
     # must be in the tokenizer's vocabulary).
     pad_token: str | None = None
     flash_attention: bool = False
+    # Pickled weights (``*.pdparams``, ``pytorch_model.bin``) can run code when read. ftlab
+    # reads safetensors only, and reads a pickle only when this is set explicitly.
+    allow_pickle: bool = False
     # --- long sequences ---
     # Packed batches carry FlashMask's attn_mask_startend_row_indices ([B, 1, L] int32)
     # instead of a dense [B, L, L] mask; needs flash_attention and packing.
