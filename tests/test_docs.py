@@ -69,8 +69,7 @@ def nav_pages() -> list[str]:
 
 
 def page_html(site: Path, page: str) -> str:
-    name = page.removesuffix(".md")
-    return (site / ("index.html" if name == "index" else f"{name}/index.html")).read_text()
+    return (site / page.replace(".md", ".html")).read_text()
 
 
 def readme_links() -> list[str]:
