@@ -31,7 +31,7 @@ test-full: $(STAMP) ## Run every test, the slow ones included
 	$(PY) -m pytest $(ARGS)
 
 docs: $(STAMP) ## Build the docs site (docs/, mkdocs.yml) into site/; --strict: a broken link or a page not in the nav fails
-	$(PY) -m mkdocs build --strict $(ARGS)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict $(ARGS)
 
 lint: $(STAMP) ## ruff lint + format check
 	$(VENV)/bin/ruff check ftlab tests bench
