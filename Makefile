@@ -8,7 +8,7 @@ comma := ,
 EXTRAS := $(if $(filter cpu,$(PADDLE)),cpu$(comma)dev,dev)
 STAMP := $(VENV)/.installed-$(PADDLE)
 
-.PHONY: help install train test test-full lint format bench bench-data bench-pref bench-qlora bench-methods bench-plan bench-long lock clean
+.PHONY: help install train test test-full lint format bench bench-data bench-pref bench-qlora bench-methods bench-plan bench-long lock clean docs
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ test: $(STAMP) ## Run the default test suite (about 10 min on 2 cores)
 
 test-full: $(STAMP) ## Run every test, the slow ones included
 	$(PY) -m pytest $(ARGS)
+
+docs: $(STAMP) ## Build the docs site (docs/, mkdocs.yml) into site/; --strict: a broken link or a page not in the nav fails
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict $(ARGS)
 
 lint: $(STAMP) ## ruff lint + format check
 	$(VENV)/bin/ruff check ftlab tests bench
@@ -62,4 +65,4 @@ lock: ## Rewrite constraints.txt from the current venv
 	$(PY) -m pip freeze --exclude-editable | grep -v '^ftlab' > constraints.txt
 
 clean: ## Remove outputs and caches (keeps .venv)
-	rm -rf outputs .pytest_cache .ruff_cache
+	rm -rf outputs site .pytest_cache .ruff_cache

@@ -515,7 +515,7 @@ def test_pose_on_short_rows_lowers_perplexity_at_the_scaled_context(tmp_path: Pa
     (On the full dev set: 14.05 -> 1.43 after 40 steps; the same rows without PoSE
     reached 1.41, and rows of 64 gave 1.54 with PoSE, 1.47 without: at factor 2 this shows
     the long context trained from short rows, not PoSE's advantage over plain rows. Here,
-    on 4 dev documents: 14.53 -> 1.60. README, Long sequences.)"""
+    on 4 dev documents: 14.53 -> 1.60. docs/long-sequences.md, PoSE.)"""
     lines = (asset_path("demo_text") / "dev.json").read_text().splitlines(True)
     dev = tmp_path / "dev.json"
     dev.write_text("".join(lines[:4]))

@@ -149,9 +149,9 @@ def test_resumed_dpo_run_equals_the_uninterrupted_one(
 
 @pytest.mark.slow
 def test_demo_dpo_from_the_default_sft_run(tmp_path: Path) -> None:
-    """The README demo: the default SFT run, then ``ftlab stage=dpo init_from=<it>``;
-    reward accuracy up on train and dev, entity recall kept (measured: 0.951 -> 0.958).
-    The wall time is printed (the README's figure), not asserted."""
+    """The DPO demo (docs/stages.md): the default SFT run, then ``ftlab stage=dpo
+    init_from=<it>``; reward accuracy up on train and dev, entity recall kept (measured:
+    0.951 -> 0.958). The wall time is printed (the page's figure), not asserted."""
     run_ftlab(tmp_path, "hydra.run.dir=sft")
     start = time.perf_counter()
     proc = run_ftlab(tmp_path, "stage=dpo", f"init_from={tmp_path / 'sft'}", "hydra.run.dir=dpo")

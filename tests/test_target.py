@@ -19,7 +19,7 @@ from ftlab.resolve.validate import validate, validate_for
 
 MISSION = ["method=qlora", "model=llama3", "parallel=tp4", "precision=bf16"]
 DOCS = [REPO / "README.md", REPO / "launch" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-# README examples that show an error on purpose.
+# Examples of the docs that show an error on purpose (docs/config.md).
 SHOWN_FAILING = {("method.lora_rnk=4",), ("method=lorra",)}
 # Settings of documented commands that need a run dir or a launcher, not a config.
 NOT_CONFIG = re.compile(r"^(hydra[./]|rerun=|resume=|experiment=|init_from=)")
@@ -55,7 +55,7 @@ def documented_commands() -> list[tuple[str, ...]]:
     return list(dict.fromkeys(commands))
 
 
-# The GPU examples of the docs (README.md, launch/README.md, docs/): the slow test below
+# The GPU examples of the docs (README.md, launch/README.md, docs/*.md): the slow test below
 # checks that this list holds every documented command this CPU machine refuses.
 GPU_EXAMPLES = [
     ("method=qlora", "model=llama3", "parallel=tp4"),
@@ -64,7 +64,7 @@ GPU_EXAMPLES = [
     ("mode=export", "device=gpu", "model=llama3", "method=lora", "parallel=sharding_stage2")
     + ("precision=bf16",),
     ("parallel=tp4", "model=llama3", "method=lora", "precision=bf16"),
-    # The command ftlab-import prints for the README's run_finetune.py argument file.
+    # The command ftlab-import prints for the run_finetune.py argument file of docs/interop.md.
     tuple(
         "model=llama3 method=lora data=advertisegen parallel=sharding_stage1 precision=bf16 "
         "eval.generation=false "

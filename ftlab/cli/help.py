@@ -174,7 +174,7 @@ def help_text(choices: Mapping[str, Any] | None = None, conf_dir: Path = CONF_DI
         _rows(list(COMMANDS)),
         "",
         "Hydra: ftlab --hydra-help (its flags), --cfg job, --info, --shell-completion",
-        "(install=bash). The README is the full map.",
+        "(install=bash). The docs (docs/, make docs) are the full map.",
     ]
     # Hydra passes the rendered text through string.Template: keep a literal $ as $$.
     return "\n".join(out).replace("$", "$$")

@@ -82,7 +82,8 @@ def probe_environment(requested: str = "auto") -> Environment:
         raise ConfigError(
             "device=gpu: no CUDA device is visible to PaddlePaddle (CPU build, or "
             "CUDA_VISIBLE_DEVICES empty). Use device=cpu or device=auto, or install "
-            "paddlepaddle-gpu (see README). To prepare a GPU run on this machine, use "
+            "paddlepaddle-gpu (see docs/getting-started.md). To prepare a GPU run on this "
+            "machine, use "
             "mode=plan or mode=export with device=gpu."
         )
     cuda = paddle.device.is_compiled_with_cuda()

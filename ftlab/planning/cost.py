@@ -32,7 +32,7 @@ optimizer step of a candidate layout, on its busiest device:
 Nothing overlaps in the model (real runs overlap some communication with compute), the
 optimizer update, kernel launch overheads and QLoRA's dequantization are not counted.
 The constants come from a profile per accelerator (``PROFILES``), each overridable by a
-``launch.*`` setting; ``README.md`` says how to calibrate them against short real runs.
+``launch.*`` setting; ``docs/plan.md`` says how to calibrate them against short real runs.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Profile:
 # all-reduce figures on 8-GPU SXM nodes (about half of NVLink's bidirectional rate) and one
 # InfiniBand port per GPU (HDR 200 Gb/s on A100 nodes, NDR 400 Gb/s on H100/H800) at ~90%;
 # host: PCIe 4 (A100) / 5 (H100, H800) x16 at ~80%. The MFU is an assumption (LLM
-# fine-tuning commonly sustains 30-50% of peak); calibrate it (README).
+# fine-tuning commonly sustains 30-50% of peak); calibrate it (docs/plan.md).
 PROFILES: dict[str, Profile] = {
     "a100": Profile("gpu", 80.0, 312.0, 156.0, 0.4, 230.0, 22.0, 25.0, 1.0, "A100 SXM4 80GB"),
     "a100_40g": Profile("gpu", 40.0, 312.0, 156.0, 0.4, 230.0, 22.0, 25.0, 1.0, "A100 SXM4 40GB"),

@@ -1,7 +1,7 @@
 """``RunDir``: the experiment directory of one run, its file names and every write into it.
 
 Every module that reads or writes a run's files goes through this class, so the layout
-lives here once (the README's tree). Writes are atomic (a reader never sees half a file)
+lives here once (the tree in docs/rundir.md). Writes are atomic (a reader never sees half a file)
 and happen on the main process only: a ``RunDir`` made with ``is_main=False`` (the other
 ranks of a multi-process run) ignores every write, so the orchestration needs no rank
 checks.
@@ -217,7 +217,7 @@ def dir_bytes(path: Path) -> int:
 
 
 class RunDir:
-    """One run's directory (see the README's "experiment directory")."""
+    """One run's directory (see "The experiment directory" in docs/rundir.md)."""
 
     def __init__(self, path: Path | str, is_main: bool = True) -> None:
         self.path = Path(path)

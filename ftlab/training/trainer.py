@@ -184,7 +184,7 @@ class FtlabTrainerMixin:
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         """From ftlab's JSON; a checkpoint without it (written before ftlab wrote JSON) is
-        left to PaddleNLP's loader, which unpickles (see the README's security note).
+        left to PaddleNLP's loader, which unpickles (see docs/reliability.md, Security).
 
         The choice is made on rank 0's file, the same for every rank: PaddleNLP's loader
         broadcasts, so one rank taking it while the others do not would hang the job. A
