@@ -38,7 +38,8 @@ from typing import Any
 
 from ftlab.config.environment import Environment
 from ftlab.config.schema import AutoLayoutSettings, ParallelConfig, RunConfig
-from ftlab.distributed.layout import processes_per_node
+from ftlab.distributed.degrees import Degrees
+from ftlab.distributed.layout import parallel_degrees, processes_per_node, with_degrees
 from ftlab.errors import ConfigError
 from ftlab.methods.catalog import get_method, method_schemas
 from ftlab.methods.registry import AdapterPlan
@@ -159,19 +160,11 @@ def recompute_choice_of(run: RunConfig) -> RecomputeChoice:
 # --------------------------------------------------------------------------- candidates
 
 
-@dataclass
-class Candidate:
-    """One layout auto considered, and what became of it."""
+@dataclass(frozen=True, kw_only=True)
+class Candidate(Degrees):
+    """One layout auto considered (its degrees, batch split and recompute), and what became
+    of it."""
 
-    nproc_per_node: int
-    nnodes: int
-    data: int
-    tensor: int
-    pipeline: int
-    sharding: int
-    sharding_stage: int
-    offload: bool
-    sequence_parallel: bool
     recompute: str  # a RecomputeChoice label
     micro_batch: int | None  # None: the global batch does not split over its ranks
     accumulation: int | None
@@ -185,30 +178,8 @@ class Candidate:
     rank: int | None = None
 
     @property
-    def world_size(self) -> int:
-        return self.nproc_per_node * self.nnodes
-
-    @property
     def step_seconds(self) -> float | None:
         return self.step["total"] if self.step else None
-
-    @property
-    def layout_label(self) -> str:
-        """The parallel layout in short: ``tp2 pp2 sharding2/s1 dp2 sp offload``."""
-        parts = []
-        if self.tensor > 1:
-            parts.append(f"tp{self.tensor}")
-        if self.pipeline > 1:
-            parts.append(f"pp{self.pipeline}")
-        if self.sharding > 1:
-            parts.append(f"sharding{self.sharding}/stage{self.sharding_stage}")
-        if self.data > 1:
-            parts.append(f"dp{self.data}")
-        if self.sequence_parallel:
-            parts.append("sp")
-        if self.offload:
-            parts.append("offload")
-        return " ".join(parts) or "single"
 
     @property
     def label(self) -> str:
@@ -223,26 +194,16 @@ class Candidate:
         )
 
     def parallel(self, base: ParallelConfig) -> ParallelConfig:
-        return replace(
-            base,
-            data=self.data,
-            tensor=self.tensor,
-            pipeline=self.pipeline,
-            sharding=self.sharding,
-            sharding_stage=self.sharding_stage,
-            offload=self.offload,
-            sequence_parallel=self.sequence_parallel,
-            nproc_per_node=self.nproc_per_node,
-            cpu_emulation=False,
-        )
+        return replace(with_degrees(base, self), cpu_emulation=False)
 
 
 def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def _structures(hw: Hardware) -> list[dict[str, Any]]:
-    """Every combination of degrees, stage, offload and sequence parallel for the devices."""
+def _structures(hw: Hardware, expert: int) -> list[Degrees]:
+    """Every combination of degrees, stage, offload and sequence parallel for the devices
+    (``expert``: the run's, which auto does not choose)."""
     out = []
     for n in _divisors(hw.devices_per_node):
         world = n * hw.nnodes
@@ -254,7 +215,7 @@ def _structures(hw: Hardware) -> list[dict[str, Any]]:
                         for offload in (False, True) if stage >= 2 else (False,):
                             for sp in (False, True) if t > 1 else (False,):
                                 out.append(
-                                    dict(
+                                    Degrees(
                                         nproc_per_node=n,
                                         nnodes=hw.nnodes,
                                         data=rest // s,
@@ -264,6 +225,7 @@ def _structures(hw: Hardware) -> list[dict[str, Any]]:
                                         sharding_stage=stage,
                                         offload=offload,
                                         sequence_parallel=sp,
+                                        expert=expert,
                                     )
                                 )
     return out
@@ -371,12 +333,12 @@ def choose(run: RunConfig, env: Environment, hw: Hardware) -> Decision:
     counts = count_parameters(run, adapter)
     choices = recompute_choices(settings)
     candidates: list[Candidate] = []
-    for struct in _structures(hw):
-        ranks = struct["data"] * struct["sharding"]
+    for struct in _structures(hw, run.parallel.expert):
+        ranks = struct.data_parallel_world
         if gb % ranks:
             candidates.append(
                 Candidate(
-                    **struct,
+                    **struct.as_kwargs(),
                     recompute="any",
                     micro_batch=None,
                     accumulation=None,
@@ -387,7 +349,9 @@ def choose(run: RunConfig, env: Environment, hw: Hardware) -> Decision:
             )
             continue
         per_rank = gb // ranks
-        probe = Candidate(**struct, recompute="off", micro_batch=per_rank, accumulation=1)
+        probe = Candidate(
+            **struct.as_kwargs(), recompute="off", micro_batch=per_rank, accumulation=1
+        )
         try:
             validate(candidate_run(run, probe, choices[0]), env)
         except ConfigError as err:
@@ -403,14 +367,18 @@ def choose(run: RunConfig, env: Environment, hw: Hardware) -> Decision:
     fitting.sort(
         key=lambda c: (c.step_seconds, _complexity(c), -(c.micro_batch or 0), c.memory_gib)
     )
-    for i, cand in enumerate(fitting):
-        cand.rank = i + 1
-        cand.status = "chosen" if i == 0 else "ranked"
-        cand.reason = (
-            "fastest that fits"
+    ranked = {
+        id(cand): replace(
+            cand,
+            rank=i + 1,
+            status="chosen" if i == 0 else "ranked",
+            reason="fastest that fits"
             if i == 0
-            else f"{cand.step_seconds / fitting[0].step_seconds:.2f}x the chosen step time"
+            else f"{cand.step_seconds / fitting[0].step_seconds:.2f}x the chosen step time",
         )
+        for i, cand in enumerate(fitting)
+    }
+    candidates = [ranked.get(id(c), c) for c in candidates]
     return Decision(hw, gb, settings.memory_margin, candidates)
 
 
@@ -434,8 +402,7 @@ def _evaluate(
         data_parallel_degree=cand.data,
         global_batch_size=(cand.micro_batch or 0)
         * (cand.accumulation or 0)
-        * cand.data
-        * cand.sharding,
+        * cand.data_parallel_world,
     )
     mem = estimate_memory(crun, counts, layout(crun, derived), env.device, adapter)
     need = (mem.estimated_rss if mem.estimated_rss is not None else mem.in_use) / GIB
@@ -449,14 +416,7 @@ def _evaluate(
         )
     forward_share, collective_share = choice.shares(run)
     shape = Shape(
-        nproc_per_node=cand.nproc_per_node,
-        data=cand.data,
-        tensor=cand.tensor,
-        pipeline=cand.pipeline,
-        sharding=cand.sharding,
-        sharding_stage=cand.sharding_stage,
-        offload=cand.offload,
-        sequence_parallel=cand.sequence_parallel,
+        **cand.as_kwargs(),
         recompute=forward_share,
         recompute_collectives=collective_share,
         micro_batch=cand.micro_batch or 0,
@@ -464,7 +424,7 @@ def _evaluate(
         seq_len=run.data.max_length,
     )
     step: StepTime = step_time(crun, counts, adapter, shape, hw)
-    tokens = (cand.micro_batch or 0) * (cand.accumulation or 0) * cand.data * cand.sharding
+    tokens = (cand.micro_batch or 0) * (cand.accumulation or 0) * cand.data_parallel_world
     tokens *= run.data.max_length
     return replace(
         cand, step=step.to_dict(), tokens_per_second=round(tokens / step.total, 1), reason=""
@@ -723,17 +683,8 @@ def layout_estimate(
         hw = resolve_hardware(run, env, processes_per_node(p))
     except ConfigError as err:
         return {"estimate": None}, [f"estimate        n/a: {err}"]
-    world = hw.devices_per_node * hw.nnodes
     cand = Candidate(
-        nproc_per_node=hw.devices_per_node,
-        nnodes=hw.nnodes,
-        data=world // (p.tensor * p.pipeline * p.sharding),
-        tensor=p.tensor,
-        pipeline=p.pipeline,
-        sharding=p.sharding,
-        sharding_stage=p.sharding_stage,
-        offload=p.offload,
-        sequence_parallel=p.sequence_parallel,
+        **parallel_degrees(p, hw.nnodes, hw.devices_per_node).as_kwargs(),
         recompute=recompute_choice_of(run).label,
         micro_batch=t.per_device_train_batch_size,
         accumulation=t.gradient_accumulation_steps,

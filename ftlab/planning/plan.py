@@ -83,6 +83,8 @@ from ftlab.config.derived import Derived
 from ftlab.config.environment import Environment
 from ftlab.config.schema import RunConfig
 from ftlab.config.trainer_options import OPTIMIZERS_TABLE, parse_refined_recompute
+from ftlab.distributed.degrees import Degrees
+from ftlab.distributed.layout import parallel_degrees
 from ftlab.methods.catalog import get_method
 from ftlab.methods.registry import AdapterPlan
 from ftlab.models.arch import base_counts, ffn_width, kv_dim
@@ -180,18 +182,11 @@ def count_parameters(run: RunConfig, adapter: AdapterPlan | None = None) -> Para
     )
 
 
-@dataclass
-class Layout:
-    world_size: int
-    nproc_per_node: int
-    nnodes: int
-    data: int
-    tensor: int
-    pipeline: int
-    sharding: int
-    sharding_stage: int
-    sequence_parallel: bool
-    expert: int
+@dataclass(frozen=True, kw_only=True)
+class Layout(Degrees):
+    """The run's degrees and what one device holds of a step: the batch split, the layers
+    of a pipeline stage and the micro-batches in flight."""
+
     micro_batch: int
     gradient_accumulation_steps: int
     global_batch: int
@@ -199,21 +194,17 @@ class Layout:
     layers_per_stage: int
     micro_batches_in_flight: int
 
+    def to_dict(self) -> dict[str, Any]:
+        """``plan.json``'s ``layout``: the world size first, then every field."""
+        return {"world_size": self.world_size, **asdict(self)}
+
 
 def layout(run: RunConfig, derived: Derived) -> Layout:
     p, t = run.parallel, run.train
     layers = math.ceil(run.model.arch.num_hidden_layers / p.pipeline)
+    degrees = parallel_degrees(p, run.launch.nnodes, derived.nproc_per_node)
     return Layout(
-        world_size=derived.world_size,
-        nproc_per_node=derived.nproc_per_node,
-        nnodes=run.launch.nnodes,
-        data=derived.data_parallel_degree,
-        tensor=p.tensor,
-        pipeline=p.pipeline,
-        sharding=p.sharding,
-        sharding_stage=p.sharding_stage,
-        sequence_parallel=p.sequence_parallel,
-        expert=p.expert,
+        **degrees.as_kwargs(),
         micro_batch=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         global_batch=derived.global_batch_size,
@@ -485,7 +476,7 @@ def make_plan(run: RunConfig, derived: Derived, device: str) -> dict[str, Any]:
         "method": {"name": run.method.name, **adapter.details},
         "method_lines": adapter.lines + stage.lines,
         "stage": {"name": run.stage.name, **stage.details},
-        "layout": asdict(lay),
+        "layout": lay.to_dict(),
         "parameters": {k: v for k, v in asdict(counts).items() if k != "targets"},
         "memory_bytes": asdict(mem),
         "memory_mib": {k: None if v is None else round(v / MIB, 1) for k, v in asdict(mem).items()},

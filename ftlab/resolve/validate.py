@@ -30,7 +30,8 @@ from ftlab.config.trainer_options import (
 )
 from ftlab.data.formats import TEXT_FORMATS
 from ftlab.data.settings import check_data_settings, mixture_weights
-from ftlab.distributed.layout import processes_per_node
+from ftlab.distributed.degrees import Degrees
+from ftlab.distributed.layout import parallel_degrees
 from ftlab.errors import ConfigError, DataError
 from ftlab.methods.catalog import get_method
 from ftlab.methods.registry import Method
@@ -292,19 +293,18 @@ def check_data(run: RunConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
-def check_parallel(run: RunConfig, env: Environment) -> dict[str, int]:
+def check_parallel(run: RunConfig, env: Environment) -> Degrees:
     """Check the layout against the devices and the model; return the derived degrees."""
     p, launch, arch = run.parallel, run.launch, run.model.arch
-    model_parallel = p.tensor * p.pipeline * p.sharding
-    nproc = processes_per_node(p)
-    world = nproc * launch.nnodes
+    degrees = parallel_degrees(p, launch.nnodes)
+    nproc, world, dp = degrees.nproc_per_node, degrees.world_size, degrees.data
+    model_parallel = degrees.model_parallel_size * p.sharding
     if world % model_parallel:
         raise ConfigError(
             f"parallel={p.name}: world size {world} (nnodes {launch.nnodes} x nproc_per_node "
             f"{nproc}) is not a multiple of tensor {p.tensor} x pipeline {p.pipeline} x "
             f"sharding {p.sharding} = {model_parallel}."
         )
-    dp = world // model_parallel
     if p.data is not None and p.data != dp:
         nodes = (
             f" ({launch.nnodes} nodes x {nproc} processes per node; parallel.nproc_per_node "
@@ -376,7 +376,7 @@ def check_parallel(run: RunConfig, env: Environment) -> dict[str, int]:
             "sharding_stage1 on CPU; to test a tensor- or pipeline-parallel layout on CPU, "
             "add parallel.cpu_emulation=true (slow, for correctness checks)."
         )
-    return {"world_size": world, "nproc_per_node": nproc, "data_parallel_degree": dp}
+    return degrees
 
 
 # --------------------------------------------------------------------------- optimizer,
@@ -677,7 +677,7 @@ def validate(run: RunConfig, env: Environment) -> Derived:
             "(0 disables)."
         )
     check_auto_settings(run)
-    layout = check_parallel(run, env)
+    degrees = check_parallel(run, env)
     method = get_method(run.method.name)
     method.check(run, env)
     check_method_layout(run, method)
@@ -690,15 +690,16 @@ def validate(run: RunConfig, env: Environment) -> Derived:
     stage.check(run, env)
     init_from = str(inspect_init(run).path) if run.init_from else None
     t = run.train
-    # Sharding splits the data like data parallelism does, so both multiply the batch.
-    batch_ranks = layout["data_parallel_degree"] * run.parallel.sharding
     pipeline = run.parallel.pipeline > 1
     return Derived(
         device=env.device,
-        **layout,
+        world_size=degrees.world_size,
+        nproc_per_node=degrees.nproc_per_node,
+        data_parallel_degree=degrees.data,
+        # Sharding splits the data like data parallelism does, so both multiply the batch.
         global_batch_size=t.per_device_train_batch_size
         * t.gradient_accumulation_steps
-        * batch_ranks,
+        * degrees.data_parallel_world,
         method={**method.derived(run.method), **method.environment_derived(run.method, env)},
         stage=stage.derived(run),
         init_from=init_from,
