@@ -108,8 +108,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     signals.install()  # Paddle's import replaced the SIGTERM handler (ftlab.signals)
     record.create()
     if run.mode == "plan":
-        from ftlab.planning.auto import layout_estimate
-        from ftlab.planning.plan import print_plan
+        from ftlab.planning.plan import layout_estimate, print_plan
 
         extra, lines = layout_estimate(run, env, decision, notes)
         return print_plan(run, derived, env, record, extra, lines)
