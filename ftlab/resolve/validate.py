@@ -31,6 +31,7 @@ from ftlab.config.trainer_options import (
 from ftlab.data.formats import TEXT_FORMATS
 from ftlab.data.settings import check_data_settings, mixture_weights
 from ftlab.distributed.degrees import Degrees
+from ftlab.distributed.emulation import check_emulation
 from ftlab.distributed.layout import parallel_degrees
 from ftlab.errors import ConfigError, DataError
 from ftlab.methods.catalog import get_method
@@ -295,7 +296,35 @@ def check_data(run: RunConfig) -> None:
 
 def check_parallel(run: RunConfig, env: Environment) -> Degrees:
     """Check the layout against the devices and the model; return the derived degrees."""
-    p, launch, arch = run.parallel, run.launch, run.model.arch
+    degrees = _derived_degrees(run)
+    check_combination(run, degrees.data)
+    p = run.parallel
+    if degrees.nproc_per_node > env.device_count:
+        unit = "GPUs" if env.device == "gpu" else "CPU cores (one gloo process each)"
+        raise ConfigError(
+            f"parallel={p.name} needs {degrees.nproc_per_node} processes per node but this "
+            f"machine has {env.device_count} {unit}. Use a smaller layout (e.g. "
+            "parallel=single) or more devices."
+        )
+    check_expert_parallel(run, env, degrees.data)
+    check_model_split(run)
+    if env.device == "cpu" and p.cpu_emulation:
+        check_emulation(run)  # refuses the layouts the CPU emulation cannot run
+    elif env.device == "cpu" and (p.tensor > 1 or p.pipeline > 1 or p.sharding_stage in (2, 3)):
+        raise ConfigError(
+            f"parallel={p.name} (tensor {p.tensor}, pipeline {p.pipeline}, sharding stage "
+            f"{p.sharding_stage}): PaddlePaddle's CPU build cannot run tensor, pipeline or "
+            "sharding stage 2/3 layouts. Run it on GPUs, or use parallel=dp2 / "
+            "sharding_stage1 on CPU; to test a tensor- or pipeline-parallel layout on CPU, "
+            "add parallel.cpu_emulation=true (slow, for correctness checks)."
+        )
+    return degrees
+
+
+def _derived_degrees(run: RunConfig) -> Degrees:
+    """The degrees on ``launch.nnodes`` nodes, the data degree derived from the world size
+    (which the other degrees must divide; ``parallel.data``, when set, must equal it)."""
+    p, launch = run.parallel, run.launch
     degrees = parallel_degrees(p, launch.nnodes)
     nproc, world, dp = degrees.nproc_per_node, degrees.world_size, degrees.data
     model_parallel = degrees.model_parallel_size * p.sharding
@@ -317,16 +346,15 @@ def check_parallel(run: RunConfig, env: Environment) -> Degrees:
             f"pipeline x sharding = {model_parallel}) = {dp}. Leave parallel.data unset to "
             "derive it."
         )
-    check_combination(run, dp)
-    if nproc > env.device_count:
-        unit = "GPUs" if env.device == "gpu" else "CPU cores (one gloo process each)"
-        raise ConfigError(
-            f"parallel={p.name} needs {nproc} processes per node but this machine has "
-            f"{env.device_count} {unit}. Use a smaller layout (e.g. parallel=single) or more "
-            "devices."
-        )
+    return degrees
+
+
+def check_model_split(run: RunConfig) -> None:
+    """The model splits as the tensor and pipeline degrees ask: PaddleNLP has the family's
+    tensor-parallel layers / pipeline model, and the degrees divide its heads, widths and
+    layers."""
+    p, arch = run.parallel, run.model.arch
     fam = family(run.model.family)
-    check_expert_parallel(run, env, dp)
     if p.tensor > 1 and not fam.tensor_parallel:
         raise ConfigError(
             f"parallel.tensor={p.tensor}: PaddleNLP has no tensor-parallel layers for "
@@ -364,19 +392,6 @@ def check_parallel(run: RunConfig, env: Environment) -> Degrees:
             f"{arch.num_hidden_layers} layers: every stage needs at least one. "
             "Use fewer pipeline stages."
         )
-    if env.device == "cpu" and p.cpu_emulation:
-        from ftlab.distributed.emulation import check_emulation
-
-        check_emulation(run)  # refuses the layouts the CPU emulation cannot run
-    elif env.device == "cpu" and (p.tensor > 1 or p.pipeline > 1 or p.sharding_stage in (2, 3)):
-        raise ConfigError(
-            f"parallel={p.name} (tensor {p.tensor}, pipeline {p.pipeline}, sharding stage "
-            f"{p.sharding_stage}): PaddlePaddle's CPU build cannot run tensor, pipeline or "
-            "sharding stage 2/3 layouts. Run it on GPUs, or use parallel=dp2 / "
-            "sharding_stage1 on CPU; to test a tensor- or pipeline-parallel layout on CPU, "
-            "add parallel.cpu_emulation=true (slow, for correctness checks)."
-        )
-    return degrees
 
 
 # --------------------------------------------------------------------------- optimizer,
