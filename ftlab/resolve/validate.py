@@ -17,8 +17,8 @@ from typing import Any
 
 from ftlab.config.choices import check_choice
 from ftlab.config.derived import Derived
-from ftlab.config.environment import Environment
-from ftlab.config.schema import RunConfig
+from ftlab.config.environment import Environment, target_environment
+from ftlab.config.schema import AutoLayoutSettings, LaunchConfig, RunConfig
 from ftlab.config.trainer_options import (
     ACCEPTED_NOT_BUILT,
     OPTIMIZERS,
@@ -643,8 +643,6 @@ COST_SETTINGS = (
 def check_auto_settings(run: RunConfig) -> None:
     """``parallel.auto.*`` and the cost-model settings do nothing without parallel=auto
     (outside plan mode): say so rather than ignore them."""
-    from ftlab.config.schema import AutoLayoutSettings, LaunchConfig
-
     if run.parallel.name == "auto":
         return
     if run.parallel.auto != AutoLayoutSettings():
@@ -768,7 +766,6 @@ def validate_for(run: RunConfig, env: Environment) -> Derived:
     except ConfigError as err:
         if run.mode not in ("plan", "export") or env.described or env.device != "cpu":
             raise
-        from ftlab.config.environment import target_environment
 
         try:
             validate(replace(run, device="gpu"), target_environment(run))
