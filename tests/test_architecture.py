@@ -220,8 +220,7 @@ def test_imports_inside_functions_only_defer_a_heavy_library() -> None:
     def loads_heavy(names: Iterable[str]) -> bool:
         """An import of ``names`` loads a heavy library itself, or a name of a lazy package."""
         return any(
-            n.split(".")[0] in HEAVY
-            or (n.rsplit(".", 1)[0] in LAZY_PACKAGES and n not in modules)
+            n.split(".")[0] in HEAVY or (n.rsplit(".", 1)[0] in LAZY_PACKAGES and n not in modules)
             for n in names
         )
 
