@@ -202,6 +202,30 @@ def build_data(
             build_source=build_data,
             collate_fn=Collator(pad_id),
         )
+    return _one_source(
+        cfg,
+        tokenizer,
+        seed=seed,
+        need_dev=need_dev,
+        world_size=world_size,
+        rank=rank,
+        pose=pose,
+        collate_fn=Collator(pad_id, flash_mask=flash_mask),
+    )
+
+
+def _one_source(
+    cfg: DataConfig,
+    tokenizer: Any,
+    *,
+    seed: int,
+    need_dev: bool,
+    world_size: int,
+    rank: int,
+    pose: PoseSkips | None,
+    collate_fn: Collator,
+) -> DataBundle:
+    """The data of one ``data.path``: its train split streamed or read whole, its dev split."""
     train_files, dev_files = _split_files(cfg, need_dev)
     fingerprints: dict[str, str] = {}
     train_stats = SplitStats()
@@ -231,7 +255,7 @@ def build_data(
     return DataBundle(
         train_dataset=train_dataset,
         dev_dataset=dev_dataset,
-        collate_fn=Collator(pad_id, flash_mask=flash_mask),
+        collate_fn=collate_fn,
         dev_records=[r.data for r, _ in dev_pairs],
         format=fmt,
         stats=stats,
