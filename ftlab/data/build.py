@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -229,11 +230,13 @@ def _one_source(
     train_files, dev_files = _split_files(cfg, need_dev)
     fingerprints: dict[str, str] = {}
     train_stats = SplitStats()
-    read = (cfg, tokenizer, train_files, dev_files, train_stats, fingerprints, seed, pose)
+    reading = _Reading(
+        cfg, tokenizer, train_files, dev_files, train_stats, fingerprints, seed, pose
+    )
     if cfg.streaming:
-        fmt, builder, train_dataset, dev = _streaming_train(*read, world_size, rank)
+        fmt, builder, train_dataset, dev = _streaming_train(reading, world_size, rank)
     else:
-        fmt, builder, train_dataset, dev = _in_memory_train(*read)
+        fmt, builder, train_dataset, dev = _in_memory_train(reading)
     dev_pairs, dev_stats, dev_source = dev
     dev_dataset = (
         None
@@ -277,29 +280,33 @@ def _split_files(cfg: DataConfig, need_dev: bool) -> tuple[list[Path], list[Path
     return train_files, dev_files
 
 
+@dataclass
+class _Reading:
+    """What reading one source's splits needs, and where it counts what it read."""
+
+    cfg: DataConfig
+    tokenizer: Any
+    files: list[Path]  # the train split's
+    dev_files: list[Path] | None  # None: no dev split on disk
+    stats: SplitStats  # the train split's
+    fingerprints: dict[str, str]
+    seed: int
+    pose: PoseSkips | None
+
+
 # A train split read: (format, builder, dataset, (dev pairs, dev stats, dev source)).
 _DevPairs = tuple[list[tuple[Record, Any]], SplitStats | None, str | None]
 _Train = tuple[str, ExampleBuilder | DocumentBuilder, Any, _DevPairs]
 
 
-def _streaming_train(
-    cfg: DataConfig,
-    tokenizer: Any,
-    files: list[Path],
-    dev_files: list[Path] | None,
-    stats: SplitStats,
-    fingerprints: dict[str, str],
-    seed: int,
-    pose: PoseSkips | None,
-    world_size: int,
-    rank: int,
-) -> _Train:
+def _streaming_train(r: _Reading, world_size: int, rank: int) -> _Train:
     """A train split read lazily, sharded by rank (the format detected from its first
     records), and the dev split."""
+    cfg, tokenizer, files, stats, seed = r.cfg, r.tokenizer, r.files, r.stats, r.seed
     fmt = detect_format(_first_records(files, cfg.on_bad_record), cfg.format)
     builder = _builder(cfg, tokenizer, fmt, train=True)
     for path in files:  # hashed up front: the stream itself reads lazily
-        fingerprints[str(path.resolve())] = sha256_file(path)
+        r.fingerprints[str(path.resolve())] = sha256_file(path)
     stats.files = len(files)
     dataset = StreamingDataset(
         files,
@@ -313,24 +320,18 @@ def _streaming_train(
         world_size=world_size,
         rank=rank,
         stats=stats,
-        pose=pose,
+        pose=r.pose,
     )
-    _, dev_pairs, dev_stats, dev_source = _dev_pairs(cfg, dev_files, [], fmt, seed, fingerprints)
+    _, dev_pairs, dev_stats, dev_source = _dev_pairs(
+        cfg, r.dev_files, [], fmt, seed, r.fingerprints
+    )
     return fmt, builder, dataset, (dev_pairs, dev_stats, dev_source)
 
 
-def _in_memory_train(
-    cfg: DataConfig,
-    tokenizer: Any,
-    files: list[Path],
-    dev_files: list[Path] | None,
-    stats: SplitStats,
-    fingerprints: dict[str, str],
-    seed: int,
-    pose: PoseSkips | None,
-) -> _Train:
+def _in_memory_train(r: _Reading) -> _Train:
     """A train split read whole, and the dev split: a carved dev share leaves its records
     before they become examples."""
+    cfg, files, stats, fingerprints, seed = r.cfg, r.files, r.stats, r.fingerprints, r.seed
     bad = BadRecords(cfg.on_bad_record, stats)
     records = read_split(files, bad, stats, fingerprints)
     if not records:
@@ -340,15 +341,15 @@ def _in_memory_train(
             f"{sum(stats.skipped.values())} skipped). Add records."
         )
     fmt = detect_format(records, cfg.format)
-    builder = _builder(cfg, tokenizer, fmt, train=True)
+    builder = _builder(cfg, r.tokenizer, fmt, train=True)
     pairs, dev_pairs, dev_stats, dev_source = _dev_pairs(
-        cfg, dev_files, _valid(records, fmt, bad), fmt, seed, fingerprints
+        cfg, r.dev_files, _valid(records, fmt, bad), fmt, seed, fingerprints
     )
     store = _examples(builder, pairs, stats, bad, "train", files)
     final = getattr(builder, "rows_are_final", False)
     dataset = _train_map_dataset(cfg, store, stats, seed, final)
-    if pose is not None:
-        dataset = PoseDataset(dataset, pose)
+    if r.pose is not None:
+        dataset = PoseDataset(dataset, r.pose)
     _log_split("train", stats)
     return fmt, builder, dataset, (dev_pairs, dev_stats, dev_source)
 

@@ -24,6 +24,7 @@ files, and, when it has a dev split, its own eval loss after training.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -199,16 +200,16 @@ def build_mixture(
 
     ``build_source`` is ``build_data`` (passed in: it calls this module, not the reverse).
     """
-    parts = _build_sources(
-        cfg,
-        tokenizer,
+    read = functools.partial(
+        build_source,
+        tokenizer=tokenizer,
         seed=seed,
-        need_dev=need_dev,
+        need_dev=False,  # a dev split is needed of the mixture, not of every source
         max_steps=max_steps,
         world_size=world_size,
         rank=rank,
-        build_source=build_source,
     )
+    parts = _build_sources(cfg, read, need_dev)
     sources = _source_stats(cfg, parts)
     train_stats = _sum_splits([p.stats.train for p in parts.values()])
     if cfg.streaming:
@@ -246,30 +247,15 @@ def build_mixture(
 
 
 def _build_sources(
-    cfg: DataConfig,
-    tokenizer: Any,
-    *,
-    seed: int,
-    need_dev: bool,
-    max_steps: int | None,
-    world_size: int,
-    rank: int,
-    build_source: Callable[..., DataBundle],
+    cfg: DataConfig, read: Callable[[DataConfig], DataBundle], need_dev: bool
 ) -> dict[str, DataBundle]:
-    """Each source read as a dataset of its own, by name; its errors name the source."""
+    """Each source read (``read``) as a dataset of its own, by name; its errors name the
+    source."""
     parts: dict[str, DataBundle] = {}
     for src in cfg.sources:
         name = source_name(src)
         try:
-            parts[name] = build_source(
-                source_config(cfg, src),
-                tokenizer,
-                seed=seed,
-                need_dev=False,
-                max_steps=max_steps,
-                world_size=world_size,
-                rank=rank,
-            )
+            parts[name] = read(source_config(cfg, src))
         except DataError as err:
             raise DataError(f"data.sources[{name}]: {err}") from None
     if need_dev and all(p.dev_dataset is None for p in parts.values()):
