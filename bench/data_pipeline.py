@@ -69,7 +69,7 @@ def run_ftlab(
     tok: Any, data_dir: Path, packing: str, max_length: int, src_length: int
 ) -> dict[str, Any]:
     from ftlab.config.schema import DataConfig
-    from ftlab.data import build_data
+    from ftlab.data.build import build_data
 
     # shuffle=False: pack in file order, like PaddleNLP's path (same packs for zero_padding)
     cfg = DataConfig(

@@ -87,7 +87,7 @@ def tokenizer() -> Any:
 def ftlab_data(length: int, flash_mask: bool) -> Any:
     from ftlab.assets import asset_path
     from ftlab.config.schema import DataConfig
-    from ftlab.data import build_data
+    from ftlab.data.build import build_data
 
     cfg = DataConfig(
         name="demo_text",

@@ -8,6 +8,7 @@ import ast
 import copy
 import functools
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,13 @@ from ftlab.methods.registry import AdapterPlan, Method, register_method, unregis
 
 PACKAGE = REPO / "ftlab"
 
-# Layers, bottom first: a module may import from its own layer and the layers below.
+# Layers, bottom first: a module may import from its own layer and the layers below, and
+# every ftlab import counts (inside functions too: a lazy import is still an edge).
 LAYERS: list[tuple[str, ...]] = [
     (  # records and types everything else passes around; no Paddle
         "ftlab",
         "ftlab.errors",
+        "ftlab.signals",
         "ftlab.assets",
         "ftlab.config",
         "ftlab.models.families",
@@ -38,24 +41,29 @@ LAYERS: list[tuple[str, ...]] = [
         "ftlab.record.status",
         "ftlab.record.provenance",
     ),
-    (  # building blocks
+    (  # building blocks: each knows its own subject and the records above
         "ftlab.models",
         "ftlab.data",
         "ftlab.evaluation",
         "ftlab.distributed",
         "ftlab.convert",
         "ftlab.demo",
+        "ftlab.methods",
+        # DPO/KTO argument files: written by the preference stages' export hook
+        "ftlab.interop.preference_export",
     ),
-    ("ftlab.methods",),
-    (  # what runs a job, and reading runs back (asks methods about their settings)
-        "ftlab.stages",
-        "ftlab.resolve",
-        "ftlab.training",
-        "ftlab.planning",
-        "ftlab.interop",
-        "ftlab.record",
-    ),
-    ("ftlab.cli",),
+    ("ftlab.record",),  # runs read back (resume, index, compare, sweeps): ask the methods
+    # The Trainer and what it records at every step, below both its users: the stages
+    # (their Trainer classes mix it in) and the training run (which drives it).
+    ("ftlab.training",),
+    ("ftlab.stages",),  # sft, dpo, kto: data, reference model, Trainer, plan and export
+    # Composition and validation: ask each method and stage to check its own settings.
+    ("ftlab.resolve",),
+    ("ftlab.training.run",),  # one training run, prepare -> build -> fit -> finalize
+    # Plans, parallel=auto and translations to and from other tools' argument files (the
+    # PaddleNLP export reads the validated run and the training arguments).
+    ("ftlab.planning", "ftlab.interop"),
+    ("ftlab.cli",),  # the commands
 ]
 
 
@@ -151,6 +159,87 @@ def test_modules_import_only_their_layer_and_below() -> None:
         if layer_of(t) > layer_of(m)
     ]
     assert upward == []
+
+
+# Libraries whose import costs a second or prints warnings (Paddle before ftlab's console is
+# set up): the one reason to import inside a function. ``ftlab.models.quant`` resolves its
+# names lazily from Paddle modules (see test_no_module_resolves_names_lazily).
+HEAVY = ("paddle", "paddlenlp", "numpy", "visualdl", "mlflow", "matplotlib")
+LAZY_PACKAGES = {
+    # Its Paddle-free ``algos`` (the QLoRA settings and the plan) must import without Paddle,
+    # and tests and benches import the quantization names from the package.
+    "ftlab.models.quant": "names resolved from its Paddle modules on first use",
+}
+
+
+def _imports(path: Path) -> tuple[set[str], list[tuple[int, list[str]]]]:
+    """(names imported at module level, [(line, names) of each import inside a function]),
+    ``if TYPE_CHECKING:`` blocks left out."""
+    top: set[str] = set()
+    inner: list[tuple[int, list[str]]] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.Import):
+                names = [a.name for a in child.names]
+            elif isinstance(child, ast.ImportFrom) and child.module and not child.level:
+                names = [child.module, *(f"{child.module}.{a.name}" for a in child.names)]
+            else:
+                names = []
+            if names and in_function:
+                inner.append((child.lineno, names))
+            elif names:
+                top.update(names)
+            functions = (ast.FunctionDef, ast.AsyncFunctionDef)
+            visit(child, in_function or isinstance(child, functions))
+
+    visit(ast.parse(path.read_text()), False)
+    return top, inner
+
+
+def test_no_module_resolves_names_lazily() -> None:
+    """A module ``__getattr__`` hides which module a name comes from (and the edge from the
+    import graph): users import from the module that defines the name."""
+    lazy = {
+        module_name(p)
+        for p in PACKAGE.rglob("*.py")
+        for node in ast.parse(p.read_text()).body
+        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__"
+    }
+    assert lazy == set(LAZY_PACKAGES)
+
+
+def test_imports_inside_functions_only_defer_a_heavy_library() -> None:
+    """An ftlab import inside a function is there to keep a heavy library (``HEAVY``) out of
+    a module that does not need it yet, never to dodge a cycle (the layers forbid cycles)."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    imports = {name: _imports(path) for name, path in modules.items()}
+
+    def loads_heavy(names: Iterable[str]) -> bool:
+        """An import of ``names`` loads a heavy library itself, or a name of a lazy package."""
+        return any(
+            n.split(".")[0] in HEAVY or (n.rsplit(".", 1)[0] in LAZY_PACKAGES and n not in modules)
+            for n in names
+        )
+
+    @functools.cache
+    def heavy(module: str) -> bool:
+        """Importing ``module`` loads a heavy library (directly or through ftlab)."""
+        top = imports[module][0]
+        parents = {module.rsplit(".", i)[0] for i in range(1, module.count(".") + 1)}
+        inside = {t for t in top | parents if t in modules and t != module}
+        return loads_heavy(top) or any(heavy(t) for t in inside)
+
+    needless = [
+        f"{modules[m].relative_to(REPO)}:{line} imports {', '.join(names[1:] or names)}"
+        for m, (_, inner) in imports.items()
+        for line, names in inner
+        if any(n in modules for n in names)
+        and (heavy(m) or not (loads_heavy(names) or any(heavy(n) for n in names if n in modules)))
+    ]
+    assert needless == []
 
 
 # --------------------------------------------------------------------------- a new method

@@ -19,21 +19,12 @@ from fake_runs import make_run
 from ftlab.config.environment import Environment
 from ftlab.errors import ConfigError
 from ftlab.methods.catalog import get_method
-from ftlab.planning.auto import (
-    BATCH,
-    MEMORY,
-    RULE,
-    Candidate,
-    NoLayoutFits,
-    apply_choice,
-    choose,
-    decide,
-    layout_estimate,
-    no_fit_error,
-    resolve_auto,
-)
+from ftlab.planning.advice import NoLayoutFits, no_fit_error
+from ftlab.planning.auto import apply_choice, decide, resolve_auto
+from ftlab.planning.candidates import BATCH, MEMORY, RULE, Candidate
 from ftlab.planning.cost import PROFILES, Shape, resolve_hardware, step_time
-from ftlab.planning.plan import count_parameters, make_plan
+from ftlab.planning.plan import count_parameters, layout_estimate, make_plan
+from ftlab.planning.search import choose
 from ftlab.record.rundir import RunDir
 from ftlab.record.sweep import read_sweep, summary_rows, write_csv
 from ftlab.resolve.validate import validate
@@ -517,7 +508,7 @@ def test_recompute_granularities_are_candidates_with_their_costs() -> None:
     """Each ``train.recompute_granularity`` is a choice: it writes its settings, the plan
     keeps what it keeps, and the cost model reruns its share of a layer."""
     from ftlab.config.schema import AutoLayoutSettings
-    from ftlab.planning.auto import recompute_choices
+    from ftlab.planning.candidates import recompute_choices
 
     run = auto_run(*LLAMA3, "method=full", "parallel.auto.global_batch_size=16")
     choices = {c.label: c for c in recompute_choices(AutoLayoutSettings())}

@@ -9,7 +9,7 @@ import numpy as np
 
 from ftlab.assets import asset_path
 from ftlab.config.schema import DataConfig
-from ftlab.data import build_data
+from ftlab.data.build import build_data
 from ftlab.data.encoder import TextEncoder, _slow_encode
 from ftlab.data.formats import Conversation, Turn
 from ftlab.data.templates import NAMED_TEMPLATES, TokenizerTemplate

@@ -10,7 +10,7 @@ import pytest
 
 from ftlab.assets import asset_path
 from ftlab.config.schema import DataConfig
-from ftlab.data import build_data
+from ftlab.data.build import build_data
 from ftlab.errors import DataError
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -10,8 +10,8 @@ import pytest
 
 from ftlab.assets import asset_path
 from ftlab.config.schema import DataConfig
-from ftlab.data import build_data, count_tokens
-from ftlab.data.collate import Collator
+from ftlab.data.build import build_data
+from ftlab.data.collate import Collator, count_tokens
 from ftlab.data.packing import pack_best_fit, pack_greedy, pack_min_slack, pack_sequential
 
 FIXTURES = Path(__file__).parent / "fixtures"

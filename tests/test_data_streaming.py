@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ftlab.config.schema import DataConfig
-from ftlab.data import build_data
+from ftlab.data.build import build_data
 from ftlab.errors import DataError
 
 N = 30

@@ -370,7 +370,7 @@ def test_lora_trains_reloads_and_merges(
     from paddlenlp.transformers import AutoModelForCausalLM
 
     from ftlab.cli.merge import main as merge_main
-    from ftlab.data import Collator, count_tokens
+    from ftlab.data.collate import Collator, count_tokens
     from ftlab.methods.catalog import get_method
     from ftlab.methods.reopen import load_adapter
     from ftlab.models.loading import load_model, parameter_counts

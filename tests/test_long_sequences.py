@@ -345,7 +345,7 @@ def test_pose_position_ids_as_specified() -> None:
 
 def test_pose_batch_trains_beyond_the_rows(tmp_path: Path, tok) -> None:
     from ftlab.config.schema import DataConfig
-    from ftlab.data import build_data
+    from ftlab.data.build import build_data
 
     overrides = ["model.rope_scaling.strategy=linear", "model.rope_scaling.factor=4"]
     run = compose_run([*overrides, "data=demo_text", "data.pose=true", "data.max_length=128"])
@@ -490,7 +490,7 @@ def held_out_ppl(model_dir: str, dev: Path, tok, context_overrides: list[str]) -
     """Perplexity on ``dev`` at ``data.max_length=1024``: exp of the token-weighted mean
     loss, one document piece per row (ftlab's dev rows)."""
     from ftlab.config.schema import DataConfig
-    from ftlab.data import build_data
+    from ftlab.data.build import build_data
 
     run = compose_run([f"model.name_or_path={model_dir}", *context_overrides])
     model = load_model(run.model, "float32")

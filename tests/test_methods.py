@@ -113,7 +113,7 @@ def as_dataset(items: list[dict]) -> Any:
 
 
 def collate(tokenizer: Any, items: list[dict]) -> dict[str, Any]:
-    from ftlab.data import Collator
+    from ftlab.data.collate import Collator
 
     return Collator(tokenizer.pad_token_id)(items)
 
@@ -143,7 +143,7 @@ def trainer_for(
     """The runner's path in miniature: apply the method, wrap it in FtlabTrainer."""
     import paddle
 
-    from ftlab.data import Collator, count_tokens
+    from ftlab.data.collate import Collator, count_tokens
     from ftlab.methods.catalog import get_method
     from ftlab.models.loading import load_model
     from ftlab.training.arguments import training_arguments

@@ -63,7 +63,7 @@ def first_word(tokenizer: Any, item: dict, start: int = 0) -> str:
 
 
 def build(run: Any, tokenizer: Any, seed: int = 0, **kw: Any) -> Any:
-    from ftlab.data import build_data
+    from ftlab.data.build import build_data
 
     return build_data(run.data, tokenizer, seed=seed, need_dev=True, **kw)
 
@@ -168,7 +168,7 @@ def test_no_dev_split_in_any_source(sources: Path, tokenizer: Any, tmp_path: Pat
     with pytest.raises(DataError, match="no source of data.sources has one"):
         build(run, tokenizer)
     cfg = dataclasses.replace(run.data, dev_from_train=0.34)
-    from ftlab.data import build_data
+    from ftlab.data.build import build_data
 
     bundle = build_data(cfg, tokenizer, seed=0, need_dev=True)
     assert bundle.stats.to_dict()["sources"][0]["dev_examples"] == 1

@@ -62,7 +62,7 @@ def stage_trainer(run: Any, tmp_path: Path, tokenizer: Any, perturb: float = 0.3
     its reference, and the stage's Trainer, built as ``ftlab.training.run`` builds them."""
     import paddle
 
-    from ftlab.data import count_tokens
+    from ftlab.data.collate import count_tokens
     from ftlab.methods.catalog import get_method
     from ftlab.stages.catalog import get_stage
     from ftlab.stages.registry import REFERENCE_COPY

@@ -13,7 +13,7 @@ import pytest
 
 from ftlab.assets import asset_path
 from ftlab.config.schema import DataConfig
-from ftlab.data import build_data
+from ftlab.data.build import build_data
 from ftlab.data.collate import FLASHMASK_KEY
 from ftlab.data.examples import IGNORE
 from ftlab.data.formats import Document

@@ -270,7 +270,8 @@ def test_every_optimizer_trains_the_shipped_model(tmp_path: Path) -> None:
     from paddlenlp.trainer import TrainerCallback
     from paddlenlp.utils import AdamWMini as Theirs
 
-    from ftlab.data import build_data, count_tokens
+    from ftlab.data.build import build_data
+    from ftlab.data.collate import count_tokens
     from ftlab.models.loading import load_model, load_tokenizer
     from ftlab.training.arguments import training_arguments
     from ftlab.training.optimizers import AdamWMini

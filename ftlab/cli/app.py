@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import os
@@ -17,19 +18,44 @@ import signal
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from ftlab import signals
 from ftlab.cli.console import describe_run, job_console, job_line
-from ftlab.cli.help import CONF_DIR, check_selected_options, register_help_resolver
-from ftlab.distributed.launch import inside_worker
-from ftlab.errors import FtlabError
+from ftlab.cli.help import CONF_DIR, check_selected_options, option_advice, register_help_resolver
+from ftlab.config import schema
+from ftlab.config.derived import Derived
+from ftlab.config.environment import Environment, run_environment
+from ftlab.config.overrides import given_value
+from ftlab.config.schema import RunConfig
+from ftlab.data.splits import resolve_split_files
+from ftlab.distributed.launch import (
+    die_with_launcher,
+    inside_worker,
+    launch_workers,
+    multi_node_worker,
+    needs_launch,
+    record_worker,
+)
+from ftlab.distributed.rendezvous import check_same_config
+from ftlab.errors import DataError, FtlabError
+from ftlab.methods.catalog import method_schemas
+from ftlab.record.resume import (
+    RunFinished,
+    checkpoint_step,
+    latest_complete_checkpoint,
+    refuse_resume_changes,
+    replay_argv,
+)
 from ftlab.record.rundir import (
     ERROR,
     DiskFullError,
@@ -40,8 +66,13 @@ from ftlab.record.rundir import (
 )
 from ftlab.record.status import ATTEMPT_ENV, record_status, started_by_this_attempt
 from ftlab.record.summary import Summary
-from ftlab.resolve.compose import register_configs, register_resolvers
+from ftlab.record.sweep import summarize_sweep, sweep_failure
+from ftlab.resolve.compose import register_configs, register_resolvers, to_plain_dict, to_run_config
+from ftlab.stages.catalog import stage_schemas
 from ftlab.training.progress import console
+
+if TYPE_CHECKING:
+    from ftlab.planning.report import Decision
 
 log = logging.getLogger("ftlab")
 
@@ -56,17 +87,48 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     Returns the run's ``Summary`` (train mode; None when rank 0 ran on another node), or
     the plan / export record.
     """
-    from ftlab.config.environment import run_environment
-    from ftlab.resolve.compose import to_run_config
+    # The run path's modules import numpy (about half a second): loaded when a job runs,
+    # so ``ftlab --help`` and the error paths start without them.
+    from ftlab.interop.paddlenlp_export import export_run_finetune
+    from ftlab.planning.plan import layout_estimate, print_plan
+
+    record = RunDir(run_dir)
+    resolved = _resolve(cfg, record)
+    run, env, derived = resolved.run, resolved.env, resolved.derived
+    if run.mode == "train":  # plan and export read no data (it may live on the target)
+        _check_data_files(run)
+    if not inside_worker():  # a worker's job was described by its launcher
+        console.info(describe_run(run, derived, run_dir))
+    signals.install()  # Paddle's import replaced the SIGTERM handler (ftlab.signals)
+    record.create()
+    if run.mode == "plan":
+        extra, lines = layout_estimate(run, env, resolved.decision, resolved.notes)
+        return print_plan(run, derived, env, record, extra, lines)
+    if run.mode == "export":
+        return export_run_finetune(run, derived, record)
+    return _train_or_launch(cfg, run, derived, record)
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    run: RunConfig  # with parallel=auto: the chosen layout written in
+    env: Environment  # the machine validated against (this one, or the described target)
+    derived: Derived
+    decision: Decision | None  # parallel=auto's
+    notes: list[str]  # what planning for a described machine assumed
+
+
+def _resolve(cfg: DictConfig, record: RunDir) -> _Resolved:
+    """The typed, validated run and the machine it is validated against. With
+    ``parallel=auto`` the layout is chosen here, after composition and before validation,
+    which then checks the chosen layout like any other."""
+    from ftlab.planning.auto import planning_environment, resolve_auto  # numpy (execute)
     from ftlab.resolve.validate import validate_for
 
     run = to_run_config(cfg)
-    record = RunDir(run_dir)
     auto = run.parallel.name == "auto"
     notes: list[str] = []
     if auto and run.mode == "plan":
-        from ftlab.planning.auto import planning_environment
-
         env, notes = planning_environment(run)
     else:
         # Training validates against this machine; plan and export with device=gpu against
@@ -74,10 +136,6 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
         env = run_environment(run)
     decision = None
     if auto:
-        # The degrees are chosen after composition and before validation, which then
-        # checks the chosen layout like any other.
-        from ftlab.planning.auto import resolve_auto
-
         worker = inside_worker()
         run, decision = resolve_auto(
             run,
@@ -91,39 +149,25 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     derived = validate_for(run, env)
     if decision is not None:
         derived = derived.with_(auto_layout=decision.chosen.label)
-    if run.mode == "train":  # plan and export read no data (it may live on the target)
-        from ftlab.data.splits import resolve_split_files
-        from ftlab.errors import DataError
+    return _Resolved(run, env, derived, decision, notes)
 
-        for data in _datasets(run.data):  # a missing data.path fails before heavy work
-            try:
-                resolve_split_files(data, "train")
-            except DataError as err:
-                if not run.data.sources:
-                    raise
-                # A mixture's source, named as the data pipeline names it.
-                raise DataError(f"data.sources[{data.name}]: {err}") from None
-    if not inside_worker():  # a worker's job was described by its launcher
-        console.info(describe_run(run, derived, run_dir))
-    signals.install()  # Paddle's import replaced the SIGTERM handler (ftlab.signals)
-    record.create()
-    if run.mode == "plan":
-        from ftlab.planning.auto import layout_estimate
-        from ftlab.planning.plan import print_plan
 
-        extra, lines = layout_estimate(run, env, decision, notes)
-        return print_plan(run, derived, env, record, extra, lines)
-    if run.mode == "export":
-        from ftlab.interop.paddlenlp_export import export_run_finetune
+def _check_data_files(run: RunConfig) -> None:
+    """A missing ``data.path`` (or a mixture source's) fails before any heavy work."""
+    for data in _datasets(run.data):
+        try:
+            resolve_split_files(data, "train")
+        except DataError as err:
+            if not run.data.sources:
+                raise
+            # A mixture's source, named as the data pipeline names it.
+            raise DataError(f"data.sources[{data.name}]: {err}") from None
 
-        return export_run_finetune(run, derived, record)
-    from ftlab.distributed.launch import launch_workers, multi_node_worker, needs_launch
 
+def _train_or_launch(cfg: DictConfig, run: RunConfig, derived: Derived, record: RunDir) -> Any:
+    """Train in this process, or (a multi-process layout) become the launcher of workers."""
     if needs_launch(derived):
         if run.resume:  # a change the checkpoint cannot honour fails before any worker starts
-            from ftlab.record.resume import refuse_resume_changes
-            from ftlab.resolve.compose import to_plain_dict
-
             refuse_resume_changes(record.path, {**to_plain_dict(run), "derived": derived.to_dict()})
         # This process becomes the launcher: Paddle's launcher starts the workers, each
         # re-entering ftlab with the same overrides and this same run dir.
@@ -131,10 +175,8 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     if multi_node_worker():
         # Each node composed its own command line: refuse a job whose nodes differ,
         # before any data or model is loaded (ftlab.distributed.rendezvous).
-        from ftlab.distributed.rendezvous import check_same_config
-
         check_same_config(cfg, run.launch.rendezvous_timeout)
-    from ftlab.training.run import train
+    from ftlab.training.run import train  # imports Paddle and PaddleNLP: train mode only
 
     summary = train(run, record, derived)
     if _is_rank_zero():
@@ -144,7 +186,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
 
 def _datasets(data: Any) -> list[Any]:
     """The dataset settings whose files a run reads: each source of a mixture, else one."""
-    from ftlab.data.settings import source_config
+    from ftlab.data.settings import source_config  # numpy (execute)
 
     return [source_config(data, src) for src in data.sources] if data.sources else [data]
 
@@ -169,8 +211,6 @@ def hydra_main(cfg: DictConfig) -> float | None:
     clean error and a non-zero exit status. A signal ends the run (and a sweep) with
     ``status: interrupted``, the last checkpoint and the command that resumes it.
     """
-    from ftlab.distributed.launch import inside_worker
-
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     started = time.time()
@@ -187,8 +227,6 @@ def hydra_main(cfg: DictConfig) -> float | None:
         record_outcome(cfg, run_dir, started, err)
         print(interruption_message(run_dir, signum, cfg.get("resume")), file=sys.stderr)
         if hydra_cfg.mode == RunMode.MULTIRUN:
-            from ftlab.record.sweep import summarize_sweep
-
             summarize_sweep(Path(hydra_cfg.sweep.dir))  # Hydra's end-of-sweep hook won't run
             raise  # the whole sweep stops
         sys.exit(128 + signum)
@@ -231,9 +269,6 @@ def record_outcome(
     launching process, which sees every worker's outcome. A resume that ended before its
     training really started (``status.json`` is not this attempt's) records nothing: the
     run's record stays as the run left it."""
-    from ftlab.distributed.launch import inside_worker
-    from ftlab.record.resume import latest_complete_checkpoint
-
     if inside_worker():
         return
     record = RunDir(run_dir)
@@ -261,8 +296,6 @@ def _resume_command(run_dir: Path) -> str:
 
 def interruption_message(run_dir: Path, signum: int, resuming: Any = None) -> str:
     """One line: which signal, the last checkpoint, and how to go on."""
-    from ftlab.record.resume import checkpoint_step, latest_complete_checkpoint
-
     name = signal.Signals(signum).name
     checkpoint = latest_complete_checkpoint(run_dir)
     if checkpoint is None:
@@ -289,8 +322,6 @@ def explain_composition_error(err: BaseException) -> str:
     text = re.sub(r"\nConfig search path:(\n\t.*)+", "", text)
     missing_option = re.search(r"Could not find '(\w+)/([\w.-]+)'", text)
     if missing_option:
-        from ftlab.cli.help import option_advice
-
         return option_advice(*missing_option.groups()) or text
     key_err = re.search(r"Key '(\w+)' not in '(\w+)'", text)
     if key_err:
@@ -303,12 +334,6 @@ def explain_composition_error(err: BaseException) -> str:
 
 
 def _schema_fields(type_name: str) -> list[str]:
-    import dataclasses
-
-    from ftlab.config import schema
-    from ftlab.methods.catalog import method_schemas
-    from ftlab.stages.catalog import stage_schemas
-
     candidates = {c.__name__: c for c in (*method_schemas().values(), *stage_schemas().values())}
     candidates.update({n: getattr(schema, n) for n in dir(schema)})
     cls = candidates.get(type_name)
@@ -325,9 +350,6 @@ _NO_RUN_FLAGS += ("-sc", "--shell-completion")
 def check_given_dirs(argv: list[str]) -> None:
     """An explicit ``hydra.run.dir`` (``hydra.sweep.dir`` for ``-m``), checked before Hydra
     writes into it: writable, and holding no other run's results unless resumed."""
-    from ftlab.config.overrides import given_value
-    from ftlab.distributed.launch import inside_worker
-
     if inside_worker() or any(a.split("=", 1)[0] in _NO_RUN_FLAGS for a in argv):
         return
     multirun = bool({"-m", "--multirun"} & set(argv)) or given_value(argv, "hydra.mode") == (
@@ -352,12 +374,6 @@ def _ftlab_cause(err: BaseException) -> FtlabError | None:
 
 def main() -> None:
     """Console entry point: every user error, signal and full disk ends in one line."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from ftlab.distributed.launch import die_with_launcher, record_worker
-    from ftlab.record.resume import RunFinished, replay_argv
-
     signals.install()
     die_with_launcher()  # a worker whose launcher is gone must not train on
     record_worker()  # its job rank, host and pid, for its node's launcher (several nodes)
@@ -372,8 +388,6 @@ def main() -> None:
             # Hydra composes its own help without train.yaml, so ftlab's text is chosen here.
             sys.argv.append("hydra/hydra_help=ftlab")
         hydra_main()
-        from ftlab.record.sweep import sweep_failure
-
         failure = sweep_failure()
         if failure is not None:
             raise failure

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ftlab.methods.catalog import get_method
 from ftlab.training.progress import CONSOLE, configure_progress
 
 STREAM = "ftlab.stream"
@@ -346,8 +347,6 @@ def job_console(
 
 def describe_run(run: Any, derived: Any, run_dir: Path) -> str:
     """The lines that say what was composed and where the run dir is."""
-    from ftlab.methods.catalog import get_method
-
     method = run.method.name
     size = get_method(method).size_setting
 

@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
+from ftlab.errors import ConfigError
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # One line per group; a group without a line here is listed without one.
@@ -112,8 +114,6 @@ def check_selected_options(choices: Mapping[str, Any], sources: list[Any]) -> No
     """Refuse a selected option that does not exist. Hydra skips a missing option of an
     ``optional`` group (``experiment=typo``) and runs without it; ftlab does not."""
     from hydra.core.config_store import ConfigStore
-
-    from ftlab.errors import ConfigError
 
     store = ConfigStore.instance().repo
     for group, option in choices.items():

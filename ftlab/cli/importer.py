@@ -19,9 +19,11 @@ from typing import Any
 
 import yaml
 
+from ftlab.cli.console import ignore_noise_warnings
 from ftlab.cli.help import CONF_DIR
 from ftlab.errors import FtlabError
 from ftlab.interop.paddlenlp_import import Imported, import_arguments, read_argument_file
+from ftlab.resolve.compose import register_configs, to_run_config
 
 GROUPS = ("model", "method", "data", "parallel", "precision")
 PLAIN = re.compile(r"[A-Za-z0-9_./:+*-]+")
@@ -56,8 +58,6 @@ def composed_settings(choices: dict[str, str], conf_dir: Path, overrides: list[s
     """The typed run config of ``choices`` plus ``overrides`` (composed like ``ftlab``)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from ftlab.resolve.compose import register_configs, to_run_config
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -167,8 +167,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``ftlab-import``)."""
-    from ftlab.cli.console import ignore_noise_warnings
-
     ignore_noise_warnings()
     args = parse_args(argv)
     try:

@@ -19,7 +19,16 @@ import json
 import sys
 from pathlib import Path
 
+from ftlab.cli.console import ignore_noise_warnings
 from ftlab.errors import ConfigError, FtlabError, ModelLoadError
+from ftlab.methods.reopen import (
+    check_mergeable,
+    load_trained,
+    load_with_adapter,
+    merge_model,
+    method_of,
+)
+from ftlab.record.rundir import METHOD_RECORD, RunDir
 
 MERGE_RECORD = "ftlab_merged.json"
 
@@ -40,15 +49,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> Path:
-    from ftlab.methods.reopen import (
-        check_mergeable,
-        load_trained,
-        load_with_adapter,
-        merge_model,
-        method_of,
-    )
-    from ftlab.record.rundir import METHOD_RECORD, RunDir
-
     final = args.adapter if args.adapter is not None else RunDir(args.run_dir).final
     if not (final / METHOD_RECORD).is_file():
         raise ModelLoadError(
@@ -85,8 +85,6 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ftlab.cli.console import ignore_noise_warnings
-
     ignore_noise_warnings()
     args = parse_args(argv)
     try:

@@ -15,7 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ftlab.cli.console import ignore_noise_warnings
+from ftlab.data.records import BadRecords, iter_records
+from ftlab.data.stats import SplitStats
 from ftlab.errors import DataError, FtlabError
+from ftlab.evaluation.generation import generate_texts
+from ftlab.methods.reopen import load_trained, load_with_adapter
 
 PROMPT_KEYS = ("src", "prompt")
 
@@ -27,9 +32,6 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
     line, blank lines skipped; a line that is not valid UTF-8 or JSON, not an object, or
     repeats a key is an error naming ``file:line``.
     """
-    from ftlab.data.records import BadRecords, iter_records
-    from ftlab.data.stats import SplitStats
-
     if not path.is_file():
         raise DataError(f"--input {path}: no such file.")
     stats = SplitStats()
@@ -66,15 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ftlab.cli.console import ignore_noise_warnings
-
     ignore_noise_warnings()
     args = parse_args(argv)
     try:
         records = read_prompts(args.input)
-        from ftlab.evaluation.generation import generate_texts
-        from ftlab.methods.reopen import load_trained, load_with_adapter
-
         if args.run_dir is not None:
             model, tokenizer = load_trained(args.run_dir)
         else:

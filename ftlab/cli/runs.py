@@ -17,6 +17,7 @@ from typing import Any
 
 from ftlab.errors import FtlabError
 from ftlab.models.config_json import model_label
+from ftlab.record.compare import compare_runs
 from ftlab.record.index import RunRecord, list_runs
 from ftlab.record.status import FAILED
 from ftlab.record.summary import Summary
@@ -137,8 +138,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def compare(args: argparse.Namespace) -> None:
-    from ftlab.record.compare import compare_runs
-
     paths = [p if p.exists() or p.is_absolute() else args.root / p for p in args.compare]
     _, text = compare_runs(paths, args.plot)
     print(text)

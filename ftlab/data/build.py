@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -202,78 +203,48 @@ def build_data(
             build_source=build_data,
             collate_fn=Collator(pad_id),
         )
-    train_files = resolve_split_files(cfg, "train")
-    dev_files = resolve_split_files(cfg, "dev")
-    if need_dev and dev_files is None and cfg.dev_from_train is None:
-        raise DataError(
-            f"a dev split is needed but data.path={cfg.path} has none: add dev.json (or a dev/ "
-            "directory, or set data.dev_path), or set data.dev_from_train=0.05 to hold out 5% "
-            "of the train records."
-        )
+    return _one_source(
+        cfg,
+        tokenizer,
+        seed=seed,
+        need_dev=need_dev,
+        world_size=world_size,
+        rank=rank,
+        pose=pose,
+        collate_fn=Collator(pad_id, flash_mask=flash_mask),
+    )
+
+
+def _one_source(
+    cfg: DataConfig,
+    tokenizer: Any,
+    *,
+    seed: int,
+    need_dev: bool,
+    world_size: int,
+    rank: int,
+    pose: PoseSkips | None,
+    collate_fn: Collator,
+) -> DataBundle:
+    """The data of one ``data.path``: its train split streamed or read whole, its dev split."""
+    train_files, dev_files = _split_files(cfg, need_dev)
     fingerprints: dict[str, str] = {}
     train_stats = SplitStats()
-    train_bad = BadRecords(cfg.on_bad_record, train_stats)
-
-    if cfg.streaming:
-        fmt = detect_format(_first_records(train_files, cfg.on_bad_record), cfg.format)
-        builder = _builder(cfg, tokenizer, fmt, train=True)
-        for path in train_files:  # hashed up front: the stream itself reads lazily
-            fingerprints[str(path.resolve())] = sha256_file(path)
-        train_stats.files = len(train_files)
-        train_dataset: Any = StreamingDataset(
-            train_files,
-            fmt,
-            builder,
-            policy=cfg.on_bad_record,
-            packing=cfg.packing,
-            capacity=cfg.max_length,
-            seed=seed,
-            shuffle=cfg.shuffle,
-            world_size=world_size,
-            rank=rank,
-            stats=train_stats,
-            pose=pose,
-        )
-        train_pairs: list[tuple[Record, Any]] = []
-    else:
-        records = read_split(train_files, train_bad, train_stats, fingerprints)
-        if not records:
-            raise DataError(
-                f"the train split is empty: {', '.join(map(str, train_files))} "
-                f"hold no readable records ({train_stats.records_read} read, "
-                f"{sum(train_stats.skipped.values())} skipped). Add records."
-            )
-        fmt = detect_format(records, cfg.format)
-        builder = _builder(cfg, tokenizer, fmt, train=True)
-        train_pairs = _valid(records, fmt, train_bad)
-
-    train_pairs, dev_pairs, dev_stats, dev_source = _dev_pairs(
-        cfg, dev_files, train_pairs, fmt, seed, fingerprints
+    reading = _Reading(
+        cfg, tokenizer, train_files, dev_files, train_stats, fingerprints, seed, pose
     )
-    if not cfg.streaming:
-        store = _examples(builder, train_pairs, train_stats, train_bad, "train", train_files)
-        final = getattr(builder, "rows_are_final", False)
-        train_dataset = _train_map_dataset(cfg, store, train_stats, seed, final)
-        if pose is not None:
-            train_dataset = PoseDataset(train_dataset, pose)
-        _log_split("train", train_stats)
-    dev_dataset = None
-    if dev_stats is not None:
-        dev_bad = BadRecords(cfg.on_bad_record, dev_stats)
-        dev_builder = builder
-        if isinstance(builder, DocumentBuilder) and builder.layout != "pieces":
-            dev_builder = _builder(cfg, tokenizer, fmt, train=False)
-        dev_store = _examples(
-            dev_builder,
-            dev_pairs,
-            dev_stats,
-            dev_bad,
-            "dev",
-            dev_files or train_files,
+    if cfg.streaming:
+        fmt, builder, train_dataset, dev = _streaming_train(reading, world_size, rank)
+    else:
+        fmt, builder, train_dataset, dev = _in_memory_train(reading)
+    dev_pairs, dev_stats, dev_source = dev
+    dev_dataset = (
+        None
+        if dev_stats is None
+        else _dev_dataset(
+            cfg, tokenizer, fmt, builder, dev_pairs, dev_stats, dev_files or train_files
         )
-        dev_dataset = ExampleDataset(dev_store)  # never packed: eval loss independent of it
-        _log_split("dev", dev_stats)
-
+    )
     stats = DataStats(
         format=fmt,
         chat_template=cfg.chat_template,
@@ -287,13 +258,119 @@ def build_data(
     return DataBundle(
         train_dataset=train_dataset,
         dev_dataset=dev_dataset,
-        collate_fn=Collator(pad_id, flash_mask=flash_mask),
+        collate_fn=collate_fn,
         dev_records=[r.data for r, _ in dev_pairs],
         format=fmt,
         stats=stats,
         fingerprints=fingerprints,
         builder=builder,
     )
+
+
+def _split_files(cfg: DataConfig, need_dev: bool) -> tuple[list[Path], list[Path] | None]:
+    """The train files and the dev files (None: no dev split on disk)."""
+    train_files = resolve_split_files(cfg, "train")
+    dev_files = resolve_split_files(cfg, "dev")
+    if need_dev and dev_files is None and cfg.dev_from_train is None:
+        raise DataError(
+            f"a dev split is needed but data.path={cfg.path} has none: add dev.json (or a dev/ "
+            "directory, or set data.dev_path), or set data.dev_from_train=0.05 to hold out 5% "
+            "of the train records."
+        )
+    return train_files, dev_files
+
+
+@dataclass
+class _Reading:
+    """What reading one source's splits needs, and where it counts what it read."""
+
+    cfg: DataConfig
+    tokenizer: Any
+    files: list[Path]  # the train split's
+    dev_files: list[Path] | None  # None: no dev split on disk
+    stats: SplitStats  # the train split's
+    fingerprints: dict[str, str]
+    seed: int
+    pose: PoseSkips | None
+
+
+# A train split read: (format, builder, dataset, (dev pairs, dev stats, dev source)).
+_DevPairs = tuple[list[tuple[Record, Any]], SplitStats | None, str | None]
+_Train = tuple[str, ExampleBuilder | DocumentBuilder, Any, _DevPairs]
+
+
+def _streaming_train(r: _Reading, world_size: int, rank: int) -> _Train:
+    """A train split read lazily, sharded by rank (the format detected from its first
+    records), and the dev split."""
+    cfg, tokenizer, files, stats, seed = r.cfg, r.tokenizer, r.files, r.stats, r.seed
+    fmt = detect_format(_first_records(files, cfg.on_bad_record), cfg.format)
+    builder = _builder(cfg, tokenizer, fmt, train=True)
+    for path in files:  # hashed up front: the stream itself reads lazily
+        r.fingerprints[str(path.resolve())] = sha256_file(path)
+    stats.files = len(files)
+    dataset = StreamingDataset(
+        files,
+        fmt,
+        builder,
+        policy=cfg.on_bad_record,
+        packing=cfg.packing,
+        capacity=cfg.max_length,
+        seed=seed,
+        shuffle=cfg.shuffle,
+        world_size=world_size,
+        rank=rank,
+        stats=stats,
+        pose=r.pose,
+    )
+    _, dev_pairs, dev_stats, dev_source = _dev_pairs(
+        cfg, r.dev_files, [], fmt, seed, r.fingerprints
+    )
+    return fmt, builder, dataset, (dev_pairs, dev_stats, dev_source)
+
+
+def _in_memory_train(r: _Reading) -> _Train:
+    """A train split read whole, and the dev split: a carved dev share leaves its records
+    before they become examples."""
+    cfg, files, stats, fingerprints, seed = r.cfg, r.files, r.stats, r.fingerprints, r.seed
+    bad = BadRecords(cfg.on_bad_record, stats)
+    records = read_split(files, bad, stats, fingerprints)
+    if not records:
+        raise DataError(
+            f"the train split is empty: {', '.join(map(str, files))} "
+            f"hold no readable records ({stats.records_read} read, "
+            f"{sum(stats.skipped.values())} skipped). Add records."
+        )
+    fmt = detect_format(records, cfg.format)
+    builder = _builder(cfg, r.tokenizer, fmt, train=True)
+    pairs, dev_pairs, dev_stats, dev_source = _dev_pairs(
+        cfg, r.dev_files, _valid(records, fmt, bad), fmt, seed, fingerprints
+    )
+    store = _examples(builder, pairs, stats, bad, "train", files)
+    final = getattr(builder, "rows_are_final", False)
+    dataset = _train_map_dataset(cfg, store, stats, seed, final)
+    if r.pose is not None:
+        dataset = PoseDataset(dataset, r.pose)
+    _log_split("train", stats)
+    return fmt, builder, dataset, (dev_pairs, dev_stats, dev_source)
+
+
+def _dev_dataset(
+    cfg: DataConfig,
+    tokenizer: Any,
+    fmt: str,
+    builder: ExampleBuilder | DocumentBuilder,
+    pairs: list[tuple[Record, Any]],
+    stats: SplitStats,
+    files: list[Path],
+) -> ExampleDataset:
+    """The dev examples, never packed (the eval loss does not depend on packing); text dev
+    rows are one piece each."""
+    dev_builder = builder
+    if isinstance(builder, DocumentBuilder) and builder.layout != "pieces":
+        dev_builder = _builder(cfg, tokenizer, fmt, train=False)
+    store = _examples(dev_builder, pairs, stats, BadRecords(cfg.on_bad_record, stats), "dev", files)
+    _log_split("dev", stats)
+    return ExampleDataset(store)
 
 
 def _builder(

@@ -24,6 +24,7 @@ files, and, when it has a dev split, its own eval loss after training.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -199,42 +200,17 @@ def build_mixture(
 
     ``build_source`` is ``build_data`` (passed in: it calls this module, not the reverse).
     """
-    weights = mixture_weights(cfg) or {}
-    parts: dict[str, DataBundle] = {}
-    for src in cfg.sources:
-        name = source_name(src)
-        try:
-            parts[name] = build_source(
-                source_config(cfg, src),
-                tokenizer,
-                seed=seed,
-                need_dev=False,
-                max_steps=max_steps,
-                world_size=world_size,
-                rank=rank,
-            )
-        except DataError as err:
-            raise DataError(f"data.sources[{name}]: {err}") from None
-    if need_dev and all(p.dev_dataset is None for p in parts.values()):
-        raise DataError(
-            "a dev split is needed but no source of data.sources has one: add dev.json to a "
-            "source's directory, or set data.dev_from_train=0.05 to hold out 5% of each "
-            "source's train records."
-        )
-    sources = [
-        SourceStats(
-            name=name,
-            path=src.path,
-            format=part.format,
-            chat_template=part.stats.chat_template,
-            on_bad_record=src.on_bad_record or cfg.on_bad_record,
-            weight=weights[name],
-            fingerprint=_fingerprint(part.fingerprints),
-            split=part.stats.train,
-            dev_examples=part.stats.dev.examples if part.stats.dev is not None else None,
-        )
-        for (name, part), src in zip(parts.items(), cfg.sources, strict=True)
-    ]
+    read = functools.partial(
+        build_source,
+        tokenizer=tokenizer,
+        seed=seed,
+        need_dev=False,  # a dev split is needed of the mixture, not of every source
+        max_steps=max_steps,
+        world_size=world_size,
+        rank=rank,
+    )
+    parts = _build_sources(cfg, read, need_dev)
+    sources = _source_stats(cfg, parts)
     train_stats = _sum_splits([p.stats.train for p in parts.values()])
     if cfg.streaming:
         train_dataset: Any = MixtureStream(
@@ -268,6 +244,47 @@ def build_mixture(
         builder=None,
         parts=parts,
     )
+
+
+def _build_sources(
+    cfg: DataConfig, read: Callable[[DataConfig], DataBundle], need_dev: bool
+) -> dict[str, DataBundle]:
+    """Each source read (``read``) as a dataset of its own, by name; its errors name the
+    source."""
+    parts: dict[str, DataBundle] = {}
+    for src in cfg.sources:
+        name = source_name(src)
+        try:
+            parts[name] = read(source_config(cfg, src))
+        except DataError as err:
+            raise DataError(f"data.sources[{name}]: {err}") from None
+    if need_dev and all(p.dev_dataset is None for p in parts.values()):
+        raise DataError(
+            "a dev split is needed but no source of data.sources has one: add dev.json to a "
+            "source's directory, or set data.dev_from_train=0.05 to hold out 5% of each "
+            "source's train records."
+        )
+    return parts
+
+
+def _source_stats(cfg: DataConfig, parts: dict[str, DataBundle]) -> list[SourceStats]:
+    """Each source's record in the mixture's stats: where it came from, its weight, its
+    fingerprint and what it read (what was drawn from it is filled in later)."""
+    weights = mixture_weights(cfg) or {}
+    return [
+        SourceStats(
+            name=name,
+            path=src.path,
+            format=part.format,
+            chat_template=part.stats.chat_template,
+            on_bad_record=src.on_bad_record or cfg.on_bad_record,
+            weight=weights[name],
+            fingerprint=_fingerprint(part.fingerprints),
+            split=part.stats.train,
+            dev_examples=part.stats.dev.examples if part.stats.dev is not None else None,
+        )
+        for (name, part), src in zip(parts.items(), cfg.sources, strict=True)
+    ]
 
 
 def _mixed_epoch(

@@ -3,14 +3,43 @@ fleet strategy), and this job's degrees read back from fleet while the model is 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from ftlab.config.schema import ParallelConfig
+from ftlab.distributed.degrees import Degrees
 
 
 def processes_per_node(p: ParallelConfig) -> int:
     """``parallel.nproc_per_node``, or unset: the product of the degrees, on one node."""
     return p.nproc_per_node or p.tensor * p.pipeline * p.sharding * (p.data or 1)
+
+
+def parallel_degrees(p: ParallelConfig, nnodes: int, nproc_per_node: int | None = None) -> Degrees:
+    """The ``parallel`` group's degrees on ``nnodes`` nodes of ``nproc_per_node`` processes
+    (default: ``processes_per_node``). The data degree is what the world size leaves
+    (``parallel.data`` must equal it; validation refuses a remainder or a mismatch)."""
+    nproc = nproc_per_node or processes_per_node(p)
+    return Degrees(
+        nproc_per_node=nproc,
+        nnodes=nnodes,
+        data=nproc * nnodes // (p.tensor * p.pipeline * p.sharding),
+        tensor=p.tensor,
+        pipeline=p.pipeline,
+        sharding=p.sharding,
+        sharding_stage=p.sharding_stage,
+        offload=p.offload,
+        sequence_parallel=p.sequence_parallel,
+        expert=p.expert,
+    )
+
+
+def with_degrees(p: ParallelConfig, degrees: Degrees) -> ParallelConfig:
+    """``p`` with ``degrees`` written in, as if the user had typed them (``launch.nnodes``
+    holds the nodes)."""
+    kwargs = degrees.as_kwargs()
+    del kwargs["nnodes"]
+    return replace(p, **kwargs)
 
 
 def parallel_training_arguments(p: ParallelConfig) -> dict[str, Any]:

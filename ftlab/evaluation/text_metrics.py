@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ftlab.evaluation.generation import generate_from_ids
+
 UNITS = ("auto", "char", "word")
 # CJK unified ideographs (+ extension A), kana, hangul: scripts written without spaces.
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
@@ -140,8 +142,6 @@ def evaluate_generation(
 ) -> GenerationResult:
     """Generate an answer for every dev prompt (token ids, as training renders them) and
     score the answers against the references."""
-    from ftlab.evaluation.generation import generate_from_ids
-
     predictions = generate_from_ids(
         model,
         tokenizer,

@@ -27,7 +27,9 @@ from typing import Any
 
 import yaml
 
+from ftlab.config import schema
 from ftlab.config.schema import ModelArch, ModelConfig, ParallelConfig, PrecisionConfig
+from ftlab.config.trainer_options import OPTIMIZERS
 from ftlab.distributed.layout import PARALLEL_KEYS, parallel_from_arguments
 from ftlab.errors import ConfigError
 from ftlab.interop.paddlenlp_export import (
@@ -204,8 +206,6 @@ def import_arguments(
 
 def _optional(dotted: str) -> bool:
     """Whether the ftlab setting ``dotted`` accepts None (its schema type says so)."""
-    from ftlab.config import schema
-
     section, _, name = dotted.partition(".")
     cls = {"train": schema.TrainSettings, "model": schema.ModelConfig, "data": schema.DataConfig}
     fields = {f.name: f for f in dataclasses.fields(cls[section])}
@@ -218,8 +218,6 @@ def _optional(dotted: str) -> bool:
 def _trainer_options(args: dict[str, Any], out: Imported, used: set[str]) -> dict[str, str]:
     """Optimizer, recompute details, trackers and the generation metric; returns the keys
     ftlab cannot express (key -> why)."""
-    from ftlab.config.trainer_options import OPTIMIZERS
-
     gaps: dict[str, str] = {}
     used.update(TRAINER_OPTION_KEYS)
     optim = str(args.get("optim") or "adamw")

@@ -39,12 +39,16 @@ class Full(Method):
     ) -> tuple[dict[str, Any], set[str]] | None:
         return {}, set()  # selected when no PEFT method reads more of the file
 
-    def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
+    def apply(
+        self, model: paddle.nn.Layer, cfg: FullMethodConfig, model_cfg: ModelConfig
+    ) -> paddle.nn.Layer:
         for p in model.parameters():
             p.stop_gradient = False
         return model
 
-    def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any) -> paddle.nn.Layer:
+    def load(
+        self, base: paddle.nn.Layer, trained_dir: Path, cfg: FullMethodConfig | None
+    ) -> paddle.nn.Layer:
         from paddlenlp.transformers import AutoModelForCausalLM
 
         # The trained directory is a complete model: the base is not needed.

@@ -9,7 +9,7 @@ over the targeted linears of what the method adds to one linear.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ftlab.errors import ConfigError
 from ftlab.methods.registry import AdapterPlan, Method
@@ -17,10 +17,10 @@ from ftlab.models.arch import Linear, model_linears
 
 if TYPE_CHECKING:
     from ftlab.config.environment import Environment
-    from ftlab.config.schema import ModelConfig, RunConfig
+    from ftlab.config.schema import MethodConfig, ModelConfig, RunConfig
 
 
-def target_patterns(cfg: Any, model_cfg: ModelConfig) -> list[str]:
+def target_patterns(cfg: MethodConfig, model_cfg: ModelConfig) -> list[str]:
     """The regexes naming the adapted linears: the method's own, else the model's (its
     family's default unless the model option sets them; resolved in composition)."""
     if cfg.target_modules:
@@ -42,7 +42,7 @@ class LinearAdapterMethod(Method):
             )
         self.check_size(run)
 
-    def size_limit(self, cfg: Any, linear: Linear) -> tuple[int, str] | None:
+    def size_limit(self, cfg: MethodConfig, linear: Linear) -> tuple[int, str] | None:
         """The largest value of ``size_setting`` that means something on ``linear``, and
         what that bound is (None: no bound)."""
         return None
@@ -66,11 +66,11 @@ class LinearAdapterMethod(Method):
                 "method.target_modules."
             )
 
-    def adapter_size(self, cfg: Any, linear: Linear) -> int:
+    def adapter_size(self, cfg: MethodConfig, linear: Linear) -> int:
         """Trainable parameters the method adds to one ``linear``."""
         raise NotImplementedError
 
-    def frozen_size(self, cfg: Any, linear: Linear) -> int:
+    def frozen_size(self, cfg: MethodConfig, linear: Linear) -> int:
         """Frozen parameters the method adds to one ``linear`` (none for most methods)."""
         return 0
 

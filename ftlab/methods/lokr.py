@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 from ftlab.config.schema import MethodConfig
 from ftlab.errors import ConfigError
 from ftlab.methods.linear import LinearAdapterMethod, target_patterns
+from ftlab.methods.merging import fold_linear_adapters
 from ftlab.methods.registry import register_method
+from ftlab.methods.state import load_trainable_state, save_peft_model
 
 if TYPE_CHECKING:
     import paddle
@@ -47,8 +49,6 @@ def _lokr_model_class() -> type:
         """LoKrModel whose saved tensors are safetensors, not a pickle."""
 
         def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
-            from ftlab.methods.state import save_peft_model
-
             save_peft_model(self, save_directory, self.lokr_config, **kwargs)
 
     return FtlabLoKrModel
@@ -102,7 +102,9 @@ class Lokr(LinearAdapterMethod):
         if m.factor == 0 or m.factor < -1:
             raise ConfigError(f"method.factor={m.factor}: use -1 (balanced) or a positive size.")
 
-    def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
+    def apply(
+        self, model: paddle.nn.Layer, cfg: LokrMethodConfig, model_cfg: ModelConfig
+    ) -> paddle.nn.Layer:
         from paddlenlp.peft import LoKrConfig
 
         config = LoKrConfig(
@@ -121,10 +123,10 @@ class Lokr(LinearAdapterMethod):
             )
         return lokr
 
-    def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
+    def load(
+        self, base: paddle.nn.Layer, trained_dir: Path, cfg: LokrMethodConfig | None = None
+    ) -> paddle.nn.Layer:
         from paddlenlp.peft import LoKrConfig
-
-        from ftlab.methods.state import load_trainable_state
 
         trained_dir = Path(trained_dir)
         config = LoKrConfig.from_pretrained(str(trained_dir))
@@ -138,8 +140,6 @@ class Lokr(LinearAdapterMethod):
     def merge(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
         from paddlenlp.peft.lokr.lokr_layers import LoKrLinear
 
-        from ftlab.methods.merging import fold_linear_adapters
-
         def delta(layer: Any) -> Any:
             # The scaled kron(w1, w2), transposed to the [in, out] layout forward adds.
             return layer.get_adapter_weight() if isinstance(layer, LoKrLinear) else None
@@ -148,11 +148,11 @@ class Lokr(LinearAdapterMethod):
         fold_linear_adapters(inner, delta, "LoKr")
         return inner
 
-    def derived(self, cfg: Any) -> dict[str, Any]:
+    def derived(self, cfg: LokrMethodConfig) -> dict[str, Any]:
         alpha = cfg.lokr_alpha or float(cfg.lokr_dim)
         return {"lokr_scale": alpha / cfg.lokr_dim}
 
-    def size_limit(self, cfg: Any, linear: Linear) -> tuple[int, str]:
+    def size_limit(self, cfg: LokrMethodConfig, linear: Linear) -> tuple[int, str]:
         # lokr_dim is the rank of the Kronecker factor w2 (out_2 x in_2); with
         # decompose_both also of w1 (out_1 x in_1).
         out_1, out_2 = split_dimension(linear.fan_out, cfg.factor)
@@ -161,7 +161,7 @@ class Lokr(LinearAdapterMethod):
             return min(out_1, in_1), f"the smaller side of its factor w1 ({out_1} x {in_1})"
         return min(out_2, in_2), f"the smaller side of its factor w2 ({out_2} x {in_2})"
 
-    def adapter_size(self, cfg: Any, linear: Linear) -> int:
+    def adapter_size(self, cfg: LokrMethodConfig, linear: Linear) -> int:
         """w1 (``[out_1, in_1]``, or two rank-``lokr_dim`` factors with decompose_both)
         and w2 (``[out_2, in_2]``, factorised when the rank is below half its larger side).
         """

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from ftlab.config.schema import MethodConfig
 from ftlab.errors import ConfigError, ModelLoadError
 from ftlab.methods.linear import LinearAdapterMethod, target_patterns
+from ftlab.methods.merging import fold_linear_adapters
 from ftlab.methods.registry import register_method
 from ftlab.models.arch import model_linears
 from ftlab.models.families import family
@@ -222,7 +223,7 @@ class Lora(LinearAdapterMethod):
                 "data parallel or sharding, or plain LoRA."
             )
 
-    def size_limit(self, cfg: Any, linear: Linear) -> tuple[int, str]:
+    def size_limit(self, cfg: LoraMethodConfig, linear: Linear) -> tuple[int, str]:
         # A rank-r update of an m x n matrix has rank <= min(m, n).
         return min(linear.fan_in, linear.fan_out), "the smaller side"
 
@@ -244,7 +245,9 @@ class Lora(LinearAdapterMethod):
             dtype=model.config.dtype,
         )
 
-    def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
+    def apply(
+        self, model: paddle.nn.Layer, cfg: LoraMethodConfig, model_cfg: ModelConfig
+    ) -> paddle.nn.Layer:
         from paddlenlp.peft import LoRAModel
 
         lora_model = LoRAModel(model, self.lora_config(cfg, model_cfg, model))
@@ -272,7 +275,9 @@ class Lora(LinearAdapterMethod):
             tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a0, b0
         save_file(tensors, str(Path(out_dir) / PISSA_INIT), metadata={"format": "np"})
 
-    def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
+    def load(
+        self, base: paddle.nn.Layer, trained_dir: Path, cfg: LoraMethodConfig | None = None
+    ) -> paddle.nn.Layer:
         from paddlenlp.peft import LoRAConfig, LoRAModel
 
         trained_dir = Path(trained_dir)
@@ -295,8 +300,6 @@ class Lora(LinearAdapterMethod):
     def merge(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
         from paddlenlp.peft.lora.lora_layers import LoRALinear
 
-        from ftlab.methods.merging import fold_linear_adapters
-
         def delta(layer: Any) -> Any:
             return lora_delta(layer) if isinstance(layer, LoRALinear) else None
 
@@ -304,7 +307,7 @@ class Lora(LinearAdapterMethod):
         fold_linear_adapters(inner, delta, "LoRA")
         return inner
 
-    def reference_mode(self, cfg: Any) -> str:
+    def reference_mode(self, cfg: LoraMethodConfig) -> str:
         # PiSSA rewrote the base weights to W - A0 @ B0: with the adapter off the model is
         # that residual, not the model training started from, so it needs a frozen copy.
         return "copy" if cfg.pissa else "adapter"
@@ -312,7 +315,7 @@ class Lora(LinearAdapterMethod):
     def set_adapter_enabled(self, model: paddle.nn.Layer, enabled: bool) -> None:
         set_lora_enabled(model, enabled)
 
-    def derived(self, cfg: Any) -> dict[str, Any]:
+    def derived(self, cfg: LoraMethodConfig) -> dict[str, Any]:
         alpha = lora_alpha(cfg)
         if cfg.pissa or cfg.use_mora:
             scale = 1.0  # PaddleNLP fixes it: PiSSA's A/B carry the scale, MoRA has none
@@ -320,7 +323,7 @@ class Lora(LinearAdapterMethod):
             scale = alpha / (cfg.lora_rank**0.5) if cfg.rslora else alpha / cfg.lora_rank
         return {"lora_alpha": alpha, "lora_scaling": scale}
 
-    def adapter_size(self, cfg: Any, linear: Linear) -> int:
+    def adapter_size(self, cfg: LoraMethodConfig, linear: Linear) -> int:
         return lora_size(cfg, linear)
 
     def export(self, run: RunConfig, notes: list[str]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from ftlab.errors import ConfigError, ModelLoadError
 from ftlab.methods.registry import AdapterPlan, Method, register_method
 from ftlab.models.arch import kv_dim
 from ftlab.models.families import FAMILIES, family
+from ftlab.models.loading import num_layers
 
 if TYPE_CHECKING:
     import paddle
@@ -119,10 +120,10 @@ class Prefix(Method):
                 f"no prefix key/value layout for it (it has for {', '.join(prefix_families())})."
             )
 
-    def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
+    def apply(
+        self, model: paddle.nn.Layer, cfg: PrefixMethodConfig, model_cfg: ModelConfig
+    ) -> paddle.nn.Layer:
         from paddlenlp.peft import PrefixConfig
-
-        from ftlab.models.loading import num_layers
 
         c = model.config
         prefix_config = PrefixConfig(
@@ -140,10 +141,10 @@ class Prefix(Method):
             model, prefix_config, postprocess_past_key_value=_postprocess(c.model_type)
         )
 
-    def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
+    def load(
+        self, base: paddle.nn.Layer, trained_dir: Path, cfg: PrefixMethodConfig | None = None
+    ) -> paddle.nn.Layer:
         from paddlenlp.peft import PrefixConfig
-
-        from ftlab.models.loading import num_layers
 
         trained_dir = Path(trained_dir)
         if not any(

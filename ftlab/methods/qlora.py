@@ -18,10 +18,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ftlab.config.choices import check_choice
+from ftlab.distributed.layout import model_parallel_kwargs
 from ftlab.errors import ConfigError
 from ftlab.methods.linear import target_patterns
 from ftlab.methods.lora import Lora, LoraMethodConfig, lora_alpha
 from ftlab.methods.registry import AdapterPlan, register_method
+from ftlab.models.compat import apply_fixes
+from ftlab.models.loading import (
+    checkpoint_rope_theta,
+    finish_model,
+    load_model,
+    load_pretrained,
+    model_settings,
+)
 from ftlab.models.quant.algos import ALGOS, PADDLENLP_ALGO, bytes_per_param
 
 if TYPE_CHECKING:
@@ -128,7 +137,7 @@ class QLora(Lora):
 
     def load_base(
         self,
-        cfg: Any,
+        cfg: QLoraMethodConfig,
         model_cfg: ModelConfig,
         *,
         dtype: str,
@@ -143,7 +152,6 @@ class QLora(Lora):
         if not list(path.glob("*.safetensors")):
             # A hub name or a .pdparams checkpoint: load in float, then quantize layer by
             # layer (peak memory holds the float model once).
-            from ftlab.models.loading import load_model
             from ftlab.models.quant import quantize_model
 
             model = load_model(model_cfg, dtype, overrides)
@@ -153,8 +161,6 @@ class QLora(Lora):
         from paddlenlp.transformers import AutoConfig, AutoModelForCausalLM
         from paddlenlp.transformers.model_utils import no_init_weights
 
-        from ftlab.models.compat import apply_fixes
-        from ftlab.models.loading import finish_model, model_settings
         from ftlab.models.quant import SafetensorsSource, quantize_while_loading
 
         apply_fixes()
@@ -170,7 +176,9 @@ class QLora(Lora):
             )
         return finish_model(model)
 
-    def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
+    def apply(
+        self, model: paddle.nn.Layer, cfg: QLoraMethodConfig, model_cfg: ModelConfig
+    ) -> paddle.nn.Layer:
         from ftlab.models.quant import QuantLoRALinear
 
         if any(isinstance(m, QuantLoRALinear) for m in model.sublayers()):
@@ -193,7 +201,9 @@ class QLora(Lora):
         )
         model.config.save_pretrained(str(out_dir))
 
-    def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
+    def load(
+        self, base: paddle.nn.Layer, trained_dir: Path, cfg: QLoraMethodConfig | None = None
+    ) -> paddle.nn.Layer:
         """``base`` must be the float base model; it is re-quantized with the saved spec."""
         from safetensors.numpy import load_file
 
@@ -224,7 +234,7 @@ class QLora(Lora):
             return model
         return super().merge(model)
 
-    def environment_derived(self, cfg: Any, env: Environment) -> dict[str, Any]:
+    def environment_derived(self, cfg: QLoraMethodConfig, env: Environment) -> dict[str, Any]:
         return {"quant_backend": resolve_backend(cfg, env)}
 
     def assumptions(self, run: RunConfig, env: Environment) -> list[str]:
@@ -335,19 +345,11 @@ def _check_tensor_parallel(cfg: QLoraMethodConfig, layout: str, env: Environment
 
 
 def _load_paddlenlp_quantized(
-    model_cfg: ModelConfig, dtype: str, cfg: Any, overrides: dict[str, Any]
+    model_cfg: ModelConfig, dtype: str, cfg: QLoraMethodConfig, overrides: dict[str, Any]
 ) -> Any:
     """PaddleNLP's native quantized loading (CUDA). CPU-only CI cannot exercise it."""
     from paddlenlp.quantization.quantization_config import QuantizationConfig
     from paddlenlp.transformers import AutoModelForCausalLM
-
-    from ftlab.distributed.layout import model_parallel_kwargs
-    from ftlab.models.loading import (
-        checkpoint_rope_theta,
-        finish_model,
-        load_pretrained,
-        model_settings,
-    )
 
     qcfg = QuantizationConfig(
         weight_quantize_algo=PADDLENLP_ALGO[cfg.quant_algo],

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from ftlab.config.schema import MethodConfig
 from ftlab.errors import ConfigError, ModelLoadError
 from ftlab.methods.registry import AdapterPlan, Method, register_method
+from ftlab.models.loading import decoder_layers, num_layers
 
 if TYPE_CHECKING:
     import numpy as np
@@ -123,8 +124,6 @@ def _reft_classes() -> tuple[type, type]:
     import paddle
     from paddle import nn
     from paddlenlp.peft import ReFTModel
-
-    from ftlab.models.loading import decoder_layers
 
     class LoReftIntervention(nn.Layer):
         """The edit ``R^T (act(W h + b) - R h)`` (added to ``h`` by the wrapper)."""
@@ -331,13 +330,15 @@ class Reft(Method):
                 "gradients would be wrong. Set train.recompute=false."
             )
 
-    def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
-        from ftlab.models.loading import num_layers
-
+    def apply(
+        self, model: paddle.nn.Layer, cfg: ReftMethodConfig, model_cfg: ModelConfig
+    ) -> paddle.nn.Layer:
         settings = reft_settings(cfg, num_layers(model.config))
         return _reft_classes()[1](model, settings)
 
-    def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
+    def load(
+        self, base: paddle.nn.Layer, trained_dir: Path, cfg: ReftMethodConfig | None = None
+    ) -> paddle.nn.Layer:
         import paddle
         from safetensors.numpy import load_file
 
@@ -348,7 +349,6 @@ class Reft(Method):
                 f"no ReFT interventions ({REFT_RECORD}, {REFT_WEIGHTS}) in {trained_dir}"
             )
         settings = json.loads(record.read_text())
-        from ftlab.models.loading import num_layers
 
         n_layers = num_layers(base.config)
         if any(not 0 <= i < n_layers for i in settings["layers"]):
@@ -370,7 +370,7 @@ class Reft(Method):
     def merge(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
         raise ConfigError(f"method=reft cannot be merged: {self.merge_unsupported}")
 
-    def derived(self, cfg: Any) -> dict[str, Any]:
+    def derived(self, cfg: ReftMethodConfig) -> dict[str, Any]:
         first, last = parse_positions(cfg.reft_positions)
         return {"reft_first_positions": first, "reft_last_positions": last}
 

@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ftlab.config.schema import MethodConfig
 from ftlab.errors import ConfigError
+from ftlab.models.loading import load_model
 
 if TYPE_CHECKING:
     import paddle
+    from paddlenlp.trainer import Trainer
 
     from ftlab.config.environment import Environment
     from ftlab.config.schema import ModelConfig, RunConfig
@@ -103,11 +105,11 @@ class Method:
     def check(self, run: RunConfig, env: Environment) -> None:
         """Reject settings this method cannot honour on this model, layout and machine."""
 
-    def derived(self, cfg: Any) -> dict[str, Any]:
+    def derived(self, cfg: MethodConfig) -> dict[str, Any]:
         """Values computed from the settings, written into the resolved config."""
         return {}
 
-    def environment_derived(self, cfg: Any, env: Environment) -> dict[str, Any]:
+    def environment_derived(self, cfg: MethodConfig, env: Environment) -> dict[str, Any]:
         """Values that depend on the machine (``env``: this one, or a described target)
         as well as the settings, written into the resolved config beside ``derived``."""
         return {}
@@ -131,7 +133,7 @@ class Method:
             "Method class an export()."
         )
 
-    def reference_mode(self, cfg: Any) -> str:
+    def reference_mode(self, cfg: MethodConfig) -> str:
         """How a preference stage gets its reference model (the policy before training).
 
         ``adapter``: switch this method's adapter off on the trained model itself, so no
@@ -146,7 +148,7 @@ class Method:
         """Switch the adapter on or off (methods whose ``reference_mode`` is ``adapter``)."""
         raise NotImplementedError(f"method={self.name} cannot switch its adapter off")
 
-    def flag_arguments(self, cfg: Any) -> dict[str, Any]:
+    def flag_arguments(self, cfg: MethodConfig) -> dict[str, Any]:
         """``argument_flag`` and the ``argument_keys`` of ``cfg``: where exports start."""
         args: dict[str, Any] = {self.argument_flag: True} if self.argument_flag else {}
         args.update({key: getattr(cfg, f) for key, f in self.argument_keys.items()})
@@ -171,7 +173,7 @@ class Method:
 
     def load_base(
         self,
-        cfg: Any,
+        cfg: MethodConfig,
         model_cfg: ModelConfig,
         *,
         dtype: str,
@@ -179,14 +181,14 @@ class Method:
     ) -> paddle.nn.Layer:
         """The base model this method trains on (QLoRA quantizes while loading);
         ``overrides``: model-config values set at construction (recompute details)."""
-        from ftlab.models.loading import load_model
-
         return load_model(model_cfg, dtype, overrides)
 
-    def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
+    def apply(
+        self, model: paddle.nn.Layer, cfg: MethodConfig, model_cfg: ModelConfig
+    ) -> paddle.nn.Layer:
         raise NotImplementedError
 
-    def save_final(self, trainer: Any, model: paddle.nn.Layer, out_dir: Path) -> None:
+    def save_final(self, trainer: Trainer, model: paddle.nn.Layer, out_dir: Path) -> None:
         """Write a run's ``final/``: the Trainer's save, then ``after_save`` on rank 0."""
         trainer.save_model(str(out_dir))
         if trainer.args.process_index <= 0:
@@ -200,7 +202,9 @@ class Method:
         model.save_pretrained(str(out_dir))
         self.after_save(model, out_dir)
 
-    def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
+    def load(
+        self, base: paddle.nn.Layer, trained_dir: Path, cfg: MethodConfig | None = None
+    ) -> paddle.nn.Layer:
         """Rebuild the trained model on ``base`` from ``trained_dir`` alone (cfg optional)."""
         raise NotImplementedError
 

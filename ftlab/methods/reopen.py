@@ -14,9 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ftlab.config.schema import MethodConfig, ModelConfig, PrecisionConfig
 from ftlab.errors import ConfigError, ModelLoadError
 from ftlab.methods.catalog import get_method, method_schemas
-from ftlab.models.loading import load_model, load_tokenizer, weight_dtype
+from ftlab.models.loading import load_model, load_tokenizer, output_logits, weight_dtype
 from ftlab.record.rundir import METHOD_RECORD, RESOLVED_CONFIG, RunDir
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -39,8 +40,6 @@ def read_run_config(run_dir: Path) -> tuple[Any, Any, str]:
     model is the one the run loaded as its base (``derived.init_model`` after init_from)."""
     from omegaconf import OmegaConf
 
-    from ftlab.config.schema import ModelConfig, PrecisionConfig
-
     path = Path(run_dir) / RESOLVED_CONFIG
     if not path.is_file():
         raise ModelLoadError(f"{run_dir} is not an ftlab run directory: no {RESOLVED_CONFIG}.")
@@ -61,14 +60,16 @@ def read_run_config(run_dir: Path) -> tuple[Any, Any, str]:
     return model, typed(schemas[name], body.method), dtype
 
 
-def _tokenizer(model_cfg: Any, saved_dir: Path) -> Any:
+def _tokenizer(model_cfg: ModelConfig, saved_dir: Path) -> Any:
     """The tokenizer saved with the run (pad token included), else the base model's."""
     if all((saved_dir / f).is_file() for f in TOKENIZER_FILES):
         model_cfg = dataclasses.replace(model_cfg, tokenizer_name_or_path=str(saved_dir))
     return load_tokenizer(model_cfg)
 
 
-def load_adapter(base: Any, adapter_dir: Path, method_name: str, cfg: Any = None) -> Any:
+def load_adapter(
+    base: Any, adapter_dir: Path, method_name: str, cfg: MethodConfig | None = None
+) -> Any:
     """``base`` + the artefact in ``adapter_dir``, in eval mode."""
     model = get_method(method_name).load(base, Path(adapter_dir), cfg)
     model.eval()
@@ -103,8 +104,6 @@ def load_with_adapter(
     ``pad_token`` is only needed when neither the adapter dir nor the base tokenizer
     defines one.
     """
-    from ftlab.config.schema import ModelConfig
-
     adapter = Path(adapter)
     name = method_of(adapter)
     model_cfg = ModelConfig(name=Path(base).name or base, name_or_path=base, pad_token=pad_token)
@@ -132,7 +131,6 @@ def probe_logits(model: Any, tokenizer: Any) -> Any:
     ids = [tokenizer.bos_token_id, *tokenizer(PROBE, add_special_tokens=False)["input_ids"]]
     with paddle.no_grad():
         out = model(input_ids=paddle.to_tensor([ids], dtype="int64"))
-    from ftlab.models.loading import output_logits
 
     return output_logits(out).astype("float32").numpy()
 

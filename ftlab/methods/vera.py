@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 from ftlab.config.schema import MethodConfig
 from ftlab.errors import ConfigError, ModelLoadError
 from ftlab.methods.linear import LinearAdapterMethod, target_patterns
+from ftlab.methods.merging import fold_linear_adapters
 from ftlab.methods.registry import register_method
+from ftlab.methods.state import load_trainable_state, save_peft_model
 
 if TYPE_CHECKING:
     import numpy as np
@@ -124,8 +126,6 @@ def _vera_model_class() -> type:
         def save_pretrained(self, save_directory: str, *args: Any, **kwargs: Any) -> None:
             import paddle
 
-            from ftlab.methods.state import save_peft_model
-
             save_peft_model(self, save_directory, self.vera_config, **kwargs)
             if kwargs.get("is_main_process", paddle.distributed.get_rank() == 0):
                 record = {
@@ -162,7 +162,9 @@ class Vera(LinearAdapterMethod):
                 "get a gradient. Use a small non-zero value such as 0.1."
             )
 
-    def apply(self, model: paddle.nn.Layer, cfg: Any, model_cfg: ModelConfig) -> paddle.nn.Layer:
+    def apply(
+        self, model: paddle.nn.Layer, cfg: VeraMethodConfig, model_cfg: ModelConfig
+    ) -> paddle.nn.Layer:
         from paddlenlp.peft import VeRAConfig
 
         config = VeRAConfig(
@@ -175,10 +177,10 @@ class Vera(LinearAdapterMethod):
         )
         return _vera_model_class()(model, config, cfg.vera_seed, cfg.vera_d_init)
 
-    def load(self, base: paddle.nn.Layer, trained_dir: Path, cfg: Any = None) -> paddle.nn.Layer:
+    def load(
+        self, base: paddle.nn.Layer, trained_dir: Path, cfg: VeraMethodConfig | None = None
+    ) -> paddle.nn.Layer:
         from paddlenlp.peft import VeRAConfig
-
-        from ftlab.methods.state import load_trainable_state
 
         trained_dir = Path(trained_dir)
         record_path = trained_dir / VERA_RECORD
@@ -203,8 +205,6 @@ class Vera(LinearAdapterMethod):
     def merge(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
         from paddlenlp.peft.vera.vera_layers import VeRALinear
 
-        from ftlab.methods.merging import fold_linear_adapters
-
         def delta(layer: Any) -> Any:
             if not isinstance(layer, VeRALinear):
                 return None
@@ -215,16 +215,16 @@ class Vera(LinearAdapterMethod):
         fold_linear_adapters(inner, delta, "VeRA")
         return inner
 
-    def size_limit(self, cfg: Any, linear: Linear) -> tuple[int, str]:
+    def size_limit(self, cfg: VeraMethodConfig, linear: Linear) -> tuple[int, str]:
         # The update diag(b) B diag(d) A is a combination of vera_rank fixed rank-one
         # matrices weighted by d; unlike LoRA's rank, a rank above the layer's smaller side
         # still adds directions, up to the matrix's number of entries.
         return linear.fan_in * linear.fan_out, "the number of weights (in x out)"
 
-    def adapter_size(self, cfg: Any, linear: Linear) -> int:
+    def adapter_size(self, cfg: VeraMethodConfig, linear: Linear) -> int:
         return cfg.vera_rank + linear.fan_out  # the vectors d and b
 
-    def frozen_size(self, cfg: Any, linear: Linear) -> int:
+    def frozen_size(self, cfg: VeraMethodConfig, linear: Linear) -> int:
         return cfg.vera_rank * (linear.fan_in + linear.fan_out)  # this layer's A and B
 
     def export(self, run: RunConfig, notes: list[str]) -> dict[str, Any]:

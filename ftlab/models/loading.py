@@ -12,8 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.config.schema import ModelConfig, PrecisionConfig
+from ftlab.distributed.layout import model_parallel_kwargs, pipeline_degree
 from ftlab.errors import ModelLoadError
+from ftlab.models.compat import apply_fixes
 from ftlab.models.config_json import looks_local
+from ftlab.models.families import FAMILIES
+from ftlab.models.rope import DEFAULT_ROPE_THETA, long_sequence_config
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +103,6 @@ def causal_lm_class(pipeline: int) -> Any:
 def model_settings(cfg: ModelConfig, rope_theta: float | None = None) -> dict[str, Any]:
     """PaddleNLP model-config keys for ``model.flash_attention`` and ``model.rope_scaling``
     (``rope_theta``: the checkpoint's rotary base, needed when RoPE is scaled)."""
-    from ftlab.models.rope import DEFAULT_ROPE_THETA, long_sequence_config
-
     out: dict[str, Any] = {}
     if cfg.flash_attention:
         out["use_flash_attention"] = True
@@ -131,9 +133,6 @@ def finish_model(model: Any) -> Any:
 def load_model(cfg: ModelConfig, dtype: str, overrides: Mapping[str, Any] | None = None) -> Any:
     """The base model; ``overrides`` are model-config values set at construction (the
     recompute details, which PaddleNLP's layers read in their constructors)."""
-    from ftlab.distributed.layout import model_parallel_kwargs, pipeline_degree
-    from ftlab.models.compat import apply_fixes
-
     apply_fixes()
     kwargs: dict[str, Any] = {
         "dtype": dtype,
@@ -169,8 +168,6 @@ def count_shared_weights_once(model: Any) -> None:
 
 def decoder_layers(model: Any) -> Any:
     """The decoder layers of a live causal LM (``<layers_path>`` of its family's row)."""
-    from ftlab.models.families import FAMILIES
-
     fam = FAMILIES.get(model.config.model_type)
     if fam is None:
         raise ModelLoadError(

@@ -39,13 +39,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftlab.config.environment import Environment
 from ftlab.config.schema import RunConfig
+from ftlab.distributed.degrees import Degrees
 from ftlab.errors import ConfigError
 from ftlab.methods.registry import AdapterPlan
-from ftlab.planning.plan import ParamCounts
+
+if TYPE_CHECKING:  # the plan imports this module (its layout estimate times a layout)
+    from ftlab.planning.plan import ParamCounts
 
 
 @dataclass(frozen=True)
@@ -208,18 +211,10 @@ def resolve_hardware(run: RunConfig, env: Environment, devices_per_node: int) ->
 # --------------------------------------------------------------------------- step time
 
 
-@dataclass(frozen=True)
-class Shape:
-    """What the cost model needs of a candidate layout."""
+@dataclass(frozen=True, kw_only=True)
+class Shape(Degrees):
+    """What the cost model needs of a candidate layout: its degrees and batch split."""
 
-    nproc_per_node: int
-    data: int
-    tensor: int
-    pipeline: int
-    sharding: int
-    sharding_stage: int
-    offload: bool
-    sequence_parallel: bool
     recompute: float  # share of each decoder layer's forward FLOPs run again in backward
     micro_batch: int
     accumulation: int  # micro-batches per optimizer step on each rank

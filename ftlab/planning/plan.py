@@ -76,23 +76,36 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ftlab.config.derived import Derived
 from ftlab.config.environment import Environment
-from ftlab.config.schema import RunConfig
+from ftlab.config.schema import AutoLayoutSettings, RunConfig
 from ftlab.config.trainer_options import OPTIMIZERS_TABLE, parse_refined_recompute
+from ftlab.distributed.degrees import Degrees
+from ftlab.distributed.layout import parallel_degrees, processes_per_node
+from ftlab.errors import ConfigError
 from ftlab.methods.catalog import get_method
 from ftlab.methods.registry import AdapterPlan
 from ftlab.models.arch import base_counts, ffn_width, kv_dim
 from ftlab.models.attention import AttentionPath, attention_path
 from ftlab.models.families import family
+from ftlab.planning.candidates import (
+    MEMORY,
+    Candidate,
+    RecomputeChoice,
+    candidate_run,
+    recompute_choice_of,
+)
+from ftlab.planning.cost import Hardware, Shape, resolve_hardware, step_time
+from ftlab.planning.report import Decision, assumed_sources, format_decision, gib
 from ftlab.record.rundir import PLAN, RunDir
 from ftlab.stages.catalog import get_stage
 from ftlab.stages.registry import REFERENCE_COPY, StagePlan
 
 MIB = 2**20
+GIB = 2**30
 # Peak RSS of an ftlab training process whose tensors are negligible (one tiny training
 # step of a 1-layer, hidden-8 model through the same Trainer, data and tokenizer code):
 # Python + Paddle + PaddleNLP + VisualDL. Measured with paddlepaddle 3.3.1 (CPU),
@@ -180,18 +193,11 @@ def count_parameters(run: RunConfig, adapter: AdapterPlan | None = None) -> Para
     )
 
 
-@dataclass
-class Layout:
-    world_size: int
-    nproc_per_node: int
-    nnodes: int
-    data: int
-    tensor: int
-    pipeline: int
-    sharding: int
-    sharding_stage: int
-    sequence_parallel: bool
-    expert: int
+@dataclass(frozen=True, kw_only=True)
+class Layout(Degrees):
+    """The run's degrees and what one device holds of a step: the batch split, the layers
+    of a pipeline stage and the micro-batches in flight."""
+
     micro_batch: int
     gradient_accumulation_steps: int
     global_batch: int
@@ -199,21 +205,17 @@ class Layout:
     layers_per_stage: int
     micro_batches_in_flight: int
 
+    def to_dict(self) -> dict[str, Any]:
+        """``plan.json``'s ``layout``: the world size first, then every field."""
+        return {"world_size": self.world_size, **asdict(self)}
+
 
 def layout(run: RunConfig, derived: Derived) -> Layout:
     p, t = run.parallel, run.train
     layers = math.ceil(run.model.arch.num_hidden_layers / p.pipeline)
+    degrees = parallel_degrees(p, run.launch.nnodes, derived.nproc_per_node)
     return Layout(
-        world_size=derived.world_size,
-        nproc_per_node=derived.nproc_per_node,
-        nnodes=run.launch.nnodes,
-        data=derived.data_parallel_degree,
-        tensor=p.tensor,
-        pipeline=p.pipeline,
-        sharding=p.sharding,
-        sharding_stage=p.sharding_stage,
-        sequence_parallel=p.sequence_parallel,
-        expert=p.expert,
+        **degrees.as_kwargs(),
         micro_batch=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         global_batch=derived.global_batch_size,
@@ -485,7 +487,7 @@ def make_plan(run: RunConfig, derived: Derived, device: str) -> dict[str, Any]:
         "method": {"name": run.method.name, **adapter.details},
         "method_lines": adapter.lines + stage.lines,
         "stage": {"name": run.stage.name, **stage.details},
-        "layout": asdict(lay),
+        "layout": lay.to_dict(),
         "parameters": {k: v for k, v in asdict(counts).items() if k != "targets"},
         "memory_bytes": asdict(mem),
         "memory_mib": {k: None if v is None else round(v / MIB, 1) for k, v in asdict(mem).items()},
@@ -589,3 +591,93 @@ def print_plan(
     lines = format_plan(plan).splitlines() + list(extra_lines or [])
     print("\nftlab plan\n" + "\n".join("  " + x for x in lines), flush=True)
     return plan
+
+
+# --------------------------------------------------------------------------- one layout on
+# described devices: whether it fits and its step time (mode=plan, and every candidate of
+# parallel=auto's search)
+
+
+def evaluate(
+    run: RunConfig,
+    env: Environment,
+    hw: Hardware,
+    cand: Candidate,
+    choice: RecomputeChoice,
+    counts: ParamCounts,
+    adapter: AdapterPlan,
+) -> Candidate:
+    """The candidate's memory from the plan and, when it fits, its step time."""
+    crun = candidate_run(run, cand, choice)
+    derived = Derived(
+        device=env.device,
+        world_size=cand.world_size,
+        nproc_per_node=cand.nproc_per_node,
+        data_parallel_degree=cand.data,
+        global_batch_size=(cand.micro_batch or 0)
+        * (cand.accumulation or 0)
+        * cand.data_parallel_world,
+    )
+    mem = estimate_memory(crun, counts, layout(crun, derived), env.device, adapter)
+    need = (mem.estimated_rss if mem.estimated_rss is not None else mem.in_use) / GIB
+    usable = hw.usable_gib(cand.nproc_per_node, run.parallel.auto.memory_margin)
+    cand = replace(cand, memory_gib=round(need, 3), usable_gib=round(usable, 3))
+    if need > usable:
+        return replace(
+            cand,
+            kind=MEMORY,
+            reason=f"needs {need:.1f} GiB per device, has {usable:.1f}",
+        )
+    forward_share, collective_share = choice.shares(run)
+    shape = Shape(
+        **cand.as_kwargs(),
+        recompute=forward_share,
+        recompute_collectives=collective_share,
+        micro_batch=cand.micro_batch or 0,
+        accumulation=cand.accumulation or 0,
+        seq_len=run.data.max_length,
+    )
+    step = step_time(crun, counts, adapter, shape, hw)
+    tokens = (cand.micro_batch or 0) * (cand.accumulation or 0) * cand.data_parallel_world
+    tokens *= run.data.max_length
+    return replace(
+        cand, step=step.to_dict(), tokens_per_second=round(tokens / step.total, 1), reason=""
+    )
+
+
+def layout_estimate(
+    run: RunConfig, env: Environment, decision: Decision | None, notes: list[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """What ``mode=plan`` adds to its plan: parallel=auto's ranking, or for a named layout
+    whether it fits and its estimated step time on the described devices."""
+    if decision is not None:
+        return {"auto": decision.to_dict()}, format_decision(
+            decision, run.parallel.auto.show
+        ).splitlines()
+    p, t = run.parallel, run.train
+    try:
+        hw = resolve_hardware(run, env, processes_per_node(p))
+    except ConfigError as err:
+        return {"estimate": None}, [f"estimate        n/a: {err}"]
+    choice = recompute_choice_of(run)
+    cand = Candidate(
+        **parallel_degrees(p, hw.nnodes, hw.devices_per_node).as_kwargs(),
+        recompute=choice.label,
+        micro_batch=t.per_device_train_batch_size,
+        accumulation=t.gradient_accumulation_steps,
+    )
+    adapter = get_method(run.method.name).plan(run)
+    cand = evaluate(run, env, hw, cand, choice, count_parameters(run, adapter), adapter)
+    margin = AutoLayoutSettings().memory_margin
+    if cand.kind:
+        verdict = f"does not fit: {cand.reason} ({margin:.0%} margin)"
+    else:
+        verdict = (
+            f"fits ({gib(cand.memory_gib)} of {gib(cand.usable_gib)} usable, {margin:.0%} "
+            f"margin); step {cand.step_seconds:.4g} s = {cand.step_breakdown}; "
+            f"{cand.tokens_per_second:,.0f} tokens/s"
+        )
+    lines = [f"estimate       on {hw.describe()}", f"               {verdict}"]
+    figures = notes + assumed_sources(hw)
+    lines += [f"{'figures' if i == 0 else '':<14} {n}" for i, n in enumerate(figures)]
+    return {"estimate": {"hardware": hw.to_dict(), **asdict(cand)}}, lines

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from ftlab.errors import FtlabError
+from ftlab.methods.catalog import registered_methods
 from ftlab.record.rundir import HYDRA, RESOLVED_CONFIG, STATUS, SUMMARY
 from ftlab.record.status import INCOMPLETE, RUNNING, is_running
 from ftlab.record.summary import Summary
@@ -51,8 +52,6 @@ class RunRecord:
     @property
     def rank(self) -> Any:
         """The size of the run's method (LoRA's rank, ...), as its ``Method`` names it."""
-        from ftlab.methods.catalog import registered_methods
-
         method = self.config.get("method") or {}
         cls = registered_methods().get(method.get("name"))
         return cls().size(method) if cls is not None else None

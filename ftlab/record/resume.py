@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from ftlab import console
 from ftlab.config.overrides import flatten, given_value, override
 from ftlab.errors import ConfigError, FtlabError
+from ftlab.methods.catalog import registered_methods
 from ftlab.record.rundir import (
     CHECKPOINTS,
     ENVIRONMENT,
@@ -58,8 +59,6 @@ _SPLITS = ("tensor", "pipeline", "sharding", "sharding_stage", "expert")
 
 def fixed_on_resume(method_name: str) -> tuple[str, ...]:
     """Every setting (dotted prefix) a resume of a ``method_name`` run may not change."""
-    from ftlab.methods.catalog import registered_methods
-
     cls = registered_methods().get(method_name)
     own = tuple(f"method.{k}" for k in cls.fixed_on_resume) if cls is not None else ()
     return (*_FIXED_ON_RESUME, *own)
@@ -214,8 +213,6 @@ def check_layout_change(run_dir: Path, old: dict[str, Any], new: dict[str, Any])
                 f"Resume with the recorded layout (parallel={old_name})."
             )
     method = str((old.get("method") or {}).get("name"))
-    from ftlab.methods.catalog import registered_methods
-
     cls = registered_methods().get(method)
     if cls is not None and not cls.unified_checkpoint:
         raise ConfigError(

@@ -16,9 +16,12 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from ftlab.assets import asset_path
 from ftlab.config import schema
 from ftlab.config.derived import Derived
+from ftlab.distributed.slurm import slurm_gpus_per_node, slurm_nodes
 from ftlab.methods.catalog import method_schemas
+from ftlab.models.config_json import model_label, resolve_model
 from ftlab.record.rundir import claim_new_dir
 from ftlab.stages.catalog import stage_schemas
 
@@ -68,14 +71,10 @@ def register_configs() -> None:
 
 
 def _asset(name: str) -> str:
-    from ftlab.assets import asset_path
-
     return str(asset_path(name))
 
 
 def _model_label(name: Any, name_or_path: Any) -> str:
-    from ftlab.models.config_json import model_label
-
     return str(model_label(name, name_or_path))
 
 
@@ -89,8 +88,6 @@ def register_resolvers() -> None:
     ``${stage_suffix:NAME}`` -> "" for sft, "_dpo" etc. (run dir names);
     ``${slurm_nodes:...}``, ``${slurm_gpus_per_node:...}`` -> the SLURM allocation of
     ``hydra/launcher=slurm_multinode`` (``ftlab.distributed.slurm``)."""
-    from ftlab.distributed.slurm import slurm_gpus_per_node, slurm_nodes
-
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", _asset)
     if not OmegaConf.has_resolver("model_label"):
@@ -107,8 +104,6 @@ def to_run_config(cfg: DictConfig) -> schema.RunConfig:
     """Resolve interpolations and convert to dataclasses (method -> its own schema); the
     model's family, architecture numbers, label and LoRA targets are completed from its
     directory's config.json or its model option (``ftlab.models.config_json``)."""
-    from ftlab.models.config_json import resolve_model
-
     register_resolvers()
     run = OmegaConf.to_object(cfg)
     assert isinstance(run, schema.RunConfig), type(run)

@@ -17,8 +17,8 @@ from typing import Any
 
 from ftlab.config.choices import check_choice
 from ftlab.config.derived import Derived
-from ftlab.config.environment import Environment
-from ftlab.config.schema import RunConfig
+from ftlab.config.environment import Environment, target_environment
+from ftlab.config.schema import AutoLayoutSettings, LaunchConfig, RunConfig
 from ftlab.config.trainer_options import (
     ACCEPTED_NOT_BUILT,
     OPTIMIZERS,
@@ -30,7 +30,9 @@ from ftlab.config.trainer_options import (
 )
 from ftlab.data.formats import TEXT_FORMATS
 from ftlab.data.settings import check_data_settings, mixture_weights
-from ftlab.distributed.layout import processes_per_node
+from ftlab.distributed.degrees import Degrees
+from ftlab.distributed.emulation import check_emulation
+from ftlab.distributed.layout import parallel_degrees
 from ftlab.errors import ConfigError, DataError
 from ftlab.methods.catalog import get_method
 from ftlab.methods.registry import Method
@@ -292,19 +294,46 @@ def check_data(run: RunConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
-def check_parallel(run: RunConfig, env: Environment) -> dict[str, int]:
+def check_parallel(run: RunConfig, env: Environment) -> Degrees:
     """Check the layout against the devices and the model; return the derived degrees."""
-    p, launch, arch = run.parallel, run.launch, run.model.arch
-    model_parallel = p.tensor * p.pipeline * p.sharding
-    nproc = processes_per_node(p)
-    world = nproc * launch.nnodes
+    degrees = _derived_degrees(run)
+    check_combination(run, degrees.data)
+    p = run.parallel
+    if degrees.nproc_per_node > env.device_count:
+        unit = "GPUs" if env.device == "gpu" else "CPU cores (one gloo process each)"
+        raise ConfigError(
+            f"parallel={p.name} needs {degrees.nproc_per_node} processes per node but this "
+            f"machine has {env.device_count} {unit}. Use a smaller layout (e.g. "
+            "parallel=single) or more devices."
+        )
+    check_expert_parallel(run, env, degrees.data)
+    check_model_split(run)
+    if env.device == "cpu" and p.cpu_emulation:
+        check_emulation(run)  # refuses the layouts the CPU emulation cannot run
+    elif env.device == "cpu" and (p.tensor > 1 or p.pipeline > 1 or p.sharding_stage in (2, 3)):
+        raise ConfigError(
+            f"parallel={p.name} (tensor {p.tensor}, pipeline {p.pipeline}, sharding stage "
+            f"{p.sharding_stage}): PaddlePaddle's CPU build cannot run tensor, pipeline or "
+            "sharding stage 2/3 layouts. Run it on GPUs, or use parallel=dp2 / "
+            "sharding_stage1 on CPU; to test a tensor- or pipeline-parallel layout on CPU, "
+            "add parallel.cpu_emulation=true (slow, for correctness checks)."
+        )
+    return degrees
+
+
+def _derived_degrees(run: RunConfig) -> Degrees:
+    """The degrees on ``launch.nnodes`` nodes, the data degree derived from the world size
+    (which the other degrees must divide; ``parallel.data``, when set, must equal it)."""
+    p, launch = run.parallel, run.launch
+    degrees = parallel_degrees(p, launch.nnodes)
+    nproc, world, dp = degrees.nproc_per_node, degrees.world_size, degrees.data
+    model_parallel = degrees.model_parallel_size * p.sharding
     if world % model_parallel:
         raise ConfigError(
             f"parallel={p.name}: world size {world} (nnodes {launch.nnodes} x nproc_per_node "
             f"{nproc}) is not a multiple of tensor {p.tensor} x pipeline {p.pipeline} x "
             f"sharding {p.sharding} = {model_parallel}."
         )
-    dp = world // model_parallel
     if p.data is not None and p.data != dp:
         nodes = (
             f" ({launch.nnodes} nodes x {nproc} processes per node; parallel.nproc_per_node "
@@ -317,16 +346,15 @@ def check_parallel(run: RunConfig, env: Environment) -> dict[str, int]:
             f"pipeline x sharding = {model_parallel}) = {dp}. Leave parallel.data unset to "
             "derive it."
         )
-    check_combination(run, dp)
-    if nproc > env.device_count:
-        unit = "GPUs" if env.device == "gpu" else "CPU cores (one gloo process each)"
-        raise ConfigError(
-            f"parallel={p.name} needs {nproc} processes per node but this machine has "
-            f"{env.device_count} {unit}. Use a smaller layout (e.g. parallel=single) or more "
-            "devices."
-        )
+    return degrees
+
+
+def check_model_split(run: RunConfig) -> None:
+    """The model splits as the tensor and pipeline degrees ask: PaddleNLP has the family's
+    tensor-parallel layers / pipeline model, and the degrees divide its heads, widths and
+    layers."""
+    p, arch = run.parallel, run.model.arch
     fam = family(run.model.family)
-    check_expert_parallel(run, env, dp)
     if p.tensor > 1 and not fam.tensor_parallel:
         raise ConfigError(
             f"parallel.tensor={p.tensor}: PaddleNLP has no tensor-parallel layers for "
@@ -364,19 +392,6 @@ def check_parallel(run: RunConfig, env: Environment) -> dict[str, int]:
             f"{arch.num_hidden_layers} layers: every stage needs at least one. "
             "Use fewer pipeline stages."
         )
-    if env.device == "cpu" and p.cpu_emulation:
-        from ftlab.distributed.emulation import check_emulation
-
-        check_emulation(run)  # refuses the layouts the CPU emulation cannot run
-    elif env.device == "cpu" and (p.tensor > 1 or p.pipeline > 1 or p.sharding_stage in (2, 3)):
-        raise ConfigError(
-            f"parallel={p.name} (tensor {p.tensor}, pipeline {p.pipeline}, sharding stage "
-            f"{p.sharding_stage}): PaddlePaddle's CPU build cannot run tensor, pipeline or "
-            "sharding stage 2/3 layouts. Run it on GPUs, or use parallel=dp2 / "
-            "sharding_stage1 on CPU; to test a tensor- or pipeline-parallel layout on CPU, "
-            "add parallel.cpu_emulation=true (slow, for correctness checks)."
-        )
-    return {"world_size": world, "nproc_per_node": nproc, "data_parallel_degree": dp}
 
 
 # --------------------------------------------------------------------------- optimizer,
@@ -628,8 +643,6 @@ COST_SETTINGS = (
 def check_auto_settings(run: RunConfig) -> None:
     """``parallel.auto.*`` and the cost-model settings do nothing without parallel=auto
     (outside plan mode): say so rather than ignore them."""
-    from ftlab.config.schema import AutoLayoutSettings, LaunchConfig
-
     if run.parallel.name == "auto":
         return
     if run.parallel.auto != AutoLayoutSettings():
@@ -677,7 +690,7 @@ def validate(run: RunConfig, env: Environment) -> Derived:
             "(0 disables)."
         )
     check_auto_settings(run)
-    layout = check_parallel(run, env)
+    degrees = check_parallel(run, env)
     method = get_method(run.method.name)
     method.check(run, env)
     check_method_layout(run, method)
@@ -690,15 +703,16 @@ def validate(run: RunConfig, env: Environment) -> Derived:
     stage.check(run, env)
     init_from = str(inspect_init(run).path) if run.init_from else None
     t = run.train
-    # Sharding splits the data like data parallelism does, so both multiply the batch.
-    batch_ranks = layout["data_parallel_degree"] * run.parallel.sharding
     pipeline = run.parallel.pipeline > 1
     return Derived(
         device=env.device,
-        **layout,
+        world_size=degrees.world_size,
+        nproc_per_node=degrees.nproc_per_node,
+        data_parallel_degree=degrees.data,
+        # Sharding splits the data like data parallelism does, so both multiply the batch.
         global_batch_size=t.per_device_train_batch_size
         * t.gradient_accumulation_steps
-        * batch_ranks,
+        * degrees.data_parallel_world,
         method={**method.derived(run.method), **method.environment_derived(run.method, env)},
         stage=stage.derived(run),
         init_from=init_from,
@@ -752,7 +766,6 @@ def validate_for(run: RunConfig, env: Environment) -> Derived:
     except ConfigError as err:
         if run.mode not in ("plan", "export") or env.described or env.device != "cpu":
             raise
-        from ftlab.config.environment import target_environment
 
         try:
             validate(replace(run, device="gpu"), target_environment(run))

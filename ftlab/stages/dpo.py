@@ -24,7 +24,7 @@ from ftlab.config.choices import check_choice
 from ftlab.config.schema import StageConfig
 from ftlab.data.preference import PAIRWISE
 from ftlab.errors import ConfigError
-from ftlab.interop.preference_export import preference_arguments, script_notes
+from ftlab.interop.preference_export import MODEL_KEYS, preference_arguments, script_notes
 from ftlab.methods.catalog import get_method
 from ftlab.stages.preference_stage import PreferenceStage
 from ftlab.stages.registry import StagePlan, register_stage
@@ -202,8 +202,6 @@ class Dpo(PreferenceStage):
 def check_method_expressible(run: RunConfig, script: str) -> None:
     """The preference scripts train a full model or LoRA (QLoRA with
     ``weight_quantize_algo``); a method that switches on anything else cannot be exported."""
-    from ftlab.interop.preference_export import MODEL_KEYS
-
     own = get_method(run.method.name).export(run, [])
     unknown = [k for k, v in own.items() if v is True and k != "lora" and k not in MODEL_KEYS]
     if unknown:

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from ftlab.errors import ConfigError
 from ftlab.methods.catalog import get_method, registered_methods
+from ftlab.methods.reopen import load_trained, load_with_adapter, merge_model
+from ftlab.models.loading import weight_dtype
 from ftlab.record.rundir import FINAL, METHOD_RECORD, RESOLVED_CONFIG, RunDir
 
 if TYPE_CHECKING:
@@ -117,9 +119,6 @@ def materialize_init(run: RunConfig, source: InitSource, run_dir: RunDir) -> Pat
     target = init_model_path(source, run_dir.path)
     if source.whole_model or (target / INIT_RECORD).is_file() or not run_dir.is_main:
         return target
-    from ftlab.methods.reopen import load_trained, load_with_adapter, merge_model
-    from ftlab.models.loading import weight_dtype
-
     if source.run_dir is not None:
         model, tokenizer = load_trained(source.run_dir)
     else:

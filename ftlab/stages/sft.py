@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ftlab.config.schema import StageConfig
 from ftlab.data.formats import FORMATS
 from ftlab.errors import ConfigError
+from ftlab.models.rope import context_length
 from ftlab.stages.registry import Stage, register_stage
 
 if TYPE_CHECKING:
@@ -41,8 +42,7 @@ class Sft(Stage):
             )
 
     def build_data(self, run: RunConfig, tokenizer: Any) -> Any:
-        from ftlab.data import build_data
-        from ftlab.models.rope import context_length
+        from ftlab.data.build import build_data
 
         return build_data(
             run.data,

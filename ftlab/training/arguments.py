@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.config.schema import PrecisionConfig, RunConfig
+from ftlab.config.trainer_options import parse_refined_recompute
 from ftlab.distributed.layout import parallel_training_arguments
 from ftlab.record.rundir import CHECKPOINTS, VISUALDL
 
@@ -91,8 +92,6 @@ def recompute_model_config(run: RunConfig) -> dict[str, Any]:
     parsed form TrainingArguments turns the string into (op -> skip_num), and a refined op
     acts only when the config says ``recompute`` while the layers are built.
     """
-    from ftlab.config.trainer_options import parse_refined_recompute
-
     t = run.train
     if not t.recompute:
         return {}

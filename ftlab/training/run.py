@@ -28,13 +28,32 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
 
 from ftlab import signals
 from ftlab.config.derived import Derived
 from ftlab.config.schema import ModelConfig, RunConfig
+from ftlab.data.collate import count_tokens
+from ftlab.data.formats import TEXT_FORMATS
+from ftlab.distributed.emulation import install_cpu_shims
 from ftlab.errors import ConfigError
+from ftlab.evaluation.entity_recall import EntityRecall, entity_recall
+from ftlab.evaluation.generation import prompt_ids
+from ftlab.evaluation.text_metrics import GenerationResult, evaluate_generation, resolve_units
+from ftlab.methods.catalog import get_method
+from ftlab.methods.neftune import add_neftune_hook
+from ftlab.models.loading import load_tokenizer, parameter_counts, weight_dtype
 from ftlab.record.provenance import environment_record
+from ftlab.record.resume import (
+    check_resume_config,
+    checkpoint_step,
+    pick_checkpoint,
+    reproducibility_warnings,
+)
 from ftlab.record.rundir import (
     ENVIRONMENT,
     FINGERPRINTS,
@@ -45,14 +64,31 @@ from ftlab.record.rundir import (
     RunDir,
 )
 from ftlab.record.summary import Summary
+from ftlab.resolve.compose import resolved_config_yaml, to_plain_dict
+from ftlab.resolve.validate import check_demo_metric
+from ftlab.stages.catalog import get_stage
+from ftlab.stages.init import init_model_path, inspect_init, materialize_init
 from ftlab.stages.registry import REFERENCE_COPY
+from ftlab.training.arguments import recompute_model_config, total_steps, training_arguments
+from ftlab.training.memory import peak_memory_mb, reset_peak_memory
 from ftlab.training.progress import console
 from ftlab.training.trackers import attach_trackers, write_final_scalars
+from ftlab.training.trainer import ConsoleProgress, MetricsJsonl, RecordStart, write_record
+
+if TYPE_CHECKING:  # PaddleNLP's classes, named for the types only
+    from paddlenlp.trainer import Trainer
+    from paddlenlp.transformers import PretrainedTokenizer
+    from paddlenlp.trl import SFTConfig
+
+    from ftlab.data.bundle import DataBundle
+    from ftlab.data.stats import DataStats
+    from ftlab.methods.registry import Method
+    from ftlab.stages.registry import Stage
 
 log = logging.getLogger(__name__)
 
 
-def data_line(stats: Any) -> str:
+def data_line(stats: DataStats) -> str:
     """The data counts a person checks before training starts."""
     tr, dev = stats.train, stats.dev
     text = f"data   train {tr.examples:,} examples ({tr.tokens:,} tokens)"
@@ -71,40 +107,38 @@ def data_line(stats: Any) -> str:
 
 @dataclass
 class Prepared:
-    tokenizer: Any
-    data: Any  # ftlab.data.DataBundle
+    tokenizer: PretrainedTokenizer
+    data: DataBundle
     derived: Derived
     checkpoint: Path | None  # the checkpoint a resume continues from
-    stage: Any  # ftlab.stages.registry.Stage: where the run differs by its objective
+    stage: Stage  # where the run differs by its objective
     model: ModelConfig  # the model loaded as the base (the init model after init_from)
-    # Writes what the run records when training really starts (``RecordStart``).
-    record_start: Any = None
+    # Writes what the run records when training really starts.
+    record_start: RecordStart | None = None
 
 
 @dataclass
 class Built:
-    method: Any  # ftlab.methods.registry.Method
-    model: Any
-    args: Any  # PaddleNLP's SFTConfig
+    method: Method
+    model: paddle.nn.Layer
+    args: SFTConfig
     parameters: dict[str, int]
-    base_metric: Any  # the task metric of the base model (None without one)
-    base_generation: Any = None  # BLEU/ROUGE of the base model's dev generations
-    reference: Any = None  # a frozen copy of the starting model (stages that need one)
+    base_metric: EntityRecall | None  # the task metric of the base model (None without one)
+    base_generation: GenerationResult | None = None  # BLEU/ROUGE of its dev generations
+    reference: paddle.nn.Layer | None = None  # a frozen copy of the starting model
 
 
 @dataclass
 class Fitted:
-    trainer: Any
+    trainer: Trainer
     steps: int
     train_seconds: float
     eval_metrics: dict[str, float]
-    tuned_metric: Any
-    tuned_generation: Any = None
+    tuned_metric: EntityRecall | None
+    tuned_generation: GenerationResult | None = None
 
 
 def train(run: RunConfig, run_dir: RunDir, derived: Derived) -> Summary:
-    from ftlab.training.memory import reset_peak_memory
-
     started = time.perf_counter()
     reset_peak_memory()  # one process may run several sweep jobs
     run_dir = RunDir(run_dir.path, is_main=_is_rank_zero())
@@ -118,12 +152,6 @@ def train(run: RunConfig, run_dir: RunDir, derived: Derived) -> Summary:
 
 
 def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
-    from ftlab.models.loading import load_tokenizer
-    from ftlab.resolve.compose import resolved_config_yaml
-    from ftlab.resolve.validate import check_demo_metric
-    from ftlab.stages.catalog import get_stage
-    from ftlab.training.arguments import total_steps
-
     stage = get_stage(run.stage.name)
     console.info("load   tokenizer and data (%s: %s)", run.data.name, run.data.path)
     tokenizer = load_tokenizer(run.model)
@@ -131,8 +159,6 @@ def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
     check_demo_metric(run, data.dev_records)  # before the model: pipeline models cannot generate
     model = run.model
     if run.init_from:
-        from ftlab.stages.init import init_model_path, inspect_init
-
         init_model = init_model_path(inspect_init(run), run_dir.path)
         derived = derived.with_(init_model=str(init_model))
         model = dataclasses.replace(run.model, name_or_path=str(init_model))
@@ -150,7 +176,6 @@ def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
             rerun_of=run.rerun,
             rerun_differences=_rerun_differences(run, data.fingerprints, derived.device),
         )
-    from ftlab.training.trainer import RecordStart, write_record
 
     record = {FINGERPRINTS: data.fingerprints, RESOLVED_CONFIG: resolved_config_yaml(run, derived)}
     console.info(data_line(data.stats))
@@ -163,15 +188,8 @@ def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
 
 
 def build_model(run: RunConfig, run_dir: RunDir, prepared: Prepared) -> Built:
-    from ftlab.methods.catalog import get_method
-    from ftlab.methods.neftune import add_neftune_hook
-    from ftlab.models.loading import parameter_counts, weight_dtype
-    from ftlab.training.arguments import recompute_model_config, training_arguments
-
     method = get_method(run.method.name)
     if run.parallel.cpu_emulation and prepared.derived.device == "cpu":
-        from ftlab.distributed.emulation import install_cpu_shims
-
         install_cpu_shims()
     # Before the model: the arguments set up fleet, which tensor-parallel loading reads.
     args = training_arguments(
@@ -220,11 +238,6 @@ def build_model(run: RunConfig, run_dir: RunDir, prepared: Prepared) -> Built:
 
 
 def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fitted:
-    from ftlab.data import count_tokens
-    from ftlab.data.formats import TEXT_FORMATS
-    from ftlab.record.resume import checkpoint_step
-    from ftlab.training.trainer import ConsoleProgress, MetricsJsonl
-
     data = prepared.data
     trainer = prepared.stage.make_trainer(
         run,
@@ -309,8 +322,6 @@ def finalize(
     fitted: Fitted,
     started: float,
 ) -> Summary:
-    from ftlab.training.memory import peak_memory_mb
-
     base, tuned, evals = built.base_metric, fitted.tuned_metric, fitted.eval_metrics
     stage = prepared.stage
     if not stage.loss_is_likelihood:
@@ -374,17 +385,18 @@ def finalize(
 
 
 def seed_everything(seed: int) -> None:
-    import numpy as np
-    import paddle
-
     random.seed(seed)
     np.random.seed(seed)
     paddle.seed(seed)
 
 
 def task_metric(
-    model: Any, tokenizer: Any, records: list[dict], run: RunConfig, generation: Any = None
-) -> Any:
+    model: paddle.nn.Layer,
+    tokenizer: PretrainedTokenizer,
+    records: list[dict],
+    run: RunConfig,
+    generation: GenerationResult | None = None,
+) -> EntityRecall | None:
     """Entity recall on dev records that carry an ``entities`` list (None when none do).
 
     When the generation metric already decoded the same prompts greedily with the same
@@ -392,7 +404,6 @@ def task_metric(
     """
     if not run.eval.demo_metric or not any("entities" in r for r in records):
         return None
-    from ftlab.evaluation.entity_recall import entity_recall
 
     scored = [r for r in records if "entities" in r]
     return entity_recall(
@@ -405,13 +416,17 @@ def task_metric(
     )
 
 
-def _reusable_outputs(tokenizer: Any, records: list[dict], run: RunConfig, generation: Any) -> Any:
+def _reusable_outputs(
+    tokenizer: PretrainedTokenizer,
+    records: list[dict],
+    run: RunConfig,
+    generation: GenerationResult | None,
+) -> list[str] | None:
     """The generation metric's outputs for the entity records, when they are exactly what
     entity recall would generate: greedy, and the same prompt tokens (entity recall
     prompts with ``[bos] + encode(src)``, the metric as training renders the record)."""
     if generation is None or run.eval.decode_strategy != "greedy":
         return None
-    from ftlab.evaluation.generation import prompt_ids
 
     items = generation.items
     if len(items) != len(records):
@@ -426,11 +441,12 @@ def _reusable_outputs(tokenizer: Any, records: list[dict], run: RunConfig, gener
     return outputs
 
 
-def generation_metric(model: Any, prepared: Prepared, run: RunConfig) -> Any:
+def generation_metric(
+    model: paddle.nn.Layer, prepared: Prepared, run: RunConfig
+) -> GenerationResult | None:
     """BLEU-4 and ROUGE-1/2/L of the model's dev generations (None when off)."""
     if not prepared.derived.eval_generation:
         return None
-    from ftlab.evaluation.text_metrics import evaluate_generation, resolve_units
 
     items = prepared.data.generation_items()
     if not items:
@@ -458,12 +474,12 @@ def generation_metric(model: Any, prepared: Prepared, run: RunConfig) -> Any:
     return result
 
 
-def _scores(result: Any) -> dict[str, float]:
+def _scores(result: GenerationResult) -> dict[str, float]:
     s = result.scores
     return {"bleu4": s.bleu4, "rouge1": s.rouge1, "rouge2": s.rouge2, "rougel": s.rougel}
 
 
-def _generation_summary(base: Any, tuned: Any) -> dict[str, Any]:
+def _generation_summary(base: GenerationResult, tuned: GenerationResult | None) -> dict[str, Any]:
     if tuned is None:
         return {}
     return {
@@ -474,7 +490,7 @@ def _generation_summary(base: Any, tuned: Any) -> dict[str, Any]:
     }
 
 
-def _predictions(base: Any, tuned: Any) -> list[dict[str, Any]]:
+def _predictions(base: GenerationResult, tuned: GenerationResult) -> list[dict[str, Any]]:
     """``predictions.jsonl``: PaddleNLP's generated_output.json keys (output, tgt) plus the
     prompt, the base model's answer and, in a mixture, the source."""
     rows = []
@@ -486,7 +502,7 @@ def _predictions(base: Any, tuned: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _samples(base: Any, tuned: Any, n: int) -> list[dict[str, Any]]:
+def _samples(base: EntityRecall, tuned: EntityRecall, n: int) -> list[dict[str, Any]]:
     return [
         {
             "prompt": b.prompt,
@@ -517,10 +533,6 @@ def _stage_metrics(
 
 def _materialize_init(run: RunConfig, run_dir: RunDir) -> None:
     """The merged starting model, written by the main process; the others wait for it."""
-    import paddle.distributed as dist
-
-    from ftlab.stages.init import inspect_init, materialize_init
-
     materialize_init(run, inspect_init(run), run_dir)
     if dist.get_world_size() > 1:
         dist.barrier()
@@ -547,16 +559,11 @@ def _length(dataset: Any) -> int | None:
 
 
 def _is_rank_zero() -> bool:
-    import paddle.distributed as dist
-
     return dist.get_rank() <= 0
 
 
 def _prepare_resume(run: RunConfig, run_dir: RunDir, derived: Derived) -> tuple[Path, Derived]:
     """The checkpoint to continue from, checked whole and readable; nothing is written."""
-    from ftlab.record.resume import check_resume_config, checkpoint_step, pick_checkpoint
-    from ftlab.resolve.compose import to_plain_dict
-
     changes = check_resume_config(
         run_dir.path, {**to_plain_dict(run), "derived": derived.to_dict()}
     )
@@ -575,8 +582,6 @@ def _prepare_resume(run: RunConfig, run_dir: RunDir, derived: Derived) -> tuple[
 
 
 def _rerun_differences(run: RunConfig, fingerprints: dict[str, str], device: str) -> list[str]:
-    from ftlab.record.resume import reproducibility_warnings
-
     source = Path(run.rerun)
     warnings = reproducibility_warnings(source, fingerprints, environment_record(device))
     for w in warnings:

@@ -25,6 +25,7 @@ from paddlenlp.trainer.trainer_utils import has_length
 from paddlenlp.trl import SFTTrainer
 
 from ftlab.distributed.batching import GlobalBatchSampler, global_unit_scale, target_tokens
+from ftlab.methods.state import ADAPTER_STATE, load_trainable_state
 from ftlab.record.resume import STAGING, checkpoint_step
 from ftlab.record.rundir import (
     METRICS,
@@ -234,8 +235,6 @@ class FtlabTrainerMixin:
         PaddleNLP looks for its pickled weights file and, when it is missing, silently
         loads nothing: a resume would train on from fresh adapter weights.
         """
-        from ftlab.methods.state import ADAPTER_STATE, load_trainable_state
-
         checkpoint = Path(resume_from_checkpoint) if resume_from_checkpoint else None
         if checkpoint is not None and (checkpoint / ADAPTER_STATE).is_file():
             load_trainable_state(self.model, checkpoint)
