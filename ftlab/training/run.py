@@ -38,6 +38,7 @@ from ftlab.record.provenance import environment_record
 from ftlab.record.rundir import (
     ENVIRONMENT,
     FINGERPRINTS,
+    MODEL_SOURCE,
     PREDICTIONS,
     RESOLVED_CONFIG,
     SAMPLES,
@@ -153,6 +154,10 @@ def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
     from ftlab.training.trainer import RecordStart, write_record
 
     record = {FINGERPRINTS: data.fingerprints, RESOLVED_CONFIG: resolved_config_yaml(run, derived)}
+    from ftlab.interop.hf_in import conversion_records
+
+    if conversion_records():  # a Hugging Face base: its source hashes and conversion
+        record[MODEL_SOURCE] = {"hf_conversions": conversion_records()}
     console.info(data_line(data.stats))
     if checkpoint is None:
         write_record(run_dir, record)
