@@ -62,11 +62,19 @@ def load_pretrained(kind: str, loader: Any, name_or_path: str, **kwargs: Any) ->
         ) from err
 
 
+def paddle_checkpoint(cfg: ModelConfig, name_or_path: str | None = None) -> str:
+    """Where PaddleNLP loads ``name_or_path`` (default: the model's) from: a Hugging Face
+    checkpoint's converted copy in ftlab's cache (``ftlab.interop.hf_in``), else itself."""
+    from ftlab.interop.hf_in import paddle_dir
+
+    return paddle_dir(name_or_path or cfg.name_or_path, cfg.allow_pickle)
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from paddlenlp.transformers import AutoTokenizer
 
     tok = load_pretrained(
-        "tokenizer", AutoTokenizer, cfg.tokenizer_name_or_path or cfg.name_or_path
+        "tokenizer", AutoTokenizer, paddle_checkpoint(cfg, cfg.tokenizer_name_or_path)
     )
     if tok.pad_token is None:
         if cfg.pad_token is None:
@@ -117,7 +125,7 @@ def checkpoint_rope_theta(cfg: ModelConfig) -> float | None:
         return None
     from paddlenlp.transformers import AutoConfig
 
-    config = load_pretrained("model config", AutoConfig, cfg.name_or_path)
+    config = load_pretrained("model config", AutoConfig, paddle_checkpoint(cfg))
     return float(getattr(config, "rope_theta", 10000.0))
 
 
@@ -141,7 +149,7 @@ def load_model(cfg: ModelConfig, dtype: str, overrides: Mapping[str, Any] | None
     }
     kwargs.update(model_parallel_kwargs())  # tensor-parallel jobs: this rank's shard
     pipeline = pipeline_degree()
-    model = load_pretrained("model", causal_lm_class(pipeline), cfg.name_or_path, **kwargs)
+    model = load_pretrained("model", causal_lm_class(pipeline), paddle_checkpoint(cfg), **kwargs)
     if pipeline > 1:
         count_shared_weights_once(model)
     return finish_model(model)

@@ -34,6 +34,8 @@ PLAN = "plan.json"
 AUTO_LAYOUT = "auto_layout.json"  # parallel=auto: every candidate layout and the choice
 EXPORT = "run_finetune.json"
 EXPORT_NOTES = "run_finetune_notes.json"
+# A Hugging Face base model's conversion: source files' sha256, cache entry, name mappings.
+MODEL_SOURCE = "model_source.json"
 VISUALDL = "visualdl"
 TENSORBOARD = "tensorboard"  # train.report_to: tensorboard (tensorboardX event files)
 WANDB = "wandb"  # train.report_to: wandb (offline run, under <run dir>/wandb/)

@@ -57,6 +57,7 @@ from ftlab.record.resume import (
 from ftlab.record.rundir import (
     ENVIRONMENT,
     FINGERPRINTS,
+    MODEL_SOURCE,
     PREDICTIONS,
     RESOLVED_CONFIG,
     SAMPLES,
@@ -178,6 +179,10 @@ def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
         )
 
     record = {FINGERPRINTS: data.fingerprints, RESOLVED_CONFIG: resolved_config_yaml(run, derived)}
+    from ftlab.interop.hf_in import conversion_records
+
+    if conversion_records():  # a Hugging Face base: its source hashes and conversion
+        record[MODEL_SOURCE] = {"hf_conversions": conversion_records()}
     console.info(data_line(data.stats))
     if checkpoint is None:
         write_record(run_dir, record)

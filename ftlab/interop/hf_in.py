@@ -1,0 +1,364 @@
+"""Hugging Face checkpoints in: convert once into a content-addressed cache, reuse after.
+
+``model.name_or_path=DIR`` with a Hugging Face checkpoint (``ftlab.interop.hf_layout``
+decides from the files) is converted to PaddleNLP's layout with the PaddleNLP model
+class's own name mappings (``<Class>._get_name_mappings``: the renames and the
+``[out, in]`` -> ``[in, out]`` transposes ``from_pretrained(..., convert_from_torch=True)``
+applies). Why not call that: it writes a pickled ``model_state.pdparams`` into the user's
+directory. Here the tensors are read with a header parse + ``numpy.memmap`` (the source
+dtype is kept; bfloat16 stays bfloat16), checked against ``config.json`` (every tensor
+known, none missing, every shape the one the config implies) and written as safetensors
+into ``$FTLAB_CACHE/hf/<key>`` (default ``~/.cache/ftlab``), where ``<key>`` hashes the
+source files' contents and the converter version. The entry is built in a temporary
+directory and renamed into place, so an entry that exists is complete: a conversion that
+was killed leaves only a ``.tmp-*`` directory, never used. The user's directory is only
+read. The conversion record (source hashes, class, mapping counts, tokenizer choice) is in
+the entry and goes into the run's ``model_source.json``.
+
+A hub name whose snapshot is in the local Hugging Face cache (``HF_HUB_CACHE``,
+``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``) is taken from there: no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ftlab.errors import ModelLoadError
+from ftlab.interop.hf_layout import (
+    CONFIG_FILE,
+    DTYPE_BYTES,
+    HFCheckpoint,
+    TensorInfo,
+    detect,
+)
+from ftlab.interop.hf_tokenizer import stage_for_paddlenlp, tokenizer_files
+
+CONVERTER_VERSION = 1
+RECORD_FILE = "ftlab_hf_conversion.json"
+INDEX_FILE = "model.safetensors.index.json"
+# Buffers some checkpoints carry that the PaddleNLP model recomputes.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8"}
+NUMPY_DTYPES |= {"I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "u1"}
+# safetensors header dtype -> the name ``safetensors.TensorSpec`` takes
+SPEC_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+SPEC_DTYPES |= {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8"}
+SPEC_DTYPES |= {"BOOL": "bool"}
+
+_converted: dict[str, dict[str, Any]] = {}  # this process: source dir -> conversion record
+
+
+def cache_root() -> Path:
+    """``$FTLAB_CACHE``, else ``$XDG_CACHE_HOME/ftlab``, else ``~/.cache/ftlab``."""
+    if os.environ.get("FTLAB_CACHE"):
+        return Path(os.environ["FTLAB_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ftlab"
+
+
+def hub_snapshot(name: str) -> Path | None:
+    """A hub name's snapshot in the local Hugging Face cache (the ``main`` ref), if any."""
+    if "/" not in name or name.startswith(("/", ".", "~")):
+        return None
+    hub = (
+        os.environ.get("HF_HUB_CACHE")
+        or Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+    )
+    repo = Path(hub) / f"models--{name.replace('/', '--')}"
+    ref = repo / "refs" / "main"
+    if not ref.is_file():
+        return None
+    snapshot = repo / "snapshots" / ref.read_text().strip()
+    return snapshot if (snapshot / CONFIG_FILE).is_file() else None
+
+
+def conversion_records() -> list[dict[str, Any]]:
+    """The Hugging Face conversions this process used (for the run's provenance)."""
+    return list(_converted.values())
+
+
+def paddle_dir(name_or_path: str, allow_pickle: bool) -> str:
+    """Where PaddleNLP should load ``name_or_path`` from: the converted cache entry for a
+    Hugging Face checkpoint, else ``name_or_path`` itself."""
+    from ftlab.models.config_json import looks_local
+
+    directory = Path(name_or_path).expanduser()
+    if not looks_local(name_or_path):
+        snapshot = hub_snapshot(name_or_path)
+        if snapshot is None:
+            return name_or_path
+        directory = snapshot
+    if not (directory / CONFIG_FILE).is_file():
+        return name_or_path
+    key = str(directory.resolve())
+    if key in _converted:
+        return _converted[key]["cache_entry"]
+    fam = _family(directory)
+    ckpt = detect(directory, fam.base_prefix, allow_pickle)
+    if ckpt is None:
+        return name_or_path
+    record = convert_cached(ckpt)
+    _converted[key] = record
+    return record["cache_entry"]
+
+
+def _family(directory: Path) -> Any:
+    from ftlab.models.config_json import family_of, read_config_json
+
+    return family_of(read_config_json(directory), directory)
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def source_files(ckpt: HFCheckpoint) -> list[Path]:
+    """Everything the converted entry is made from: config, weights, index, tokenizer."""
+    index = ckpt.directory / INDEX_FILE
+    extra = [index] if index.is_file() else []
+    return [ckpt.directory / CONFIG_FILE, *ckpt.files, *extra, *tokenizer_files(ckpt.directory)]
+
+
+def file_hashes(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """sha256 of each file, remembered by (path, size, mtime) so later runs do not re-read
+    gigabytes; a file changed in place gets a new size or mtime and is hashed again."""
+    from ftlab.record.provenance import sha256_file
+
+    memo_path = cache_root() / "hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        memo = {}
+    out, changed = {}, False
+    for path in paths:
+        st = path.stat()
+        stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        digest = memo.get(stamp)
+        if digest is None:
+            digest, changed = sha256_file(path), True
+            memo[stamp] = digest
+        out[path.name] = {"sha256": digest, "bytes": st.st_size}
+    if changed:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_name(f".hashes-{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    return out
+
+
+def cache_key(hashes: Mapping[str, Mapping[str, Any]]) -> str:
+    body = {"converter": CONVERTER_VERSION, "files": {k: v["sha256"] for k, v in hashes.items()}}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def convert_cached(ckpt: HFCheckpoint) -> dict[str, Any]:
+    """The cache entry for ``ckpt`` (converted now if absent); returns its record."""
+    hashes = file_hashes(source_files(ckpt))
+    key = cache_key(hashes)
+    root = cache_root() / "hf"
+    entry = root / key
+    if (entry / RECORD_FILE).is_file():
+        record = json.loads((entry / RECORD_FILE).read_text())
+        return {**record, "reused": True, "cache_entry": str(entry)}
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        record = convert(ckpt, tmp)
+        record.update(source=str(ckpt.directory.resolve()), source_files=hashes, key=key)
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if entry.exists() and not (entry / RECORD_FILE).is_file():
+            shutil.rmtree(entry)  # not made by this code's rename: never trusted
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not (entry / RECORD_FILE).is_file():  # not another process's finished entry
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**record, "reused": False, "cache_entry": str(entry)}
+
+
+def name_mappings(ckpt: HFCheckpoint, fam: Any) -> tuple[Any, list[Any]]:
+    """PaddleNLP's config for the checkpoint and its model class's name mappings."""
+    import paddlenlp.transformers as pt
+    from paddlenlp.transformers import AutoConfig
+
+    from ftlab.models.compat import apply_fixes
+
+    apply_fixes()
+    cls = getattr(pt, fam.causal_lm_class)
+    config = AutoConfig.from_pretrained(str(ckpt.directory))
+    if not getattr(config, "architectures", None):
+        config.architectures = [fam.causal_lm_class]
+    return cls, cls._get_name_mappings(config)
+
+
+def read_tensor(info: TensorInfo) -> np.ndarray:
+    """The tensor's values, memory-mapped (bfloat16 as its raw uint16 bits)."""
+    count = (info.end - info.begin) // DTYPE_BYTES[info.dtype]
+    arr = np.memmap(
+        info.file, dtype=NUMPY_DTYPES[info.dtype], mode="r", offset=info.begin, shape=(count,)
+    )
+    return np.asarray(arr).reshape(info.shape)
+
+
+def convert(ckpt: HFCheckpoint, out: Path) -> dict[str, Any]:
+    """Write ``ckpt`` in PaddleNLP's layout into ``out``; returns the conversion record."""
+    from ftlab.config.schema import ModelConfig
+    from ftlab.models.config_json import resolve_model
+
+    fam = _family(ckpt.directory)
+    model = resolve_model(ModelConfig(name_or_path=str(ckpt.directory)))
+    cls, mappings = name_mappings(ckpt, fam)
+    by_source: dict[str, list[Any]] = {}
+    for m in mappings:
+        by_source.setdefault(m.source_name, []).append(m)
+    tied = bool(model.arch.tie_word_embeddings)
+    dropped = _unknown_or_dropped(ckpt, by_source, tied)
+    targets = {m.target_name for m in mappings}
+    expected = {k: v for k, v in expected_shapes(model).items() if k in targets}
+    _missing(ckpt, by_source, expected)
+    weight_map: dict[str, str] = {}
+    counts = {"renamed": 0, "transposed": 0, "kept": 0}
+    total = 0
+    for i, file in enumerate(ckpt.files, start=1):
+        tensors: dict[str, tuple[str, np.ndarray]] = {}
+        for info in ckpt.tensors_in(file):
+            if info.name in dropped:
+                continue
+            for m in by_source[info.name]:
+                value = m.run({info.name: read_tensor(info)}, info.name)
+                _check_shape(info, m.target_name, value.shape, expected, m.should_transpose())
+                counts["transposed" if m.should_transpose() else "kept"] += 1
+                counts["renamed"] += m.target_name != info.name
+                tensors[m.target_name] = (info.dtype, np.ascontiguousarray(value))
+                total += value.nbytes
+        name = f"model-{i:05d}-of-{len(ckpt.files):05d}.safetensors"
+        write_safetensors(out / name, tensors)
+        weight_map.update(dict.fromkeys(tensors, name))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    shutil.copyfile(ckpt.directory / CONFIG_FILE, out / CONFIG_FILE)
+    tokenizer = stage_for_paddlenlp(ckpt.directory, out)
+    from paddlenlp import __version__ as paddlenlp_version
+
+    return {
+        "converter": f"ftlab.interop.hf_in v{CONVERTER_VERSION}",
+        "family": fam.name,
+        "paddlenlp": paddlenlp_version,
+        "name_mappings": f"paddlenlp.transformers.{cls.__name__}._get_name_mappings",
+        "tensors": counts,
+        "dropped": sorted(dropped),
+        "dtypes": sorted({t.dtype for t in ckpt.tensors.values()}),
+        "tied_head": tied,
+        "tokenizer": tokenizer,
+        "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_safetensors(
+    path: Path, tensors: Mapping[str, tuple[str, np.ndarray]], fmt: str = "np"
+) -> None:
+    """Write ``{name: (safetensors dtype, contiguous array)}``. Through ``TensorSpec``
+    (raw buffer + dtype name) so bfloat16 bits (uint16 arrays) need no numpy bfloat16.
+    ``fmt``: the metadata format: "np" for PaddleNLP (which refuses "pt"), "pt" for
+    transformers."""
+    from safetensors import TensorSpec, serialize_file
+
+    specs = {
+        name: TensorSpec(
+            dtype=SPEC_DTYPES[dtype],
+            shape=tuple(arr.shape),
+            data_ptr=arr.ctypes.data,
+            data_len=arr.nbytes,
+        )
+        for name, (dtype, arr) in tensors.items()
+    }
+    serialize_file(specs, str(path), metadata={"format": fmt})
+
+
+def _unknown_or_dropped(ckpt: HFCheckpoint, by_source: Mapping[str, Any], tied: bool) -> set[str]:
+    dropped = set()
+    for info in ckpt.tensors.values():
+        if info.name in by_source:
+            continue
+        if info.name.endswith(IGNORED_SUFFIXES) or (tied and info.name == "lm_head.weight"):
+            dropped.add(info.name)  # recomputed by the model / the tied head is the embedding
+            continue
+        raise ModelLoadError(
+            f"{info.file}: tensor {info.name!r} is not a weight of PaddleNLP's "
+            f"{_family(ckpt.directory).causal_lm_class} as config.json describes it. The "
+            "checkpoint is a different architecture (or a variant PaddleNLP does not "
+            "implement): check config.json's model_type and architecture keys."
+        )
+    return dropped
+
+
+def _missing(
+    ckpt: HFCheckpoint,
+    by_source: Mapping[str, list[Any]],
+    expected: Mapping[str, tuple[int, ...]],
+) -> None:
+    """Every weight config.json implies (the family table's linears and embedding) must
+    come from some tensor. (Not "every mapping source": PaddleNLP's mappings list variants
+    a config does not use, e.g. DeepSeek's q_proj and q_a_proj both.)"""
+    made = {m.target_name: name for name, ms in by_source.items() for m in ms}
+    present = {m.target_name for name in ckpt.tensors for m in by_source.get(name, ())}
+    for target in expected:
+        if target not in present:
+            source = made.get(target, target)
+            raise ModelLoadError(
+                f"{ckpt.directory}: config.json implies tensor {source!r}, which none of "
+                f"the weight files ({', '.join(f.name for f in ckpt.files)}) holds. A shard "
+                "is missing or config.json belongs to another model."
+            )
+
+
+def expected_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """PaddleNLP-named shapes config.json implies: every linear (``[in, out]``) and bias,
+    and the token embedding (under its Llama-style name; other names are left out by the
+    caller, which keeps only names PaddleNLP's mappings produce)."""
+    from ftlab.models.arch import model_linears
+    from ftlab.models.families import family
+
+    fam, a = family(model.family), model.arch
+    out: dict[str, tuple[int, ...]] = {}
+    for lin in model_linears(model):
+        out[f"{lin.name}.weight"] = (lin.fan_in, lin.fan_out)
+        if lin.bias:
+            out[f"{lin.name}.bias"] = (lin.fan_out,)
+    out[f"{fam.base_prefix}.embed_tokens.weight"] = (a.vocab_size, a.hidden_size)
+    return out
+
+
+def _check_shape(
+    info: TensorInfo,
+    target: str,
+    shape: tuple[int, ...],
+    expected: Mapping[str, tuple[int, ...]],
+    transposed: bool,
+) -> None:
+    want = expected.get(target)
+    if want is None or tuple(shape) == tuple(want):
+        return
+    hf_want = list(reversed(want)) if transposed else list(want)
+    raise ModelLoadError(
+        f"{info.file}: tensor {info.name!r} has shape {list(info.shape)}, but config.json "
+        f"implies {hf_want}. The weights and config.json are from different models: use "
+        "the config.json that came with these weights."
+    )
