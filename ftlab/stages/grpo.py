@@ -193,6 +193,7 @@ class Grpo(Stage):
             )
         p = run.parallel
         ranks = (p.data or 1) * p.tensor * p.pipeline * max(p.sharding, 1)
+        ranks = max(ranks, (p.nproc_per_node or 1) * run.launch.nnodes)
         if ranks > 1 or p.cpu_emulation:
             raise ConfigError(
                 f"stage=grpo with parallel={p.name}: ftlab's GRPO trainer samples and scores "
