@@ -70,6 +70,7 @@ class GenerationBatch:
     old_logps: paddle.Tensor | None  # [N, L - 1] (num_iterations > 1)
     ref_logps: paddle.Tensor | None  # [N, L - 1] (beta > 0)
     tokens: int  # real (non-padding) tokens in input_ids
+    stats: dict[str, float]  # rewards and lengths, logged for every step that trains on it
 
 
 def pad_sequences(
@@ -130,6 +131,8 @@ class GrpoTrainer(FtlabTrainerMixin, Trainer):
             indices = [int(i) for i in index.reshape(-1)]
             self._batch = self._generate(model, indices, step)
         batch = self._batch
+        for key, value in batch.stats.items():
+            self._stats[key].append(value)
         start = time.perf_counter()
         model.train()
         logps, entropy = self._token_logps(model, batch.input_ids, batch.targets, grad=True)
@@ -195,7 +198,7 @@ class GrpoTrainer(FtlabTrainerMixin, Trainer):
             old, _ = self._token_logps(model, input_ids, targets_t, grad=False)
         if g.beta:
             ref = self._reference_logps(model, input_ids, targets_t)
-        self._record(step, group, texts, completions, scored, advantages)
+        self._write_samples(step, group, texts, completions, scored, advantages)
         return GenerationBatch(
             input_ids=input_ids,
             targets=targets_t,
@@ -204,6 +207,7 @@ class GrpoTrainer(FtlabTrainerMixin, Trainer):
             old_logps=old,
             ref_logps=ref,
             tokens=int(sum(len(p.ids) + len(c) for p, c in zip(group, completions, strict=True))),
+            stats=self._batch_stats(completions, scored),
         )
 
     def _decode(self, ids: list[int]) -> str:
@@ -245,7 +249,18 @@ class GrpoTrainer(FtlabTrainerMixin, Trainer):
 
     # ------------------------------------------------------------------ what users watch
 
-    def _record(
+    def _batch_stats(self, completions: list[list[int]], scored: Any) -> dict[str, float]:
+        out = {"reward": float(scored.total.mean()), "reward_std": float(scored.total.std())}
+        for name, values in scored.per_function.items():
+            out[f"rewards/{name}"] = float(values.mean())
+            out[f"rewards/{name}_std"] = float(values.std())
+        lengths = [len(c) for c in completions]
+        out["completion_length"] = float(np.mean(lengths))
+        out["completion_length_max"] = float(max(lengths))
+        out["completions_ended"] = float(np.mean([c[-1:] == [self.eos_id] for c in completions]))
+        return out
+
+    def _write_samples(
         self,
         step: int,
         group: list[Prompt],
@@ -254,19 +269,11 @@ class GrpoTrainer(FtlabTrainerMixin, Trainer):
         scored: Any,
         advantages: np.ndarray,
     ) -> None:
-        s = self._stats
-        s["reward"].append(float(scored.total.mean()))
-        s["reward_std"].append(float(scored.total.std()))
-        for name, values in scored.per_function.items():
-            s[f"rewards/{name}"].append(float(values.mean()))
-            s[f"rewards/{name}_std"].append(float(values.std()))
-        lengths = [len(c) for c in completions]
-        s["completion_length"].append(float(np.mean(lengths)))
-        s["completion_length_max"].append(float(max(lengths)))
-        ended = [bool(c) and c[-1] == self.eos_id for c in completions]
-        s["completions_ended"].append(float(np.mean(ended)))
-        logging_steps = max(self.args.logging_steps, 1)
-        if step != 1 and step % logging_steps and step != self.state.max_steps:
+        """``completions.jsonl``: the first groups of a generation batch that a logging
+        step trains on (the first and last step included)."""
+        every = max(self.args.logging_steps, 1)
+        steps = range(step, step + self.grpo.num_iterations)
+        if not any(s == 1 or s % every == 0 or s == self.state.max_steps for s in steps):
             return
         rows = group[: self.grpo.num_generations * self.grpo.num_logged_groups]
         for i, prompt in enumerate(rows):
