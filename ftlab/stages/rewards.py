@@ -133,6 +133,12 @@ def load_reward(name: str, ctx: RewardContext) -> RewardFn:
     (one line, with the closest built-in names) when it cannot be had."""
     if name in BUILTINS:
         return BUILTINS[name](ctx)
+    if name.startswith("rm:"):
+        raise ConfigError(
+            f"stage.rewards: {name!r}: a trained reward model as a reward needs stage=rm "
+            "runs, which ftlab does not train yet. Use a reward function (a built-in or "
+            "module:function)."
+        )
     if ":" not in name:
         raise ConfigError(
             f"stage.rewards: unknown reward {name!r}.{suggest(name, list(BUILTINS))} "
