@@ -32,9 +32,9 @@ from ftlab.config.choices import check_choice
 from ftlab.config.schema import StageConfig
 from ftlab.data.formats import FORMATS, TEXT_FORMATS
 from ftlab.errors import ConfigError
-from ftlab.methods.catalog import get_method, registered_methods
+from ftlab.methods.catalog import get_method
 from ftlab.stages.grpo_loss import LOSS_TYPES
-from ftlab.stages.preference_stage import REFERENCE_LINES
+from ftlab.stages.preference_stage import REFERENCE_LINES, refuse_unsupported_method
 from ftlab.stages.registry import (
     REFERENCE_ADAPTER,
     REFERENCE_COPY,
@@ -182,15 +182,7 @@ class Grpo(Stage):
             )
 
     def _check_method_and_layout(self, run: RunConfig, env: Environment) -> None:
-        reason = get_method(run.method.name).preference_unsupported
-        if reason is not None:
-            usable = sorted(
-                n for n, m in registered_methods().items() if not m.preference_unsupported
-            )
-            raise ConfigError(
-                f"method={run.method.name} with stage=grpo: {reason}. Use one of: "
-                f"{', '.join(usable)}."
-            )
+        refuse_unsupported_method(run, self.name)
         p = run.parallel
         ranks = (p.data or 1) * p.tensor * p.pipeline * max(p.sharding, 1)
         ranks = max(ranks, (p.nproc_per_node or 1) * run.launch.nnodes)
