@@ -120,6 +120,42 @@ def generate_from_ids(
 ) -> list[str]:
     """``generate_texts`` for prompts already encoded (e.g. rendered by a chat template
     and cut to ``data.src_length`` exactly as in training)."""
+    eos = _special_id(tokenizer, "eos_token_id")
+    ids = generate_token_ids(
+        model,
+        tokenizer,
+        encoded,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        strategy=strategy,
+        top_k=top_k,
+        top_p=top_p,
+        temperature=temperature,
+        seed=seed,
+        pad_token_id=pad_token_id,
+    )
+    return [
+        tokenizer.decode(x[:-1] if x[-1:] == [eos] else x, skip_special_tokens=False) for x in ids
+    ]
+
+
+def generate_token_ids(
+    model: Any,
+    tokenizer: Any,
+    encoded: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    strategy: Strategy = "greedy",
+    top_k: int = 0,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    pad_token_id: int | None = None,
+) -> list[list[int]]:
+    """The new token ids of each prompt's continuation, up to and including the first
+    ``eos`` (when one was generated): what a loss over the continuation scores. Settings
+    as ``generate_texts``; ``seed=None`` draws from the global generator (and moves it)."""
     import paddle
     from paddlenlp.generation import GenerationConfig
 
@@ -152,7 +188,7 @@ def generate_from_ids(
 
     # Longest first, so each batch holds prompts of similar length (less padding).
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    texts: dict[int, str] = {}
+    new: dict[int, list[int]] = {}
     was_training = model.training
     rng_state = paddle.get_rng_state() if seed is not None else None
     model.eval()
@@ -176,11 +212,11 @@ def generate_from_ids(
             )
             for i, new_ids in zip(batch, out[0].numpy().tolist(), strict=True):
                 if eos in new_ids:
-                    new_ids = new_ids[: new_ids.index(eos)]
-                texts[i] = tokenizer.decode(new_ids, skip_special_tokens=False)
+                    new_ids = new_ids[: new_ids.index(eos) + 1]
+                new[i] = new_ids
     finally:
         if was_training:
             model.train()
         if rng_state is not None:
             paddle.set_rng_state(rng_state)
-    return [texts[i] for i in range(len(encoded))]
+    return [new[i] for i in range(len(encoded))]

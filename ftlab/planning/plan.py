@@ -430,6 +430,8 @@ def estimate_memory(
     else:
         total = masks + weights + reference + gradients + optimizer + max(act, opt_transient)
         total_rc = masks + weights + reference + gradients + optimizer + max(act_rc, opt_transient)
+    total += stage_plan.extra_bytes  # e.g. GRPO's generation KV cache and group logits
+    total_rc += stage_plan.extra_bytes
     in_use = total_rc if run.train.recompute else total
     baseline = CPU_RUNTIME_BASELINE_MIB * MIB if device == "cpu" else 0.0
     return Memory(

@@ -27,6 +27,7 @@ FINGERPRINTS = "data_fingerprints.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 SAMPLES = "samples.jsonl"
+COMPLETIONS = "completions.jsonl"  # stage=grpo: sampled completions with their rewards
 PREDICTIONS = "predictions.jsonl"  # dev generations scored by BLEU/ROUGE (eval.generation)
 STATUS = "status.json"
 ERROR = "error.txt"

@@ -33,6 +33,17 @@ REFERENCE_LINES = {
 }
 
 
+def refuse_unsupported_method(run: RunConfig, stage: str) -> None:
+    """A method whose reference is not the starting policy (``preference_unsupported``)."""
+    reason = get_method(run.method.name).preference_unsupported
+    if reason is not None:
+        usable = sorted(n for n, m in registered_methods().items() if not m.preference_unsupported)
+        raise ConfigError(
+            f"method={run.method.name} with stage={stage}: {reason}. Use one of: "
+            f"{', '.join(usable)}."
+        )
+
+
 class PreferenceStage(Stage):
     data_kind: ClassVar[str]  # ftlab.data.preference.PAIRWISE or LABELLED
     loss_is_likelihood = False
@@ -61,15 +72,7 @@ class PreferenceStage(Stage):
             raise ConfigError(
                 f"data.format={fmt}: stage={name} reads {', '.join(self.data_formats)}."
             )
-        reason = get_method(run.method.name).preference_unsupported
-        if reason is not None:
-            usable = sorted(
-                n for n, m in registered_methods().items() if not m.preference_unsupported
-            )
-            raise ConfigError(
-                f"method={run.method.name} with stage={name}: {reason}. Use one of: "
-                f"{', '.join(usable)}."
-            )
+        refuse_unsupported_method(run, name)
         p = run.parallel
         if p.pipeline > 1:
             raise ConfigError(

@@ -39,6 +39,9 @@ class StagePlan:
     reference: str = REFERENCE_NONE
     details: dict[str, Any] = field(default_factory=dict)  # plan.json's stage section
     lines: list[str] = field(default_factory=list)
+    # Bytes the stage holds beyond weights, optimizer and the training step's activations
+    # (GRPO: the generation KV cache and the group's logits), added to the plan's total.
+    extra_bytes: float = 0.0
 
 
 class Stage:

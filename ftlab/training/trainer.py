@@ -371,6 +371,19 @@ class RecordStart(TrainerCallback):
         self.write()
 
 
+# stage=grpo's logged values shown on the console line (key, format).
+REWARD_CONSOLE = (
+    ("reward", "reward {:.3f}"),
+    ("reward_std", "± {:.3f}"),
+    ("kl", "kl {:.4f}"),
+    ("completion_length", "len {:.1f}"),
+    ("clip_ratio", "clip {:.3f}"),
+    ("entropy", "entropy {:.2f}"),
+    ("generation_tokens_per_second", "gen {:,.0f} tok/s"),
+    ("training_tokens_per_second", "train {:,.0f} tok/s"),
+)
+
+
 class ConsoleProgress(TrainerCallback):
     """One progress bar (a terminal) or one line per logging step (a file or pipe)."""
 
@@ -411,6 +424,8 @@ class ConsoleProgress(TrainerCallback):
             parts.append(f"lr {float(logs['learning_rate']):.2e}")
         if "tokens_per_second" in logs:
             parts.append(f"{float(logs['tokens_per_second']):,.0f} tokens/s")
+        if "reward" in logs:  # stage=grpo: what its users watch, on the same line
+            parts += [fmt.format(float(logs[k])) for k, fmt in REWARD_CONSOLE if k in logs]
         if self.bar is not None:
             self.bar.set_postfix_str("  ".join(parts), refresh=True)
         elif progress_settings["enabled"]:
