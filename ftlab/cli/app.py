@@ -56,11 +56,14 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     Returns the run's ``Summary`` (train mode; None when rank 0 ran on another node), or
     the plan / export record.
     """
+    from ftlab.config.cpu_runtime import choose_mkl_path, read_cpu_info
     from ftlab.config.environment import run_environment
     from ftlab.resolve.compose import to_run_config
     from ftlab.resolve.validate import validate_for
 
     run = to_run_config(cfg)
+    # Before anything imports Paddle: MKL reads its code path once, when it initialises.
+    mkl = choose_mkl_path(run.launch.cpu_fast_path, os.environ, read_cpu_info())
     record = RunDir(run_dir)
     auto = run.parallel.name == "auto"
     notes: list[str] = []
@@ -89,6 +92,8 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
             quiet=worker or run.mode == "plan",  # the plan prints it
         )
     derived = validate_for(run, env)
+    if derived.cpu_threads is not None:
+        derived = derived.with_(mkl_path=mkl.describe())
     if decision is not None:
         derived = derived.with_(auto_layout=decision.chosen.label)
     if run.mode == "train":  # plan and export read no data (it may live on the target)

@@ -86,6 +86,9 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     from ftlab.cli.console import ignore_noise_warnings
+    from ftlab.config.cpu_runtime import use_fast_mkl_path
+
+    use_fast_mkl_path()  # before Paddle loads (ftlab/config/cpu_runtime.py)
 
     ignore_noise_warnings()
     args = parse_args(argv)
