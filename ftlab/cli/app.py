@@ -33,6 +33,7 @@ from ftlab import signals
 from ftlab.cli.console import describe_run, job_console, job_line
 from ftlab.cli.help import CONF_DIR, check_selected_options, option_advice, register_help_resolver
 from ftlab.config import schema
+from ftlab.config.cpu_runtime import choose_mkl_path, read_cpu_info
 from ftlab.config.derived import Derived
 from ftlab.config.environment import Environment, run_environment
 from ftlab.config.overrides import given_value
@@ -126,6 +127,8 @@ def _resolve(cfg: DictConfig, record: RunDir) -> _Resolved:
     from ftlab.resolve.validate import validate_for
 
     run = to_run_config(cfg)
+    # Before anything imports Paddle: MKL reads its code path once, when it initialises.
+    mkl = choose_mkl_path(run.launch.cpu_fast_path, os.environ, read_cpu_info())
     auto = run.parallel.name == "auto"
     notes: list[str] = []
     if auto and run.mode == "plan":
@@ -147,6 +150,8 @@ def _resolve(cfg: DictConfig, record: RunDir) -> _Resolved:
             quiet=worker or run.mode == "plan",  # the plan prints it
         )
     derived = validate_for(run, env)
+    if derived.cpu_threads is not None:
+        derived = derived.with_(mkl_path=mkl.describe())
     if decision is not None:
         derived = derived.with_(auto_layout=decision.chosen.label)
     return _Resolved(run, env, derived, decision, notes)

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from ftlab.cli.console import ignore_noise_warnings
+from ftlab.config.cpu_runtime import use_fast_mkl_path
 from ftlab.errors import ConfigError, FtlabError, ModelLoadError
 from ftlab.methods.reopen import (
     check_mergeable,
@@ -85,6 +86,8 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_fast_mkl_path()  # before Paddle loads (ftlab/config/cpu_runtime.py)
+
     ignore_noise_warnings()
     args = parse_args(argv)
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.cli.console import ignore_noise_warnings
+from ftlab.config.cpu_runtime import use_fast_mkl_path
 from ftlab.data.records import BadRecords, iter_records
 from ftlab.data.stats import SplitStats
 from ftlab.errors import DataError, FtlabError
@@ -68,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_fast_mkl_path()  # before Paddle loads (ftlab/config/cpu_runtime.py)
+
     ignore_noise_warnings()
     args = parse_args(argv)
     try:

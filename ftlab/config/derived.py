@@ -53,6 +53,9 @@ class Derived:
     # init_from: the run (or adapter dir) started from, and the model loaded as the base.
     init_from: str | None = None
     init_model: str | None = None
+    # CPU runs: Paddle's math threads per process and MKL's code path (launch.cpu_*).
+    cpu_threads: int | None = None
+    mkl_path: str | None = None
     # Validated against a described machine (plan/export for a GPU target): what was assumed.
     assumptions: tuple[str, ...] | None = None
 

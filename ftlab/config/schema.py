@@ -225,6 +225,11 @@ class LaunchConfig:
     intra_node_gbps: float | None = None  # collective bus bandwidth per device in a node, GB/s
     inter_node_gbps: float | None = None  # ... across nodes, GB/s per device
     host_gbps: float | None = None  # device <-> host copies (sharding offload), GB/s
+    # CPU runs (ftlab/config/cpu_runtime.py): MKL's AVX2 kernels on an AMD CPU with AVX2
+    # (MKL_DEBUG_CPU_TYPE=5, unless the environment sets it), and Paddle's math threads per
+    # process: auto -> the cores this process may use / processes per node.
+    cpu_fast_path: bool = True
+    cpu_threads: str = "auto"
 
 
 # --------------------------------------------------------------------------- precision

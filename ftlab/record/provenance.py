@@ -58,12 +58,13 @@ def ftlab_checkout() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def environment_record(device: str) -> dict[str, Any]:
+def environment_record(device: str, cpu: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": package_versions(),
         "device": device,
+        **({"cpu": cpu} if cpu else {}),
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
         "cwd": os.getcwd(),
         "ftlab_git": git_state(ftlab_checkout()),

@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from ftlab.config.choices import check_choice
+from ftlab.config.cpu_runtime import available_cores, resolve_cpu_threads
 from ftlab.config.derived import Derived
 from ftlab.config.environment import Environment, target_environment
 from ftlab.config.schema import AutoLayoutSettings, LaunchConfig, RunConfig
@@ -725,7 +726,17 @@ def validate(run: RunConfig, env: Environment) -> Derived:
         context_length=context_length(run.model),
         attention=attention_path(run.model, run.data.packing, env.device).name,
         assumptions=tuple(assumptions(run, env, method)) or None,
+        cpu_threads=cpu_threads(run, env),
     )
+
+
+def cpu_threads(run: RunConfig, env: Environment) -> int | None:
+    """Paddle's math threads per process on a CPU run (``launch.cpu_threads``); None on a
+    GPU or a described target, where Paddle's default stands."""
+    if env.device != "cpu" or env.described:
+        return None
+    per_node = processes_per_node(run.parallel)
+    return resolve_cpu_threads(run.launch.cpu_threads, per_node, available_cores())
 
 
 def assumptions(run: RunConfig, env: Environment, method: Method) -> list[str]:

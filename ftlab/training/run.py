@@ -139,12 +139,27 @@ class Fitted:
     tuned_generation: GenerationResult | None = None
 
 
+def cpu_record(derived: Derived) -> dict[str, Any] | None:
+    """How this CPU run computes (``launch.cpu_*``), for ``environment.json``."""
+    if derived.cpu_threads is None:
+        return None
+    return {"math_threads_per_process": derived.cpu_threads, "mkl": derived.mkl_path}
+
+
 def train(run: RunConfig, run_dir: RunDir, derived: Derived) -> Summary:
     started = time.perf_counter()
     reset_peak_memory()  # one process may run several sweep jobs
     run_dir = RunDir(run_dir.path, is_main=_is_rank_zero())
+    if derived.cpu_threads is not None:
+        from ftlab.config.cpu_runtime import apply_cpu_threads
+
+        apply_cpu_threads(derived.cpu_threads)
+        if _is_rank_zero():
+            console.info(
+                "cpu    %s; math threads per process: %d", derived.mkl_path, derived.cpu_threads
+            )
     if not run.resume:  # a resume records its environment once it really starts
-        run_dir.write_json(ENVIRONMENT, environment_record(derived.device))
+        run_dir.write_json(ENVIRONMENT, environment_record(derived.device, cpu_record(derived)))
     seed_everything(run.train.seed)
     prepared = prepare_data(run, run_dir, derived)
     built = build_model(run, run_dir, prepared)
@@ -187,7 +202,7 @@ def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
     if checkpoint is None:
         write_record(run_dir, record)
         return Prepared(tokenizer, data, derived, None, stage, model, RecordStart(run_dir, {}))
-    record[ENVIRONMENT] = environment_record(derived.device)
+    record[ENVIRONMENT] = environment_record(derived.device, cpu_record(derived))
     start = RecordStart(run_dir, record, checkpoint)
     return Prepared(tokenizer, data, derived, checkpoint, stage, model, start)
 
