@@ -33,7 +33,7 @@ from ftlab.data.formats import TEXT_FORMATS
 from ftlab.data.settings import check_data_settings, mixture_weights
 from ftlab.distributed.degrees import Degrees
 from ftlab.distributed.emulation import check_emulation
-from ftlab.distributed.layout import parallel_degrees
+from ftlab.distributed.layout import parallel_degrees, processes_per_node
 from ftlab.errors import ConfigError, DataError
 from ftlab.methods.catalog import get_method
 from ftlab.methods.registry import Method
