@@ -74,7 +74,7 @@ def test_run_dir_is_complete(short_run) -> None:
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-12", "checkpoint-6"]
     assert list((run_dir / "checkpoints/checkpoint-12").glob("*.safetensors"))
-    # Issue 20: private run dir (0700); RNG and scheduler state as JSON, not pickles.
+    # A private run dir (0700); RNG and scheduler state as JSON, not pickles.
     assert oct(run_dir.stat().st_mode & 0o777) == "0o700"
     names = {p.name for p in (run_dir / "checkpoints/checkpoint-12").iterdir()}
     assert {"rng_state.rank0.json", "scheduler.json"} <= names

@@ -260,7 +260,7 @@ def test_method_trains_reloads_and_merges(
     batch = collate(tokenizer, examples)
     reference = logits_of(t.model, batch)
     # Reloading and merging need weights and configs only: any unpickling fails the test
-    # (issue 20, item 13: a run dir from someone else must not run code).
+    # (a run dir from someone else must not run code).
     request.getfixturevalue("no_unpickling")
     reloaded = load_adapter(load_model(t.run.model, "float32"), t.final, t.run.method.name)
     assert np.abs(logits_of(reloaded, batch) - reference).max() <= RELOAD_TOL  # (a)
@@ -498,7 +498,7 @@ def test_full_finetuning_final_dir_reloads_without_unpickling(
     examples: list[dict], tokenizer: Any, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """``method=full`` saves the whole model through the Trainer: ftlab-predict and
-    ftlab-merge reload it from safetensors alone (issue 20, item 13)."""
+    ftlab-merge reload it from safetensors alone (no code runs from a run dir)."""
     from ftlab.methods.reopen import load_with_adapter
 
     run, model, _, _ = train_and_save(["method=full"], tmp_path, examples, tokenizer)
@@ -520,8 +520,8 @@ def test_adapter_checkpoints_are_safetensors_and_resume_loads_them(
     tokenizer: Any,
     tmp_path: Path,
 ) -> None:
-    """Issue 20, item 13: VeRA and LoKr checkpoints held their tensors as pickles; a resume
-    now reads ftlab's safetensors (PaddleNLP would silently load nothing without its
+    """VeRA and LoKr checkpoints hold their tensors in safetensors, not pickles; a resume
+    reads ftlab's safetensors (PaddleNLP would silently load nothing without its
     pickle), and the RNG and scheduler states are JSON."""
     from ftlab.methods.state import ADAPTER_STATE
 

@@ -216,7 +216,7 @@ def test_cli_writes_plan_json_for_a_gpu_layout_on_any_machine(tmp_path: Path) ->
     assert not (run_dir / "checkpoints").exists()  # nothing trained, nothing loaded
 
 
-# --------------------------------------------------------------------------- issue 17
+# ------------------------------------------------- optimizer state, recompute, overhead
 
 
 def test_optimizer_state_follows_the_optimizer() -> None:

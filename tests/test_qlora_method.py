@@ -56,7 +56,7 @@ def test_adapter_reloads_onto_a_fresh_float_base(setup, tmp_path: Path, request)
     ids = paddle.to_tensor([[1, 403, 407, 261, 378, 2]])
     expected = _logits(model, ids)
     method.save_final(None, model, tmp_path)
-    request.getfixturevalue("no_unpickling")  # reloading reads no pickle (issue 20)
+    request.getfixturevalue("no_unpickling")  # reloading reads no pickle
     reloaded = method.load(load_model(run.model, "float32"), tmp_path)
     assert np.abs(_logits(reloaded, ids) - expected).max() <= 1e-5
 
@@ -124,7 +124,7 @@ def test_tensor_parallel_qlora_needs_the_paddlenlp_backend(
 
 @pytest.mark.parametrize("backend", ["auto", "paddlenlp"])
 def test_tensor_parallel_qlora_validates_where_paddlenlp_kernels_run(backend: str) -> None:
-    """The issue's first example, on a GPU machine with PaddleSlim (an injected environment)."""
+    """Tensor-parallel QLoRA on a GPU machine with PaddleSlim (an injected environment)."""
     from conftest import GPU8
 
     from ftlab.resolve.validate import validate

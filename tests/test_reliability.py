@@ -1,4 +1,4 @@
-"""Issue 20: runs that cannot clobber each other, resumes that cannot damage finished work,
+"""Runs that cannot clobber each other, resumes that cannot damage finished work,
 no tracebacks on bad settings or signals. Fast checks of each mechanism here; the resume
 items are in ``test_resume.py``, the sweep exit status in ``test_sweep.py``, the security
 of reloading in ``test_methods.py``; the long end-to-end runs are marked slow."""
@@ -26,8 +26,8 @@ from ftlab.record.rundir import RunDir, write_text_atomic
 from ftlab.record.status import record_status
 from ftlab.resolve.validate import validate
 
-# What issue 20 added is imported inside the tests, so that on code without it each test
-# fails for its own reason rather than all of them at collection.
+# The reliability mechanisms are imported inside the tests, so that on code without one each
+# test fails for its own reason rather than all of them at collection.
 
 BIN = Path(sys.executable).parent
 
