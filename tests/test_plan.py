@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CPU, GPU8, REPO, compose_run
+from helpers import CPU, GPU8, REPO, compose_run
 
 from ftlab.errors import ConfigError
 from ftlab.methods.qlora import quantized_bytes_per_param

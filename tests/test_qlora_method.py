@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
-from conftest import compose_run
+from helpers import compose_run
 
 from ftlab.methods.catalog import get_method
 
@@ -74,7 +74,7 @@ def test_merge_equals_adapter_model(setup) -> None:
 
 
 def test_paddlenlp_backend_on_cpu_fails_naming_the_alternative(setup) -> None:
-    from conftest import CPU
+    from helpers import CPU
 
     from ftlab.errors import ConfigError
     from ftlab.resolve.validate import validate
@@ -89,7 +89,7 @@ def test_paddlenlp_backend_on_cpu_fails_naming_the_alternative(setup) -> None:
 
 
 def test_unsupported_variant_is_refused(setup) -> None:
-    from conftest import CPU
+    from helpers import CPU
 
     from ftlab.errors import ConfigError
     from ftlab.resolve.validate import validate
@@ -108,7 +108,7 @@ def test_unsupported_variant_is_refused(setup) -> None:
 def test_tensor_parallel_qlora_needs_the_paddlenlp_backend(
     backend: str, env: str, message: str
 ) -> None:
-    from conftest import GPU8
+    from helpers import GPU8
 
     from ftlab.errors import ConfigError
     from ftlab.resolve.validate import validate
@@ -125,7 +125,7 @@ def test_tensor_parallel_qlora_needs_the_paddlenlp_backend(
 @pytest.mark.parametrize("backend", ["auto", "paddlenlp"])
 def test_tensor_parallel_qlora_validates_where_paddlenlp_kernels_run(backend: str) -> None:
     """Tensor-parallel QLoRA on a GPU machine with PaddleSlim (an injected environment)."""
-    from conftest import GPU8
+    from helpers import GPU8
 
     from ftlab.resolve.validate import validate
 

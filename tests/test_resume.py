@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_e2e import FTLAB, run_ftlab
+from helpers import FTLAB, run_ftlab
 
 ARGS = [
     "train.max_steps=16",
