@@ -1,25 +1,89 @@
-"""Shared fixtures: composing the real config, a clean Hydra, and paths to assets."""
+"""Shared fixtures: a clean Hydra, the shipped tokenizer, four demo examples, no unpickling;
+and the guard of ``make test-fast`` (``-m fast``: the tests that need no Paddle).
+Shared functions and constants live in ``helpers.py``."""
 
 from __future__ import annotations
 
+import importlib.abc
+import json
+import os
+import re
+import sys
+import traceback
 from pathlib import Path
+from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
+
+# Re-exported: tests written before helpers.py (on other branches too) import these from conftest.
+from helpers import (  # noqa: F401
+    CONF_DIR,
+    CPU,
+    DEMO,
+    GPU8,
+    REPO,
+    SHARED,
+    compose_cfg,
+    compose_run,
+    group_options,
+)
 from hydra.core.global_hydra import GlobalHydra
 
-from ftlab.config.environment import Environment
-from ftlab.config.schema import RunConfig
-from ftlab.resolve.compose import register_configs, to_run_config
+# --------------------------------------------------------------------------- make test-fast
+# ``-m fast`` selects the tests marked ``fast``: compose, validate, plan, families, auto,
+# launch commands, import/export refusals, help, run records: everything that needs no Paddle.
+# Importing Paddle (and PaddleNLP) takes ~10 s of the minute that target is meant to take, so
+# in that mode a test file is only collected if it holds a fast test, and a test (or a
+# collected module) that imports Paddle fails, naming where the import came from.
 
-REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
-SHARED = REPO.parent / "shared"
 
-CPU = Environment(device="cpu", device_count=2, paddle_version="3.3.1")
-GPU8 = Environment(
-    device="gpu", device_count=8, paddle_version="3.3.1", gpu_compute_capability=(9, 0)
-)
+def fast_only(config: pytest.Config) -> bool:
+    """Whether the run selects fast tests (``-m fast``, ``-m "fast and not slow"``)."""
+    return re.search(r"(?<!not )\bfast\b", config.getoption("markexpr", "") or "") is not None
+
+
+class PaddleImportWatch(importlib.abc.MetaPathFinder):
+    """Remembers where ``paddle`` was first imported from; lets the import proceed."""
+
+    def __init__(self) -> None:
+        self.where: str | None = None
+        self.during = "collection"
+        self.reported = False
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "paddle" and self.where is None:
+            stack = [f for f in traceback.extract_stack() if "importlib" not in f.filename]
+            self.where = "".join(traceback.format_list(stack[-12:]))
+            self.during = os.environ.get("PYTEST_CURRENT_TEST", "collection")
+        return None
+
+
+PADDLE_WATCH = PaddleImportWatch()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if fast_only(config) and "paddle" not in sys.modules:
+        sys.meta_path.insert(0, PADDLE_WATCH)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Under ``-m fast``, a test file without a fast test is not even imported."""
+    if fast_only(config) and collection_path.suffix == ".py":
+        if collection_path.name.startswith("test_"):
+            return "mark.fast" not in collection_path.read_text()
+    return None
+
+
+@pytest.fixture(autouse=True)
+def fast_tests_import_no_paddle(request: pytest.FixtureRequest):
+    yield
+    if fast_only(request.config) and "paddle" in sys.modules and not PADDLE_WATCH.reported:
+        PADDLE_WATCH.reported = True
+        pytest.fail(
+            f"make test-fast must not import paddle; it was imported during {PADDLE_WATCH.during}"
+            f" from:\n{PADDLE_WATCH.where}",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -27,20 +91,6 @@ def clean_hydra():
     GlobalHydra.instance().clear()
     yield
     GlobalHydra.instance().clear()
-
-
-def compose_cfg(overrides: list[str] | None = None):
-    register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides or [])
-
-
-def compose_run(overrides: list[str] | None = None) -> RunConfig:
-    return to_run_config(compose_cfg(overrides))
-
-
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 class Unpickled(AssertionError):
@@ -82,3 +132,28 @@ def no_unpickling(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(paddle, "load", refuse)
     monkeypatch.setattr(paddle.framework.io, "load", refuse)
     yield
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    """The shipped model's tokenizer, loaded as ftlab loads it."""
+    from ftlab.models.loading import load_tokenizer
+
+    return load_tokenizer(compose_run().model)
+
+
+@pytest.fixture(scope="module")
+def examples(tokenizer: Any) -> list[dict[str, list[int]]]:
+    """Four demo stories, label-shifted as PaddleNLP's causal-LM loss expects."""
+    lines = (DEMO / "train.json").read_text().splitlines()[:4]
+    out = []
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for rec in map(json.loads, lines):
+        src = [tokenizer.bos_token_id, *encode(rec["src"])]
+        tgt = [*encode(rec["tgt"]), tokenizer.eos_token_id]
+        seq, labels = src + tgt, [-100] * len(src) + tgt
+        out.append({"input_ids": seq[:-1], "labels": labels[1:]})
+    return out

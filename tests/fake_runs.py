@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import compose_cfg
+from helpers import compose_cfg
 from omegaconf import OmegaConf
 
 

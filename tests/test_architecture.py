@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CPU, REPO, compose_run
 from fake_runs import make_run
+from helpers import CPU, REPO, compose_run
 from hydra.core.config_store import ConfigStore
 
 from ftlab.config.schema import MethodConfig

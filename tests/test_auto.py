@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CPU, GPU8, compose_run
 from fake_runs import make_run
+from helpers import CPU, GPU8, compose_run
 
 from ftlab.config.environment import Environment
 from ftlab.errors import ConfigError

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import CPU, GPU8, compose_cfg, compose_run, group_options
+from helpers import CPU, GPU8, compose_cfg, compose_run, group_options
 
 from ftlab.cli.app import explain_composition_error
 from ftlab.config.schema import RunConfig

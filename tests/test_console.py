@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import compose_run
+from helpers import compose_run
 
 from ftlab import CONSOLE
 from ftlab.cli.console import (
@@ -151,7 +151,7 @@ def test_job_console_routes_warnings_and_prints_to_the_log(tmp_path: Path, caplo
 
 def test_describe_run_and_job_line() -> None:
     run = compose_run(["method=qlora", "parallel=dp2"])
-    text = describe_run(run, validate(run, __import__("conftest").CPU), Path("outputs/x"))
+    text = describe_run(run, validate(run, __import__("helpers").CPU), Path("outputs/x"))
     assert text.splitlines()[0].startswith("ftlab  model stories260k  method qlora (rank 8")
     assert "quant backend ftlab" in text and "parallel dp2 (2 processes)" in text
     assert "run dir outputs/x  (full log: train.log)" in text

@@ -7,20 +7,12 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
+from helpers import DEMO, alone_loss, data_for, tiny_model, token_losses
 
-from ftlab.assets import asset_path
-from ftlab.config.schema import DataConfig
-from ftlab.data.build import build_data
 from ftlab.data.collate import Collator, count_tokens
 from ftlab.data.packing import pack_best_fit, pack_greedy, pack_min_slack, pack_sequential
 
 FIXTURES = Path(__file__).parent / "fixtures"
-DEMO = asset_path("demo_stories")
-
-
-def data_for(tok, path: Path, **overrides):
-    cfg = DataConfig(name="t", path=str(path), **overrides)
-    return build_data(cfg, tok, seed=0, need_dev=False)
 
 
 def assert_partition(packs: list[list[int]], lengths: list[int], capacity: int) -> None:
@@ -118,51 +110,6 @@ def test_collated_unpacked_batch_layout():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 7, 2], [2, -100, -100]]
     assert count_tokens(batch) == (6, 4)
-
-
-def tiny_model(family: str):
-    paddle.seed(7)
-    common = dict(
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.5,
-    )  # large weights: peaked attention, leaks show
-    if family == "llama":
-        from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
-
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    else:
-        from paddlenlp.transformers import Qwen2Config, Qwen2ForCausalLM
-
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    model.eval()
-    return model
-
-
-def token_losses(model, batch: dict) -> np.ndarray:
-    with paddle.no_grad():
-        logits = model(
-            **{k: paddle.to_tensor(v) for k, v in batch.items() if k != "labels"}, return_dict=True
-        ).logits
-    logp = paddle.nn.functional.log_softmax(logits.astype("float32"), -1).numpy()
-    labels = batch["labels"]
-    picked = np.take_along_axis(logp, np.where(labels < 0, 0, labels)[..., None], -1)[..., 0]
-    return np.where(labels < 0, np.nan, -picked)
-
-
-def alone_loss(model, ids: np.ndarray, labels: np.ndarray) -> float:
-    with paddle.no_grad():
-        out = model(
-            input_ids=paddle.to_tensor(ids[None].astype("int64")),
-            labels=paddle.to_tensor(labels[None].astype("int64")),
-            return_dict=True,
-        )
-    return float(out.loss)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

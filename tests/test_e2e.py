@@ -3,38 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-FTLAB = Path(sys.executable).with_name("ftlab")
-
-
-def run_ftlab(cwd: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
-    proc = subprocess.run(
-        [str(FTLAB), *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"ftlab failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def run_predict(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [str(FTLAB.with_name("ftlab-predict")), *args], capture_output=True, text=True, timeout=300
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"ftlab-predict failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from helpers import FTLAB, read_jsonl, run_ftlab, run_predict  # noqa: F401 (kept importable)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +48,7 @@ def test_run_dir_is_complete(short_run) -> None:
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["checkpoint-12", "checkpoint-6"]
     assert list((run_dir / "checkpoints/checkpoint-12").glob("*.safetensors"))
-    # Issue 20: private run dir (0700); RNG and scheduler state as JSON, not pickles.
+    # A private run dir (0700); RNG and scheduler state as JSON, not pickles.
     assert oct(run_dir.stat().st_mode & 0o777) == "0o700"
     names = {p.name for p in (run_dir / "checkpoints/checkpoint-12").iterdir()}
     assert {"rng_state.rank0.json", "scheduler.json"} <= names

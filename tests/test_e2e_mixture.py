@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from test_e2e import read_jsonl, run_ftlab
+from helpers import REPO, read_jsonl, run_ftlab
 
 from ftlab.config.trainer_options import OPTIMIZERS
 

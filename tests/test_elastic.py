@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CPU, GPU8, compose_run
+from helpers import CPU, GPU8, compose_run
 
 from ftlab.config.environment import Environment
 from ftlab.errors import ConfigError

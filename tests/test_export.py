@@ -8,20 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CPU, REPO, compose_run
+from helpers import CPU, REPO, compose_run, parse_like_run_finetune
 
 from ftlab.errors import ConfigError
 from ftlab.interop.paddlenlp_export import export_run_finetune, run_finetune_arguments
 from ftlab.resolve.validate import validate
-
-
-def parse_like_run_finetune(path: Path) -> tuple:
-    """What llm/run_finetune.py does with a .json argument file (its wheel dataclasses)."""
-    from paddlenlp.trainer import PdArgumentParser
-    from paddlenlp.trl import DataConfig, ModelConfig, SFTConfig
-
-    parser = PdArgumentParser((ModelConfig, DataConfig, SFTConfig))
-    return parser.parse_json_file(str(path), return_remaining_strings=True)
 
 
 def export(overrides: list[str], tmp_path: Path) -> dict:

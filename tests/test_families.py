@@ -24,8 +24,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import CPU, GPU8, REPO, compose_run, group_options
-from test_methods import TRAIN, as_dataset, collate, examples, logits_of, tokenizer  # noqa: F401
+from helpers import (
+    CPU,
+    GPU8,
+    REPO,
+    TRAIN,
+    as_dataset,
+    collate,
+    compose_run,
+    group_options,
+    logits_of,
+)
 
 from ftlab.errors import ConfigError
 from ftlab.models.arch import base_counts, model_linears
@@ -466,7 +475,7 @@ def test_full_qlora_and_prefix_train_a_step(
 def test_export_parses_with_paddlenlps_parser(
     name: str, tiny_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    from test_export import parse_like_run_finetune
+    from helpers import parse_like_run_finetune
 
     from ftlab.interop.paddlenlp_export import export_run_finetune
 
@@ -484,7 +493,7 @@ def test_export_parses_with_paddlenlps_parser(
 
 
 def test_export_of_expert_parallel_sets_use_expert_parallel(tmp_path: Path) -> None:
-    from test_export import parse_like_run_finetune
+    from helpers import parse_like_run_finetune
 
     from ftlab.interop.paddlenlp_export import export_run_finetune
 

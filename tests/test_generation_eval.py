@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from ftlab.evaluation.text_metrics import _lcs, resolve_units, score_texts, split_units
 

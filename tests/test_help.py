@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import CONF_DIR, compose_cfg, group_options
+from helpers import CONF_DIR, compose_cfg, group_options
 from hydra.core.config_store import ConfigStore
 
 from ftlab.cli.app import explain_composition_error, main

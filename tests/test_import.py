@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CONF_DIR, compose_run
+from helpers import CONF_DIR, compose_run
 
 from ftlab.cli.importer import command_overrides, main, override_value
 from ftlab.config.environment import target_environment

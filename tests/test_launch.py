@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CPU, compose_run
+from helpers import CPU, compose_run
 
 from ftlab.config.derived import Derived
 from ftlab.config.environment import Environment

@@ -13,9 +13,19 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
-from conftest import CPU, GPU8, REPO, compose_run, group_options
-from test_data_packing import DEMO, alone_loss, data_for, tiny_model, token_losses
-from test_export import parse_like_run_finetune
+from helpers import (
+    CPU,
+    DEMO,
+    GPU8,
+    REPO,
+    alone_loss,
+    compose_run,
+    data_for,
+    group_options,
+    parse_like_run_finetune,
+    tiny_model,
+    token_losses,
+)
 
 from ftlab.assets import asset_path
 from ftlab.data.collate import FLASHMASK_KEY, Collator, count_tokens

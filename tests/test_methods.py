@@ -21,7 +21,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import CPU, compose_run
+from helpers import (
+    CPU,
+    TRAIN,
+    collate,
+    compose_run,
+    logits_of,
+    trainer_for,
+)
 
 from ftlab.errors import ConfigError, ModelLoadError
 from ftlab.resolve.validate import validate
@@ -29,16 +36,6 @@ from ftlab.resolve.validate import validate
 RELOAD_TOL = 1e-5
 MERGE_TOL = 1e-4
 BASE_PARAMS = 260_032  # stories260K, tied embeddings counted once
-TRAIN = [
-    "train.learning_rate=1e-2",
-    "train.lr_scheduler_type=constant",
-    "train.warmup_steps=0",
-    "train.logging_steps=1",
-    "train.max_steps=4",
-    "train.per_device_train_batch_size=4",
-    "train.max_grad_norm=0",
-]
-
 # Per decoder layer, (in, out) of q, k, v, o, gate, up, down.
 SHAPES = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 172), (64, 172), (172, 64)]
 
@@ -70,110 +67,6 @@ METHODS: dict[str, tuple[list[str], int]] = {
     # per layer: R (64 x 4) + W (64 x 4) + b (4)
     "reft": (["method=reft"], 5 * (2 * 64 * 4 + 4)),
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    from ftlab.models.loading import load_tokenizer
-
-    return load_tokenizer(compose_run().model)
-
-
-@pytest.fixture(scope="module")
-def examples(tokenizer: Any) -> list[dict[str, list[int]]]:
-    """Four demo stories, label-shifted as PaddleNLP's causal-LM loss expects."""
-    from ftlab.assets import asset_path
-
-    lines = (asset_path("demo_stories") / "train.json").read_text().splitlines()[:4]
-    out = []
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    for rec in map(json.loads, lines):
-        src = [tokenizer.bos_token_id, *encode(rec["src"])]
-        tgt = [*encode(rec["tgt"]), tokenizer.eos_token_id]
-        seq, labels = src + tgt, [-100] * len(src) + tgt
-        out.append({"input_ids": seq[:-1], "labels": labels[1:]})
-    return out
-
-
-def as_dataset(items: list[dict]) -> Any:
-    """The examples as a map-style ``paddle.io.Dataset`` (what the Trainer accepts)."""
-    import paddle
-
-    class Items(paddle.io.Dataset):
-        def __len__(self) -> int:
-            return len(items)
-
-        def __getitem__(self, i: int) -> dict:
-            return items[i]
-
-    return Items()
-
-
-def collate(tokenizer: Any, items: list[dict]) -> dict[str, Any]:
-    from ftlab.data.collate import Collator
-
-    return Collator(tokenizer.pad_token_id)(items)
-
-
-def logits_of(model: Any, batch: dict[str, Any]) -> np.ndarray:
-    import paddle
-
-    model.eval()
-    with paddle.no_grad():
-        out = model(
-            input_ids=paddle.to_tensor(batch["input_ids"]),
-            attention_mask=paddle.to_tensor(batch["attention_mask"]),
-        )
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return (out if isinstance(out, paddle.Tensor) else out.logits).numpy()  # OPT: a bare tensor
-
-
-def trainer_for(
-    run: Any,
-    run_dir: Path,
-    examples: list[dict],
-    tokenizer: Any,
-    callbacks: list[Any] | None = None,
-    save_checkpoints: bool = True,
-) -> tuple[Any, Any, Any]:
-    """The runner's path in miniature: apply the method, wrap it in FtlabTrainer."""
-    import paddle
-
-    from ftlab.data.collate import Collator, count_tokens
-    from ftlab.methods.catalog import get_method
-    from ftlab.models.loading import load_model
-    from ftlab.training.arguments import training_arguments
-    from ftlab.training.trainer import FtlabTrainer
-
-    paddle.seed(0)
-    method = get_method(run.method.name)
-    model = method.apply(load_model(run.model, "float32"), run.method, run.model)
-    args = training_arguments(
-        run,
-        run_dir,
-        run.train.max_steps,
-        has_eval=False,
-        unified_checkpoint=method.unified_checkpoint,
-    )
-    args.report_to = []
-    args.disable_tqdm = True
-    if not save_checkpoints:
-        args.save_strategy = "no"
-    trainer = FtlabTrainer(
-        model=model,
-        args=args,
-        train_dataset=as_dataset(examples),
-        tokenizer=tokenizer,
-        data_collator=Collator(tokenizer.pad_token_id),
-        count_tokens=count_tokens,
-        shuffle=False,
-        callbacks=callbacks,
-    )
-    return method, model, trainer
 
 
 def train_and_save(
@@ -260,7 +153,7 @@ def test_method_trains_reloads_and_merges(
     batch = collate(tokenizer, examples)
     reference = logits_of(t.model, batch)
     # Reloading and merging need weights and configs only: any unpickling fails the test
-    # (issue 20, item 13: a run dir from someone else must not run code).
+    # (a run dir from someone else must not run code).
     request.getfixturevalue("no_unpickling")
     reloaded = load_adapter(load_model(t.run.model, "float32"), t.final, t.run.method.name)
     assert np.abs(logits_of(reloaded, batch) - reference).max() <= RELOAD_TOL  # (a)
@@ -498,7 +391,7 @@ def test_full_finetuning_final_dir_reloads_without_unpickling(
     examples: list[dict], tokenizer: Any, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """``method=full`` saves the whole model through the Trainer: ftlab-predict and
-    ftlab-merge reload it from safetensors alone (issue 20, item 13)."""
+    ftlab-merge reload it from safetensors alone (no code runs from a run dir)."""
     from ftlab.methods.reopen import load_with_adapter
 
     run, model, _, _ = train_and_save(["method=full"], tmp_path, examples, tokenizer)
@@ -520,8 +413,8 @@ def test_adapter_checkpoints_are_safetensors_and_resume_loads_them(
     tokenizer: Any,
     tmp_path: Path,
 ) -> None:
-    """Issue 20, item 13: VeRA and LoKr checkpoints held their tensors as pickles; a resume
-    now reads ftlab's safetensors (PaddleNLP would silently load nothing without its
+    """VeRA and LoKr checkpoints hold their tensors in safetensors, not pickles; a resume
+    reads ftlab's safetensors (PaddleNLP would silently load nothing without its
     pickle), and the RNG and scheduler states are JSON."""
     from ftlab.methods.state import ADAPTER_STATE
 
@@ -618,7 +511,7 @@ def test_method_settings_that_cannot_work_fail(overrides: list[str], message: st
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 @pytest.mark.parametrize("method", ["vera", "lokr", "reft"])
 def test_methods_without_model_parallel_refuse_it(method: str, layout: str) -> None:
-    from conftest import GPU8
+    from helpers import GPU8
 
     with pytest.raises(ConfigError, match=f"method={method} with parallel={layout}"):
         validate(compose_run([f"method={method}", f"parallel={layout}"]), GPU8)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import CPU, compose_run
+from helpers import CPU, compose_run
 
 from ftlab.errors import ConfigError, DataError
 from ftlab.resolve.validate import validate

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CPU, GPU8, compose_cfg, compose_run
+from helpers import CPU, GPU8, compose_cfg, compose_run
 
 from ftlab.config.derived import Derived
 from ftlab.distributed import rendezvous

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CPU, GPU8, REPO, compose_run
+from helpers import CPU, GPU8, REPO, compose_run
 
 from ftlab.errors import ConfigError
 from ftlab.methods.qlora import quantized_bytes_per_param
@@ -216,7 +216,7 @@ def test_cli_writes_plan_json_for_a_gpu_layout_on_any_machine(tmp_path: Path) ->
     assert not (run_dir / "checkpoints").exists()  # nothing trained, nothing loaded
 
 
-# --------------------------------------------------------------------------- issue 17
+# ------------------------------------------------- optimizer state, recompute, overhead
 
 
 def test_optimizer_state_follows_the_optimizer() -> None:

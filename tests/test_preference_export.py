@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-from conftest import CPU, GPU8, compose_run
+from helpers import CPU, GPU8, compose_run
 
 from ftlab.errors import ConfigError
 from ftlab.interop.paddlenlp_export import export_run_finetune

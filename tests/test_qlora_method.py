@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
-from conftest import compose_run
+from helpers import compose_run
 
 from ftlab.methods.catalog import get_method
 
@@ -56,7 +56,7 @@ def test_adapter_reloads_onto_a_fresh_float_base(setup, tmp_path: Path, request)
     ids = paddle.to_tensor([[1, 403, 407, 261, 378, 2]])
     expected = _logits(model, ids)
     method.save_final(None, model, tmp_path)
-    request.getfixturevalue("no_unpickling")  # reloading reads no pickle (issue 20)
+    request.getfixturevalue("no_unpickling")  # reloading reads no pickle
     reloaded = method.load(load_model(run.model, "float32"), tmp_path)
     assert np.abs(_logits(reloaded, ids) - expected).max() <= 1e-5
 
@@ -74,7 +74,7 @@ def test_merge_equals_adapter_model(setup) -> None:
 
 
 def test_paddlenlp_backend_on_cpu_fails_naming_the_alternative(setup) -> None:
-    from conftest import CPU
+    from helpers import CPU
 
     from ftlab.errors import ConfigError
     from ftlab.resolve.validate import validate
@@ -89,7 +89,7 @@ def test_paddlenlp_backend_on_cpu_fails_naming_the_alternative(setup) -> None:
 
 
 def test_unsupported_variant_is_refused(setup) -> None:
-    from conftest import CPU
+    from helpers import CPU
 
     from ftlab.errors import ConfigError
     from ftlab.resolve.validate import validate
@@ -108,7 +108,7 @@ def test_unsupported_variant_is_refused(setup) -> None:
 def test_tensor_parallel_qlora_needs_the_paddlenlp_backend(
     backend: str, env: str, message: str
 ) -> None:
-    from conftest import GPU8
+    from helpers import GPU8
 
     from ftlab.errors import ConfigError
     from ftlab.resolve.validate import validate
@@ -124,8 +124,8 @@ def test_tensor_parallel_qlora_needs_the_paddlenlp_backend(
 
 @pytest.mark.parametrize("backend", ["auto", "paddlenlp"])
 def test_tensor_parallel_qlora_validates_where_paddlenlp_kernels_run(backend: str) -> None:
-    """The issue's first example, on a GPU machine with PaddleSlim (an injected environment)."""
-    from conftest import GPU8
+    """Tensor-parallel QLoRA on a GPU machine with PaddleSlim (an injected environment)."""
+    from helpers import GPU8
 
     from ftlab.resolve.validate import validate
 

@@ -1,4 +1,4 @@
-"""Issue 20: runs that cannot clobber each other, resumes that cannot damage finished work,
+"""Runs that cannot clobber each other, resumes that cannot damage finished work,
 no tracebacks on bad settings or signals. Fast checks of each mechanism here; the resume
 items are in ``test_resume.py``, the sweep exit status in ``test_sweep.py``, the security
 of reloading in ``test_methods.py``; the long end-to-end runs are marked slow."""
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CONF_DIR, CPU, compose_run
+from helpers import CONF_DIR, CPU, compose_run
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
@@ -26,8 +26,8 @@ from ftlab.record.rundir import RunDir, write_text_atomic
 from ftlab.record.status import record_status
 from ftlab.resolve.validate import validate
 
-# What issue 20 added is imported inside the tests, so that on code without it each test
-# fails for its own reason rather than all of them at collection.
+# The reliability mechanisms are imported inside the tests, so that on code without one each
+# test fails for its own reason rather than all of them at collection.
 
 BIN = Path(sys.executable).parent
 
@@ -179,7 +179,7 @@ def test_checkpoint_save_on_a_full_disk_is_one_clear_error(tmp_path: Path, monke
     """A save that hits ENOSPC names the checkpoint and the space it needs, and frees the
     partial save (resume never reads .staging)."""
     import paddlenlp.trainer.trainer as paddlenlp_trainer
-    from test_methods import as_dataset, trainer_for
+    from helpers import as_dataset, trainer_for
 
     from ftlab.record.rundir import DiskFullError
 
@@ -334,7 +334,7 @@ def test_sizes_at_the_bound_are_accepted(overrides: list[str]) -> None:
 
 def test_the_last_step_is_logged_whatever_logging_steps(tmp_path: Path) -> None:
     """Item 10: logging_steps > max_steps left no training loss at all (loss n/a -> n/a)."""
-    from test_methods import as_dataset, trainer_for
+    from helpers import as_dataset, trainer_for
 
     from ftlab.training.trainer import MetricsJsonl
 

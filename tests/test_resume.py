@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_e2e import FTLAB, run_ftlab
+from helpers import FTLAB, run_ftlab
 
 ARGS = [
     "train.max_steps=16",
@@ -165,7 +165,7 @@ def test_resume_refuses_a_changed_method_and_warns_on_other_changes(uninterrupte
 
 
 def test_resume_of_a_finished_run_changes_nothing(uninterrupted, tmp_path):
-    """Issue 20, item 2: it used to train a step past max_steps and rewrite the results."""
+    """Resuming a finished run trains no step past max_steps and rewrites no result."""
     import shutil
 
     run_dir = tmp_path / "copy"
@@ -183,7 +183,7 @@ def test_resume_of_a_finished_run_changes_nothing(uninterrupted, tmp_path):
 
 @pytest.mark.slow
 def test_resume_from_the_last_step_trains_no_step_beyond_max_steps(uninterrupted, tmp_path):
-    """Issue 20, item 2, for a run stopped after its last checkpoint (before its summary):
+    """No step past max_steps, for a run stopped after its last checkpoint (before its summary):
     PaddleNLP's train() resumed at max_steps would train one step more; ftlab loads the
     checkpoint and finishes the run without training."""
     import shutil
@@ -203,10 +203,9 @@ def test_resume_from_the_last_step_trains_no_step_beyond_max_steps(uninterrupted
 
 
 def test_damaged_checkpoint_is_named_and_the_previous_one_taken(uninterrupted, tmp_path):
-    """Issue 20, item 3: a truncated newest checkpoint gave a bare SafeTensorError after the
-    record was rewritten and the run marked failed. Now: nothing changes until a whole
-    checkpoint is found; the damaged file is named; the previous checkpoint is taken and
-    the run ends as the uninterrupted one did."""
+    """A truncated newest checkpoint gives no bare SafeTensorError after a rewritten record:
+    nothing changes until a whole checkpoint is found; the damaged file is named; the
+    previous checkpoint is taken and the run ends as the uninterrupted one did."""
     import shutil
 
     run_dir = tmp_path / "copy"

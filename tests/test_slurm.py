@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose_run
+from helpers import REPO, compose_run
 
 from ftlab.config.derived import Derived
 from ftlab.distributed.launch import check_launch, launch_command

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import CPU, GPU8, compose_run
+from helpers import CPU, GPU8, compose_run
 
 from ftlab.errors import ConfigError
 from ftlab.resolve.validate import validate
@@ -315,7 +315,7 @@ def test_kto_loss_equals_the_formula_with_a_clipped_kl(tmp_path: Path, tokenizer
 
 
 def test_every_stage_option_composes_and_validates_with_every_method() -> None:
-    from conftest import group_options
+    from helpers import group_options
 
     assert group_options("stage") == ["dpo", "grpo", "kto", "sft"]  # grpo: test_grpo_stage.py
     # (stage=sft with every method: tests/test_config.py composes every method.)

@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import compose_run
-from test_e2e import read_jsonl, run_ftlab
+from helpers import compose_run, read_jsonl, run_ftlab
 
 REWARDS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 ARGS = [

@@ -56,8 +56,8 @@ def job_dir(sweep_dir: Path, num: int) -> Path:
 
 def test_sweep_runs_every_job_and_reports_the_failure(sweep) -> None:
     sweep_dir, proc = sweep
-    # Issue 20, item 16: a sweep with a failed job exited 0. Every job ran, the summary
-    # is complete, and the exit status says that something failed.
+    # A sweep with a failed job must not exit 0: every job ran, the summary is complete,
+    # and the exit status says that something failed.
     assert proc.returncode == 1, proc.stderr[-4000:]
     out = proc.stdout + proc.stderr
     assert f"job 2 failed: ConfigError: {RANK0}" in out

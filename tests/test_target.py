@@ -10,8 +10,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import CPU, REPO, compose_cfg, compose_run
-from test_export import parse_like_run_finetune
+from helpers import CPU, REPO, compose_cfg, compose_run, parse_like_run_finetune
 
 from ftlab.config.environment import run_environment, target_environment
 from ftlab.errors import ConfigError

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CPU, GPU8, compose_run
+from helpers import CPU, GPU8, compose_run
 
 from ftlab.config.trainer_options import OPTIMIZERS, RECOMPUTE_GRANULARITIES
 from ftlab.errors import ConfigError
@@ -204,7 +204,7 @@ def test_model_layers_take_the_recompute_details() -> None:
 
 
 def test_export_keys_parse_with_paddlenlp(tmp_path: Path) -> None:
-    from test_export import parse_like_run_finetune
+    from helpers import parse_like_run_finetune
 
     from ftlab.interop.paddlenlp_export import export_run_finetune
 
