@@ -585,6 +585,10 @@ def _prepare_resume(run: RunConfig, run_dir: RunDir, derived: Derived) -> tuple[
         run_dir.path, {**to_plain_dict(run), "derived": derived.to_dict()}
     )
     checkpoint, warnings = pick_checkpoint(run_dir.path)
+    from ftlab.models.weights import refuse_pickles
+
+    # PaddleNLP's resume reads lora_model_state.pdparams, *.pdopt, scheduler.pdparams if there.
+    refuse_pickles(checkpoint, run.model.allow_pickle, "checkpoint state")
     for warning in warnings:
         console.warning("warning: %s", warning)
     step = checkpoint_step(checkpoint)
