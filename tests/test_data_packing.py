@@ -9,8 +9,17 @@ import paddle
 import pytest
 from helpers import DEMO, alone_loss, data_for, tiny_model, token_losses
 
+from ftlab.data import packing
 from ftlab.data.collate import Collator, count_tokens
-from ftlab.data.packing import pack_best_fit, pack_greedy, pack_min_slack, pack_sequential
+from ftlab.data.packing import (
+    make_packs,
+    pack_best_fit,
+    pack_greedy,
+    pack_min_slack,
+    pack_sequential,
+    pack_window,
+)
+from ftlab.data.watchdog import NoProgressError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -36,6 +45,30 @@ def test_best_fit_and_min_slack_pack_every_example_once():
     windows = list(pack_greedy(lengths, 512, window=100))
     assert_partition(windows, lengths, 512)
     assert all(len({i // 100 for i in p}) == 1 for p in windows)  # packs stay in their window
+
+
+def test_numpy_lengths_take_the_min_slack_path_and_end(monkeypatch):
+    """A mixture hands the packer numpy lengths; the exact-fill bitset once stopped growing
+    on them and ``pack_min_slack`` spun forever. Lengths 80-137 at 512 leave best fit more
+    than 2% off the bound, so ``pack_window`` must take the min-slack path."""
+    lengths = np.random.default_rng(0).integers(80, 138, 400)  # numpy int64
+    calls = []
+    exact = packing.pack_min_slack
+    monkeypatch.setattr(packing, "pack_min_slack", lambda *a: calls.append(1) or exact(*a))
+    packs = pack_window(lengths, 512)
+    assert calls == [1]
+    assert_partition(packs, lengths.tolist(), 512)
+    bound = -(-int(lengths.sum()) // 512)
+    assert bound <= len(packs) < len(pack_best_fit(lengths, 512))  # the exact fills won
+    assert_partition(exact(lengths, 512), lengths.tolist(), 512)
+    assert_partition(make_packs("greedy", lengths, 512), lengths.tolist(), 512)
+    assert_partition(list(pack_sequential(lengths, 512)), lengths.tolist(), 512)
+
+
+def test_min_slack_that_cannot_progress_raises_instead_of_spinning(monkeypatch):
+    monkeypatch.setattr(packing, "_max_fill", lambda counts, free: {})
+    with pytest.raises(NoProgressError, match=r"pack_min_slack\) made no progress.*3 examples"):
+        pack_min_slack([100, 200, 300], 512)
 
 
 def test_greedy_on_demo_stories_reaches_095(tok):

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from ftlab.cli.console import ignore_noise_warnings
+from ftlab.cli.predict import ALLOW_PICKLE_HELP
 from ftlab.config.cpu_runtime import use_fast_mkl_path
 from ftlab.errors import ConfigError, FtlabError, ModelLoadError
 from ftlab.methods.reopen import (
@@ -41,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--adapter", type=Path, help="a saved directory (a run's final/)")
     p.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/merged)")
     p.add_argument("--dtype", default="float32", help="dtype to load the base in (--base only)")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     args = p.parse_args(argv)
     if (args.run_dir is None) == (args.adapter is None):
         p.error("give a run_dir, or --base and --adapter")
@@ -61,10 +63,12 @@ def run(args: argparse.Namespace) -> Path:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} exists and is not empty; choose a new directory.")
     if args.adapter is not None:
-        model, tokenizer = load_with_adapter(args.base, args.adapter, dtype=args.dtype)
+        model, tokenizer = load_with_adapter(
+            args.base, args.adapter, dtype=args.dtype, allow_pickle=args.allow_pickle
+        )
         base = args.base
     else:
-        model, tokenizer = load_trained(args.run_dir)
+        model, tokenizer = load_trained(args.run_dir, allow_pickle=args.allow_pickle)
         base = json.loads((final / METHOD_RECORD).read_text()).get("base_model")
     merged, diff = merge_model(model, tokenizer, method_name)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = run(args)
     except FtlabError as err:
-        print(f"ftlab-merge: {err}", file=sys.stderr)
+        print(f"ftlab-merge: error: {err}", file=sys.stderr)
         return 2
     print(f"merged model written to {out}")
     return 0

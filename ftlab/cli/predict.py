@@ -24,6 +24,10 @@ from ftlab.evaluation.generation import generate_texts
 from ftlab.methods.reopen import load_trained, load_with_adapter
 
 PROMPT_KEYS = ("src", "prompt")
+ALLOW_PICKLE_HELP = (
+    "read pickled weights (*.pdparams, pytorch_model.bin) if no safetensors: they run code "
+    "when read; ftlab's model.allow_pickle=true. Only for files you trust"
+)
 
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
@@ -46,6 +50,24 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def check_output(output: Path, input_path: Path) -> None:
+    """Refuse an --output that would replace the prompts or change a run's record (a run
+    dir, finished or not, is written by its run only: ``ftlab-runs`` reads it back)."""
+    from ftlab.record.index import is_run_dir
+
+    target = output.expanduser().resolve()
+    if target == input_path.expanduser().resolve():
+        raise DataError(f"--output {output} is the --input file: it would replace the prompts.")
+    if target.is_dir():
+        raise DataError(f"--output {output} is a directory; give a file name.")
+    for parent in target.parents:
+        if is_run_dir(parent):
+            raise DataError(
+                f"--output {output} is inside the run dir {parent}: a run's record is not "
+                "changed by later commands. Write the generations outside any run dir."
+            )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ftlab-predict", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", nargs="?", type=Path, help="a run directory made by ftlab")
@@ -60,6 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     args = p.parse_args(argv)
     if (args.run_dir is None) == (args.adapter is None):
         p.error("give a run_dir, or --base and --adapter")
@@ -74,11 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     ignore_noise_warnings()
     args = parse_args(argv)
     try:
+        check_output(args.output, args.input)
         records = read_prompts(args.input)
         if args.run_dir is not None:
-            model, tokenizer = load_trained(args.run_dir)
+            model, tokenizer = load_trained(args.run_dir, allow_pickle=args.allow_pickle)
         else:
-            model, tokenizer = load_with_adapter(args.base, args.adapter)
+            model, tokenizer = load_with_adapter(
+                args.base, args.adapter, allow_pickle=args.allow_pickle
+            )
         prompts = [next(r[k] for k in PROMPT_KEYS if isinstance(r.get(k), str)) for r in records]
         outputs = generate_texts(
             model,

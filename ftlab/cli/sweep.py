@@ -7,8 +7,11 @@ refresh it after rerunning a failed job.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import NoReturn
 
+from ftlab.record.index import is_run_dir
 from ftlab.record.sweep import read_sweep, write_sweep_summary
 
 
@@ -19,8 +22,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a directory")
-    for path in write_sweep_summary(read_sweep(args.sweep_dir)).values():
+    if is_run_dir(args.sweep_dir):  # a finished run is not changed by a later command
+        _fail(f"{args.sweep_dir} is one run's directory, not a sweep dir; nothing was written.")
+    sweep = read_sweep(args.sweep_dir)
+    if not sweep.jobs:
+        _fail(f"{args.sweep_dir} holds no run dirs (not a sweep dir); nothing was written.")
+    for path in write_sweep_summary(sweep).values():
         print(path)
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"ftlab-sweep: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,30 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ftlab.data.watchdog import ProgressGuard
 from ftlab.errors import DataError
 
 PACKING_MODES = ("none", "zero_padding", "greedy")
 GREEDY_WINDOW = 4096  # examples packed together by the greedy strategy
 
 
+def as_lengths(lengths: Iterable[int]) -> list[int]:
+    """Example lengths as Python ints: every packer's entry converts through here once.
+
+    numpy integers break the exact-fill bitset (``reach << np.int64(n)`` does not grow a
+    Python int past 64 bits), which once made ``pack_min_slack`` spin forever on a
+    mixture's numpy lengths.
+    """
+    out = [int(n) for n in lengths]
+    bad = next((n for n in out if n < 1), None)
+    if bad is not None:  # the builders never emit an empty example; a bug guard
+        raise DataError(f"cannot pack an example of {bad} tokens (examples have at least one)")
+    return out
+
+
 def pack_sequential(lengths: Sequence[int], capacity: int, start: int = 0) -> Iterator[list[int]]:
     """Packs in order: a pack closes when the next example does not fit (PaddleNLP's)."""
+    lengths = as_lengths(lengths)
     pack: list[int] = []
     used = 0
     for i, n in enumerate(lengths, start=start):
@@ -40,6 +56,7 @@ def pack_sequential(lengths: Sequence[int], capacity: int, start: int = 0) -> It
 
 def pack_best_fit(lengths: Sequence[int], capacity: int, start: int = 0) -> list[list[int]]:
     """Best-fit decreasing: longest first, each into the fullest pack it still fits."""
+    lengths = as_lengths(lengths)
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     room: list[int] = []  # sorted free space of open packs
     owner: list[int] = []  # pack index for each entry of ``room``
@@ -92,7 +109,10 @@ def pack_min_slack(lengths: Sequence[int], capacity: int, start: int = 0) -> lis
 
     Slower than best fit, but on examples of similar length (4-5 per pack) best fit
     strands a gap in every pack that no remaining example fits; exact fills avoid that.
+    Every round must take at least one example (a guard turns a bug into an error).
     """
+    lengths = as_lengths(lengths)
+    guard = ProgressGuard("greedy packing (pack_min_slack)")
     by_size: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
         _check_fits(n, capacity)
@@ -106,6 +126,7 @@ def pack_min_slack(lengths: Sequence[int], capacity: int, start: int = 0) -> lis
             counts[size] -= take
             if not counts[size]:
                 del counts[size]
+        guard.round(bool(pack), f"{sum(counts.values())} examples left, capacity {capacity}")
         packs.append(pack)
     return packs
 
@@ -113,6 +134,7 @@ def pack_min_slack(lengths: Sequence[int], capacity: int, start: int = 0) -> lis
 def pack_window(lengths: Sequence[int], capacity: int, start: int = 0) -> list[list[int]]:
     """The better of best-fit decreasing and minimum bin slack (tried only if BFD is >2% off
     the lower bound ``ceil(tokens / capacity)``)."""
+    lengths = as_lengths(lengths)
     packs = pack_best_fit(lengths, capacity, start)
     bound = -(-sum(lengths) // capacity)
     if len(packs) <= bound * 1.02:
@@ -125,11 +147,13 @@ def pack_greedy(
     lengths: Sequence[int], capacity: int, window: int = GREEDY_WINDOW
 ) -> Iterator[list[int]]:
     """Packs over consecutive windows of ``window`` examples (``pack_window`` each)."""
+    lengths = as_lengths(lengths)
     for start in range(0, len(lengths), window):
         yield from pack_window(lengths[start : start + window], capacity, start)
 
 
 def make_packs(mode: str, lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    lengths = as_lengths(lengths)
     if mode == "zero_padding":
         return list(pack_sequential(lengths, capacity))
     if mode == "greedy":

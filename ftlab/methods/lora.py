@@ -78,6 +78,8 @@ def lora_alpha(cfg: LoraMethodConfig) -> float:
 
 
 def adapter_weights_present(trained_dir: Path) -> bool:
+    """ftlab saves LoRA weights as safetensors behind PEFT_INDEX; PaddleNLP's pickled
+    ``lora_model_state.pdparams`` is read only with model.allow_pickle (refused before)."""
     return any((trained_dir / name).exists() for name in (PEFT_INDEX, "lora_model_state.pdparams"))
 
 
@@ -149,9 +151,10 @@ def pissa_init(layer: Any) -> tuple[Any, Any]:
 def restore_pissa_residual(model: Any, init_file: Path) -> None:
     """Turn a fresh base's adapted weights into the residuals PiSSA trained on."""
     import paddle
-    from safetensors.numpy import load_file
 
-    init = load_file(str(init_file))
+    from ftlab.models.weights import read_safetensors
+
+    init = read_safetensors(init_file)
     layers = lora_layers(model.model)
     expected = {f"{n}.lora_{m}" for n, _ in layers for m in ("A", "B")}
     if set(init) != expected:

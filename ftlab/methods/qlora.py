@@ -144,8 +144,11 @@ class QLora(Lora):
         overrides: Mapping[str, Any] | None = None,
     ) -> paddle.nn.Layer:
         """Quantize each target weight as the checkpoint is read (ftlab backend)."""
+        from ftlab.models.loading import check_model_dir
+
         backend = resolve_backend(cfg)  # training runs here: this machine decides
         overrides = dict(overrides or {})
+        check_model_dir(model_cfg)
         if backend == "paddlenlp":
             return _load_paddlenlp_quantized(model_cfg, dtype, cfg, overrides)
         path = Path(model_cfg.name_or_path)
@@ -205,9 +208,8 @@ class QLora(Lora):
         self, base: paddle.nn.Layer, trained_dir: Path, cfg: QLoraMethodConfig | None = None
     ) -> paddle.nn.Layer:
         """``base`` must be the float base model; it is re-quantized with the saved spec."""
-        from safetensors.numpy import load_file
-
         from ftlab.models.quant import QLoRASpec, load_lora_state_dict, quantize_model
+        from ftlab.models.weights import read_safetensors
 
         qfile = trained_dir / QUANT_CONFIG_FILE
         if not qfile.exists():
@@ -221,7 +223,7 @@ class QLora(Lora):
         )
         # Deterministic quantization: the same base weights give the same codes.
         quantize_model(base, [re.escape(n) for n in layers], spec)
-        adapter = load_file(str(trained_dir / ADAPTER_FILE))
+        adapter = read_safetensors(trained_dir / ADAPTER_FILE)
         state = {k: paddle.to_tensor(v) for k, v in adapter.items()}
         load_lora_state_dict(base, state)
         return base

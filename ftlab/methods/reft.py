@@ -340,7 +340,8 @@ class Reft(Method):
         self, base: paddle.nn.Layer, trained_dir: Path, cfg: ReftMethodConfig | None = None
     ) -> paddle.nn.Layer:
         import paddle
-        from safetensors.numpy import load_file
+
+        from ftlab.models.weights import read_safetensors
 
         trained_dir = Path(trained_dir)
         record, weights = trained_dir / REFT_RECORD, trained_dir / REFT_WEIGHTS
@@ -357,7 +358,7 @@ class Reft(Method):
                 f"this base model has {n_layers} layers. Load them onto their own base model."
             )
         model = _reft_classes()[1](base, settings)
-        state = load_file(str(weights))
+        state = read_safetensors(weights)
         expected = set(model.interventions.state_dict())
         if set(state) != expected:
             raise ModelLoadError(

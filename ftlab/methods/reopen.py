@@ -67,17 +67,34 @@ def _tokenizer(model_cfg: ModelConfig, saved_dir: Path) -> Any:
     return load_tokenizer(model_cfg)
 
 
+def check_saved_dir(saved_dir: Path, allow_pickle: bool) -> None:
+    """A run's ``final/`` (or any saved dir) before a method reads it: no pickle (unless
+    allowed), no damaged or missing safetensors file."""
+    from ftlab.models.weights import check_safetensors_dir, refuse_pickles
+
+    refuse_pickles(saved_dir, allow_pickle, "a trained model or adapter")
+    check_safetensors_dir(saved_dir)
+
+
 def load_adapter(
-    base: Any, adapter_dir: Path, method_name: str, cfg: MethodConfig | None = None
+    base: Any,
+    adapter_dir: Path,
+    method_name: str,
+    cfg: MethodConfig | None = None,
+    allow_pickle: bool = False,
 ) -> Any:
     """``base`` + the artefact in ``adapter_dir``, in eval mode."""
+    check_saved_dir(Path(adapter_dir), allow_pickle)
     model = get_method(method_name).load(base, Path(adapter_dir), cfg)
     model.eval()
     return model
 
 
-def load_trained(run_dir: Path | str) -> tuple[Any, Any]:
-    """(model, tokenizer) of a finished run: its base model with its trained adapter."""
+def load_trained(run_dir: Path | str, allow_pickle: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) of a finished run: its base model with its trained adapter.
+
+    ``allow_pickle`` is the caller's (its command line), never the run's recorded one: a
+    run dir's files must not be able to grant themselves permission to run code."""
     run_dir = Path(run_dir)
     final = RunDir(run_dir).final
     if not (final / METHOD_RECORD).is_file():
@@ -86,6 +103,8 @@ def load_trained(run_dir: Path | str) -> tuple[Any, Any]:
             "ftlab run). Pick a completed run directory."
         )
     model_cfg, method_cfg, dtype = read_run_config(run_dir)
+    model_cfg = dataclasses.replace(model_cfg, allow_pickle=allow_pickle)
+    check_saved_dir(final, allow_pickle)
     tokenizer = _tokenizer(model_cfg, final)
     if get_method(method_cfg.name).saves_whole_model:
         # final/ is the complete model: loading the base first would only waste memory.
@@ -93,11 +112,15 @@ def load_trained(run_dir: Path | str) -> tuple[Any, Any]:
         model.eval()
         return model, tokenizer
     base = load_model(model_cfg, dtype)
-    return load_adapter(base, final, method_cfg.name, method_cfg), tokenizer
+    return load_adapter(base, final, method_cfg.name, method_cfg, allow_pickle), tokenizer
 
 
 def load_with_adapter(
-    base: str, adapter: Path | str, dtype: str = "float32", pad_token: str | None = None
+    base: str,
+    adapter: Path | str,
+    dtype: str = "float32",
+    pad_token: str | None = None,
+    allow_pickle: bool = False,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) from a base model (hub name or path) and a saved ``final/`` dir.
 
@@ -106,13 +129,19 @@ def load_with_adapter(
     """
     adapter = Path(adapter)
     name = method_of(adapter)
-    model_cfg = ModelConfig(name=Path(base).name or base, name_or_path=base, pad_token=pad_token)
+    model_cfg = ModelConfig(
+        name=Path(base).name or base,
+        name_or_path=base,
+        pad_token=pad_token,
+        allow_pickle=allow_pickle,
+    )
+    check_saved_dir(adapter, allow_pickle)
     tokenizer = _tokenizer(model_cfg, adapter)
     if get_method(name).saves_whole_model:
         model = load_model(dataclasses.replace(model_cfg, name_or_path=str(adapter)), dtype)
         model.eval()
         return model, tokenizer
-    return load_adapter(load_model(model_cfg, dtype), adapter, name), tokenizer
+    return load_adapter(load_model(model_cfg, dtype), adapter, name, None, allow_pickle), tokenizer
 
 
 # --------------------------------------------------------------------------- merging

@@ -37,7 +37,8 @@ def save_peft_model(model: Any, save_directory: str, config: Any, **kwargs: Any)
 def load_trainable_state(model: Any, trained_dir: Path) -> None:
     """Set a PEFT model's trainable tensors from ``trained_dir``, refusing a mismatched set."""
     import paddle
-    from safetensors.numpy import load_file
+
+    from ftlab.models.weights import read_safetensors
 
     path = Path(trained_dir) / ADAPTER_STATE
     if not path.is_file():
@@ -48,7 +49,7 @@ def load_trainable_state(model: Any, trained_dir: Path) -> None:
             else "no adapter weights at all"
         )
         raise ModelLoadError(f"{trained_dir} has no {ADAPTER_STATE}: {why}.")
-    state = load_file(str(path))
+    state = read_safetensors(path)
     expected = model.get_trainable_state_dict()
     if set(state) != set(expected):
         raise ModelLoadError(

@@ -138,9 +138,21 @@ def finish_model(model: Any) -> Any:
     return model
 
 
+def check_model_dir(cfg: ModelConfig) -> None:
+    """Before a local model directory reaches a loader: no pickle read (unless
+    ``model.allow_pickle``), no damaged safetensors file (``ftlab.models.weights``)."""
+    from ftlab.models.weights import check_safetensors_dir, refuse_pickles
+
+    path = Path(cfg.name_or_path).expanduser()
+    if path.is_dir():
+        refuse_pickles(path, cfg.allow_pickle, f"model {cfg.name}'s weights")
+        check_safetensors_dir(path)
+
+
 def load_model(cfg: ModelConfig, dtype: str, overrides: Mapping[str, Any] | None = None) -> Any:
     """The base model; ``overrides`` are model-config values set at construction (the
     recompute details, which PaddleNLP's layers read in their constructors)."""
+    check_model_dir(cfg)
     apply_fixes()
     kwargs: dict[str, Any] = {
         "dtype": dtype,

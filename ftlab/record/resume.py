@@ -29,6 +29,7 @@ from ftlab import console
 from ftlab.config.overrides import flatten, given_value, override
 from ftlab.errors import ConfigError, FtlabError
 from ftlab.methods.catalog import registered_methods
+from ftlab.models.weights import safetensors_problem
 from ftlab.record.rundir import (
     CHECKPOINTS,
     ENVIRONMENT,
@@ -38,6 +39,7 @@ from ftlab.record.rundir import (
     STATUS,
     SUMMARY,
     RunDir,
+    lock_run_dir,
 )
 from ftlab.record.status import COMPLETED, is_running
 
@@ -104,7 +106,16 @@ def check_resumable(run_dir: Path, new: list[str]) -> None:
     is still alive on this machine is refused (two processes would write one run dir), and
     so is a run without a usable checkpoint.
     """
+    from ftlab.distributed.launch import inside_worker
+
     record = RunDir(run_dir)
+    # Two resumes started together both see a run that is not running: the first to take
+    # the run dir's lock owns it (a launcher's workers run under their launcher's lock).
+    if run_dir.is_dir() and not inside_worker() and not lock_run_dir(run_dir):
+        raise ConfigError(
+            f"resume={run_dir}: another ftlab process is using this run dir (it holds its "
+            "lock). Wait for it to end, or stop it first."
+        )
     status = record.read_json(STATUS)
     if is_running(status):
         raise ConfigError(
@@ -321,33 +332,6 @@ def latest_complete_checkpoint(run_dir: Path) -> Path | None:
     """The newest ``checkpoints/checkpoint-N`` (None when there is none)."""
     found = complete_checkpoints(run_dir)
     return found[0] if found else None
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """What is wrong with a safetensors file, read from its header alone (None: whole).
-
-    The format is an 8-byte header length, a JSON header giving every tensor's byte range,
-    then the data; a file shorter (or longer) than its header says is damaged. Nothing is
-    deserialised beyond the JSON header.
-    """
-    size = path.stat().st_size
-    if size < 8:
-        return f"truncated: {size} bytes, not even a header"
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        if 8 + length > size:
-            return f"truncated: its header alone needs {8 + length} bytes, the file has {size}"
-        try:
-            header = json.loads(f.read(length))
-            end = max(
-                (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
-                default=0,
-            )
-        except (ValueError, KeyError, TypeError, IndexError):
-            return "its header is not a valid safetensors header"
-    if 8 + length + end != size:
-        return f"truncated: its header describes {8 + length + end} bytes, the file has {size}"
-    return None
 
 
 def checkpoint_problems(path: Path) -> list[str]:

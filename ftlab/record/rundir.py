@@ -79,6 +79,27 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 # --------------------------------------------------------------------------- claiming dirs
 
+_LOCKS: dict[str, int] = {}  # run dir -> the open descriptor holding its lock
+
+
+def lock_run_dir(path: Path | str) -> bool:
+    """Hold an exclusive lock on a run dir until this process exits; False when another
+    process holds it. ``flock`` on the directory itself: no lock file to leave behind,
+    and the kernel releases it when the owner dies (even by SIGKILL)."""
+    import fcntl
+
+    key = str(Path(path).resolve())
+    if key in _LOCKS:
+        return True
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _LOCKS[key] = fd
+    return True
+
 
 def claim_new_dir(path: str) -> str:
     """Create ``path`` as a new directory, exclusively, private to its owner; return it.

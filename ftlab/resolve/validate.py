@@ -489,9 +489,19 @@ def generation_enabled(run: RunConfig) -> bool:
     layouts that can generate, and is off on pipeline layouts (recorded as
     ``derived.eval_generation``). An explicit true on a pipeline layout is refused."""
     g = run.eval.generation
-    if g is None:
-        return run.data.generation_metric and run.parallel.pipeline <= 1
+    if g is None:  # text data named here; a detected one is turned off by training.run
+        text = run.data.format in TEXT_FORMATS
+        return run.data.generation_metric and run.parallel.pipeline <= 1 and not text
     return g
+
+
+def refuse_text_generation(fmt: str) -> ConfigError:
+    """eval.generation=true on text documents (named, or detected once the data is read)."""
+    return ConfigError(
+        f"eval.generation=true with data.format={fmt}: text documents have no prompt/answer "
+        "turns to generate from and score. Set eval.generation=false (the eval loss is "
+        "still computed)."
+    )
 
 
 def check_generation(run: RunConfig) -> bool:
@@ -511,6 +521,8 @@ def check_generation(run: RunConfig) -> bool:
             "need top_k >= 0, 0 < top_p <= 1 and temperature > 0."
         )
     enabled = generation_enabled(run)
+    if e.generation and run.data.format in TEXT_FORMATS:
+        raise refuse_text_generation(run.data.format)
     p = run.parallel
     if enabled and p.pipeline > 1:
         raise ConfigError(

@@ -119,14 +119,16 @@ def materialize_init(run: RunConfig, source: InitSource, run_dir: RunDir) -> Pat
     target = init_model_path(source, run_dir.path)
     if source.whole_model or (target / INIT_RECORD).is_file() or not run_dir.is_main:
         return target
+    allow = run.model.allow_pickle
     if source.run_dir is not None:
-        model, tokenizer = load_trained(source.run_dir)
+        model, tokenizer = load_trained(source.run_dir, allow_pickle=allow)
     else:
         model, tokenizer = load_with_adapter(
             run.model.name_or_path,
             source.saved,
             dtype=weight_dtype(run.precision),
             pad_token=run.model.pad_token,
+            allow_pickle=allow,
         )
     merged, diff = merge_model(model, tokenizer, source.method)
     staging = target.with_name(target.name + ".staging")

@@ -167,6 +167,29 @@ def train(run: RunConfig, run_dir: RunDir, derived: Derived) -> Summary:
     return finalize(run, run_dir, prepared, built, fitted, started)
 
 
+def _generation_for_data(run: RunConfig, data: Any, derived: Derived) -> Derived:
+    """Generation metrics need prompt/answer turns; text documents (named or detected by
+    data.format=auto, alone or as a mixture's source) have none. Asked for explicitly:
+    refused; on by default: turned off with one console line, recorded in
+    ``derived.eval_generation``."""
+    from ftlab.data.formats import TEXT_FORMATS
+    from ftlab.resolve.validate import refuse_text_generation
+
+    formats = {data.format, *(p.format for p in data.parts.values())}
+    text = sorted(formats & set(TEXT_FORMATS))
+    g = run.eval.generation
+    if not text or not (run.data.generation_metric if g is None else g):
+        return derived
+    if g:
+        raise refuse_text_generation(text[0])
+    console.info(
+        "eval   generation metrics off: data.format=%s has no prompt/answer turns "
+        "(derived.eval_generation=false)",
+        text[0],
+    )
+    return derived.with_(eval_generation=False)
+
+
 def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
     stage = get_stage(run.stage.name)
     console.info("load   tokenizer and data (%s: %s)", run.data.name, run.data.path)
@@ -178,6 +201,7 @@ def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
         init_model = init_model_path(inspect_init(run), run_dir.path)
         derived = derived.with_(init_model=str(init_model))
         model = dataclasses.replace(run.model, name_or_path=str(init_model))
+    derived = _generation_for_data(run, data, derived)
     examples = _length(data.train_dataset)
     derived = derived.with_(
         train_examples=examples,
@@ -588,6 +612,10 @@ def _prepare_resume(run: RunConfig, run_dir: RunDir, derived: Derived) -> tuple[
         run_dir.path, {**to_plain_dict(run), "derived": derived.to_dict()}
     )
     checkpoint, warnings = pick_checkpoint(run_dir.path)
+    from ftlab.models.weights import refuse_pickles
+
+    # PaddleNLP's resume reads lora_model_state.pdparams, *.pdopt, scheduler.pdparams if there.
+    refuse_pickles(checkpoint, run.model.allow_pickle, "checkpoint state")
     for warning in warnings:
         console.warning("warning: %s", warning)
     step = checkpoint_step(checkpoint)
