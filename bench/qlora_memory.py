@@ -162,7 +162,8 @@ def _worker(
     else:
         from paddlenlp.transformers.model_utils import no_init_weights
 
-        from ftlab.models.quant import QLoRASpec, quantize_while_loading
+        from ftlab.models.quant.loading import quantize_while_loading
+        from ftlab.models.quant.qlinear import QLoRASpec
 
         algo = config_name.split("-", 1)[1]
         with no_init_weights(True), paddle.LazyGuard():
@@ -207,7 +208,7 @@ def _worker(
     hwm_steps = _hwm()
     out["decode_all_s"] = None
     if config_name != "lora":
-        from ftlab.models.quant import QuantLoRALinear
+        from ftlab.models.quant.qlinear import QuantLoRALinear
 
         # One decode of every base weight; a training step does two (forward, backward),
         # three with recompute.

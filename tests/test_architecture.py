@@ -162,14 +162,8 @@ def test_modules_import_only_their_layer_and_below() -> None:
 
 
 # Libraries whose import costs a second or prints warnings (Paddle before ftlab's console is
-# set up): the one reason to import inside a function. ``ftlab.models.quant`` resolves its
-# names lazily from Paddle modules (see test_no_module_resolves_names_lazily).
+# set up): the one reason to import inside a function.
 HEAVY = ("paddle", "paddlenlp", "numpy", "visualdl", "mlflow", "matplotlib")
-LAZY_PACKAGES = {
-    # Its Paddle-free ``algos`` (the QLoRA settings and the plan) must import without Paddle,
-    # and tests and benches import the quantization names from the package.
-    "ftlab.models.quant": "names resolved from its Paddle modules on first use",
-}
 
 
 def _imports(path: Path) -> tuple[set[str], list[tuple[int, list[str]]]]:
@@ -208,7 +202,7 @@ def test_no_module_resolves_names_lazily() -> None:
         for node in ast.parse(p.read_text()).body
         if isinstance(node, ast.FunctionDef) and node.name == "__getattr__"
     }
-    assert lazy == set(LAZY_PACKAGES)
+    assert lazy == set()
 
 
 def test_imports_inside_functions_only_defer_a_heavy_library() -> None:
@@ -218,11 +212,7 @@ def test_imports_inside_functions_only_defer_a_heavy_library() -> None:
     imports = {name: _imports(path) for name, path in modules.items()}
 
     def loads_heavy(names: Iterable[str]) -> bool:
-        """An import of ``names`` loads a heavy library itself, or a name of a lazy package."""
-        return any(
-            n.split(".")[0] in HEAVY or (n.rsplit(".", 1)[0] in LAZY_PACKAGES and n not in modules)
-            for n in names
-        )
+        return any(n.split(".")[0] in HEAVY for n in names)
 
     @functools.cache
     def heavy(module: str) -> bool:

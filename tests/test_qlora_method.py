@@ -40,7 +40,7 @@ def _trained_qlora(run, method):
 
 def test_load_base_quantizes_every_target_linear(setup) -> None:
     run, method = setup
-    from ftlab.models.quant import QuantLoRALinear
+    from ftlab.models.quant.qlinear import QuantLoRALinear
 
     model = method.load_base(run.method, run.model, dtype="float32")
     quantized = [m for m in model.sublayers() if isinstance(m, QuantLoRALinear)]
@@ -67,7 +67,7 @@ def test_merge_equals_adapter_model(setup) -> None:
     ids = paddle.to_tensor([[1, 403, 407, 261, 378, 2]])
     expected = _logits(model, ids)
     merged = method.merge(model)
-    from ftlab.models.quant import QuantLoRALinear
+    from ftlab.models.quant.qlinear import QuantLoRALinear
 
     assert not any(isinstance(m, QuantLoRALinear) for m in merged.sublayers())
     assert np.abs(_logits(merged, ids) - expected).max() <= 1e-4

@@ -10,24 +10,25 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-from ftlab.models.quant import (
+from ftlab.models.quant.backend import native_backend_available
+from ftlab.models.quant.blockwise import (
     FP4_CODEBOOK,
     NF4_CODEBOOK,
-    QLoRASpec,
-    QuantLoRALinear,
-    SafetensorsSource,
     codebook,
     dequantize,
+    pack_4bit,
+    quantize,
+    unpack_4bit,
+)
+from ftlab.models.quant.loading import SafetensorsSource, quantize_while_loading
+from ftlab.models.quant.qlinear import (
+    QLoRASpec,
+    QuantLoRALinear,
     dequantize_and_merge,
     load_lora_state_dict,
     lora_state_dict,
-    native_backend_available,
-    pack_4bit,
     quant_config,
-    quantize,
     quantize_model,
-    quantize_while_loading,
-    unpack_4bit,
 )
 
 PAPER_NF4 = [

@@ -100,7 +100,7 @@ def set_lora_enabled(model: Any, enabled: bool) -> int:
     """
     from paddlenlp.peft.lora.lora_model import AVAILABLE_LAYERS
 
-    from ftlab.models.quant import QuantLoRALinear
+    from ftlab.models.quant.qlinear import QuantLoRALinear
 
     kinds = (*AVAILABLE_LAYERS, QuantLoRALinear)
     switched = 0

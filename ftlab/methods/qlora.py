@@ -32,6 +32,7 @@ from ftlab.models.loading import (
     model_settings,
 )
 from ftlab.models.quant.algos import ALGOS, PADDLENLP_ALGO, bytes_per_param
+from ftlab.models.quant.backend import native_backend_available
 
 if TYPE_CHECKING:
     import paddle
@@ -63,8 +64,6 @@ def quantized_bytes_per_param(m: QLoraMethodConfig) -> float:
 def resolve_backend(cfg: QLoraMethodConfig, env: Environment | None = None) -> str:
     """The backend that runs on ``env`` (this machine when None); a requested one that
     cannot run there is a ``ConfigError`` saying why."""
-    from ftlab.models.quant import native_backend_available
-
     ok, why = native_backend_available(cfg.quant_algo, env)
     if cfg.quant_backend == "auto":
         return "paddlenlp" if ok else "ftlab"
@@ -75,7 +74,7 @@ def resolve_backend(cfg: QLoraMethodConfig, env: Environment | None = None) -> s
 
 
 def qlora_spec(cfg: QLoraMethodConfig, compute_dtype: str = "float32") -> Any:
-    from ftlab.models.quant import QLoRASpec
+    from ftlab.models.quant.qlinear import QLoRASpec
 
     return QLoRASpec(
         algo=cfg.quant_algo,
@@ -155,7 +154,7 @@ class QLora(Lora):
         if not list(path.glob("*.safetensors")):
             # A hub name or a .pdparams checkpoint: load in float, then quantize layer by
             # layer (peak memory holds the float model once).
-            from ftlab.models.quant import quantize_model
+            from ftlab.models.quant.qlinear import quantize_model
 
             model = load_model(model_cfg, dtype, overrides)
             quantize_model(model, target_patterns(cfg, model_cfg), qlora_spec(cfg))
@@ -164,7 +163,7 @@ class QLora(Lora):
         from paddlenlp.transformers import AutoConfig, AutoModelForCausalLM
         from paddlenlp.transformers.model_utils import no_init_weights
 
-        from ftlab.models.quant import SafetensorsSource, quantize_while_loading
+        from ftlab.models.quant.loading import SafetensorsSource, quantize_while_loading
 
         apply_fixes()
         config = AutoConfig.from_pretrained(str(path), dtype=dtype, **overrides)
@@ -182,14 +181,14 @@ class QLora(Lora):
     def apply(
         self, model: paddle.nn.Layer, cfg: QLoraMethodConfig, model_cfg: ModelConfig
     ) -> paddle.nn.Layer:
-        from ftlab.models.quant import QuantLoRALinear
+        from ftlab.models.quant.qlinear import QuantLoRALinear
 
         if any(isinstance(m, QuantLoRALinear) for m in model.sublayers()):
             return model  # the ftlab backend quantized and froze while loading
         return super().apply(model, cfg, model_cfg)  # paddlenlp backend: its LoRAModel
 
     def save_final(self, trainer: Any, model: paddle.nn.Layer, out_dir: Path) -> None:
-        from ftlab.models.quant import QuantLoRALinear, lora_state_dict, quant_config
+        from ftlab.models.quant.qlinear import QuantLoRALinear, lora_state_dict, quant_config
 
         if not any(isinstance(m, QuantLoRALinear) for m in model.sublayers()):
             trainer.save_model(str(out_dir))
@@ -208,7 +207,7 @@ class QLora(Lora):
         self, base: paddle.nn.Layer, trained_dir: Path, cfg: QLoraMethodConfig | None = None
     ) -> paddle.nn.Layer:
         """``base`` must be the float base model; it is re-quantized with the saved spec."""
-        from ftlab.models.quant import QLoRASpec, load_lora_state_dict, quantize_model
+        from ftlab.models.quant.qlinear import QLoRASpec, load_lora_state_dict, quantize_model
         from ftlab.models.weights import read_safetensors
 
         qfile = trained_dir / QUANT_CONFIG_FILE
@@ -229,7 +228,7 @@ class QLora(Lora):
         return base
 
     def merge(self, model: paddle.nn.Layer) -> paddle.nn.Layer:
-        from ftlab.models.quant import QuantLoRALinear, dequantize_and_merge
+        from ftlab.models.quant.qlinear import QuantLoRALinear, dequantize_and_merge
 
         if any(isinstance(m, QuantLoRALinear) for m in model.sublayers()):
             dequantize_and_merge(model)
@@ -327,8 +326,6 @@ def _check_tensor_parallel(cfg: QLoraMethodConfig, layout: str, env: Environment
     if cfg.quant_backend == "paddlenlp":
         return  # whether it can run on this device is checked with the precision/device
     if cfg.quant_backend == "auto":
-        from ftlab.models.quant import native_backend_available
-
         ok, why = native_backend_available(cfg.quant_algo, env)
         if ok:
             return
