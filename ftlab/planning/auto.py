@@ -438,9 +438,10 @@ def _evaluate(
         * cand.sharding,
     )
     mem = estimate_memory(crun, counts, layout(crun, derived), env.device, adapter)
-    need = (mem.estimated_rss if mem.estimated_rss is not None else mem.in_use) / GIB
+    need = mem.needed / GIB  # CPU: estimated peak RSS; GPU: reserved, runtime included
     usable = hw.usable_gib(cand.nproc_per_node, run.parallel.auto.memory_margin)
-    cand = replace(cand, memory_gib=round(need, 3), usable_gib=round(usable, 3))
+    need, usable = round(need, 3), round(usable, 3)  # decided on the figures it records
+    cand = replace(cand, memory_gib=need, usable_gib=usable)
     if need > usable:
         return replace(
             cand,

@@ -139,12 +139,13 @@ OPTIMIZER_PY_TEMPORARIES = 4
 # The logits and the loss (16-bit copies, fp32 copies) per element of micro-batch x seq x
 # vocab. PaddleNLP's causal-LM criterion casts the logits to float32 before
 # ``cross_entropy`` (``prediction_scores.astype("float32")`` in the Llama/Qwen2
-# pretraining criterion), whose kernel keeps the fp32 softmax for backward; backward
-# holds the softmax, its fp32 gradient and that gradient cast back to 16 bits, while the
-# model output still holds the 16-bit logits: 2 x 16-bit + 2 x fp32 (12 B per element in
-# bf16/fp16). The evaluation pass (no backward) holds the 16-bit logits, the fp32 cast and
-# the softmax: 1 x 16-bit + 2 x fp32.
-LOGITS_COPIES = (2.0, 2.0)
+# pretraining criterion) and Paddle's ``cross_entropy_with_softmax`` keeps the fp32
+# softmax for backward, while the model output still holds the 16-bit logits: 1 x 16-bit +
+# 2 x fp32 at the loss's forward (10 B per element in bf16/fp16). Backward writes the fp32
+# logits gradient in place of the softmax (the kernel's inplace softmax -> logits grad)
+# and casts it to 16 bits: 16-bit logits + fp32 grad + 16-bit grad, less than the forward.
+# The evaluation pass computes the same loss without backward.
+LOGITS_COPIES = (1.0, 2.0)
 LOGITS_EVAL_COPIES = (1.0, 2.0)
 
 
@@ -518,9 +519,7 @@ def logits_bytes(run: RunConfig, lay: Layout, batch: int, training: bool) -> flo
     return elements * (copies16 * act_b + copies32 * 4)
 
 
-def evaluation_peak(
-    run: RunConfig, lay: Layout, device: str, states: ParameterStates
-) -> float:
+def evaluation_peak(run: RunConfig, lay: Layout, device: str, states: ParameterStates) -> float:
     """Bytes on the busiest device during the evaluation pass: what training keeps resident
     (weights, reference, gradients, optimizer states) plus a no-grad forward of
     ``per_device_eval_batch_size`` rows: one layer's working set, its masks and (GPU) the
