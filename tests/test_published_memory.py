@@ -109,3 +109,31 @@ def test_plan_matches_published_figure(row: dict[str, Any]) -> None:
         f"{row['id']}: plan {c.plan_gib:.1f} GiB / published {c.published_gib:.1f} GiB "
         f"= {c.ratio:.2f}, outside [{low}, {high}]"
     )
+
+
+def test_the_evaluation_batch_is_planned_and_named_when_it_does_not_fit() -> None:
+    """PaddleNLP's SFT recipe for Qwen2.5-0.5B evaluates 8 rows of 2048 tokens: their fp32
+    logits (151,936 columns) need more than the training step, and parallel=auto names the
+    evaluation batch that would fit on a 24 GiB card."""
+    from ftlab.errors import ConfigError
+    from ftlab.planning.auto import decide, no_fit_error
+
+    table = load_table()
+    sft = next(r for r in table["rows"] if r["id"] == "paddlenlp-qwen2.5-0.5b-sft")
+    run = compose_run(row_overrides(table, sft))
+    mem = make_plan(run, validate(run, gpu_env(8)), "gpu")["memory_bytes"]
+    logits = 8 * 2048 * 151_936 * (2 + 2 * 4)  # 16-bit logits + fp32 cast + fp32 softmax
+    resident = mem["weights"] + mem["gradients"] + mem["optimizer"]
+    assert mem["evaluation"] == pytest.approx(resident + logits, rel=0.01)  # + eval masks
+    assert mem["evaluation"] > 2 * mem["in_use"]
+    assert mem["needed"] > mem["training_reserved"]
+    overrides = [o for o in row_overrides(table, sft) if not o.startswith("train.recompute")]
+    auto = compose_run(
+        ["parallel=auto", "launch.device_memory_gib=24", "parallel.nproc_per_node=1", *overrides]
+    )
+    env = gpu_env(1)
+    decision = decide(auto, env)
+    assert decision.chosen is None
+    err = no_fit_error(auto, env, decision)
+    assert isinstance(err, ConfigError)
+    assert "smaller evaluation batch: train.per_device_eval_batch_size=" in str(err)

@@ -67,9 +67,24 @@ Paddle/PaddleNLP runtime (libraries, allocator pools, tokenizer, data): a consta
 and reported as its own line. glibc's default malloc keeps freed heap memory (its mmap
 threshold grows with the largest freed block), so measured RSS runs above live tensors by
 up to a few hundred MiB on activation-heavy runs; with ``MALLOC_MMAP_THRESHOLD_=65536`` it
-tracks them (``bench/plan_vs_measured.py`` shows both). GPU figures are device memory
-(allocated tensors; the CUDA context is not included) and are a model, not a
-measurement: only the CPU (fp32) path was checked against measurements.
+tracks them (``bench/plan_vs_measured.py`` shows both).
+
+On GPU (``docs/plan-calibration.md``; constants in ``GPU_RUNTIME`` and ``LOGITS_COPIES``):
+
+* **logits and loss**: PaddleNLP computes the loss in fp32 over ``micro-batch x seq x
+  vocab`` (the 16-bit logits, their fp32 cast and the fp32 softmax live together), a line
+  of its own instead of the CPU fit's vocabulary terms.
+* **evaluation pass**: what training keeps resident plus a no-grad forward of
+  ``per_device_eval_batch_size`` rows (one layer's working set, or the logits and loss,
+  the larger); with a large vocabulary it can exceed the training step.
+* **allocator reserve**: Paddle's auto-growth allocator keeps freed blocks; reserved memory
+  is the larger of training and evaluation times ``1 + GPU_RUNTIME.allocator_reserve``.
+* **CUDA/NCCL runtime**: the CUDA context, cuBLAS/cuDNN workspaces and NCCL's buffers per
+  communicator of each process.
+
+``needed`` is what the busiest device must have (GPU: what nvidia-smi would show; CPU:
+the estimated peak RSS); ``parallel=auto`` fits on it. Held against published GPU figures
+(``tests/fixtures/published_memory``): 16 of 18 rows within 20%.
 """
 
 from __future__ import annotations
