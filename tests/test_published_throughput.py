@@ -70,3 +70,29 @@ def test_calibrated_step_time_matches_published_throughput(row: dict[str, Any]) 
     ratio = per_device_tokens(estimate(row)) / row["tokens_per_device_s"]
     low, high = row["band"]
     assert low <= ratio <= high, f"{row['id']}: estimate / published tokens/s = {ratio:.2f}"
+
+
+@pytest.mark.parametrize("accelerator, calibrated", [("a100", True), ("h100", False)])
+def test_an_uncalibrated_profile_says_so_in_the_plan(accelerator: str, calibrated: bool) -> None:
+    from ftlab.planning.plan import step_time_assumptions
+
+    run = compose_run(
+        ["model=llama3", "method=lora", "precision=bf16", "device=gpu"]
+        + [f"launch.accelerator={accelerator}", "parallel=tp4"]
+    )
+    extra, lines = layout_estimate(run, gpu_env(8), None, [])
+    notes = step_time_assumptions({"assumptions": [], **extra})
+    text = "\n".join(lines)
+    assert extra["estimate"]["hardware"]["mfu"] == PROFILES[accelerator].mfu
+    if calibrated:
+        assert notes == [] and "(calibrated)" in text and "uncalibrated" not in text
+    else:
+        assert len(notes) == 1 and f"the {accelerator} profile is uncalibrated" in notes[0]
+        assert "MFU 0.4 (uncalibrated)" in text
+    # A launch.mfu setting is the user's calibration: nothing to warn about.
+    run = compose_run(
+        ["model=llama3", "method=lora", "precision=bf16", "device=gpu"]
+        + [f"launch.accelerator={accelerator}", "launch.mfu=0.3", "parallel=tp4"]
+    )
+    extra, _ = layout_estimate(run, gpu_env(8), None, [])
+    assert step_time_assumptions({"assumptions": [], **extra}) == []

@@ -796,6 +796,18 @@ def optimizer_label(plan: dict[str, Any]) -> str:
     return opt["label"] + (", offloaded between steps" if opt["offload"] else "")
 
 
+def step_time_assumptions(plan: dict[str, Any]) -> list[str]:
+    """An uncalibrated cost profile behind the step-time estimate, said as an assumption."""
+    section = plan.get("estimate") or plan.get("auto") or {}
+    hw = section.get("hardware") if isinstance(section, dict) else None
+    if not hw or hw.get("mfu_calibration") != "uncalibrated":
+        return []
+    return [
+        f"step time: the {hw['accelerator']} profile is uncalibrated (MFU {hw['mfu']:g} assumed, "
+        "no published step times; set launch.mfu from a short run, docs/plan-calibration.md)"
+    ]
+
+
 def print_plan(
     run: RunConfig,
     derived: Derived,
@@ -811,6 +823,7 @@ def print_plan(
     """
     plan = make_plan(run, derived, env.device)
     plan.update(extra or {})
+    plan["assumptions"] += step_time_assumptions(plan)
     plan["run_dir"] = str(run_dir)
     run_dir.write_text(PLAN, json.dumps(plan, indent=2) + "\n")
     lines = format_plan(plan).splitlines() + list(extra_lines or [])
