@@ -38,7 +38,7 @@ The constants come from a profile per accelerator (``PROFILES``), each overridab
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ftlab.config.environment import Environment
@@ -82,15 +82,15 @@ A100_CALIBRATION = (
     "Qwen-7B; tests/fixtures/published_throughput)"
 )
 # CPU: this machine's measured steps (bench/plan_vs_published.py --cpu): one process of
-# the shipped model's dp2 LoRA run (micro-batch 8) spends 0.59 CPU seconds per step (2 vs
-# 12 steps: 32.8 and 44.6 CPU s for both processes; CPU time, not wall time, as the
-# machine is shared: the same steps took 2.0 s of wall time each under load). The model
-# estimated 0.318 s at MFU 0.1, so 0.054 makes it 0.59 s. Measured batches are padded to
-# their longest row while the model counts data.max_length tokens, so this MFU is per
-# planned token, not per token computed.
-CPU_MFU = 0.054
+# the shipped model's dp2 LoRA run (micro-batch 8) spends 0.59, 0.43 and 0.45 CPU seconds
+# per step in three measurements (2 vs 12, 2 vs 12, 2 vs 22 steps; CPU time, not wall
+# time, as the machine is shared: the same steps took about 2 s of wall time under load).
+# The model estimated 0.318 s at MFU 0.1; 0.07 makes it 0.45 s, the median. Measured
+# batches are padded to their longest row while the model counts data.max_length tokens,
+# so this MFU is per planned token, not per token computed.
+CPU_MFU = 0.07
 CPU_CALIBRATION = (
-    "MFU 0.054 fitted to this 2-core machine's measured CPU seconds per step (shipped "
+    "MFU 0.07 fitted to this 2-core machine's measured CPU seconds per step (shipped "
     "model, LoRA, dp2; bench/plan_vs_published.py --cpu)"
 )
 
@@ -100,33 +100,12 @@ CPU_CALIBRATION = (
 # host: PCIe 4 (A100) / 5 (H100, H800) x16 at ~80%. The A100 MFU is calibrated (above);
 # H100/H800 have no published Paddle step times here, so their MFU (0.4) is an assumption
 # the plan reports as uncalibrated; set launch.mfu from a short run (docs/plan-calibration.md).
+A100 = Profile(
+    "gpu", 80.0, 312.0, 156.0, A100_MFU, 230.0, 22.0, 25.0, 0.0, "A100 SXM4 80GB", A100_CALIBRATION
+)
 PROFILES: dict[str, Profile] = {
-    "a100": Profile(
-        "gpu",
-        80.0,
-        312.0,
-        156.0,
-        A100_MFU,
-        230.0,
-        22.0,
-        25.0,
-        0.0,
-        "A100 SXM4 80GB",
-        A100_CALIBRATION,
-    ),
-    "a100_40g": Profile(
-        "gpu",
-        40.0,
-        312.0,
-        156.0,
-        A100_MFU,
-        230.0,
-        22.0,
-        25.0,
-        0.0,
-        "A100 SXM4 40GB",
-        A100_CALIBRATION,
-    ),
+    "a100": A100,
+    "a100_40g": replace(A100, memory_gib=40.0, source="A100 SXM4 40GB"),
     "h100": Profile("gpu", 80.0, 989.0, 495.0, 0.4, 450.0, 45.0, 50.0, 0.0, "H100 SXM5 80GB"),
     "h800": Profile("gpu", 80.0, 989.0, 495.0, 0.4, 200.0, 45.0, 50.0, 0.0, "H800 SXM5 80GB"),
     # One gloo process per core of the project's 2-core machine: Paddle's fp32 matmul peak
