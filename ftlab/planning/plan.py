@@ -157,9 +157,10 @@ OPTIMIZER_PY_TEMPORARIES = 4
 # ``cross_entropy`` (``prediction_scores.astype("float32")`` in the Llama/Qwen2
 # pretraining criterion) and Paddle's ``cross_entropy_with_softmax`` keeps the fp32
 # softmax for backward, while the model output still holds the 16-bit logits: 1 x 16-bit +
-# 2 x fp32 at the loss's forward (10 B per element in bf16/fp16). Backward writes the fp32
-# logits gradient in place of the softmax (the kernel's inplace softmax -> logits grad)
-# and casts it to 16 bits: 16-bit logits + fp32 grad + 16-bit grad, less than the forward.
+# 2 x fp32 at the loss's forward (10 B per element in bf16/fp16). Backward holds the
+# 16-bit logits, the fp32 gradient and its 16-bit cast: 8 B if the gradient replaces the
+# softmax in place (legacy softmax_with_cross_entropy declares it; not verified for the phi
+# kernel here), 12 B if not. 10 B matches PaddleNLP's published rows (docs/plan-calibration.md).
 # The evaluation pass computes the same loss without backward.
 LOGITS_COPIES = (1.0, 2.0)
 LOGITS_EVAL_COPIES = (1.0, 2.0)
