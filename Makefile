@@ -8,7 +8,7 @@ comma := ,
 EXTRAS := $(if $(filter cpu,$(PADDLE)),cpu$(comma)dev,dev)
 STAMP := $(VENV)/.installed-$(PADDLE)
 
-.PHONY: help install train test test-full lint format bench bench-data bench-pref bench-qlora bench-methods bench-plan bench-long bench-overhead bench-fast-path lock clean docs
+.PHONY: help install train test test-full lint format bench bench-data bench-pref bench-qlora bench-methods bench-plan bench-published bench-long bench-overhead bench-fast-path lock clean docs
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ bench-methods: $(STAMP) ## Every method on the shipped model: params, tokens/s, 
 bench-plan: $(STAMP) ## Plan memory estimate vs measured peak RSS: methods, optimizers, recompute granularities
 	$(PY) bench/plan_vs_measured.py $(ARGS)
 
+bench-published: $(STAMP) ## GPU plan vs published memory figures, step time vs published throughputs (ARGS="--cpu": this machine's steps)
+	$(PY) bench/plan_vs_published.py $(ARGS)
+
 bench-long: $(STAMP) ## Long packed rows (512/2048/8192): dense mask vs FlashMask indices, ftlab vs PaddleNLP
 	$(PY) bench/long_sequence.py $(ARGS)
 
@@ -65,7 +68,7 @@ bench-overhead: $(STAMP) ## ftlab vs a plain PaddleNLP script on the same LoRA S
 bench-fast-path: $(STAMP) ## The CPU fast path before/after: default run, 2048-token FlashMask step, QLoRA step
 	$(PY) bench/cpu_fast_path.py $(ARGS)
 
-bench: bench-data bench-pref bench-qlora bench-methods bench-plan bench-long bench-overhead bench-fast-path ## All benchmarks (an hour or more on 2 cores)
+bench: bench-data bench-pref bench-qlora bench-methods bench-plan bench-published bench-long bench-overhead bench-fast-path ## All benchmarks (an hour or more on 2 cores)
 
 lock: ## Rewrite constraints.txt from the current venv
 	$(PY) -m pip freeze --exclude-editable | grep -v '^ftlab' > constraints.txt

@@ -50,7 +50,10 @@ LLAMA3_DOCS = {
         16,
     ),
 }
+# The evaluation batch of PaddleNLP's argument files (llm/config/qwen/*_argument.json: 8);
+# ftlab's default (16) makes the evaluation pass's fp32 logits the peak at 2048 tokens.
 LLAMA3 = ["model=llama3", "precision=bf16", "device=gpu", "data.src_length=1024"]
+LLAMA3 += ["train.per_device_eval_batch_size=8"]
 LLAMA3 += ["data.max_length=2048"]
 
 
@@ -62,7 +65,7 @@ def plan_memory_gib(run, env) -> float:
     """What the plan says the run's busiest device needs, from the resolved run alone."""
     plan = make_plan(run, validate(run, env), env.device)
     mem = plan["memory_bytes"]
-    return (mem["estimated_rss"] or mem["in_use"]) / GIB
+    return mem["needed"] / GIB
 
 
 def check_decision(run, env, decision) -> None:
@@ -325,6 +328,9 @@ def test_nothing_fits_lists_the_closest_and_what_would_fit() -> None:
         "data.src_length=1024",
         "launch.device_memory_gib=24",
         "parallel.nproc_per_node=1",
+        # An evaluation batch of 1: at 16 x 4096 tokens the evaluation pass's fp32 logits
+        # (78 GiB) fit no number of devices, and this test is about the training layout.
+        "train.per_device_eval_batch_size=1",
     )
     env = Environment("gpu", 1, "3.3.1", (9, 0))
     decision = decide(run, env)
@@ -349,6 +355,9 @@ def test_nothing_fits_lists_the_closest_and_what_would_fit() -> None:
         "data.src_length=1024",
         "launch.device_memory_gib=24",
         "parallel.nproc_per_node=1",
+        # An evaluation batch of 1: at 16 x 4096 tokens the evaluation pass's fp32 logits
+        # (78 GiB) fit no number of devices, and this test is about the training layout.
+        "train.per_device_eval_batch_size=1",
     )
     assert decide(qlora, env).chosen is not None
 
@@ -396,7 +405,7 @@ def test_plan_sweep_prints_the_ranking_and_marks_what_does_not_fit(tmp_path: Pat
     plan = json.loads((fits / "plan.json").read_text())
     chosen = plan["auto"]["chosen"]
     assert plan["layout"]["tensor"] == chosen["tensor"]
-    assert plan["memory_bytes"]["in_use"] / GIB == pytest.approx(chosen["memory_gib"], abs=1e-3)
+    assert plan["memory_bytes"]["needed"] / GIB == pytest.approx(chosen["memory_gib"], abs=1e-3)
     assert chosen["memory_gib"] <= chosen["usable_gib"]
     no_fit = json.loads((small / "auto_layout.json").read_text())
     assert no_fit["chosen"] is None and no_fit["does_not_fit"].startswith("does not fit: needs")
@@ -510,7 +519,13 @@ def test_recompute_granularities_are_candidates_with_their_costs() -> None:
     from ftlab.config.schema import AutoLayoutSettings
     from ftlab.planning.candidates import recompute_choices
 
-    run = auto_run(*LLAMA3, "method=full", "parallel.auto.global_batch_size=16")
+    # Evaluation batch 1: the training activations, not the evaluation pass, set the peak.
+    run = auto_run(
+        *LLAMA3,
+        "method=full",
+        "parallel.auto.global_batch_size=16",
+        "train.per_device_eval_batch_size=1",
+    )
     choices = {c.label: c for c in recompute_choices(AutoLayoutSettings())}
     assert list(choices) == ["off", "full", "full_attn", "core_attn"]
     shares = {k: c.shares(run) for k, c in choices.items()}

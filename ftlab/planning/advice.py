@@ -119,6 +119,18 @@ def suggestions(run: RunConfig, env: Environment, decision: Decision) -> list[st
                 f"recompute: parallel.auto.recompute=choose fits {found.layout_label} "
                 f"with recompute {found.recompute}"
             )
+    # The evaluation pass's logits (eval batch x seq x vocab in fp32) can set the peak.
+    batch = run.train.per_device_eval_batch_size // 2
+    while batch >= 1:
+        smaller = replace(run, train=replace(run.train, per_device_eval_batch_size=batch))
+        found = _refits(smaller, env, decision)
+        if found:
+            out.append(
+                f"smaller evaluation batch: train.per_device_eval_batch_size={batch} fits "
+                f"{found.layout_label}, {found.memory_gib:.1f} GiB per device"
+            )
+            break
+        batch //= 2
     if run.method.name != "qlora" and "qlora" in method_schemas():
         qlora = _as_qlora(run)
         found = _refits(qlora, env, decision) if qlora else None

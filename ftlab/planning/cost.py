@@ -38,7 +38,7 @@ The constants come from a profile per accelerator (``PROFILES``), each overridab
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ftlab.config.environment import Environment
@@ -63,26 +63,70 @@ class Profile:
     intra_node_gbps: float
     inter_node_gbps: float
     host_gbps: float | None  # None: no separate device memory (no offload)
-    reserved_gib: float  # device memory outside the plan (CUDA context, NCCL buffers)
+    # Device memory outside the plan; 0 since the plan counts the CUDA context, workspaces,
+    # NCCL buffers and the allocator's reserve itself (ftlab.planning.plan.GPU_RUNTIME).
+    reserved_gib: float
     source: str
+    # Where ``mfu`` comes from: published (GPU) or measured (CPU) step times this model was
+    # fitted to (``calibrate``); None: an assumption, reported as uncalibrated.
+    calibration: str | None = None
 
+
+# The MFU at which this module's step model reproduces published step times, per profile.
+# A100: PaddleNLP's pretraining table (llm/docs/pretrain.rst; 8 x A100-80G, bf16 O2, flash
+# attention, no recompute, tp2 x sharding4 stage2, 4096 tokens) gives 3755, 1976 and 3607
+# tokens/card/s for Llama-2-7B, Llama-2-13B and Qwen-7B: MFU 0.562, 0.572, 0.578 under
+# this model (tests/fixtures/published_throughput, bench/plan_vs_published.py
+# --throughput). PyTorch LoRA runs on one A100 (QwenLM/Qwen README) imply 0.32-0.55, lower
+# for smaller models (per-kernel overheads the model does not count).
+A100_MFU = 0.57
+A100_CALIBRATION = (
+    "MFU 0.57 fitted to PaddleNLP's published A100 pretraining throughputs (Llama-2-7B/13B, "
+    "Qwen-7B; tests/fixtures/published_throughput)"
+)
+# CPU: this machine's measured steps (bench/plan_vs_published.py --cpu): one process of
+# the shipped model's dp2 LoRA run (micro-batch 8) spends 0.59, 0.43 and 0.45 CPU seconds
+# per step in three measurements (2 vs 12, 2 vs 12, 2 vs 22 steps; CPU time, not wall
+# time, as the machine is shared: the same steps took about 2 s of wall time under load).
+# The model estimated 0.318 s at MFU 0.1; 0.07 makes it 0.45 s, the median. Measured
+# batches are padded to their longest row while the model counts data.max_length tokens,
+# so this MFU is per planned token, not per token computed.
+CPU_MFU = 0.07
+CPU_CALIBRATION = (
+    "MFU 0.07 fitted to this 2-core machine's measured CPU seconds per step (shipped "
+    "model, LoRA, dp2; bench/plan_vs_published.py --cpu)"
+)
 
 # NVIDIA's datasheet peaks (dense, no sparsity); bus bandwidths are typical nccl-tests
 # all-reduce figures on 8-GPU SXM nodes (about half of NVLink's bidirectional rate) and one
 # InfiniBand port per GPU (HDR 200 Gb/s on A100 nodes, NDR 400 Gb/s on H100/H800) at ~90%;
-# host: PCIe 4 (A100) / 5 (H100, H800) x16 at ~80%. The MFU is an assumption (LLM
-# fine-tuning commonly sustains 30-50% of peak); calibrate it (docs/plan.md).
+# host: PCIe 4 (A100) / 5 (H100, H800) x16 at ~80%. The A100 MFU is calibrated (above);
+# H100/H800 have no published Paddle step times here, so their MFU (0.4) is an assumption
+# the plan reports as uncalibrated; set launch.mfu from a short run (docs/plan-calibration.md).
+A100 = Profile(
+    "gpu", 80.0, 312.0, 156.0, A100_MFU, 230.0, 22.0, 25.0, 0.0, "A100 SXM4 80GB", A100_CALIBRATION
+)
 PROFILES: dict[str, Profile] = {
-    "a100": Profile("gpu", 80.0, 312.0, 156.0, 0.4, 230.0, 22.0, 25.0, 1.0, "A100 SXM4 80GB"),
-    "a100_40g": Profile("gpu", 40.0, 312.0, 156.0, 0.4, 230.0, 22.0, 25.0, 1.0, "A100 SXM4 40GB"),
-    "h100": Profile("gpu", 80.0, 989.0, 495.0, 0.4, 450.0, 45.0, 50.0, 1.0, "H100 SXM5 80GB"),
-    "h800": Profile("gpu", 80.0, 989.0, 495.0, 0.4, 200.0, 45.0, 50.0, 1.0, "H800 SXM5 80GB"),
+    "a100": A100,
+    "a100_40g": replace(A100, memory_gib=40.0, source="A100 SXM4 40GB"),
+    "h100": Profile("gpu", 80.0, 989.0, 495.0, 0.4, 450.0, 45.0, 50.0, 0.0, "H100 SXM5 80GB"),
+    "h800": Profile("gpu", 80.0, 989.0, 495.0, 0.4, 200.0, 45.0, 50.0, 0.0, "H800 SXM5 80GB"),
     # One gloo process per core of the project's 2-core machine: Paddle's fp32 matmul peak
     # (175 GFLOP/s on 2 cores, PLATFORM_NOTES), an MFU fitted to the shipped model's LoRA
     # run (eager per-op cost dominates tiny models), gloo all-reduce bus bandwidth over
     # loopback measured at 0.3-0.4 GB/s (1-64 MiB), 10 GbE between machines.
     "cpu": Profile(
-        "cpu", None, None, 0.0875, 0.1, 0.3, 1.0, None, 0.0, "CPU, one gloo process per core"
+        "cpu",
+        None,
+        None,
+        0.0875,
+        CPU_MFU,
+        0.3,
+        1.0,
+        None,
+        0.0,
+        "CPU, one gloo process per core",
+        CPU_CALIBRATION,
     ),
 }
 # Planning for GPUs on a machine without one (``device=gpu`` in plan mode): the profile
@@ -107,6 +151,8 @@ class Hardware:
     host_gbps: float | None
     reserved_gib: float
     sources: dict[str, str] = field(default_factory=dict)  # value -> profile/launch/probe
+    # How the MFU was set: the profile's calibration, launch.mfu, or "uncalibrated".
+    mfu_calibration: str = "uncalibrated"
 
     def usable_gib(self, processes_per_node: int, margin: float) -> float:
         """Memory one process may plan to use: the margin and the reserve taken off
@@ -118,7 +164,8 @@ class Hardware:
         host = f", host {self.host_gbps:g} GB/s" if self.host_gbps else ""
         return (
             f"{self.nnodes} node(s) x {self.devices_per_node} {self.accelerator} "
-            f"({self.memory_gib:.1f} GiB, {self.tflops:g} TFLOP/s peak at MFU {self.mfu:g}; "
+            f"({self.memory_gib:.1f} GiB, {self.tflops:g} TFLOP/s peak at MFU {self.mfu:g} "
+            f"({'calibrated' if self.mfu_calibration != UNCALIBRATED else UNCALIBRATED}); "
             f"intra-node {self.intra_node_gbps:g} GB/s, inter-node {self.inter_node_gbps:g} "
             f"GB/s{host})"
         )
@@ -200,12 +247,28 @@ def resolve_hardware(run: RunConfig, env: Environment, devices_per_node: int) ->
             "device_tflops", lc.device_tflops, None, prof.tflops_16 if half else prof.tflops_32
         ),
         mfu=pick("mfu", lc.mfu, None, prof.mfu),
+        mfu_calibration=mfu_calibration(prof, key, lc.mfu, sources),
         intra_node_gbps=pick("intra_node_gbps", lc.intra_node_gbps, None, prof.intra_node_gbps),
         inter_node_gbps=pick("inter_node_gbps", lc.inter_node_gbps, None, prof.inter_node_gbps),
         host_gbps=pick("host_gbps", lc.host_gbps, None, prof.host_gbps),
         reserved_gib=prof.reserved_gib,
         sources=sources,
     )
+
+
+UNCALIBRATED = "uncalibrated"
+
+
+def mfu_calibration(prof: Profile, key: str, setting: float | None, sources: dict[str, str]) -> str:
+    """Where the MFU comes from, also written into ``sources`` (the figures the plan lists
+    as assumed): launch.mfu, the profile's calibration, or "uncalibrated"."""
+    if setting is not None:
+        return "launch.mfu"
+    if prof.calibration is None:
+        sources["mfu"] = f"profile {key}, {UNCALIBRATED} (assumed, no published step times)"
+        return UNCALIBRATED
+    sources["mfu"] = f"profile {key}, calibrated: {prof.calibration}"
+    return prof.calibration
 
 
 # --------------------------------------------------------------------------- step time

@@ -67,9 +67,25 @@ Paddle/PaddleNLP runtime (libraries, allocator pools, tokenizer, data): a consta
 and reported as its own line. glibc's default malloc keeps freed heap memory (its mmap
 threshold grows with the largest freed block), so measured RSS runs above live tensors by
 up to a few hundred MiB on activation-heavy runs; with ``MALLOC_MMAP_THRESHOLD_=65536`` it
-tracks them (``bench/plan_vs_measured.py`` shows both). GPU figures are device memory
-(allocated tensors; the CUDA context is not included) and are a model, not a
-measurement: only the CPU (fp32) path was checked against measurements.
+tracks them (``bench/plan_vs_measured.py`` shows both).
+
+On GPU (``docs/plan-calibration.md``; constants in ``GPU_RUNTIME`` and ``LOGITS_COPIES``):
+
+* **logits and loss**: PaddleNLP computes the loss in fp32 over ``micro-batch x seq x
+  vocab`` (the 16-bit logits, their fp32 cast and the fp32 softmax live together), a line
+  of its own instead of the CPU fit's vocabulary terms.
+* **evaluation pass**: what training keeps resident plus a no-grad forward of
+  ``per_device_eval_batch_size`` rows (one layer's working set, or the logits and loss,
+  the larger); with a large vocabulary it can exceed the training step.
+* **allocator reserve**: Paddle's auto-growth allocator keeps freed blocks; reserved memory
+  is the larger of training and evaluation times ``1 + GPU_RUNTIME.allocator_reserve``.
+* **CUDA/NCCL runtime**: the CUDA context, cuBLAS/cuDNN workspaces and NCCL's buffers per
+  communicator of each process.
+
+``needed`` is what the busiest device must have (GPU: what nvidia-smi would show; CPU:
+the estimated peak RSS); ``parallel=auto`` fits on it. Held against published GPU figures
+(``tests/fixtures/published_memory``): 16 of 19 rows within 20%, the other three at
+0.64 (DPO's loss), 0.72 and 0.77 (``docs/plan-calibration.md`` says why).
 """
 
 from __future__ import annotations
@@ -143,6 +159,55 @@ REFINED_KEPT = {
 # An optimizer whose update is Python tensor code (PaddleNLP's AdamWMini, AdamWCustom,
 # AdamW_16Bit) holds this many temporaries the size of the parameter it updates.
 OPTIMIZER_PY_TEMPORARIES = 4
+
+# --------------------------------------------------------------------------- GPU terms
+# What a GPU process holds beyond the tensors the CPU fit counts. Every constant is named
+# here, once, with where it comes from; docs/plan-calibration.md holds the published
+# measurements they were checked against (tests/fixtures/published_memory/).
+#
+# The logits and the loss (16-bit copies, fp32 copies) per element of micro-batch x seq x
+# vocab. PaddleNLP's causal-LM criterion casts the logits to float32 before
+# ``cross_entropy`` (``prediction_scores.astype("float32")`` in the Llama/Qwen2
+# pretraining criterion) and Paddle's ``cross_entropy_with_softmax`` keeps the fp32
+# softmax for backward, while the model output still holds the 16-bit logits: 1 x 16-bit +
+# 2 x fp32 at the loss's forward (10 B per element in bf16/fp16). Backward holds the
+# 16-bit logits, the fp32 gradient and its 16-bit cast: 8 B if the gradient replaces the
+# softmax in place (legacy softmax_with_cross_entropy declares it; not verified for the phi
+# kernel here), 12 B if not. 10 B matches PaddleNLP's published rows (docs/plan-calibration.md).
+# The evaluation pass computes the same loss without backward.
+LOGITS_COPIES = (1.0, 2.0)
+LOGITS_EVAL_COPIES = (1.0, 2.0)
+
+
+@dataclass(frozen=True)
+class GpuRuntime:
+    """Per-process device memory outside the tensors, and the allocator's reserve."""
+
+    # CUDA context with Paddle's GPU kernels resident: an assumption (typically 0.3-1.0 GiB
+    # per process depending on the CUDA version and lazy loading; not measured here), kept
+    # at the value the published table is matched with.
+    cuda_context_mib: float
+    # cuBLAS/cuBLASLt handle workspaces (4-32 MiB each per stream) and cuDNN's; an LLM has
+    # no convolutions, so cuDNN's large conv workspace (FLAGS_conv_workspace_size_limit)
+    # is not allocated.
+    workspaces_mib: float
+    # NCCL per communicator: NCCL_BUFFSIZE (4 MiB, NCCL's documented default) x send/recv x
+    # the channels of an NVLink node (16 assumed).
+    nccl_per_communicator_mib: float
+    # Paddle's auto-growth allocator (FLAGS_allocator_strategy=auto_growth, the default)
+    # keeps freed blocks cached: reserved memory runs above the allocated peak by this
+    # share of it. PaddleNLP's pretraining table (llm/docs/pretrain.rst) says physical use
+    # is "about 2-3 GB more" than max_memory_allocated at 50-64 GB: with the runtime
+    # below taken out, 3-4%.
+    allocator_reserve: float
+
+
+GPU_RUNTIME = GpuRuntime(
+    cuda_context_mib=700.0,
+    workspaces_mib=64.0,
+    nccl_per_communicator_mib=2 * 4 * 16,
+    allocator_reserve=0.04,
+)
 
 
 @dataclass
@@ -244,6 +309,15 @@ class Memory:
     estimated_rss: float | None  # CPU only: in_use + runtime_baseline
     # A preference stage's frozen reference copy of the starting model (0: none held).
     reference: float = 0.0
+    # GPU terms (ftlab.planning.plan GPU_RUNTIME, LOGITS_COPIES; docs/plan-calibration.md).
+    logits: float = 0.0  # GPU: the logits and the loss of a micro-batch (CPU: in activations)
+    evaluation: float = 0.0  # the evaluation pass's peak (per_device_eval_batch_size)
+    allocator_reserve: float = 0.0  # GPU: freed blocks the auto-growth allocator keeps
+    gpu_runtime: float = 0.0  # GPU: CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers
+    # What the busiest device must have: CPU the estimated peak RSS; GPU the reserved
+    # memory nvidia-smi shows, max(training, evaluation) + reserve + runtime.
+    needed: float = 0.0
+    training_reserved: float | None = None  # GPU: the training steps alone, as reserved
 
 
 def _weight_bytes(run: RunConfig, adapter_plan: AdapterPlan) -> tuple[int, int]:
@@ -312,6 +386,195 @@ def expert_params_per_device(run: RunConfig, lay: Layout) -> float:
     return max(sum(x.experts for x in stage) for stage in stages) / (lay.expert * expert_tp)
 
 
+@dataclass
+class ParameterStates:
+    """Parameter-sized bytes on the busiest device (weights and what training keeps per
+    parameter), after the sharding stage and offload have taken their share."""
+
+    weights: float
+    reference: float  # a preference stage's frozen copy of the starting model
+    gradients: float
+    optimizer: float
+    optimizer_transient: float  # a Python optimizer's temporaries during the step
+
+
+def parameter_states(
+    run: RunConfig, counts: ParamCounts, lay: Layout, plan: AdapterPlan, stage_plan: StagePlan
+) -> ParameterStates:
+    """Weights, the frozen reference copy, gradients and optimizer states of the busiest
+    pipeline stage (the one whose parameters take the most bytes)."""
+    base_b, adapter_b = _weight_bytes(run, plan)
+    full, tp, stage = plan.trains_base, lay.tensor, lay.sharding_stage
+    qbytes = plan.quantized_bytes_per_param if counts.quantized else 0.0
+    stages = [
+        _stage_params(run, counts, plan, lay, which)
+        for which in (("only",) if lay.pipeline == 1 else ("first", "last"))
+    ]
+    floats, quant, adapter = max(
+        stages, key=lambda x: x[0] * base_b + x[1] * qbytes + x[2] * adapter_b
+    )
+    weights = floats * base_b + quant * qbytes + adapter * adapter_b
+    # A frozen copy of the starting model: the base weights of this device, no gradients
+    # or optimizer states; its forward keeps no activations (no_grad).
+    reference = floats * base_b + quant * qbytes if stage_plan.reference == REFERENCE_COPY else 0.0
+    trainable = floats if full else adapter
+    train_b = base_b if full else adapter_b
+    gradients = trainable * train_b
+    opt = OPTIMIZERS_TABLE[run.train.optim]
+    master = 4 if train_b == 2 else 0  # fp32 master copy of a 16-bit parameter (O2)
+    moment_b = train_b if opt.moments_follow_param_dtype and train_b == 2 else 4
+    optimizer = trainable * (opt.moments_per_param * moment_b + master)
+    # Python updates allocate temporaries the size of the parameter being updated; the
+    # largest trainable tensor bounds them (the embedding or head in full fine-tuning).
+    if full:
+        largest = max(counts.lm_head or counts.embedding, 1) / tp
+    else:
+        largest = counts.adapter_per_layer / max(len(counts.targets), 1) / tp
+    transient = OPTIMIZER_PY_TEMPORARIES * largest * 4 if opt.python_update else 0.0
+    if stage >= 1:
+        optimizer /= lay.sharding
+    if stage >= 2:
+        gradients /= lay.sharding
+    if stage >= 3:
+        weights /= lay.sharding
+    if run.parallel.offload and stage >= 2:
+        # Paddle's group-sharded offload keeps the fp32 master weights and AdamW moments on
+        # the host; stage 3 also its weight and gradient shards, gathering a layer (and
+        # prefetching the next) onto the device as it runs.
+        optimizer = 0.0
+        if stage >= 3:
+            layer = max(2 * counts.per_layer, counts.lm_head or counts.embedding) / tp
+            weights = min(weights, layer * base_b)
+            gradients = min(gradients, layer * train_b) if full else gradients
+    return ParameterStates(weights, reference, gradients, optimizer, transient)
+
+
+def activation_bytes(dtype: str, device: str) -> int:
+    """Bytes of one activation element: the compute dtype on GPU, fp32 on CPU."""
+    return 4 if dtype == "float32" or device == "cpu" else 2
+
+
+@dataclass
+class Activations:
+    """Bytes autograd keeps for backward per micro-batch in flight (see the module
+    docstring), without and with recompute, and one decoder layer's forward working set
+    (what a no-grad forward, the evaluation pass, holds at once)."""
+
+    plain: float
+    recompute: float
+    layer_forward: float
+
+
+def layer_elements(run: RunConfig, lay: Layout, tokens: int, device: str):
+    """Elements of one layer's per-token terms (h, kv_dim, intermediate, heads x seq) for
+    ``tokens`` tokens, split as tensor parallelism does."""
+    a, tp = run.model.arch, lay.tensor
+    h, kv, ffn = a.hidden_size, kv_dim(run.model), ffn_width(run.model)
+    path = attention_path(run.model, run.data.packing, device)
+    scores = ACT_PER_LAYER_SCORES * a.num_attention_heads * lay.seq_len if path.scores_kept else 0.0
+
+    def elements(c_h: float, c_kv: float, c_ffn: float, c_scores: float) -> float:
+        replicated = min(ACT_TP_REPLICATED_H, c_h) * h
+        split = c_h * h - replicated + c_kv * kv + c_ffn * ffn + c_scores * scores
+        return (replicated / (tp if run.parallel.sequence_parallel else 1) + split / tp) * tokens
+
+    return elements, scores
+
+
+def activations(run: RunConfig, lay: Layout, device: str, full: bool) -> Activations:
+    """Activation bytes of the training step. On CPU the vocabulary terms (the softmax kept
+    for the loss and the logits gradient) are part of the fitted coefficients; on GPU they
+    are the separate ``logits`` line (``logits_bytes``)."""
+    a, tp, layers = run.model.arch, lay.tensor, lay.layers_per_stage
+    tokens = lay.micro_batch * lay.seq_len
+    act_b = activation_bytes(run.precision.dtype, device)
+    per_token_layer, scores = layer_elements(run, lay, tokens, device)
+    per_layer = per_token_layer(
+        ACT_PER_LAYER_H, ACT_PER_LAYER_KV, ACT_PER_LAYER_FFN, ACT_PER_LAYER_SCORES
+    )
+    granularity = run.train.recompute_granularity
+    kept = per_token_layer(*ACT_KEPT[granularity])
+    vocab = _vocab_shard(run, lay) if device == "cpu" else 0.0
+    outside = (ACT_OUTSIDE_H * a.hidden_size + ACT_OUTSIDE_VOCAB * vocab) * tokens
+    transient = max(scores / tp, vocab) * tokens
+    flight = lay.micro_batches_in_flight
+    plain = (layers * per_layer * flight + outside + transient) * act_b
+    # Layers that keep everything under recompute: train.no_recompute_layers (those on the
+    # first stage, the busiest), and layer 0 when its input needs no gradient (frozen
+    # embeddings: LoRA, QLoRA) for full and full_attn, which test the layer's input;
+    # core_attn tests q/k/v, which an adapter or full fine-tuning makes trainable.
+    whole = {i for i in run.train.no_recompute_layers or [] if i in range(layers)}
+    if not full and lay.pipeline == 1 and granularity in ("full", "full_attn"):
+        whole.add(0)
+    refined = 0.0
+    for op, skip in parse_refined_recompute(run.train.refined_recompute).items():
+        n = layers if skip < 0 else min(skip, layers)
+        extra = a.num_attention_heads * tokens / tp if op == "flash_attn" else 0.0
+        refined += n * (per_token_layer(*REFINED_KEPT[op]) + extra)
+    # Backward recomputes one block at a time: a whole layer (full), the attention block
+    # (full_attn) or the attention core (core_attn) is live again on top of what is kept.
+    recomputed = per_layer if granularity == "full" else per_layer - kept
+    recompute = (
+        ((layers - len(whole)) * kept + len(whole) * per_layer + refined) * flight
+        + recomputed
+        + outside
+        + transient
+    ) * act_b
+    return Activations(plain, recompute, per_layer * act_b)
+
+
+def _vocab_shard(run: RunConfig, lay: Layout) -> float:
+    """Logit columns one device computes: the vocabulary split by tensor parallelism when
+    it divides evenly (PaddleNLP's vocab-parallel head), else all of it."""
+    v, tp = run.model.arch.vocab_size, lay.tensor
+    return v / tp if v % tp == 0 else float(v)
+
+
+def logits_bytes(run: RunConfig, lay: Layout, batch: int, training: bool) -> float:
+    """The logits and the loss of one micro-batch on GPU: ``batch x seq x vocab`` elements
+    in LOGITS_COPIES (16-bit logits and fp32 loss tensors, see there); the evaluation pass
+    (no backward) holds LOGITS_EVAL_COPIES."""
+    copies16, copies32 = LOGITS_COPIES if training else LOGITS_EVAL_COPIES
+    act_b = activation_bytes(run.precision.dtype, "gpu")
+    elements = batch * lay.seq_len * _vocab_shard(run, lay)
+    return elements * (copies16 * act_b + copies32 * 4)
+
+
+def evaluation_peak(run: RunConfig, lay: Layout, device: str, states: ParameterStates) -> float:
+    """Bytes on the busiest device during the evaluation pass: what training keeps resident
+    (weights, reference, gradients, optimizer states) plus a no-grad forward of
+    ``per_device_eval_batch_size`` rows: one layer's working set, its masks and (GPU) the
+    logits and loss. Nothing is kept for backward, but the logits are full-vocabulary."""
+    batch = run.train.per_device_eval_batch_size
+    per_token_layer, _ = layer_elements(run, lay, batch * lay.seq_len, device)
+    act_b = activation_bytes(run.precision.dtype, device)
+    layer = per_token_layer(
+        ACT_PER_LAYER_H, ACT_PER_LAYER_KV, ACT_PER_LAYER_FFN, ACT_PER_LAYER_SCORES
+    )
+    if device == "cpu":
+        head = (ACT_OUTSIDE_VOCAB + 1) * _vocab_shard(run, lay) * batch * lay.seq_len * act_b
+    else:
+        head = logits_bytes(run, lay, batch, training=False)
+    path = attention_path(run.model, run.data.packing, device)
+    row = path.collated_mask_bytes(lay.seq_len) + path.model_mask_bytes(lay.seq_len, act_b)
+    resident = states.weights + states.reference + states.gradients + states.optimizer
+    return resident + max(layer * act_b, head) + row * batch
+
+
+def communicators(lay: Layout) -> int:
+    """NCCL communicators a process holds: one per parallel group of more than one rank
+    (data, tensor, pipeline, sharding, expert) and the global one when there are peers."""
+    groups = (lay.data, lay.tensor, lay.pipeline, lay.sharding, lay.expert)
+    return (sum(1 for g in groups if g > 1) + 1) if lay.world_size > 1 else 0
+
+
+def gpu_runtime_bytes(lay: Layout) -> float:
+    """Device memory of one process outside its tensors: the CUDA context with Paddle's
+    kernels loaded, cuBLAS/cuDNN workspaces, and NCCL's buffers per communicator."""
+    mib = GPU_RUNTIME.cuda_context_mib + GPU_RUNTIME.workspaces_mib
+    return (mib + GPU_RUNTIME.nccl_per_communicator_mib * communicators(lay)) * MIB
+
+
 def estimate_memory(
     run: RunConfig,
     counts: ParamCounts,
@@ -320,133 +583,72 @@ def estimate_memory(
     adapter_plan: AdapterPlan | None = None,
     stage_plan: StagePlan | None = None,
 ) -> Memory:
-    a, p = run.model.arch, run.parallel
-    h, v, heads = a.hidden_size, a.vocab_size, a.num_attention_heads
-    kv = kv_dim(run.model)
-    tp, stage = lay.tensor, lay.sharding_stage
+    """Bytes on the busiest device (the module docstring states the model)::
+
+        training  = masks + weights + reference + gradients + optimizer
+                    + max(activations [+ logits on GPU], optimizer transient)
+                    (offload_optim: the states join the transient side of the max)
+        evaluation = weights + reference + gradients + optimizer
+                    + max(one layer's forward, logits and loss) of the eval batch
+        CPU  needed = training + CPU_RUNTIME_BASELINE (peak RSS)
+        GPU  needed = max(training, evaluation) x (1 + allocator reserve)
+                    + CUDA context + workspaces + NCCL buffers      (nvidia-smi)
+
+    ``activations`` uses ``train.recompute`` as configured; both variants are reported.
+    """
     plan = adapter_plan if adapter_plan is not None else get_method(run.method.name).plan(run)
-    base_b, adapter_b = _weight_bytes(run, plan)
-    full = plan.trains_base
-    layers = lay.layers_per_stage
-
-    qbytes = plan.quantized_bytes_per_param if counts.quantized else 0.0
-    stages = [
-        _stage_params(run, counts, plan, lay, which)
-        for which in (("only",) if lay.pipeline == 1 else ("first", "last"))
-    ]
-    # The busiest stage: the one whose parameters take the most bytes.
-    stage_float, stage_quant, adapter = max(
-        stages, key=lambda x: x[0] * base_b + x[1] * qbytes + x[2] * adapter_b
-    )
-    weights = stage_float * base_b + stage_quant * qbytes + adapter * adapter_b
     stage_plan = stage_plan if stage_plan is not None else get_stage(run.stage.name).plan(run)
-    # A frozen copy of the starting model: the base weights of this device, no gradients
-    # or optimizer states; its forward keeps no activations (no_grad).
-    reference = (
-        stage_float * base_b + stage_quant * qbytes
-        if stage_plan.reference == REFERENCE_COPY
-        else 0.0
-    )
-    trainable = stage_float if full else adapter
-    train_b = base_b if full else adapter_b
-    gradients = trainable * train_b
-    opt = OPTIMIZERS_TABLE[run.train.optim]
-    master = 4 if train_b == 2 else 0
-    moment_b = train_b if opt.moments_follow_param_dtype and train_b == 2 else 4
-    optimizer = trainable * (opt.moments_per_param * moment_b + master)
-    # Python updates allocate temporaries the size of the parameter being updated; the
-    # largest trainable tensor bounds them (the embedding or head in full fine-tuning).
-    largest = max(counts.lm_head or counts.embedding, 1) / tp if full else 0.0
-    if not full:
-        largest = counts.adapter_per_layer / max(len(counts.targets), 1) / tp
-    opt_transient = OPTIMIZER_PY_TEMPORARIES * largest * 4 if opt.python_update else 0.0
-    if stage >= 1:
-        optimizer /= lay.sharding
-    if stage >= 2:
-        gradients /= lay.sharding
-    if stage >= 3:
-        weights /= lay.sharding
-    if p.offload and stage >= 2:
-        # Paddle's group-sharded offload keeps the fp32 master weights and AdamW moments on
-        # the host; stage 3 also its weight and gradient shards, gathering a layer (and
-        # prefetching the next) onto the device as it runs.
-        optimizer = 0.0
-        if stage >= 3:
-            largest = max(2 * counts.per_layer, counts.lm_head or counts.embedding) / tp
-            weights = min(weights, largest * base_b)
-            gradients = min(gradients, largest * train_b) if full else gradients
-
-    # Activations per micro-batch.
-    act_b = 4 if run.precision.dtype == "float32" or device == "cpu" else 2
-    tokens = lay.micro_batch * lay.seq_len
-    path = attention_path(run.model, run.data.packing, device)
-    scores = ACT_PER_LAYER_SCORES * heads * lay.seq_len if path.scores_kept else 0.0
-
-    def per_token_layer(c_h: float, c_kv: float, c_ffn: float, c_scores: float) -> float:
-        """Elements per micro-batch of one layer's terms, split as tensor parallelism does."""
-        replicated = min(ACT_TP_REPLICATED_H, c_h) * h
-        split = c_h * h - replicated + c_kv * kv + c_ffn * ffn_width(run.model) + c_scores * scores
-        return (replicated / (tp if p.sequence_parallel else 1) + split / tp) * tokens
-
-    per_layer = per_token_layer(
-        ACT_PER_LAYER_H, ACT_PER_LAYER_KV, ACT_PER_LAYER_FFN, ACT_PER_LAYER_SCORES
-    )
-    granularity = run.train.recompute_granularity
-    kept = per_token_layer(*ACT_KEPT[granularity])
-    vocab = v / tp if v % tp == 0 else v
-    outside = (ACT_OUTSIDE_H * h + ACT_OUTSIDE_VOCAB * vocab) * tokens
-    transient = max(scores / tp, vocab) * tokens
-    flight = lay.micro_batches_in_flight
-    act = (layers * per_layer * flight + outside + transient) * act_b
-    # Layers that keep everything under recompute: train.no_recompute_layers (those on the
-    # first stage, the busiest), and layer 0 when its input needs no gradient (frozen
-    # embeddings: LoRA, QLoRA) for full and full_attn, which test the layer's input;
-    # core_attn tests q/k/v, which an adapter or full fine-tuning makes trainable.
-    stage_layers = range(layers)
-    whole = {i for i in run.train.no_recompute_layers or [] if i in stage_layers}
-    if not full and lay.pipeline == 1 and granularity in ("full", "full_attn"):
-        whole.add(0)
-    refined = 0.0
-    for op, skip in parse_refined_recompute(run.train.refined_recompute).items():
-        n = layers if skip < 0 else min(skip, layers)
-        extra = heads * tokens / tp if op == "flash_attn" else 0.0
-        refined += n * (per_token_layer(*REFINED_KEPT[op]) + extra)
-    # Backward recomputes one block at a time: a whole layer (full), the attention block
-    # (full_attn) or the attention core (core_attn) is live again on top of what is kept.
-    recomputed = per_layer if granularity == "full" else per_layer - kept
-    act_rc = (
-        ((layers - len(whole)) * kept + len(whole) * per_layer + refined) * flight
-        + recomputed
-        + outside
-        + transient
-    ) * act_b
-
-    masks = attention_mask_bytes(path, lay, act_b)
+    states = parameter_states(run, counts, lay, plan, stage_plan)
+    act = activations(run, lay, device, plan.trains_base)
+    gpu = device != "cpu"
+    logits = logits_bytes(run, lay, lay.micro_batch, training=True) if gpu else 0.0
+    act_b = activation_bytes(run.precision.dtype, device)
+    masks = attention_mask_bytes(attention_path(run.model, run.data.packing, device), lay, act_b)
+    resident = masks + states.weights + states.reference + states.gradients
+    step = states.optimizer + states.optimizer_transient
     if run.train.offload_optim:
         # States live in host memory and come back for the step, when the activations of
         # the micro-batch are already freed: the peak is the larger of the two phases.
-        total = masks + weights + reference + gradients + max(act, optimizer + opt_transient)
-        total_rc = masks + weights + reference + gradients + max(act_rc, optimizer + opt_transient)
+        total = resident + max(act.plain + logits, step)
+        total_rc = resident + max(act.recompute + logits, step)
     else:
-        total = masks + weights + reference + gradients + optimizer + max(act, opt_transient)
-        total_rc = masks + weights + reference + gradients + optimizer + max(act_rc, opt_transient)
+        kept = resident + states.optimizer
+        total = kept + max(act.plain + logits, states.optimizer_transient)
+        total_rc = kept + max(act.recompute + logits, states.optimizer_transient)
     total += stage_plan.extra_bytes  # e.g. GRPO's generation KV cache and group logits
     total_rc += stage_plan.extra_bytes
     in_use = total_rc if run.train.recompute else total
-    baseline = CPU_RUNTIME_BASELINE_MIB * MIB if device == "cpu" else 0.0
+    eval_peak = evaluation_peak(run, lay, device, states)
+    if gpu:
+        allocated = max(in_use, eval_peak)
+        reserve = GPU_RUNTIME.allocator_reserve * allocated
+        runtime = gpu_runtime_bytes(lay)
+        needed = allocated + reserve + runtime
+        baseline, rss = 0.0, None
+    else:
+        reserve = runtime = 0.0
+        baseline = CPU_RUNTIME_BASELINE_MIB * MIB
+        rss = in_use + baseline
+        needed = rss
     return Memory(
-        weights=weights,
-        gradients=gradients,
-        optimizer=optimizer,
-        activations=act,
-        activations_recompute=act_rc,
+        weights=states.weights,
+        gradients=states.gradients,
+        optimizer=states.optimizer,
+        activations=act.plain,
+        activations_recompute=act.recompute,
         attention_masks=masks,
         total=total,
         total_recompute=total_rc,
         in_use=in_use,
         runtime_baseline=baseline,
-        estimated_rss=in_use + baseline if device == "cpu" else None,
-        reference=reference,
+        estimated_rss=rss,
+        reference=states.reference,
+        logits=logits,
+        evaluation=eval_peak,
+        allocator_reserve=reserve,
+        gpu_runtime=runtime,
+        needed=needed,
+        training_reserved=(in_use * (1 + GPU_RUNTIME.allocator_reserve) + runtime) if gpu else None,
     )
 
 
@@ -493,6 +695,7 @@ def make_plan(run: RunConfig, derived: Derived, device: str) -> dict[str, Any]:
         "parameters": {k: v for k, v in asdict(counts).items() if k != "targets"},
         "memory_bytes": asdict(mem),
         "memory_mib": {k: None if v is None else round(v / MIB, 1) for k, v in asdict(mem).items()},
+        "eval_batch_size": run.train.per_device_eval_batch_size,
         "recompute": run.train.recompute,
         "recompute_granularity": run.train.recompute_granularity,
         "refined_recompute": run.train.refined_recompute,
@@ -554,8 +757,14 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"  activations          {mib(mem['activations'])} without recompute, "
         f"{mib(mem['activations_recompute'])} with ({plan['recompute_granularity']})",
         f"  attention masks      {mib(mem['attention_masks'])}",
+        *(
+            [f"  logits and loss      {mib(mem['logits'])} (micro x seq x vocab, fp32 loss)"]
+            if mem.get("logits")
+            else []
+        ),
         f"  total                {mib(mem['total'])} without recompute{no_rc}",
         f"                       {mib(mem['total_recompute'])} with recompute{rc}",
+        *device_lines(plan, mib),
     ]
     if plan.get("assumptions"):
         lines.append("assumed (validated for a described machine, not this one)")
@@ -568,9 +777,40 @@ def format_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def device_lines(plan: dict[str, Any], mib: Any) -> list[str]:
+    """The evaluation pass and, on GPU, what the device must have beyond its tensors."""
+    mem = plan["memory_mib"]
+    if mem.get("needed") is None:  # a plan.json written before these terms existed
+        return []
+    batch = plan.get("eval_batch_size")
+    lines = [f"  evaluation pass      {mib(mem['evaluation'])} (eval batch {batch}, no backward)"]
+    if plan["device"] == "cpu":
+        return lines
+    reserve = 100 * GPU_RUNTIME.allocator_reserve
+    return lines + [
+        f"  allocator reserve    {mib(mem['allocator_reserve'])} ({reserve:.0f}% of the larger "
+        "of training and evaluation)",
+        f"  CUDA/NCCL runtime    {mib(mem['gpu_runtime'])} (context, workspaces, NCCL buffers)",
+        f"  GPU needed           {mib(mem['needed'])} reserved (as nvidia-smi shows it; "
+        f"training steps alone {mib(mem['training_reserved'])})",
+    ]
+
+
 def optimizer_label(plan: dict[str, Any]) -> str:
     opt = plan["optimizer"]
     return opt["label"] + (", offloaded between steps" if opt["offload"] else "")
+
+
+def step_time_assumptions(plan: dict[str, Any]) -> list[str]:
+    """An uncalibrated cost profile behind the step-time estimate, said as an assumption."""
+    section = plan.get("estimate") or plan.get("auto") or {}
+    hw = section.get("hardware") if isinstance(section, dict) else None
+    if not hw or hw.get("mfu_calibration") != "uncalibrated":
+        return []
+    return [
+        f"step time: the {hw['accelerator']} profile is uncalibrated (MFU {hw['mfu']:g} assumed, "
+        "no published step times; set launch.mfu from a short run, docs/plan-calibration.md)"
+    ]
 
 
 def print_plan(
@@ -588,6 +828,7 @@ def print_plan(
     """
     plan = make_plan(run, derived, env.device)
     plan.update(extra or {})
+    plan["assumptions"] += step_time_assumptions(plan)
     plan["run_dir"] = str(run_dir)
     run_dir.write_text(PLAN, json.dumps(plan, indent=2) + "\n")
     lines = format_plan(plan).splitlines() + list(extra_lines or [])
@@ -621,9 +862,10 @@ def evaluate(
         * cand.data_parallel_world,
     )
     mem = estimate_memory(crun, counts, layout(crun, derived), env.device, adapter)
-    need = (mem.estimated_rss if mem.estimated_rss is not None else mem.in_use) / GIB
+    need = mem.needed / GIB  # CPU: estimated peak RSS; GPU: reserved, runtime included
     usable = hw.usable_gib(cand.nproc_per_node, run.parallel.auto.memory_margin)
-    cand = replace(cand, memory_gib=round(need, 3), usable_gib=round(usable, 3))
+    need, usable = round(need, 3), round(usable, 3)  # decided on the figures it records
+    cand = replace(cand, memory_gib=need, usable_gib=usable)
     if need > usable:
         return replace(
             cand,
