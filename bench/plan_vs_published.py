@@ -95,7 +95,7 @@ def cpu_calibration(steps: tuple[int, int]) -> None:
     from conftest import compose_run
 
     from ftlab.config.environment import Environment
-    from ftlab.planning.auto import layout_estimate
+    from ftlab.planning.plan import layout_estimate
 
     with tempfile.TemporaryDirectory() as tmp:
         short, long = (cpu_seconds(n, Path(tmp)) for n in steps)

@@ -214,13 +214,22 @@ def test_imports_inside_functions_only_defer_a_heavy_library() -> None:
     def loads_heavy(names: Iterable[str]) -> bool:
         return any(n.split(".")[0] in HEAVY for n in names)
 
-    @functools.cache
-    def heavy(module: str) -> bool:
-        """Importing ``module`` loads a heavy library (directly or through ftlab)."""
-        top = imports[module][0]
+    def loads(module: str) -> set[str]:
+        """The ftlab modules importing ``module`` runs: its imports and its packages."""
         parents = {module.rsplit(".", i)[0] for i in range(1, module.count(".") + 1)}
-        inside = {t for t in top | parents if t in modules and t != module}
-        return loads_heavy(top) or any(heavy(t) for t in inside)
+        return {t for t in imports[module][0] | parents if t in modules and t != module}
+
+    # Modules whose import loads a heavy library (directly or through ftlab), as a fixed
+    # point: a package and its submodules may import each other.
+    heavy_modules = {m for m in modules if loads_heavy(imports[m][0])}
+    grew = True
+    while grew:
+        more = {m for m in modules if m not in heavy_modules and loads(m) & heavy_modules}
+        heavy_modules |= more
+        grew = bool(more)
+
+    def heavy(module: str) -> bool:
+        return module in heavy_modules
 
     needless = [
         f"{modules[m].relative_to(REPO)}:{line} imports {', '.join(names[1:] or names)}"

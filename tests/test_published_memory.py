@@ -116,7 +116,8 @@ def test_the_evaluation_batch_is_planned_and_named_when_it_does_not_fit() -> Non
     logits (151,936 columns) need more than the training step, and parallel=auto names the
     evaluation batch that would fit on a 24 GiB card."""
     from ftlab.errors import ConfigError
-    from ftlab.planning.auto import decide, no_fit_error
+    from ftlab.planning.advice import no_fit_error
+    from ftlab.planning.auto import decide
 
     table = load_table()
     sft = next(r for r in table["rows"] if r["id"] == "paddlenlp-qwen2.5-0.5b-sft")

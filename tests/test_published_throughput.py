@@ -16,8 +16,8 @@ import yaml
 from conftest import compose_run
 from test_published_memory import gpu_env, load_table
 
-from ftlab.planning.auto import layout_estimate
 from ftlab.planning.cost import PROFILES
+from ftlab.planning.plan import layout_estimate
 
 ROWS = Path(__file__).parent / "fixtures" / "published_throughput" / "rows.yaml"
 
