@@ -119,7 +119,9 @@ class Candidate(Degrees):
         )
 
     def parallel(self, base: ParallelConfig) -> ParallelConfig:
-        return replace(with_degrees(base, self), cpu_emulation=False)
+        """``base`` with this layout. Auto does not choose the expert degree: the run's
+        stays (a decision recorded before candidates carried ``expert`` holds none)."""
+        return replace(with_degrees(base, self), expert=base.expert, cpu_emulation=False)
 
 
 def candidate_run(run: RunConfig, cand: Candidate, choice: RecomputeChoice) -> RunConfig:
