@@ -132,7 +132,7 @@ class Grpo(Stage):
         del weights
         ctx = reward_context(run, d.format)
         for name in s.rewards:
-            load_reward(name, ctx)  # unknown or unimportable: refused here, before training
+            load_reward(name, ctx, load=False)  # refused here, before training
         self._check_data(run)
         self._check_method_and_layout(run, env)
         if t.max_steps <= 0:
