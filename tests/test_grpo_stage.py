@@ -291,6 +291,14 @@ def test_rm_validates_with_every_method_and_keeps_no_reference() -> None:
         validate(compose_run(["stage=rm", "data=demo_stories"]), CPU)
 
 
+def test_rm_export_is_refused_in_one_line(tmp_path: Path) -> None:
+    from ftlab.interop.paddlenlp_export import export_run_finetune
+
+    run = compose_run(["stage=rm", "mode=export"])
+    with pytest.raises(ConfigError, match="mode=export with stage=rm"):
+        export_run_finetune(run, validate(run, CPU), tmp_path)
+
+
 @pytest.fixture(scope="module")
 def rm_run(tmp_path_factory: Any) -> Path:
     cwd = tmp_path_factory.mktemp("rm")

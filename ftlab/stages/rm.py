@@ -39,6 +39,9 @@ class Rm(PreferenceStage):
     schema = RmStageConfig
     data_kind = PAIRWISE
     data_formats = ("src_response", "prompt_chosen_rejected", "chosen_rejected")
+    # Not run_finetune.json, so that export asks this stage (which refuses).
+    export_script = "llm/alignment/rm"
+    export_file = "run_reward.json"
     summary_keys = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 
     def needs_reference(self, run: RunConfig) -> bool:
