@@ -171,6 +171,7 @@ def test_grpo_scalars_reach_visualdl(grpo_run: tuple[Path, Any]) -> None:
         assert tag in tags, sorted(tags)
 
 
+@pytest.mark.slow  # the default suite's e2e is the LoRA run above
 def test_full_finetuning_without_reference_and_several_iterations(tmp_path: Path) -> None:
     run_ftlab(
         tmp_path,
@@ -338,5 +339,8 @@ def test_a_trained_rm_run_is_a_grpo_reward(rm_run: Path) -> None:
     assert values[0] == pytest.approx(values[1], abs=1e-6)
     alone = fn(prompts[:1], ["The end"], [{}])  # padded in the batch above, not here
     assert alone[0] == pytest.approx(values[2], abs=1e-6)
+    from ftlab.stages.rewards import RewardSet
+
+    assert RewardSet([f"rm:{rm_run}"], [1.0], RewardContext("src_tgt", 48)).labels == ["rm_run"]
     with pytest.raises(ConfigError, match="needs a finished stage=rm run"):
         validate(compose_run(["stage=grpo", f"stage.rewards=[rm:{rm_run}/nope]"]), CPU)

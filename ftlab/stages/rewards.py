@@ -223,6 +223,7 @@ class RewardSet:
 
     def __init__(self, names: Sequence[str], weights: Sequence[float], ctx: RewardContext):
         self.names = list(names)
+        self.labels = [reward_label(n) for n in self.names]  # metric names
         self.weights = [float(w) for w in weights]
         self.functions = [load_reward(n, ctx) for n in self.names]
 
@@ -238,9 +239,10 @@ class RewardSet:
         records when one fails. ``where``: each record's ``file:line``."""
         per: dict[str, np.ndarray] = {}
         total = np.zeros(len(completions))
-        for name, fn, weight in zip(self.names, self.functions, self.weights, strict=True):
+        functions = zip(self.names, self.labels, self.functions, self.weights, strict=True)
+        for name, label, fn, weight in functions:
             values = self._call(name, fn, prompts, completions, records, where, step)
-            per[name] = values
+            per[label] = values
             total += weight * values
         return Scored(total, per)
 
@@ -282,6 +284,16 @@ class RewardSet:
                 f"({bad.size} non-finite value(s)); rewards must be finite numbers."
             )
         return out
+
+
+def reward_label(name: str) -> str:
+    """The name a reward's metrics carry: ``rm:RUN_DIR`` becomes ``rm_<run dir name>``
+    (a path is no tracker tag)."""
+    if name.startswith("rm:"):
+        from pathlib import Path
+
+        return "rm_" + Path(name[3:]).resolve().name
+    return name
 
 
 def _places(where: list[str]) -> str:
