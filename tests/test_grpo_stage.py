@@ -290,6 +290,8 @@ def test_rm_validates_with_every_method_and_keeps_no_reference() -> None:
         assert validate(run, CPU)["reference"] == "none", method
     with pytest.raises(ConfigError, match="data.format=src_tgt is SFT data"):
         validate(compose_run(["stage=rm", "data=demo_stories"]), CPU)
+    with pytest.raises(ConfigError, match="stage=rm with parallel=dp2"):
+        validate(compose_run(["stage=rm", "parallel=dp2"]), CPU)
 
 
 def test_rm_export_is_refused_in_one_line(tmp_path: Path) -> None:

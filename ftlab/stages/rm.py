@@ -21,7 +21,7 @@ from ftlab.config.schema import StageConfig
 from ftlab.data.preference import PAIRWISE
 from ftlab.errors import ConfigError
 from ftlab.stages.preference_stage import PreferenceStage
-from ftlab.stages.registry import StagePlan, register_stage
+from ftlab.stages.registry import StagePlan, process_count, register_stage
 
 if TYPE_CHECKING:
     from ftlab.config.environment import Environment
@@ -50,9 +50,7 @@ class Rm(PreferenceStage):
     def check(self, run: RunConfig, env: Environment) -> None:
         super().check(run, env)
         p = run.parallel
-        if (p.data or 1) * p.tensor * p.pipeline * max(p.sharding, 1) > 1 or (
-            p.nproc_per_node or 1
-        ) * run.launch.nnodes > 1:
+        if process_count(run) > 1:
             raise ConfigError(
                 f"stage=rm with parallel={p.name}: the reward head is checked on one process "
                 "only. Use parallel=single."
