@@ -105,7 +105,7 @@ def test_unknown_and_unimportable_rewards_are_config_errors(tmp_path, monkeypatc
         load_reward("m_sig:f", CTX)
     with pytest.raises(ConfigError, match="has no function 'h'"):
         load_reward("m_sig:h", CTX)
-    with pytest.raises(ConfigError, match="needs stage=rm runs, which ftlab does not train"):
+    with pytest.raises(ConfigError, match="needs a finished stage=rm run directory"):
         load_reward("rm:/some/run", CTX)
 
 

@@ -171,6 +171,7 @@ def test_grpo_scalars_reach_visualdl(grpo_run: tuple[Path, Any]) -> None:
         assert tag in tags, sorted(tags)
 
 
+@pytest.mark.slow  # the default suite's e2e is the LoRA run above
 def test_full_finetuning_without_reference_and_several_iterations(tmp_path: Path) -> None:
     run_ftlab(
         tmp_path,
@@ -255,3 +256,93 @@ def test_demo_grpo_from_the_base_model_raises_entity_recall(tmp_path: Path) -> N
     assert summary["entity_recall"] >= summary["entity_recall_base"] + 0.15
     metrics = summary["stage_metrics"]
     assert metrics["eval/reward"] >= metrics["eval/reward_base"] + 0.15
+
+
+# --------------------------------------------------------------------------- stage=rm
+
+
+def test_rm_loss_equals_bradley_terry() -> None:
+    import math
+
+    import paddle
+
+    from ftlab.stages.rm_trainer import bradley_terry
+
+    chosen, rejected = [1.5, -0.2, 0.3], [0.5, 0.4, 0.3]
+    loss, accuracy, margin = bradley_terry(
+        paddle.to_tensor(chosen, dtype="float32"), paddle.to_tensor(rejected, dtype="float32")
+    )
+    expected = sum(
+        -math.log(1 / (1 + math.exp(-(c - r)))) for c, r in zip(chosen, rejected, strict=True)
+    )
+    assert float(loss) == pytest.approx(expected / 3, abs=1e-6)
+    assert accuracy == pytest.approx(1 / 3)  # a tie is not a win
+    assert margin == pytest.approx((1.0 - 0.6 + 0.0) / 3, abs=1e-6)
+
+
+def test_rm_validates_with_every_method_and_keeps_no_reference() -> None:
+    for method in group_options("method"):
+        run = compose_run(["stage=rm", f"method={method}"])
+        if method in ("reft", "prefix"):
+            with pytest.raises(ConfigError, match=f"method={method} with stage=rm: "):
+                validate(run, CPU)
+            continue
+        assert validate(run, CPU)["reference"] == "none", method
+    with pytest.raises(ConfigError, match="data.format=src_tgt is SFT data"):
+        validate(compose_run(["stage=rm", "data=demo_stories"]), CPU)
+    with pytest.raises(ConfigError, match="stage=rm with parallel=dp2"):
+        validate(compose_run(["stage=rm", "parallel=dp2"]), CPU)
+
+
+def test_rm_export_is_refused_in_one_line(tmp_path: Path) -> None:
+    from ftlab.interop.paddlenlp_export import export_run_finetune
+
+    run = compose_run(["stage=rm", "mode=export"])
+    with pytest.raises(ConfigError, match="mode=export with stage=rm"):
+        export_run_finetune(run, validate(run, CPU), tmp_path)
+
+
+@pytest.fixture(scope="module")
+def rm_run(tmp_path_factory: Any) -> Path:
+    cwd = tmp_path_factory.mktemp("rm")
+    run_ftlab(
+        cwd,
+        "stage=rm",
+        "train.max_steps=2",
+        "train.logging_steps=1",
+        "train.per_device_train_batch_size=4",
+        "eval.max_new_tokens=4",
+        "hydra.run.dir=run",
+    )
+    return cwd / "run"
+
+
+def test_rm_run_starts_at_log_2_and_reports_accuracy(rm_run: Path) -> None:
+    import math
+
+    train = [r for r in read_jsonl(rm_run / "metrics.jsonl") if r["kind"] == "train"]
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # zero-initialised head
+    assert "rewards/accuracies" in train[0] and "rewards/margins" in train[0]
+    summary = json.loads((rm_run / "summary.json").read_text())
+    assert summary["stage"] == "rm"
+    assert "eval/rewards/accuracies" in summary["stage_metrics"]
+    assert (rm_run / "final/reward_head.safetensors").is_file()
+
+
+def test_a_trained_rm_run_is_a_grpo_reward(rm_run: Path) -> None:
+    from ftlab.stages.rewards import RewardContext, load_reward
+
+    derived = validate(compose_run(["stage=grpo", f"stage.rewards=[rm:{rm_run}]"]), CPU)
+    assert derived["reward_weights"] == [1.0]
+    fn = load_reward(f"rm:{rm_run}", RewardContext("src_tgt", 48))
+    prompts = ["Write a story about a dog named Max."] * 3
+    values = fn(prompts, ["Max the dog ran.", "Max the dog ran.", "The end"], [{}] * 3)
+    assert len(values) == 3 and all(np.isfinite(values))
+    assert values[0] == pytest.approx(values[1], abs=1e-6)
+    alone = fn(prompts[:1], ["The end"], [{}])  # padded in the batch above, not here
+    assert alone[0] == pytest.approx(values[2], abs=1e-6)
+    from ftlab.stages.rewards import RewardSet
+
+    assert RewardSet([f"rm:{rm_run}"], [1.0], RewardContext("src_tgt", 48)).labels == ["rm_run"]
+    with pytest.raises(ConfigError, match="needs a finished stage=rm run"):
+        validate(compose_run(["stage=grpo", f"stage.rewards=[rm:{rm_run}/nope]"]), CPU)

@@ -317,7 +317,13 @@ def test_kto_loss_equals_the_formula_with_a_clipped_kl(tmp_path: Path, tokenizer
 def test_every_stage_option_composes_and_validates_with_every_method() -> None:
     from helpers import group_options
 
-    assert group_options("stage") == ["dpo", "grpo", "kto", "sft"]  # grpo: test_grpo_stage.py
+    assert group_options("stage") == [
+        "dpo",
+        "grpo",
+        "kto",
+        "rm",
+        "sft",
+    ]  # grpo, rm: test_grpo_stage.py
     # (stage=sft with every method: tests/test_config.py composes every method.)
     for stage in ("dpo", "kto"):
         for method in group_options("method"):

@@ -7,7 +7,7 @@ below, and its YAML in ``conf/stage/``.
 from __future__ import annotations
 
 from ftlab.config.schema import StageConfig
-from ftlab.stages import dpo, grpo, kto, sft  # noqa: F401 (register)
+from ftlab.stages import dpo, grpo, kto, rm, sft  # noqa: F401 (register)
 from ftlab.stages.registry import Stage, registered_stages
 
 

@@ -41,6 +41,7 @@ from ftlab.stages.registry import (
     REFERENCE_NONE,
     Stage,
     StagePlan,
+    process_count,
     register_stage,
 )
 from ftlab.stages.rewards import RewardContext, check_reward_settings, load_reward
@@ -132,7 +133,7 @@ class Grpo(Stage):
         del weights
         ctx = reward_context(run, d.format)
         for name in s.rewards:
-            load_reward(name, ctx)  # unknown or unimportable: refused here, before training
+            load_reward(name, ctx, load=False)  # refused here, before training
         self._check_data(run)
         self._check_method_and_layout(run, env)
         if t.max_steps <= 0:
@@ -184,9 +185,7 @@ class Grpo(Stage):
     def _check_method_and_layout(self, run: RunConfig, env: Environment) -> None:
         refuse_unsupported_method(run, self.name)
         p = run.parallel
-        ranks = (p.data or 1) * p.tensor * p.pipeline * max(p.sharding, 1)
-        ranks = max(ranks, (p.nproc_per_node or 1) * run.launch.nnodes)
-        if ranks > 1 or p.cpu_emulation:
+        if process_count(run) > 1 or p.cpu_emulation:
             raise ConfigError(
                 f"stage=grpo with parallel={p.name}: ftlab's GRPO trainer samples and scores "
                 "on one process (each rank would need its own prompts and the group's "

@@ -91,6 +91,13 @@ class Stage:
         raise NotImplementedError
 
 
+def process_count(run: RunConfig) -> int:
+    """Processes the layout runs (for stages that train on one process only)."""
+    p = run.parallel
+    ranks = (p.data or 1) * p.tensor * p.pipeline * max(p.sharding, 1)
+    return max(ranks, (p.nproc_per_node or 1) * run.launch.nnodes)
+
+
 _STAGES: dict[str, type[Stage]] = {}
 
 

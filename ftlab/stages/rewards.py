@@ -128,17 +128,14 @@ BUILTINS: dict[str, Callable[[RewardContext], RewardFn]] = {
 }
 
 
-def load_reward(name: str, ctx: RewardContext) -> RewardFn:
-    """The function ``name`` stands for: a built-in, or ``module:function``; ConfigError
-    (one line, with the closest built-in names) when it cannot be had."""
+def load_reward(name: str, ctx: RewardContext, load: bool = True) -> RewardFn | None:
+    """The function ``name`` stands for: a built-in, ``module:function`` or ``rm:RUN_DIR``;
+    ConfigError (one line, with the closest built-in names) when it cannot be had.
+    ``load=False`` checks a reward model's run dir without loading the model (None)."""
     if name in BUILTINS:
         return BUILTINS[name](ctx)
     if name.startswith("rm:"):
-        raise ConfigError(
-            f"stage.rewards: {name!r}: a trained reward model as a reward needs stage=rm "
-            "runs, which ftlab does not train yet. Use a reward function (a built-in or "
-            "module:function)."
-        )
+        return _reward_model(name, name[3:], load)
     if ":" not in name:
         raise ConfigError(
             f"stage.rewards: unknown reward {name!r}.{suggest(name, list(BUILTINS))} "
@@ -172,6 +169,23 @@ def load_reward(name: str, ctx: RewardContext) -> RewardFn:
             f"(its signature is {inspect.signature(fn)})."
         ) from None
     return fn
+
+
+def _reward_model(name: str, run_dir: str, load: bool) -> RewardFn | None:
+    """A finished ``stage=rm`` run's scorer (``ftlab.stages.rm_trainer``)."""
+    from pathlib import Path
+
+    head = Path(run_dir) / "final" / "reward_head.safetensors"
+    if not head.is_file():
+        raise ConfigError(
+            f"stage.rewards: {name!r}: {head} does not exist; rm:RUN_DIR needs a finished "
+            "stage=rm run directory."
+        )
+    if not load:
+        return None
+    from ftlab.stages.rm_trainer import RewardModelScorer
+
+    return RewardModelScorer(run_dir)
 
 
 def check_reward_settings(names: Sequence[str], weights: Sequence[float] | None) -> list[float]:
@@ -209,6 +223,7 @@ class RewardSet:
 
     def __init__(self, names: Sequence[str], weights: Sequence[float], ctx: RewardContext):
         self.names = list(names)
+        self.labels = [reward_label(n) for n in self.names]  # metric names
         self.weights = [float(w) for w in weights]
         self.functions = [load_reward(n, ctx) for n in self.names]
 
@@ -224,9 +239,10 @@ class RewardSet:
         records when one fails. ``where``: each record's ``file:line``."""
         per: dict[str, np.ndarray] = {}
         total = np.zeros(len(completions))
-        for name, fn, weight in zip(self.names, self.functions, self.weights, strict=True):
+        functions = zip(self.names, self.labels, self.functions, self.weights, strict=True)
+        for name, label, fn, weight in functions:
             values = self._call(name, fn, prompts, completions, records, where, step)
-            per[name] = values
+            per[label] = values
             total += weight * values
         return Scored(total, per)
 
@@ -268,6 +284,16 @@ class RewardSet:
                 f"({bad.size} non-finite value(s)); rewards must be finite numbers."
             )
         return out
+
+
+def reward_label(name: str) -> str:
+    """The name a reward's metrics carry: ``rm:RUN_DIR`` becomes ``rm_<run dir name>``
+    (a path is no tracker tag)."""
+    if name.startswith("rm:"):
+        from pathlib import Path
+
+        return "rm_" + Path(name[3:]).resolve().name
+    return name
 
 
 def _places(where: list[str]) -> str:
