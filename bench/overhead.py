@@ -284,6 +284,8 @@ def bench_pair(pair: str, repeats: int, steps: int, work: Path) -> list[str]:
     }
     if pair == "sft":
         variants["+ generation metrics"] = ([*PLAIN_CPU, "train.report_to=[]"], False)
+    else:  # the console, trackers and CPU settings are the stage's business no more than SFT's
+        del variants["+ progress bar (terminal)"], variants["fast path (ftlab's CPU defaults)"]
     results: dict[str, list[dict]] = {name: [] for name in variants}
     plain: list[dict] = []
     for i in range(repeats):  # A B A B: each variant beside a plain run of the same round
