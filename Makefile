@@ -8,7 +8,7 @@ comma := ,
 EXTRAS := $(if $(filter cpu,$(PADDLE)),cpu$(comma)dev,dev)
 STAMP := $(VENV)/.installed-$(PADDLE)
 
-.PHONY: help install train test test-full lint format bench bench-data bench-pref bench-qlora bench-methods bench-plan bench-long lock clean
+.PHONY: help install train test test-full lint format bench bench-data bench-pref bench-qlora bench-methods bench-plan bench-long bench-startup lock clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ bench-plan: $(STAMP) ## Plan memory estimate vs measured peak RSS: methods, opti
 
 bench-long: $(STAMP) ## Long packed rows (512/2048/8192): dense mask vs FlashMask indices, ftlab vs PaddleNLP
 	$(PY) bench/long_sequence.py $(ARGS)
+
+bench-startup: $(STAMP) ## Time ftlab --help, mode=plan and the default run, split by phase (CPU and wall)
+	$(PY) bench/startup.py $(ARGS)
 
 bench: bench-data bench-pref bench-qlora bench-methods bench-plan bench-long ## All benchmarks (an hour or more on 2 cores)
 

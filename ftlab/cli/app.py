@@ -30,6 +30,7 @@ from ftlab.cli.console import describe_run, job_console, job_line
 from ftlab.cli.help import CONF_DIR, check_selected_options, register_help_resolver
 from ftlab.distributed.launch import inside_worker
 from ftlab.errors import FtlabError
+from ftlab.record import phases
 from ftlab.record.rundir import (
     ERROR,
     DiskFullError,
@@ -112,6 +113,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
         console.info(describe_run(run, derived, run_dir))
     signals.install()  # Paddle's import replaced the SIGTERM handler (ftlab.signals)
     record.create()
+    phases.mark("compose")
     if run.mode == "plan":
         from ftlab.planning.auto import layout_estimate
         from ftlab.planning.plan import print_plan
@@ -363,6 +365,7 @@ def main() -> None:
     from ftlab.distributed.launch import die_with_launcher, record_worker
     from ftlab.record.resume import RunFinished, replay_argv
 
+    phases.mark("import")
     signals.install()
     die_with_launcher()  # a worker whose launcher is gone must not train on
     record_worker()  # its job rank, host and pid, for its node's launcher (several nodes)
