@@ -2,7 +2,7 @@
 
 ``mark(name)`` closes the phase ``name`` (it ran since the previous mark); the run marks
 composition, data, model load, base evaluation, training, tuned evaluation and saving,
-and logs each phase's wall and CPU seconds to ``train.log``. ``bench/startup.py`` reads
+and at its end logs each phase's wall and CPU seconds to ``train.log``. ``bench/startup.py`` reads
 the marks of the process it runs, so the benchmark and the log split time the same way.
 
 CPU time (``time.process_time``: every thread of this process) is reported beside wall
@@ -29,15 +29,17 @@ MARKS: list[Mark] = []
 
 
 def mark(name: str) -> Mark:
-    """End the phase ``name`` now; log its duration when an earlier mark started it."""
+    """End the phase ``name`` now."""
     now = Mark(name, time.time(), time.process_time())
-    if MARKS:
-        before = MARKS[-1]
-        log.info(
-            "phase %s: %.2f s wall, %.2f s CPU", name, now.wall - before.wall, now.cpu - before.cpu
-        )
     MARKS.append(now)
     return now
+
+
+def log_since(name: str) -> None:
+    """Log each phase after the last mark ``name`` (all marks when there is none)."""
+    starts = [i for i, m in enumerate(MARKS) if m.name == name]
+    for phase, (wall, cpu) in durations(MARKS[starts[-1] if starts else 0 :]).items():
+        log.info("phase %s: %.2f s wall, %.2f s CPU", phase, wall, cpu)
 
 
 def durations(marks: list[Mark]) -> dict[str, tuple[float, float]]:

@@ -133,6 +133,7 @@ def train(run: RunConfig, run_dir: RunDir, derived: Derived) -> Summary:
     fitted = fit(run, run_dir, prepared, built)
     summary = finalize(run, run_dir, prepared, built, fitted, started)
     phases.mark("save")
+    phases.log_since("compose")
     return summary
 
 
