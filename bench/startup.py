@@ -16,9 +16,11 @@ takes (``ftlab.record.phases``, the same split the run logs to ``train.log``):
   the summary table, interpreter shutdown).
 
 Wall time is measured from just before the process is started to its exit; CPU time is the
-process's own (every thread, ``time.process_time``), which a busy machine inflates far less
-than wall time. Each figure is the median of ``--repeats`` runs. The table also says whether
-Paddle was imported (``--help`` and ``mode=plan`` on a CPU build should not need it).
+process's own (every thread: ``time.process_time`` at each mark, the child's rusage for the
+whole process), which a busy machine inflates far less than wall time. Each figure is the
+median of ``--repeats`` runs (so the phases need not add up to the total exactly). The
+table also says whether Paddle was imported (``--help`` and ``mode=plan`` on a CPU build
+should not need it).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -81,6 +84,7 @@ def run_once(args: list[str], workdir: Path) -> dict:
     record = workdir / "marks.json"
     run_dir = workdir / f"run-{time.time_ns()}"
     overrides = [] if args == ["--help"] else [f"hydra.run.dir={run_dir}"]
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.time()
     proc = subprocess.run(
         [sys.executable, "-c", WRAPPER, repr(started), str(record), *args, *overrides],
@@ -90,6 +94,8 @@ def run_once(args: list[str], workdir: Path) -> dict:
         check=False,
     )
     ended = time.time()
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
+    process_cpu = (now.ru_utime - used.ru_utime) + (now.ru_stime - used.ru_stime)
     if proc.returncode != 0 or not record.exists():
         raise SystemExit(f"ftlab {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     data = json.loads(record.read_text())
@@ -98,9 +104,10 @@ def run_once(args: list[str], workdir: Path) -> dict:
         raise SystemExit(f"ftlab {' '.join(args)} exited {data['code']}:\n{proc.stderr}")
     marks = [Mark(*m) for m in data["marks"]]
     phases = durations(marks)
+    # "rest" runs to the process's end: interpreter shutdown is in the child's rusage.
     wall, cpu = phases.get("rest", (0.0, 0.0))
-    phases["rest"] = (wall + ended - marks[-1].wall, cpu)  # interpreter shutdown (wall only)
-    return {"phases": phases, "total": (ended - started, marks[-1].cpu), "heavy": data["heavy"]}
+    phases["rest"] = (wall + ended - marks[-1].wall, cpu + process_cpu - marks[-1].cpu)
+    return {"phases": phases, "total": (ended - started, process_cpu), "heavy": data["heavy"]}
 
 
 def median_table(runs: list[dict]) -> tuple[dict[str, tuple[float, float]], tuple[float, float]]:
