@@ -8,7 +8,7 @@ comma := ,
 EXTRAS := $(if $(filter cpu,$(PADDLE)),cpu$(comma)dev,dev)
 STAMP := $(VENV)/.installed-$(PADDLE)
 
-.PHONY: help install train test test-full lint format bench bench-data bench-pref bench-qlora bench-methods bench-plan bench-published bench-long bench-overhead bench-fast-path lock clean docs
+.PHONY: help install train test test-full lint format bench bench-data bench-pref bench-qlora bench-methods bench-plan bench-published bench-long bench-overhead bench-fast-path bench-startup lock clean docs
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -62,13 +62,16 @@ bench-published: $(STAMP) ## GPU plan vs published memory figures, step time vs 
 bench-long: $(STAMP) ## Long packed rows (512/2048/8192): dense mask vs FlashMask indices, ftlab vs PaddleNLP
 	$(PY) bench/long_sequence.py $(ARGS)
 
+bench-startup: $(STAMP) ## Time ftlab --help, mode=plan and the default run, split by phase (CPU and wall)
+	$(PY) bench/startup.py $(ARGS)
+
 bench-overhead: $(STAMP) ## ftlab vs a plain PaddleNLP script on the same LoRA SFT and DPO work (A B alternating, medians)
 	$(PY) bench/overhead.py $(ARGS)
 
 bench-fast-path: $(STAMP) ## The CPU fast path before/after: default run, 2048-token FlashMask step, QLoRA step
 	$(PY) bench/cpu_fast_path.py $(ARGS)
 
-bench: bench-data bench-pref bench-qlora bench-methods bench-plan bench-published bench-long bench-overhead bench-fast-path ## All benchmarks (an hour or more on 2 cores)
+bench: bench-data bench-pref bench-qlora bench-methods bench-plan bench-published bench-long bench-overhead bench-fast-path bench-startup ## All benchmarks (an hour or more on 2 cores)
 
 lock: ## Rewrite constraints.txt from the current venv
 	$(PY) -m pip freeze --exclude-editable | grep -v '^ftlab' > constraints.txt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 from pathlib import Path
@@ -53,6 +54,23 @@ def test_run_dir_is_complete(short_run) -> None:
     names = {p.name for p in (run_dir / "checkpoints/checkpoint-12").iterdir()}
     assert {"rng_state.rank0.json", "scheduler.json"} <= names
     assert not [n for n in names if n.endswith((".pth", ".pdparams", ".pdopt"))], names
+
+
+def test_train_log_splits_the_run_by_phase(short_run) -> None:
+    """ftlab.record.phases: each phase of the run, once, in order (bench-startup's split)."""
+    log = (short_run[1] / "train.log").read_text()
+    found = re.findall(r"phase ([a-z ]+): ([\d.]+) s wall, ([\d.]+) s CPU", log)
+    assert [name for name, _, _ in found] == [
+        "data",
+        "model load",
+        "base eval",
+        "trainer setup",
+        "train",
+        "tuned eval",
+        "save",
+    ]
+    assert all(float(wall) >= 0 and float(cpu) >= 0 for _, wall, cpu in found)
+    assert float(dict((n, c) for n, _, c in found)["train"]) > 0
 
 
 def test_resolved_config_records_derived_values(short_run) -> None:

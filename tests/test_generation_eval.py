@@ -112,3 +112,22 @@ def test_summary_and_predictions_of_a_run(tmp_path: Path) -> None:
     assert "generation     2 dev records, word-level" in text
     base_l = base.scores.rougel
     assert f"ROUGE-L {base_l:.3f} -> 1.000" in text and 0 < base_l < 1
+
+
+def test_batched_generation_equals_one_by_one_on_the_shipped_model(tok) -> None:
+    """The run generates its dev answers in left-padded batches (explicit attention mask and
+    position ids); on the shipped model they equal the prompts generated one at a time."""
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    from ftlab.assets import asset_path
+    from ftlab.evaluation.generation import generate_texts
+
+    model = AutoModelForCausalLM.from_pretrained(str(asset_path("stories260k")), dtype="float32")
+    dev = [json.loads(line) for line in (asset_path("demo_stories") / "dev.json").open()][:8]
+    prompts = [r["src"] for r in dev]
+    assert len({len(tok(p)["input_ids"]) for p in prompts}) > 1  # the batches are padded
+    kw = {"max_new_tokens": 24, "pad_token_id": tok.pad_token_id}
+    batched = generate_texts(model, tok, prompts, batch_size=8, **kw)
+    assert len(set(batched)) > 1 and all(batched)
+    assert generate_texts(model, tok, prompts, batch_size=3, **kw) == batched
+    assert [generate_texts(model, tok, [p], batch_size=1, **kw)[0] for p in prompts] == batched

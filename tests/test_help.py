@@ -122,3 +122,53 @@ def test_a_missing_optional_option_is_refused() -> None:
     check_selected_options({"experiment": None}, sources)
     with pytest.raises(ConfigError, match=r"experiment=optuna: no such experiment option.*"):
         check_selected_options({"experiment": "optuna"}, sources)
+
+
+def test_help_page_equals_hydras_own_rendering(monkeypatch, capsys) -> None:
+    """ftlab skips Hydra's unused group listings; the page must not change by a byte."""
+    from hydra._internal.hydra import Hydra
+
+    lean = run_hydra_flags(monkeypatch, capsys, "--help", "model=llama3")
+    monkeypatch.setattr(Hydra, "get_help", Hydra.get_help.__wrapped__)
+    assert run_hydra_flags(monkeypatch, capsys, "--help", "model=llama3") == lean
+    assert "* llama3" in lean
+
+
+PADDLE_IMPORTED = """
+import sys
+sys.argv = ["ftlab", *sys.argv[1:]]
+from ftlab.cli.app import main
+try:
+    main()
+except SystemExit as err:
+    assert err.code in (0, None), err.code
+print("IMPORTED", sorted({m.split(".")[0] for m in sys.modules} & {"paddle", "paddlenlp"}))
+"""
+
+
+def test_help_and_plan_do_not_import_paddle_on_the_cpu_wheel(tmp_path) -> None:
+    import subprocess
+
+    import paddle
+
+    from ftlab.config.environment import cpu_build_version, probe_environment
+
+    if paddle.device.is_compiled_with_cuda():
+        assert cpu_build_version() is None
+        pytest.skip("a CUDA build of Paddle: the probe must import it")
+    # The probe without Paddle says what Paddle itself says.
+    assert cpu_build_version() == paddle.__version__
+    env = probe_environment("auto")
+    assert (env.device, env.paddle_version, env.cuda_build) == ("cpu", paddle.__version__, False)
+    with pytest.raises(ConfigError, match="device=gpu: no CUDA device"):
+        probe_environment("gpu")
+    for args in (["--help"], ["mode=plan", f"hydra.run.dir={tmp_path / 'plan'}"]):
+        out = subprocess.run(
+            [sys.executable, "-c", PADDLE_IMPORTED, *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=tmp_path,
+        ).stdout
+        assert "IMPORTED []" in out, (args, out[-500:])
+    assert (tmp_path / "plan" / "plan.json").exists()

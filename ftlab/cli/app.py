@@ -50,6 +50,7 @@ from ftlab.distributed.launch import (
 from ftlab.distributed.rendezvous import check_same_config
 from ftlab.errors import DataError, FtlabError
 from ftlab.methods.catalog import method_schemas
+from ftlab.record import phases
 from ftlab.record.resume import (
     RunFinished,
     checkpoint_step,
@@ -102,6 +103,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
         console.info(describe_run(run, derived, run_dir))
     signals.install()  # Paddle's import replaced the SIGTERM handler (ftlab.signals)
     record.create()
+    phases.mark("compose")
     if run.mode == "plan":
         extra, lines = layout_estimate(run, env, resolved.decision, resolved.notes)
         return print_plan(run, derived, env, record, extra, lines)
@@ -379,6 +381,7 @@ def _ftlab_cause(err: BaseException) -> FtlabError | None:
 
 def main() -> None:
     """Console entry point: every user error, signal and full disk ends in one line."""
+    phases.mark("import")
     signals.install()
     die_with_launcher()  # a worker whose launcher is gone must not train on
     record_worker()  # its job rank, host and pid, for its node's launcher (several nodes)

@@ -47,6 +47,7 @@ from ftlab.evaluation.text_metrics import GenerationResult, evaluate_generation,
 from ftlab.methods.catalog import get_method
 from ftlab.methods.neftune import add_neftune_hook
 from ftlab.models.loading import load_tokenizer, parameter_counts, weight_dtype
+from ftlab.record import phases
 from ftlab.record.provenance import environment_record
 from ftlab.record.resume import (
     check_resume_config,
@@ -162,9 +163,13 @@ def train(run: RunConfig, run_dir: RunDir, derived: Derived) -> Summary:
         run_dir.write_json(ENVIRONMENT, environment_record(derived.device, cpu_record(derived)))
     seed_everything(run.train.seed)
     prepared = prepare_data(run, run_dir, derived)
+    phases.mark("data")
     built = build_model(run, run_dir, prepared)
     fitted = fit(run, run_dir, prepared, built)
-    return finalize(run, run_dir, prepared, built, fitted, started)
+    summary = finalize(run, run_dir, prepared, built, fitted, started)
+    phases.mark("save")
+    phases.log_since("compose")
+    return summary
 
 
 def _generation_for_data(run: RunConfig, data: Any, derived: Derived) -> Derived:
@@ -248,10 +253,12 @@ def build_model(run: RunConfig, run_dir: RunDir, prepared: Prepared) -> Built:
         _materialize_init(run, run_dir)
     dtype, overrides = weight_dtype(run.precision), recompute_model_config(run)
     model = method.load_base(run.method, prepared.model, dtype=dtype, overrides=overrides)
+    phases.mark("model load")
     base_generation = generation_metric(model, prepared, run)
     base_metric = task_metric(
         model, prepared.tokenizer, prepared.data.dev_records, run, base_generation
     )
+    phases.mark("base eval")
     reference = None
     if prepared.stage.reference(run) == REFERENCE_COPY:
         reference = method.load_base(run.method, prepared.model, dtype=dtype, overrides=overrides)
@@ -314,6 +321,7 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
         f", from {checkpoint.name}" if checkpoint else "",
     )
     signals.install()  # PaddleNLP's import replaced the SIGTERM handler (ftlab.signals)
+    phases.mark("trainer setup")
     start = time.perf_counter()
     if checkpoint is not None and checkpoint_step(checkpoint) >= prepared.derived.total_steps:
         # Every step is in the checkpoint (the run stopped after saving its last one):
@@ -324,6 +332,7 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         steps = result.global_step
     train_seconds = time.perf_counter() - start
+    phases.mark("train")
     eval_metrics = trainer.evaluate() if data.dev_dataset is not None else {}
     if "eval_loss" in eval_metrics:
         ppl = eval_metrics.get("eval_ppl") if prepared.stage.loss_is_likelihood else None
@@ -355,6 +364,7 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
                 **{f"eval_{k}": v for k, v in _scores(tuned_generation).items()},
             }
         )
+    phases.mark("tuned eval")
     return Fitted(trainer, steps, train_seconds, eval_metrics, tuned, tuned_generation)
 
 
