@@ -362,3 +362,14 @@ def _check_shape(
         f"implies {hf_want}. The weights and config.json are from different models: use "
         "the config.json that came with these weights."
     )
+
+
+def base_config_json(name_or_path: str | None) -> dict[str, Any] | None:
+    """The base model's own config.json (local dir or cached hub snapshot), or None."""
+    if not name_or_path:
+        return None
+    directory = Path(name_or_path).expanduser()
+    if not directory.is_dir():
+        directory = hub_snapshot(name_or_path) or directory
+    path = directory / CONFIG_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

@@ -1,0 +1,203 @@
+"""Hugging Face checkpoints out: a merged model in the layout transformers, vLLM, SGLang and
+TGI read (``ftlab-merge RUN_DIR --format hf --out DIR``).
+
+The inverse of ``ftlab.interop.hf_in``, with the same source of truth: the PaddleNLP model
+class's ``_get_name_mappings`` (PaddleNLP name -> Hugging Face name, and which weights are
+transposed; a mapping that is anything but a rename or a transpose is refused by family).
+Weights are written ``[out, in]`` in the dtype asked for, a tied head is left out (as
+transformers' ``save_pretrained`` does), shards hold at most ``max_shard_size`` bytes
+with ``model.safetensors.index.json`` when there is more than one, metadata
+``{"format": "pt"}``. ``config.json`` is the base model's own (its ``model_type``,
+``architectures`` and family keys) with the dtype updated; ``generation_config.json``
+carries the special-token ids; the tokenizer is written in Hugging Face's layout with the
+chat template the run trained with (``ftlab.interop.hf_tokenizer``). Everything is written
+into a temporary sibling directory that is renamed to ``out`` at the end: a killed export
+leaves no half-written model under the requested name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ftlab.errors import ConfigError
+from ftlab.interop.hf_in import write_safetensors
+from ftlab.interop.hf_tokenizer import write_hf_tokenizer
+
+DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# Families whose Hugging Face checkpoints need the model repository's own code
+# (trust_remote_code): transformers has no class that would read an export.
+REMOTE_CODE = {
+    "qwen": "Qwen (v1) checkpoints run on the model repository's own code "
+    "(trust_remote_code); transformers has no QWen class to read an export",
+    "chatglm_v2": "ChatGLM2/3 checkpoints run on the model repository's own code "
+    "(trust_remote_code); transformers has no ChatGLM class to read an export",
+}
+# PaddleNLP-only config keys (parallelism, kernels, its own loss options): not Hugging Face's.
+PADDLE_ONLY_KEYS = re.compile(
+    r"^(tensor_parallel|sep_parallel|context_parallel|pipeline_parallel|sequence_parallel|"
+    r"fuse_|use_flash|use_fused|use_recompute|recompute|pp_|virtual_pp|no_recompute|"
+    r"dpo_config|kto_config|lm_shift_labels|use_last_token|immediate_clear|"
+    r"use_long_sequence|long_sequence|alibi|quantization_config|"
+    r"refined_recompute|moe_subbatch|use_fast_layer_norm|seq_length$|dtype$|"
+    r"paddlenlp_version|_name_or_path|tensor_parallel_output|fp16_opt_level)"
+)
+EXPORT_RECORD = "ftlab_export.json"
+
+
+def parse_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``40KB`` or a byte count -> bytes (Hugging Face's units: 1000s)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"--max-shard-size={text!r}: expected a size such as 5GB or 500MB.")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    scale |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    return int(float(m.group(1)) * scale[unit])
+
+
+def check_out_dir(out: Path) -> None:
+    """The export goes to a new directory, never inside a run directory."""
+    if out.exists():
+        raise ConfigError(f"--out {out} exists; give a new directory (nothing is overwritten).")
+    for parent in out.resolve().parents:
+        if (parent / "resolved_config.yaml").is_file() or (parent / ".hydra").is_dir():
+            raise ConfigError(
+                f"--out {out} is inside the run directory {parent}; finished runs are never "
+                "modified. Give a directory outside it."
+            )
+
+
+def check_family(family_name: str) -> None:
+    if family_name in REMOTE_CODE:
+        raise ConfigError(
+            f"--format hf: family {family_name} cannot be written for transformers: "
+            f"{REMOTE_CODE[family_name]}. Use the default (PaddleNLP) format."
+        )
+
+
+def hf_names(model: Any) -> dict[str, tuple[str, bool]]:
+    """PaddleNLP parameter name -> (Hugging Face name, transpose) from the model class's
+    own name mappings."""
+    config = model.config
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(model).__name__]
+    out = {}
+    for m in type(model)._get_name_mappings(config):
+        if m.action not in (None, "transpose"):
+            raise ConfigError(
+                f"--format hf: PaddleNLP's {type(model).__name__} maps {m.source_name} with "
+                f"a {m.action!r} step, which ftlab does not invert. Use the default format."
+            )
+        out[m.target_name] = (m.source_name, m.should_transpose())
+    return out
+
+
+def _numpy(value: Any, dtype: str) -> np.ndarray:
+    """The tensor in ``dtype`` as numpy (bfloat16 as its uint16 bits, which Paddle gives)."""
+    return np.ascontiguousarray(value.astype(dtype).numpy())
+
+
+def export_weights(model: Any, out: Path, dtype: str, max_shard_bytes: int) -> dict[str, Any]:
+    """Write the model's weights in Hugging Face's names and layout into ``out``."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: --format hf writes one of {', '.join(DTYPES)}.")
+    names = hf_names(model)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tensors: list[tuple[str, np.ndarray]] = []
+    left_out = []
+    for name, value in model.state_dict().items():
+        if name not in names:
+            if "rotary_emb" in name or (tied and name.startswith("lm_head.")):
+                left_out.append(name)  # recomputed / the tied head is the embedding
+                continue
+            raise ConfigError(
+                f"--format hf: the merged model has tensor {name!r}, which PaddleNLP's "
+                f"{type(model).__name__} name mappings do not name; it cannot be exported "
+                "without losing it."
+            )
+        hf, transpose = names[name]
+        arr = _numpy(value, dtype)
+        tensors.append((hf, arr.T.copy() if transpose else arr))
+    shards: list[list[tuple[str, np.ndarray]]] = [[]]
+    size = 0
+    for item in tensors:
+        if shards[-1] and size + item[1].nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item[1].nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = (
+            "model.safetensors"
+            if len(shards) == 1
+            else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        )
+        write_safetensors(out / name, {k: (DTYPES[dtype], v) for k, v in shard}, fmt="pt")
+        weight_map.update(dict.fromkeys((k for k, _ in shard), name))
+    total = sum(v.nbytes for _, v in tensors)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return {"tensors": len(tensors), "shards": len(shards), "bytes": total, "left_out": left_out}
+
+
+def hf_config(model: Any, base_config: dict[str, Any] | None, family: Any, dtype: str) -> dict:
+    """The base model's config.json (else PaddleNLP's config, its own keys removed), with
+    Hugging Face's ``model_type`` and ``architectures`` and the export's dtype."""
+    body = dict(base_config) if base_config else model.config.to_dict()
+    body = {k: v for k, v in body.items() if not PADDLE_ONLY_KEYS.match(k)}
+    body["model_type"] = family.model_types[0]
+    body["architectures"] = [family.causal_lm_class]
+    body["torch_dtype"] = dtype
+    body["tie_word_embeddings"] = bool(getattr(model.config, "tie_word_embeddings", False))
+    return dict(sorted(body.items()))
+
+
+def generation_config(config: dict[str, Any]) -> dict[str, Any]:
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {k: config[k] for k in keys if config.get(k) is not None}
+
+
+def export_hf(
+    model: Any,
+    tokenizer: Any,
+    *,
+    out: Path,
+    family: Any,
+    base_config: dict[str, Any] | None,
+    tokenizer_dir: Path,
+    chat_template: str | None,
+    dtype: str,
+    max_shard_bytes: int,
+    record: dict[str, Any],
+) -> Path:
+    """Write the whole export into ``out`` (which must not exist), atomically."""
+    check_family(family.name)
+    check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        weights = export_weights(model, tmp, dtype, max_shard_bytes)
+        config = hf_config(model, base_config, family, dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(
+            json.dumps(generation_config(config), indent=2) + "\n"
+        )
+        write_hf_tokenizer(tokenizer, tokenizer_dir, tmp, chat_template)
+        body = {**record, "format": "hf", "dtype": dtype, "weights": weights}
+        (tmp / EXPORT_RECORD).write_text(json.dumps(body, indent=2) + "\n")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,163 @@
+"""Hugging Face out: a run trained on a Hugging Face checkpoint (the transformers-written
+stories260K fixture) is exported with ``ftlab-merge --format hf``; the export is read back
+(here through ftlab's own Hugging Face reader, with ``make test-hf`` by transformers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_e2e import FTLAB, run_ftlab
+
+from ftlab.config.schema import ModelConfig
+from ftlab.errors import ConfigError
+from ftlab.interop.hf_layout import read_header
+from ftlab.record.provenance import sha256_file
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "hf" / "llama-stories260k-bf16"
+IDS = [[1, 17, 42, 99, 7, 250, 3, 11], [1, 400, 2, 5, 61, 300, 12, 8]]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ftlab-cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ftlab.interop import hf_in
+
+    monkeypatch.setenv("FTLAB_CACHE", str(cache))
+    monkeypatch.setattr(hf_in, "_converted", {})
+
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
+    import os
+
+    cwd = tmp_path_factory.mktemp("cwd")
+    os.environ["FTLAB_CACHE"] = str(cache)  # the subprocess's cache
+    try:
+        run_ftlab(
+            cwd,
+            f"model.name_or_path={FIXTURE}",
+            "model.pad_token='<unk>'",
+            "train.max_steps=3",
+            "eval.max_new_tokens=4",
+        )
+    finally:
+        os.environ.pop("FTLAB_CACHE", None)
+    (run,) = (cwd / "outputs").glob("*/*_llama-stories260k-bf16_lora")
+    return run
+
+
+def merge(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(FTLAB.with_name("ftlab-merge")), *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def logits(model_dir: Path) -> np.ndarray:
+    import paddle
+
+    from ftlab.models.loading import load_model, output_logits
+
+    model = load_model(ModelConfig(name_or_path=str(model_dir)), "float32")
+    model.eval()
+    with paddle.no_grad():
+        return output_logits(model(paddle.to_tensor(IDS))).numpy()
+
+
+def test_run_on_hf_checkpoint_records_source_hashes(hf_run: Path) -> None:
+    (conversion,) = json.loads((hf_run / "model_source.json").read_text())["hf_conversions"]
+    assert conversion["source"] == str(FIXTURE)
+    for name in ("model.safetensors", "config.json", "tokenizer.model"):
+        assert conversion["source_files"][name]["sha256"] == sha256_file(FIXTURE / name)
+    assert conversion["name_mappings"].endswith("LlamaForCausalLM._get_name_mappings")
+
+
+def test_export_is_hf_layout_and_reads_back_as_the_merged_model(
+    hf_run: Path, tmp_path: Path
+) -> None:
+    out, plain = tmp_path / "hf", tmp_path / "paddle"
+    proc = merge(str(hf_run), "--format", "hf", "--out", str(out), "--max-shard-size", "400KB")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert merge(str(hf_run), "--out", str(plain)).returncode == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) == 3  # 1.04 MB of float32 in shards of at most 400 kB
+    for shard in shards:
+        metadata, tensors = read_header(out / shard)
+        assert metadata == {"format": "pt"}
+        assert all(t.dtype == "F32" for t in tensors.values())
+    names = set(index["weight_map"])
+    assert "lm_head.weight" not in names  # tied: transformers leaves it out
+    assert names == set(read_header(FIXTURE / "model.safetensors")[1])  # HF's own names
+    _, tensors = read_header(out / index["weight_map"]["model.layers.0.mlp.down_proj.weight"])
+    assert tensors["model.layers.0.mlp.down_proj.weight"].shape == (64, 172)  # [out, in]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert config["tie_word_embeddings"] is True and config["torch_dtype"] == "float32"
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+    assert (out / "tokenizer.model").read_bytes() == (FIXTURE / "tokenizer.model").read_bytes()
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_config["tokenizer_class"] == "LlamaTokenizer"
+    assert not any(str(v).startswith("/") for v in tok_config.values())  # no run-dir paths
+    diff = float(np.abs(logits(out) - logits(plain)).max())
+    assert diff <= 1e-5, diff  # measured 2026-12-03: ~1e-6
+
+
+def test_export_in_bfloat16(hf_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bf16"
+    proc = merge(str(hf_run), "--format", "hf", "--out", str(out), "--dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metadata, tensors = read_header(out / "model.safetensors")
+    assert {t.dtype for t in tensors.values()} == {"BF16"}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_export_refuses_existing_or_in_run_dir_before_loading(hf_run: Path) -> None:
+    inside = merge(str(hf_run), "--format", "hf", "--out", str(hf_run / "export"))
+    assert inside.returncode == 2 and "inside the run directory" in inside.stderr
+    existing = merge(str(hf_run), "--format", "hf", "--out", str(hf_run.parent))
+    assert existing.returncode == 2 and "exists; give a new directory" in existing.stderr
+    no_out = merge(str(hf_run), "--format", "hf")
+    assert no_out.returncode == 2 and "--format hf needs --out" in no_out.stderr
+
+
+@pytest.mark.parametrize("family", ["qwen", "chatglm_v2"])
+def test_remote_code_families_are_refused_by_name(family: str) -> None:
+    from ftlab.interop.hf_out import check_family
+
+    with pytest.raises(ConfigError, match=f"family {family} cannot be written for transformers"):
+        check_family(family)
+
+
+def test_named_chat_template_as_jinja_renders_what_ftlab_trains_on() -> None:
+    from jinja2 import Template
+
+    from ftlab.data.formats import Conversation, Turn
+    from ftlab.data.templates import NAMED_TEMPLATES
+    from ftlab.interop.hf_tokenizer import jinja_of
+
+    for name, named in NAMED_TEMPLATES.items():
+        if named.user_input is not None:
+            continue  # Alpaca's input field has no chat-message equivalent
+        conv = Conversation(
+            system="Be brief.", turns=(Turn(user="Hi", assistant="Hello"), Turn("More", "Sure"))
+        )
+        trained = "".join(p.text for p in named.pieces(conv))
+        bos = "<s>" if named.add_bos else ""
+        eos = "</s>" if named.eos_after_target else ""
+        messages = [{"role": "system", "content": "Be brief."}]
+        messages += [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        messages += [{"role": "user", "content": "More"}, {"role": "assistant", "content": "Sure"}]
+        rendered = Template(jinja_of(named)).render(
+            messages=messages, bos_token="<s>", eos_token="</s>"
+        )
+        if eos:
+            trained = trained.replace("Hello", "Hello" + eos).replace("Sure", "Sure" + eos)
+        assert rendered == bos + trained, name
