@@ -161,3 +161,35 @@ def test_named_chat_template_as_jinja_renders_what_ftlab_trains_on() -> None:
         if eos:
             trained = trained.replace("Hello", "Hello" + eos).replace("Sure", "Sure" + eos)
         assert rendered == bos + trained, name
+
+
+def test_peft_adapter_has_peft_names_and_shapes(hf_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "peft"
+    proc = merge(str(hf_run), "--format", "hf-peft", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 8 and adapter["lora_alpha"] == 16
+    assert adapter["base_model_name_or_path"] == str(FIXTURE)
+    _, tensors = read_header(out / "adapter_model.safetensors")
+    a = tensors["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"]
+    b = tensors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"]
+    assert a.shape == (8, 172) and b.shape == (64, 8)  # PEFT: A [r, in], B [out, r]
+    assert len(tensors) == 70  # 5 layers x 7 linears x (A, B)
+
+
+@pytest.mark.parametrize("method", ["prefix", "reft", "vera", "lokr", "full"])
+def test_peft_refuses_methods_it_cannot_express_by_name(method: str) -> None:
+    from ftlab.interop.hf_out import check_peft_method
+
+    with pytest.raises(ConfigError, match=f"a {method} adapter cannot be written as a PEFT"):
+        check_peft_method(method)
+
+
+def test_peft_refuses_lora_variants(tmp_path: Path) -> None:
+    from ftlab.interop.hf_out import export_peft
+
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "lora_config.json").write_text(json.dumps({"r": 8, "lora_use_mixer": True}))
+    with pytest.raises(ConfigError, match="lora_use_mixer .MoSLoRA"):
+        export_peft(final, tmp_path / "out", str(FIXTURE), {})

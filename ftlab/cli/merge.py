@@ -41,16 +41,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--format",
-        choices=("paddle", "hf"),
+        choices=("paddle", "hf", "hf-peft"),
         default="paddle",
-        help="paddle: PaddleNLP's layout (default); hf: Hugging Face's",
+        help="paddle: PaddleNLP's layout (default); hf: Hugging Face's; hf-peft: the LoRA "
+        "adapter unmerged, as a PEFT adapter",
     )
     p.add_argument(
         "--max-shard-size", default="5GB", help="--format hf: largest shard (default 5GB)"
     )
     args = p.parse_args(argv)
-    if args.format == "hf" and args.out is None:
-        p.error("--format hf needs --out (a new directory outside the run directory)")
+    if args.format.startswith("hf") and args.out is None:
+        p.error(f"--format {args.format} needs --out (a new directory outside the run directory)")
     if (args.run_dir is None) == (args.adapter is None):
         p.error("give a run_dir, or --base and --adapter")
     if args.adapter is not None and (args.base is None or args.out is None):
@@ -74,6 +75,12 @@ def run(args: argparse.Namespace) -> Path:
             f"{final} has no {METHOD_RECORD}: not a finished ftlab run (or its final/ dir)."
         )
     method_name = method_of(final)
+    if args.format == "hf-peft":  # files only: nothing is merged or loaded
+        from ftlab.interop.hf_out import check_peft_method, export_peft
+
+        check_peft_method(method_name)
+        base = args.base or json.loads((final / METHOD_RECORD).read_text()).get("base_model")
+        return export_peft(final, args.out, base, {"method": method_name, "base_model": base})
     check_mergeable(method_name)  # before loading anything
     out = args.out if args.out is not None else RunDir(args.run_dir).merged
     if args.format == "hf":
@@ -164,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except FtlabError as err:
         print(f"ftlab-merge: {err}", file=sys.stderr)
         return 2
-    print(f"merged model written to {out}")
+    print(f"{'adapter' if args.format == 'hf-peft' else 'merged model'} written to {out}")
     return 0
 
 

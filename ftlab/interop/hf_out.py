@@ -83,17 +83,16 @@ def check_family(family_name: str) -> None:
         )
 
 
-def hf_names(model: Any) -> dict[str, tuple[str, bool]]:
+def hf_names(cls: Any, config: Any) -> dict[str, tuple[str, bool]]:
     """PaddleNLP parameter name -> (Hugging Face name, transpose) from the model class's
     own name mappings."""
-    config = model.config
     if not getattr(config, "architectures", None):
-        config.architectures = [type(model).__name__]
+        config.architectures = [cls.__name__]
     out = {}
-    for m in type(model)._get_name_mappings(config):
+    for m in cls._get_name_mappings(config):
         if m.action not in (None, "transpose"):
             raise ConfigError(
-                f"--format hf: PaddleNLP's {type(model).__name__} maps {m.source_name} with "
+                f"--format hf: PaddleNLP's {cls.__name__} maps {m.source_name} with "
                 f"a {m.action!r} step, which ftlab does not invert. Use the default format."
             )
         out[m.target_name] = (m.source_name, m.should_transpose())
@@ -109,7 +108,7 @@ def export_weights(model: Any, out: Path, dtype: str, max_shard_bytes: int) -> d
     """Write the model's weights in Hugging Face's names and layout into ``out``."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype}: --format hf writes one of {', '.join(DTYPES)}.")
-    names = hf_names(model)
+    names = hf_names(type(model), model.config)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     tensors: list[tuple[str, np.ndarray]] = []
     left_out = []
@@ -195,6 +194,110 @@ def export_hf(
         )
         write_hf_tokenizer(tokenizer, tokenizer_dir, tmp, chat_template)
         body = {**record, "format": "hf", "dtype": dtype, "weights": weights}
+        (tmp / EXPORT_RECORD).write_text(json.dumps(body, indent=2) + "\n")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------- PEFT adapters
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+# lora_config.json switches that change what the adapter computes beyond x @ A @ B * scale
+# (or the base it sits on): PEFT's LoRA cannot express them.
+LORA_VARIANTS = {
+    "lora_use_mixer": "MoSLoRA's r x r mixer between A and B",
+    "use_mora": "MoRA's square matrix",
+    "pissa": "PiSSA rewrites the base weights",
+    "loraga": "LoRA-GA rescales the base weights",
+    "do_qat": "quantization-aware training",
+    "trainable_bias": "trained biases outside the adapter",
+    "trainable_modules": "fully trained modules outside the adapter",
+}
+
+
+def check_peft_method(method: str) -> None:
+    if method != "lora":
+        raise ConfigError(
+            f"--format hf-peft: a {method} adapter cannot be written as a PEFT LoRA adapter "
+            "(only method=lora maps onto PEFT's LoRA one to one). Use --format hf to write "
+            "the merged model instead (prefix tuning and ReFT cannot be merged either)."
+        )
+
+
+def export_peft(final: Path, out: Path, base: str, record: dict[str, Any]) -> Path:
+    """The run's LoRA adapter (``final/``) as a PEFT adapter: ``adapter_config.json`` and
+    ``adapter_model.safetensors`` with PEFT's names (``base_model.model.<HF module>.lora_A
+    .weight``, ``[r, in]``; ``lora_B`` ``[out, r]``). Reads files only: no model is built."""
+    import paddlenlp.transformers as pt
+    from paddlenlp.transformers import AutoConfig
+    from safetensors import safe_open
+
+    from ftlab.interop.hf_in import paddle_dir
+    from ftlab.models.config_json import family_of, read_config_json
+
+    check_out_dir(out)
+    lora = json.loads((final / "lora_config.json").read_text())
+    for key, what in LORA_VARIANTS.items():
+        if lora.get(key):
+            raise ConfigError(
+                f"--format hf-peft: the adapter uses {key} ({what}), which PEFT's LoRA "
+                "cannot express. Use --format hf (the merged model)."
+            )
+    base_dir = Path(paddle_dir(base, False))
+    fam = family_of(read_config_json(base_dir), base_dir)
+    check_family(fam.name)
+    cls = getattr(pt, fam.causal_lm_class)
+    config = AutoConfig.from_pretrained(str(base_dir))
+    names = {
+        paddle.removesuffix(".weight"): (hf.removesuffix(".weight"), t)
+        for paddle, (hf, t) in hf_names(cls, config).items()
+    }
+    tensors: dict[str, tuple[str, np.ndarray]] = {}
+    leaves = set()
+    for path in sorted(final.glob("peft_model*.safetensors")):
+        with safe_open(str(path), "np") as f:
+            for key in f.keys():
+                module, _, part = key.rpartition(".")
+                if part not in ("lora_A", "lora_B") or module not in names:
+                    raise ConfigError(
+                        f"--format hf-peft: {path.name} holds {key!r}, which is not a LoRA "
+                        "matrix of a weight PaddleNLP's name mappings know; cannot convert."
+                    )
+                hf_module, _ = names[module]
+                value = f.get_tensor(key).astype(np.float32)
+                # Paddle: x @ A[in, r] @ B[r, out]; PEFT: B(A(x)), A.weight [r, in].
+                tensors[f"base_model.model.{hf_module}.{part}.weight"] = (
+                    "F32",
+                    np.ascontiguousarray(value.T),
+                )
+                leaves.add(hf_module.rsplit(".", 1)[-1])
+    if not tensors:
+        raise ConfigError(f"--format hf-peft: no LoRA weights in {final}.")
+    adapter = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": int(lora["r"]),
+        "lora_alpha": float(lora["lora_alpha"]),
+        "use_rslora": bool(lora.get("rslora")),
+        "lora_dropout": float(lora.get("lora_dropout") or 0.0),
+        "target_modules": sorted(leaves),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write_safetensors(tmp / PEFT_WEIGHTS, tensors, fmt="pt")
+        (tmp / PEFT_CONFIG).write_text(json.dumps(adapter, indent=2) + "\n")
+        body = {**record, "format": "hf-peft", "tensors": len(tensors)}
         (tmp / EXPORT_RECORD).write_text(json.dumps(body, indent=2) + "\n")
         os.rename(tmp, out)
     except BaseException:
