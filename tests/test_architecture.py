@@ -45,6 +45,10 @@ LAYERS: list[tuple[str, ...]] = [
         "ftlab.distributed",
         "ftlab.convert",
         "ftlab.demo",
+        # reading Hugging Face checkpoints: model loading's seam calls them
+        "ftlab.interop.hf_layout",
+        "ftlab.interop.hf_in",
+        "ftlab.interop.hf_tokenizer",
     ),
     ("ftlab.methods",),
     (  # what runs a job, and reading runs back (asks methods about their settings)
