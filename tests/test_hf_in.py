@@ -275,5 +275,28 @@ def test_pickled_weights_only_are_refused_unless_allowed(tmp_path: Path) -> None
         ModelLoadError, match=r"pytorch_model.bin: pickled weights.*allow_pickle=true"
     ):
         paddle_dir(str(d), False)
-    with pytest.raises(ModelLoadError, match="converts Hugging Face checkpoints from safetensors"):
+    with pytest.raises(ModelLoadError, match="pytorch_model.bin: not a readable PyTorch"):
         paddle_dir(str(d), True)
+    (d / "pytorch_model.bin").unlink()
+    (d / "model_state.pdparams").write_bytes(b"\x80\x02not really")
+    with pytest.raises(ModelLoadError, match=r"model_state.pdparams: pickled weights"):
+        paddle_dir(str(d), False)
+
+
+def test_pickled_hf_checkpoint_with_allow_pickle_gives_transformers_logits() -> None:
+    import paddle
+
+    from ftlab.interop import hf_in
+    from ftlab.models.loading import load_model, output_logits
+
+    d = FIXTURES / "mistral-tiny-pickle"
+    before = snapshot(d)
+    model = load_model(ModelConfig(name_or_path=str(d), allow_pickle=True), "float32")
+    model.eval()
+    with paddle.no_grad():
+        got = output_logits(model(paddle.to_tensor(expected("mistral-tiny")["input_ids"])))
+    diff = float(np.abs(got.numpy() - np.load(d / "expected_logits.npy")).max())
+    assert diff <= LOGIT_TOL, diff
+    (record,) = hf_in.conversion_records()
+    assert list(record["pickled_source"]["pickles"]) == ["pytorch_model.bin"]
+    assert snapshot(d) == before
