@@ -158,3 +158,22 @@ def test_peft_adapter_equals_ftlab_adapter(trained: Path, tmp_path: Path) -> Non
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-m", "hf_live", "-s"]))
+
+
+@pytest.mark.parametrize(
+    "name", ["llama-tiny-sharded-fp16", "qwen2-tiny", "qwen2_moe-tiny-sharded-bf16"]
+)
+def test_fixture_exported_by_ftlab_reads_back_in_transformers(name: str, tmp_path: Path) -> None:
+    """Qwen2 and Qwen2-MoE (and a fast-tokenizer Llama) out: ftlab's export of a loaded
+    checkpoint gives transformers the same logits and token ids as the original."""
+    from test_hf_out import export_fixture
+
+    out = tmp_path / "export"
+    export_fixture(name, out, "float32")
+    exp = json.loads((FIXTURES / name / "expected.json").read_text())
+    theirs = hf_logits(tmp_path, out, exp["input_ids"])
+    diff = float(np.abs(theirs - np.load(FIXTURES / name / "expected_logits.npy")).max())
+    print(f"{name} exported: max |logit diff| {diff:.2e}")
+    assert diff <= TOL
+    client("tokens", str(out), json.dumps(exp["texts"]), str(tmp_path / "t.json"))
+    assert json.loads((tmp_path / "t.json").read_text()) == exp["tokens"]["fast"]

@@ -113,9 +113,12 @@ def export_weights(model: Any, out: Path, dtype: str, max_shard_bytes: int) -> d
     tensors: list[tuple[str, np.ndarray]] = []
     left_out = []
     for name, value in model.state_dict().items():
+        if tied and name.startswith("lm_head."):
+            left_out.append(name)  # the tied head is the embedding (transformers omits it)
+            continue
         if name not in names:
-            if "rotary_emb" in name or (tied and name.startswith("lm_head.")):
-                left_out.append(name)  # recomputed / the tied head is the embedding
+            if "rotary_emb" in name:
+                left_out.append(name)  # recomputed from the config
                 continue
             raise ConfigError(
                 f"--format hf: the merged model has tensor {name!r}, which PaddleNLP's "
