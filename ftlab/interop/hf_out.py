@@ -22,6 +22,8 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -185,10 +187,7 @@ def export_hf(
     """Write the whole export into ``out`` (which must not exist), atomically."""
     check_family(family.name)
     check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with building(out) as tmp:
         weights = export_weights(model, tmp, dtype, max_shard_bytes)
         config = hf_config(model, base_config, family, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -198,11 +197,22 @@ def export_hf(
         write_hf_tokenizer(tokenizer, tokenizer_dir, tmp, chat_template)
         body = {**record, "format": "hf", "dtype": dtype, "weights": weights}
         (tmp / EXPORT_RECORD).write_text(json.dumps(body, indent=2) + "\n")
+    return out
+
+
+@contextmanager
+def building(out: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write into, renamed to ``out`` when the block
+    finishes (removed when it fails): no half-written export under the requested name."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 # --------------------------------------------------------------------------- PEFT adapters
@@ -294,16 +304,9 @@ def export_peft(final: Path, out: Path, base: str, record: dict[str, Any]) -> Pa
         "inference_mode": True,
         "modules_to_save": None,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with building(out) as tmp:
         write_safetensors(tmp / PEFT_WEIGHTS, tensors, fmt="pt")
         (tmp / PEFT_CONFIG).write_text(json.dumps(adapter, indent=2) + "\n")
         body = {**record, "format": "hf-peft", "tensors": len(tensors)}
         (tmp / EXPORT_RECORD).write_text(json.dumps(body, indent=2) + "\n")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
