@@ -300,3 +300,21 @@ def test_pickled_hf_checkpoint_with_allow_pickle_gives_transformers_logits() -> 
     (record,) = hf_in.conversion_records()
     assert list(record["pickled_source"]["pickles"]) == ["pytorch_model.bin"]
     assert snapshot(d) == before
+
+
+def test_hub_name_is_taken_from_the_local_hugging_face_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``org/name`` with a snapshot in the Hugging Face cache (its layout: refs/main names
+    the snapshot) is converted from there, with no network."""
+    from ftlab.interop.hf_in import paddle_dir
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--tiny-org--qwen2-tiny"
+    shutil.copytree(FIXTURES / "qwen2-tiny", repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    entry = Path(paddle_dir("tiny-org/qwen2-tiny", False))
+    assert (entry / "ftlab_hf_conversion.json").is_file()
+    assert paddle_dir("tiny-org/not-cached", False) == "tiny-org/not-cached"
