@@ -256,3 +256,22 @@ def test_hf_in_then_out_gives_back_transformers_tensors_exactly(name: str, tmp_p
         assert v.shape == theirs[k].shape and np.array_equal(v, theirs[k]), k
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == json.loads((src / "config.json").read_text())["model_type"]
+
+
+def test_plan_of_a_hf_checkpoint_reads_no_weights(tmp_path: Path) -> None:
+    """mode=plan reads config.json only: nothing is converted (the cache stays empty)."""
+    import os
+
+    cache = tmp_path / "cache"
+    os.environ["FTLAB_CACHE"] = str(cache)
+    try:
+        proc = run_ftlab(
+            tmp_path,
+            "mode=plan",
+            f"model.name_or_path={FIXTURES / 'qwen2_moe-tiny-sharded-bf16'}",
+            "data.max_length=128",
+        )
+    finally:
+        os.environ.pop("FTLAB_CACHE", None)
+    assert "fits" in proc.stdout + proc.stderr
+    assert not cache.exists()
