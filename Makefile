@@ -8,7 +8,7 @@ comma := ,
 EXTRAS := $(if $(filter cpu,$(PADDLE)),cpu$(comma)dev,dev)
 STAMP := $(VENV)/.installed-$(PADDLE)
 
-.PHONY: help install train test test-full lint format bench bench-data bench-pref bench-qlora bench-methods bench-plan bench-published bench-long bench-overhead bench-fast-path bench-startup lock clean docs
+.PHONY: help install train test test-full test-hf lint format docs bench bench-data bench-pref bench-qlora bench-methods bench-plan bench-published bench-long bench-overhead bench-fast-path bench-startup lock clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -32,6 +32,18 @@ test-full: $(STAMP) ## Run every test, the slow ones included
 
 docs: $(STAMP) ## Build the docs site (docs/, mkdocs.yml) into site/; --strict: a broken link or a page not in the nav fails
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict $(ARGS)
+
+# The real Hugging Face client, in its own venv (torch never enters ftlab's).
+HF_VENV ?= .venv-hf
+HF_PKGS := torch==2.13.0 transformers==4.57.6 peft==0.21.2 safetensors==0.8.0 sentencepiece==0.2.0 "protobuf<7"
+
+$(HF_VENV)/.installed:
+	test -x $(HF_VENV)/bin/python || python3 -m venv $(HF_VENV)
+	$(HF_VENV)/bin/python -m pip install -q $(HF_PKGS)
+	touch $@
+
+test-hf: $(STAMP) $(HF_VENV)/.installed ## Live Hugging Face round trips: transformers + peft read ftlab's exports (own venv)
+	FTLAB_HF_PYTHON=$(abspath $(HF_VENV))/bin/python $(PY) -m pytest -m hf_live -s tests/test_hf_live.py $(ARGS)
 
 lint: $(STAMP) ## ruff lint + format check
 	$(VENV)/bin/ruff check ftlab tests bench

@@ -51,6 +51,10 @@ LAYERS: list[tuple[str, ...]] = [
         "ftlab.methods",
         # DPO/KTO argument files: written by the preference stages' export hook
         "ftlab.interop.preference_export",
+        # reading Hugging Face checkpoints: model loading's seam calls them
+        "ftlab.interop.hf_layout",
+        "ftlab.interop.hf_in",
+        "ftlab.interop.hf_tokenizer",
     ),
     ("ftlab.record",),  # runs read back (resume, index, compare, sweeps): ask the methods
     # The Trainer and what it records at every step, below both its users: the stages

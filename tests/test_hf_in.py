@@ -275,5 +275,46 @@ def test_pickled_weights_only_are_refused_unless_allowed(tmp_path: Path) -> None
         ModelLoadError, match=r"pytorch_model.bin: pickled weights.*allow_pickle=true"
     ):
         paddle_dir(str(d), False)
-    with pytest.raises(ModelLoadError, match="converts Hugging Face checkpoints from safetensors"):
+    with pytest.raises(ModelLoadError, match="pytorch_model.bin: not a readable PyTorch"):
         paddle_dir(str(d), True)
+    (d / "pytorch_model.bin").unlink()
+    (d / "model_state.pdparams").write_bytes(b"\x80\x02not really")
+    with pytest.raises(ModelLoadError, match=r"model_state.pdparams: pickled weights"):
+        paddle_dir(str(d), False)
+
+
+def test_pickled_hf_checkpoint_with_allow_pickle_gives_transformers_logits() -> None:
+    import paddle
+
+    from ftlab.interop import hf_in
+    from ftlab.models.loading import load_model, output_logits
+
+    d = FIXTURES / "mistral-tiny-pickle"
+    before = snapshot(d)
+    model = load_model(ModelConfig(name_or_path=str(d), allow_pickle=True), "float32")
+    model.eval()
+    with paddle.no_grad():
+        got = output_logits(model(paddle.to_tensor(expected("mistral-tiny")["input_ids"])))
+    diff = float(np.abs(got.numpy() - np.load(d / "expected_logits.npy")).max())
+    assert diff <= LOGIT_TOL, diff
+    (record,) = hf_in.conversion_records()
+    assert list(record["pickled_source"]["pickles"]) == ["pytorch_model.bin"]
+    assert snapshot(d) == before
+
+
+def test_hub_name_is_taken_from_the_local_hugging_face_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``org/name`` with a snapshot in the Hugging Face cache (its layout: refs/main names
+    the snapshot) is converted from there, with no network."""
+    from ftlab.interop.hf_in import paddle_dir
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--tiny-org--qwen2-tiny"
+    shutil.copytree(FIXTURES / "qwen2-tiny", repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    entry = Path(paddle_dir("tiny-org/qwen2-tiny", False))
+    assert (entry / "ftlab_hf_conversion.json").is_file()
+    assert paddle_dir("tiny-org/not-cached", False) == "tiny-org/not-cached"

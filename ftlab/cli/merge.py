@@ -3,6 +3,10 @@
     ftlab-merge outputs/2026-11-23/10-00-00_stories260k_lora            # -> RUN_DIR/merged
     ftlab-merge RUN_DIR --out merged_model
     ftlab-merge --base path/or/hub-name --adapter RUN_DIR/final --out merged_model
+    ftlab-merge RUN_DIR --format hf --out DIR [--max-shard-size 5GB] [--dtype bfloat16]
+
+``--format hf`` writes Hugging Face's layout (transformers, vLLM, SGLang, TGI read it:
+``ftlab.interop.hf_out``); ``--out`` must be a new directory outside the run directory.
 
 The result is a plain safetensors model directory (plus tokenizer) that
 ``AutoModelForCausalLM.from_pretrained`` loads with no ftlab or PEFT code: LoRA and its
@@ -41,9 +45,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--base", help="base model (hub name or path), with --adapter")
     p.add_argument("--adapter", type=Path, help="a saved directory (a run's final/)")
     p.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/merged)")
-    p.add_argument("--dtype", default="float32", help="dtype to load the base in (--base only)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="dtype to load the base in (--base only) and, with --format hf, to write",
+    )
+    p.add_argument(
+        "--format",
+        choices=("paddle", "hf", "hf-peft"),
+        default="paddle",
+        help="paddle: PaddleNLP's layout (default); hf: Hugging Face's; hf-peft: the LoRA "
+        "adapter unmerged, as a PEFT adapter",
+    )
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="--format hf: largest shard (default 5GB)"
+    )
     p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     args = p.parse_args(argv)
+    if args.format.startswith("hf") and args.out is None:
+        p.error(f"--format {args.format} needs --out (a new directory outside the run directory)")
     if (args.run_dir is None) == (args.adapter is None):
         p.error("give a run_dir, or --base and --adapter")
     if args.adapter is not None and (args.base is None or args.out is None):
@@ -58,9 +78,20 @@ def run(args: argparse.Namespace) -> Path:
             f"{final} has no {METHOD_RECORD}: not a finished ftlab run (or its final/ dir)."
         )
     method_name = method_of(final)
+    if args.format == "hf-peft":  # files only: nothing is merged or loaded
+        from ftlab.interop.hf_out import check_peft_method, export_peft
+
+        check_peft_method(method_name)
+        base = args.base or json.loads((final / METHOD_RECORD).read_text()).get("base_model")
+        return export_peft(final, args.out, base, {"method": method_name, "base_model": base})
     check_mergeable(method_name)  # before loading anything
     out = args.out if args.out is not None else RunDir(args.run_dir).merged
-    if out.exists() and any(out.iterdir()):
+    if args.format == "hf":
+        from ftlab.interop.hf_out import check_out_dir, parse_size
+
+        check_out_dir(out)
+        max_shard = parse_size(args.max_shard_size)
+    elif out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} exists and is not empty; choose a new directory.")
     if args.adapter is not None:
         model, tokenizer = load_with_adapter(
@@ -71,22 +102,68 @@ def run(args: argparse.Namespace) -> Path:
         model, tokenizer = load_trained(args.run_dir, allow_pickle=args.allow_pickle)
         base = json.loads((final / METHOD_RECORD).read_text()).get("base_model")
     merged, diff = merge_model(model, tokenizer, method_name)
+    record = {
+        "method": method_name,
+        "base_model": base,
+        "adapter": str(final.resolve()),
+        "probe_max_abs_logit_diff": diff,
+    }
+    if args.format == "hf":
+        return _export_hf(args, merged, tokenizer, final, base, out, max_shard, record)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
-    (out / MERGE_RECORD).write_text(
-        json.dumps(
-            {
-                "method": method_name,
-                "base_model": base,
-                "adapter": str(final.resolve()),
-                "probe_max_abs_logit_diff": diff,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    (out / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+def _export_hf(
+    args: argparse.Namespace,
+    merged: object,
+    tokenizer: object,
+    final: Path,
+    base: str | None,
+    out: Path,
+    max_shard: int,
+    record: dict,
+) -> Path:
+    from ftlab.interop.hf_in import base_config_json
+    from ftlab.interop.hf_out import export_hf
+    from ftlab.interop.hf_tokenizer import trained_template
+    from ftlab.models.families import FAMILIES
+
+    setting = _chat_template_setting(args.run_dir)
+    template, note = trained_template(setting, final)
+    family = FAMILIES[merged.config.model_type]  # type: ignore[attr-defined]
+    return export_hf(
+        merged,
+        tokenizer,
+        out=out,
+        family=family,
+        base_config=base_config_json(base),
+        tokenizer_dir=final,
+        chat_template=template,
+        dtype=args.dtype,
+        max_shard_bytes=max_shard,
+        record={**record, "chat_template": note},
+    )
+
+
+def _chat_template_setting(run_dir: Path | None) -> str | None:
+    """The chat template the run trained with (``model.chat_template`` over
+    ``data.chat_template``); ``tokenizer`` for ``--adapter`` (no run config)."""
+    if run_dir is None:
+        return "tokenizer"
+    from omegaconf import OmegaConf
+
+    from ftlab.record.rundir import RESOLVED_CONFIG
+
+    body = OmegaConf.load(Path(run_dir) / RESOLVED_CONFIG)
+    model = body.model.get("chat_template")
+    if model is not None:
+        return None if model == "none" else str(model)
+    data = body.data.get("chat_template")
+    return None if data is None else str(data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except FtlabError as err:
         print(f"ftlab-merge: error: {err}", file=sys.stderr)
         return 2
-    print(f"merged model written to {out}")
+    print(f"{'adapter' if args.format == 'hf-peft' else 'merged model'} written to {out}")
     return 0
 
 

@@ -40,6 +40,8 @@ from ftlab.interop.hf_layout import (
     HFCheckpoint,
     TensorInfo,
     detect,
+    pickled_weights_allowed,
+    torch_pickles,
 )
 from ftlab.interop.hf_tokenizer import stage_for_paddlenlp, tokenizer_files
 
@@ -54,6 +56,9 @@ NUMPY_DTYPES |= {"I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "u1
 SPEC_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 SPEC_DTYPES |= {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8"}
 SPEC_DTYPES |= {"BOOL": "bool"}
+# numpy dtype -> safetensors dtype (PaddleNLP's load_torch gives bfloat16 as uint16 bits)
+_SAFETENSORS_OF = {"<f8": "F64", "<f4": "F32", "<f2": "F16", "<u2": "BF16", "<i8": "I64"}
+_SAFETENSORS_OF |= {"<i4": "I32", "<i2": "I16", "|i1": "I8", "|u1": "U8", "|b1": "BOOL"}
 
 _converted: dict[str, dict[str, Any]] = {}  # this process: source dir -> conversion record
 
@@ -104,12 +109,67 @@ def paddle_dir(name_or_path: str, allow_pickle: bool) -> str:
     if key in _converted:
         return _converted[key]["cache_entry"]
     fam = _family(directory)
-    ckpt = detect(directory, fam.base_prefix, allow_pickle)
+    pickles = torch_pickles(directory)
+    staged = None
+    if pickles:
+        pickled_weights_allowed(pickles[0], allow_pickle)
+        staged = stage_pickles(directory, pickles)
+    ckpt = detect(Path(staged["dir"]) if staged else directory, fam.base_prefix, allow_pickle)
     if ckpt is None:
         return name_or_path
     record = convert_cached(ckpt)
+    if staged:
+        record = {**record, "pickled_source": staged}
     _converted[key] = record
     return record["cache_entry"]
+
+
+def stage_pickles(directory: Path, pickles: list[Path]) -> dict[str, Any]:
+    """``pytorch_model*.bin`` (only with ``model.allow_pickle=true``) -> safetensors in
+    ``$FTLAB_CACHE/staged/<key>`` (config and tokenizer copied alongside), written
+    atomically; the Hugging Face conversion then reads that directory. Read with PaddleNLP's
+    ``load_torch`` (no torch needed), which unpickles: hence the switch."""
+    from paddlenlp.utils.serialization import load_torch
+
+    hashes = file_hashes([directory / CONFIG_FILE, *pickles])
+    key = cache_key(hashes)
+    root = cache_root() / "staged"
+    entry = root / key
+    record = {"dir": str(entry), "pickles": {p.name: hashes[p.name] for p in pickles}}
+    if (entry / CONFIG_FILE).is_file():
+        return record
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        names = {}
+        for i, path in enumerate(pickles, start=1):
+            try:
+                state = load_torch(str(path))
+            except Exception as err:  # noqa: BLE001 - one line naming the file
+                raise ModelLoadError(
+                    f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0] if str(err) else ''}). Copy it again or "
+                    "convert it to safetensors."
+                ) from None
+            name = f"model-{i:05d}-of-{len(pickles):05d}.safetensors"
+            tensors = {
+                k: (_SAFETENSORS_OF[np.dtype(v.dtype).str], np.ascontiguousarray(v))
+                for k, v in state.items()
+            }
+            write_safetensors(tmp / name, tensors, fmt="pt")
+            names.update(dict.fromkeys(state, name))
+        index = {"metadata": {}, "weight_map": names}
+        (tmp / INDEX_FILE).write_text(json.dumps(index) + "\n")
+        for src in [directory / CONFIG_FILE, *tokenizer_files(directory)]:
+            shutil.copyfile(src, tmp / src.name)  # config last would not matter: rename below
+        if entry.exists():
+            shutil.rmtree(entry)
+        os.rename(tmp, entry)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return record
 
 
 def _family(directory: Path) -> Any:
@@ -362,3 +422,14 @@ def _check_shape(
         f"implies {hf_want}. The weights and config.json are from different models: use "
         "the config.json that came with these weights."
     )
+
+
+def base_config_json(name_or_path: str | None) -> dict[str, Any] | None:
+    """The base model's own config.json (local dir or cached hub snapshot), or None."""
+    if not name_or_path:
+        return None
+    directory = Path(name_or_path).expanduser()
+    if not directory.is_dir():
+        directory = hub_snapshot(name_or_path) or directory
+    path = directory / CONFIG_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

@@ -159,6 +159,14 @@ def weight_files(directory: Path) -> list[Path] | None:
     return shards
 
 
+def torch_pickles(directory: Path) -> list[Path] | None:
+    """``pytorch_model.bin`` or its shards, when the directory has no safetensors."""
+    if weight_files(directory) is not None:
+        return None
+    bins = sorted(directory.glob("pytorch_model*.bin"))
+    return bins or None
+
+
 def pickled_files(directory: Path) -> list[Path]:
     return sorted({p for pattern in PICKLE_PATTERNS for p in directory.glob(pattern)})
 
@@ -192,12 +200,12 @@ def detect(directory: Path, paddle_prefix: str, allow_pickle: bool) -> HFCheckpo
     files = weight_files(directory)
     if files is None:
         pickles = pickled_files(directory)
-        if pickles:
+        if pickles:  # only reached with allow_pickle=true via hf_in's staging
             pickled_weights_allowed(pickles[0], allow_pickle)
             raise ModelLoadError(
-                f"{pickles[0]}: model.allow_pickle=true is set, but ftlab converts Hugging "
-                "Face checkpoints from safetensors only. Convert the weights to safetensors "
-                "(transformers: save_pretrained(..., safe_serialization=True))."
+                f"{pickles[0]}: model.allow_pickle=true is set, but ftlab converts pickled "
+                "Hugging Face weights only as pytorch_model*.bin. Convert the weights to "
+                "safetensors (transformers: save_pretrained(..., safe_serialization=True))."
             )
         return None
     tensors: dict[str, TensorInfo] = {}

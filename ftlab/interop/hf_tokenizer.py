@@ -94,8 +94,16 @@ def write_hf_tokenizer(tokenizer: Any, saved: Path, out: Path, chat_template: st
     if spm.is_file():
         shutil.copyfile(spm, out / SPM_HF)
     config = _read_json(saved / TOKENIZER_CONFIG)
-    for key in ("tokenizer_file", "vocab_file", "merges_file", "name_or_path"):
-        config.pop(key, None)  # PaddleNLP writes paths of the run dir here
+    for key in (
+        "tokenizer_file",
+        "vocab_file",
+        "merges_file",
+        "name_or_path",
+        "special_tokens_map_file",
+        "_from_auto",
+        "added_tokens_decoder",
+    ):
+        config.pop(key, None)  # PaddleNLP's paths (of the run dir) and loader flags
     cls = str(config.get("tokenizer_class") or type(tokenizer).__name__)
     config["tokenizer_class"] = cls.removesuffix("Fast") if not (out / FAST_FILE).is_file() else cls
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
@@ -112,3 +120,57 @@ def write_hf_tokenizer(tokenizer: Any, saved: Path, out: Path, chat_template: st
         k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if k in config
     }
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def jinja_of(named: Any) -> str:
+    """A jinja chat template rendering exactly what ftlab's named template trains on
+    (``ftlab.data.templates.NamedTemplate``), for servers that apply the tokenizer's template."""
+
+    def lit(text: str) -> str:
+        return "{{ " + json.dumps(text) + " }}"
+
+    def block(fmt: str) -> str:
+        head, _, tail = fmt.partition("{content}")
+        return lit(head) + "{{ m['content'] }}" + lit(tail)
+
+    bos = "{{ bos_token }}" if named.add_bos else ""
+    eos = "{{ eos_token }}" if not named.assistant_end else lit(named.assistant_end)
+    default = ""
+    if named.default_system:
+        default = (
+            "{% if messages[0]['role'] != 'system' %}"
+            + lit(named.system.format(content=named.default_system))
+            + "{% endif %}"
+        )
+    return (
+        bos
+        + default
+        + "{% for m in messages %}"
+        + "{% if m['role'] == 'system' %}"
+        + block(named.system)
+        + "{% elif m['role'] == 'user' %}"
+        + "{% if loop.index0 > 0 and messages[loop.index0 - 1]['role'] == 'assistant' %}"
+        + lit(named.after_answer)
+        + "{% endif %}"
+        + block(named.user)
+        + "{% else %}"
+        + lit(named.assistant_prefix)
+        + "{{ m['content'] }}"
+        + eos
+        + "{% endif %}{% endfor %}"
+        + "{% if add_generation_prompt %}"
+        + lit(named.assistant_prefix)
+        + "{% endif %}"
+    )
+
+
+def trained_template(setting: str | None, saved: Path) -> tuple[str | None, str]:
+    """(jinja template, note) for the run's ``data.chat_template`` setting."""
+    from ftlab.data.templates import NAMED_TEMPLATES
+
+    if setting in (None, "none", "null"):
+        return None, "the run used plain concatenation (data.chat_template=null): no template"
+    if setting == "tokenizer":
+        template = _read_json(saved / TOKENIZER_CONFIG).get("chat_template")
+        return template, "the tokenizer's own template (data.chat_template=tokenizer)"
+    return jinja_of(NAMED_TEMPLATES[setting]), f"ftlab's named template {setting!r} as jinja"
