@@ -27,6 +27,7 @@ from ftlab.cli.console import ignore_noise_warnings
 from ftlab.cli.predict import ALLOW_PICKLE_HELP
 from ftlab.config.cpu_runtime import use_fast_mkl_path
 from ftlab.errors import ConfigError, FtlabError, ModelLoadError
+from ftlab.interop.hf_tokenizer import trained_template
 from ftlab.methods.reopen import (
     check_mergeable,
     load_trained,
@@ -34,7 +35,8 @@ from ftlab.methods.reopen import (
     merge_model,
     method_of,
 )
-from ftlab.record.rundir import METHOD_RECORD, RunDir
+from ftlab.models.families import FAMILIES
+from ftlab.record.rundir import METHOD_RECORD, RESOLVED_CONFIG, RunDir
 
 MERGE_RECORD = "ftlab_merged.json"
 
@@ -129,8 +131,6 @@ def _export_hf(
 ) -> Path:
     from ftlab.interop.hf_in import base_config_json
     from ftlab.interop.hf_out import export_hf
-    from ftlab.interop.hf_tokenizer import trained_template
-    from ftlab.models.families import FAMILIES
 
     setting = _chat_template_setting(args.run_dir)
     template, note = trained_template(setting, final)
@@ -155,8 +155,6 @@ def _chat_template_setting(run_dir: Path | None) -> str | None:
     if run_dir is None:
         return "tokenizer"
     from omegaconf import OmegaConf
-
-    from ftlab.record.rundir import RESOLVED_CONFIG
 
     body = OmegaConf.load(Path(run_dir) / RESOLVED_CONFIG)
     model = body.model.get("chat_template")

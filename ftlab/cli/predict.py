@@ -22,6 +22,7 @@ from ftlab.data.stats import SplitStats
 from ftlab.errors import DataError, FtlabError
 from ftlab.evaluation.generation import generate_texts
 from ftlab.methods.reopen import load_trained, load_with_adapter
+from ftlab.record.index import is_run_dir
 
 PROMPT_KEYS = ("src", "prompt")
 ALLOW_PICKLE_HELP = (
@@ -53,7 +54,6 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
 def check_output(output: Path, input_path: Path) -> None:
     """Refuse an --output that would replace the prompts or change a run's record (a run
     dir, finished or not, is written by its run only: ``ftlab-runs`` reads it back)."""
-    from ftlab.record.index import is_run_dir
 
     target = output.expanduser().resolve()
     if target == input_path.expanduser().resolve():

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ftlab.config.schema import ModelConfig
 from ftlab.errors import ModelLoadError
 from ftlab.interop.hf_layout import (
     CONFIG_FILE,
@@ -44,6 +45,11 @@ from ftlab.interop.hf_layout import (
     torch_pickles,
 )
 from ftlab.interop.hf_tokenizer import stage_for_paddlenlp, tokenizer_files
+from ftlab.models.arch import model_linears
+from ftlab.models.compat import apply_fixes
+from ftlab.models.config_json import family_of, looks_local, read_config_json, resolve_model
+from ftlab.models.families import family
+from ftlab.record.provenance import sha256_file
 
 CONVERTER_VERSION = 1
 RECORD_FILE = "ftlab_hf_conversion.json"
@@ -95,7 +101,6 @@ def conversion_records() -> list[dict[str, Any]]:
 def paddle_dir(name_or_path: str, allow_pickle: bool) -> str:
     """Where PaddleNLP should load ``name_or_path`` from: the converted cache entry for a
     Hugging Face checkpoint, else ``name_or_path`` itself."""
-    from ftlab.models.config_json import looks_local
 
     directory = Path(name_or_path).expanduser()
     if not looks_local(name_or_path):
@@ -173,7 +178,6 @@ def stage_pickles(directory: Path, pickles: list[Path]) -> dict[str, Any]:
 
 
 def _family(directory: Path) -> Any:
-    from ftlab.models.config_json import family_of, read_config_json
 
     return family_of(read_config_json(directory), directory)
 
@@ -191,7 +195,6 @@ def source_files(ckpt: HFCheckpoint) -> list[Path]:
 def file_hashes(paths: list[Path]) -> dict[str, dict[str, Any]]:
     """sha256 of each file, remembered by (path, size, mtime) so later runs do not re-read
     gigabytes; a file changed in place gets a new size or mtime and is hashed again."""
-    from ftlab.record.provenance import sha256_file
 
     memo_path = cache_root() / "hashes.json"
     try:
@@ -258,8 +261,6 @@ def name_mappings(ckpt: HFCheckpoint, fam: Any) -> tuple[Any, list[Any]]:
     import paddlenlp.transformers as pt
     from paddlenlp.transformers import AutoConfig
 
-    from ftlab.models.compat import apply_fixes
-
     apply_fixes()
     cls = getattr(pt, fam.causal_lm_class)
     config = AutoConfig.from_pretrained(str(ckpt.directory))
@@ -279,8 +280,6 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
 
 def convert(ckpt: HFCheckpoint, out: Path) -> dict[str, Any]:
     """Write ``ckpt`` in PaddleNLP's layout into ``out``; returns the conversion record."""
-    from ftlab.config.schema import ModelConfig
-    from ftlab.models.config_json import resolve_model
 
     fam = _family(ckpt.directory)
     model = resolve_model(ModelConfig(name_or_path=str(ckpt.directory)))
@@ -393,8 +392,6 @@ def expected_shapes(model: Any) -> dict[str, tuple[int, ...]]:
     """PaddleNLP-named shapes config.json implies: every linear (``[in, out]``) and bias,
     and the token embedding (under its Llama-style name; other names are left out by the
     caller, which keeps only names PaddleNLP's mappings produce)."""
-    from ftlab.models.arch import model_linears
-    from ftlab.models.families import family
 
     fam, a = family(model.family), model.arch
     out: dict[str, tuple[int, ...]] = {}

@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 
 from ftlab.errors import ConfigError
-from ftlab.interop.hf_in import write_safetensors
+from ftlab.interop.hf_in import paddle_dir, write_safetensors
 from ftlab.interop.hf_tokenizer import write_hf_tokenizer
+from ftlab.models.config_json import family_of, read_config_json
 
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # Families whose Hugging Face checkpoints need the model repository's own code
@@ -248,9 +249,6 @@ def export_peft(final: Path, out: Path, base: str, record: dict[str, Any]) -> Pa
     import paddlenlp.transformers as pt
     from paddlenlp.transformers import AutoConfig
     from safetensors import safe_open
-
-    from ftlab.interop.hf_in import paddle_dir
-    from ftlab.models.config_json import family_of, read_config_json
 
     check_out_dir(out)
     lora = json.loads((final / "lora_config.json").read_text())

@@ -21,6 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ftlab.data.templates import NAMED_TEMPLATES
+
 SPM_HF = "tokenizer.model"
 SPM_PADDLE = "sentencepiece.bpe.model"
 FAST_FILE = "tokenizer.json"
@@ -166,7 +168,6 @@ def jinja_of(named: Any) -> str:
 
 def trained_template(setting: str | None, saved: Path) -> tuple[str | None, str]:
     """(jinja template, note) for the run's ``data.chat_template`` setting."""
-    from ftlab.data.templates import NAMED_TEMPLATES
 
     if setting in (None, "none", "null"):
         return None, "the run used plain concatenation (data.chat_template=null): no template"

@@ -40,6 +40,7 @@ from ftlab.methods.merging import fold_linear_adapters
 from ftlab.methods.registry import register_method
 from ftlab.models.arch import model_linears
 from ftlab.models.families import family
+from ftlab.models.weights import read_safetensors
 
 if TYPE_CHECKING:
     import paddle
@@ -151,8 +152,6 @@ def pissa_init(layer: Any) -> tuple[Any, Any]:
 def restore_pissa_residual(model: Any, init_file: Path) -> None:
     """Turn a fresh base's adapted weights into the residuals PiSSA trained on."""
     import paddle
-
-    from ftlab.models.weights import read_safetensors
 
     init = read_safetensors(init_file)
     layers = lora_layers(model.model)

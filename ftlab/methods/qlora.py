@@ -25,6 +25,7 @@ from ftlab.methods.lora import Lora, LoraMethodConfig, lora_alpha
 from ftlab.methods.registry import AdapterPlan, register_method
 from ftlab.models.compat import apply_fixes
 from ftlab.models.loading import (
+    check_model_dir,
     checkpoint_rope_theta,
     finish_model,
     load_model,
@@ -33,6 +34,7 @@ from ftlab.models.loading import (
 )
 from ftlab.models.quant.algos import ALGOS, PADDLENLP_ALGO, bytes_per_param
 from ftlab.models.quant.backend import native_backend_available
+from ftlab.models.weights import read_safetensors
 
 if TYPE_CHECKING:
     import paddle
@@ -143,7 +145,6 @@ class QLora(Lora):
         overrides: Mapping[str, Any] | None = None,
     ) -> paddle.nn.Layer:
         """Quantize each target weight as the checkpoint is read (ftlab backend)."""
-        from ftlab.models.loading import check_model_dir
 
         backend = resolve_backend(cfg)  # training runs here: this machine decides
         overrides = dict(overrides or {})
@@ -208,7 +209,6 @@ class QLora(Lora):
     ) -> paddle.nn.Layer:
         """``base`` must be the float base model; it is re-quantized with the saved spec."""
         from ftlab.models.quant.qlinear import QLoRASpec, load_lora_state_dict, quantize_model
-        from ftlab.models.weights import read_safetensors
 
         qfile = trained_dir / QUANT_CONFIG_FILE
         if not qfile.exists():

@@ -35,6 +35,7 @@ from ftlab.config.schema import MethodConfig
 from ftlab.errors import ConfigError, ModelLoadError
 from ftlab.methods.registry import AdapterPlan, Method, register_method
 from ftlab.models.loading import decoder_layers, num_layers
+from ftlab.models.weights import read_safetensors
 
 if TYPE_CHECKING:
     import numpy as np
@@ -340,8 +341,6 @@ class Reft(Method):
         self, base: paddle.nn.Layer, trained_dir: Path, cfg: ReftMethodConfig | None = None
     ) -> paddle.nn.Layer:
         import paddle
-
-        from ftlab.models.weights import read_safetensors
 
         trained_dir = Path(trained_dir)
         record, weights = trained_dir / REFT_RECORD, trained_dir / REFT_WEIGHTS

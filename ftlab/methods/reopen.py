@@ -18,6 +18,7 @@ from ftlab.config.schema import MethodConfig, ModelConfig, PrecisionConfig
 from ftlab.errors import ConfigError, ModelLoadError
 from ftlab.methods.catalog import get_method, method_schemas
 from ftlab.models.loading import load_model, load_tokenizer, output_logits, weight_dtype
+from ftlab.models.weights import check_safetensors_dir, refuse_pickles
 from ftlab.record.rundir import METHOD_RECORD, RESOLVED_CONFIG, RunDir
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -70,7 +71,6 @@ def _tokenizer(model_cfg: ModelConfig, saved_dir: Path) -> Any:
 def check_saved_dir(saved_dir: Path, allow_pickle: bool) -> None:
     """A run's ``final/`` (or any saved dir) before a method reads it: no pickle (unless
     allowed), no damaged or missing safetensors file."""
-    from ftlab.models.weights import check_safetensors_dir, refuse_pickles
 
     refuse_pickles(saved_dir, allow_pickle, "a trained model or adapter")
     check_safetensors_dir(saved_dir)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.errors import ModelLoadError
+from ftlab.models.weights import read_safetensors
 
 ADAPTER_STATE = "ftlab_adapter.safetensors"
 
@@ -37,8 +38,6 @@ def save_peft_model(model: Any, save_directory: str, config: Any, **kwargs: Any)
 def load_trainable_state(model: Any, trained_dir: Path) -> None:
     """Set a PEFT model's trainable tensors from ``trained_dir``, refusing a mismatched set."""
     import paddle
-
-    from ftlab.models.weights import read_safetensors
 
     path = Path(trained_dir) / ADAPTER_STATE
     if not path.is_file():

@@ -18,6 +18,7 @@ from ftlab.models.compat import apply_fixes
 from ftlab.models.config_json import looks_local
 from ftlab.models.families import FAMILIES
 from ftlab.models.rope import DEFAULT_ROPE_THETA, long_sequence_config
+from ftlab.models.weights import check_safetensors_dir, refuse_pickles
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,6 @@ def finish_model(model: Any) -> Any:
 def check_model_dir(cfg: ModelConfig) -> None:
     """Before a local model directory reaches a loader: no pickle read (unless
     ``model.allow_pickle``), no damaged safetensors file (``ftlab.models.weights``)."""
-    from ftlab.models.weights import check_safetensors_dir, refuse_pickles
 
     path = Path(cfg.name_or_path).expanduser()
     if path.is_dir():

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from ftlab import console
 from ftlab.config.overrides import flatten, given_value, override
+from ftlab.distributed.launch import inside_worker
 from ftlab.errors import ConfigError, FtlabError
 from ftlab.methods.catalog import registered_methods
 from ftlab.models.weights import safetensors_problem
@@ -106,7 +107,6 @@ def check_resumable(run_dir: Path, new: list[str]) -> None:
     is still alive on this machine is refused (two processes would write one run dir), and
     so is a run without a usable checkpoint.
     """
-    from ftlab.distributed.launch import inside_worker
 
     record = RunDir(run_dir)
     # Two resumes started together both see a run that is not running: the first to take

@@ -34,6 +34,7 @@ from ftlab.data.formats import FORMATS, TEXT_FORMATS
 from ftlab.errors import ConfigError
 from ftlab.methods.catalog import get_method
 from ftlab.stages.grpo_loss import LOSS_TYPES
+from ftlab.stages.grpo_plan import grpo_memory
 from ftlab.stages.preference_stage import REFERENCE_LINES, refuse_unsupported_method
 from ftlab.stages.registry import (
     REFERENCE_ADAPTER,
@@ -44,7 +45,7 @@ from ftlab.stages.registry import (
     process_count,
     register_stage,
 )
-from ftlab.stages.rewards import RewardContext, check_reward_settings, load_reward
+from ftlab.stages.rewards import RewardContext, RewardSet, check_reward_settings, load_reward
 
 if TYPE_CHECKING:
     from ftlab.config.environment import Environment
@@ -204,7 +205,6 @@ class Grpo(Stage):
     # ------------------------------------------------------------------ plan
 
     def plan(self, run: RunConfig) -> StagePlan:
-        from ftlab.stages.grpo_plan import grpo_memory
 
         s = run.stage
         reference = self.reference(run)
@@ -280,7 +280,6 @@ class Grpo(Stage):
         self, run: RunConfig, *, reference_model: Any, method: Any, **kwargs: Any
     ) -> Any:
         from ftlab.stages.grpo_trainer import GrpoSettings, GrpoTrainer
-        from ftlab.stages.rewards import RewardSet
         from ftlab.training.trainer import MetricsJsonl
 
         s = run.stage

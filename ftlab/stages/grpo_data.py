@@ -19,9 +19,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import paddle
 
+from ftlab.data.build import _check_tokenizer, _dev_pairs, _valid
 from ftlab.data.bundle import DataBundle
 from ftlab.data.examples import ExampleBuilder, Limits
+from ftlab.data.formats import detect_format
+from ftlab.data.records import BadRecords, read_split
+from ftlab.data.settings import check_data_settings
+from ftlab.data.splits import resolve_split_files
 from ftlab.data.stats import DataStats, SplitStats
+from ftlab.data.templates import make_renderer
 from ftlab.errors import DataError
 
 if TYPE_CHECKING:
@@ -57,12 +63,6 @@ def collate_indices(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def build_prompt_data(run: RunConfig, tokenizer: Any) -> DataBundle:
-    from ftlab.data.build import _check_tokenizer, _dev_pairs, _valid
-    from ftlab.data.formats import detect_format
-    from ftlab.data.records import BadRecords, read_split
-    from ftlab.data.settings import check_data_settings
-    from ftlab.data.splits import resolve_split_files
-    from ftlab.data.templates import make_renderer
 
     cfg, s = run.data, run.stage
     check_data_settings(cfg, run.train.max_steps)

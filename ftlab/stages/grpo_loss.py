@@ -28,10 +28,13 @@ completion tokens; positions outside the mask are ignored whatever they hold.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
+# The stage's schema reads LOSS_TYPES when ftlab composes a run (``ftlab --help`` too), so
+# this module loads numpy and Paddle only inside the functions that compute.
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 STD_EPSILON = 1e-4  # TRL's: a group whose rewards are all equal gets advantages 0, not nan
 
@@ -39,6 +42,8 @@ STD_EPSILON = 1e-4  # TRL's: a group whose rewards are all equal gets advantages
 def group_advantages(rewards: np.ndarray, group_size: int, scale_rewards: bool) -> np.ndarray:
     """Each reward minus its group's mean (divided by the group's std + 1e-4 when
     ``scale_rewards``); ``rewards`` holds consecutive groups of ``group_size``."""
+    import numpy as np
+
     r = np.asarray(rewards, dtype=np.float64)
     if group_size < 2 or r.ndim != 1 or r.size % group_size:
         raise ValueError(f"{r.size} rewards do not form groups of {group_size} (>= 2)")

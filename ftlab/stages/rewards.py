@@ -41,12 +41,15 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ftlab.config.choices import suggest
+from ftlab.data.formats import record_conversation
 from ftlab.errors import ConfigError, FtlabError
+from ftlab.evaluation.entity_recall import entity_hits
+
+if TYPE_CHECKING:  # validation reads this module (ftlab --help too): numpy loads on use
+    import numpy as np
 
 RewardFn = Callable[[list[str], list[str], list[dict[str, Any]]], Sequence[float]]
 
@@ -64,13 +67,11 @@ class RewardContext:
 
 
 def _targets(ctx: RewardContext, records: list[dict[str, Any]]) -> list[str]:
-    from ftlab.data.formats import record_conversation
 
     return [record_conversation(r, ctx.data_format).turns[-1].assistant for r in records]
 
 
 def _entity_recall(ctx: RewardContext) -> RewardFn:
-    from ftlab.evaluation.entity_recall import entity_hits
 
     def entity_recall(
         prompts: list[str], completions: list[str], records: list[dict[str, Any]]
@@ -237,6 +238,8 @@ class RewardSet:
     ) -> Scored:
         """Every function on the batch; RewardError naming the function, the step and the
         records when one fails. ``where``: each record's ``file:line``."""
+        import numpy as np
+
         per: dict[str, np.ndarray] = {}
         total = np.zeros(len(completions))
         functions = zip(self.names, self.labels, self.functions, self.weights, strict=True)
@@ -256,6 +259,8 @@ class RewardSet:
         where: list[str],
         step: int,
     ) -> np.ndarray:
+        import numpy as np
+
         at = f"reward {name!r} at step {step}"
         try:
             values = fn(list(prompts), list(completions), [dict(r) for r in records])

@@ -26,6 +26,9 @@ import paddle.nn.functional as F
 from paddlenlp.trainer import Trainer
 
 from ftlab.data.preference_examples import count_records
+from ftlab.evaluation.generation import prompt_ids
+from ftlab.methods.reopen import load_trained
+from ftlab.record.rundir import RunDir
 from ftlab.training.trainer import FtlabTrainerMixin
 
 HEAD = "reward_head"
@@ -156,8 +159,6 @@ class RewardModelScorer:
     """
 
     def __init__(self, run_dir: Path | str, batch_size: int = 32) -> None:
-        from ftlab.methods.reopen import load_trained
-        from ftlab.record.rundir import RunDir
 
         self.model, self.tokenizer = load_trained(run_dir)
         self.model.eval()
@@ -167,7 +168,6 @@ class RewardModelScorer:
     def __call__(
         self, prompts: list[str], completions: list[str], records: list[dict[str, Any]]
     ) -> list[float]:
-        from ftlab.evaluation.generation import prompt_ids
 
         tok = self.tokenizer
         seqs = [

@@ -35,6 +35,7 @@ import paddle
 import paddle.distributed as dist
 
 from ftlab import signals
+from ftlab.config.cpu_runtime import apply_cpu_threads
 from ftlab.config.derived import Derived
 from ftlab.config.schema import ModelConfig, RunConfig
 from ftlab.data.collate import count_tokens
@@ -44,9 +45,11 @@ from ftlab.errors import ConfigError
 from ftlab.evaluation.entity_recall import EntityRecall, entity_recall
 from ftlab.evaluation.generation import prompt_ids
 from ftlab.evaluation.text_metrics import GenerationResult, evaluate_generation, resolve_units
+from ftlab.interop.hf_in import conversion_records
 from ftlab.methods.catalog import get_method
 from ftlab.methods.neftune import add_neftune_hook
 from ftlab.models.loading import load_tokenizer, parameter_counts, weight_dtype
+from ftlab.models.weights import refuse_pickles
 from ftlab.record import phases
 from ftlab.record.provenance import environment_record
 from ftlab.record.resume import (
@@ -67,7 +70,7 @@ from ftlab.record.rundir import (
 )
 from ftlab.record.summary import Summary
 from ftlab.resolve.compose import resolved_config_yaml, to_plain_dict
-from ftlab.resolve.validate import check_demo_metric
+from ftlab.resolve.validate import check_demo_metric, refuse_text_generation
 from ftlab.stages.catalog import get_stage
 from ftlab.stages.init import init_model_path, inspect_init, materialize_init
 from ftlab.stages.registry import REFERENCE_COPY
@@ -152,8 +155,6 @@ def train(run: RunConfig, run_dir: RunDir, derived: Derived) -> Summary:
     reset_peak_memory()  # one process may run several sweep jobs
     run_dir = RunDir(run_dir.path, is_main=_is_rank_zero())
     if derived.cpu_threads is not None:
-        from ftlab.config.cpu_runtime import apply_cpu_threads
-
         apply_cpu_threads(derived.cpu_threads)
         if _is_rank_zero():
             console.info(
@@ -177,8 +178,6 @@ def _generation_for_data(run: RunConfig, data: Any, derived: Derived) -> Derived
     data.format=auto, alone or as a mixture's source) have none. Asked for explicitly:
     refused; on by default: turned off with one console line, recorded in
     ``derived.eval_generation``."""
-    from ftlab.data.formats import TEXT_FORMATS
-    from ftlab.resolve.validate import refuse_text_generation
 
     formats = {data.format, *(p.format for p in data.parts.values())}
     text = sorted(formats & set(TEXT_FORMATS))
@@ -223,7 +222,6 @@ def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
         )
 
     record = {FINGERPRINTS: data.fingerprints, RESOLVED_CONFIG: resolved_config_yaml(run, derived)}
-    from ftlab.interop.hf_in import conversion_records
 
     if conversion_records():  # a Hugging Face base: its source hashes and conversion
         record[MODEL_SOURCE] = {"hf_conversions": conversion_records()}
@@ -622,7 +620,6 @@ def _prepare_resume(run: RunConfig, run_dir: RunDir, derived: Derived) -> tuple[
         run_dir.path, {**to_plain_dict(run), "derived": derived.to_dict()}
     )
     checkpoint, warnings = pick_checkpoint(run_dir.path)
-    from ftlab.models.weights import refuse_pickles
 
     # PaddleNLP's resume reads lora_model_state.pdparams, *.pdopt, scheduler.pdparams if there.
     refuse_pickles(checkpoint, run.model.allow_pickle, "checkpoint state")
