@@ -74,6 +74,9 @@ class Tracker:
     name: str  # a ``report_to`` value
     module: str  # the package PaddleNLP's callback imports
     install: str
+    # PaddleNLP builds the callback from TrainingArguments.report_to; False: ftlab adds its
+    # own (the name must then stay out of report_to: PaddleNLP refuses names it lacks).
+    paddlenlp: bool = True
 
 
 TRACKERS: dict[str, Tracker] = {
@@ -82,8 +85,14 @@ TRACKERS: dict[str, Tracker] = {
         Tracker("visualdl", "visualdl", "pip install visualdl"),
         Tracker("tensorboard", "tensorboardX", "pip install tensorboardX"),
         Tracker("wandb", "wandb", "pip install wandb"),
+        Tracker("mlflow", "mlflow", "pip install mlflow-skinny", paddlenlp=False),
     )
 }
+
+
+def paddlenlp_trackers(names: list[str]) -> list[str]:
+    """The ``report_to`` names PaddleNLP's TrainingArguments take (its own callbacks)."""
+    return [n for n in names if TRACKERS[n].paddlenlp]
 
 
 def tracker_available(name: str) -> bool:

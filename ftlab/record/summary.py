@@ -43,6 +43,8 @@ class Summary:
     # The stage's own metrics (DPO's rewards/accuracies, ...): "train/<key>" for the last
     # logging interval, "eval/<key>" for the dev set.
     stage_metrics: dict[str, float] = field(default_factory=dict)
+    # Trackers that can be off (train.report_to=mlflow): uri, run_id, or "off": why.
+    tracking: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

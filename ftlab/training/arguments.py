@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.config.schema import PrecisionConfig, RunConfig
+from ftlab.config.trainer_options import paddlenlp_trackers
 from ftlab.distributed.layout import parallel_training_arguments
 from ftlab.record.rundir import CHECKPOINTS, VISUALDL
 
@@ -113,7 +114,7 @@ def shared_arguments(run: RunConfig) -> dict[str, Any]:
         **{key: setting(run, dotted) for key, dotted in TRAIN_KEYS.items()},
         **optimizer_arguments(run),
         **recompute_arguments(run),
-        "report_to": list(run.train.report_to),
+        "report_to": paddlenlp_trackers(list(run.train.report_to)),
         **precision_arguments(run.precision),
         **parallel_training_arguments(run.parallel),
     }

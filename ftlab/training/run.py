@@ -47,7 +47,13 @@ from ftlab.record.rundir import (
 from ftlab.record.summary import Summary
 from ftlab.stages.registry import REFERENCE_COPY
 from ftlab.training.progress import console
-from ftlab.training.trackers import attach_trackers, write_final_scalars
+from ftlab.training.trackers import (
+    attach_trackers,
+    close_open_trackers,
+    finish_trackers,
+    tracking_status,
+    write_final_scalars,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +119,12 @@ def train(run: RunConfig, run_dir: RunDir, derived: Derived) -> Summary:
     seed_everything(run.train.seed)
     prepared = prepare_data(run, run_dir, derived)
     built = build_model(run, run_dir, prepared)
-    fitted = fit(run, run_dir, prepared, built)
-    return finalize(run, run_dir, prepared, built, fitted, started)
+    try:
+        fitted = fit(run, run_dir, prepared, built)
+        return finalize(run, run_dir, prepared, built, fitted, started)
+    except BaseException:
+        close_open_trackers()  # an MLflow run of a failed or interrupted run ends FAILED
+        raise
 
 
 def prepare_data(run: RunConfig, run_dir: RunDir, derived: Derived) -> Prepared:
@@ -329,7 +339,7 @@ def finalize(
         for key, value in _scores(tuned_gen).items():
             scalars[f"final/{key}"] = [(0, _scores(base_gen)[key]), (fitted.steps, value)]
         run_dir.write_jsonl(PREDICTIONS, _predictions(base_gen, tuned_gen))
-    write_final_scalars(run_dir, fitted.steps, scalars, run.train.report_to)
+    write_final_scalars(run_dir, fitted.steps, scalars, run.train.report_to, fitted.trainer)
 
     built.method.save_final(fitted.trainer, built.model, run_dir.final)
     run_dir.save_tokenizer(prepared.tokenizer)
@@ -363,10 +373,12 @@ def finalize(
         wall_seconds=round(time.perf_counter() - started, 2),
         derived=prepared.derived.to_dict(),
         data=prepared.data.stats.to_dict(),
+        tracking=tracking_status(fitted.trainer, run.train.report_to),
     )
     if tuned is not None:
         run_dir.write_jsonl(SAMPLES, _samples(base, tuned, run.eval.num_samples))
     run_dir.write_json(SUMMARY, summary.to_dict())
+    finish_trackers(fitted.trainer, run.train.report_to)
     return summary
 
 
