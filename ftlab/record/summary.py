@@ -89,11 +89,20 @@ class Summary:
             f"({fmt(self.effective_tokens_per_second, '.0f')} non-padding)",
             f"peak memory    {fmt(self.peak_memory_mb, '.0f')} MiB",
             *self._stage_lines(),
+            *self._tracking_lines(),
             f"trainable      {params.get('trainable', 0):,} of {params.get('total', 0):,} params",
             f"time           train {fmt(self.train_seconds, '.1f')} s, run "
             f"{fmt(self.wall_seconds, '.1f')} s",
         ]
         return "\n".join(["", "ftlab summary", *("  " + x for x in lines)])
+
+    def _tracking_lines(self) -> list[str]:
+        m = (self.tracking or {}).get("mlflow")
+        if not m:
+            return []
+        if m.get("off"):
+            return [f"mlflow         off ({m['uri']}): {m['off'][:120]}"]
+        return [f"mlflow         run {m.get('run_id')} in {m['uri']}"]
 
     def _mixture_lines(self, fmt: Any) -> list[str]:
         sources = (self.data or {}).get("sources")

@@ -177,7 +177,7 @@ class MlflowTracker(TrainerCallback):
         self.status["off"] = _describe(err)
         self.client = None
         console.warning(
-            "warning: mlflow tracking is off for this run (%s): %s. Training goes on; "
+            "mlflow tracking is off for this run (%s): %s. Training goes on; "
             "metrics.jsonl has every metric.",
             self.uri,
             self.status["off"],
@@ -329,6 +329,4 @@ def finish_sweep(sweep_dir: Path, files: list[Path]) -> None:
                     client.log_artifact(parent["run_id"], str(path))
             client.set_terminated(parent["run_id"], status=RunStatus.to_string(RunStatus.FINISHED))
     except Exception as err:  # noqa: BLE001 - the sweep's own summary is already written
-        console.warning(
-            "warning: mlflow: the sweep's parent run was not closed: %s", _describe(err)
-        )
+        console.warning("mlflow: the sweep's parent run was not closed: %s", _describe(err))
