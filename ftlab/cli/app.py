@@ -32,6 +32,7 @@ from ftlab.distributed.launch import inside_worker
 from ftlab.errors import FtlabError
 from ftlab.record.rundir import (
     ERROR,
+    SUMMARY,
     DiskFullError,
     RunDir,
     check_given_dir,
@@ -252,6 +253,10 @@ def record_outcome(
         context["resume"] = _resume_command(run_dir) if checkpoint else None
     # A failed launch names the failed rank, its host and exit in fields of their own.
     context.update(getattr(error, "status_fields", {}))
+    if error is None and record.exists(SUMMARY):  # train.early_stopping_patience ended it
+        stopped = record.read_json(SUMMARY).get("stopped_early_at")
+        if stopped is not None:
+            context["stopped_early_at"] = stopped
     record_status(record, started, error, context)
 
 

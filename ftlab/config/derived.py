@@ -53,6 +53,10 @@ class Derived:
     # init_from: the run (or adapter dir) started from, and the model loaded as the base.
     init_from: str | None = None
     init_model: str | None = None
+    # The metric that ranks checkpoints (train.metric_for_best_model, or loss when the best
+    # checkpoint or early stopping needs one) and whether greater is better, as it implies.
+    metric_for_best_model: str | None = None
+    greater_is_better: bool | None = None
     # Validated against a described machine (plan/export for a GPU target): what was assumed.
     assumptions: tuple[str, ...] | None = None
 

@@ -267,7 +267,16 @@ class TrainSettings:
     # "flash_attn:-1" (-1: every layer, 0: none, k: the first k layers).
     refined_recompute: str = ""
     no_recompute_layers: list[int] | None = None  # decoder layers never recomputed
-    report_to: list[str] = field(default_factory=lambda: ["visualdl"])  # + tensorboard, wandb
+    # visualdl, tensorboard, wandb, mlflow
+    report_to: list[str] = field(default_factory=lambda: ["visualdl"])
+    # --- the best checkpoint and early stopping (docs/tracking.md); PaddleNLP's names
+    # The eval metric that ranks checkpoints: loss | ppl (eval_ prefix optional); null: off
+    # (loss when load_best_model_at_end is set).
+    metric_for_best_model: str | None = None
+    greater_is_better: bool | None = None  # null: what the metric implies (derived)
+    load_best_model_at_end: bool = False  # final/ = the best checkpoint's weights
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0: off
+    early_stopping_threshold: float = 0.0  # how much the metric must improve to count
 
 
 @dataclass

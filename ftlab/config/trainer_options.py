@@ -137,3 +137,26 @@ def parse_refined_recompute(text: str) -> dict[str, int]:
             raise ConfigError(f"train.refined_recompute={text!r}: {op} is given twice.")
         out[op] = skip
     return out
+
+
+# --------------------------------------------------------------------------- best checkpoint
+
+# What an evaluation during training computes, by the name ``metric_for_best_model`` takes
+# (PaddleNLP adds the ``eval_`` prefix), and whether greater is better. PaddleNLP's
+# ``Trainer.evaluate`` returns eval_loss; its SFTTrainer's ``log`` adds eval_ppl to the same
+# dict (exp of the loss: it ranks checkpoints as the loss does). PaddleNLP itself would
+# take greater_is_better=True for any name but loss, wrong for ppl: ftlab derives it here.
+EVAL_METRICS: dict[str, bool] = {"loss": False, "ppl": False}
+LIKELIHOOD_ONLY = ("ppl",)  # exp of a DPO/KTO loss is no perplexity; their Trainer omits it
+# Metrics ftlab computes once, after training: they cannot rank checkpoints.
+FINAL_ONLY_METRICS = ("entity_recall", "bleu4", "rouge1", "rouge2", "rougel")
+
+
+def best_metric_name(name: str) -> str:
+    """``eval_loss`` -> ``loss``: the name without PaddleNLP's optional prefix."""
+    return name[len("eval_") :] if name.startswith("eval_") else name
+
+
+def eval_metrics(likelihood: bool) -> list[str]:
+    """The metrics each evaluation during training computes, for a stage."""
+    return [m for m in EVAL_METRICS if likelihood or m not in LIKELIHOOD_ONLY]

@@ -211,6 +211,12 @@ def _trainer_notes(run: RunConfig, notes: list[str]) -> None:
             "train.report_to has mlflow: PaddleNLP has no MLflow callback, so report_to "
             "leaves it out; run_finetune.py's metrics reach MLflow only through ftlab."
         )
+    if t.early_stopping_patience > 0:
+        notes.append(
+            f"train.early_stopping_patience={t.early_stopping_patience} (threshold "
+            f"{t.early_stopping_threshold:g}): run_finetune.py has no early-stopping argument; "
+            "add PaddleNLP's EarlyStoppingCallback to its Trainer to stop the same way."
+        )
     if t.optim == "adamw_mini":
         notes.append(
             "train.optim=adamw_mini: ftlab's update uses the current first moment; PaddleNLP "

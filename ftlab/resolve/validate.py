@@ -37,6 +37,7 @@ from ftlab.methods.registry import Method
 from ftlab.models.attention import attention_path
 from ftlab.models.families import FAMILIES, family
 from ftlab.models.rope import STATIC_STRATEGIES, STRATEGIES, context_length
+from ftlab.resolve.best_checkpoint import check_best_checkpoint
 from ftlab.stages.catalog import get_stage
 from ftlab.stages.init import inspect_init
 
@@ -711,6 +712,7 @@ def validate(run: RunConfig, env: Environment) -> Derived:
         context_length=context_length(run.model),
         attention=attention_path(run.model, run.data.packing, env.device).name,
         assumptions=tuple(assumptions(run, env, method)) or None,
+        **check_best_checkpoint(run.train, stage.loss_is_likelihood),
     )
 
 

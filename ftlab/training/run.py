@@ -233,6 +233,7 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
     from ftlab.data import count_tokens
     from ftlab.data.formats import TEXT_FORMATS
     from ftlab.record.resume import checkpoint_step
+    from ftlab.training.best import early_stopping_callbacks
     from ftlab.training.trainer import ConsoleProgress, MetricsJsonl
 
     data = prepared.data
@@ -246,7 +247,12 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
         eval_dataset=data.dev_dataset,
         tokenizer=prepared.tokenizer,
         data_collator=data.collate_fn,
-        callbacks=[prepared.record_start, MetricsJsonl(run_dir), ConsoleProgress()],
+        callbacks=[
+            prepared.record_start,
+            MetricsJsonl(run_dir),
+            ConsoleProgress(),
+            *early_stopping_callbacks(run),
+        ],
         count_tokens=count_tokens,
         shuffle=run.data.shuffle,
     )
@@ -319,6 +325,7 @@ def finalize(
     fitted: Fitted,
     started: float,
 ) -> Summary:
+    from ftlab.training.best import best_record, stopped_early_at
     from ftlab.training.memory import peak_memory_mb
 
     base, tuned, evals = built.base_metric, fitted.tuned_metric, fitted.eval_metrics
@@ -373,6 +380,8 @@ def finalize(
         wall_seconds=round(time.perf_counter() - started, 2),
         derived=prepared.derived.to_dict(),
         data=prepared.data.stats.to_dict(),
+        best_checkpoint=best_record(run, fitted.trainer),
+        stopped_early_at=stopped_early_at(run, fitted.steps, prepared.derived.total_steps),
         tracking=tracking_status(fitted.trainer, run.train.report_to),
     )
     if tuned is not None:
