@@ -11,6 +11,7 @@ import pytest
 from conftest import CONF_DIR, CPU, compose_run
 from test_e2e import read_jsonl, run_ftlab
 
+from ftlab.cli.runs import main as runs_main
 from ftlab.errors import ConfigError
 from ftlab.interop.paddlenlp_export import run_finetune_arguments
 from ftlab.interop.paddlenlp_import import BEST_KEYS, import_arguments, script_defaults
@@ -142,7 +143,7 @@ def weights(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def test_final_is_the_best_checkpoint_and_the_limit_keeps_it(tmp_path: Path) -> None:
+def test_final_is_the_best_checkpoint_and_the_limit_keeps_it(tmp_path: Path, capsys) -> None:
     """4 steps, eval and save at each, limit 1: the best (step 2) and the newest (step 4)
     are kept; final/ holds step 2's weights bit for bit, not step 4's."""
     run_ftlab(
@@ -174,10 +175,12 @@ def test_final_is_the_best_checkpoint_and_the_limit_keeps_it(tmp_path: Path) -> 
     assert b["value"] == pytest.approx(evals[best_step], rel=1e-6)
     assert summary["eval_loss"] == pytest.approx(evals[best_step], rel=1e-6)  # final eval
     assert summary["stopped_early_at"] is None
+    runs_main([str(tmp_path / "outputs")])
+    assert f"step {best_step} loss {evals[best_step]:.4f}" in capsys.readouterr().out
 
 
 def test_early_stopping_stops_at_the_first_evaluation_that_does_not_improve(
-    tmp_path: Path,
+    tmp_path: Path, capsys
 ) -> None:
     """Patience 1 on the same schedule: step 2 is the best, step 3 is worse, so the run
     ends at step 3 of 6, completed, with stopped_early_at: 3."""
@@ -196,3 +199,5 @@ def test_early_stopping_stops_at_the_first_evaluation_that_does_not_improve(
     assert summary["steps"] == 3 and summary["stopped_early_at"] == 3
     assert summary["best_checkpoint"]["step"] == 2
     assert "stopped early  at step 3" in proc.stdout + proc.stderr
+    runs_main([str(tmp_path / "outputs")])
+    assert "(stopped at 3)" in capsys.readouterr().out
