@@ -92,6 +92,8 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     derived = validate_for(run, env)
     if decision is not None:
         derived = derived.with_(auto_layout=decision.chosen.label)
+        if run.mode != "plan":  # the plan prints its disk line and warning itself
+            _warn_disk(run, derived, env, run_dir)
     if run.mode == "train":  # plan and export read no data (it may live on the target)
         from ftlab.data.splits import resolve_split_files
         from ftlab.errors import DataError
@@ -141,6 +143,15 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     if _is_rank_zero():
         console.info(summary.format())
     return summary
+
+
+def _warn_disk(run: Any, derived: Any, env: Any, run_dir: Path) -> None:
+    """parallel=auto: say when the chosen run's checkpoints would not fit the disk."""
+    from ftlab.planning.disk import disk_warning, plan_disk
+
+    warning = disk_warning(plan_disk(run, derived.world_size, env.described, run_dir))
+    if warning and not inside_worker():
+        console.warning(warning)
 
 
 def _datasets(data: Any) -> list[Any]:

@@ -225,6 +225,9 @@ class LaunchConfig:
     intra_node_gbps: float | None = None  # collective bus bandwidth per device in a node, GB/s
     inter_node_gbps: float | None = None  # ... across nodes, GB/s per device
     host_gbps: float | None = None  # device <-> host copies (sharding offload), GB/s
+    # Disk free for the run's checkpoints and final/ (GiB); None: probed on this machine
+    # (the free space where outputs/ lives), unknown for a described target.
+    disk_gib: float | None = None
 
 
 # --------------------------------------------------------------------------- precision
@@ -277,6 +280,10 @@ class TrainSettings:
     load_best_model_at_end: bool = False  # final/ = the best checkpoint's weights
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0: off
     early_stopping_threshold: float = 0.0  # how much the metric must improve to count
+    # PaddleNLP's unified-checkpoint options (multi-process runs; docs/tracking.md):
+    # async_save | skip_save_model_weight | remove_master_weight
+    unified_checkpoint_config: list[str] = field(default_factory=list)
+    ckpt_quant_stage: str = "O0"  # O0 off | O1 int8 | O2 int4 optimizer moments in checkpoints
 
 
 @dataclass

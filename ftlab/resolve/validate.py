@@ -37,6 +37,7 @@ from ftlab.methods.registry import Method
 from ftlab.models.attention import attention_path
 from ftlab.models.families import FAMILIES, family
 from ftlab.models.rope import STATIC_STRATEGIES, STRATEGIES, context_length
+from ftlab.planning.disk import check_checkpoint_options
 from ftlab.resolve.best_checkpoint import check_best_checkpoint
 from ftlab.stages.catalog import get_stage
 from ftlab.stages.init import inspect_init
@@ -685,6 +686,7 @@ def validate(run: RunConfig, env: Environment) -> Derived:
     check_optimizer(run, env)
     check_recompute(run)
     check_trackers(run)
+    check_checkpoint_options(run, layout["world_size"])
     generation = check_generation(run)
     check_long_sequences(run, method)
     stage = get_stage(run.stage.name)

@@ -122,7 +122,18 @@ def shared_arguments(run: RunConfig) -> dict[str, Any]:
         **precision_arguments(run.precision),
         **parallel_training_arguments(run.parallel),
         **best_checkpoint_arguments(run),
+        **checkpoint_option_arguments(run),
     }
+
+
+def checkpoint_option_arguments(run: RunConfig) -> dict[str, Any]:
+    """PaddleNLP's unified-checkpoint options, when set (validation checked them)."""
+    t, out = run.train, {}
+    if t.unified_checkpoint_config:
+        out["unified_checkpoint_config"] = " ".join(t.unified_checkpoint_config)
+    if t.ckpt_quant_stage != "O0":
+        out["ckpt_quant_stage"] = t.ckpt_quant_stage
+    return out
 
 
 def best_checkpoint_arguments(run: RunConfig) -> dict[str, Any]:
