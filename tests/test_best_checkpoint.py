@@ -201,3 +201,11 @@ def test_early_stopping_stops_at_the_first_evaluation_that_does_not_improve(
     assert "stopped early  at step 3" in proc.stdout + proc.stderr
     runs_main([str(tmp_path / "outputs")])
     assert "(stopped at 3)" in capsys.readouterr().out
+
+
+def test_ranking_checkpoints_without_a_dev_split_is_refused_before_the_model(tmp_path) -> None:
+    from ftlab.training.arguments import training_arguments
+
+    run = compose_run(["train.load_best_model_at_end=true", *EVERY_STEP])
+    with pytest.raises(ConfigError, match="needs evaluations, but the run has no dev split"):
+        training_arguments(run, tmp_path, 4, has_eval=False)

@@ -36,6 +36,7 @@ from ftlab.config.schema import RunConfig
 from ftlab.config.trainer_options import OPTIMIZERS_TABLE
 from ftlab.errors import ConfigError
 from ftlab.methods.catalog import get_method
+from ftlab.models.arch import base_counts
 
 GIB = 1024**3
 # Measured on a stories260k LoRA checkpoint (70 tensors, names ~60 characters): header +
@@ -144,24 +145,23 @@ def _saved_tensors(run: RunConfig, trains_base: bool, targets: int) -> int:
 
 def estimate_disk(run: RunConfig, world_size: int, total_steps: int | None) -> DiskEstimate:
     """The checkpoint, ``final/`` and run totals (see the module docstring)."""
-    from ftlab.planning.plan import count_parameters
-
     plan = get_method(run.method.name).plan(run)
-    counts = count_parameters(run, plan)
+    base = base_counts(run.model)
+    trainable = base.total if plan.trains_base else plan.adapter
     t, p = run.train, run.precision
     half = p.amp_level == "O2" and p.dtype != "float32"
     weight_b = 4 if (plan.adapter_fp32 or not half) else 2
-    saved_params = counts.total - counts.quantized if plan.trains_base else counts.trainable
+    saved_params = trainable
     if plan.trains_base and run.model.arch.tie_word_embeddings:
         # A tied LM head is written under its own name too (measured: stories260k full
         # fine-tuning saves lm_head.weight beside the embedding); the optimizer keeps one.
-        saved_params += counts.embedding
+        saved_params += base.embedding
     options = set(t.unified_checkpoint_config) if world_size > 1 else set()
     quant = CKPT_QUANT_STAGES[t.ckpt_quant_stage] if world_size > 1 else None
     opt = OPTIMIZERS_TABLE[t.optim]
     moment_b = weight_b if (opt.moments_follow_param_dtype and weight_b == 2) else 4
     moment_b = quant if quant is not None else moment_b
-    masters = counts.trainable * 4 if weight_b == 2 else 0
+    masters = trainable * 4 if weight_b == 2 else 0
     notes: list[str] = []
     if masters and "remove_master_weight" in options:
         masters = 0
@@ -173,7 +173,7 @@ def estimate_disk(run: RunConfig, world_size: int, total_steps: int | None) -> D
         notes.append("skip_save_model_weight: checkpoints hold no model weights")
     if quant is not None:
         notes.append(f"ckpt_quant_stage={t.ckpt_quant_stage}: optimizer moments {quant:g} byte")
-    optimizer = math.ceil(counts.trainable * opt.moments_per_param * moment_b)
+    optimizer = math.ceil(trainable * opt.moments_per_param * moment_b)
     tensors = _saved_tensors(run, plan.trains_base, len(plan.targets))
     overhead = tensors * (OPTIMIZER_TENSOR_BYTES + (WEIGHT_TENSOR_BYTES if weights else 0))
     tokenizer, note = _tokenizer_bytes(run)

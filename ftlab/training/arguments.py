@@ -167,7 +167,7 @@ def training_arguments(
 
     t = run.train
     args = shared_arguments(run)
-    if "metric_for_best_model" in args and not has_eval:
+    if args.get("metric_for_best_model") and not has_eval:
         raise ConfigError(
             f"train.metric_for_best_model={args['metric_for_best_model']} (best checkpoint / "
             "early stopping) needs evaluations, but the run has no dev split: give one "
