@@ -72,6 +72,10 @@ def refused(*overrides: str) -> str:
             "a lower ppl is better",
         ),
         (("train.save_total_limit=0",), "train.save_total_limit=0: keep at least 1 checkpoint"),
+        (
+            ("method=vera", "train.load_best_model_at_end=true", *EVERY_STEP),
+            "method=vera: the method saves its own checkpoint state",
+        ),
         (("train.early_stopping_threshold=-1",), "train.early_stopping_threshold=-1.0: must be"),
     ],
 )

@@ -37,9 +37,21 @@ def best_metric(t: TrainSettings) -> str | None:
     return None
 
 
-def check_best_checkpoint(t: TrainSettings, likelihood: bool) -> dict[str, Any]:
+def check_best_checkpoint(
+    t: TrainSettings, likelihood: bool, method: str = "", unified: bool = True
+) -> dict[str, Any]:
     """Refuse what cannot work; the derived values (metric, direction) for the record.
-    ``likelihood``: the stage's loss is a likelihood (its evaluations compute ppl)."""
+    ``likelihood``: the stage's loss is a likelihood (its evaluations compute ppl);
+    ``unified``: the method saves PaddleNLP's unified checkpoint (``Method``)."""
+    if t.load_best_model_at_end and not unified:
+        # PaddleNLP 3.0.0b4 looks for its own weight file in the best checkpoint and, when
+        # it is missing, only logs a warning: final/ would silently be the last step.
+        raise ConfigError(
+            f"train.load_best_model_at_end=true with method={method}: the method saves its "
+            "own checkpoint state, which PaddleNLP's best-model loading cannot read (final/ "
+            "would silently be the last step). Keep train.metric_for_best_model to name the "
+            "best step, and load that checkpoint's state yourself."
+        )
     if t.early_stopping_patience < 0:
         raise ConfigError(
             f"train.early_stopping_patience={t.early_stopping_patience}: give the number of "

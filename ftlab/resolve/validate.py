@@ -714,7 +714,9 @@ def validate(run: RunConfig, env: Environment) -> Derived:
         context_length=context_length(run.model),
         attention=attention_path(run.model, run.data.packing, env.device).name,
         assumptions=tuple(assumptions(run, env, method)) or None,
-        **check_best_checkpoint(run.train, stage.loss_is_likelihood),
+        **check_best_checkpoint(
+            run.train, stage.loss_is_likelihood, run.method.name, method.unified_checkpoint
+        ),
     )
 
 
