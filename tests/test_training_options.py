@@ -103,7 +103,7 @@ def test_valid_recompute_details_and_trackers() -> None:
             ["train.recompute=true", "train.refined_recompute='flash_attn:-1'"],
             "model.flash_attention=false",
         ),
-        (["train.report_to=[mlflow]"], r"train.report_to='mlflow' is not one of visualdl"),
+        (["train.report_to=[comet]"], r"train.report_to='comet' is not one of visualdl"),
         (["train.report_to=[visualdl,visualdl]"], "listed twice"),
         (["eval.top_k=5"], "only apply to eval.decode_strategy=sampling"),
         (["eval.decode_strategy=sampling", "eval.top_p=0"], "0 < top_p <= 1"),

@@ -60,6 +60,7 @@ from ftlab.record.resume import (
 )
 from ftlab.record.rundir import (
     ERROR,
+    SUMMARY,
     DiskFullError,
     RunDir,
     check_given_dir,
@@ -156,6 +157,8 @@ def _resolve(cfg: DictConfig, record: RunDir) -> _Resolved:
         derived = derived.with_(mkl_path=mkl.describe())
     if decision is not None:
         derived = derived.with_(auto_layout=decision.chosen.label)
+        if run.mode != "plan":  # the plan prints its disk line and warning itself
+            _warn_disk(run, derived, env, record.path)
     return _Resolved(run, env, derived, decision, notes)
 
 
@@ -189,6 +192,15 @@ def _train_or_launch(cfg: DictConfig, run: RunConfig, derived: Derived, record: 
     if _is_rank_zero():
         console.info(summary.format())
     return summary
+
+
+def _warn_disk(run: Any, derived: Any, env: Any, run_dir: Path) -> None:
+    """parallel=auto: say when the chosen run's checkpoints would not fit the disk."""
+    from ftlab.planning.disk import disk_warning, plan_disk
+
+    warning = disk_warning(plan_disk(run, derived.world_size, env.described, run_dir))
+    if warning and not inside_worker():
+        console.warning(warning)
 
 
 def _datasets(data: Any) -> list[Any]:
@@ -294,6 +306,10 @@ def record_outcome(
         context["resume"] = _resume_command(run_dir) if checkpoint else None
     # A failed launch names the failed rank, its host and exit in fields of their own.
     context.update(getattr(error, "status_fields", {}))
+    if error is None and record.exists(SUMMARY):  # train.early_stopping_patience ended it
+        stopped = record.read_json(SUMMARY).get("stopped_early_at")
+        if stopped is not None:
+            context["stopped_early_at"] = stopped
     record_status(record, started, error, context)
 
 

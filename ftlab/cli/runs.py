@@ -37,8 +37,11 @@ COLUMNS = (
     ("final_loss", "loss", ".4f"),
     ("eval_loss", "eval", ".4f"),
     ("entity_recall", "recall", ".3f"),
+    ("best", "best", ""),
     ("run_dir", "run dir", ""),
 )
+
+OPTIONAL = ("best",)  # train.metric_for_best_model runs only
 
 
 def run_fields(run: RunRecord, root: Path) -> dict[str, Any]:
@@ -62,17 +65,32 @@ def run_fields(run: RunRecord, root: Path) -> dict[str, Any]:
         "final_loss": summary.get("final_loss"),
         "eval_loss": summary.get("eval_loss"),
         "entity_recall": summary.get("entity_recall"),
+        "best": best_label(summary),
+        "stopped_early_at": summary.stopped_early_at,
         "run_dir": _relative(run.run_dir, root),
         "error": run.error,
     }
 
 
+def best_label(summary: Summary) -> str | None:
+    """``step 2 loss 1.4884``: the best checkpoint, and where early stopping ended the run."""
+    b = summary.best_checkpoint or {}
+    if not b:
+        return None
+    text = f"step {b['step']} {b['metric']} {b['value']:.4f}"
+    if summary.stopped_early_at is not None:
+        text += f" (stopped at {summary.stopped_early_at})"
+    return text
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Left-aligned columns; ``-`` where a run has no value."""
-    cells = [[title for _, title, _ in COLUMNS]]
+    """Left-aligned columns; ``-`` where a run has no value. A column only some runs can
+    have (``OPTIONAL``) is shown when one of the listed runs has it."""
+    columns = [c for c in COLUMNS if c[0] not in OPTIONAL or any(r[c[0]] for r in rows)]
+    cells = [[title for _, title, _ in columns]]
     for row in rows:
-        cells.append([_format(row[key], spec) for key, _, spec in COLUMNS])
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+        cells.append([_format(row[key], spec) for key, _, spec in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells
     ]

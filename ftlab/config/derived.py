@@ -56,6 +56,10 @@ class Derived:
     # CPU runs: Paddle's math threads per process and MKL's code path (launch.cpu_*).
     cpu_threads: int | None = None
     mkl_path: str | None = None
+    # The metric that ranks checkpoints (train.metric_for_best_model, or loss when the best
+    # checkpoint or early stopping needs one) and whether greater is better, as it implies.
+    metric_for_best_model: str | None = None
+    greater_is_better: bool | None = None
     # Validated against a described machine (plan/export for a GPU target): what was assumed.
     assumptions: tuple[str, ...] | None = None
 

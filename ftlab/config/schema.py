@@ -230,6 +230,9 @@ class LaunchConfig:
     # process: auto -> the cores this process may use / processes per node.
     cpu_fast_path: bool = True
     cpu_threads: str = "auto"
+    # Disk free for the run's checkpoints and final/ (GiB); None: probed on this machine
+    # (the free space where outputs/ lives), unknown for a described target.
+    disk_gib: float | None = None
 
 
 # --------------------------------------------------------------------------- precision
@@ -272,7 +275,20 @@ class TrainSettings:
     # "flash_attn:-1" (-1: every layer, 0: none, k: the first k layers).
     refined_recompute: str = ""
     no_recompute_layers: list[int] | None = None  # decoder layers never recomputed
-    report_to: list[str] = field(default_factory=lambda: ["visualdl"])  # + tensorboard, wandb
+    # visualdl, tensorboard, wandb, mlflow
+    report_to: list[str] = field(default_factory=lambda: ["visualdl"])
+    # --- the best checkpoint and early stopping (docs/tracking.md); PaddleNLP's names
+    # The eval metric that ranks checkpoints: loss | ppl (eval_ prefix optional); null: off
+    # (loss when load_best_model_at_end is set).
+    metric_for_best_model: str | None = None
+    greater_is_better: bool | None = None  # null: what the metric implies (derived)
+    load_best_model_at_end: bool = False  # final/ = the best checkpoint's weights
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0: off
+    early_stopping_threshold: float = 0.0  # how much the metric must improve to count
+    # PaddleNLP's unified-checkpoint options (multi-process runs; docs/tracking.md):
+    # async_save | skip_save_model_weight | remove_master_weight
+    unified_checkpoint_config: list[str] = field(default_factory=list)
+    ckpt_quant_stage: str = "O0"  # O0 off | O1 int8 | O2 int4 optimizer moments in checkpoints
 
 
 @dataclass

@@ -74,6 +74,9 @@ class Tracker:
     name: str  # a ``report_to`` value
     module: str  # the package PaddleNLP's callback imports
     install: str
+    # PaddleNLP builds the callback from TrainingArguments.report_to; False: ftlab adds its
+    # own (the name must then stay out of report_to: PaddleNLP refuses names it lacks).
+    paddlenlp: bool = True
 
 
 TRACKERS: dict[str, Tracker] = {
@@ -82,8 +85,14 @@ TRACKERS: dict[str, Tracker] = {
         Tracker("visualdl", "visualdl", "pip install visualdl"),
         Tracker("tensorboard", "tensorboardX", "pip install tensorboardX"),
         Tracker("wandb", "wandb", "pip install wandb"),
+        Tracker("mlflow", "mlflow", "pip install mlflow-skinny", paddlenlp=False),
     )
 }
+
+
+def paddlenlp_trackers(names: list[str]) -> list[str]:
+    """The ``report_to`` names PaddleNLP's TrainingArguments take (its own callbacks)."""
+    return [n for n in names if TRACKERS[n].paddlenlp]
 
 
 def tracker_available(name: str) -> bool:
@@ -128,3 +137,26 @@ def parse_refined_recompute(text: str) -> dict[str, int]:
             raise ConfigError(f"train.refined_recompute={text!r}: {op} is given twice.")
         out[op] = skip
     return out
+
+
+# --------------------------------------------------------------------------- best checkpoint
+
+# What an evaluation during training computes, by the name ``metric_for_best_model`` takes
+# (PaddleNLP adds the ``eval_`` prefix), and whether greater is better. PaddleNLP's
+# ``Trainer.evaluate`` returns eval_loss; its SFTTrainer's ``log`` adds eval_ppl to the same
+# dict (exp of the loss: it ranks checkpoints as the loss does). PaddleNLP itself would
+# take greater_is_better=True for any name but loss, wrong for ppl: ftlab derives it here.
+EVAL_METRICS: dict[str, bool] = {"loss": False, "ppl": False}
+LIKELIHOOD_ONLY = ("ppl",)  # exp of a DPO/KTO loss is no perplexity; their Trainer omits it
+# Metrics ftlab computes once, after training: they cannot rank checkpoints.
+FINAL_ONLY_METRICS = ("entity_recall", "bleu4", "rouge1", "rouge2", "rougel")
+
+
+def best_metric_name(name: str) -> str:
+    """``eval_loss`` -> ``loss``: the name without PaddleNLP's optional prefix."""
+    return name[len("eval_") :] if name.startswith("eval_") else name
+
+
+def eval_metrics(likelihood: bool) -> list[str]:
+    """The metrics each evaluation during training computes, for a stage."""
+    return [m for m in EVAL_METRICS if likelihood or m not in LIKELIHOOD_ONLY]

@@ -206,6 +206,17 @@ def _trainer_notes(run: RunConfig, notes: list[str]) -> None:
             "train.report_to has wandb: ftlab records an offline run in the run dir; "
             "run_finetune.py's callback logs online unless WANDB_MODE=offline is set."
         )
+    if "mlflow" in t.report_to:
+        notes.append(
+            "train.report_to has mlflow: PaddleNLP has no MLflow callback, so report_to "
+            "leaves it out; run_finetune.py's metrics reach MLflow only through ftlab."
+        )
+    if t.early_stopping_patience > 0:
+        notes.append(
+            f"train.early_stopping_patience={t.early_stopping_patience} (threshold "
+            f"{t.early_stopping_threshold:g}): run_finetune.py has no early-stopping argument; "
+            "add PaddleNLP's EarlyStoppingCallback to its Trainer to stop the same way."
+        )
     if t.optim == "adamw_mini":
         notes.append(
             "train.optim=adamw_mini: ftlab's update uses the current first moment; PaddleNLP "

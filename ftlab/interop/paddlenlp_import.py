@@ -64,8 +64,6 @@ SCRIPT_OWNED = {"output_dir": "ftlab writes everything into its run dir under ou
 # Why common run_finetune.py keys have no ftlab setting (others: "no ftlab setting").
 NO_SETTING = {
     "disable_tqdm": "ftlab's console shows its own progress bar",
-    "load_best_model_at_end": "ftlab keeps the final model; every checkpoint is in checkpoints/",
-    "metric_for_best_model": "ftlab keeps the final model; every checkpoint is in checkpoints/",
     "eval_accumulation_steps": "ftlab's evaluation computes the loss batch by batch",
     "eval_with_do_generation": "ftlab's task metric (eval.demo_metric) generates on dev records",
     "pipeline_parallel_config": "ftlab sets the pipeline options its batches need itself",
@@ -174,6 +172,7 @@ def import_arguments(
     unsupported: dict[str, str] = {}
     out.settings.update(schedule_from_arguments(args, unsupported))
     used.update(SCHEDULE_KEYS)
+    _best_checkpoint(out.settings, unsupported)
     for key, value in FIXED_KEYS.items():
         if args.get(key) != value:
             unsupported[key] = {
@@ -202,6 +201,27 @@ def import_arguments(
     for key, why in out.default_gaps.items():
         out.notes.append(f"PaddleNLP's default {key}={args.get(key)!r} (not in the file): {why}.")
     return out
+
+
+BEST_KEYS = ("load_best_model_at_end", "metric_for_best_model", "greater_is_better")
+
+
+def _best_checkpoint(settings: dict[str, Any], unsupported: dict[str, str]) -> None:
+    """The best-checkpoint keys, carried when ftlab can rank checkpoints the same way
+    (a metric its evaluations compute, evaluations that meet saves); else all three are
+    listed as not expressible, with the reason: one without the others would change
+    what the file asks for."""
+    from ftlab.config.schema import TrainSettings
+    from ftlab.resolve.best_checkpoint import check_best_checkpoint
+
+    names = ("eval_steps", "save_steps", *BEST_KEYS)
+    present = {n: settings[f"train.{n}"] for n in names if f"train.{n}" in settings}
+    try:
+        check_best_checkpoint(TrainSettings(**present), likelihood=True)
+    except ConfigError as err:
+        for key in BEST_KEYS:
+            if settings.pop(f"train.{key}", None) not in (None, False):
+                unsupported[key] = str(err).removeprefix("train.").rstrip(".")
 
 
 def _optional(dotted: str) -> bool:

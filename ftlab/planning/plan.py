@@ -826,12 +826,18 @@ def print_plan(
     ``extra`` (keys added to ``plan.json``) and ``extra_lines`` (printed after the plan)
     carry what other planners add: the step-time estimate and parallel=auto's ranking.
     """
+    from ftlab.planning.disk import disk_lines, disk_warning, plan_disk
+
     plan = make_plan(run, derived, env.device)
     plan.update(extra or {})
     plan["assumptions"] += step_time_assumptions(plan)
+    disk = plan_disk(run, derived.world_size, env.described, run_dir.path)
+    plan["disk"] = disk.to_dict()
     plan["run_dir"] = str(run_dir)
     run_dir.write_text(PLAN, json.dumps(plan, indent=2) + "\n")
-    lines = format_plan(plan).splitlines() + list(extra_lines or [])
+    warning = disk_warning(disk)
+    lines = format_plan(plan).splitlines() + disk_lines(disk) + list(extra_lines or [])
+    lines += [f"warning: {warning}"] if warning else []
     print("\nftlab plan\n" + "\n".join("  " + x for x in lines), flush=True)
     return plan
 

@@ -43,6 +43,11 @@ class Summary:
     # The stage's own metrics (DPO's rewards/accuracies, ...): "train/<key>" for the last
     # logging interval, "eval/<key>" for the dev set.
     stage_metrics: dict[str, float] = field(default_factory=dict)
+    # train.metric_for_best_model: metric, value, step, checkpoint, loaded_into_final.
+    best_checkpoint: dict[str, Any] = field(default_factory=dict)
+    stopped_early_at: int | None = None  # train.early_stopping_patience ended the run here
+    # Trackers that can be off (train.report_to=mlflow): uri, run_id, or "off": why.
+    tracking: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,11 +92,31 @@ class Summary:
             f"({fmt(self.effective_tokens_per_second, '.0f')} non-padding)",
             f"peak memory    {fmt(self.peak_memory_mb, '.0f')} MiB",
             *self._stage_lines(),
+            *self._best_lines(),
+            *self._tracking_lines(),
             f"trainable      {params.get('trainable', 0):,} of {params.get('total', 0):,} params",
             f"time           train {fmt(self.train_seconds, '.1f')} s, run "
             f"{fmt(self.wall_seconds, '.1f')} s",
         ]
         return "\n".join(["", "ftlab summary", *("  " + x for x in lines)])
+
+    def _best_lines(self) -> list[str]:
+        b = self.best_checkpoint or {}
+        lines = []
+        if b:
+            into = ", in final/" if b.get("loaded_into_final") else ""
+            lines.append(f"best           step {b['step']}: {b['metric']} {b['value']:.4f}{into}")
+        if self.stopped_early_at is not None:
+            lines.append(f"stopped early  at step {self.stopped_early_at} (no improvement)")
+        return lines
+
+    def _tracking_lines(self) -> list[str]:
+        m = (self.tracking or {}).get("mlflow")
+        if not m:
+            return []
+        if m.get("off"):
+            return [f"mlflow         off ({m['uri']}): {m['off'][:120]}"]
+        return [f"mlflow         run {m.get('run_id')} in {m['uri']}"]
 
     def _mixture_lines(self, fmt: Any) -> list[str]:
         sources = (self.data or {}).get("sources")

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from ftlab.errors import FtlabError
 from ftlab.record.index import RunRecord, is_run_dir, read_run
-from ftlab.record.rundir import AUTO_LAYOUT, RunDir
+from ftlab.record.rundir import AUTO_LAYOUT, MLFLOW_PARENT, RunDir
 from ftlab.record.status import COMPLETED, FAILED, INCOMPLETE, INTERRUPTED
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,10 @@ def summarize_sweep(sweep_dir: Path) -> Sweep:
     """Read the sweep dir and write its summary files; return what was read."""
     sweep = read_sweep(sweep_dir)
     written = write_sweep_summary(sweep)
+    if (sweep_dir / MLFLOW_PARENT).exists():  # train.report_to=mlflow: close the parent run
+        from ftlab.training.mlflow_tracker import finish_sweep
+
+        finish_sweep(sweep_dir, list(written.values()))
     log.debug("sweep summary: %s", ", ".join(str(p) for p in written.values()))
     # The console of a sweep: one line per job (ftlab.cli.app), then this; a failed job
     # makes the sweep's exit status non-zero (``sweep_failure``).

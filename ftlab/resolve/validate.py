@@ -40,6 +40,8 @@ from ftlab.methods.registry import Method
 from ftlab.models.attention import attention_path
 from ftlab.models.families import FAMILIES, family
 from ftlab.models.rope import STATIC_STRATEGIES, STRATEGIES, context_length
+from ftlab.planning.disk import check_checkpoint_options
+from ftlab.resolve.best_checkpoint import check_best_checkpoint
 from ftlab.stages.catalog import get_stage
 from ftlab.stages.init import inspect_init
 
@@ -710,6 +712,7 @@ def validate(run: RunConfig, env: Environment) -> Derived:
     check_optimizer(run, env)
     check_recompute(run)
     check_trackers(run)
+    check_checkpoint_options(run, degrees.world_size)
     generation = check_generation(run)
     check_long_sequences(run, method)
     stage = get_stage(run.stage.name)
@@ -739,6 +742,9 @@ def validate(run: RunConfig, env: Environment) -> Derived:
         attention=attention_path(run.model, run.data.packing, env.device).name,
         assumptions=tuple(assumptions(run, env, method)) or None,
         cpu_threads=cpu_threads(run, env),
+        **check_best_checkpoint(
+            run.train, stage.loss_is_likelihood, run.method.name, method.unified_checkpoint
+        ),
     )
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.config.schema import PrecisionConfig, RunConfig
-from ftlab.config.trainer_options import parse_refined_recompute
+from ftlab.config.trainer_options import paddlenlp_trackers, parse_refined_recompute
 from ftlab.distributed.layout import parallel_training_arguments
+from ftlab.errors import ConfigError
 from ftlab.record.rundir import CHECKPOINTS, VISUALDL
 
 # TrainingArguments keys that carry one ftlab setting unchanged (key -> dotted setting):
@@ -34,6 +35,9 @@ TRAIN_KEYS: dict[str, str] = {
     "save_total_limit": "train.save_total_limit",
     "recompute": "train.recompute",
     "dataloader_num_workers": "train.dataloader_num_workers",
+    "load_best_model_at_end": "train.load_best_model_at_end",
+    "metric_for_best_model": "train.metric_for_best_model",
+    "greater_is_better": "train.greater_is_better",
 }
 
 
@@ -112,9 +116,36 @@ def shared_arguments(run: RunConfig) -> dict[str, Any]:
         **{key: setting(run, dotted) for key, dotted in TRAIN_KEYS.items()},
         **optimizer_arguments(run),
         **recompute_arguments(run),
-        "report_to": list(run.train.report_to),
+        "report_to": paddlenlp_trackers(list(run.train.report_to)),
         **precision_arguments(run.precision),
         **parallel_training_arguments(run.parallel),
+        **best_checkpoint_arguments(run),
+        **checkpoint_option_arguments(run),
+    }
+
+
+def checkpoint_option_arguments(run: RunConfig) -> dict[str, Any]:
+    """PaddleNLP's unified-checkpoint options, when set (validation checked them)."""
+    t, out = run.train, {}
+    if t.unified_checkpoint_config:
+        out["unified_checkpoint_config"] = " ".join(t.unified_checkpoint_config)
+    if t.ckpt_quant_stage != "O0":
+        out["ckpt_quant_stage"] = t.ckpt_quant_stage
+    return out
+
+
+def best_checkpoint_arguments(run: RunConfig) -> dict[str, Any]:
+    """The ranking metric and its direction as validation derived them (PaddleNLP would
+    take greater_is_better=True for any metric but loss, ppl included)."""
+    from ftlab.config.trainer_options import EVAL_METRICS, best_metric_name
+    from ftlab.resolve.best_checkpoint import best_metric
+
+    metric = best_metric(run.train)
+    if metric is None:
+        return {}
+    return {
+        "metric_for_best_model": metric,
+        "greater_is_better": EVAL_METRICS[best_metric_name(metric)],
     }
 
 
@@ -134,6 +165,12 @@ def training_arguments(
 
     t = run.train
     args = shared_arguments(run)
+    if args.get("metric_for_best_model") and not has_eval:
+        raise ConfigError(
+            f"train.metric_for_best_model={args['metric_for_best_model']} (best checkpoint / "
+            "early stopping) needs evaluations, but the run has no dev split: give one "
+            "(dev.json, data.dev_path or data.dev_from_train) or unset these settings."
+        )
     if run.parallel.pipeline > 1:
         # ftlab pads each batch to its longest sequence, so activations between stages
         # change shape from batch to batch (and between the micro-batches of one step):

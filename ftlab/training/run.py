@@ -75,9 +75,16 @@ from ftlab.stages.catalog import get_stage
 from ftlab.stages.init import init_model_path, inspect_init, materialize_init
 from ftlab.stages.registry import REFERENCE_COPY
 from ftlab.training.arguments import recompute_model_config, total_steps, training_arguments
+from ftlab.training.best import best_record, early_stopping_callbacks, stopped_early_at
 from ftlab.training.memory import peak_memory_mb, reset_peak_memory
 from ftlab.training.progress import console
-from ftlab.training.trackers import attach_trackers, write_final_scalars
+from ftlab.training.trackers import (
+    attach_trackers,
+    close_open_trackers,
+    finish_trackers,
+    tracking_status,
+    write_final_scalars,
+)
 from ftlab.training.trainer import ConsoleProgress, MetricsJsonl, RecordStart, write_record
 
 if TYPE_CHECKING:  # PaddleNLP's classes, named for the types only
@@ -166,8 +173,12 @@ def train(run: RunConfig, run_dir: RunDir, derived: Derived) -> Summary:
     prepared = prepare_data(run, run_dir, derived)
     phases.mark("data")
     built = build_model(run, run_dir, prepared)
-    fitted = fit(run, run_dir, prepared, built)
-    summary = finalize(run, run_dir, prepared, built, fitted, started)
+    try:
+        fitted = fit(run, run_dir, prepared, built)
+        summary = finalize(run, run_dir, prepared, built, fitted, started)
+    except BaseException:
+        close_open_trackers()  # an MLflow run of a failed or interrupted run ends FAILED
+        raise
     phases.mark("save")
     phases.log_since("compose")
     return summary
@@ -298,7 +309,12 @@ def fit(run: RunConfig, run_dir: RunDir, prepared: Prepared, built: Built) -> Fi
         eval_dataset=data.dev_dataset,
         tokenizer=prepared.tokenizer,
         data_collator=data.collate_fn,
-        callbacks=[prepared.record_start, MetricsJsonl(run_dir), ConsoleProgress()],
+        callbacks=[
+            prepared.record_start,
+            MetricsJsonl(run_dir),
+            ConsoleProgress(),
+            *early_stopping_callbacks(run),
+        ],
         count_tokens=count_tokens,
         shuffle=run.data.shuffle,
     )
@@ -374,6 +390,7 @@ def finalize(
     fitted: Fitted,
     started: float,
 ) -> Summary:
+
     base, tuned, evals = built.base_metric, fitted.tuned_metric, fitted.eval_metrics
     stage = prepared.stage
     if not stage.loss_is_likelihood:
@@ -392,7 +409,7 @@ def finalize(
         for key, value in _scores(tuned_gen).items():
             scalars[f"final/{key}"] = [(0, _scores(base_gen)[key]), (fitted.steps, value)]
         run_dir.write_jsonl(PREDICTIONS, _predictions(base_gen, tuned_gen))
-    write_final_scalars(run_dir, fitted.steps, scalars, run.train.report_to)
+    write_final_scalars(run_dir, fitted.steps, scalars, run.train.report_to, fitted.trainer)
 
     built.method.save_final(fitted.trainer, built.model, run_dir.final)
     run_dir.save_tokenizer(prepared.tokenizer)
@@ -426,10 +443,14 @@ def finalize(
         wall_seconds=round(time.perf_counter() - started, 2),
         derived=prepared.derived.to_dict(),
         data=prepared.data.stats.to_dict(),
+        best_checkpoint=best_record(run, fitted.trainer),
+        stopped_early_at=stopped_early_at(run, fitted.steps, prepared.derived.total_steps),
+        tracking=tracking_status(fitted.trainer, run.train.report_to),
     )
     if tuned is not None:
         run_dir.write_jsonl(SAMPLES, _samples(base, tuned, run.eval.num_samples))
     run_dir.write_json(SUMMARY, summary.to_dict())
+    finish_trackers(fitted.trainer, run.train.report_to)
     return summary
 
 

@@ -7,7 +7,8 @@ What ftlab adds here is where each one writes: VisualDL into ``<run>/visualdl`` 
 Trainer's ``logging_dir``), TensorBoard into ``<run>/tensorboard`` (PaddleNLP's callback
 would share VisualDL's directory), and Weights & Biases as an *offline* run under
 ``<run>/wandb`` (nothing leaves the machine; ``wandb sync <run>/wandb/offline-run-*``
-uploads it later). Scalars computed after training (final evaluation, task metrics)
+uploads it later). MLflow has no PaddleNLP callback: ``ftlab.training.mlflow_tracker`` is
+ftlab's own, added here. Scalars computed after training (final evaluation, task metrics)
 are written by ``write_final_scalars``: the callbacks close their writers when training
 ends.
 """
@@ -27,6 +28,10 @@ def attach_trackers(trainer: Any, run_dir: RunDir, report_to: Sequence[str]) -> 
     """Point PaddleNLP's tracker callbacks at the run dir (rank 0 only writes)."""
     if not run_dir.is_main:
         return
+    if "mlflow" in report_to:
+        from ftlab.training.mlflow_tracker import MlflowTracker
+
+        trainer.add_callback(MlflowTracker(run_dir))
     if "tensorboard" in report_to:
         from paddlenlp.trainer.integrations import TensorBoardCallback
         from tensorboardX import SummaryWriter
@@ -56,11 +61,42 @@ def attach_trackers(trainer: Any, run_dir: RunDir, report_to: Sequence[str]) -> 
             )
 
 
+def mlflow_tracker(trainer: Any) -> Any:
+    """The run's MLflow callback (None without ``report_to=mlflow`` or off rank 0)."""
+    from ftlab.training.mlflow_tracker import MlflowTracker
+
+    found = [c for c in trainer.callback_handler.callbacks if isinstance(c, MlflowTracker)]
+    return found[0] if found else None
+
+
+def tracking_status(trainer: Any, report_to: Sequence[str]) -> dict[str, Any]:
+    """What ``summary.json`` records of the trackers that can be off (MLflow's store)."""
+    tracker = mlflow_tracker(trainer) if "mlflow" in report_to else None
+    return {"mlflow": dict(tracker.status)} if tracker is not None else {}
+
+
+def finish_trackers(trainer: Any, report_to: Sequence[str], failed: bool = False) -> None:
+    """Close the trackers that outlive ``train()``: MLflow's run gets the record files."""
+    tracker = mlflow_tracker(trainer) if "mlflow" in report_to else None
+    if tracker is not None:
+        tracker.finish(failed)
+
+
+def close_open_trackers() -> None:
+    """End, as failed, the MLflow runs this process left open (a run that raised)."""
+    import sys
+
+    module = sys.modules.get("ftlab.training.mlflow_tracker")
+    if module is not None:
+        module.close_open_runs()
+
+
 def write_final_scalars(
     run_dir: RunDir,
     step: int,
     scalars: dict[str, list[tuple[int, float]]],
     report_to: Sequence[str],
+    trainer: Any = None,
 ) -> None:
     """Post-training scalars to every tracker of the run (``scalars``: tag -> points)."""
     if not run_dir.is_main:
@@ -76,6 +112,11 @@ def write_final_scalars(
             for tag, points in scalars.items():
                 for at, value in points:
                     writer.add_scalar(tag, float(value), at)
+    tracker = mlflow_tracker(trainer) if trainer is not None and "mlflow" in report_to else None
+    if tracker is not None:
+        for tag, points in scalars.items():
+            for at, value in points:
+                tracker.log_metrics(at, {tag: value})
     if "wandb" in report_to:
         import wandb
 

@@ -26,7 +26,7 @@ from paddlenlp.trl import SFTTrainer
 
 from ftlab.distributed.batching import GlobalBatchSampler, global_unit_scale, target_tokens
 from ftlab.methods.state import ADAPTER_STATE, load_trainable_state
-from ftlab.record.resume import STAGING, checkpoint_step
+from ftlab.record.resume import CHECKPOINT_RE, STAGING, checkpoint_step
 from ftlab.record.rundir import (
     METRICS,
     DiskFullError,
@@ -150,6 +150,7 @@ class FtlabTrainerMixin:
             ) from err
         finally:
             self.args.output_dir = self.args.output_signal_dir = root
+        self._best_out_of_staging(Path(staging), Path(root), name)
         if self.args.world_size > 1:
             paddle.distributed.barrier()
         if self.args.process_index <= 0:
@@ -161,6 +162,35 @@ class FtlabTrainerMixin:
             self._rotate_checkpoints(use_mtime=False, output_dir=root)
         if self.args.world_size > 1:
             paddle.distributed.barrier()
+
+    def _best_out_of_staging(self, staging: Path, root: Path, name: str) -> None:
+        """PaddleNLP names the best checkpoint by the path it saved to (``.staging`` here):
+        point it at the checkpoint's final place, in memory and in the saved state."""
+        best = self.state.best_model_checkpoint
+        if best is None or Path(best).parent != staging:
+            return
+        self.state.best_model_checkpoint = str(root / Path(best).name)
+        if self.args.should_save:
+            self.state.save_to_json(str(staging / name / "trainer_state.json"))
+
+    def _rotate_checkpoints(self, use_mtime: bool = False, output_dir: str | None = None) -> None:
+        """Keep the newest ``save_total_limit`` checkpoints plus the best one.
+
+        PaddleNLP (like Hugging Face) counts the best checkpoint among the N it keeps, so a
+        limit of 2 keeps the best and only one recent checkpoint to resume from; ftlab keeps
+        N recent ones for resume whatever the best is. -1 keeps every checkpoint.
+        """
+        limit = self.args.save_total_limit
+        if limit is None or limit <= 0 or output_dir is None:
+            return
+        found = [p for p in Path(output_dir).glob("checkpoint-*") if CHECKPOINT_RE.match(p.name)]
+        saved = sorted(found, key=checkpoint_step)
+        best = self.state.best_model_checkpoint
+        keep = {p.name for p in saved[-limit:]} | ({Path(best).name} if best else set())
+        for path in saved:
+            if path.name not in keep:
+                log.info("deleting %s (train.save_total_limit=%d)", path, limit)
+                shutil.rmtree(path, ignore_errors=True)
 
     def _unpickle_free(self, checkpoint: Path, rng: dict[str, Any]) -> None:
         """Replace PaddleNLP's pickled RNG and scheduler state in ``checkpoint`` by JSON
