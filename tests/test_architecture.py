@@ -51,6 +51,12 @@ LAYERS: list[tuple[str, ...]] = [
         "ftlab.methods",
         # DPO/KTO argument files: written by the preference stages' export hook
         "ftlab.interop.preference_export",
+        # which metric ranks checkpoints, how much disk they take, and the MLflow tracker
+        # (a sweep's summary logs to its parent run): validation, the trainer arguments, the
+        # plan and the run records all ask them
+        "ftlab.resolve.best_checkpoint",
+        "ftlab.planning.disk",
+        "ftlab.training.mlflow_tracker",
         # reading Hugging Face checkpoints: model loading's seam calls them
         "ftlab.interop.hf_layout",
         "ftlab.interop.hf_in",

@@ -50,6 +50,7 @@ from ftlab.distributed.launch import (
 from ftlab.distributed.rendezvous import check_same_config
 from ftlab.errors import DataError, FtlabError
 from ftlab.methods.catalog import method_schemas
+from ftlab.planning.disk import disk_warning, plan_disk
 from ftlab.record import phases
 from ftlab.record.resume import (
     RunFinished,
@@ -196,7 +197,6 @@ def _train_or_launch(cfg: DictConfig, run: RunConfig, derived: Derived, record: 
 
 def _warn_disk(run: Any, derived: Any, env: Any, run_dir: Path) -> None:
     """parallel=auto: say when the chosen run's checkpoints would not fit the disk."""
-    from ftlab.planning.disk import disk_warning, plan_disk
 
     warning = disk_warning(plan_disk(run, derived.world_size, env.described, run_dir))
     if warning and not inside_worker():

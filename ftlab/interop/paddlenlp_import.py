@@ -28,7 +28,13 @@ from typing import Any
 import yaml
 
 from ftlab.config import schema
-from ftlab.config.schema import ModelArch, ModelConfig, ParallelConfig, PrecisionConfig
+from ftlab.config.schema import (
+    ModelArch,
+    ModelConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    TrainSettings,
+)
 from ftlab.config.trainer_options import OPTIMIZERS
 from ftlab.distributed.layout import PARALLEL_KEYS, parallel_from_arguments
 from ftlab.errors import ConfigError
@@ -41,6 +47,7 @@ from ftlab.interop.paddlenlp_export import (
 from ftlab.methods.catalog import registered_methods
 from ftlab.models.config_json import resolve_model
 from ftlab.models.families import FAMILIES
+from ftlab.resolve.best_checkpoint import check_best_checkpoint
 from ftlab.training.arguments import (
     AMP_LEVEL_KEY,
     PRECISION_FLAGS,
@@ -211,8 +218,6 @@ def _best_checkpoint(settings: dict[str, Any], unsupported: dict[str, str]) -> N
     (a metric its evaluations compute, evaluations that meet saves); else all three are
     listed as not expressible, with the reason: one without the others would change
     what the file asks for."""
-    from ftlab.config.schema import TrainSettings
-    from ftlab.resolve.best_checkpoint import check_best_checkpoint
 
     names = ("eval_steps", "save_steps", *BEST_KEYS)
     present = {n: settings[f"train.{n}"] for n in names if f"train.{n}" in settings}

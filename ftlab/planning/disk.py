@@ -37,6 +37,7 @@ from ftlab.config.trainer_options import OPTIMIZERS_TABLE
 from ftlab.errors import ConfigError
 from ftlab.methods.catalog import get_method
 from ftlab.models.arch import base_counts
+from ftlab.resolve.best_checkpoint import best_metric
 
 GIB = 1024**3
 # Measured on a stories260k LoRA checkpoint (70 tensors, names ~60 characters): header +
@@ -211,7 +212,6 @@ def _kept(run: RunConfig, saves: int | None) -> int | None:
     limit = run.train.save_total_limit
     if limit <= 0:
         return saves  # every checkpoint is kept
-    from ftlab.resolve.best_checkpoint import best_metric
 
     most = limit + (1 if best_metric(run.train) is not None else 0)
     return most if saves is None else min(saves, most)

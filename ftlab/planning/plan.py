@@ -115,6 +115,7 @@ from ftlab.planning.candidates import (
     recompute_choice_of,
 )
 from ftlab.planning.cost import Hardware, Shape, resolve_hardware, step_time
+from ftlab.planning.disk import disk_lines, disk_warning, plan_disk
 from ftlab.planning.report import Decision, assumed_sources, format_decision, gib
 from ftlab.record.rundir import PLAN, RunDir
 from ftlab.stages.catalog import get_stage
@@ -826,7 +827,6 @@ def print_plan(
     ``extra`` (keys added to ``plan.json``) and ``extra_lines`` (printed after the plan)
     carry what other planners add: the step-time estimate and parallel=auto's ranking.
     """
-    from ftlab.planning.disk import disk_lines, disk_warning, plan_disk
 
     plan = make_plan(run, derived, env.device)
     plan.update(extra or {})

@@ -14,10 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.config.schema import PrecisionConfig, RunConfig
-from ftlab.config.trainer_options import paddlenlp_trackers, parse_refined_recompute
+from ftlab.config.trainer_options import (
+    EVAL_METRICS,
+    best_metric_name,
+    paddlenlp_trackers,
+    parse_refined_recompute,
+)
 from ftlab.distributed.layout import parallel_training_arguments
 from ftlab.errors import ConfigError
 from ftlab.record.rundir import CHECKPOINTS, VISUALDL
+from ftlab.resolve.best_checkpoint import best_metric
 
 # TrainingArguments keys that carry one ftlab setting unchanged (key -> dotted setting):
 # ftlab's Trainer, ``mode=export`` and ``ftlab-import`` all read this one table.
@@ -137,8 +143,6 @@ def checkpoint_option_arguments(run: RunConfig) -> dict[str, Any]:
 def best_checkpoint_arguments(run: RunConfig) -> dict[str, Any]:
     """The ranking metric and its direction as validation derived them (PaddleNLP would
     take greater_is_better=True for any metric but loss, ppl included)."""
-    from ftlab.config.trainer_options import EVAL_METRICS, best_metric_name
-    from ftlab.resolve.best_checkpoint import best_metric
 
     metric = best_metric(run.train)
     if metric is None:

@@ -41,6 +41,7 @@ from typing import Any
 
 from paddlenlp.trainer import TrainerCallback
 
+from ftlab import console
 from ftlab.config.overrides import flatten
 from ftlab.record.rundir import (
     ENVIRONMENT,
@@ -52,7 +53,6 @@ from ftlab.record.rundir import (
     RunDir,
     write_json_atomic,
 )
-from ftlab.training.progress import console
 
 DEFAULT_STORE = Path("outputs") / "mlruns"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
