@@ -134,6 +134,17 @@ def setup_case(case: str, runs, tmp_path: Path, marker: Path) -> tuple[list[str]
     if case == "base/train":
         base = pickled_model_dir(tmp_path / "base", marker)
         return ["ftlab", f"model.name_or_path={base}", *TINY], "model_state.pdparams"
+    if case in ("truncated-adapter/predict", "garbage-adapter/merge"):
+        run = copy_run(runs["lora"], tmp_path / "run")
+        (shard,) = (run / "final").glob("peft_model-*.safetensors")
+        body = shard.read_bytes()
+        shard.write_bytes(body[: len(body) // 2] if case.startswith("truncated") else b"\x00" * 64)
+        command = (
+            predict(run, tmp_path)
+            if case.endswith("predict")
+            else ["ftlab-merge", str(run), "--out", str(tmp_path / "m")]
+        )
+        return command, f"{shard.name} is damaged"
     assert case == "checkpoint/resume"
     run = copy_run(runs["lora"], tmp_path / "run")
     (checkpoint,) = (run / "checkpoints").glob("checkpoint-*")
@@ -151,10 +162,11 @@ CASES = [
     "base/train",
     "checkpoint/resume",
 ]
+DAMAGED = ["truncated-adapter/predict", "garbage-adapter/merge"]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_a_planted_pickle_is_never_read(case, runs, tmp_path):
+def run_case(case: str, runs, tmp_path: Path) -> tuple[str, str, Path]:
+    """(the one error line, what it must name, the marker) of one case."""
     marker = tmp_path / "marker"
     command, name = setup_case(case, runs, tmp_path, marker)
     exe = FTLAB.with_name(command[0])
@@ -168,4 +180,16 @@ def test_a_planted_pickle_is_never_read(case, runs, tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in lines if " error: " in line]
     assert errors == lines[-1:], proc.stderr[-3000:]  # one line, the last (resume notes first)
-    assert f"{name}: a pickle" in errors[0] and "model.allow_pickle=true" in errors[0], errors[0]
+    return errors[0], name, marker
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_planted_pickle_is_never_read(case, runs, tmp_path):
+    line, name, _ = run_case(case, runs, tmp_path)
+    assert f"{name}: a pickle" in line and "model.allow_pickle=true" in line, line
+
+
+@pytest.mark.parametrize("case", DAMAGED)
+def test_a_damaged_adapter_is_one_line_naming_it(case, runs, tmp_path):
+    line, name, _ = run_case(case, runs, tmp_path)
+    assert name in line, line

@@ -50,11 +50,16 @@ def load_pretrained(kind: str, loader: Any, name_or_path: str, **kwargs: Any) ->
     try:
         return loader.from_pretrained(str(path) if path.is_dir() else name_or_path, **kwargs)
     except Exception as err:  # noqa: BLE001 - re-raised as one clear line below
-        where = "local directory" if path.is_dir() else "hub name (needs network or a cache)"
+        local = path.is_dir()
+        where = "local directory" if local else "hub name (needs network or a cache)"
+        hint = (  # a local directory's failure is about its files, not the network
+            "Check that its files belong together (config.json, weights, tokenizer)."
+            if local
+            else "On an offline machine set model.name_or_path to a local checkpoint directory."
+        )
         raise ModelLoadError(
             f"could not load the {kind} from {name_or_path!r} ({where}): "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
-            "On an offline machine set model.name_or_path to a local checkpoint directory."
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. {hint}"
         ) from err
 
 

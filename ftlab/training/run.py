@@ -55,7 +55,10 @@ log = logging.getLogger(__name__)
 def data_line(stats: Any) -> str:
     """The data counts a person checks before training starts."""
     tr, dev = stats.train, stats.dev
-    text = f"data   train {tr.examples:,} examples ({tr.tokens:,} tokens)"
+    if stats.streaming:  # nothing is counted before the stream is read
+        text = "data   train streamed (read lazily; counts in the summary)"
+    else:
+        text = f"data   train {tr.examples:,} examples ({tr.tokens:,} tokens)"
     if dev is not None:
         text += f", dev {dev.examples:,} ({dev.tokens:,} tokens)"
     text += f"; format {stats.format}, packing {stats.packing}"
@@ -590,7 +593,7 @@ def _prepare_resume(run: RunConfig, run_dir: RunDir, derived: Derived) -> tuple[
     # PaddleNLP's resume reads lora_model_state.pdparams, *.pdopt, scheduler.pdparams if there.
     refuse_pickles(checkpoint, run.model.allow_pickle, "checkpoint state")
     for warning in warnings:
-        console.warning("warning: %s", warning)
+        console.warning("%s", warning)
     step = checkpoint_step(checkpoint)
     if derived.total_steps is not None and step > derived.total_steps:
         raise ConfigError(
