@@ -17,6 +17,7 @@ from fake_runs import make_run, metrics
 
 from ftlab.assets import asset_path
 from ftlab.cli import importer, predict, runs
+from ftlab.config.schema import DataConfig
 from ftlab.data.records import BadRecords, iter_records
 from ftlab.data.stats import SplitStats
 from ftlab.errors import ConfigError, DataError
@@ -162,3 +163,11 @@ def test_the_rendezvous_watchdog_survives_a_huge_timeout_and_still_fires():
     assert proc.stdout.splitlines()[0] == "alive", proc.stdout + proc.stderr[-2000:]
     assert proc.returncode == RENDEZVOUS_EXIT
     assert RENDEZVOUS_MARKER in proc.stdout
+
+
+def test_preference_records_under_sft_say_which_stage_reads_them(tok):
+    from ftlab.data import build_data
+
+    cfg = DataConfig(name="p", path=str(asset_path("demo_preferences")), format="src_tgt")
+    with pytest.raises(DataError, match=r"train\.json:1: .* preference data, .*stage=dpo"):
+        build_data(cfg, tok, seed=0, need_dev=False)

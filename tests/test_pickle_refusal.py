@@ -193,3 +193,17 @@ def test_a_planted_pickle_is_never_read(case, runs, tmp_path):
 def test_a_damaged_adapter_is_one_line_naming_it(case, runs, tmp_path):
     line, name, _ = run_case(case, runs, tmp_path)
     assert name in line, line
+
+
+def test_predict_prints_its_own_lines_only(runs, tmp_path):
+    """No PaddleNLP INFO lines or Paddle deprecation warnings on ftlab-predict's console."""
+    command = predict(runs["lora"], tmp_path)
+    proc = subprocess.run(
+        [str(FTLAB.with_name(command[0])), *command[1:], "--max-new-tokens", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.strip() == ""
+    assert proc.stdout.strip().splitlines() == [f"wrote 1 generations to {tmp_path / 'o'}"]

@@ -89,9 +89,9 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ftlab.cli.console import ignore_noise_warnings
+    from ftlab.cli.console import tool_console
 
-    ignore_noise_warnings()
+    tool_console()
     args = parse_args(argv)
     try:
         out = run(args)

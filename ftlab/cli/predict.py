@@ -103,9 +103,9 @@ def check_generation_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ftlab.cli.console import ignore_noise_warnings
+    from ftlab.cli.console import tool_console
 
-    ignore_noise_warnings()
+    tool_console()
     args = parse_args(argv)
     try:
         check_generation_args(args)
