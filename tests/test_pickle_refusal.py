@@ -7,6 +7,7 @@ line naming the file and ``model.allow_pickle=true``, and the marker must never 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -19,7 +20,7 @@ from test_e2e import FTLAB, run_ftlab
 
 from ftlab.assets import asset_path
 from ftlab.errors import ModelLoadError
-from ftlab.models.weights import pickled_weights, refuse_pickles
+from ftlab.models.weights import changed_weights, pickled_weights, refuse_pickles
 
 TINY = ("train.max_steps=2", "eval.max_new_tokens=4", "eval.num_samples=2")
 
@@ -207,3 +208,32 @@ def test_predict_prints_its_own_lines_only(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.strip() == ""
     assert proc.stdout.strip().splitlines() == [f"wrote 1 generations to {tmp_path / 'o'}"]
+
+
+def test_a_base_whose_weights_changed_since_training_is_refused(runs, tmp_path):
+    run = copy_run(runs["lora"], tmp_path / "run")
+    record = json.loads((run / "final" / "ftlab_method.json").read_text())
+    assert set(record["base_weights_sha256"]) == {"model.safetensors"}
+    base = tmp_path / "base"
+    shutil.copytree(asset_path("stories260k"), base)
+    weights = bytearray((base / "model.safetensors").read_bytes())
+    weights[-1] ^= 0xFF  # one byte of the last tensor's data
+    (base / "model.safetensors").write_bytes(bytes(weights))
+    assert changed_weights(asset_path("stories260k"), record["base_weights_sha256"]) == []
+    assert changed_weights(base, record["base_weights_sha256"])[0].startswith(
+        "model.safetensors: sha256 "
+    )
+    path = run / "resolved_config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["model"]["name_or_path"] = str(base)
+    path.write_text(yaml.safe_dump(cfg))
+    command = predict(run, tmp_path)
+    proc = subprocess.run(
+        [str(FTLAB.with_name(command[0])), *command[1:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"the base model {base} changed since the run trained (model.safetensors" in line

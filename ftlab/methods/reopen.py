@@ -77,6 +77,21 @@ def check_saved_dir(saved_dir: Path, allow_pickle: bool) -> None:
     check_safetensors_dir(saved_dir)
 
 
+def check_base_unchanged(final: Path, base: str) -> None:
+    """Refuse a base model whose weights differ from the ones the run trained on (the
+    adapter would silently give another model's predictions)."""
+    from ftlab.models.weights import changed_weights
+    from ftlab.record.rundir import BASE_WEIGHTS
+
+    recorded = json.loads((final / METHOD_RECORD).read_text()).get(BASE_WEIGHTS) or {}
+    changed = changed_weights(base, recorded)
+    if changed:
+        raise ModelLoadError(
+            f"the base model {base} changed since the run trained ({'; '.join(changed)}): "
+            "its trained weights belong to the original base. Restore it, or retrain."
+        )
+
+
 def load_adapter(
     base: Any, adapter_dir: Path, method_name: str, cfg: Any = None, allow_pickle: bool = False
 ) -> Any:
@@ -108,6 +123,7 @@ def load_trained(run_dir: Path | str, allow_pickle: bool = False) -> tuple[Any, 
         model = load_model(dataclasses.replace(model_cfg, name_or_path=str(final)), dtype)
         model.eval()
         return model, tokenizer
+    check_base_unchanged(final, model_cfg.name_or_path)
     base = load_model(model_cfg, dtype)
     return load_adapter(base, final, method_cfg.name, method_cfg, allow_pickle), tokenizer
 
@@ -140,6 +156,7 @@ def load_with_adapter(
         model = load_model(dataclasses.replace(model_cfg, name_or_path=str(adapter)), dtype)
         model.eval()
         return model, tokenizer
+    check_base_unchanged(adapter, base)
     return load_adapter(load_model(model_cfg, dtype), adapter, name, None, allow_pickle), tokenizer
 
 

@@ -360,7 +360,10 @@ def finalize(
 
     built.method.save_final(fitted.trainer, built.model, run_dir.final)
     run_dir.save_tokenizer(prepared.tokenizer)
-    run_dir.write_method_record(run.method.name, prepared.model.name_or_path)
+    from ftlab.models.weights import weight_hashes
+
+    base_model = prepared.model.name_or_path
+    run_dir.write_method_record(run.method.name, base_model, weight_hashes(base_model))
     console.info("saved  final/ (%s, with the tokenizer) and checkpoints/", run.method.name)
 
     summary = Summary(
@@ -606,10 +609,17 @@ def _prepare_resume(run: RunConfig, run_dir: RunDir, derived: Derived) -> tuple[
 
 
 def _rerun_differences(run: RunConfig, fingerprints: dict[str, str], device: str) -> list[str]:
+    from ftlab.models.weights import changed_weights
     from ftlab.record.resume import reproducibility_warnings
+    from ftlab.record.rundir import BASE_WEIGHTS, METHOD_RECORD
 
     source = Path(run.rerun)
     warnings = reproducibility_warnings(source, fingerprints, environment_record(device))
+    recorded = RunDir(source).read_json(f"final/{METHOD_RECORD}").get(BASE_WEIGHTS) or {}
+    warnings += [
+        f"base model weights changed: {c}"
+        for c in changed_weights(run.model.name_or_path, recorded)
+    ]
     for w in warnings:
         log.warning("rerun differs from the recorded run: %s (recorded run: %s)", w, source)
     if not warnings:
