@@ -8,7 +8,7 @@ comma := ,
 EXTRAS := $(if $(filter cpu,$(PADDLE)),cpu$(comma)dev,dev)
 STAMP := $(VENV)/.installed-$(PADDLE)
 
-.PHONY: help install train test test-full lint format bench bench-data bench-pref bench-qlora bench-methods bench-plan bench-long lock clean
+.PHONY: help install train test test-full test-matrix lint format bench bench-data bench-pref bench-qlora bench-methods bench-plan bench-long lock clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ test: $(STAMP) ## Run the default test suite (about 10 min on 2 cores)
 
 test-full: $(STAMP) ## Run every test, the slow ones included
 	$(PY) -m pytest $(ARGS)
+
+test-matrix: $(STAMP) ## Pairwise matrix: 54 two-step runs, each completed or refused in one line (~1 h)
+	$(PY) tests/matrix.py $(ARGS)
 
 lint: $(STAMP) ## ruff lint + format check
 	$(VENV)/bin/ruff check ftlab tests bench

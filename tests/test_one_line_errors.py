@@ -171,3 +171,25 @@ def test_preference_records_under_sft_say_which_stage_reads_them(tok):
     cfg = DataConfig(name="p", path=str(asset_path("demo_preferences")), format="src_tgt")
     with pytest.raises(DataError, match=r"train\.json:1: .* preference data, .*stage=dpo"):
         build_data(cfg, tok, seed=0, need_dev=False)
+
+
+def test_a_streamed_run_does_not_claim_zero_train_examples():
+    from ftlab.data.stats import DataStats
+    from ftlab.training.run import data_line
+
+    stats = DataStats("src_tgt", None, "none", 128, streaming=True, dev_source=None)
+    assert data_line(stats).startswith("data   train streamed (read lazily")
+    assert "0 examples" not in data_line(stats)
+
+
+def test_console_warnings_carry_one_prefix():
+    import logging
+
+    from ftlab.cli.console import ConsoleFormatter
+
+    record = logging.LogRecord(
+        "ftlab.console", logging.WARNING, "", 0, "%s", ("x is damaged",), None
+    )
+    assert ConsoleFormatter().format(record) == "warning: x is damaged"
+    source = (Path(__file__).parents[1] / "ftlab" / "training" / "run.py").read_text()
+    assert 'console.warning("warning:' not in source  # the formatter adds the prefix
