@@ -193,3 +193,18 @@ def test_console_warnings_carry_one_prefix():
     assert ConsoleFormatter().format(record) == "warning: x is damaged"
     source = (Path(__file__).parents[1] / "ftlab" / "training" / "run.py").read_text()
     assert 'console.warning("warning:' not in source  # the formatter adds the prefix
+
+
+def test_a_tensor_parallel_rank_reports_the_whole_models_parameters(monkeypatch):
+    """tp2 (cpu_emulation) reported one rank's count (130,368 instead of 260,032)."""
+    from types import SimpleNamespace
+
+    from ftlab.distributed import layout
+    from ftlab.models.loading import parameter_counts
+
+    split = SimpleNamespace(size=1000, stop_gradient=False, is_distributed=True)
+    norm = SimpleNamespace(size=64, stop_gradient=True, is_distributed=False)
+    model = SimpleNamespace(parameters=lambda: [split, norm], sublayers=lambda: [])
+    assert parameter_counts(model) == {"total": 1064, "trainable": 1000}
+    monkeypatch.setattr(layout, "model_parallel_kwargs", lambda: {"tensor_parallel_degree": 2})
+    assert parameter_counts(model) == {"total": 2064, "trainable": 2000}

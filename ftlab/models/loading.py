@@ -30,10 +30,19 @@ def parameter_counts(model: Any) -> dict[str, int]:
     A quantized layer holds its base weight as packed codes (buffers, not parameters), so
     without this the total of a QLoRA model would leave the base out.
     """
+    from ftlab.distributed.layout import model_parallel_kwargs
     from ftlab.models.quant.qlinear import QuantLoRALinear
 
-    total = sum(int(p.size) for p in model.parameters())
-    trainable = sum(int(p.size) for p in model.parameters() if not p.stop_gradient)
+    # A tensor-parallel rank holds 1/tp of each split parameter (``is_distributed``): the
+    # model's count is the whole, not one rank's shard (a pipeline stage's count remains
+    # its own).
+    tp = int(model_parallel_kwargs().get("tensor_parallel_degree", 1))
+
+    def whole(p: Any) -> int:
+        return int(p.size) * (tp if getattr(p, "is_distributed", False) else 1)
+
+    total = sum(whole(p) for p in model.parameters())
+    trainable = sum(whole(p) for p in model.parameters() if not p.stop_gradient)
     for layer in model.sublayers():
         if isinstance(layer, QuantLoRALinear):
             total += layer.in_features * layer.out_features
