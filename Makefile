@@ -8,7 +8,7 @@ comma := ,
 EXTRAS := $(if $(filter cpu,$(PADDLE)),cpu$(comma)dev,dev)
 STAMP := $(VENV)/.installed-$(PADDLE)
 
-.PHONY: help install train test test-full test-hf lint format docs bench bench-data bench-pref bench-qlora bench-methods bench-plan bench-published bench-long bench-overhead bench-fast-path bench-startup lock clean
+.PHONY: help install train test test-full test-hf test-matrix lint format docs bench bench-data bench-pref bench-qlora bench-methods bench-plan bench-published bench-long bench-overhead bench-fast-path bench-startup lock clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ $(HF_VENV)/.installed:
 
 test-hf: $(STAMP) $(HF_VENV)/.installed ## Live Hugging Face round trips: transformers + peft read ftlab's exports (own venv)
 	FTLAB_HF_PYTHON=$(abspath $(HF_VENV))/bin/python $(PY) -m pytest -m hf_live -s tests/test_hf_live.py $(ARGS)
+
+test-matrix: $(STAMP) ## Pairwise matrix: 54 two-step runs, each completed or refused in one line (~1 h)
+	$(PY) tests/matrix.py $(ARGS)
 
 lint: $(STAMP) ## ruff lint + format check
 	$(VENV)/bin/ruff check ftlab tests bench

@@ -7,6 +7,7 @@ line naming the file and ``model.allow_pickle=true``, and the marker must never 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -19,7 +20,7 @@ from test_e2e import FTLAB, run_ftlab
 
 from ftlab.assets import asset_path
 from ftlab.errors import ModelLoadError
-from ftlab.models.weights import pickled_weights, refuse_pickles
+from ftlab.models.weights import changed_weights, pickled_weights, refuse_pickles
 
 TINY = ("train.max_steps=2", "eval.max_new_tokens=4", "eval.num_samples=2")
 
@@ -134,6 +135,17 @@ def setup_case(case: str, runs, tmp_path: Path, marker: Path) -> tuple[list[str]
     if case == "base/train":
         base = pickled_model_dir(tmp_path / "base", marker)
         return ["ftlab", f"model.name_or_path={base}", *TINY], "model_state.pdparams"
+    if case in ("truncated-adapter/predict", "garbage-adapter/merge"):
+        run = copy_run(runs["lora"], tmp_path / "run")
+        (shard,) = (run / "final").glob("peft_model-*.safetensors")
+        body = shard.read_bytes()
+        shard.write_bytes(body[: len(body) // 2] if case.startswith("truncated") else b"\x00" * 64)
+        command = (
+            predict(run, tmp_path)
+            if case.endswith("predict")
+            else ["ftlab-merge", str(run), "--out", str(tmp_path / "m")]
+        )
+        return command, f"{shard.name} is damaged"
     assert case == "checkpoint/resume"
     run = copy_run(runs["lora"], tmp_path / "run")
     (checkpoint,) = (run / "checkpoints").glob("checkpoint-*")
@@ -151,10 +163,11 @@ CASES = [
     "base/train",
     "checkpoint/resume",
 ]
+DAMAGED = ["truncated-adapter/predict", "garbage-adapter/merge"]
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_a_planted_pickle_is_never_read(case, runs, tmp_path):
+def run_case(case: str, runs, tmp_path: Path) -> tuple[str, str, Path]:
+    """(the one error line, what it must name, the marker) of one case."""
     marker = tmp_path / "marker"
     command, name = setup_case(case, runs, tmp_path, marker)
     exe = FTLAB.with_name(command[0])
@@ -168,4 +181,59 @@ def test_a_planted_pickle_is_never_read(case, runs, tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in lines if " error: " in line]
     assert errors == lines[-1:], proc.stderr[-3000:]  # one line, the last (resume notes first)
-    assert f"{name}: a pickle" in errors[0] and "model.allow_pickle=true" in errors[0], errors[0]
+    return errors[0], name, marker
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_planted_pickle_is_never_read(case, runs, tmp_path):
+    line, name, _ = run_case(case, runs, tmp_path)
+    assert f"{name}: a pickle" in line and "model.allow_pickle=true" in line, line
+
+
+@pytest.mark.parametrize("case", DAMAGED)
+def test_a_damaged_adapter_is_one_line_naming_it(case, runs, tmp_path):
+    line, name, _ = run_case(case, runs, tmp_path)
+    assert name in line, line
+
+
+def test_predict_prints_its_own_lines_only(runs, tmp_path):
+    """No PaddleNLP INFO lines or Paddle deprecation warnings on ftlab-predict's console."""
+    command = predict(runs["lora"], tmp_path)
+    proc = subprocess.run(
+        [str(FTLAB.with_name(command[0])), *command[1:], "--max-new-tokens", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.strip() == ""
+    assert proc.stdout.strip().splitlines() == [f"wrote 1 generations to {tmp_path / 'o'}"]
+
+
+def test_a_base_whose_weights_changed_since_training_is_refused(runs, tmp_path):
+    run = copy_run(runs["lora"], tmp_path / "run")
+    record = json.loads((run / "final" / "ftlab_method.json").read_text())
+    assert set(record["base_weights_sha256"]) == {"model.safetensors"}
+    base = tmp_path / "base"
+    shutil.copytree(asset_path("stories260k"), base)
+    weights = bytearray((base / "model.safetensors").read_bytes())
+    weights[-1] ^= 0xFF  # one byte of the last tensor's data
+    (base / "model.safetensors").write_bytes(bytes(weights))
+    assert changed_weights(asset_path("stories260k"), record["base_weights_sha256"]) == []
+    assert changed_weights(base, record["base_weights_sha256"])[0].startswith(
+        "model.safetensors: sha256 "
+    )
+    path = run / "resolved_config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    cfg["model"]["name_or_path"] = str(base)
+    path.write_text(yaml.safe_dump(cfg))
+    command = predict(run, tmp_path)
+    proc = subprocess.run(
+        [str(FTLAB.with_name(command[0])), *command[1:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"the base model {base} changed since the run trained (model.safetensors" in line

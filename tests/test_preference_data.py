@@ -129,8 +129,14 @@ def test_labelled_formats_and_pairs_for_kto(tmp_path: Path, tok) -> None:
     ]
     with pytest.raises(DataError, match="mix preference formats"):
         build(tmp_path, rows, tok, kind="labelled")
-    data = build(tmp_path, rows[:1] * 2, tok, kind="labelled")
+    undesirable = dict(rows[0], completion="A cat bit.", label=False)
+    data = build(tmp_path, [rows[0], undesirable], tok, kind="labelled")
     assert data.format == "prompt_completion_label"
+    # Only one kind, or one row: nothing to contrast (rewards/rejected stayed 0.000).
+    with pytest.raises(DataError, match=r"stage=kto: .* 2 desirable and 0 undesirable .* 2 rows"):
+        build(tmp_path, rows[:1] * 2, tok, kind="labelled")
+    with pytest.raises(DataError, match=r"1 desirable and 0 undesirable completions in 1 rows"):
+        build(tmp_path, rows[:1], tok, kind="labelled")
     data = build(tmp_path, [PAIR, PAIR], tok, kind="labelled")  # pairs: one of each label
     stats = data.stats.train
     assert (stats.pairs_split, stats.desirable, stats.undesirable) == (2, 2, 2)

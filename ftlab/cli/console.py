@@ -141,8 +141,30 @@ def ignore_noise_warnings() -> None:
     import warnings
 
     for noise in NOISE:
-        if noise.logger == "py.warnings":
-            warnings.filterwarnings("ignore", message=f".*{noise.pattern}")
+        if noise.logger == "py.warnings":  # (?s): Paddle's deprecation text spans lines
+            warnings.filterwarnings("ignore", message=f"(?s).*{noise.pattern}")
+
+
+def tool_console() -> None:
+    """``ftlab-predict`` and ``ftlab-merge``: their own lines only. Library loggers
+    (PaddleNLP's and Paddle's INFO lines about loading) reach one stderr handler that shows
+    warnings and errors, known noise dropped, as the training console does."""
+    ignore_noise_warnings()
+    root = logging.getLogger()
+    if any(isinstance(h, ToolHandler) for h in root.handlers):
+        return  # once per process (tests call the commands' main() several times)
+    logging.captureWarnings(True)
+    route_library_loggers()
+    logging.setLoggerClass(RoutedLogger)  # PaddleNLP's loggers are created on import
+    handler = ToolHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.addFilter(NoiseFilter())
+    handler.setFormatter(ConsoleFormatter())
+    root.addHandler(handler)
+
+
+class ToolHandler(logging.StreamHandler):
+    """The stderr handler of ``tool_console``."""
 
 
 @dataclass

@@ -23,7 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-from ftlab.cli.console import ignore_noise_warnings
+from ftlab.cli.console import tool_console
 from ftlab.cli.predict import ALLOW_PICKLE_HELP
 from ftlab.config.cpu_runtime import use_fast_mkl_path
 from ftlab.errors import ConfigError, FtlabError, ModelLoadError
@@ -166,8 +166,7 @@ def _chat_template_setting(run_dir: Path | None) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     use_fast_mkl_path()  # before Paddle loads (ftlab/config/cpu_runtime.py)
-
-    ignore_noise_warnings()
+    tool_console()
     args = parse_args(argv)
     try:
         out = run(args)

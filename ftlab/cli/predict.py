@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ftlab.cli.console import ignore_noise_warnings
+from ftlab.cli.console import tool_console
 from ftlab.config.cpu_runtime import use_fast_mkl_path
 from ftlab.data.records import BadRecords, iter_records
 from ftlab.data.stats import SplitStats
@@ -91,12 +91,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_generation_args(args: argparse.Namespace) -> None:
+    """The generation options within what can work (else an error deep in generation)."""
+    bad = [
+        (args.batch_size < 1, f"--batch-size {args.batch_size}: must be >= 1"),
+        (args.max_new_tokens < 1, f"--max-new-tokens {args.max_new_tokens}: must be >= 1"),
+        (args.top_k < 0, f"--top-k {args.top_k}: must be >= 0 (0 turns it off)"),
+        (not 0.0 < args.top_p <= 1.0, f"--top-p {args.top_p}: must be in (0, 1]"),
+        (not args.temperature > 0.0, f"--temperature {args.temperature}: must be > 0"),
+    ]
+    for wrong, message in bad:
+        if wrong:
+            raise DataError(message + ".")
+
+
 def main(argv: list[str] | None = None) -> int:
     use_fast_mkl_path()  # before Paddle loads (ftlab/config/cpu_runtime.py)
-
-    ignore_noise_warnings()
+    tool_console()
     args = parse_args(argv)
     try:
+        check_generation_args(args)
         check_output(args.output, args.input)
         records = read_prompts(args.input)
         if args.run_dir is not None:

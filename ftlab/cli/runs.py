@@ -164,6 +164,9 @@ def compare(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (``ftlab-runs``)."""
     args = parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        print(f"ftlab-runs: error: -n {args.limit}: give a number of runs >= 1.", file=sys.stderr)
+        sys.exit(2)
     if args.compare:
         try:
             compare(args)

@@ -263,6 +263,16 @@ def vote_format(
     return fmt
 
 
+def looks_like_preference(data: dict[str, Any]) -> bool:
+    """The key sets of the preference formats (``ftlab.data.preference``, which imports
+    this module, names and checks them in full)."""
+    keys = set(data)
+    return any(
+        need <= keys
+        for need in ({"src", "response"}, {"chosen", "rejected"}, {"prompt", "completion", "label"})
+    )
+
+
 def to_conversation(record: Record, fmt: str, bad: BadRecords) -> Conversation | Document | None:
     """The record as a conversation (or, for text formats, a document); None when it is bad
     and skipped (counted)."""
@@ -282,6 +292,14 @@ def to_conversation(record: Record, fmt: str, bad: BadRecords) -> Conversation |
             if bad.policy == "error":
                 raise DataError(message + ".") from None
             bad.reject("other_format", message)
+        elif looks_like_preference(record.data):
+            # Preference records under an SFT stage: every record would fail the same way.
+            raise DataError(
+                f"{record.where}: record does not match data.format={fmt}; its keys "
+                f"{sorted(record.data)} are those of preference data, which trains with "
+                "stage=dpo or stage=kto (e.g. ftlab stage=dpo data.path=DIR; data.format=auto "
+                "detects its format)."
+            ) from None
         else:
             bad.reject(
                 problem.reason,

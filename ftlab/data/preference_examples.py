@@ -369,6 +369,19 @@ def _dev_entities(parsed: list[tuple[Record, Parsed]]) -> list[dict[str, Any]]:
     return [{**rec.data, "src": p.prompt.user} for rec, p in parsed]
 
 
+def _check_kto_balance(stats: PreferenceSplitStats, rows: int) -> None:
+    """KTO contrasts desirable with undesirable completions and takes each row's KL term
+    from another record: without both kinds, or with one row, it trains on nothing it can
+    contrast (``rewards/rejected`` stays 0.000)."""
+    if rows < 2 or not stats.desirable or not stats.undesirable:
+        raise DataError(
+            f"stage=kto: the train split has {stats.desirable} desirable and "
+            f"{stats.undesirable} undesirable completions in {rows} rows; KTO needs both "
+            "kinds (and at least two rows: each row's KL term comes from another record's "
+            "completion). Add the missing kind, or use stage=sft on the desirable ones."
+        )
+
+
 def build_preference_data(
     cfg: DataConfig, tokenizer: Any, *, kind: str, seed: int, need_dev: bool
 ) -> DataBundle:
@@ -417,6 +430,8 @@ def build_preference_data(
     store = _nonempty(
         encode_split(train, encoder, limits, kind, train_stats, train_bad), "train", train_stats
     )
+    if kind == LABELLED:
+        _check_kto_balance(train_stats, len(store))
     packs = None
     if cfg.packing != "none":
         n = len(store)

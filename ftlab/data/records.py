@@ -86,6 +86,13 @@ def _parse_line(raw: bytes, where: str, offset: int, bad: BadRecords) -> dict | 
             "the last value, silently); remove the duplicate",
         )
         return None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        bad.reject(
+            "invalid_json",
+            f"{where}: nested too deeply to read (thousands of levels of arrays or objects); "
+            "a training record is a flat object of strings",
+        )
+        return None
     except json.JSONDecodeError as err:
         hint = ""
         if text.lstrip().startswith("["):

@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from typing import Any
 
@@ -45,6 +46,7 @@ from ftlab.distributed.launch import (
 )
 
 RENDEZVOUS_FLAG = "--rendezvous_timeout"
+WATCH_SLICE = 3600.0  # the rendezvous watchdog's longest single wait, seconds
 # How long the timeout's probe of the master may take (it only shapes the message).
 PROBE_SECONDS = 2.0
 
@@ -177,17 +179,24 @@ def bound_rendezvous(seconds: float, master: str | None, nnodes: str | None) -> 
         deployed.set()
         original(self)
 
-    def expire() -> None:
-        if deployed.is_set():
-            return
-        message = rendezvous_timeout_message(master, nnodes, seconds)
+    def stop(message: str) -> None:
         print(f"{RENDEZVOUS_MARKER}{message}", flush=True)
         os._exit(RENDEZVOUS_EXIT)
 
+    def watch() -> None:
+        # Waits in bounded slices (one huge wait overflows Python's timeout: the thread
+        # died and the job waited forever); any failure here stops the launcher, since a
+        # dead watchdog would leave nothing to end the wait.
+        try:
+            deadline = time.monotonic() + seconds
+            while not deployed.wait(min(WATCH_SLICE, max(0.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    stop(rendezvous_timeout_message(master, nnodes, seconds))
+        except BaseException as err:  # noqa: BLE001 - reported in the marker line
+            stop(f"the rendezvous watchdog failed ({type(err).__name__}: {err}); stopped.")
+
     ControllerBase.deploy_pod = deploy_pod
-    timer = threading.Timer(seconds, expire)
-    timer.daemon = True
-    timer.start()
+    threading.Thread(target=watch, name="ftlab-rendezvous-watchdog", daemon=True).start()
 
 
 def main() -> None:

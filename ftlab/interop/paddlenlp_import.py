@@ -107,6 +107,12 @@ def read_argument_file(path: Path) -> dict[str, Any]:
         args = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a directory; give the argument file (a .json).") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason}).") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be an argument file.") from None
     except json.JSONDecodeError as err:
         raise ConfigError(
             f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})."
@@ -114,6 +120,31 @@ def read_argument_file(path: Path) -> dict[str, Any]:
     if not isinstance(args, dict):
         raise ConfigError(f"{path}: expected a JSON object of run_finetune.py arguments.")
     return args
+
+
+def check_value_types(source: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """A number or flag of the wrong JSON type (``"learning_rate": "abc"``, ``"lora_rank":
+    null``) is refused naming the key: PaddleNLP's parser passes JSON values on unchecked,
+    so the run would fail later, far from the file."""
+    kinds = ((bool, "true or false"), (int, "a whole number"), (float, "a number"))
+    for key, value in source.items():
+        default = defaults.get(key)
+        for kind, words in kinds:
+            if isinstance(default, kind):
+                ok = (
+                    isinstance(value, bool)
+                    if kind is bool
+                    else (
+                        not isinstance(value, bool)
+                        and isinstance(value, int if kind is int else (int, float))
+                    )
+                )
+                if not ok:
+                    raise ConfigError(
+                        f"{key}={json.dumps(value)}: run_finetune.py expects {words} here "
+                        f"(its default is {json.dumps(default)}). Fix the argument file."
+                    )
+                break
 
 
 def script_defaults() -> dict[str, Any]:
@@ -153,7 +184,9 @@ def import_arguments(
     source: dict[str, Any], conf_dir: Path, defaults: dict[str, Any] | None = None
 ) -> Imported:
     """The ftlab group options and settings that reproduce ``source``."""
-    args = {**(script_defaults() if defaults is None else defaults), **source}
+    base = script_defaults() if defaults is None else defaults
+    check_value_types(source, base)
+    args = {**base, **source}
     out = Imported(source=dict(source))
     used: set[str] = set()
 
@@ -194,7 +227,6 @@ def import_arguments(
 
     # Account for every key of the file.
     out.unsupported = {}
-    base = script_defaults() if defaults is None else defaults
     for key, value in source.items():
         if key in unsupported:
             out.unsupported[key] = unsupported[key]

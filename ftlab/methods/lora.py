@@ -196,6 +196,10 @@ class Lora(LinearAdapterMethod):
         m = run.method
         if m.lora_rank < 1:
             raise ConfigError(f"method.lora_rank={m.lora_rank}: the rank must be >= 1.")
+        if not 0.0 <= m.lora_dropout < 1.0:  # nan fails this too
+            raise ConfigError(
+                f"method.lora_dropout={m.lora_dropout}: a probability in [0, 1) (0 turns it off)."
+            )
         super().check(run, env)
         if m.lora_plus_scale <= 0:
             raise ConfigError(

@@ -301,6 +301,8 @@ class Reft(Method):
                 "ReFT interventions. Start a new run (rerun=) instead."
             )
         parse_positions(m.reft_positions)
+        if not 0.0 <= m.reft_dropout < 1.0:
+            raise ConfigError(f"method.reft_dropout={m.reft_dropout}: must be in [0, 1).")
         if not 1 <= m.reft_rank <= run.model.arch.hidden_size:
             raise ConfigError(
                 f"method.reft_rank={m.reft_rank}: must be between 1 and the hidden size "

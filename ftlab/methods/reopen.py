@@ -76,6 +76,22 @@ def check_saved_dir(saved_dir: Path, allow_pickle: bool) -> None:
     check_safetensors_dir(saved_dir)
 
 
+def check_base_unchanged(final: Path, base: str, allow_pickle: bool) -> None:
+    """Refuse a base model whose weights differ from the ones the run trained on (the
+    adapter would silently give another model's predictions). A pickle is named first."""
+    from ftlab.models.weights import changed_weights, refuse_pickles
+    from ftlab.record.rundir import BASE_WEIGHTS
+
+    refuse_pickles(base, allow_pickle, "the base model's weights")
+    recorded = json.loads((final / METHOD_RECORD).read_text()).get(BASE_WEIGHTS) or {}
+    changed = changed_weights(base, recorded)
+    if changed:
+        raise ModelLoadError(
+            f"the base model {base} changed since the run trained ({'; '.join(changed)}): "
+            "its trained weights belong to the original base. Restore it, or retrain."
+        )
+
+
 def load_adapter(
     base: Any,
     adapter_dir: Path,
@@ -111,6 +127,7 @@ def load_trained(run_dir: Path | str, allow_pickle: bool = False) -> tuple[Any, 
         model = load_model(dataclasses.replace(model_cfg, name_or_path=str(final)), dtype)
         model.eval()
         return model, tokenizer
+    check_base_unchanged(final, model_cfg.name_or_path, allow_pickle)
     base = load_model(model_cfg, dtype)
     return load_adapter(base, final, method_cfg.name, method_cfg, allow_pickle), tokenizer
 
@@ -141,6 +158,7 @@ def load_with_adapter(
         model = load_model(dataclasses.replace(model_cfg, name_or_path=str(adapter)), dtype)
         model.eval()
         return model, tokenizer
+    check_base_unchanged(adapter, base, allow_pickle)
     return load_adapter(load_model(model_cfg, dtype), adapter, name, None, allow_pickle), tokenizer
 
 

@@ -58,6 +58,28 @@ REQUIRED = (
 MOE_REQUIRED = ("num_experts_per_tok", "moe_intermediate_size")
 MLA_REQUIRED = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ModelArch))
+# Sizes that are whole numbers >= 1 whenever set (a 0 divides by zero, a string or a
+# negative count fails deep inside the model builders).
+POSITIVE = (
+    *REQUIRED,
+    "max_position_embeddings",
+    "head_dim",
+    *MOE_REQUIRED,
+    *MLA_REQUIRED,
+)
+
+
+def check_arch_numbers(arch: Mapping[str, Any]) -> None:
+    """Refuse a size that is not a whole number >= 1, naming it (config.json or override)."""
+    for key in POSITIVE:
+        value = arch.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ConfigError(
+                f"model.arch.{key}={value!r}: must be a whole number >= 1 (read from the "
+                "checkpoint's config.json, or set as an override). Fix the config.json."
+            )
 
 
 def model_label(name: str | None, name_or_path: str | None) -> str | None:
@@ -163,6 +185,7 @@ def arch_from_config(cfg: Mapping[str, Any], fam: Family) -> dict[str, Any]:
         else:
             if name in fam.config_defaults:
                 out[name] = fam.config_defaults[name]
+    check_arch_numbers(out)
     if fam.read_config is not None:
         out.update(fam.read_config(cfg, out))
     if not fam.head_dim_from_config and out.get("head_dim") is not None:
@@ -206,6 +229,7 @@ def complete_arch(arch: dict[str, Any], fam: Family, source: str) -> ModelArch:
             "model.name_or_path at a local checkpoint directory (its config.json gives "
             "every number)."
         )
+    check_arch_numbers(a)
     if a.get("head_dim") is None:
         if a["hidden_size"] % a["num_attention_heads"]:
             raise ConfigError(

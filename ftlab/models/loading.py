@@ -35,10 +35,19 @@ def parameter_counts(model: Any) -> dict[str, int]:
     A quantized layer holds its base weight as packed codes (buffers, not parameters), so
     without this the total of a QLoRA model would leave the base out.
     """
+    from ftlab.distributed.layout import model_parallel_kwargs
     from ftlab.models.quant.qlinear import QuantLoRALinear
 
-    total = sum(int(p.size) for p in model.parameters())
-    trainable = sum(int(p.size) for p in model.parameters() if not p.stop_gradient)
+    # A tensor-parallel rank holds 1/tp of each split parameter (``is_distributed``): the
+    # model's count is the whole, not one rank's shard (a pipeline stage's count remains
+    # its own).
+    tp = int(model_parallel_kwargs().get("tensor_parallel_degree", 1))
+
+    def whole(p: Any) -> int:
+        return int(p.size) * (tp if getattr(p, "is_distributed", False) else 1)
+
+    total = sum(whole(p) for p in model.parameters())
+    trainable = sum(whole(p) for p in model.parameters() if not p.stop_gradient)
     for layer in model.sublayers():
         if isinstance(layer, QuantLoRALinear):
             total += layer.in_features * layer.out_features
@@ -55,11 +64,16 @@ def load_pretrained(kind: str, loader: Any, name_or_path: str, **kwargs: Any) ->
     try:
         return loader.from_pretrained(str(path) if path.is_dir() else name_or_path, **kwargs)
     except Exception as err:  # noqa: BLE001 - re-raised as one clear line below
-        where = "local directory" if path.is_dir() else "hub name (needs network or a cache)"
+        local = path.is_dir()
+        where = "local directory" if local else "hub name (needs network or a cache)"
+        hint = (  # a local directory's failure is about its files, not the network
+            "Check that its files belong together (config.json, weights, tokenizer)."
+            if local
+            else "On an offline machine set model.name_or_path to a local checkpoint directory."
+        )
         raise ModelLoadError(
             f"could not load the {kind} from {name_or_path!r} ({where}): "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
-            "On an offline machine set model.name_or_path to a local checkpoint directory."
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. {hint}"
         ) from err
 
 

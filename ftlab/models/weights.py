@@ -137,3 +137,37 @@ def check_safetensors_dir(directory: Path | str) -> None:
         problem = safetensors_problem(f)
         if problem:
             raise ModelLoadError(f"{f} is damaged ({problem}). Restore it from a copy, or retrain.")
+
+
+def weight_hashes(name_or_path: str | Path) -> dict[str, str]:
+    """sha256 of every weights file of a local model directory, by file name ({} for a hub
+    name): recorded at training, so a base whose weights changed since is noticed."""
+    from ftlab.record.provenance import sha256_file
+
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return {}
+    files = [*sorted(path.glob("*.safetensors")), *pickled_weights(path)]
+    return {f.name: sha256_file(f) for f in files}
+
+
+def changed_weights(name_or_path: str | Path, recorded: dict[str, str]) -> list[str]:
+    """What differs between ``recorded`` hashes and the directory now, one phrase each."""
+    if not recorded or not Path(name_or_path).expanduser().is_dir():
+        return []
+    now = weight_hashes(name_or_path)
+    out = []
+    for name in sorted(set(recorded) | set(now)):
+        before, after = recorded.get(name), now.get(name)
+        if before != after:
+            out.append(
+                f"{name}: "
+                + (
+                    "missing now"
+                    if after is None
+                    else "new"
+                    if before is None
+                    else f"sha256 {before[:12]} at training, {after[:12]} now"
+                )
+            )
+    return out

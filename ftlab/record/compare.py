@@ -121,6 +121,23 @@ def format_comparison(runs: list[ComparedRun], plot: Path | None) -> str:
     return "\n".join(lines)
 
 
+def check_plot_path(path: Path) -> None:
+    """Refuse a --plot path matplotlib would not write as named (a directory or a name
+    without a suffix get ``.png`` appended; an unknown suffix raises deep in matplotlib)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = sorted(FigureCanvasBase.get_supported_filetypes())
+    if path.is_dir():
+        raise FtlabError(
+            f"--plot {path} is a directory; give a file name such as {path / 'compare.png'}."
+        )
+    if path.suffix.lstrip(".").lower() not in kinds:
+        raise FtlabError(
+            f"--plot {path}: the file type {path.suffix or '(none)'} is not one matplotlib "
+            f"writes; use one of {', '.join('.' + k for k in kinds)}."
+        )
+
+
 def plot_losses(runs: list[ComparedRun], path: Path) -> None:
     """Train loss (solid) and eval loss (dashed, markers) against the step, one colour per
     run; two panels so that the eval points are not lost among the train line."""
@@ -154,6 +171,8 @@ def compare_runs(paths: list[Path], plot: Path | None) -> tuple[list[ComparedRun
     """Read the runs, write the plot (when ``plot`` is given), return the printed text."""
     if len(paths) < 2:
         raise FtlabError("--compare needs at least two run dirs.")
+    if plot is not None:
+        check_plot_path(plot)
     runs = [load_run(p, label) for p, label in zip(paths, labels_for(paths), strict=True)]
     if plot is not None:
         plot_losses(runs, plot)

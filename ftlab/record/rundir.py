@@ -48,6 +48,7 @@ LOGS = "logs"
 MERGED = "merged"
 # Inside final/: which method and base model the saved artefact belongs to.
 METHOD_RECORD = "ftlab_method.json"
+BASE_WEIGHTS = "base_weights_sha256"  # in METHOD_RECORD: file name -> sha256 of the base
 # What only a run that trained leaves behind: a later run must not write over it.
 RESULTS = (STATUS, SUMMARY, METRICS, CHECKPOINTS)
 # Run and sweep dirs are private to their owner: the environment record, the logs and the
@@ -343,12 +344,16 @@ class RunDir:
                 for at, value in points:
                     writer.add_scalar(tag, float(value), at)
 
-    def write_method_record(self, method: str, base_model: str) -> None:
-        """``final/ftlab_method.json``: what ``ftlab-predict`` and ``ftlab-merge`` reload."""
+    def write_method_record(
+        self, method: str, base_model: str, base_weights: dict[str, str] | None = None
+    ) -> None:
+        """``final/ftlab_method.json``: what ``ftlab-predict`` and ``ftlab-merge`` reload,
+        with the base's weight hashes (``base_weights_sha256``, local bases only)."""
         if self.is_main:
-            write_json_atomic(
-                self.final / METHOD_RECORD, {"method": method, "base_model": base_model}
-            )
+            record: dict[str, Any] = {"method": method, "base_model": base_model}
+            if base_weights:
+                record[BASE_WEIGHTS] = base_weights
+            write_json_atomic(self.final / METHOD_RECORD, record)
 
     # ------------------------------------------------------------------ reads
 

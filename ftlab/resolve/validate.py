@@ -106,6 +106,10 @@ RANGES: tuple[tuple[str, float, bool, str], ...] = (
     ("launch.rendezvous_timeout", 0, False, " (seconds the nodes wait for each other)"),
 )
 SEED_LIMIT = 2**32  # NumPy's seeds are 32-bit
+ROPE_FACTOR_MAX = 256  # published long-context recipes scale by 2-64; 1e9 asked for 2 TB
+# Python's threading timeout (the rendezvous watchdog) overflows past ~9e9 s: a week is
+# more than any node should be waited for.
+RENDEZVOUS_TIMEOUT_MAX = 7 * 24 * 3600
 
 
 def check_ranges(run: RunConfig) -> None:
@@ -134,6 +138,11 @@ def check_ranges(run: RunConfig) -> None:
         raise ConfigError(
             f"train.save_total_limit={t.save_total_limit}: keep at least 1 checkpoint (2 lets "
             "a resume fall back when the newest is damaged), or -1 to keep every one."
+        )
+    if run.launch.rendezvous_timeout > RENDEZVOUS_TIMEOUT_MAX:
+        raise ConfigError(
+            f"launch.rendezvous_timeout={run.launch.rendezvous_timeout}: at most "
+            f"{RENDEZVOUS_TIMEOUT_MAX} seconds (a week); the nodes' wait must end."
         )
     if run.parallel.sharding_stage not in (0, 1, 2, 3):
         raise ConfigError(
@@ -215,10 +224,11 @@ def check_context(run: RunConfig) -> None:
                 f"{m.family} (its attention does not build them, has no rotary table, or "
                 "is untested). Set model.rope_scaling.strategy=null."
             )
-        if rs.factor < 1.0:
+        if not (math.isfinite(rs.factor) and 1.0 <= rs.factor <= ROPE_FACTOR_MAX):
             raise ConfigError(
-                f"model.rope_scaling.factor={rs.factor} must be at least 1: the scaled "
-                f"context is model.arch.max_position_embeddings ({native}) x factor."
+                f"model.rope_scaling.factor={rs.factor} must be a number from 1 to "
+                f"{ROPE_FACTOR_MAX}: the scaled context is model.arch.max_position_embeddings "
+                f"({native}) x factor, and its rotary tables are built for all of it."
             )
     context = context_length(m)
     if context is None or d.max_length <= context:  # None: ALiBi, no fixed context

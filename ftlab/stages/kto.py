@@ -62,6 +62,16 @@ class Kto(PreferenceStage):
         for key in ("desirable_weight", "undesirable_weight"):
             if getattr(s, key) <= 0:
                 raise ConfigError(f"stage.{key}={getattr(s, key)}: must be > 0.")
+        p = run.parallel
+        processes = (p.nproc_per_node or 1) * run.launch.nnodes
+        hybrid = p.tensor > 1 or p.pipeline > 1 or p.sharding > 1
+        if ((p.data or 1) > 1 or processes > 1) and not hybrid:
+            # Found by the pairwise matrix (docs/matrix.md): AttributeError at the first step.
+            raise ConfigError(
+                f"stage=kto with parallel={p.name}: PaddleNLP 3.0.0b4's KTO criterion gathers "
+                "its KL term over fleet's hybrid communicate group, which a data-parallel-only "
+                "job does not create (it fails before the first step). Use parallel=single."
+            )
         super().check(run, env)
 
     def plan(self, run: RunConfig) -> StagePlan:

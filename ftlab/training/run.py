@@ -49,7 +49,7 @@ from ftlab.interop.hf_in import conversion_records
 from ftlab.methods.catalog import get_method
 from ftlab.methods.neftune import add_neftune_hook
 from ftlab.models.loading import load_tokenizer, parameter_counts, weight_dtype
-from ftlab.models.weights import refuse_pickles
+from ftlab.models.weights import changed_weights, refuse_pickles
 from ftlab.record import phases
 from ftlab.record.provenance import environment_record
 from ftlab.record.resume import (
@@ -59,8 +59,10 @@ from ftlab.record.resume import (
     reproducibility_warnings,
 )
 from ftlab.record.rundir import (
+    BASE_WEIGHTS,
     ENVIRONMENT,
     FINGERPRINTS,
+    METHOD_RECORD,
     MODEL_SOURCE,
     PREDICTIONS,
     RESOLVED_CONFIG,
@@ -103,7 +105,10 @@ log = logging.getLogger(__name__)
 def data_line(stats: DataStats) -> str:
     """The data counts a person checks before training starts."""
     tr, dev = stats.train, stats.dev
-    text = f"data   train {tr.examples:,} examples ({tr.tokens:,} tokens)"
+    if stats.streaming:  # nothing is counted before the stream is read
+        text = "data   train streamed (read lazily; counts in the summary)"
+    else:
+        text = f"data   train {tr.examples:,} examples ({tr.tokens:,} tokens)"
     if dev is not None:
         text += f", dev {dev.examples:,} ({dev.tokens:,} tokens)"
     text += f"; format {stats.format}, packing {stats.packing}"
@@ -413,7 +418,10 @@ def finalize(
 
     built.method.save_final(fitted.trainer, built.model, run_dir.final)
     run_dir.save_tokenizer(prepared.tokenizer)
-    run_dir.write_method_record(run.method.name, prepared.model.name_or_path)
+    from ftlab.models.weights import weight_hashes
+
+    base_model = prepared.model.name_or_path
+    run_dir.write_method_record(run.method.name, base_model, weight_hashes(base_model))
     console.info("saved  final/ (%s, with the tokenizer) and checkpoints/", run.method.name)
 
     summary = Summary(
@@ -645,7 +653,7 @@ def _prepare_resume(run: RunConfig, run_dir: RunDir, derived: Derived) -> tuple[
     # PaddleNLP's resume reads lora_model_state.pdparams, *.pdopt, scheduler.pdparams if there.
     refuse_pickles(checkpoint, run.model.allow_pickle, "checkpoint state")
     for warning in warnings:
-        console.warning("warning: %s", warning)
+        console.warning("%s", warning)
     step = checkpoint_step(checkpoint)
     if derived.total_steps is not None and step > derived.total_steps:
         raise ConfigError(
@@ -660,6 +668,11 @@ def _prepare_resume(run: RunConfig, run_dir: RunDir, derived: Derived) -> tuple[
 def _rerun_differences(run: RunConfig, fingerprints: dict[str, str], device: str) -> list[str]:
     source = Path(run.rerun)
     warnings = reproducibility_warnings(source, fingerprints, environment_record(device))
+    recorded = RunDir(source).read_json(f"final/{METHOD_RECORD}").get(BASE_WEIGHTS) or {}
+    warnings += [
+        f"base model weights changed: {c}"
+        for c in changed_weights(run.model.name_or_path, recorded)
+    ]
     for w in warnings:
         log.warning("rerun differs from the recorded run: %s (recorded run: %s)", w, source)
     if not warnings:
