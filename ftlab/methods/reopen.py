@@ -18,8 +18,8 @@ from ftlab.config.schema import MethodConfig, ModelConfig, PrecisionConfig
 from ftlab.errors import ConfigError, ModelLoadError
 from ftlab.methods.catalog import get_method, method_schemas
 from ftlab.models.loading import load_model, load_tokenizer, output_logits, weight_dtype
-from ftlab.models.weights import check_safetensors_dir, refuse_pickles
-from ftlab.record.rundir import METHOD_RECORD, RESOLVED_CONFIG, RunDir
+from ftlab.models.weights import changed_weights, check_safetensors_dir, refuse_pickles
+from ftlab.record.rundir import BASE_WEIGHTS, METHOD_RECORD, RESOLVED_CONFIG, RunDir
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 PROBE = "Once upon a time, there was a little dog named Max. He liked to play."
@@ -79,8 +79,6 @@ def check_saved_dir(saved_dir: Path, allow_pickle: bool) -> None:
 def check_base_unchanged(final: Path, base: str, allow_pickle: bool) -> None:
     """Refuse a base model whose weights differ from the ones the run trained on (the
     adapter would silently give another model's predictions). A pickle is named first."""
-    from ftlab.models.weights import changed_weights, refuse_pickles
-    from ftlab.record.rundir import BASE_WEIGHTS
 
     refuse_pickles(base, allow_pickle, "the base model's weights")
     recorded = json.loads((final / METHOD_RECORD).read_text()).get(BASE_WEIGHTS) or {}

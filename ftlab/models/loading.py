@@ -35,7 +35,6 @@ def parameter_counts(model: Any) -> dict[str, int]:
     A quantized layer holds its base weight as packed codes (buffers, not parameters), so
     without this the total of a QLoRA model would leave the base out.
     """
-    from ftlab.distributed.layout import model_parallel_kwargs
     from ftlab.models.quant.qlinear import QuantLoRALinear
 
     # A tensor-parallel rank holds 1/tp of each split parameter (``is_distributed``): the

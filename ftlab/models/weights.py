@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.errors import ModelLoadError
+from ftlab.record.provenance import sha256_file
 
 # Files a loader may unpickle as weights or training state. ``training_args.bin`` (a
 # pickle PaddleNLP's Trainer writes beside every save) is never read by ftlab or by
@@ -142,7 +143,6 @@ def check_safetensors_dir(directory: Path | str) -> None:
 def weight_hashes(name_or_path: str | Path) -> dict[str, str]:
     """sha256 of every weights file of a local model directory, by file name ({} for a hub
     name): recorded at training, so a base whose weights changed since is noticed."""
-    from ftlab.record.provenance import sha256_file
 
     path = Path(name_or_path).expanduser()
     if not path.is_dir():

@@ -49,7 +49,7 @@ from ftlab.interop.hf_in import conversion_records
 from ftlab.methods.catalog import get_method
 from ftlab.methods.neftune import add_neftune_hook
 from ftlab.models.loading import load_tokenizer, parameter_counts, weight_dtype
-from ftlab.models.weights import changed_weights, refuse_pickles
+from ftlab.models.weights import changed_weights, refuse_pickles, weight_hashes
 from ftlab.record import phases
 from ftlab.record.provenance import environment_record
 from ftlab.record.resume import (
@@ -418,7 +418,6 @@ def finalize(
 
     built.method.save_final(fitted.trainer, built.model, run_dir.final)
     run_dir.save_tokenizer(prepared.tokenizer)
-    from ftlab.models.weights import weight_hashes
 
     base_model = prepared.model.name_or_path
     run_dir.write_method_record(run.method.name, base_model, weight_hashes(base_model))
