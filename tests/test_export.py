@@ -94,6 +94,7 @@ def test_full_mapping_with_sharding_and_epochs(tmp_path: Path) -> None:
     assert train_args.num_train_epochs == 2  # (degrees are re-derived at launch time)
 
 
+@pytest.mark.fast
 def test_settings_the_script_cannot_express_are_listed(tmp_path: Path) -> None:
     out = export(
         [
@@ -110,6 +111,7 @@ def test_settings_the_script_cannot_express_are_listed(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "run_finetune_notes.json").read_text()) == out["notes"]
 
 
+@pytest.mark.fast
 def test_precision_and_parallel_degrees() -> None:
     run = compose_run(["method=full", "model=llama3", "precision=bf16", "parallel=tp2_sp"])
     args, _ = run_finetune_arguments(run, Path("/r"))
@@ -124,6 +126,7 @@ def test_precision_and_parallel_degrees() -> None:
     )
 
 
+@pytest.mark.fast
 def test_qlora_and_other_methods() -> None:
     args, notes = run_finetune_arguments(
         compose_run(["method=qlora", "method.quant_algo=int8"]), Path("/r")
@@ -138,6 +141,7 @@ def test_qlora_and_other_methods() -> None:
     assert (args["reft"], args["layers"], args["position"]) == (True, "all", "f7+l7")
 
 
+@pytest.mark.fast
 def test_unknown_method_is_refused() -> None:
     run = compose_run(["method=full"])
     run.method.name = "unknown"

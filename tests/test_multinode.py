@@ -24,6 +24,8 @@ from ftlab.distributed.paddle_launch import pop_option, rendezvous_timeout_messa
 from ftlab.errors import ConfigError
 from ftlab.resolve.validate import validate
 
+pytestmark = pytest.mark.fast  # needs no Paddle: runs in make test-fast
+
 TWO_NODES = ["parallel=dp2", "parallel.nproc_per_node=1", "launch.nnodes=2"]
 DERIVED = Derived(
     device="cpu", world_size=2, nproc_per_node=1, data_parallel_degree=2, global_batch_size=8

@@ -48,6 +48,7 @@ def _claim(path: str, queue: Any) -> None:
     queue.put(claim_new_dir(path))
 
 
+@pytest.mark.fast
 def test_run_dirs_are_claimed_exclusively_and_privately(tmp_path: Path) -> None:
     """Item 1: run dirs were named to the second and made with exist_ok=True, so two runs
     started together shared one. Four processes asking for one name get four dirs."""
@@ -73,6 +74,7 @@ def test_run_dirs_are_claimed_exclusively_and_privately(tmp_path: Path) -> None:
     assert claim_new_dir(wanted) == claim_new_dir(wanted)  # one dir per name per process
 
 
+@pytest.mark.fast
 def test_every_run_and_sweep_dir_is_named_through_new_dir() -> None:
     import yaml
 
@@ -81,6 +83,7 @@ def test_every_run_and_sweep_dir_is_named_through_new_dir() -> None:
     assert hydra["sweep"]["dir"].startswith("${new_dir:outputs/multirun/")
 
 
+@pytest.mark.fast
 def test_a_given_dir_holding_a_run_is_refused_unless_resumed(tmp_path: Path) -> None:
     from ftlab.record.rundir import RunDirUnusable, check_given_dir
 
@@ -98,6 +101,7 @@ def test_a_given_dir_holding_a_run_is_refused_unless_resumed(tmp_path: Path) -> 
         check_given_dir(tmp_path / "sweep", sweep=True)
 
 
+@pytest.mark.fast
 def test_unwritable_run_dir_is_one_line(tmp_path: Path) -> None:
     """Item 7: a run dir under /proc gave a raw Hydra traceback."""
     for args in (["hydra.run.dir=/proc/ftlab-run"], ["-m", "hydra.sweep.dir=/proc/ftlab-sweep"]):
@@ -132,6 +136,7 @@ def test_two_ftlab_started_together_get_two_run_dirs(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- 6: a full disk
 
 
+@pytest.mark.fast
 def test_failed_atomic_write_leaves_no_temporary_file(tmp_path: Path, monkeypatch) -> None:
     """Item 6: recording a failure on a full disk left a 0-byte error.txt.tmp."""
 
@@ -145,6 +150,7 @@ def test_failed_atomic_write_leaves_no_temporary_file(tmp_path: Path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.fast
 def test_status_is_recorded_before_the_traceback_and_a_full_disk_is_not_raised(
     tmp_path: Path, monkeypatch
 ) -> None:
@@ -165,6 +171,7 @@ def test_status_is_recorded_before_the_traceback_and_a_full_disk_is_not_raised(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
 
 
+@pytest.mark.fast
 def test_full_disk_errors_are_recognised_through_their_causes() -> None:
     from ftlab.record.rundir import is_disk_full
 
@@ -241,6 +248,7 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- 8, 9: settings
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -285,6 +293,7 @@ def test_a_bad_setting_fails_before_anything_loads(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -317,6 +326,7 @@ def test_a_method_size_beyond_its_layers_is_refused(overrides: list[str], messag
         validate(run, CPU)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -363,6 +373,7 @@ def _predict_error(path: Path) -> str:
     return str(caught.value)
 
 
+@pytest.mark.fast
 def test_predict_reads_prompts_by_the_training_data_rules(tmp_path: Path) -> None:
     """Item 11: a JSON-list line and a non-UTF-8 byte crashed ftlab-predict; a BOM that
     training accepts was rejected."""
@@ -383,6 +394,7 @@ def test_predict_reads_prompts_by_the_training_data_rules(tmp_path: Path) -> Non
     assert _predict_error(prompts) == f"{prompts}:2: needs a string field 'src' or 'prompt'."
 
 
+@pytest.mark.fast
 def test_duplicate_keys_are_rejected_with_file_and_line(tmp_path: Path) -> None:
     """Item 12: a repeated key silently kept the last value (then maybe "field is empty")."""
     from ftlab.data.records import BadRecords, iter_records
@@ -418,6 +430,7 @@ NASTY = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("path", NASTY)
 def test_any_path_survives_being_passed_to_workers(path: str) -> None:
     """Item 15: a sweep job dir (with '=' and ',') passed unquoted to the workers failed
@@ -430,6 +443,7 @@ def test_any_path_survives_being_passed_to_workers(path: str) -> None:
     assert OmegaConf.create({"d": parsed[2].value()}).d == path
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("path", NASTY)
 def test_quoted_overrides_read_back_unchanged(path: str) -> None:
     from ftlab.config.overrides import given_value, override, quote
@@ -439,6 +453,7 @@ def test_quoted_overrides_read_back_unchanged(path: str) -> None:
     assert OmegaConf.create({"d": value}).d == path
 
 
+@pytest.mark.fast
 def test_resume_of_a_dir_with_nasty_characters_is_replayed_quoted(tmp_path: Path) -> None:
     from ftlab.record.resume import replay_argv
 
@@ -519,6 +534,7 @@ def test_sweep_of_lora_ranks_over_layouts(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- 4, 5: signals
 
 
+@pytest.mark.fast
 def test_an_interruption_is_recorded_with_its_signal(tmp_path: Path) -> None:
     from ftlab.errors import Interrupted
 
@@ -591,6 +607,7 @@ def _processes_naming(path: Path) -> list[int]:
     return found
 
 
+@pytest.mark.fast
 def test_a_worker_dies_with_its_launcher(tmp_path: Path) -> None:
     """Item 4: SIGKILL of the launcher left the workers training. A process that asked to
     die with its parent is gone once the parent is (also when the parent died first)."""
