@@ -74,8 +74,14 @@ class PaddleImportWatch(importlib.abc.MetaPathFinder):
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
         if name == "paddle" and self.where is None:
-            stack = [f for f in traceback.extract_stack() if "importlib" not in f.filename]
-            self.where = "".join(traceback.format_list(stack[-12:]))
+            stack = [
+                f
+                for f in traceback.extract_stack()[:-1]  # without this frame
+                if not f.filename.startswith("<frozen")
+                and "/_pytest/" not in f.filename
+                and "/pluggy/" not in f.filename
+            ]
+            self.where = "".join(traceback.format_list(stack[-8:]))
             self.during = os.environ.get("PYTEST_CURRENT_TEST", "collection")
         return None
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import CPU, REPO, compose_run, parse_like_run_finetune
+from helpers import CPU, compose_run, parse_like_run_finetune
 
 from ftlab.errors import ConfigError
 from ftlab.interop.paddlenlp_export import export_run_finetune, run_finetune_arguments
@@ -153,7 +153,7 @@ def test_cli_export(tmp_path: Path) -> None:
     run_dir = tmp_path / "export"
     proc = subprocess.run(
         [sys.executable, "-m", "ftlab.cli.app", "mode=export", f"hydra.run.dir={run_dir}"],
-        cwd=REPO,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,

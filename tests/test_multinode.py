@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import CPU, GPU8, compose_cfg, compose_run
+from helpers import CPU, GPU8, compose_cfg, compose_run, free_port
 
 from ftlab.config.derived import Derived
 from ftlab.distributed import rendezvous
@@ -87,12 +87,6 @@ def test_only_a_multinode_command_bounds_the_rendezvous(tmp_path: Path) -> None:
     assert value == "45" and rest == cmd[5:]
     worker = ["--nnodes", "2", sys.executable, "-m", "x", "--rendezvous_timeout", "9"]
     assert pop_option(worker, "--rendezvous_timeout") == (worker, None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_timeout_message_says_whether_the_master_answered() -> None:

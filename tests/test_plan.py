@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import CPU, GPU8, REPO, compose_run
+from helpers import CPU, GPU8, compose_run
 
 from ftlab.errors import ConfigError
 from ftlab.methods.qlora import quantized_bytes_per_param
@@ -209,7 +209,7 @@ def test_cli_writes_plan_json_for_a_gpu_layout_on_any_machine(tmp_path: Path) ->
             "precision=bf16",
             f"hydra.run.dir={run_dir}",
         ],
-        cwd=REPO,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,

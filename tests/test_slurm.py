@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, compose_run
+from helpers import REPO, compose_run, free_port
 
 from ftlab.config.derived import Derived
 from ftlab.distributed.launch import check_launch, launch_command
@@ -321,14 +321,6 @@ def test_slurm_multinode_refuses_at_submission(
     assert not submitted.exists()  # nothing was queued
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # A stand-in for SLURM that runs what it is given on this machine: sbatch starts the batch
 # script in the background (submitit writes the job's pickle only after sbatch answers)
 # with the environment SLURM gives a two-node job, and srun starts one task per "node",
@@ -366,7 +358,7 @@ def test_submitit_two_node_job_forms_one_paddle_job(tmp_path: Path) -> None:
     )
     env["FAKE_SLURM"] = str(fake)
     sweep_dir = tmp_path / "sweep"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.run(
         [BIN / "ftlab", "-m", "hydra/launcher=slurm_multinode", "hydra.launcher.timeout_min=10"]
         + ["parallel=dp2", "parallel.nproc_per_node=1", "launch.nnodes=2"]
