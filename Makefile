@@ -25,12 +25,17 @@ train: $(STAMP) ## Fine-tune the shipped model on the demo task (LoRA, CPU, < 60
 	$(VENV)/bin/ftlab $(ARGS)
 
 # Every core (pytest-xdist), one test file per worker at a time, the long end-to-end files
-# first (tests/conftest.py). Measured under load, see the comment of the target.
-test: $(STAMP) ## Run the default test suite in parallel (TIME_PLACEHOLDER)
+# first (tests/conftest.py). Measured with -n 2 on the shared 2-core machine UNDER LOAD (load
+# average 9-16 from seven other sessions): 784 passed in 1,830 s, the tests' own times adding
+# up to 3,535 s (1.93 tests at a time); serial, quiet, it was 558-627 s. Quiet with -n 2 this
+# should be about 560 / 1.9 = ~300 s (not measured quiet).
+test: $(STAMP) ## Run the default test suite on every core (~5 min quiet on 2 cores, est.)
 	$(PY) -m pytest -m "not slow" -n auto --dist loadfile --no-loadscope-reorder $(ARGS)
 
-test-fast: $(STAMP) ## The tests that need no Paddle: compose, validate, plan, auto, CLI (FAST_PLACEHOLDER)
-	$(PY) -m pytest -m "fast and not slow" $(ARGS)
+# The 382 tests marked fast (no Paddle import; tests/conftest.py fails a test that imports
+# it). Measured under load on 2 cores: -n 2 172 s (load average 5-7); serial: see docs/testing.md.
+test-fast: $(STAMP) ## The tests that need no Paddle: compose, validate, plan, auto, CLI (~1-2 min)
+	$(PY) -m pytest -m "fast and not slow" -n auto $(ARGS)
 
 test-full: $(STAMP) ## Run every test, the slow ones included
 	$(PY) -m pytest $(ARGS)
