@@ -33,9 +33,10 @@ test: $(STAMP) ## Run the default test suite on every core (~5 min quiet on 2 co
 	$(PY) -m pytest -m "not slow" -n auto --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # The 382 tests marked fast (no Paddle import; tests/conftest.py fails a test that imports
-# it). Measured under load on 2 cores: -n 2 172 s (load average 5-7); serial: see docs/testing.md.
-test-fast: $(STAMP) ## The tests that need no Paddle: compose, validate, plan, auto, CLI (~1-2 min)
-	$(PY) -m pytest -m "fast and not slow" -n auto $(ARGS)
+# it). Serial: measured on the shared 2-core machine under load, 137 s at load average ~4
+# against 172 s with -n 2 at load average 5-7 (two workers each collect every fast file).
+test-fast: $(STAMP) ## The tests that need no Paddle: compose, validate, plan, auto, CLI (~2 min)
+	$(PY) -m pytest -m "fast and not slow" $(ARGS)
 
 test-full: $(STAMP) ## Run every test, the slow ones included
 	$(PY) -m pytest $(ARGS)
