@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,14 @@ def run_predict(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"ftlab-predict failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's choice): tests that run a launcher or
+    a master take one each, so tests running in parallel never meet on a port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def read_jsonl(path: Path) -> list[dict]:

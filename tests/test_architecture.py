@@ -22,6 +22,8 @@ from ftlab.config.schema import MethodConfig
 from ftlab.errors import ConfigError
 from ftlab.methods.registry import AdapterPlan, Method, register_method, unregister_method
 
+pytestmark = pytest.mark.fast  # needs no Paddle: runs in make test-fast
+
 PACKAGE = REPO / "ftlab"
 
 # Layers, bottom first: a module may import from its own layer and the layers below, and

@@ -29,6 +29,8 @@ from ftlab.record.rundir import RunDir
 from ftlab.record.sweep import read_sweep, summary_rows, write_csv
 from ftlab.resolve.validate import validate
 
+pytestmark = pytest.mark.fast  # needs no Paddle: runs in make test-fast
+
 GIB = 2**30
 CPU_RAM = Environment("cpu", 2, "3.3.1", None, 23.5)
 # PaddleNLP's llm/config/llama/*_argument.json for Meta-Llama-3-8B (bf16 O2, src 1024,

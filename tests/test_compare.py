@@ -11,6 +11,8 @@ from fake_runs import make_run, metrics
 from ftlab.cli.runs import main
 from ftlab.record.compare import compare_runs
 
+pytestmark = pytest.mark.fast  # needs no Paddle: runs in make test-fast
+
 
 def with_curves(run_dir: Path, train: list[float], evals: list[tuple[int, float]]) -> Path:
     lines = [

@@ -11,6 +11,8 @@ from ftlab.errors import ConfigError
 from ftlab.methods.lora import LoraMethodConfig
 from ftlab.resolve.validate import validate
 
+pytestmark = pytest.mark.fast  # needs no Paddle: runs in make test-fast
+
 GPU_ONLY_PRECISION = {"bf16", "bf16_o1", "fp16", "fp16_o2"}
 PREFERENCE_DATA = {"demo_preferences"}
 

@@ -27,6 +27,8 @@ from ftlab.cli.console import (
 from ftlab.record.summary import Summary
 from ftlab.resolve.validate import validate
 
+pytestmark = pytest.mark.fast  # needs no Paddle: runs in make test-fast
+
 # One message each noise entry is for, as the library writes it.
 NOISE_SAMPLES = {
     "paddle-ccache": "/x/extension_utils.py:712: UserWarning: No ccache found. Please be aware",

@@ -19,6 +19,7 @@ SHIPPED = Path(make_stories.__file__).resolve().parents[1] / "assets" / "demo_st
 # --------------------------------------------------------------------------- generator
 
 
+@pytest.mark.fast
 def test_generator_reruns_are_byte_identical_and_match_shipped_files(tmp_path: Path) -> None:
     for run in ("a", "b"):
         assert make_stories.main(["--out", str(tmp_path / run)]) == 0
@@ -28,6 +29,7 @@ def test_generator_reruns_are_byte_identical_and_match_shipped_files(tmp_path: P
         assert first == (SHIPPED / name).read_bytes(), f"shipped {name} is stale: regenerate it"
 
 
+@pytest.mark.fast
 def test_splits_sizes_and_dev_combinations_unseen_in_train() -> None:
     train, dev = build_splits()
     assert (len(train), len(dev)) == (2000, 48)
@@ -41,6 +43,7 @@ def test_splits_sizes_and_dev_combinations_unseen_in_train() -> None:
         assert {k[pos] for k in dev_keys} <= {k[pos] for k in train_keys}
 
 
+@pytest.mark.fast
 def test_records_are_well_formed_and_mention_each_entity_twice() -> None:
     train, dev = build_splits()
     assert dev[0] == {
@@ -55,6 +58,7 @@ def test_records_are_well_formed_and_mention_each_entity_twice() -> None:
         assert all(count_entity(e, r["tgt"]) >= 2 for e in r["entities"]), r
 
 
+@pytest.mark.fast
 def test_different_seed_gives_different_dev_set() -> None:
     _, dev_a = build_splits(seed=1, n_train=10, n_dev=5)
     _, dev_b = build_splits(seed=2, n_train=10, n_dev=5)
@@ -64,6 +68,7 @@ def test_different_seed_gives_different_dev_set() -> None:
 # --------------------------------------------------------------------------- matching
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("entity", "text", "expected"),
     [
@@ -85,6 +90,7 @@ def test_entity_matching_rules(entity: str, text: str, expected: int) -> None:
     assert count_entity(entity, text) == expected
 
 
+@pytest.mark.fast
 def test_entity_hits_per_entity() -> None:
     text = "Once upon a time, Sue the fox found a blue box."
     assert entity_hits(["sue", "fox", "blue box", "red box", "Tim"], text) == [
@@ -96,6 +102,7 @@ def test_entity_hits_per_entity() -> None:
     ]
 
 
+@pytest.mark.fast
 def test_empty_entity_is_rejected() -> None:
     with pytest.raises(ValueError, match="no words"):
         count_entity("  ", "anything")

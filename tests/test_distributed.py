@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -176,14 +177,6 @@ def test_worker_failure_fails_the_job_with_its_log(tmp_path: Path) -> None:
     assert f"{broken}/train.json:1: not valid JSON" in err  # the worker's own error, from its log
     run_dir = only_run_dir(tmp_path)
     assert not list((run_dir / "logs").glob("envlog.*"))
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow  # two launchers and their workers (~60 s)

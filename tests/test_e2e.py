@@ -228,6 +228,7 @@ def test_bf16_on_cpu_fails_before_heavy_work(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.fast
 def test_unknown_key_fails_with_closest_names(tmp_path: Path) -> None:
     proc = run_ftlab(tmp_path, "method.lora_rnk=4", check=False)
     assert proc.returncode == 2
@@ -235,6 +236,7 @@ def test_unknown_key_fails_with_closest_names(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.fast
 def test_missing_model_fails_with_one_line(tmp_path: Path) -> None:
     proc = run_ftlab(tmp_path, "model.name_or_path=/nonexistent/llama", check=False)
     assert proc.returncode == 2

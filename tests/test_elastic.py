@@ -27,6 +27,8 @@ from helpers import CPU, GPU8, compose_run
 from ftlab.config.environment import Environment
 from ftlab.errors import ConfigError
 
+pytestmark = pytest.mark.fast  # needs no Paddle: runs in make test-fast
+
 TOLERANCE = 1e-5
 
 

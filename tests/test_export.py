@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import CPU, REPO, compose_run, parse_like_run_finetune
+from helpers import CPU, compose_run, parse_like_run_finetune
 
 from ftlab.errors import ConfigError
 from ftlab.interop.paddlenlp_export import export_run_finetune, run_finetune_arguments
@@ -94,6 +94,7 @@ def test_full_mapping_with_sharding_and_epochs(tmp_path: Path) -> None:
     assert train_args.num_train_epochs == 2  # (degrees are re-derived at launch time)
 
 
+@pytest.mark.fast
 def test_settings_the_script_cannot_express_are_listed(tmp_path: Path) -> None:
     out = export(
         [
@@ -110,6 +111,7 @@ def test_settings_the_script_cannot_express_are_listed(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "run_finetune_notes.json").read_text()) == out["notes"]
 
 
+@pytest.mark.fast
 def test_precision_and_parallel_degrees() -> None:
     run = compose_run(["method=full", "model=llama3", "precision=bf16", "parallel=tp2_sp"])
     args, _ = run_finetune_arguments(run, Path("/r"))
@@ -124,6 +126,7 @@ def test_precision_and_parallel_degrees() -> None:
     )
 
 
+@pytest.mark.fast
 def test_qlora_and_other_methods() -> None:
     args, notes = run_finetune_arguments(
         compose_run(["method=qlora", "method.quant_algo=int8"]), Path("/r")
@@ -138,6 +141,7 @@ def test_qlora_and_other_methods() -> None:
     assert (args["reft"], args["layers"], args["position"]) == (True, "all", "f7+l7")
 
 
+@pytest.mark.fast
 def test_unknown_method_is_refused() -> None:
     run = compose_run(["method=full"])
     run.method.name = "unknown"
@@ -149,7 +153,7 @@ def test_cli_export(tmp_path: Path) -> None:
     run_dir = tmp_path / "export"
     proc = subprocess.run(
         [sys.executable, "-m", "ftlab.cli.app", "mode=export", f"hydra.run.dir={run_dir}"],
-        cwd=REPO,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,

@@ -168,6 +168,7 @@ def by_cost(names: list[str], default: tuple[str, ...] = DEFAULT_SUITE) -> list[
     return [n if n in default else pytest.param(n, marks=pytest.mark.slow) for n in names]
 
 
+@pytest.mark.fast
 def test_every_family_has_a_tiny_model() -> None:
     assert sorted(TINY) == sorted(FAMILIES)
 
@@ -525,6 +526,7 @@ PARAMETERS = {
 }
 
 
+@pytest.mark.fast
 def test_every_model_option_is_covered() -> None:
     assert sorted(HUB_OPTIONS) == sorted(PARAMETERS)
     assert {o: (FIXTURES / f"{o}.json").is_file() for o in HUB_OPTIONS} == dict.fromkeys(
@@ -532,6 +534,7 @@ def test_every_model_option_is_covered() -> None:
     )
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("option", HUB_OPTIONS)
 def test_model_option_is_the_public_config_and_plans_several_layouts(option: str) -> None:
     """Its numbers are what the config.json reader gets from the checkpoint's public file;
@@ -607,6 +610,7 @@ def public(option: str, **changes: Any) -> dict[str, Any]:
     return {**json.loads((FIXTURES / f"{option}.json").read_text()), **changes}
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -645,6 +649,7 @@ def test_bad_model_directories_fail_in_one_line(
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.fast
 def test_yaml_numbers_contradicting_config_json_are_refused_naming_both(tmp_path: Path) -> None:
     d = write_config(tmp_path / "qwen", public("qwen2_5_0_5b"))
     with pytest.raises(
@@ -664,6 +669,7 @@ def test_yaml_numbers_contradicting_config_json_are_refused_naming_both(tmp_path
         compose_run(["model=qwen2_5_0_5b", f"model.name_or_path={other}"])
 
 
+@pytest.mark.fast
 def test_hub_name_without_numbers_or_family_is_refused() -> None:
     with pytest.raises(ConfigError, match="is a hub name and model.family is not set"):
         compose_run(["model.name_or_path=someone/some-model"])
@@ -691,6 +697,7 @@ def test_resolved_config_records_what_config_json_gave(tiny_dirs: dict[str, Path
 EP4 = dict(parallel__tensor=2, parallel__nproc_per_node=8)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("option", "changes", "env", "message"),
     [
@@ -726,11 +733,13 @@ def test_family_and_layout_refusals(
         validate(run, env)
 
 
+@pytest.mark.fast
 def test_prefix_is_refused_for_a_family_without_a_key_value_layout() -> None:
     with pytest.raises(ConfigError, match="method=prefix does not support model.family=gemma"):
         validate(compose_run(["model=gemma_7b", "method=prefix"]), CPU)
 
 
+@pytest.mark.fast
 def test_never_tied_family_refuses_a_tied_checkpoint(tmp_path: Path) -> None:
     d = write_config(tmp_path / "m", public("mixtral_8x7b", tie_word_embeddings=True))
     with pytest.raises(ConfigError, match="never ties its output layer"):
@@ -802,6 +811,7 @@ def test_pad_token_must_be_in_the_vocabulary(monkeypatch: pytest.MonkeyPatch) ->
     )
 
 
+@pytest.mark.fast
 def test_docs_family_table_says_what_the_rows_say() -> None:
     """Every family has a row in the docs' family table (docs/models.md), and its prefix,
     PP and FlashMask cells agree with the family table (a "yes" there is one of the tests

@@ -88,6 +88,7 @@ def test_identical_and_empty_predictions() -> None:
         score_texts(["x"], refs, "word")
 
 
+@pytest.mark.fast
 def test_units_setting() -> None:
     assert resolve_units(["hello world"], "char") == "char"
     assert resolve_units(["宽松的阔腿裤"], "word") == "word"

@@ -15,6 +15,8 @@ from ftlab.cli.help import check_selected_options, help_text, option_line
 from ftlab.errors import ConfigError
 from ftlab.resolve.compose import register_configs, schema_entries
 
+pytestmark = pytest.mark.fast  # needs no Paddle: runs in make test-fast
+
 GROUPS = ["model", "method", "data", "parallel", "precision", "experiment"]
 
 

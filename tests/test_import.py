@@ -270,6 +270,7 @@ def test_unknown_model_and_unknown_keys_are_said(tmp_path: Path) -> None:
     assert any("reads its family and model.arch from its config.json" in n for n in imported.notes)
 
 
+@pytest.mark.fast
 def test_override_values_parse_back() -> None:
     assert override_value("./data") == "./data"
     assert override_value("a b") == "'a b'"

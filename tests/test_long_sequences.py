@@ -17,7 +17,6 @@ from helpers import (
     CPU,
     DEMO,
     GPU8,
-    REPO,
     alone_loss,
     compose_run,
     data_for,
@@ -467,7 +466,7 @@ def test_ftlab_trains_text_with_flashmask_rope_scaling_and_pose(tmp_path: Path) 
          "model.rope_scaling.strategy=linear", "model.rope_scaling.factor=2", "method=full",
          "train.max_steps=2", "train.per_device_train_batch_size=2", "train.logging_steps=1",
          "train.learning_rate=3e-3", f"hydra.run.dir={run_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -489,7 +488,7 @@ def test_continued_pretraining_lowers_held_out_perplexity(tmp_path: Path) -> Non
         [sys.executable, "-m", "ftlab.cli.app", "data=demo_text", "method=full",
          "data.max_length=256", "train.max_steps=20", "train.per_device_train_batch_size=4",
          "train.learning_rate=2e-3", "train.warmup_steps=2", f"hydra.run.dir={run_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=3600,
+        cwd=tmp_path, capture_output=True, text=True, timeout=3600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -536,7 +535,7 @@ def test_pose_on_short_rows_lowers_perplexity_at_the_scaled_context(tmp_path: Pa
          "method=full", "data.max_length=256", "data.pose=true", *scaled,
          "train.max_steps=30", "train.per_device_train_batch_size=8",
          "train.learning_rate=2e-3", "train.warmup_steps=2", f"hydra.run.dir={run_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=3600,
+        cwd=tmp_path, capture_output=True, text=True, timeout=3600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())

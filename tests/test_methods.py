@@ -276,6 +276,7 @@ def test_pissa_base_residual_and_raw_checkpoint_refusal(trained: Callable[[str],
 # --------------------------------------------------------------------------- ReFT
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
@@ -291,6 +292,7 @@ def test_reft_positions_parse(spec: str, expected: tuple[int, int]) -> None:
     assert parse_positions(spec) == expected
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("spec", ["", "x7", "f7+", "+l2", "f0", "l7+f7", "f-1"])
 def test_reft_bad_positions_fail(spec: str) -> None:
     from ftlab.methods.reft import parse_positions
@@ -299,6 +301,7 @@ def test_reft_bad_positions_fail(spec: str) -> None:
         parse_positions(spec)
 
 
+@pytest.mark.fast
 def test_reft_intervention_mask() -> None:
     from ftlab.methods.reft import intervention_mask
 
@@ -467,6 +470,7 @@ def test_load_trained_and_merge_from_run_dir(
     assert "exists and is not empty" in capsys.readouterr().err
 
 
+@pytest.mark.fast
 def test_load_refuses_dirs_without_weights(tmp_path: Path) -> None:
     from ftlab.methods.reopen import load_trained, method_of
 
@@ -479,6 +483,7 @@ def test_load_refuses_dirs_without_weights(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- settings
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -508,6 +513,7 @@ def test_method_settings_that_cannot_work_fail(overrides: list[str], message: st
         validate(compose_run(overrides), CPU)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 @pytest.mark.parametrize("method", ["vera", "lokr", "reft"])
 def test_methods_without_model_parallel_refuse_it(method: str, layout: str) -> None:
@@ -517,6 +523,7 @@ def test_methods_without_model_parallel_refuse_it(method: str, layout: str) -> N
         validate(compose_run([f"method={method}", f"parallel={layout}"]), GPU8)
 
 
+@pytest.mark.fast
 def test_derived_values() -> None:
     assert validate(compose_run(["method.pissa=true"]), CPU)["lora_scaling"] == 1.0
     assert validate(compose_run(["method.use_mora=true"]), CPU)["lora_scaling"] == 1.0

@@ -147,6 +147,7 @@ def test_each_source_keeps_its_own_rules(sources: Path, tokenizer: Any) -> None:
     assert parts["a"].stats.chat_template == "chatml" and parts["b"].stats.chat_template is None
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "overrides, match",
     [

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import CPU, GPU8, compose_cfg, compose_run
+from helpers import CPU, GPU8, compose_cfg, compose_run, free_port
 
 from ftlab.config.derived import Derived
 from ftlab.distributed import rendezvous
@@ -23,6 +23,8 @@ from ftlab.distributed.launch import check_launch, launch_command, record_worker
 from ftlab.distributed.paddle_launch import pop_option, rendezvous_timeout_message
 from ftlab.errors import ConfigError
 from ftlab.resolve.validate import validate
+
+pytestmark = pytest.mark.fast  # needs no Paddle: runs in make test-fast
 
 TWO_NODES = ["parallel=dp2", "parallel.nproc_per_node=1", "launch.nnodes=2"]
 DERIVED = Derived(
@@ -85,12 +87,6 @@ def test_only_a_multinode_command_bounds_the_rendezvous(tmp_path: Path) -> None:
     assert value == "45" and rest == cmd[5:]
     worker = ["--nnodes", "2", sys.executable, "-m", "x", "--rendezvous_timeout", "9"]
     assert pop_option(worker, "--rendezvous_timeout") == (worker, None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_timeout_message_says_whether_the_master_answered() -> None:

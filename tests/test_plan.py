@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import CPU, GPU8, REPO, compose_run
+from helpers import CPU, GPU8, compose_run
 
 from ftlab.errors import ConfigError
 from ftlab.methods.qlora import quantized_bytes_per_param
@@ -30,6 +30,7 @@ def plan_for(overrides: list[str], env=CPU) -> dict:
     return make_plan(run, validate(run, env), env.device)
 
 
+@pytest.mark.fast
 def test_counts_match_the_shipped_model_and_llama3() -> None:
     assert count_parameters(compose_run(["method=full"])).total == STORIES_PARAMS
     lora = count_parameters(compose_run(["method=lora"]))
@@ -40,6 +41,7 @@ def test_counts_match_the_shipped_model_and_llama3() -> None:
     assert big_lora.trainable == 20_971_520  # rank 8 on all seven projections
 
 
+@pytest.mark.fast
 def test_lora_targets_and_variants_change_trainable_counts() -> None:
     qv = count_parameters(compose_run(["method=lora", "method.target_modules=[.*q_proj,.*v_proj]"]))
     # 5 layers x 8 x ((64 + 64) + (64 + 32))
@@ -50,6 +52,7 @@ def test_lora_targets_and_variants_change_trainable_counts() -> None:
         count_parameters(compose_run(["method=lora", "method.target_modules=[.*nothing]"]))
 
 
+@pytest.mark.fast
 def test_qlora_base_bytes() -> None:
     run = compose_run(["method=qlora", "model=llama3"])
     assert quantized_bytes_per_param(run.method) == pytest.approx(0.5 + 4 / 64)
@@ -65,6 +68,7 @@ def test_qlora_base_bytes() -> None:
     assert plan["memory_bytes"]["weights"] == pytest.approx(expected)
 
 
+@pytest.mark.fast
 def test_full_fp32_and_bf16_o2_bytes_per_parameter() -> None:
     mem = plan_for(["method=full"])["memory_bytes"]
     p = STORIES_PARAMS
@@ -76,6 +80,7 @@ def test_full_fp32_and_bf16_o2_bytes_per_parameter() -> None:
     assert (mem16["weights"], mem16["gradients"], mem16["optimizer"]) == (2 * p, 2 * p, 12 * p)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "parallel,weights,grads,optim",
     [
@@ -94,6 +99,7 @@ def test_sharding_stages_divide_states(parallel: str, weights: int, grads: int, 
     assert mem["optimizer"] == pytest.approx(base["optimizer"] / optim)
 
 
+@pytest.mark.fast
 def test_tensor_and_pipeline_splits() -> None:
     run = compose_run(["method=full", "model=llama3", "parallel=tp4", "device=gpu"])
     counts = count_parameters(run)
@@ -110,6 +116,7 @@ def test_tensor_and_pipeline_splits() -> None:
     assert pp["memory_bytes"]["weights"] < single["memory_bytes"]["weights"] / 1.9
 
 
+@pytest.mark.fast
 def test_recompute_and_flash_attention_shrink_activations() -> None:
     plain = plan_for(["method=lora"])["memory_bytes"]
     assert plain["activations_recompute"] < plain["activations"]
@@ -125,6 +132,7 @@ def test_recompute_and_flash_attention_shrink_activations() -> None:
     assert flash_cpu["activations"] == plain["activations"]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "method, trainable, added_frozen",
     [
@@ -185,6 +193,7 @@ def test_activation_model_matches_paddle_allocator(tmp_path: Path) -> None:
     assert mem.activations - transient == pytest.approx(saved, rel=0.05)
 
 
+@pytest.mark.fast
 def test_cli_writes_plan_json_for_a_gpu_layout_on_any_machine(tmp_path: Path) -> None:
     run_dir = tmp_path / "plan"
     proc = subprocess.run(
@@ -200,7 +209,7 @@ def test_cli_writes_plan_json_for_a_gpu_layout_on_any_machine(tmp_path: Path) ->
             "precision=bf16",
             f"hydra.run.dir={run_dir}",
         ],
-        cwd=REPO,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
@@ -219,6 +228,7 @@ def test_cli_writes_plan_json_for_a_gpu_layout_on_any_machine(tmp_path: Path) ->
 # ------------------------------------------------- optimizer state, recompute, overhead
 
 
+@pytest.mark.fast
 def test_optimizer_state_follows_the_optimizer() -> None:
     p = STORIES_PARAMS
     for optim, per_param in (
@@ -244,6 +254,7 @@ def test_optimizer_state_follows_the_optimizer() -> None:
     )
 
 
+@pytest.mark.fast
 def test_recompute_granularities_order_and_layers() -> None:
     def act_rc(*extra: str) -> float:
         overrides = ["method=full", "train.recompute=true", *extra]

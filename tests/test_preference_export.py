@@ -139,6 +139,7 @@ def test_kto_export_parses_as_run_kto_reads_it(tmp_path: Path) -> None:
     assert any("run_kto.py reads PaddleNLP's labelled records" in n for n in out["notes"])
 
 
+@pytest.mark.fast
 def test_methods_the_scripts_lack_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="run_dpo.py trains full models and LoRA .* no vera"):
         export(["stage=dpo", "method=vera"], tmp_path)
@@ -146,6 +147,7 @@ def test_methods_the_scripts_lack_are_refused(tmp_path: Path) -> None:
         export(["stage=dpo", "method.pissa=true"], tmp_path)
 
 
+@pytest.mark.fast
 def test_plan_counts_the_reference_copy_only_when_one_is_held() -> None:
     def plan(overrides: list[str]) -> dict[str, Any]:
         run = compose_run(["model=llama3", "device=gpu", "precision=bf16", *overrides])

@@ -48,9 +48,10 @@ def _claim(path: str, queue: Any) -> None:
     queue.put(claim_new_dir(path))
 
 
+@pytest.mark.fast
 def test_run_dirs_are_claimed_exclusively_and_privately(tmp_path: Path) -> None:
-    """Item 1: run dirs were named to the second and made with exist_ok=True, so two runs
-    started together shared one. Four processes asking for one name get four dirs."""
+    """Two runs started together never share a run dir (names are to the second; a dir is
+    claimed exclusively): four processes asking for one name get four dirs."""
     from ftlab.record.rundir import claim_new_dir
 
     wanted = str(tmp_path / "outputs" / "06-12-13_stories260k_lora")
@@ -59,7 +60,7 @@ def test_run_dirs_are_claimed_exclusively_and_privately(tmp_path: Path) -> None:
         multiprocessing.get_context("fork").Process(target=_claim, args=(wanted, queue))
         for _ in range(4)
     ]
-    old_umask = os.umask(0)  # item 14: private whatever the umask
+    old_umask = os.umask(0)  # private whatever the umask
     try:
         for p in procs:
             p.start()
@@ -73,6 +74,7 @@ def test_run_dirs_are_claimed_exclusively_and_privately(tmp_path: Path) -> None:
     assert claim_new_dir(wanted) == claim_new_dir(wanted)  # one dir per name per process
 
 
+@pytest.mark.fast
 def test_every_run_and_sweep_dir_is_named_through_new_dir() -> None:
     import yaml
 
@@ -81,6 +83,7 @@ def test_every_run_and_sweep_dir_is_named_through_new_dir() -> None:
     assert hydra["sweep"]["dir"].startswith("${new_dir:outputs/multirun/")
 
 
+@pytest.mark.fast
 def test_a_given_dir_holding_a_run_is_refused_unless_resumed(tmp_path: Path) -> None:
     from ftlab.record.rundir import RunDirUnusable, check_given_dir
 
@@ -98,8 +101,9 @@ def test_a_given_dir_holding_a_run_is_refused_unless_resumed(tmp_path: Path) -> 
         check_given_dir(tmp_path / "sweep", sweep=True)
 
 
+@pytest.mark.fast
 def test_unwritable_run_dir_is_one_line(tmp_path: Path) -> None:
-    """Item 7: a run dir under /proc gave a raw Hydra traceback."""
+    """A run dir that cannot be made (under /proc) is one error line, not Hydra's traceback."""
     for args in (["hydra.run.dir=/proc/ftlab-run"], ["-m", "hydra.sweep.dir=/proc/ftlab-sweep"]):
         proc = run_cmd(tmp_path, BIN / "ftlab", *args, "method.lora_rank=2")
         assert proc.returncode == 2
@@ -117,7 +121,7 @@ def test_unwritable_run_dir_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_two_ftlab_started_together_get_two_run_dirs(tmp_path: Path) -> None:
-    """Item 1 through the command: the same requested name, two processes, two dirs."""
+    """Through the command: the same requested name, two processes, two dirs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
     args = [str(BIN / "ftlab"), "mode=plan", "hydra.run.dir=${new_dir:outputs/same}"]
     procs = [subprocess.Popen([*args, f"train.seed={s}"], cwd=tmp_path, env=env) for s in (1, 2)]
@@ -132,8 +136,9 @@ def test_two_ftlab_started_together_get_two_run_dirs(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- 6: a full disk
 
 
+@pytest.mark.fast
 def test_failed_atomic_write_leaves_no_temporary_file(tmp_path: Path, monkeypatch) -> None:
-    """Item 6: recording a failure on a full disk left a 0-byte error.txt.tmp."""
+    """Recording a failure on a full disk leaves no 0-byte error.txt.tmp behind."""
 
     def full(self: Path, text: str) -> None:
         self.open("w").close()  # the file is created, then the disk is full
@@ -145,6 +150,7 @@ def test_failed_atomic_write_leaves_no_temporary_file(tmp_path: Path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.fast
 def test_status_is_recorded_before_the_traceback_and_a_full_disk_is_not_raised(
     tmp_path: Path, monkeypatch
 ) -> None:
@@ -165,6 +171,7 @@ def test_status_is_recorded_before_the_traceback_and_a_full_disk_is_not_raised(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
 
 
+@pytest.mark.fast
 def test_full_disk_errors_are_recognised_through_their_causes() -> None:
     from ftlab.record.rundir import is_disk_full
 
@@ -212,7 +219,7 @@ def _tokenizer() -> Any:
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_disk_full_on_a_real_small_filesystem(tmp_path: Path) -> None:
-    """Item 6 for real: the run dir on a 400 KiB tmpfs, too small for a checkpoint."""
+    """A full disk for real: the run dir on a 400 KiB tmpfs, too small for a checkpoint."""
     mount = tmp_path / "small"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)]).returncode:
@@ -241,6 +248,7 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- 8, 9: settings
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -270,8 +278,8 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path: Path) -> None:
     ],
 )
 def test_numeric_settings_are_range_checked(overrides: list[str], message: str) -> None:
-    """Item 8: these failed with tracebacks after the data load, or (max_steps=0 with
-    num_train_epochs=0) silently trained a whole epoch."""
+    """Out-of-range numbers fail in validation, not with tracebacks after the data load, and
+    max_steps=0 with num_train_epochs=0 does not silently train a whole epoch."""
     with pytest.raises(ConfigError, match=message):
         validate(compose_run(overrides), CPU)
 
@@ -285,6 +293,7 @@ def test_a_bad_setting_fails_before_anything_loads(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -307,7 +316,7 @@ def test_a_bad_setting_fails_before_anything_loads(tmp_path: Path) -> None:
     ],
 )
 def test_a_method_size_beyond_its_layers_is_refused(overrides: list[str], message: str) -> None:
-    """Item 9: lora_rank=128 on a model of hidden size 64 was accepted silently."""
+    """A method size beyond its layers (lora_rank=128 on hidden size 64) is refused."""
     run = compose_run(overrides)
     if "lora_rank=40" in overrides[0]:
         validate(run, CPU)  # only q_proj (64 x 64) targeted: 40 fits
@@ -317,6 +326,7 @@ def test_a_method_size_beyond_its_layers_is_refused(overrides: list[str], messag
         validate(run, CPU)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -333,7 +343,7 @@ def test_sizes_at_the_bound_are_accepted(overrides: list[str]) -> None:
 
 
 def test_the_last_step_is_logged_whatever_logging_steps(tmp_path: Path) -> None:
-    """Item 10: logging_steps > max_steps left no training loss at all (loss n/a -> n/a)."""
+    """logging_steps > max_steps still logs the last step's training loss (not n/a)."""
     from helpers import as_dataset, trainer_for
 
     from ftlab.training.trainer import MetricsJsonl
@@ -363,9 +373,10 @@ def _predict_error(path: Path) -> str:
     return str(caught.value)
 
 
+@pytest.mark.fast
 def test_predict_reads_prompts_by_the_training_data_rules(tmp_path: Path) -> None:
-    """Item 11: a JSON-list line and a non-UTF-8 byte crashed ftlab-predict; a BOM that
-    training accepts was rejected."""
+    """ftlab-predict reads prompts as training reads records: a JSON-list line and a
+    non-UTF-8 byte are named errors, a BOM that training accepts is accepted."""
     from ftlab.cli.predict import read_prompts
 
     prompts = tmp_path / "p.jsonl"
@@ -383,8 +394,9 @@ def test_predict_reads_prompts_by_the_training_data_rules(tmp_path: Path) -> Non
     assert _predict_error(prompts) == f"{prompts}:2: needs a string field 'src' or 'prompt'."
 
 
+@pytest.mark.fast
 def test_duplicate_keys_are_rejected_with_file_and_line(tmp_path: Path) -> None:
-    """Item 12: a repeated key silently kept the last value (then maybe "field is empty")."""
+    """A repeated key in a record is refused with file and line, not silently overwritten."""
     from ftlab.data.records import BadRecords, iter_records
     from ftlab.data.stats import SplitStats
 
@@ -418,10 +430,11 @@ NASTY = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("path", NASTY)
 def test_any_path_survives_being_passed_to_workers(path: str) -> None:
-    """Item 15: a sweep job dir (with '=' and ',') passed unquoted to the workers failed
-    with "mismatched input '='"; each of these paths reaches the worker unchanged."""
+    """A sweep job dir (with '=' and ',') is passed quoted to the workers (unquoted it failed
+    with "mismatched input '='"); each of these paths reaches the worker unchanged."""
     from ftlab.distributed.launch import worker_overrides
 
     args = worker_overrides(["parallel=dp2", "train.max_steps=3"], Path(path))
@@ -430,6 +443,7 @@ def test_any_path_survives_being_passed_to_workers(path: str) -> None:
     assert OmegaConf.create({"d": parsed[2].value()}).d == path
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("path", NASTY)
 def test_quoted_overrides_read_back_unchanged(path: str) -> None:
     from ftlab.config.overrides import given_value, override, quote
@@ -439,6 +453,7 @@ def test_quoted_overrides_read_back_unchanged(path: str) -> None:
     assert OmegaConf.create({"d": value}).d == path
 
 
+@pytest.mark.fast
 def test_resume_of_a_dir_with_nasty_characters_is_replayed_quoted(tmp_path: Path) -> None:
     from ftlab.record.resume import replay_argv
 
@@ -474,8 +489,8 @@ def sweep_of_two_steps(tmp_path: Path, *overrides: str) -> tuple[Path, list[dict
 
 @pytest.mark.slow
 def test_sweep_over_layouts_completes_every_job(tmp_path: Path) -> None:
-    """Item 15: ``ftlab -m parallel=single,dp2,sharding_stage1`` failed both multi-process
-    jobs; with tensor and pipeline parallel (CPU emulation) every job completes and the
+    """``ftlab -m parallel=single,dp2,sharding_stage1`` completes its multi-process jobs;
+    with tensor and pipeline parallel (CPU emulation) every job completes and the
     summary compares them."""
     layouts = ["single", "dp2", "sharding_stage1", "tp2", "pp2"]
     sweep_dir, rows = sweep_of_two_steps(
@@ -502,7 +517,7 @@ def test_sweep_over_layouts_completes_every_job(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sweep_of_lora_ranks_over_layouts(tmp_path: Path) -> None:
-    """Item 15's own example, ``ftlab -m method.lora_rank=4,8,16 parallel=single,dp2`` (two
+    """A sweep over sizes and layouts, ``ftlab -m method.lora_rank=4,8,16 parallel=single,dp2`` (two
     ranks here): every job completes on its layout (dp2: two ranks of 16, a global batch of
     32; the two-processes-equal-one claim is ``test_distributed.py``'s)."""
     sweep_dir, rows = sweep_of_two_steps(tmp_path, "method.lora_rank=4,8", "parallel=single,dp2")
@@ -519,6 +534,7 @@ def test_sweep_of_lora_ranks_over_layouts(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- 4, 5: signals
 
 
+@pytest.mark.fast
 def test_an_interruption_is_recorded_with_its_signal(tmp_path: Path) -> None:
     from ftlab.errors import Interrupted
 
@@ -528,8 +544,8 @@ def test_an_interruption_is_recorded_with_its_signal(tmp_path: Path) -> None:
 
 
 def test_paddles_launcher_writes_no_environment(tmp_path: Path, monkeypatch) -> None:
-    """Item 4: Paddle's launcher wrote envlog.*, backup_env.*.json and the pod log, each
-    holding the whole environment, into the run dir."""
+    """Paddle's launcher writes no envlog.*, backup_env.*.json or pod log (each holding the
+    whole environment) into the run dir."""
     from paddle.distributed.launch.controllers.controller import Controller
     from paddle.distributed.launch.utils import process_context
 
@@ -591,8 +607,9 @@ def _processes_naming(path: Path) -> list[int]:
     return found
 
 
+@pytest.mark.fast
 def test_a_worker_dies_with_its_launcher(tmp_path: Path) -> None:
-    """Item 4: SIGKILL of the launcher left the workers training. A process that asked to
+    """SIGKILL of the launcher does not leave the workers training. A process that asked to
     die with its parent is gone once the parent is (also when the parent died first)."""
     for delay in ("3", "0"):
         mark = tmp_path / f"child{delay}"
@@ -661,15 +678,15 @@ def assert_interrupted(proc: Any, run_dir: Path, sig: int) -> None:
 
 
 def test_sigterm_ends_a_run_cleanly(tmp_path: Path) -> None:
-    """Item 5: SIGTERM printed nothing and recorded nothing (Paddle's import had replaced
-    the handler; ftlab-runs said "incomplete")."""
+    """SIGTERM ends a run with one line and an "interrupted" record that ftlab-runs shows,
+    although Paddle's import replaces the signal handler."""
     proc, run_dir, _ = interrupt_run(tmp_path, signal.SIGTERM)
     assert_interrupted(proc, run_dir, signal.SIGTERM)
 
 
 @pytest.mark.slow
 def test_sigint_ends_a_run_cleanly(tmp_path: Path) -> None:
-    """Item 5: SIGINT printed a KeyboardInterrupt traceback."""
+    """SIGINT ends a run with one line and a record, no KeyboardInterrupt traceback."""
     proc, run_dir, _ = interrupt_run(tmp_path, signal.SIGINT)
     assert_interrupted(proc, run_dir, signal.SIGINT)
 
@@ -678,8 +695,8 @@ def test_sigint_ends_a_run_cleanly(tmp_path: Path) -> None:
 @pytest.mark.distributed
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_the_launcher_takes_its_workers_down(sig: int, tmp_path: Path) -> None:
-    """Item 4: SIGTERM or SIGKILL to the launcher of a dp2 run orphaned the workers, which
-    trained on, and left the environment dumps in the run dir."""
+    """SIGTERM or SIGKILL to the launcher of a dp2 run takes its workers down (they trained
+    on, orphaned) and leaves no environment dump in the run dir."""
     import psutil
 
     proc, run_dir, workers = interrupt_run(

@@ -13,6 +13,8 @@ from fake_runs import make_run, metrics
 from ftlab.cli.runs import main
 from ftlab.record.index import find_runs, read_run
 
+pytestmark = pytest.mark.fast  # needs no Paddle: runs in make test-fast
+
 RANK0 = "method.lora_rank=0: the rank must be >= 1."
 
 

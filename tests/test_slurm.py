@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, compose_run
+from helpers import REPO, compose_run, free_port
 
 from ftlab.config.derived import Derived
 from ftlab.distributed.launch import check_launch, launch_command
@@ -48,6 +48,7 @@ TASKS = [
 TWO_NODES = ["parallel=dp8", "launch.nnodes=2"]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "nodelist,hosts",
     [
@@ -62,6 +63,7 @@ def test_nodelist_expands_like_scontrol(nodelist: str, hosts: list[str]) -> None
     assert expand_nodelist(nodelist) == hosts
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "nodelist,why",
     [
@@ -78,6 +80,7 @@ def test_unreadable_nodelist_is_refused(nodelist: str, why: str) -> None:
         expand_nodelist(nodelist)
 
 
+@pytest.mark.fast
 def test_every_node_resolves_the_same_master() -> None:
     run = compose_run([*TWO_NODES, "launch.master=slurm"])
     resolved = [slurm_master(run, env).launch for env in TASKS]
@@ -98,6 +101,7 @@ def test_every_node_resolves_the_same_master() -> None:
     assert slurm_master(other, {}) is other  # only launch.master=slurm reads SLURM
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "overrides,env,message",
     [
@@ -163,6 +167,7 @@ def sbatch_lines(script: str) -> dict[str, str]:
     return out
 
 
+@pytest.mark.fast
 def test_submitit_sbatch_for_a_two_node_job(tmp_path: Path) -> None:
     """The script ``ftlab -m hydra/launcher=slurm_multinode`` hands to sbatch, for a sweep of
     two jobs of two 8-GPU nodes each; the submission stops there (no SLURM runs it)."""
@@ -233,6 +238,7 @@ def _submitted_job(sweep_dir: Path, num: int):
     return job.function, list(overrides), job_num
 
 
+@pytest.mark.fast
 def test_plain_sbatch_script_gives_every_node_the_same_job(tmp_path: Path) -> None:
     """``launch/slurm_multinode.sbatch`` under a fake sbatch: what each node's ftlab gets."""
     calls = tmp_path / "calls"
@@ -278,6 +284,7 @@ def test_plain_sbatch_script_gives_every_node_the_same_job(tmp_path: Path) -> No
     assert lines == [f"{n} {' '.join(expected)}" for n in (0, 1)]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "overrides,message",
     [
@@ -312,14 +319,6 @@ def test_slurm_multinode_refuses_at_submission(
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"ftlab: error: {message}")
     assert not submitted.exists()  # nothing was queued
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # A stand-in for SLURM that runs what it is given on this machine: sbatch starts the batch
@@ -359,7 +358,7 @@ def test_submitit_two_node_job_forms_one_paddle_job(tmp_path: Path) -> None:
     )
     env["FAKE_SLURM"] = str(fake)
     sweep_dir = tmp_path / "sweep"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.run(
         [BIN / "ftlab", "-m", "hydra/launcher=slurm_multinode", "hydra.launcher.timeout_min=10"]
         + ["parallel=dp2", "parallel.nproc_per_node=1", "launch.nnodes=2"]

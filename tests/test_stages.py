@@ -314,6 +314,7 @@ def test_kto_loss_equals_the_formula_with_a_clipped_kl(tmp_path: Path, tokenizer
 # --------------------------------------------------------------------------- settings
 
 
+@pytest.mark.fast
 def test_every_stage_option_composes_and_validates_with_every_method() -> None:
     from helpers import group_options
 
@@ -354,6 +355,7 @@ def test_every_installed_dpo_loss_validates(loss_type: str) -> None:
     assert derived["reference"] == ("none" if derived["reference_free"] else "adapter")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -399,17 +401,20 @@ def test_settings_a_preference_stage_cannot_honour_fail_in_validation(
         validate(compose_run(["stage=dpo", *overrides]), CPU)
 
 
+@pytest.mark.fast
 def test_preference_data_under_sft_is_refused() -> None:
     with pytest.raises(ConfigError, match="data.format=src_response is preference data"):
         validate(compose_run(["data=demo_preferences"]), CPU)
 
 
+@pytest.mark.fast
 def test_gpu_layouts_validate_for_dpo() -> None:
     for layout in ("dp8", "sharding_stage2", "tp4"):
         derived = validate(compose_run(["stage=dpo", f"parallel={layout}", "precision=bf16"]), GPU8)
         assert derived["reference"] == "adapter"
 
 
+@pytest.mark.fast
 def test_resume_refuses_a_changed_stage_or_starting_point(tmp_path: Path) -> None:
     from ftlab.record.resume import check_resume_config
     from ftlab.resolve.compose import resolved_config_yaml, to_plain_dict

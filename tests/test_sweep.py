@@ -157,6 +157,7 @@ def test_summary_markdown(sweep) -> None:
     assert table[4].endswith(f"| `{job_dir(sweep_dir, 2).name}` | ConfigError: {RANK0} |")
 
 
+@pytest.mark.fast
 def test_summary_png(sweep) -> None:
     assert png_size(sweep[0] / "summary.png") == (1000, 700)
 
@@ -191,6 +192,7 @@ def test_single_run_failure_stays_a_clean_error(tmp_path: Path) -> None:
     assert status["status"] == "failed" and "job_num" not in status
 
 
+@pytest.mark.fast
 def test_summary_of_fake_grid_with_incomplete_job(tmp_path: Path) -> None:
     """Two swept keys: x is the one with more values, the other splits the lines."""
     sweep_dir = tmp_path / "sweep"
@@ -255,6 +257,7 @@ def test_submitit_launcher_runs_jobs_as_separate_processes(tmp_path: Path) -> No
     assert [r["status"] for r in rows] == ["completed", "completed"]
 
 
+@pytest.mark.fast
 def test_slurm_launcher_option_composes(tmp_path: Path) -> None:
     proc = run_cmd(
         tmp_path,

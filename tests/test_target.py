@@ -129,6 +129,7 @@ def test_gpu_examples_plan_and_export_on_this_cpu_machine(
         ]
 
 
+@pytest.mark.fast
 def test_mission_command_assumes_paddlenlp_qlora_with_paddleslim() -> None:
     run = compose_run([*MISSION, "mode=plan", "device=gpu"])
     env = run_environment(run)
@@ -145,6 +146,7 @@ def test_mission_command_assumes_paddlenlp_qlora_with_paddleslim() -> None:
     assert "4 GPU(s) per node of compute capability 8.0" in derived.assumptions[0]
 
 
+@pytest.mark.fast
 def test_target_settings_change_the_answers() -> None:
     # Without PaddleSlim there, tensor-parallel nf4 QLoRA has no backend on the target.
     run = compose_run([*MISSION, "mode=plan", "device=gpu", "target.paddleslim_ops=false"])

@@ -26,6 +26,7 @@ def fails(overrides: list[str], match: str, env: Any = CPU) -> None:
 # --------------------------------------------------------------------------- validation
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("optim", OPTIMIZERS)
 def test_every_optimizer_composes_and_validates(optim: str) -> None:
     run = compose_run([f"train.optim={optim}", "method=full"])
@@ -33,6 +34,7 @@ def test_every_optimizer_composes_and_validates(optim: str) -> None:
     validate(run, CPU)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("granularity", RECOMPUTE_GRANULARITIES)
 def test_every_granularity_validates(granularity: str) -> None:
     validate(
@@ -40,6 +42,7 @@ def test_every_granularity_validates(granularity: str) -> None:
     )
 
 
+@pytest.mark.fast
 def test_valid_recompute_details_and_trackers() -> None:
     validate(
         compose_run(
@@ -68,6 +71,7 @@ def test_valid_recompute_details_and_trackers() -> None:
     )
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "overrides, match",
     [
@@ -115,6 +119,7 @@ def test_invalid_settings_fail_with_their_message(overrides: list[str], match: s
     fails(overrides, match)
 
 
+@pytest.mark.fast
 def test_layout_and_device_refusals_name_both() -> None:
     fails(
         ["model=llama3", "parallel=tp2", "train.optim=adamw_mini", "device=gpu"],
@@ -135,6 +140,7 @@ def test_layout_and_device_refusals_name_both() -> None:
     assert off["eval_generation"] is False
 
 
+@pytest.mark.fast
 def test_missing_tracker_package_names_the_install_command() -> None:
     run = compose_run(["train.report_to=[visualdl,tensorboard,wandb]"])
     with pytest.raises(ConfigError) as info:
