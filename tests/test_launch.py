@@ -153,7 +153,6 @@ def test_pipeline_layout_loads_the_pipe_model(monkeypatch: pytest.MonkeyPatch) -
     """load_model picks PaddleNLP's ...ForCausalLMPipe when fleet has pipeline stages."""
     from paddlenlp.transformers import AutoModelForCausalLM, AutoModelForCausalLMPipe
 
-    import ftlab.distributed.layout
     import ftlab.models.loading
 
     calls: list = []
@@ -167,13 +166,13 @@ def test_pipeline_layout_loads_the_pipe_model(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(ftlab.models.loading, "load_pretrained", fake_load)
     cfg = compose_run([]).model
     for degree, expected in ((1, AutoModelForCausalLM), (2, AutoModelForCausalLMPipe)):
-        monkeypatch.setattr(ftlab.distributed.layout, "pipeline_degree", lambda d=degree: d)
+        monkeypatch.setattr(ftlab.models.loading, "pipeline_degree", lambda d=degree: d)
         ftlab.models.loading.load_model(cfg, "float32")
         assert calls[-1][0] is expected, (degree, calls[-1])
     assert ftlab.models.loading.causal_lm_class(4) is AutoModelForCausalLMPipe
     # tensor x pipeline: the Pipe class still gets this rank's tensor-parallel shard.
     tp = {"tensor_parallel_degree": 2, "tensor_parallel_rank": 1, "tensor_parallel_output": False}
-    monkeypatch.setattr(ftlab.distributed.layout, "model_parallel_kwargs", lambda: dict(tp))
+    monkeypatch.setattr(ftlab.models.loading, "model_parallel_kwargs", lambda: dict(tp))
     ftlab.models.loading.load_model(cfg, "float32")
     loader, kwargs = calls[-1]
     assert loader is AutoModelForCausalLMPipe and tp.items() <= kwargs.items()

@@ -168,7 +168,7 @@ def test_the_rendezvous_watchdog_survives_a_huge_timeout_and_still_fires():
 
 
 def test_preference_records_under_sft_say_which_stage_reads_them(tok):
-    from ftlab.data import build_data
+    from ftlab.data.build import build_data
 
     cfg = DataConfig(name="p", path=str(asset_path("demo_preferences")), format="src_tgt")
     with pytest.raises(DataError, match=r"train\.json:1: .* preference data, .*stage=dpo"):
@@ -201,12 +201,12 @@ def test_a_tensor_parallel_rank_reports_the_whole_models_parameters(monkeypatch)
     """tp2 (cpu_emulation) reported one rank's count (130,368 instead of 260,032)."""
     from types import SimpleNamespace
 
-    from ftlab.distributed import layout
+    from ftlab.models import loading
     from ftlab.models.loading import parameter_counts
 
     split = SimpleNamespace(size=1000, stop_gradient=False, is_distributed=True)
     norm = SimpleNamespace(size=64, stop_gradient=True, is_distributed=False)
     model = SimpleNamespace(parameters=lambda: [split, norm], sublayers=lambda: [])
     assert parameter_counts(model) == {"total": 1064, "trainable": 1000}
-    monkeypatch.setattr(layout, "model_parallel_kwargs", lambda: {"tensor_parallel_degree": 2})
+    monkeypatch.setattr(loading, "model_parallel_kwargs", lambda: {"tensor_parallel_degree": 2})
     assert parameter_counts(model) == {"total": 2064, "trainable": 2000}

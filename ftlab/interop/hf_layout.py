@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.errors import ModelLoadError
+from ftlab.models.weights import pickle_refused
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -178,12 +179,8 @@ def pickled_weights_allowed(path: Path, allow_pickle: bool) -> None:
     ``.pdparams`` can run arbitrary code; safetensors holds only numbers. Kept as one small
     function so the checks for ftlab's own checkpoints and for input directories agree.
     """
-    if not allow_pickle:
-        raise ModelLoadError(
-            f"{path}: pickled weights, and unpickling can run code from the file. Convert "
-            "them to safetensors (transformers: save_pretrained(..., safe_serialization=True)) "
-            "or, if you trust the file, set model.allow_pickle=true."
-        )
+    if not allow_pickle:  # transformers converts: save_pretrained(..., safe_serialization=True)
+        raise pickle_refused(path, "weights")
 
 
 def is_hf_names(names: list[str], metadata: Mapping[str, str], paddle_prefix: str) -> bool:

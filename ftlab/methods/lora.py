@@ -26,6 +26,7 @@ What ftlab changes on top of PaddleNLP 3.0.0b4, and why:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -264,6 +265,25 @@ class Lora(LinearAdapterMethod):
                 name: pissa_init(layer) for name, layer in lora_layers(lora_model.model)
             }
         return lora_model
+
+    def save(self, model: paddle.nn.Layer, out_dir: Path) -> None:
+        """The adapter as a run's ``final/`` holds it (PaddleNLP's unified checkpoint:
+        ``peft_model-00001-of-00001.safetensors`` and its index). ``LoRAModel.save_pretrained``
+        would write ``lora_model_state.pdparams``, a pickle ftlab refuses to read back."""
+        from safetensors.numpy import save_file
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shard = "peft_model-00001-of-00001.safetensors"
+        state = {k: v.numpy() for k, v in model.get_trainable_state_dict().items()}
+        save_file(state, str(out_dir / shard), metadata={"format": "np"})
+        index = {
+            "metadata": {"total_size": sum(int(v.nbytes) for v in state.values())},
+            "weight_map": dict.fromkeys(state, shard),
+        }
+        (out_dir / "peft_model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+        model.lora_config.save_pretrained(str(out_dir))
+        self.after_save(model, out_dir)
 
     def after_save(self, model: paddle.nn.Layer, out_dir: Path) -> None:
         if not model.lora_config.pissa:

@@ -60,11 +60,16 @@ def refuse_pickles(directory: Path | str, allow_pickle: bool, what: str = "weigh
     found = pickled_weights(directory)
     if found:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-        raise ModelLoadError(
-            f"{found[0]}{more}: a pickle, which runs code when read; ftlab reads {what} from "
-            f"safetensors only. Remove or convert it, or, only if you trust its origin, set "
-            f"{ALLOW} (ftlab-predict/ftlab-merge: --allow-pickle)."
-        )
+        raise pickle_refused(f"{found[0]}{more}", what)
+
+
+def pickle_refused(where: Path | str, what: str = "weights") -> ModelLoadError:
+    """The one refusal of a pickled file (ftlab's own checkpoints and input directories)."""
+    return ModelLoadError(
+        f"{where}: a pickle, which runs code when read; ftlab reads {what} from "
+        f"safetensors only. Remove or convert it, or, only if you trust its origin, set "
+        f"{ALLOW} (ftlab-predict/ftlab-merge: --allow-pickle)."
+    )
 
 
 def read_safetensors(path: Path | str) -> dict[str, Any]:

@@ -225,10 +225,15 @@ def check_context(run: RunConfig) -> None:
                 "is untested). Set model.rope_scaling.strategy=null."
             )
         if not (math.isfinite(rs.factor) and 1.0 <= rs.factor <= ROPE_FACTOR_MAX):
+            rule = (
+                "must be at least 1"  # (nan and inf are not < 1: they get the range)
+                if rs.factor < 1
+                else f"must be a number from 1 to {ROPE_FACTOR_MAX}"
+            )
             raise ConfigError(
-                f"model.rope_scaling.factor={rs.factor} must be a number from 1 to "
-                f"{ROPE_FACTOR_MAX}: the scaled context is model.arch.max_position_embeddings "
-                f"({native}) x factor, and its rotary tables are built for all of it."
+                f"model.rope_scaling.factor={rs.factor} {rule}: the scaled context is "
+                f"model.arch.max_position_embeddings ({native}) x factor, and its rotary "
+                "tables are built for all of it."
             )
     context = context_length(m)
     if context is None or d.max_length <= context:  # None: ALiBi, no fixed context
