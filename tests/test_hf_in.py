@@ -316,3 +316,15 @@ def test_hub_name_is_taken_from_the_local_hugging_face_cache(
     entry = Path(paddle_dir("tiny-org/qwen2-tiny", False))
     assert (entry / "ftlab_hf_conversion.json").is_file()
     assert paddle_dir("tiny-org/not-cached", False) == "tiny-org/not-cached"
+
+
+@pytest.mark.parametrize("name", NAMES_ONLY)
+def test_a_family_whose_paddlenlp_logits_differ_is_refused_for_training(name: str) -> None:
+    """It converts (names and shapes above), but loading it to train or generate is refused
+    in one line naming the family and why: ftlab would fine-tune another function."""
+    from ftlab.config.schema import ModelConfig
+    from ftlab.models.loading import paddle_checkpoint
+
+    cfg = ModelConfig(name=name, name_or_path=str(FIXTURES / name))
+    with pytest.raises(ModelLoadError, match=r"a Hugging Face \w+ checkpoint\. PaddleNLP"):
+        paddle_checkpoint(cfg)
