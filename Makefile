@@ -29,7 +29,7 @@ train: $(STAMP) ## Fine-tune the shipped model on the demo task (LoRA, CPU, ~30 
 # average 9-16 from seven other sessions): 784 passed in 1,830 s, the tests' own times adding
 # up to 3,535 s (1.93 tests at a time); serial, quiet, it was 558-627 s. Quiet with -n 2 this
 # should be about 560 / 1.9 = ~300 s (not measured quiet).
-test: $(STAMP) ## Run the default test suite on every core (1,040 tests: 508 s on 2 quiet cores)
+test: $(STAMP) ## Run the default test suite on every core (1,046 tests: 510 s on 2 quiet cores)
 	$(PY) -m pytest -m "not slow" -n auto --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # The 382 tests marked fast (no Paddle import; tests/conftest.py fails a test that imports
