@@ -39,16 +39,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ftlab.config.environment import Environment
 from ftlab.config.schema import RunConfig
 from ftlab.distributed.degrees import Degrees
 from ftlab.errors import ConfigError
 from ftlab.methods.registry import AdapterPlan
-
-if TYPE_CHECKING:  # the plan imports this module (its layout estimate times a layout)
-    from ftlab.planning.plan import ParamCounts
+from ftlab.planning.counts import ParamCounts
 
 
 @dataclass(frozen=True)

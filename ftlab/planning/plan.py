@@ -92,7 +92,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ftlab.config.derived import Derived
@@ -115,6 +115,7 @@ from ftlab.planning.candidates import (
     recompute_choice_of,
 )
 from ftlab.planning.cost import Hardware, Shape, resolve_hardware, step_time
+from ftlab.planning.counts import ParamCounts
 from ftlab.planning.disk import disk_lines, disk_warning, plan_disk
 from ftlab.planning.report import Decision, assumed_sources, format_decision, gib
 from ftlab.record.rundir import PLAN, RunDir
@@ -209,29 +210,6 @@ GPU_RUNTIME = GpuRuntime(
     nccl_per_communicator_mib=2 * 4 * 16,
     allocator_reserve=0.04,
 )
-
-
-@dataclass
-class ParamCounts:
-    total: int  # every parameter of the base model (+ what the method adds)
-    trainable: int
-    embedding: int
-    lm_head: int  # 0 when tied to the embedding
-    per_layer: int  # one decoder layer, norms and biases included
-    norms_and_biases_per_layer: int
-    final_norm: int
-    adapter: int  # trainable parameters the method adds (0 for full fine-tuning)
-    adapter_per_layer: int
-    quantized: int  # base parameters stored quantized (QLoRA target linears)
-    quantized_per_layer: int
-    quantized_lm_head: int
-    frozen_added: int = 0  # frozen parameters the method adds (VeRA's projections)
-    frozen_added_per_layer: int = 0
-    # Mixture of experts: base-model parameters one token runs through (top-k of the routed
-    # experts) and the routed experts' share of the base (dense: the base total, and 0).
-    active: int = 0
-    experts: int = 0
-    targets: list[str] = field(default_factory=list)  # short names of the adapted linears
 
 
 def count_parameters(run: RunConfig, adapter: AdapterPlan | None = None) -> ParamCounts:
