@@ -57,6 +57,9 @@ heavy = sorted(m for m in ("paddle", "paddlenlp") if m in sys.modules)
 with open(out, "w") as f:
     json.dump({"marks": [[m.name, m.wall, m.cpu] for m in phases.MARKS], "code": code,
                "heavy": heavy}, f)
+# End as the console script does (ftlab/cli/process_exit.py), so "total" includes its exit.
+from ftlab.cli.process_exit import finish
+finish(0 if code is None else code if isinstance(code, int) else 1)
 """
 COMMANDS = {
     "ftlab --help": ["--help"],

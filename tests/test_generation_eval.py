@@ -132,3 +132,23 @@ def test_batched_generation_equals_one_by_one_on_the_shipped_model(tok) -> None:
     assert len(set(batched)) > 1 and all(batched)
     assert generate_texts(model, tok, prompts, batch_size=3, **kw) == batched
     assert [generate_texts(model, tok, [p], batch_size=1, **kw)[0] for p in prompts] == batched
+
+
+def test_flash_attention_batched_generation_equals_one_by_one(tok) -> None:
+    """Under ``model.flash_attention=true`` PaddleNLP drops the padding mask at every
+    decoding step after the first; ftlab generates padded batches on the eager path, so
+    the batched answers still equal the prompts generated one at a time."""
+    from ftlab.assets import asset_path
+    from ftlab.config.schema import ModelConfig
+    from ftlab.evaluation.generation import generate_texts
+    from ftlab.models.loading import load_model
+
+    cfg = ModelConfig(name_or_path=str(asset_path("stories260k")), pad_token="<unk>")
+    model = load_model(cfg, "float32")
+    model.config.use_flash_attention = True
+    dev = [json.loads(line) for line in (asset_path("demo_stories") / "dev.json").open()][:8]
+    prompts = [r["src"] for r in dev]
+    kw = {"max_new_tokens": 24, "pad_token_id": tok.pad_token_id}
+    batched = generate_texts(model, tok, prompts, batch_size=8, **kw)
+    assert model.config.use_flash_attention  # restored after the padded batch
+    assert [generate_texts(model, tok, [p], batch_size=1, **kw)[0] for p in prompts] == batched

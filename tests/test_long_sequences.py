@@ -218,6 +218,42 @@ def test_cpu_flash_attention_honours_a_left_padding_mask() -> None:
     assert np.abs(logits(True) - eager).max() < 1e-5
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_cpu_eager_attention_is_computed_by_attend_with_equal_logits_and_grads(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU the eager path (the default, ``model.flash_attention=false``) runs through
+    ``_attend``'s heads-first layout: the same logits and gradients as PaddleNLP's own
+    eager attention, for right-padded training rows and left-padded prompts alike."""
+    import ftlab.models.attention as attention
+
+    model = tiny_model(family)
+    model.config.use_flash_attention = False
+    ids = np.array([[5, 6, 7, 8, 0, 0], [9, 8, 7, 6, 5, 4], [0, 0, 3, 4, 5, 6]])
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+
+    def forward() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        model.clear_gradients()
+        batch = {"input_ids": ids, "attention_mask": mask}
+        out = model(**{k: paddle.to_tensor(v) for k, v in batch.items()}, return_dict=True)
+        (out.logits * paddle.to_tensor(mask[..., None], "float32")).sum().backward()
+        grads = {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
+        return out.logits.numpy() * mask[..., None], grads
+
+    paddlenlp_logits, paddlenlp_grads = forward()
+    calls = []
+    real_attend = attention._attend
+    monkeypatch.setattr(attention, "_attend", lambda *a: calls.append(1) or real_attend(*a))
+    install_cpu_attention(model)
+    logits, grads = forward()
+    assert len(calls) == 2  # both layers took _attend
+    assert np.abs(logits - paddlenlp_logits).max() < 1e-5
+    assert grads.keys() == paddlenlp_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        scale = max(1.0, float(np.abs(paddlenlp_grads[name]).max()))
+        assert np.abs(grad - paddlenlp_grads[name]).max() < 1e-5 * scale, name
+
+
 def test_flashmask_refusals_name_the_setting() -> None:
     base = ["data.packing=greedy", "model.flash_attention=true", "model.flash_mask=true"]
     assert validate(compose_run(base), CPU).attention == "cpu_math+flashmask"

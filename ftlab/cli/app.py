@@ -32,6 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ftlab import signals
 from ftlab.cli.console import describe_run, job_console, job_line
 from ftlab.cli.help import CONF_DIR, check_selected_options, option_advice, register_help_resolver
+from ftlab.cli.process_exit import console_script
 from ftlab.config import schema
 from ftlab.config.cpu_runtime import choose_mkl_path, read_cpu_info
 from ftlab.config.derived import Derived
@@ -438,6 +439,9 @@ def main() -> None:
         print(f"ftlab: error: {_disk_full(err, Path.cwd())}", file=sys.stderr)
         sys.exit(2)
 
+
+# The console script (pyproject.toml): ends without interpreter teardown (process_exit).
+console_main = console_script(main)
 
 if __name__ == "__main__":
     main()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ftlab.cli.console import tool_console
 from ftlab.cli.predict import ALLOW_PICKLE_HELP
+from ftlab.cli.process_exit import console_script
 from ftlab.config.cpu_runtime import use_fast_mkl_path
 from ftlab.errors import ConfigError, FtlabError, ModelLoadError
 from ftlab.interop.hf_tokenizer import trained_template
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'adapter' if args.format == 'hf-peft' else 'merged model'} written to {out}")
     return 0
 
+
+# The console script (pyproject.toml): ends without interpreter teardown (process_exit).
+console_main = console_script(main)
 
 if __name__ == "__main__":
     sys.exit(main())

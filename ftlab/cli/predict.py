@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.cli.console import tool_console
+from ftlab.cli.process_exit import console_script
 from ftlab.config.cpu_runtime import use_fast_mkl_path
 from ftlab.data.records import BadRecords, iter_records
 from ftlab.data.stats import SplitStats
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {len(outputs)} generations to {args.output}")
     return 0
 
+
+# The console script (pyproject.toml): ends without interpreter teardown (process_exit).
+console_main = console_script(main)
 
 if __name__ == "__main__":
     sys.exit(main())
