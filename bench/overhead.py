@@ -25,9 +25,10 @@ plain script never writes VisualDL logs in the compared pair).
 Figures per process: CPU seconds (user + system, from ``wait4``), wall seconds, peak RSS,
 and the steady-state step time (median ``interval_runtime`` of logging steps after the
 first three, PaddleNLP's own per-step timer, the same in both). Both sides train on the
-same encoded examples in batches of the same size; the order differs (ftlab's
-``GlobalBatchSampler`` vs PaddleNLP's sampler, same seed), so the first losses, printed for
-both, differ in the fourth decimal and the steps' padded lengths differ batch by batch.
+same encoded examples in the same batches, in the same order (the plain side draws them
+with ftlab's ``GlobalBatchSampler``, the only ftlab piece in it; DPO's collator pads a batch
+to its longest row, as ftlab's does, instead of to 256): the first and last losses, printed
+for every row, are equal, and each step pads to the same length on both sides.
 
     .venv/bin/python bench/overhead.py                     # sft + dpo, 3 repeats, 40 steps
     .venv/bin/python bench/overhead.py --only sft --repeats 5 --steps 60
@@ -118,6 +119,23 @@ def _arguments(cls: Any, out: Path, steps: int, batch: int, lr: float, warmup: i
     )
 
 
+def _in_ftlab_order(trainer_cls: Any) -> Any:
+    """``trainer_cls`` drawing its batches as ftlab's trainer does (``GlobalBatchSampler``:
+    the same seeded order), so both sides train on the same batch at every step and their
+    steps pad to the same length: the only ftlab piece on the plain side. Without it the
+    two orders differ and the steady-step ratio swings by about +-10% between rows that do
+    the same work (a 20-step run; measured)."""
+    from ftlab.distributed.batching import GlobalBatchSampler
+
+    class InFtlabOrder(trainer_cls):
+        def _get_train_sampler(self) -> Any:
+            return GlobalBatchSampler(
+                self.train_dataset, self.args.per_device_train_batch_size, seed=self.args.seed
+            )
+
+    return InFtlabOrder
+
+
 def plain_sft(out: Path, steps: int) -> None:
     """As ``llm/run_finetune.py`` builds it (the wheel lacks its ``convert_example_common``,
     restated here: src then tgt, prompt labels -100, shifted by one)."""
@@ -140,7 +158,7 @@ def plain_sft(out: Path, steps: int) -> None:
         return MapDataset([encode(json.loads(line)) for line in lines if line.strip()])
 
     args = _arguments(SFTConfig, out, steps, batch=16, lr=1e-2, warmup=5)
-    trainer = SFTTrainer(
+    trainer = _in_ftlab_order(SFTTrainer)(
         model=model,
         args=args,
         train_dataset=rows("train"),
@@ -181,16 +199,22 @@ def plain_dpo(out: Path, steps: int) -> None:
         # run_dpo.py always packs pairs into rows of max_seq_len (its collator needs them).
         return ZeroPaddingMapDataset(pairs, tokenizer=tok, max_length=256)
 
+    def collate_to_longest(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        # run_dpo.py pads every row to max_seq_len; ftlab pads a batch to its longest row.
+        # The same collator, told the batch's longest row, does ftlab's padding.
+        longest = max(len(row["input_ids"]) for row in rows)
+        return preference_collate_fn(rows, max_seq_len=longest)
+
     args = _arguments(Config, out, steps, batch=8, lr=3e-4, warmup=5)
     config = PaddleDPOConfig(beta=0.5, loss_type="sigmoid", lora=True)
-    trainer = DPOTrainer(
+    trainer = _in_ftlab_order(DPOTrainer)(
         model=model,
         ref_model=None,
         dpo_config=config,
         args=args,
         train_dataset=rows("train"),
         tokenizer=tok,
-        data_collator=partial(preference_collate_fn, max_seq_len=256),
+        data_collator=collate_to_longest,
         callbacks=[_log_callback(out / "log.jsonl")],
     )
     trainer.train()
@@ -222,11 +246,11 @@ def measure(cmd: list[str], *, tty: bool = False) -> dict[str, float]:
     }
 
 
-def step_figures(rows: list[dict[str, Any]]) -> tuple[float, float]:
-    """(median steady-state step seconds, first loss) from per-step log rows."""
+def step_figures(rows: list[dict[str, Any]]) -> tuple[float, tuple[float, float]]:
+    """(median steady-state step seconds, (first, last) loss) from per-step log rows."""
     train = [r for r in rows if "loss" in r and "interval_runtime" in r]
     steady = [r["interval_runtime"] for r in train if r["step"] > WARMUP_STEPS]
-    return statistics.median(steady), train[0]["loss"]
+    return statistics.median(steady), (train[0]["loss"], train[-1]["loss"])
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -240,7 +264,7 @@ def run_ftlab(pair: str, work: Path, steps: int, extra: list[str], tty: bool = F
     cmd = [str(FTLAB), *stage, f"train.max_steps={steps}", "train.logging_steps=1"]
     cmd += [*extra, f"hydra.run.dir={run_dir}"]
     figures = measure(cmd, tty=tty)
-    figures["step"], figures["first_loss"] = step_figures(read_jsonl(run_dir / "metrics.jsonl"))
+    figures["step"], figures["losses"] = step_figures(read_jsonl(run_dir / "metrics.jsonl"))
     return figures
 
 
@@ -249,7 +273,7 @@ def run_plain(pair: str, work: Path, steps: int) -> dict:
     out.mkdir()
     cmd = [sys.executable, __file__, "--child", pair, "--out", str(out), "--steps", str(steps)]
     figures = measure(cmd)
-    figures["step"], figures["first_loss"] = step_figures(read_jsonl(out / "log.jsonl"))
+    figures["step"], figures["losses"] = step_figures(read_jsonl(out / "log.jsonl"))
     return figures
 
 
@@ -295,10 +319,13 @@ def bench_pair(pair: str, repeats: int, steps: int, work: Path) -> list[str]:
         plain.append(run_plain(pair, work, steps))
         print(f"  {pair} round {i + 1}: plain: {plain[-1]}", flush=True)
     lines = [compare(f"{pair}: {name}", rows, plain) for name, rows in results.items()]
-    firsts = {name: rows[0]["first_loss"] for name, rows in results.items()}
+    # The same batches in the same order: the same losses, step for step (the fast path's
+    # row differs in the last digits: MKL's other kernels and the heads-first attention).
+    losses = {name: rows[0]["losses"] for name, rows in results.items()}
     lines.append(
-        f"\n{pair} first losses: plain {plain[0]['first_loss']:.6f}; "
-        + ", ".join(f"{k} {v:.6f}" for k, v in firsts.items())
+        f"\n{pair} first / last losses: plain {plain[0]['losses'][0]:.6f} / "
+        f"{plain[0]['losses'][1]:.6f}; "
+        + ", ".join(f"{k} {a:.6f} / {b:.6f}" for k, (a, b) in losses.items())
     )
     return lines
 

@@ -130,7 +130,9 @@ def test_fast_path_changes_no_loss(tmp_path: Path) -> None:
     assert plain_env["cpu"] == {
         "math_threads_per_process": 1,
         "mkl": "MKL default path (launch.cpu_fast_path=false)",
+        "attention": "PaddleNLP's eager",
     }
+    assert fast_env["cpu"]["attention"] == "heads-first eager (ftlab)"
     assert fast_env["cpu"]["math_threads_per_process"] == resolve_cpu_threads(
         "auto", 1, len(os.sched_getaffinity(0))
     )

@@ -1,6 +1,7 @@
-"""How Paddle computes on a CPU: MKL's code path and the math threads per process.
+"""How Paddle computes on a CPU: MKL's code path, the math threads per process, and
+eager attention's layout (together ``launch.cpu_fast_path`` / ``launch.cpu_threads``).
 
-Two defaults of the CPU wheel cost ftlab's users time, and PaddleNLP sets neither:
+Three defaults of the CPU build cost ftlab's users time, and PaddleNLP changes none:
 - Paddle's bundled MKL picks its kernels by CPU vendor and takes a generic code path on
   AMD processors; ``MKL_DEBUG_CPU_TYPE=5`` makes it use its AVX2 kernels (measured on the
   project's AMD EPYC: a 1024^3 fp32 matmul 33-35 -> 74-80 GFLOP per CPU second). The
@@ -11,6 +12,9 @@ Two defaults of the CPU wheel cost ftlab's users time, and PaddleNLP sets neithe
   process the cores it can use divided by the processes per node (``dp2`` on 2 cores: 1
   each); the count is set with ``paddle.base.core.set_num_threads`` once Paddle is loaded
   (setting ``OMP_NUM_THREADS`` instead makes Paddle print a warning on every start).
+- PaddleNLP's eager attention adds the mask over the head axis of the scores and casts
+  around the softmax, about a third slower per layer on CPU than the same function laid
+  out heads first (``ftlab.models.attention``); the fast path computes it that way.
 
 This module imports no Paddle: the decision is made before Paddle loads.
 """
@@ -30,6 +34,11 @@ MKL_AVX2 = "5"
 # Set beside MKL_VAR when ftlab chose it, so worker processes (which inherit both) record
 # who decided, and a user's own value is never mistaken for ftlab's.
 SET_BY_FTLAB_VAR = "FTLAB_MKL_SET_BY_FTLAB"
+
+
+# Eager attention on CPU, by launch.cpu_fast_path: ftlab's heads-first layout of the same
+# function (ftlab/models/attention.py::_eager_as_attend) or PaddleNLP's own.
+CPU_ATTENTION = {True: "heads-first eager (ftlab)", False: "PaddleNLP's eager"}
 
 
 @dataclass(frozen=True)

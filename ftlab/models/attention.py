@@ -248,6 +248,34 @@ def _flash_output(out: Any, output_attentions: bool, sequence_parallel: bool) ->
     return (out, None) if output_attentions else out
 
 
+# Part of the CPU fast path (``launch.cpu_fast_path``, set per process by the training run):
+# off, the eager path is PaddleNLP's own function, so ``bench/overhead.py`` compares
+# ftlab's wrapping alone against a plain PaddleNLP script.
+_heads_first_eager = True
+
+
+def use_heads_first_eager(enabled: bool) -> None:
+    """Whether CPU eager attention runs through ``_attend`` in this process (the run records
+    the choice as ``ftlab.config.cpu_runtime.CPU_ATTENTION`` words it)."""
+    global _heads_first_eager
+    _heads_first_eager = enabled
+
+
+# The eager attention functions that are exactly ``softmax(q k^T / sqrt(d) + mask) v``
+# (DeepSeek's, for one, scales by its own ``softmax_scale`` and is left alone).
+_PLAIN_EAGER_MODULES = frozenset(
+    f"paddlenlp.transformers.{family}.modeling" for family in ("llama", "qwen2", "qwen2_moe")
+)
+
+
+def _plain_eager(original: Callable[..., Any]) -> bool:
+    func = getattr(original, "func", original)  # PaddleNLP binds options with partial
+    return (
+        getattr(func, "__module__", None) in _PLAIN_EAGER_MODULES
+        and getattr(func, "__name__", None) == "scaled_dot_product_attention"
+    )
+
+
 def _eager_as_attend(
     query: Any, config: Any, output_attentions: bool, args: tuple, kwargs: dict[str, Any]
 ) -> bool:
@@ -260,13 +288,15 @@ def _eager_as_attend(
     the default run's batch 16 x 137 tokens, 8 heads: 96 vs 70 ms, median of 10); the
     default run's training went 18.4 -> 12.3 s. Only the plain case is taken: float32, no
     attention weights asked for, no attention dropout, no alibi, no sequence-parallel
-    reshard; anything else keeps PaddleNLP's function."""
+    reshard; anything else keeps PaddleNLP's function. Part of the CPU fast path
+    (``use_heads_first_eager``)."""
     import paddle
 
     reshard = kwargs.get("reshard_layer", args[3] if len(args) > 3 else None)
     dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
     return (
-        query.dtype == paddle.float32
+        _heads_first_eager
+        and query.dtype == paddle.float32
         and not output_attentions
         and kwargs.get("alibi", args[0] if args else None) is None
         and reshard is None
@@ -275,6 +305,8 @@ def _eager_as_attend(
 
 
 def _wrap(original: Callable[..., Any], cache: _MaskCache) -> Callable[..., Any]:
+    plain_eager = _plain_eager(original)
+
     def attn_func(
         query: Any,
         config: Any,
@@ -302,7 +334,8 @@ def _wrap(original: Callable[..., Any], cache: _MaskCache) -> Callable[..., Any]
                     return _flash_output(out, output_attentions, sequence_parallel)
             attention_mask = cache.mask_for(indices, query.dtype)
         if attention_mask is None or not (
-            flash or _eager_as_attend(query, config, output_attentions, args, kwargs)
+            flash
+            or (plain_eager and _eager_as_attend(query, config, output_attentions, args, kwargs))
         ):
             return original(
                 query, config, key, value, attention_mask, output_attentions, *args, **kwargs

@@ -48,6 +48,7 @@ from ftlab.evaluation.text_metrics import GenerationResult, evaluate_generation,
 from ftlab.interop.hf_in import conversion_records
 from ftlab.methods.catalog import get_method
 from ftlab.methods.neftune import add_neftune_hook
+from ftlab.models.attention import use_heads_first_eager
 from ftlab.models.loading import load_tokenizer, parameter_counts, weight_dtype
 from ftlab.models.weights import changed_weights, refuse_pickles, weight_hashes
 from ftlab.record import phases
@@ -159,7 +160,11 @@ def cpu_record(derived: Derived) -> dict[str, Any] | None:
     """How this CPU run computes (``launch.cpu_*``), for ``environment.json``."""
     if derived.cpu_threads is None:
         return None
-    return {"math_threads_per_process": derived.cpu_threads, "mkl": derived.mkl_path}
+    return {
+        "math_threads_per_process": derived.cpu_threads,
+        "mkl": derived.mkl_path,
+        "attention": derived.cpu_attention,
+    }
 
 
 def train(run: RunConfig, run_dir: RunDir, derived: Derived) -> Summary:
@@ -168,9 +173,13 @@ def train(run: RunConfig, run_dir: RunDir, derived: Derived) -> Summary:
     run_dir = RunDir(run_dir.path, is_main=_is_rank_zero())
     if derived.cpu_threads is not None:
         apply_cpu_threads(derived.cpu_threads)
+        use_heads_first_eager(run.launch.cpu_fast_path)
         if _is_rank_zero():
             console.info(
-                "cpu    %s; math threads per process: %d", derived.mkl_path, derived.cpu_threads
+                "cpu    %s; math threads per process: %d; attention: %s",
+                derived.mkl_path,
+                derived.cpu_threads,
+                derived.cpu_attention,
             )
     if not run.resume:  # a resume records its environment once it really starts
         run_dir.write_json(ENVIRONMENT, environment_record(derived.device, cpu_record(derived)))
