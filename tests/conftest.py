@@ -92,6 +92,26 @@ PADDLE_WATCH = PaddleImportWatch()
 def pytest_configure(config: pytest.Config) -> None:
     if fast_only(config) and "paddle" not in sys.modules:
         sys.meta_path.insert(0, PADDLE_WATCH)
+    pin_worker_to_one_core(config)
+
+
+def pin_worker_to_one_core(config: pytest.Config) -> None:
+    """Under ``-n N`` with at least N cores, worker ``gwK`` computes on core K alone, and so
+    do the ftlab processes it starts (they inherit the affinity).
+
+    Why: ``launch.cpu_threads=auto`` gives every ftlab process one math thread per core it
+    may use; unpinned, two workers each running an ftlab process put 4 busy threads on 2
+    cores, and Paddle's idle math threads spin while they wait for a core. Pinned, each
+    process sees one core and takes one thread (``auto`` still decides, as for a user whose
+    job is given one core)."""
+    info = getattr(config, "workerinput", None)
+    if info is None or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    count, worker = int(info.get("workercount", 0)), str(info.get("workerid", ""))
+    if not worker.startswith("gw") or not 1 < count <= len(cores):
+        return
+    os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
