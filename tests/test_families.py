@@ -671,7 +671,7 @@ def test_yaml_numbers_contradicting_config_json_are_refused_naming_both(tmp_path
 
 @pytest.mark.fast
 def test_hub_name_without_numbers_or_family_is_refused() -> None:
-    with pytest.raises(ConfigError, match="is a hub name and model.family is not set"):
+    with pytest.raises(ConfigError, match="is not in the local Hugging Face cache"):
         compose_run(["model.name_or_path=someone/some-model"])
     with pytest.raises(ConfigError, match="model.arch.hidden_size is not set .* is a hub name"):
         compose_run(["model.name_or_path=someone/some-model", "model.family=llama"])

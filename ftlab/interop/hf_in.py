@@ -15,8 +15,9 @@ was killed leaves only a ``.tmp-*`` directory, never used. The user's directory 
 read. The conversion record (source hashes, class, mapping counts, tokenizer choice) is in
 the entry and goes into the run's ``model_source.json``.
 
-A hub name whose snapshot is in the local Hugging Face cache (``HF_HUB_CACHE``,
-``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``) is taken from there: no network.
+A hub name whose snapshot is in the local Hugging Face cache (``ftlab.models.hub_cache``)
+is converted from the snapshot like a local directory (no network); its record names the
+repository, revision, commit and snapshot path.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from ftlab.models.arch import model_linears
 from ftlab.models.compat import apply_fixes
 from ftlab.models.config_json import family_of, looks_local, read_config_json, resolve_model
 from ftlab.models.families import family
+from ftlab.models.hub_cache import find_snapshot, local_model_dir
 from ftlab.record.provenance import sha256_file
 
 CONVERTER_VERSION = 1
@@ -77,22 +79,6 @@ def cache_root() -> Path:
     return Path(base) / "ftlab"
 
 
-def hub_snapshot(name: str) -> Path | None:
-    """A hub name's snapshot in the local Hugging Face cache (the ``main`` ref), if any."""
-    if "/" not in name or name.startswith(("/", ".", "~")):
-        return None
-    hub = (
-        os.environ.get("HF_HUB_CACHE")
-        or Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
-    )
-    repo = Path(hub) / f"models--{name.replace('/', '--')}"
-    ref = repo / "refs" / "main"
-    if not ref.is_file():
-        return None
-    snapshot = repo / "snapshots" / ref.read_text().strip()
-    return snapshot if (snapshot / CONFIG_FILE).is_file() else None
-
-
 def conversion_records() -> list[dict[str, Any]]:
     """The Hugging Face conversions this process used (for the run's provenance)."""
     return list(_converted.values())
@@ -103,11 +89,10 @@ def paddle_dir(name_or_path: str, allow_pickle: bool) -> str:
     Hugging Face checkpoint, else ``name_or_path`` itself."""
 
     directory = Path(name_or_path).expanduser()
-    if not looks_local(name_or_path):
-        snapshot = hub_snapshot(name_or_path)
-        if snapshot is None:
-            return name_or_path
-        directory = snapshot
+    snapshot = None if looks_local(name_or_path) else find_snapshot(name_or_path)
+    if snapshot is not None:
+        directory = snapshot.path
+        name_or_path = str(directory)  # PaddleNLP reads the snapshot, never the network
     if not (directory / CONFIG_FILE).is_file():
         return name_or_path
     key = str(directory.resolve())
@@ -125,6 +110,8 @@ def paddle_dir(name_or_path: str, allow_pickle: bool) -> str:
     record = convert_cached(ckpt)
     if staged:
         record = {**record, "pickled_source": staged}
+    if snapshot is not None:
+        record = {**record, "hub": snapshot.record()}
     _converted[key] = record
     return record["cache_entry"]
 
@@ -423,10 +410,6 @@ def _check_shape(
 
 def base_config_json(name_or_path: str | None) -> dict[str, Any] | None:
     """The base model's own config.json (local dir or cached hub snapshot), or None."""
-    if not name_or_path:
-        return None
-    directory = Path(name_or_path).expanduser()
-    if not directory.is_dir():
-        directory = hub_snapshot(name_or_path) or directory
-    path = directory / CONFIG_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    directory = local_model_dir(name_or_path) if name_or_path else None
+    path = directory / CONFIG_FILE if directory else None
+    return json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else None
