@@ -46,7 +46,7 @@ from ftlab.interop.hf_layout import (
     torch_pickles,
 )
 from ftlab.interop.hf_tokenizer import stage_for_paddlenlp, tokenizer_files
-from ftlab.models.arch import model_linears
+from ftlab.models.arch import model_tensors, optional_tensors
 from ftlab.models.compat import apply_fixes
 from ftlab.models.config_json import family_of, looks_local, read_config_json, resolve_model
 from ftlab.models.families import family
@@ -277,8 +277,8 @@ def convert(ckpt: HFCheckpoint, out: Path) -> dict[str, Any]:
     tied = bool(model.arch.tie_word_embeddings)
     dropped = _unknown_or_dropped(ckpt, by_source, tied)
     targets = {m.target_name for m in mappings}
-    expected = {k: v for k, v in expected_shapes(model).items() if k in targets}
-    _missing(ckpt, by_source, expected)
+    _missing(ckpt, by_source, expected_shapes(model_tensors(model), model, targets))
+    expected = expected_shapes(model_tensors(model) | optional_tensors(model), model, targets)
     weight_map: dict[str, str] = {}
     counts = {"renamed": 0, "transposed": 0, "kept": 0}
     total = 0
@@ -360,8 +360,8 @@ def _missing(
     by_source: Mapping[str, list[Any]],
     expected: Mapping[str, tuple[int, ...]],
 ) -> None:
-    """Every weight config.json implies (the family table's linears and embedding) must
-    come from some tensor. (Not "every mapping source": PaddleNLP's mappings list variants
+    """Every weight config.json implies (``expected_shapes``) must come from some tensor.
+    (Not "every mapping source": PaddleNLP's mappings list variants
     a config does not use, e.g. DeepSeek's q_proj and q_a_proj both.)"""
     made = {m.target_name: name for name, ms in by_source.items() for m in ms}
     present = {m.target_name for name in ckpt.tensors for m in by_source.get(name, ())}
@@ -375,18 +375,20 @@ def _missing(
             )
 
 
-def expected_shapes(model: Any) -> dict[str, tuple[int, ...]]:
-    """PaddleNLP-named shapes config.json implies: every linear (``[in, out]``) and bias,
-    and the token embedding (under its Llama-style name; other names are left out by the
-    caller, which keeps only names PaddleNLP's mappings produce)."""
-
-    fam, a = family(model.family), model.arch
-    out: dict[str, tuple[int, ...]] = {}
-    for lin in model_linears(model):
-        out[f"{lin.name}.weight"] = (lin.fan_in, lin.fan_out)
-        if lin.bias:
-            out[f"{lin.name}.bias"] = (lin.fan_out,)
-    out[f"{fam.base_prefix}.embed_tokens.weight"] = (a.vocab_size, a.hidden_size)
+def expected_shapes(
+    shapes: Mapping[str, tuple[int, ...]], model: Any, targets: set[str]
+) -> dict[str, tuple[int, ...]]:
+    """For each tensor name PaddleNLP's mappings produce (``targets``), the shape
+    config.json implies (``shapes``: ``ftlab.models.arch.model_tensors``, i.e. embeddings,
+    norms, linears, biases, routers, head, rotary table); a target with no such shape is
+    left out, and refused by ``_check_shape`` when the checkpoint holds it. ChatGLMv2's
+    mappings name tensors without the ``chatglm_v2.`` prefix its model adds on load."""
+    prefix = family(model.family).base_prefix
+    out = {}
+    for target in targets:
+        want = shapes.get(target, shapes.get(f"{prefix}.{target}"))
+        if want is not None:
+            out[target] = want
     return out
 
 
@@ -398,7 +400,15 @@ def _check_shape(
     transposed: bool,
 ) -> None:
     want = expected.get(target)
-    if want is None or tuple(shape) == tuple(want):
+    if want is None:
+        raise ModelLoadError(
+            f"{info.file}: tensor {info.name!r} (PaddleNLP's {target!r}) is not a weight "
+            "config.json implies for this model (shape "
+            f"{list(info.shape)}). The weights and config.json are from different models, "
+            "or the checkpoint is a variant PaddleNLP does not build: use the config.json "
+            "that came with these weights."
+        )
+    if tuple(shape) == tuple(want):
         return
     hf_want = list(reversed(want)) if transposed else list(want)
     raise ModelLoadError(
