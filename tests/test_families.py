@@ -617,7 +617,6 @@ def public(option: str, **changes: Any) -> dict[str, Any]:
         (None, r"model.name_or_path='.*': no config.json in the directory.*supported families: "),
         ({"model_type": "bert"}, r"model_type 'bert' is not a causal-LM family .* Supported"),
         ({"model_type": "mamba"}, r"model_type 'mamba' is not supported: a state-space model"),
-        (public("chatglm2_6b"), "a Hugging Face ChatGLM2/3 checkpoint .* ChatGLM v1 class"),
         (
             public("llama3", architectures=["Qwen2ForCausalLM"]),
             r"model_type 'llama' but architectures \['Qwen2ForCausalLM'\], which PaddleNLP",

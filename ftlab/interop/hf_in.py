@@ -53,7 +53,7 @@ from ftlab.models.families import family
 from ftlab.models.hub_cache import find_snapshot, local_model_dir
 from ftlab.record.provenance import sha256_file
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: every tensor shape-checked; ChatGLM2 names and config
 RECORD_FILE = "ftlab_hf_conversion.json"
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some checkpoints carry that the PaddleNLP model recomputes.
@@ -106,6 +106,15 @@ def paddle_dir(name_or_path: str, allow_pickle: bool) -> str:
         staged = stage_pickles(directory, pickles)
     ckpt = detect(Path(staged["dir"]) if staged else directory, fam.base_prefix, allow_pickle)
     if ckpt is None:
+        model_type = read_config_json(directory).get("model_type")
+        if fam.paddle_config is not None and model_type != fam.name:
+            raise ModelLoadError(
+                f"{directory / CONFIG_FILE}: a Hugging Face {fam.name} config.json "
+                f"(model_type {model_type!r}) beside weights that are not in Hugging Face's "
+                f"layout: PaddleNLP 3.0.0b4 would build another class than {fam.causal_lm_class} "
+                "from it. Use the Hugging Face checkpoint as it was downloaded (ftlab "
+                "converts it), or PaddleNLP's converted checkpoint with its own config.json."
+            )
         return name_or_path
     record = convert_cached(ckpt)
     if staged:
@@ -243,14 +252,14 @@ def convert_cached(ckpt: HFCheckpoint) -> dict[str, Any]:
     return {**record, "reused": False, "cache_entry": str(entry)}
 
 
-def name_mappings(ckpt: HFCheckpoint, fam: Any) -> tuple[Any, list[Any]]:
-    """PaddleNLP's config for the checkpoint and its model class's name mappings."""
+def name_mappings(config_dir: Path, fam: Any) -> tuple[Any, list[Any]]:
+    """PaddleNLP's config (from ``config_dir``) and its model class's name mappings."""
     import paddlenlp.transformers as pt
     from paddlenlp.transformers import AutoConfig
 
     apply_fixes()
     cls = getattr(pt, fam.causal_lm_class)
-    config = AutoConfig.from_pretrained(str(ckpt.directory))
+    config = AutoConfig.from_pretrained(str(config_dir))
     if not getattr(config, "architectures", None):
         config.architectures = [fam.causal_lm_class]
     return cls, cls._get_name_mappings(config)
@@ -270,15 +279,24 @@ def convert(ckpt: HFCheckpoint, out: Path) -> dict[str, Any]:
 
     fam = _family(ckpt.directory)
     model = resolve_model(ModelConfig(name_or_path=str(ckpt.directory)))
-    cls, mappings = name_mappings(ckpt, fam)
+    config = json.loads((ckpt.directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    if fam.paddle_config is not None:  # what PaddleNLP's class needs (ChatGLM2's keys)
+        config |= fam.paddle_config(config)
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    cls, mappings = name_mappings(out, fam)
     by_source: dict[str, list[Any]] = {}
     for m in mappings:
-        by_source.setdefault(m.source_name, []).append(m)
+        by_source.setdefault(fam.hf_name_prefix + m.source_name, []).append(m)
     tied = bool(model.arch.tie_word_embeddings)
     dropped = _unknown_or_dropped(ckpt, by_source, tied)
     targets = {m.target_name for m in mappings}
-    _missing(ckpt, by_source, expected_shapes(model_tensors(model), model, targets))
-    expected = expected_shapes(model_tensors(model) | optional_tensors(model), model, targets)
+    shapes = model_tensors(model)
+    known = shapes | optional_tensors(model)
+    _missing(ckpt, by_source, expected_shapes(shapes, model, targets))
+    expected = expected_shapes(known, model, targets)
+    # a target PaddleNLP's mappings leave without the base prefix (ChatGLM2) is written
+    # under the name its model holds it by
+    written = {t: t if t in known else f"{fam.base_prefix}.{t}" for t in expected}
     weight_map: dict[str, str] = {}
     counts = {"renamed": 0, "transposed": 0, "kept": 0}
     total = 0
@@ -292,14 +310,13 @@ def convert(ckpt: HFCheckpoint, out: Path) -> dict[str, Any]:
                 _check_shape(info, m.target_name, value.shape, expected, m.should_transpose())
                 counts["transposed" if m.should_transpose() else "kept"] += 1
                 counts["renamed"] += m.target_name != info.name
-                tensors[m.target_name] = (info.dtype, np.ascontiguousarray(value))
+                tensors[written[m.target_name]] = (info.dtype, np.ascontiguousarray(value))
                 total += value.nbytes
         name = f"model-{i:05d}-of-{len(ckpt.files):05d}.safetensors"
         write_safetensors(out / name, tensors)
         weight_map.update(dict.fromkeys(tensors, name))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    shutil.copyfile(ckpt.directory / CONFIG_FILE, out / CONFIG_FILE)
     tokenizer = stage_for_paddlenlp(ckpt.directory, out)
     from paddlenlp import __version__ as paddlenlp_version
 

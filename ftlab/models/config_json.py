@@ -142,19 +142,22 @@ def _arch_stem(cfg: Mapping[str, Any]) -> str | None:
     return max(matches, key=len) if matches else None
 
 
+def hf_chatglm2(cfg: Mapping[str, Any]) -> bool:
+    """A Hugging Face ChatGLM2/3 config.json (model_type "chatglm" with ChatGLM2's keys)."""
+    return cfg.get("model_type") == "chatglm" and (
+        "multi_query_group_num" in cfg or "padded_vocab_size" in cfg
+    )
+
+
 def family_of(cfg: Mapping[str, Any], directory: Path) -> Family:
     model_type = cfg.get("model_type")
     where = f"model.name_or_path={str(directory)!r}"
-    if model_type == "chatglm" and ("multi_query_group_num" in cfg or "padded_vocab_size" in cfg):
+    if hf_chatglm2(cfg):
         # Hugging Face's ChatGLM2/3 checkpoints say "chatglm" and "ChatGLMModel", which
-        # PaddleNLP's AutoModel maps to its ChatGLM v1 class: the weights would not load.
-        raise ConfigError(
-            f"{where}: a Hugging Face ChatGLM2/3 checkpoint (model_type 'chatglm', "
-            f"architectures {cfg.get('architectures')}). PaddleNLP 3.0.0b4 would build its "
-            "ChatGLM v1 class from it, not ChatGLMv2. Use PaddleNLP's converted checkpoint "
-            "(model_type 'chatglm_v2', e.g. the hub name THUDM/chatglm2-6b); for a plan or "
-            "an export without weights, model=chatglm2_6b."
-        )
+        # PaddleNLP's AutoModel maps to its ChatGLM v1 class; ftlab's conversion writes
+        # PaddleNLP's ChatGLMv2 config beside the converted weights (the family row's
+        # ``paddle_config``), and refuses such a config.json beside PaddleNLP-layout weights.
+        return family("chatglm_v2")
     for fam in FAMILIES.values():
         if model_type in fam.model_types:
             stem = _arch_stem(cfg)

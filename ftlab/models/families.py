@@ -180,6 +180,15 @@ class MoESpec:
     expert_parallel: bool = False
 
 
+def _chatglm2_paddle_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A Hugging Face ChatGLM2/3 config.json as PaddleNLP's ChatGLMv2 class reads it."""
+    return {
+        "model_type": "chatglm_v2",
+        "architectures": ["ChatGLMv2ForCausalLM"],
+        "max_sequence_length": cfg.get("seq_length", cfg.get("max_sequence_length", 2048)),
+    }
+
+
 # --------------------------------------------------------------------------- the row
 
 
@@ -217,6 +226,13 @@ class Family:
     head_vocab_first: bool = False
     # A rotary table the checkpoint stores as a weight: (name under base_prefix, length).
     rotary_table: tuple[str, Dim] | None = None
+    # Hugging Face checkpoints whose names or config PaddleNLP's class does not read as
+    # they are (ChatGLM2/3: remote-code names under ``transformer.``, which
+    # ``_get_name_mappings`` leaves out; config.json says model_type "chatglm", which
+    # PaddleNLP builds as ChatGLM v1): the names' extra prefix, and config.json -> the
+    # keys PaddleNLP's config needs (written into the converted copy).
+    hf_name_prefix: str = ""
+    paddle_config: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
     # PaddleNLP honours ``tie_word_embeddings``; False: its LM head is always a separate
     # matrix, which a tied checkpoint does not provide (refused in validation).
     ties_embeddings: bool = True
@@ -667,6 +683,8 @@ FAMILIES: dict[str, Family] = {
             head_name="chatglm_v2.output_layer.weight",
             # RotaryEmbedding(kv_channels // 2): inv_freq has kv_channels // 4 entries
             rotary_table=("rotary_pos_emb.inv_freq", lambda a: (a.head_dim or 0) // 4),
+            hf_name_prefix="transformer.",
+            paddle_config=_chatglm2_paddle_config,
             ties_embeddings=False,
             head_dim_from_config=True,
             qkv_bias=False,
