@@ -84,7 +84,8 @@ def paddle_checkpoint(cfg: ModelConfig, name_or_path: str | None = None) -> str:
 
     source = name_or_path or cfg.name_or_path
     path = paddle_dir(source, cfg.allow_pickle)
-    if (Path(path) / RECORD_FILE).is_file():  # converted from Hugging Face's layout
+    # converted here from Hugging Face's layout (not a cached hub snapshot in PaddleNLP's)
+    if path != source and (Path(path) / RECORD_FILE).is_file():
         fam = family_of(read_config_json(Path(path)), Path(path))
         if fam.hf_logits_differ:
             raise ModelLoadError(
