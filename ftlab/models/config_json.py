@@ -317,7 +317,11 @@ def resolve_model(model: ModelConfig) -> ModelConfig:
     else:  # a hub name PaddleNLP downloads itself: its model option carries the numbers
         fam = family(str(model.family))
         arch = complete_arch(
-            set_values, fam, f"model.name_or_path={model.name_or_path!r} is a hub name"
+            set_values,
+            fam,
+            f"model.name_or_path={model.name_or_path!r} is a hub name that is not in the "
+            f"local Hugging Face cache (looked in {repo_cache_dir(model.name_or_path)}; "
+            f"`huggingface-cli download {model.name_or_path}` puts it there)",
         )
     targets = model.lora_target_modules
     if targets is None:
