@@ -119,3 +119,21 @@ def test_hugging_face_chatglm2_config_without_its_weights_is_refused(tmp_path: P
     with pytest.raises(ModelLoadError, match=r"a Hugging Face chatglm_v2 config.json") as err:
         paddle_dir(str(d), False)
     assert "\n" not in str(err.value)
+
+
+def test_qwen_tiktoken_tokenizer_is_staged_for_paddlenlp() -> None:
+    """Qwen-7B's tokenizer (``qwen.tiktoken`` + ``tokenizer_class: QWenTokenizer``) goes
+    into the converted copy, where PaddleNLP's QWenTokenizer reads it: bytes encode to their
+    ranks, the special tokens follow the ranks. (No transformers ids to compare: remote
+    code.)"""
+    from paddlenlp.transformers import AutoTokenizer
+
+    from ftlab.interop.hf_in import conversion_records, paddle_dir
+
+    entry = paddle_dir(str(HF / "qwen-tiny"), False)
+    tok = AutoTokenizer.from_pretrained(entry)
+    assert type(tok).__name__ == "QWenTokenizer"
+    assert tok("hello world", add_special_tokens=False)["input_ids"] == list(b"hello world")
+    assert tok.convert_tokens_to_ids("<|endoftext|>") == 256
+    (record,) = conversion_records()
+    assert "qwen.tiktoken" in record["source_files"]
