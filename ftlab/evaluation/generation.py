@@ -82,8 +82,7 @@ def generate_texts(
     neither, this raises instead of picking one. The model runs in eval mode and gets its
     previous mode back afterwards.
     """
-    bos = _special_id(tokenizer, "bos_token_id")
-    encoded = [prompt_ids(tokenizer, p, bos) for p in prompts]
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
     return generate_from_ids(
         model,
         tokenizer,
@@ -100,9 +99,11 @@ def generate_texts(
 
 
 def prompt_ids(tokenizer: Any, prompt: str, bos: int | None = None) -> list[int]:
-    """``[bos] + encode(prompt)``: a plain prompt as training sees it (no template)."""
-    bos = _special_id(tokenizer, "bos_token_id") if bos is None else bos
-    return [bos, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    """``[bos] + encode(prompt)``: a plain prompt as training sees it (no template; no bos
+    when the tokenizer has none, e.g. Qwen2's, as ``ftlab.data`` does)."""
+    bos = getattr(tokenizer, "bos_token_id", None) if bos is None else bos
+    head = [] if bos is None else [int(bos)]
+    return [*head, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
 
 
 def generate_from_ids(
@@ -182,7 +183,7 @@ def generate_token_ids(
     from paddlenlp.generation import GenerationConfig
 
     _check_settings(strategy, batch_size, max_new_tokens, top_k, top_p, temperature)
-    bos = _special_id(tokenizer, "bos_token_id")
+    bos = getattr(tokenizer, "bos_token_id", None)  # only used without prompts: may be None
     eos = _special_id(tokenizer, "eos_token_id")
     pad = resolve_pad_token_id(tokenizer, pad_token_id)
     if not encoded:

@@ -15,8 +15,9 @@ was killed leaves only a ``.tmp-*`` directory, never used. The user's directory 
 read. The conversion record (source hashes, class, mapping counts, tokenizer choice) is in
 the entry and goes into the run's ``model_source.json``.
 
-A hub name whose snapshot is in the local Hugging Face cache (``HF_HUB_CACHE``,
-``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``) is taken from there: no network.
+A hub name whose snapshot is in the local Hugging Face cache (``ftlab.models.hub_cache``)
+is converted from the snapshot like a local directory (no network); its record names the
+repository, revision, commit and snapshot path.
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ from ftlab.interop.hf_layout import (
     torch_pickles,
 )
 from ftlab.interop.hf_tokenizer import stage_for_paddlenlp, tokenizer_files
-from ftlab.models.arch import model_linears
+from ftlab.models.arch import model_tensors, optional_tensors
 from ftlab.models.compat import apply_fixes
 from ftlab.models.config_json import family_of, looks_local, read_config_json, resolve_model
 from ftlab.models.families import family
+from ftlab.models.hub_cache import find_snapshot, local_model_dir
 from ftlab.record.provenance import sha256_file
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: every tensor shape-checked; ChatGLM2 names and config
 RECORD_FILE = "ftlab_hf_conversion.json"
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some checkpoints carry that the PaddleNLP model recomputes.
@@ -77,22 +79,6 @@ def cache_root() -> Path:
     return Path(base) / "ftlab"
 
 
-def hub_snapshot(name: str) -> Path | None:
-    """A hub name's snapshot in the local Hugging Face cache (the ``main`` ref), if any."""
-    if "/" not in name or name.startswith(("/", ".", "~")):
-        return None
-    hub = (
-        os.environ.get("HF_HUB_CACHE")
-        or Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
-    )
-    repo = Path(hub) / f"models--{name.replace('/', '--')}"
-    ref = repo / "refs" / "main"
-    if not ref.is_file():
-        return None
-    snapshot = repo / "snapshots" / ref.read_text().strip()
-    return snapshot if (snapshot / CONFIG_FILE).is_file() else None
-
-
 def conversion_records() -> list[dict[str, Any]]:
     """The Hugging Face conversions this process used (for the run's provenance)."""
     return list(_converted.values())
@@ -103,11 +89,10 @@ def paddle_dir(name_or_path: str, allow_pickle: bool) -> str:
     Hugging Face checkpoint, else ``name_or_path`` itself."""
 
     directory = Path(name_or_path).expanduser()
-    if not looks_local(name_or_path):
-        snapshot = hub_snapshot(name_or_path)
-        if snapshot is None:
-            return name_or_path
-        directory = snapshot
+    snapshot = None if looks_local(name_or_path) else find_snapshot(name_or_path)
+    if snapshot is not None:
+        directory = snapshot.path
+        name_or_path = str(directory)  # PaddleNLP reads the snapshot, never the network
     if not (directory / CONFIG_FILE).is_file():
         return name_or_path
     key = str(directory.resolve())
@@ -121,10 +106,21 @@ def paddle_dir(name_or_path: str, allow_pickle: bool) -> str:
         staged = stage_pickles(directory, pickles)
     ckpt = detect(Path(staged["dir"]) if staged else directory, fam.base_prefix, allow_pickle)
     if ckpt is None:
+        model_type = read_config_json(directory).get("model_type")
+        if fam.paddle_config is not None and model_type != fam.name:
+            raise ModelLoadError(
+                f"{directory / CONFIG_FILE}: a Hugging Face {fam.name} config.json "
+                f"(model_type {model_type!r}) beside weights that are not in Hugging Face's "
+                f"layout: PaddleNLP 3.0.0b4 would build another class than {fam.causal_lm_class} "
+                "from it. Use the Hugging Face checkpoint as it was downloaded (ftlab "
+                "converts it), or PaddleNLP's converted checkpoint with its own config.json."
+            )
         return name_or_path
     record = convert_cached(ckpt)
     if staged:
         record = {**record, "pickled_source": staged}
+    if snapshot is not None:
+        record = {**record, "hub": snapshot.record()}
     _converted[key] = record
     return record["cache_entry"]
 
@@ -256,14 +252,14 @@ def convert_cached(ckpt: HFCheckpoint) -> dict[str, Any]:
     return {**record, "reused": False, "cache_entry": str(entry)}
 
 
-def name_mappings(ckpt: HFCheckpoint, fam: Any) -> tuple[Any, list[Any]]:
-    """PaddleNLP's config for the checkpoint and its model class's name mappings."""
+def name_mappings(config_dir: Path, fam: Any) -> tuple[Any, list[Any]]:
+    """PaddleNLP's config (from ``config_dir``) and its model class's name mappings."""
     import paddlenlp.transformers as pt
     from paddlenlp.transformers import AutoConfig
 
     apply_fixes()
     cls = getattr(pt, fam.causal_lm_class)
-    config = AutoConfig.from_pretrained(str(ckpt.directory))
+    config = AutoConfig.from_pretrained(str(config_dir))
     if not getattr(config, "architectures", None):
         config.architectures = [fam.causal_lm_class]
     return cls, cls._get_name_mappings(config)
@@ -283,15 +279,24 @@ def convert(ckpt: HFCheckpoint, out: Path) -> dict[str, Any]:
 
     fam = _family(ckpt.directory)
     model = resolve_model(ModelConfig(name_or_path=str(ckpt.directory)))
-    cls, mappings = name_mappings(ckpt, fam)
+    config = json.loads((ckpt.directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    if fam.paddle_config is not None:  # what PaddleNLP's class needs (ChatGLM2's keys)
+        config |= fam.paddle_config(config)
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    cls, mappings = name_mappings(out, fam)
     by_source: dict[str, list[Any]] = {}
     for m in mappings:
-        by_source.setdefault(m.source_name, []).append(m)
+        by_source.setdefault(fam.hf_name_prefix + m.source_name, []).append(m)
     tied = bool(model.arch.tie_word_embeddings)
     dropped = _unknown_or_dropped(ckpt, by_source, tied)
     targets = {m.target_name for m in mappings}
-    expected = {k: v for k, v in expected_shapes(model).items() if k in targets}
-    _missing(ckpt, by_source, expected)
+    shapes = model_tensors(model)
+    known = shapes | optional_tensors(model)
+    _missing(ckpt, by_source, expected_shapes(shapes, model, targets))
+    expected = expected_shapes(known, model, targets)
+    # a target PaddleNLP's mappings leave without the base prefix (ChatGLM2) is written
+    # under the name its model holds it by
+    written = {t: t if t in known else f"{fam.base_prefix}.{t}" for t in expected}
     weight_map: dict[str, str] = {}
     counts = {"renamed": 0, "transposed": 0, "kept": 0}
     total = 0
@@ -305,14 +310,13 @@ def convert(ckpt: HFCheckpoint, out: Path) -> dict[str, Any]:
                 _check_shape(info, m.target_name, value.shape, expected, m.should_transpose())
                 counts["transposed" if m.should_transpose() else "kept"] += 1
                 counts["renamed"] += m.target_name != info.name
-                tensors[m.target_name] = (info.dtype, np.ascontiguousarray(value))
+                tensors[written[m.target_name]] = (info.dtype, np.ascontiguousarray(value))
                 total += value.nbytes
         name = f"model-{i:05d}-of-{len(ckpt.files):05d}.safetensors"
         write_safetensors(out / name, tensors)
         weight_map.update(dict.fromkeys(tensors, name))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    shutil.copyfile(ckpt.directory / CONFIG_FILE, out / CONFIG_FILE)
     tokenizer = stage_for_paddlenlp(ckpt.directory, out)
     from paddlenlp import __version__ as paddlenlp_version
 
@@ -373,8 +377,8 @@ def _missing(
     by_source: Mapping[str, list[Any]],
     expected: Mapping[str, tuple[int, ...]],
 ) -> None:
-    """Every weight config.json implies (the family table's linears and embedding) must
-    come from some tensor. (Not "every mapping source": PaddleNLP's mappings list variants
+    """Every weight config.json implies (``expected_shapes``) must come from some tensor.
+    (Not "every mapping source": PaddleNLP's mappings list variants
     a config does not use, e.g. DeepSeek's q_proj and q_a_proj both.)"""
     made = {m.target_name: name for name, ms in by_source.items() for m in ms}
     present = {m.target_name for name in ckpt.tensors for m in by_source.get(name, ())}
@@ -388,18 +392,20 @@ def _missing(
             )
 
 
-def expected_shapes(model: Any) -> dict[str, tuple[int, ...]]:
-    """PaddleNLP-named shapes config.json implies: every linear (``[in, out]``) and bias,
-    and the token embedding (under its Llama-style name; other names are left out by the
-    caller, which keeps only names PaddleNLP's mappings produce)."""
-
-    fam, a = family(model.family), model.arch
-    out: dict[str, tuple[int, ...]] = {}
-    for lin in model_linears(model):
-        out[f"{lin.name}.weight"] = (lin.fan_in, lin.fan_out)
-        if lin.bias:
-            out[f"{lin.name}.bias"] = (lin.fan_out,)
-    out[f"{fam.base_prefix}.embed_tokens.weight"] = (a.vocab_size, a.hidden_size)
+def expected_shapes(
+    shapes: Mapping[str, tuple[int, ...]], model: Any, targets: set[str]
+) -> dict[str, tuple[int, ...]]:
+    """For each tensor name PaddleNLP's mappings produce (``targets``), the shape
+    config.json implies (``shapes``: ``ftlab.models.arch.model_tensors``, i.e. embeddings,
+    norms, linears, biases, routers, head, rotary table); a target with no such shape is
+    left out, and refused by ``_check_shape`` when the checkpoint holds it. ChatGLMv2's
+    mappings name tensors without the ``chatglm_v2.`` prefix its model adds on load."""
+    prefix = family(model.family).base_prefix
+    out = {}
+    for target in targets:
+        want = shapes.get(target, shapes.get(f"{prefix}.{target}"))
+        if want is not None:
+            out[target] = want
     return out
 
 
@@ -411,7 +417,15 @@ def _check_shape(
     transposed: bool,
 ) -> None:
     want = expected.get(target)
-    if want is None or tuple(shape) == tuple(want):
+    if want is None:
+        raise ModelLoadError(
+            f"{info.file}: tensor {info.name!r} (PaddleNLP's {target!r}) is not a weight "
+            "config.json implies for this model (shape "
+            f"{list(info.shape)}). The weights and config.json are from different models, "
+            "or the checkpoint is a variant PaddleNLP does not build: use the config.json "
+            "that came with these weights."
+        )
+    if tuple(shape) == tuple(want):
         return
     hf_want = list(reversed(want)) if transposed else list(want)
     raise ModelLoadError(
@@ -423,10 +437,6 @@ def _check_shape(
 
 def base_config_json(name_or_path: str | None) -> dict[str, Any] | None:
     """The base model's own config.json (local dir or cached hub snapshot), or None."""
-    if not name_or_path:
-        return None
-    directory = Path(name_or_path).expanduser()
-    if not directory.is_dir():
-        directory = hub_snapshot(name_or_path) or directory
-    path = directory / CONFIG_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    directory = local_model_dir(name_or_path) if name_or_path else None
+    path = directory / CONFIG_FILE if directory else None
+    return json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else None

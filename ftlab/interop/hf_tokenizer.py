@@ -35,6 +35,7 @@ PLAIN_FILES = (
     "merges.txt",
     "special_tokens_map.json",
     "added_tokens.json",
+    "qwen.tiktoken",  # Qwen (v1): tiktoken ranks, read by PaddleNLP's QWenTokenizer too
 )
 
 

@@ -47,6 +47,7 @@ from ftlab.interop.paddlenlp_export import (
 from ftlab.methods.catalog import registered_methods
 from ftlab.models.config_json import resolve_model
 from ftlab.models.families import FAMILIES
+from ftlab.models.hub_cache import local_model_dir
 from ftlab.resolve.best_checkpoint import check_best_checkpoint
 from ftlab.training.arguments import (
     AMP_LEVEL_KEY,
@@ -310,7 +311,8 @@ def _model(args: dict[str, Any], conf_dir: Path, out: Imported) -> ModelConfig:
         )
     options = read_options(conf_dir, "model")
     exact = [name for name, body in options.items() if body.get("name_or_path") == path]
-    config = Path(path).expanduser() / "config.json"
+    # a local checkpoint, or a hub name's snapshot in the local Hugging Face cache
+    config = (local_model_dir(path) or Path(path).expanduser()) / "config.json"
     if exact:
         option = exact[0]
     elif config.is_file():

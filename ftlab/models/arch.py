@@ -103,6 +103,63 @@ def model_linears(model: ModelConfig) -> list[Linear]:
     return out
 
 
+def optional_tensors(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Tensors a checkpoint may hold beyond ``model_tensors``, with their shapes: the MoE
+    router's score-correction bias when ``model.arch.router_bias`` is off (a Hugging Face
+    DeepSeek-V3 checkpoint holds it whatever its config's ``topk_method`` says)."""
+    a, fam = model.arch, family(model.family)
+    if not fam.moe or not fam.moe.router_bias_path or a.router_bias:
+        return {}
+    return {
+        f"{fam.layers_path}.{layer}.{fam.moe.router_bias_path}": (a.num_experts,)
+        for layer in range(_layer_count(a))
+        if moe_layer(a, layer)
+    }
+
+
+def model_tensors(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight tensor PaddleNLP's class holds, by name, with the shape ``model.arch``
+    implies (PaddleNLP's layout: linears ``[in, out]``): embeddings, norms, linears and
+    biases, routers, the head when untied, a stored rotary table. What a converted
+    checkpoint is checked against, tensor by tensor."""
+    a, fam = model.arch, family(model.family)
+    h, base, layers = a.hidden_size, fam.base_prefix, fam.layers_path
+    norm_parts = ("weight", "bias") if fam.norm_bias else ("weight",)
+    out: dict[str, tuple[int, ...]] = {f"{base}.{fam.embedding_path}.weight": (a.vocab_size, h)}
+    if fam.position_embeddings is not None:
+        rows = fam.position_embeddings(a)
+        out[f"{base}.{fam.position_embeddings_path}.weight"] = (rows, h)
+    norms = [fam.final_norm_path] + ([fam.embedding_norm_path] if fam.embedding_norm else [])
+    for layer in range(_layer_count(a)):
+        for spec, path, _ in _layer_specs(fam, a, layer):
+            name = f"{layers}.{layer}.{path}"
+            if not spec.is_linear:  # a router matrix: ``path`` is the parameter itself
+                out[name] = (spec.fan_in(a), spec.fan_out(a))
+                continue
+            out[f"{name}.weight"] = (spec.fan_in(a), spec.fan_out(a))
+            if spec.has_bias(a):
+                out[f"{name}.bias"] = (spec.fan_out(a),)
+        for norm in fam.norms:
+            if norm.when(a):
+                out.update(
+                    {f"{layers}.{layer}.{norm.path}.{p}": (norm.width(a),) for p in norm_parts}
+                )
+        if fam.moe and fam.moe.router_bias_path and a.router_bias and moe_layer(a, layer):
+            out[f"{layers}.{layer}.{fam.moe.router_bias_path}"] = (a.num_experts,)
+        if layer >= a.num_hidden_layers:  # DeepSeek-V3's MTP layer (see model_linears)
+            out[f"{layers}.{layer}.eh_proj.weight"] = (2 * h, h)
+            out[f"{layers}.{layer}.eh_proj.bias"] = (h,)
+            for norm in ("enorm", "hnorm", "shared_head.norm"):
+                out[f"{layers}.{layer}.{norm}.weight"] = (h,)
+    for norm in norms:
+        out.update({f"{base}.{norm}.{p}": (h,) for p in norm_parts})
+    if fam.rotary_table is not None:
+        out[f"{base}.{fam.rotary_table[0]}"] = (fam.rotary_table[1](a),)
+    if lm_head_untied(model):
+        out[fam.head_name] = (a.vocab_size, h) if fam.head_vocab_first else (h, a.vocab_size)
+    return out
+
+
 @dataclass(frozen=True)
 class LayerCounts:
     """Parameters of one decoder layer, by how parallelism splits them."""

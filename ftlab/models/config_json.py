@@ -5,8 +5,10 @@
 architecture number from the keys PaddleNLP or Hugging Face write (the family's row names
 the keys that differ, e.g. ChatGLM2's ``num_layers`` / ``padded_vocab_size`` /
 ``multi_query_group_num``). Numbers a model option or an override sets must agree with
-the file; a contradiction is refused naming both values, never resolved silently. Hub
-names are not read (no network): their option carries the numbers. The resolved numbers
+the file; a contradiction is refused naming both values, never resolved silently. A hub
+name whose snapshot is in the local Hugging Face cache is read like the directory it is
+(``ftlab.models.hub_cache``); other hub names are not read (no network): their option
+carries the numbers. The resolved numbers
 are what the resolved config records. No Paddle import, no weights read.
 """
 
@@ -22,6 +24,7 @@ from typing import Any
 from ftlab.config.schema import ModelArch, ModelConfig
 from ftlab.errors import ConfigError
 from ftlab.models.families import FAMILIES, NOT_MODELLED, Family, family
+from ftlab.models.hub_cache import find_snapshot, repo_cache_dir, split_revision
 
 CONFIG_FILE = "config.json"
 
@@ -139,19 +142,22 @@ def _arch_stem(cfg: Mapping[str, Any]) -> str | None:
     return max(matches, key=len) if matches else None
 
 
+def hf_chatglm2(cfg: Mapping[str, Any]) -> bool:
+    """A Hugging Face ChatGLM2/3 config.json (model_type "chatglm" with ChatGLM2's keys)."""
+    return cfg.get("model_type") == "chatglm" and (
+        "multi_query_group_num" in cfg or "padded_vocab_size" in cfg
+    )
+
+
 def family_of(cfg: Mapping[str, Any], directory: Path) -> Family:
     model_type = cfg.get("model_type")
     where = f"model.name_or_path={str(directory)!r}"
-    if model_type == "chatglm" and ("multi_query_group_num" in cfg or "padded_vocab_size" in cfg):
+    if hf_chatglm2(cfg):
         # Hugging Face's ChatGLM2/3 checkpoints say "chatglm" and "ChatGLMModel", which
-        # PaddleNLP's AutoModel maps to its ChatGLM v1 class: the weights would not load.
-        raise ConfigError(
-            f"{where}: a Hugging Face ChatGLM2/3 checkpoint (model_type 'chatglm', "
-            f"architectures {cfg.get('architectures')}). PaddleNLP 3.0.0b4 would build its "
-            "ChatGLM v1 class from it, not ChatGLMv2. Use PaddleNLP's converted checkpoint "
-            "(model_type 'chatglm_v2', e.g. the hub name THUDM/chatglm2-6b); for a plan or "
-            "an export without weights, model=chatglm2_6b."
-        )
+        # PaddleNLP's AutoModel maps to its ChatGLM v1 class; ftlab's conversion writes
+        # PaddleNLP's ChatGLMv2 config beside the converted weights (the family row's
+        # ``paddle_config``), and refuses such a config.json beside PaddleNLP-layout weights.
+        return family("chatglm_v2")
     for fam in FAMILIES.values():
         if model_type in fam.model_types:
             stem = _arch_stem(cfg)
@@ -245,15 +251,48 @@ def complete_arch(arch: dict[str, Any], fam: Family, source: str) -> ModelArch:
     return ModelArch(**a)
 
 
+def uncached_hub_name(model: ModelConfig) -> None:
+    """A hub name with no snapshot in the local Hugging Face cache: fine with a family (a
+    PaddleNLP community name its downloader fetches, numbers from the model option);
+    without one, or with an ``@revision`` (only the cache can serve one), refused naming
+    where ftlab looked."""
+    name = model.name_or_path
+    repo, revision = split_revision(name)
+    if model.family is not None and revision is None:
+        return
+    looked = repo_cache_dir(name)
+    what = f"revision {revision!r} of {repo}" if revision else name
+    fetch = f"huggingface-cli download {repo}" + (f" --revision {revision}" if revision else "")
+    also = (
+        ""
+        if revision
+        else f", or set model.family ({supported()}) and model.arch for a name PaddleNLP "
+        "downloads itself (a model option such as model=llama3 carries them)"
+    )
+    raise ConfigError(
+        f"model.name_or_path={name!r}: {what} is not in the local Hugging Face cache "
+        f"(looked in {looked}; HF_HUB_CACHE or HF_HOME move it), so its config.json cannot "
+        f"be read. Run `{fetch}` first, or point model.name_or_path at a local checkpoint "
+        f"directory{also}."
+    )
+
+
 def resolve_model(model: ModelConfig) -> ModelConfig:
     """The model with its family, architecture, label and LoRA targets all known.
 
     A local directory's config.json provides family and numbers (values set in YAML or
-    overrides must agree); a hub name relies on its model option.
+    overrides must agree), and so does a hub name's snapshot in the local Hugging Face
+    cache; any other hub name relies on its model option.
     """
     set_values = {k: v for k, v in dataclasses.asdict(model.arch).items() if v is not None}
-    if looks_local(model.name_or_path):
-        directory = Path(model.name_or_path).expanduser()
+    directory: Path | None = Path(model.name_or_path).expanduser()
+    if not looks_local(model.name_or_path):
+        # a hub name's cached snapshot is read exactly as the local directory it is
+        snapshot = find_snapshot(model.name_or_path)
+        directory = snapshot.path if snapshot else None
+        if snapshot is None:
+            uncached_hub_name(model)
+    if directory is not None:
         cfg = read_config_json(directory)
         fam = family_of(cfg, directory)
         if model.family is not None and model.family != fam.name:
@@ -275,17 +314,14 @@ def resolve_model(model: ModelConfig) -> ModelConfig:
                     "point model.name_or_path at the checkpoint it describes."
                 )
         arch = from_file
-    else:
-        if model.family is None:
-            raise ConfigError(
-                f"model.name_or_path={model.name_or_path!r} is a hub name and model.family "
-                "is not set: ftlab reads a family from a local directory's config.json "
-                f"only. Set model.family ({supported()}) and model.arch, pick a model "
-                "option that carries them (e.g. model=llama3), or use a local directory."
-            )
-        fam = family(model.family)
+    else:  # a hub name PaddleNLP downloads itself: its model option carries the numbers
+        fam = family(str(model.family))
         arch = complete_arch(
-            set_values, fam, f"model.name_or_path={model.name_or_path!r} is a hub name"
+            set_values,
+            fam,
+            f"model.name_or_path={model.name_or_path!r} is a hub name that is not in the "
+            f"local Hugging Face cache (looked in {repo_cache_dir(model.name_or_path)}; "
+            f"`huggingface-cli download {model.name_or_path}` puts it there)",
         )
     targets = model.lora_target_modules
     if targets is None:

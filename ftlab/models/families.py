@@ -180,6 +180,15 @@ class MoESpec:
     expert_parallel: bool = False
 
 
+def _chatglm2_paddle_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A Hugging Face ChatGLM2/3 config.json as PaddleNLP's ChatGLMv2 class reads it."""
+    return {
+        "model_type": "chatglm_v2",
+        "architectures": ["ChatGLMv2ForCausalLM"],
+        "max_sequence_length": cfg.get("seq_length", cfg.get("max_sequence_length", 2048)),
+    }
+
+
 # --------------------------------------------------------------------------- the row
 
 
@@ -204,6 +213,26 @@ class Family:
     embedding_norm: bool = False  # a norm right after the embedding (Bloom)
     # Learned absolute positions: rows of the position-embedding table (OPT adds 2).
     position_embeddings: Dim | None = None
+    # Tensors outside the decoder layers as PaddleNLP's class names them (relative to
+    # ``base_prefix``), so that every tensor of a checkpoint has a shape config.json
+    # implies (``ftlab.models.arch.model_tensors``).
+    embedding_path: str = "embed_tokens"
+    final_norm_path: str = "norm"
+    embedding_norm_path: str = "word_embeddings_layernorm"  # with ``embedding_norm``
+    position_embeddings_path: str = "embeddings.position_embeddings"  # with the above
+    # The untied LM head's full name; PaddleNLP's ``lm_head.decoder_weight`` is
+    # [vocab, hidden] where ``lm_head.weight`` is [hidden, vocab].
+    head_name: str = "lm_head.weight"
+    head_vocab_first: bool = False
+    # A rotary table the checkpoint stores as a weight: (name under base_prefix, length).
+    rotary_table: tuple[str, Dim] | None = None
+    # Hugging Face checkpoints whose names or config PaddleNLP's class does not read as
+    # they are (ChatGLM2/3: remote-code names under ``transformer.``, which
+    # ``_get_name_mappings`` leaves out; config.json says model_type "chatglm", which
+    # PaddleNLP builds as ChatGLM v1): the names' extra prefix, and config.json -> the
+    # keys PaddleNLP's config needs (written into the converted copy).
+    hf_name_prefix: str = ""
+    paddle_config: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
     # PaddleNLP honours ``tie_word_embeddings``; False: its LM head is always a separate
     # matrix, which a tied checkpoint does not provide (refused in validation).
     ties_embeddings: bool = True
@@ -510,6 +539,8 @@ FAMILIES: dict[str, Family] = {
                 LinearSpec("mlp.c_proj", FFN_HALF, H, "mlp"),
             ),
             norms=(NormSpec("ln_1", H), NormSpec("ln_2", H)),
+            embedding_path="wte",
+            final_norm_path="ln_f",
             ties_embeddings=False,
             head_dim_from_config=True,
             qkv_bias=True,
@@ -647,6 +678,13 @@ FAMILIES: dict[str, Family] = {
                 LinearSpec("mlp.dense_4h_to_h", FFN, H, "mlp"),
             ),
             norms=PRE_POST_NORMS,
+            embedding_path="embedding.word_embeddings",
+            final_norm_path="encoder.final_layernorm",
+            head_name="chatglm_v2.output_layer.weight",
+            # RotaryEmbedding(kv_channels // 2): inv_freq has kv_channels // 4 entries
+            rotary_table=("rotary_pos_emb.inv_freq", lambda a: (a.head_dim or 0) // 4),
+            hf_name_prefix="transformer.",
+            paddle_config=_chatglm2_paddle_config,
             ties_embeddings=False,
             head_dim_from_config=True,
             qkv_bias=False,
@@ -731,6 +769,10 @@ FAMILIES: dict[str, Family] = {
             norms=PRE_POST_NORMS,
             norm_bias=True,
             embedding_norm=True,
+            embedding_path="word_embeddings",
+            final_norm_path="ln_f",
+            head_name="lm_head.decoder_weight",
+            head_vocab_first=True,
             qkv_bias=True,
             prefix_kv_layout="bloom_postprocess_past_key_value",
             flash_mask=False,
@@ -763,6 +805,10 @@ FAMILIES: dict[str, Family] = {
             norms=(NormSpec("norm1", H), NormSpec("norm2", H)),
             norm_bias=True,
             position_embeddings=lambda a: a.max_position_embeddings + 2,
+            embedding_path="embeddings.word_embeddings",
+            final_norm_path="decoder.final_layer_norm",
+            head_name="lm_head.decoder_weight",
+            head_vocab_first=True,
             ties_embeddings=False,
             qkv_bias=True,
             prefix_kv_layout=None,

@@ -17,6 +17,7 @@ from ftlab.errors import ModelLoadError
 from ftlab.models.compat import apply_fixes
 from ftlab.models.config_json import family_of, looks_local, read_config_json
 from ftlab.models.families import FAMILIES
+from ftlab.models.hub_cache import local_model_dir
 from ftlab.models.rope import DEFAULT_ROPE_THETA, long_sequence_config
 from ftlab.models.weights import check_safetensors_dir, refuse_pickles
 
@@ -79,11 +80,12 @@ def load_pretrained(kind: str, loader: Any, name_or_path: str, **kwargs: Any) ->
 def paddle_checkpoint(cfg: ModelConfig, name_or_path: str | None = None) -> str:
     """Where PaddleNLP loads ``name_or_path`` (default: the model's) from: a Hugging Face
     checkpoint's converted copy in ftlab's cache (``ftlab.interop.hf_in``), else itself."""
-    from ftlab.interop.hf_in import paddle_dir
+    from ftlab.interop.hf_in import RECORD_FILE, paddle_dir
 
     source = name_or_path or cfg.name_or_path
     path = paddle_dir(source, cfg.allow_pickle)
-    if path != source:  # converted from Hugging Face's layout
+    # converted here from Hugging Face's layout (not a cached hub snapshot in PaddleNLP's)
+    if path != source and (Path(path) / RECORD_FILE).is_file():
         fam = family_of(read_config_json(Path(path)), Path(path))
         if fam.hf_logits_differ:
             raise ModelLoadError(
@@ -167,8 +169,8 @@ def check_model_dir(cfg: ModelConfig) -> None:
     """Before a local model directory reaches a loader: no pickle read (unless
     ``model.allow_pickle``), no damaged safetensors file (``ftlab.models.weights``)."""
 
-    path = Path(cfg.name_or_path).expanduser()
-    if path.is_dir():
+    path = local_model_dir(cfg.name_or_path)  # a cached hub snapshot is checked alike
+    if path is not None:
         refuse_pickles(path, cfg.allow_pickle, f"model {cfg.name}'s weights")
         check_safetensors_dir(path)
 

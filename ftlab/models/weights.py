@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.errors import ModelLoadError
+from ftlab.models.hub_cache import local_model_dir
 from ftlab.record.provenance import sha256_file
 
 # Files a loader may unpickle as weights or training state. ``training_args.bin`` (a
@@ -149,8 +150,8 @@ def weight_hashes(name_or_path: str | Path) -> dict[str, str]:
     """sha256 of every weights file of a local model directory, by file name ({} for a hub
     name): recorded at training, so a base whose weights changed since is noticed."""
 
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
+    path = local_model_dir(str(name_or_path))  # a cached hub snapshot counts as local
+    if path is None:
         return {}
     files = [*sorted(path.glob("*.safetensors")), *pickled_weights(path)]
     return {f.name: sha256_file(f) for f in files}
@@ -158,7 +159,7 @@ def weight_hashes(name_or_path: str | Path) -> dict[str, str]:
 
 def changed_weights(name_or_path: str | Path, recorded: dict[str, str]) -> list[str]:
     """What differs between ``recorded`` hashes and the directory now, one phrase each."""
-    if not recorded or not Path(name_or_path).expanduser().is_dir():
+    if not recorded or local_model_dir(str(name_or_path)) is None:
         return []
     now = weight_hashes(name_or_path)
     out = []

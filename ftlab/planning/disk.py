@@ -37,6 +37,7 @@ from ftlab.config.trainer_options import OPTIMIZERS_TABLE
 from ftlab.errors import ConfigError
 from ftlab.methods.catalog import get_method
 from ftlab.models.arch import base_counts
+from ftlab.models.hub_cache import local_model_dir
 from ftlab.resolve.best_checkpoint import best_metric
 
 GIB = 1024**3
@@ -131,9 +132,10 @@ def check_checkpoint_options(run: RunConfig, world_size: int) -> None:
 
 def _tokenizer_bytes(run: RunConfig) -> tuple[int, str | None]:
     """Bytes of the tokenizer files in the model dir (0 and a note when not local)."""
-    where = Path(run.model.tokenizer_name_or_path or run.model.name_or_path)
-    if not where.is_dir():
-        return 0, f"tokenizer files not counted ({where} is not a local dir)"
+    name = run.model.tokenizer_name_or_path or run.model.name_or_path
+    where = local_model_dir(name)  # a cached hub snapshot counts as local
+    if where is None:
+        return 0, f"tokenizer files not counted ({name} is not a local dir)"
     return sum((where / n).stat().st_size for n in TOKENIZER_FILES if (where / n).is_file()), None
 
 
