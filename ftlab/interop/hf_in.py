@@ -51,7 +51,7 @@ from ftlab.models.config_json import family_of, looks_local, read_config_json, r
 from ftlab.models.families import family
 from ftlab.record.provenance import sha256_file
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: family hf_config_defaults and tied_head_copy
 RECORD_FILE = "ftlab_hf_conversion.json"
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some checkpoints carry that the PaddleNLP model recomputes.
@@ -307,12 +307,18 @@ def convert(ckpt: HFCheckpoint, out: Path) -> dict[str, Any]:
                 counts["renamed"] += m.target_name != info.name
                 tensors[m.target_name] = (info.dtype, np.ascontiguousarray(value))
                 total += value.nbytes
+        if tied and fam.tied_head_copy and fam.tied_head_copy[0] in tensors:
+            embedding, head = fam.tied_head_copy  # PaddleNLP's class never ties (the row)
+            tensors[head] = tensors[embedding]
+            counts["tied_head_copied"] = 1
         name = f"model-{i:05d}-of-{len(ckpt.files):05d}.safetensors"
         write_safetensors(out / name, tensors)
         weight_map.update(dict.fromkeys(tensors, name))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    shutil.copyfile(ckpt.directory / CONFIG_FILE, out / CONFIG_FILE)
+    # the family's transformers defaults where PaddleNLP's differ (keys config.json sets win)
+    config = {**fam.hf_config_defaults, **read_config_json(ckpt.directory)}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     tokenizer = stage_for_paddlenlp(ckpt.directory, out)
     from paddlenlp import __version__ as paddlenlp_version
 
