@@ -122,7 +122,10 @@ def test_lora_steps_train_on_the_converted_checkpoint(name: str) -> None:
     assert all(np.array_equal(base[k], after[k]) for k in base)
 
 
-@pytest.fixture(scope="module", params=["opt-tiny-bpe", "deepseek_v3-tiny-bpe"])
+@pytest.fixture(
+    scope="module",
+    params=["opt-tiny-bpe", pytest.param("deepseek_v3-tiny-bpe", marks=pytest.mark.slow)],
+)
 def hf_run(request, tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
     import os
 
