@@ -177,3 +177,82 @@ def test_fixture_exported_by_ftlab_reads_back_in_transformers(name: str, tmp_pat
     assert diff <= TOL
     client("tokens", str(out), json.dumps(exp["texts"]), str(tmp_path / "t.json"))
     assert json.loads((tmp_path / "t.json").read_text()) == exp["tokens"]["fast"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gemma-tiny",
+        "opt-tiny",
+        "deepseek_v2-tiny",
+        "deepseek_v3-tiny",
+        "opt-tiny-bpe",
+        "deepseek_v3-tiny-bpe",
+    ],
+)
+def test_family_fixture_exported_by_ftlab_reads_back_in_transformers(
+    name: str, tmp_path: Path
+) -> None:
+    """Gemma, OPT (tied head), DeepSeek-V2 and -V3 (routing bias) out: ftlab's export of
+    the loaded checkpoint gives transformers the original's logits."""
+    from test_hf_out import export_fixture
+
+    out = tmp_path / "export"
+    export_fixture(name, out, "float32")
+    exp = json.loads((FIXTURES / name / "expected.json").read_text())
+    theirs = hf_logits(tmp_path, out, exp["input_ids"])
+    diff = float(np.abs(theirs - np.load(FIXTURES / name / "expected_logits.npy")).max())
+    print(f"{name} exported: max |logit diff| {diff:.2e}")
+    assert diff <= TOL
+
+
+@pytest.fixture(scope="module", params=["opt-tiny-bpe", "deepseek_v3-tiny-bpe"])
+def family_trained(request, tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("cwd")
+    os.environ["FTLAB_CACHE"] = str(tmp_path_factory.getbasetemp() / "ftlab-cache")
+    try:
+        run_ftlab(
+            cwd,
+            f"model.name_or_path={FIXTURES / request.param}",
+            "data.max_length=128",
+            "train.max_steps=30",
+            "eval.max_new_tokens=4",
+        )
+    finally:
+        os.environ.pop("FTLAB_CACHE", None)
+    (run,) = (cwd / "outputs").glob("*/*_lora")
+    return run
+
+
+def test_family_run_exports_to_transformers(family_trained: Path, tmp_path: Path) -> None:
+    """OPT and DeepSeek-V3 trained by ftlab (LoRA) -> --format hf: transformers computes the
+    merged model's logits and ftlab-predict's greedy generations."""
+    hf, plain = tmp_path / "hf", tmp_path / "plain"
+    merge(str(family_trained), "--format", "hf", "--out", str(hf))
+    merge(str(family_trained), "--out", str(plain))
+    diff = float(np.abs(hf_logits(tmp_path, hf, IDS) - logits(plain, IDS)).max())
+    print(f"{family_trained.name} export: max |logit diff| transformers vs ftlab {diff:.2e}")
+    assert diff <= TOL
+    prompts = ["Once upon a time", "Lily saw a big dog"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    predict = subprocess.run(
+        [
+            str(FTLAB.with_name("ftlab-predict")),
+            str(family_trained),
+            "--input",
+            str(tmp_path / "p.jsonl"),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+            "--max-new-tokens",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    ours = [json.loads(x)["output"] for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    client("generate", str(hf), json.dumps(prompts), "12", str(tmp_path / "g.json"))
+    theirs = json.loads((tmp_path / "g.json").read_text())
+    print("ftlab-predict:", ours, "\ntransformers: ", theirs)
+    assert [o.strip() for o in ours] == [t.strip() for t in theirs]
