@@ -51,7 +51,7 @@ from ftlab.models.config_json import family_of, looks_local, read_config_json, r
 from ftlab.models.families import family
 from ftlab.record.provenance import sha256_file
 
-CONVERTER_VERSION = 2  # 2: family hf_config_defaults and tied_head_copy
+CONVERTER_VERSION = 2  # 2: the family rows' hf_config_* and tied_head_copy
 RECORD_FILE = "ftlab_hf_conversion.json"
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some checkpoints carry that the PaddleNLP model recomputes.
@@ -316,8 +316,8 @@ def convert(ckpt: HFCheckpoint, out: Path) -> dict[str, Any]:
         weight_map.update(dict.fromkeys(tensors, name))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    # the family's transformers defaults where PaddleNLP's differ (keys config.json sets win)
-    config = {**fam.hf_config_defaults, **read_config_json(ckpt.directory)}
+    # what transformers' class computes with where PaddleNLP's config would differ (the row)
+    config = {**fam.hf_config_defaults, **read_config_json(ckpt.directory), **fam.hf_config_fixed}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     tokenizer = stage_for_paddlenlp(ckpt.directory, out)
     from paddlenlp import __version__ as paddlenlp_version

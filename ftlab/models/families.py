@@ -230,6 +230,9 @@ class Family:
     # has another default. The converted copy's config.json gets them (keys config.json
     # sets are kept), so PaddleNLP's class builds the model transformers builds.
     hf_config_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # ... and values transformers' class hard-codes (its config.json cannot change them):
+    # written over whatever config.json says.
+    hf_config_fixed: Mapping[str, Any] = field(default_factory=dict)
     # A tied Hugging Face checkpoint of a family whose PaddleNLP class never ties
     # (``ties_embeddings`` False): (embedding, output matrix) as PaddleNLP names them, same
     # layout. The conversion writes the embedding under both names, so the separate head
@@ -249,6 +252,7 @@ class Family:
         object.__setattr__(self, "config_defaults", MappingProxyType(dict(self.config_defaults)))
         hf_defaults = MappingProxyType(dict(self.hf_config_defaults))
         object.__setattr__(self, "hf_config_defaults", hf_defaults)
+        object.__setattr__(self, "hf_config_fixed", MappingProxyType(dict(self.hf_config_fixed)))
 
     @property
     def base_prefix(self) -> str:
@@ -419,21 +423,17 @@ def _read_deepseek(cfg: Mapping[str, Any], arch: dict[str, Any]) -> dict[str, An
 
 
 # transformers' DeepSeek-V3 router always scores experts with a sigmoid and picks them by
-# score + e_score_correction_bias (``noaux_tc``); its config.json has neither key, and
-# PaddleNLP's config defaults ("softmax", "gready", a typo no branch matches) make the gate
-# fail and leave the bias unbuilt (measured). The converted copy's config.json gets these.
+# score + e_score_correction_bias (``noaux_tc``), whatever config.json says; its
+# config.json has neither key, and PaddleNLP's config defaults ("softmax", "gready", a typo
+# no branch matches) make the gate fail and leave the bias unbuilt (measured). The
+# converted copy's config.json gets these (the row's hf_config_fixed).
 DEEPSEEK_V3_ROUTING = {"topk_method": "noaux_tc", "scoring_func": "sigmoid"}
 
 
 def _read_deepseek_v3(cfg: Mapping[str, Any], arch: dict[str, Any]) -> dict[str, Any]:
-    for key, value in DEEPSEEK_V3_ROUTING.items():
-        if cfg.get(key, value) != value:
-            raise ConfigError(
-                f"config.json has {key}={cfg[key]!r}: DeepSeek-V3 routes with "
-                f"{key}={value!r} (transformers' class knows no other), so this checkpoint "
-                f"is not a DeepSeek-V3. Remove the key or set it to {value!r}."
-            )
-    return _read_deepseek({**DEEPSEEK_V3_ROUTING, **cfg}, arch)
+    # A Hugging Face config.json names no topk_method: the router has its bias. (A
+    # PaddleNLP-layout config names its own, which PaddleNLP's class follows.)
+    return _read_deepseek({"topk_method": DEEPSEEK_V3_ROUTING["topk_method"], **cfg}, arch)
 
 
 def _read_mixtral(cfg: Mapping[str, Any], arch: dict[str, Any]) -> dict[str, Any]:
@@ -747,7 +747,7 @@ FAMILIES: dict[str, Family] = {
             config_keys={"num_experts": ("n_routed_experts",)},
             config_defaults={"tie_word_embeddings": False},
             read_config=_read_deepseek_v3,
-            hf_config_defaults=DEEPSEEK_V3_ROUTING,
+            hf_config_fixed=DEEPSEEK_V3_ROUTING,
         ),
         Family(
             name="bloom",
