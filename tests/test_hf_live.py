@@ -256,3 +256,25 @@ def test_family_run_exports_to_transformers(family_trained: Path, tmp_path: Path
     theirs = json.loads((tmp_path / "g.json").read_text())
     print("ftlab-predict:", ours, "\ntransformers: ", theirs)
     assert [o.strip() for o in ours] == [t.strip() for t in theirs]
+
+
+def test_family_peft_adapter_equals_ftlab_adapter(family_trained: Path, tmp_path: Path) -> None:
+    """--format hf-peft for OPT and DeepSeek-V3 (experts included): peft.PeftModel on the
+    Hugging Face base gives ftlab's adapter logits."""
+    import paddle
+
+    from ftlab.methods.reopen import load_trained
+    from ftlab.models.loading import output_logits
+
+    out = tmp_path / "peft"
+    merge(str(family_trained), "--format", "hf-peft", "--out", str(out))
+    base = Path(json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"])
+    model, _ = load_trained(family_trained)
+    model.eval()
+    with paddle.no_grad():
+        ours = output_logits(model(paddle.to_tensor(IDS))).numpy()
+    theirs = hf_logits(tmp_path, base, IDS, adapter=out)
+    effect = float(np.abs(theirs - hf_logits(tmp_path, base, IDS)).max())
+    diff = float(np.abs(ours - theirs).max())
+    print(f"{family_trained.name} peft: max |logit diff| {diff:.2e}; adapter effect {effect:.2e}")
+    assert diff <= TOL and effect > 100 * TOL
