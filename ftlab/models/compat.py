@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from ftlab.models.families import gelu_approximate
+
 
 @functools.cache
 def fix_moe_gate_priority() -> bool:
@@ -103,8 +105,6 @@ def fix_gemma_activation() -> bool:
     """
     import paddle.nn.functional as F  # noqa: N812
     from paddlenlp.transformers.gemma.modeling import GemmaMLP
-
-    from ftlab.models.families import gelu_approximate
 
     original_init = GemmaMLP.__init__
 
