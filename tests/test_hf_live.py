@@ -83,14 +83,25 @@ def test_token_ids_equal_live_transformers(name: str, tmp_path: Path) -> None:
     assert [tok(t)["input_ids"] for t in texts] == json.loads((tmp_path / "t.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+# LoRA runs on: the Hugging Face stories260K (Llama), an OPT with a tied head and a
+# DeepSeek-V3 with a routing bias (the families ftlab fixes; tests/test_hf_families.py)
+RUNS = {
+    "llama": (BASE, ["model.pad_token='<unk>'"]),
+    "opt": (FIXTURES / "opt-tiny-bpe", ["data.max_length=128", "eval.max_new_tokens=4"]),
+    "deepseek_v3": (
+        FIXTURES / "deepseek_v3-tiny-bpe",
+        ["data.max_length=128", "eval.max_new_tokens=4"],
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(RUNS))
+def trained(request, tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("cwd")
     os.environ["FTLAB_CACHE"] = str(tmp_path_factory.getbasetemp() / "ftlab-cache")
+    base, settings = RUNS[request.param]
     try:
-        run_ftlab(
-            cwd, f"model.name_or_path={BASE}", "model.pad_token='<unk>'", "train.max_steps=30"
-        )
+        run_ftlab(cwd, f"model.name_or_path={base}", *settings, "train.max_steps=30")
     finally:
         os.environ.pop("FTLAB_CACHE", None)
     (run,) = (cwd / "outputs").glob("*/*_lora")
@@ -109,7 +120,7 @@ def test_export_gives_transformers_the_merged_model(trained: Path, tmp_path: Pat
     merge(str(trained), "--format", "hf", "--out", str(hf))
     merge(str(trained), "--out", str(plain))
     diff = float(np.abs(hf_logits(tmp_path, hf, IDS) - logits(plain, IDS)).max())
-    print(f"export: max |logit diff| transformers vs ftlab merged {diff:.2e}")
+    print(f"{trained.name} export: max |logit diff| transformers vs ftlab merged {diff:.2e}")
     assert diff <= TOL
     prompts = ["Once upon a time", "Lily saw a big dog", "The sun"]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
@@ -148,11 +159,12 @@ def test_peft_adapter_equals_ftlab_adapter(trained: Path, tmp_path: Path) -> Non
     model.eval()
     with paddle.no_grad():
         ours = output_logits(model(paddle.to_tensor(IDS))).numpy()
-    theirs = hf_logits(tmp_path, BASE, IDS, adapter=out)
-    base = hf_logits(tmp_path, BASE, IDS)
+    source = Path(json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"])
+    theirs = hf_logits(tmp_path, source, IDS, adapter=out)
+    base = hf_logits(tmp_path, source, IDS)
     diff = float(np.abs(ours - theirs).max())
     effect = float(np.abs(theirs - base).max())
-    print(f"peft: max |logit diff| {diff:.2e}; adapter moves logits by {effect:.2e}")
+    print(f"{trained.name} peft: max |logit diff| {diff:.2e}; adapter effect {effect:.2e}")
     assert diff <= TOL and effect > 100 * TOL
 
 
@@ -204,77 +216,3 @@ def test_family_fixture_exported_by_ftlab_reads_back_in_transformers(
     diff = float(np.abs(theirs - np.load(FIXTURES / name / "expected_logits.npy")).max())
     print(f"{name} exported: max |logit diff| {diff:.2e}")
     assert diff <= TOL
-
-
-@pytest.fixture(scope="module", params=["opt-tiny-bpe", "deepseek_v3-tiny-bpe"])
-def family_trained(request, tmp_path_factory) -> Path:
-    cwd = tmp_path_factory.mktemp("cwd")
-    os.environ["FTLAB_CACHE"] = str(tmp_path_factory.getbasetemp() / "ftlab-cache")
-    try:
-        run_ftlab(
-            cwd,
-            f"model.name_or_path={FIXTURES / request.param}",
-            "data.max_length=128",
-            "train.max_steps=30",
-            "eval.max_new_tokens=4",
-        )
-    finally:
-        os.environ.pop("FTLAB_CACHE", None)
-    (run,) = (cwd / "outputs").glob("*/*_lora")
-    return run
-
-
-def test_family_run_exports_to_transformers(family_trained: Path, tmp_path: Path) -> None:
-    """OPT and DeepSeek-V3 trained by ftlab (LoRA) -> --format hf: transformers computes the
-    merged model's logits and ftlab-predict's greedy generations."""
-    hf, plain = tmp_path / "hf", tmp_path / "plain"
-    merge(str(family_trained), "--format", "hf", "--out", str(hf))
-    merge(str(family_trained), "--out", str(plain))
-    diff = float(np.abs(hf_logits(tmp_path, hf, IDS) - logits(plain, IDS)).max())
-    print(f"{family_trained.name} export: max |logit diff| transformers vs ftlab {diff:.2e}")
-    assert diff <= TOL
-    prompts = ["Once upon a time", "Lily saw a big dog"]
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    predict = subprocess.run(
-        [
-            str(FTLAB.with_name("ftlab-predict")),
-            str(family_trained),
-            "--input",
-            str(tmp_path / "p.jsonl"),
-            "--output",
-            str(tmp_path / "o.jsonl"),
-            "--max-new-tokens",
-            "12",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert predict.returncode == 0, predict.stderr[-3000:]
-    ours = [json.loads(x)["output"] for x in (tmp_path / "o.jsonl").read_text().splitlines()]
-    client("generate", str(hf), json.dumps(prompts), "12", str(tmp_path / "g.json"))
-    theirs = json.loads((tmp_path / "g.json").read_text())
-    print("ftlab-predict:", ours, "\ntransformers: ", theirs)
-    assert [o.strip() for o in ours] == [t.strip() for t in theirs]
-
-
-def test_family_peft_adapter_equals_ftlab_adapter(family_trained: Path, tmp_path: Path) -> None:
-    """--format hf-peft for OPT and DeepSeek-V3 (experts included): peft.PeftModel on the
-    Hugging Face base gives ftlab's adapter logits."""
-    import paddle
-
-    from ftlab.methods.reopen import load_trained
-    from ftlab.models.loading import output_logits
-
-    out = tmp_path / "peft"
-    merge(str(family_trained), "--format", "hf-peft", "--out", str(out))
-    base = Path(json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"])
-    model, _ = load_trained(family_trained)
-    model.eval()
-    with paddle.no_grad():
-        ours = output_logits(model(paddle.to_tensor(IDS))).numpy()
-    theirs = hf_logits(tmp_path, base, IDS, adapter=out)
-    effect = float(np.abs(theirs - hf_logits(tmp_path, base, IDS)).max())
-    diff = float(np.abs(ours - theirs).max())
-    print(f"{family_trained.name} peft: max |logit diff| {diff:.2e}; adapter effect {effect:.2e}")
-    assert diff <= TOL and effect > 100 * TOL
