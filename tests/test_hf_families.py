@@ -71,10 +71,6 @@ def no_dropout(model) -> None:
     for layer in model.sublayers():
         if isinstance(layer, paddle.nn.Dropout):
             layer.p = 0.0
-    for attr in ("dropout", "attention_dropout", "hidden_dropout_prob"):
-        for layer in model.sublayers():
-            if isinstance(getattr(layer, attr, None), float):
-                setattr(layer, attr, 0.0)
 
 
 @pytest.mark.parametrize("name", NAMES)
