@@ -272,3 +272,22 @@ def test_batched_cached_generation_equals_greedy_recomputation(name: str) -> Non
     with paddle.no_grad():
         got = generate_token_ids(model, tok, prompts, max_new_tokens=6, batch_size=2)
     assert got == [greedy(p, 6) for p in prompts]
+
+
+def test_generation_with_a_tokenizer_without_bos() -> None:
+    """Qwen2's tokenizer has no bos token: prompts are encoded without one, as training
+    encodes them and as transformers does (ftlab's generation, ftlab-predict and the merge
+    probe failed on it: "the tokenizer defines no bos_token_id")."""
+    from ftlab.evaluation.generation import generate_texts, prompt_ids
+    from ftlab.methods.reopen import probe_logits
+    from ftlab.models.loading import load_tokenizer
+
+    cfg = ModelConfig(name_or_path=str(FIXTURES / "qwen2-tiny"))
+    tok = load_tokenizer(cfg)
+    assert tok.bos_token_id is None
+    exp = json.loads((FIXTURES / "qwen2-tiny" / "expected.json").read_text())
+    assert prompt_ids(tok, exp["texts"][0]) == exp["tokens"]["fast"][0]
+    model = load("qwen2-tiny")
+    texts = generate_texts(model, tok, ["Once upon a time", "Lily"], max_new_tokens=3)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    assert probe_logits(model, tok).shape[-1] == model.config.vocab_size

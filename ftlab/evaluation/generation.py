@@ -81,8 +81,7 @@ def generate_texts(
     neither, this raises instead of picking one. The model runs in eval mode and gets its
     previous mode back afterwards.
     """
-    bos = _special_id(tokenizer, "bos_token_id")
-    encoded = [prompt_ids(tokenizer, p, bos) for p in prompts]
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
     return generate_from_ids(
         model,
         tokenizer,
@@ -98,10 +97,13 @@ def generate_texts(
     )
 
 
-def prompt_ids(tokenizer: Any, prompt: str, bos: int | None = None) -> list[int]:
-    """``[bos] + encode(prompt)``: a plain prompt as training sees it (no template)."""
-    bos = _special_id(tokenizer, "bos_token_id") if bos is None else bos
-    return [bos, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """``[bos] + encode(prompt)``: a plain prompt as training sees it (no template). A
+    tokenizer without a bos token (Qwen2's) gets none, as in training (``ftlab.data``)
+    and in transformers."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return ids if bos is None else [int(bos), *ids]
 
 
 def generate_from_ids(
@@ -160,7 +162,7 @@ def generate_token_ids(
     from paddlenlp.generation import GenerationConfig
 
     _check_settings(strategy, batch_size, max_new_tokens, top_k, top_p, temperature)
-    bos = _special_id(tokenizer, "bos_token_id")
+    bos = getattr(tokenizer, "bos_token_id", None)  # the prompts carry it (or not)
     eos = _special_id(tokenizer, "eos_token_id")
     pad = resolve_pad_token_id(tokenizer, pad_token_id)
     if not encoded:
