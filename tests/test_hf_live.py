@@ -83,10 +83,11 @@ def test_token_ids_equal_live_transformers(name: str, tmp_path: Path) -> None:
     assert [tok(t)["input_ids"] for t in texts] == json.loads((tmp_path / "t.json").read_text())
 
 
-# LoRA runs on: the Hugging Face stories260K (Llama), an OPT with a tied head and a
-# DeepSeek-V3 with a routing bias (the families ftlab fixes; tests/test_hf_families.py)
+# LoRA runs on: the Hugging Face stories260K (Llama), a Qwen2 (its tokenizer has no bos),
+# an OPT with a tied head and a DeepSeek-V3 with a routing bias (tests/test_hf_families.py)
 RUNS = {
     "llama": (BASE, ["model.pad_token='<unk>'"]),
+    "qwen2": (FIXTURES / "qwen2-tiny", ["data.max_length=128", "eval.max_new_tokens=4"]),
     "opt": (FIXTURES / "opt-tiny-bpe", ["data.max_length=128", "eval.max_new_tokens=4"]),
     "deepseek_v3": (
         FIXTURES / "deepseek_v3-tiny-bpe",
