@@ -83,14 +83,26 @@ def test_token_ids_equal_live_transformers(name: str, tmp_path: Path) -> None:
     assert [tok(t)["input_ids"] for t in texts] == json.loads((tmp_path / "t.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+# LoRA runs on: the Hugging Face stories260K (Llama), a Qwen2 (its tokenizer has no bos),
+# an OPT with a tied head and a DeepSeek-V3 with a routing bias (tests/test_hf_families.py)
+RUNS = {
+    "llama": (BASE, ["model.pad_token='<unk>'"]),
+    "qwen2": (FIXTURES / "qwen2-tiny", ["data.max_length=128", "eval.max_new_tokens=4"]),
+    "opt": (FIXTURES / "opt-tiny-bpe", ["data.max_length=128", "eval.max_new_tokens=4"]),
+    "deepseek_v3": (
+        FIXTURES / "deepseek_v3-tiny-bpe",
+        ["data.max_length=128", "eval.max_new_tokens=4"],
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(RUNS))
+def trained(request, tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("cwd")
     os.environ["FTLAB_CACHE"] = str(tmp_path_factory.getbasetemp() / "ftlab-cache")
+    base, settings = RUNS[request.param]
     try:
-        run_ftlab(
-            cwd, f"model.name_or_path={BASE}", "model.pad_token='<unk>'", "train.max_steps=30"
-        )
+        run_ftlab(cwd, f"model.name_or_path={base}", *settings, "train.max_steps=30")
     finally:
         os.environ.pop("FTLAB_CACHE", None)
     (run,) = (cwd / "outputs").glob("*/*_lora")
@@ -109,7 +121,7 @@ def test_export_gives_transformers_the_merged_model(trained: Path, tmp_path: Pat
     merge(str(trained), "--format", "hf", "--out", str(hf))
     merge(str(trained), "--out", str(plain))
     diff = float(np.abs(hf_logits(tmp_path, hf, IDS) - logits(plain, IDS)).max())
-    print(f"export: max |logit diff| transformers vs ftlab merged {diff:.2e}")
+    print(f"{trained.name} export: max |logit diff| transformers vs ftlab merged {diff:.2e}")
     assert diff <= TOL
     prompts = ["Once upon a time", "Lily saw a big dog", "The sun"]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
@@ -148,11 +160,12 @@ def test_peft_adapter_equals_ftlab_adapter(trained: Path, tmp_path: Path) -> Non
     model.eval()
     with paddle.no_grad():
         ours = output_logits(model(paddle.to_tensor(IDS))).numpy()
-    theirs = hf_logits(tmp_path, BASE, IDS, adapter=out)
-    base = hf_logits(tmp_path, BASE, IDS)
+    source = Path(json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"])
+    theirs = hf_logits(tmp_path, source, IDS, adapter=out)
+    base = hf_logits(tmp_path, source, IDS)
     diff = float(np.abs(ours - theirs).max())
     effect = float(np.abs(theirs - base).max())
-    print(f"peft: max |logit diff| {diff:.2e}; adapter moves logits by {effect:.2e}")
+    print(f"{trained.name} peft: max |logit diff| {diff:.2e}; adapter effect {effect:.2e}")
     assert diff <= TOL and effect > 100 * TOL
 
 
@@ -177,3 +190,30 @@ def test_fixture_exported_by_ftlab_reads_back_in_transformers(name: str, tmp_pat
     assert diff <= TOL
     client("tokens", str(out), json.dumps(exp["texts"]), str(tmp_path / "t.json"))
     assert json.loads((tmp_path / "t.json").read_text()) == exp["tokens"]["fast"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gemma-tiny",
+        "opt-tiny",
+        "deepseek_v2-tiny",
+        "deepseek_v3-tiny",
+        "opt-tiny-bpe",
+        "deepseek_v3-tiny-bpe",
+    ],
+)
+def test_family_fixture_exported_by_ftlab_reads_back_in_transformers(
+    name: str, tmp_path: Path
+) -> None:
+    """Gemma, OPT (tied head), DeepSeek-V2 and -V3 (routing bias) out: ftlab's export of
+    the loaded checkpoint gives transformers the original's logits."""
+    from test_hf_out import export_fixture
+
+    out = tmp_path / "export"
+    export_fixture(name, out, "float32")
+    exp = json.loads((FIXTURES / name / "expected.json").read_text())
+    theirs = hf_logits(tmp_path, out, exp["input_ids"])
+    diff = float(np.abs(theirs - np.load(FIXTURES / name / "expected_logits.npy")).max())
+    print(f"{name} exported: max |logit diff| {diff:.2e}")
+    assert diff <= TOL

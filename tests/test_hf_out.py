@@ -203,8 +203,6 @@ ALL_FIXTURES = sorted(
     for p in FIXTURES.iterdir()
     if (p / "expected_logits.npy").is_file() and "pickle" not in p.name
 )
-# written by transformers but not built by PaddleNLP 3.0.0b4's class (see test_hf_in)
-NOT_BUILT = {"model.layers.1.mlp.gate.e_score_correction_bias"}
 
 
 def export_fixture(name: str, out: Path, dtype: str) -> None:
@@ -215,11 +213,7 @@ def export_fixture(name: str, out: Path, dtype: str) -> None:
     from ftlab.models.loading import load_model, load_tokenizer
 
     cfg = ModelConfig(name_or_path=str(FIXTURES / name), pad_token="<unk>")
-    # The converted copy, loaded as PaddleNLP's layout: the families whose PaddleNLP logits
-    # differ are refused for training from the Hugging Face dir, and their names still
-    # round-trip through the same conversion.
-    converted = ModelConfig(name_or_path=paddle_dir(str(FIXTURES / name), False))
-    model = load_model(converted, "float32")
+    model = load_model(cfg, "float32")
     tokenizer = (
         load_tokenizer(cfg) if (FIXTURES / name / "tokenizer_config.json").is_file() else None
     )
@@ -259,7 +253,7 @@ def test_hf_in_then_out_gives_back_transformers_tensors_exactly(name: str, tmp_p
         return got
 
     theirs, ours = tensors(src), tensors(out)
-    assert set(ours) == set(theirs) - NOT_BUILT
+    assert set(ours) == set(theirs)
     for k, v in ours.items():
         assert v.shape == theirs[k].shape and np.array_equal(v, theirs[k]), k
     config = json.loads((out / "config.json").read_text())

@@ -53,7 +53,7 @@ from ftlab.models.families import family
 from ftlab.models.hub_cache import find_snapshot, local_model_dir
 from ftlab.record.provenance import sha256_file
 
-CONVERTER_VERSION = 2  # 2: every tensor shape-checked; ChatGLM2 names and config
+CONVERTER_VERSION = 3  # 2: every tensor shape-checked, ChatGLM2; 3: hf_config_*, tied_head_copy
 RECORD_FILE = "ftlab_hf_conversion.json"
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some checkpoints carry that the PaddleNLP model recomputes.
@@ -279,7 +279,12 @@ def convert(ckpt: HFCheckpoint, out: Path) -> dict[str, Any]:
 
     fam = _family(ckpt.directory)
     model = resolve_model(ModelConfig(name_or_path=str(ckpt.directory)))
-    config = json.loads((ckpt.directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    # what transformers' class computes with where PaddleNLP's config would differ (the row)
+    config = {
+        **fam.hf_config_defaults,
+        **json.loads((ckpt.directory / CONFIG_FILE).read_text(encoding="utf-8")),
+        **fam.hf_config_fixed,
+    }
     if fam.paddle_config is not None:  # what PaddleNLP's class needs (ChatGLM2's keys)
         config |= fam.paddle_config(config)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -312,6 +317,10 @@ def convert(ckpt: HFCheckpoint, out: Path) -> dict[str, Any]:
                 counts["renamed"] += m.target_name != info.name
                 tensors[written[m.target_name]] = (info.dtype, np.ascontiguousarray(value))
                 total += value.nbytes
+        if tied and fam.tied_head_copy and fam.tied_head_copy[0] in tensors:
+            embedding, head = fam.tied_head_copy  # PaddleNLP's class never ties (the row)
+            tensors[head] = tensors[embedding]
+            counts["tied_head_copied"] = 1
         name = f"model-{i:05d}-of-{len(ckpt.files):05d}.safetensors"
         write_safetensors(out / name, tensors)
         weight_map.update(dict.fromkeys(tensors, name))

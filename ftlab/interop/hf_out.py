@@ -33,6 +33,7 @@ from ftlab.errors import ConfigError
 from ftlab.interop.hf_in import paddle_dir, write_safetensors
 from ftlab.interop.hf_tokenizer import write_hf_tokenizer
 from ftlab.models.config_json import family_of, read_config_json
+from ftlab.models.families import FAMILIES
 
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # Families whose Hugging Face checkpoints need the model repository's own code
@@ -107,12 +108,30 @@ def _numpy(value: Any, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(value.astype(dtype).numpy())
 
 
+def head_tied(model: Any) -> bool:
+    """Whether the export leaves the output matrix out (transformers ties it to the embedding).
+
+    A family whose PaddleNLP class keeps a tied checkpoint's head as a separate copy (its
+    row's ``tied_head_copy``: OPT) is tied while the copy equals the embedding (LoRA leaves
+    both alone); once full fine-tuning has moved them apart, the head is written and the
+    export is untied, so transformers computes the model that was trained."""
+    fam = FAMILIES.get(model.config.model_type)
+    if fam is not None and fam.tied_head_copy:
+        state = model.state_dict()
+        embedding, head = (state[name].numpy() for name in fam.tied_head_copy)
+        return bool(np.array_equal(embedding, head))
+    return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
 def export_weights(model: Any, out: Path, dtype: str, max_shard_bytes: int) -> dict[str, Any]:
     """Write the model's weights in Hugging Face's names and layout into ``out``."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype}: --format hf writes one of {', '.join(DTYPES)}.")
     names = hf_names(type(model), model.config)
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tied = head_tied(model)
+    fam = FAMILIES.get(model.config.model_type)
+    if not tied and fam is not None and fam.tied_head_copy:
+        names[fam.tied_head_copy[1]] = ("lm_head.weight", False)  # same [vocab, hidden]
     tensors: list[tuple[str, np.ndarray]] = []
     left_out = []
     for name, value in model.state_dict().items():
@@ -163,7 +182,7 @@ def hf_config(model: Any, base_config: dict[str, Any] | None, family: Any, dtype
     body["model_type"] = family.model_types[0]
     body["architectures"] = [family.causal_lm_class]
     body["torch_dtype"] = dtype
-    body["tie_word_embeddings"] = bool(getattr(model.config, "tie_word_embeddings", False))
+    body["tie_word_embeddings"] = head_tied(model)
     return dict(sorted(body.items()))
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from ftlab.config.schema import MethodConfig, ModelConfig, PrecisionConfig
 from ftlab.errors import ConfigError, ModelLoadError
+from ftlab.evaluation.generation import prompt_ids
 from ftlab.methods.catalog import get_method, method_schemas
 from ftlab.models.loading import load_model, load_tokenizer, output_logits, weight_dtype
 from ftlab.models.weights import changed_weights, check_safetensors_dir, refuse_pickles
@@ -173,7 +174,7 @@ def check_mergeable(method_name: str) -> None:
 def probe_logits(model: Any, tokenizer: Any) -> Any:
     import paddle
 
-    ids = [tokenizer.bos_token_id, *tokenizer(PROBE, add_special_tokens=False)["input_ids"]]
+    ids = prompt_ids(tokenizer, PROBE)
     with paddle.no_grad():
         out = model(input_ids=paddle.to_tensor([ids], dtype="int64"))
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from ftlab.models.families import gelu_approximate
+
 
 @functools.cache
 def fix_moe_gate_priority() -> bool:
@@ -87,7 +89,94 @@ def fix_mixtral_expert_weights() -> bool:
     return True
 
 
+@functools.cache
+def fix_gemma_activation() -> bool:
+    """Make PaddleNLP's Gemma MLP compute the activation its config names.
+
+    ``GemmaMLP.forward`` always applies exact GELU (``F.gelu(x)``), whatever
+    ``config.hidden_act`` says; transformers' Gemma applies ``hidden_act``, which released
+    Gemma configs and transformers' own default set to ``gelu_pytorch_tanh`` (GELU's tanh
+    approximation, Paddle's ``approximate=True``). Measured on the transformers-written
+    Gemma fixture: logits 6.1e-4 apart, the first difference at layer 0's ``down_proj``
+    input (gate and up projections equal to 7e-7). The replacement reads the activation
+    once per layer (``ftlab.models.families.gelu_approximate``: the names accepted, all
+    others refused when config.json is read) and is otherwise the same GeGLU. A config
+    saying ``gelu`` (PaddleNLP's own default) computes exactly what it did before.
+    """
+    import paddle.nn.functional as F  # noqa: N812
+    from paddlenlp.transformers.gemma.modeling import GemmaMLP
+
+    original_init = GemmaMLP.__init__
+
+    def __init__(self: Any, config: Any) -> None:  # noqa: N807
+        original_init(self, config)
+        self.gelu_approximate = gelu_approximate(getattr(config, "hidden_act", "gelu"))
+
+    def forward(self: Any, x: Any) -> Any:
+        gate = F.gelu(self.gate_proj(x), approximate=self.gelu_approximate)
+        return self.down_proj(gate * self.up_proj(x))
+
+    GemmaMLP.__init__ = __init__
+    GemmaMLP.forward = forward
+    return True
+
+
+@functools.cache
+def fix_moe_gate_training_weights() -> bool:
+    """Make PaddleNLP's top-k MoE gate weigh the experts in training as it does in eval.
+
+    ``PretrainedMoEGate.topkgating`` (Qwen2-MoE, DeepSeek-V2/V3) computes the routing
+    weights twice: in eval from the top-k scores, normalised when ``norm_topk_prob`` and
+    multiplied by ``routed_scaling_factor`` (what DeepSeek's reference code and
+    transformers compute); in training from the masked scores without
+    ``routed_scaling_factor``. With a factor other than 1 (DeepSeek-V3: 2.5) training
+    fine-tunes another function than the checkpoint's: measured on the transformers-written
+    DeepSeek-V3 fixture, train-mode logits 1.18 away from transformers' while eval-mode
+    logits agree to 1.5e-6. Here the gate always takes the eval arithmetic (the same
+    experts, differentiable in the gate weight alike; the auxiliary losses do not depend on
+    the mode). For the families whose factor is 1 nothing changes.
+    """
+    from paddlenlp.transformers.moe_gate import PretrainedMoEGate
+
+    original = PretrainedMoEGate.topkgating
+
+    def topkgating(self: Any, gates: Any) -> Any:
+        training = self.training
+        self.training = False
+        try:
+            return original(self, gates)
+        finally:
+            self.training = training
+
+    PretrainedMoEGate.topkgating = topkgating
+    return True
+
+
+@functools.cache
+def fix_deepseek_v3_generation() -> bool:
+    """Give PaddleNLP's DeepSeek-V3 causal LM the generation hooks its V2 sibling has.
+
+    ``DeepseekV3ForCausalLM`` (the V2 model underneath, same forward arguments) defines no
+    ``prepare_inputs_for_generation``, so ``generate`` falls back to the generic one, which
+    passes ``input_ids`` only: no attention mask, no position ids, no key/value cache. A
+    left-padded prompt in a batch then attends to its padding at shifted positions
+    (measured: ftlab-predict's greedy output for the shorter of two prompts differed from
+    transformers' from the first token, while logits of the same inputs agreed to 1.8e-6).
+    The V2 class's two hooks are taken as they are."""
+    from paddlenlp.transformers.deepseek_v2.modeling import DeepseekV2ForCausalLM
+    from paddlenlp.transformers.deepseek_v3.modeling import DeepseekV3ForCausalLM
+
+    if "prepare_inputs_for_generation" in DeepseekV3ForCausalLM.__dict__:
+        return False
+    for hook in ("prepare_inputs_for_generation", "update_model_kwargs_for_generation"):
+        setattr(DeepseekV3ForCausalLM, hook, DeepseekV2ForCausalLM.__dict__[hook])
+    return True
+
+
 def apply_fixes() -> None:
     """Every fix above (each checks itself whether the installed Paddle needs it)."""
     fix_moe_gate_priority()
     fix_mixtral_expert_weights()
+    fix_gemma_activation()
+    fix_moe_gate_training_weights()
+    fix_deepseek_v3_generation()

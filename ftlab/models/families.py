@@ -254,11 +254,20 @@ class Family:
     rope_scaling: bool = False
     # What run_finetune.py's ``get_lora_target_modules`` adapts for this family.
     script_lora_targets: tuple[str, ...] = ()
-    # Why a Hugging Face checkpoint of this family is refused for training and generation
-    # although it converts name for name and shape for shape: PaddleNLP's class computes
-    # another function than transformers' on the same weights (measured on the fixtures in
-    # tests/fixtures/hf). Empty: its logits equal transformers' (or no fixture says not).
-    hf_logits_differ: str = ""
+    # Hugging Face in (``ftlab.interop.hf_in``): config.json values transformers' class
+    # takes when config.json lacks the key, where PaddleNLP's config class has another
+    # default. The converted copy's config.json gets them (keys config.json sets are
+    # kept), so PaddleNLP's class builds the model transformers builds.
+    hf_config_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # ... and values transformers' class hard-codes (its config.json cannot change them):
+    # written over whatever config.json says.
+    hf_config_fixed: Mapping[str, Any] = field(default_factory=dict)
+    # A tied Hugging Face checkpoint of a family whose PaddleNLP class never ties
+    # (``ties_embeddings`` False): (embedding, output matrix) as PaddleNLP names them, same
+    # layout. The conversion writes the embedding under both names, so the separate head
+    # starts equal to the tied one (the function transformers computes). None: a tied
+    # checkpoint of such a family is refused in validation.
+    tied_head_copy: tuple[str, str] | None = None
     # config.json keys for each ``model.arch`` field, first present wins (after the
     # common ones in ``ftlab.models.config_json``); and values when a key is absent.
     config_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -270,6 +279,9 @@ class Family:
     def __post_init__(self) -> None:
         object.__setattr__(self, "config_keys", MappingProxyType(dict(self.config_keys)))
         object.__setattr__(self, "config_defaults", MappingProxyType(dict(self.config_defaults)))
+        hf_defaults = MappingProxyType(dict(self.hf_config_defaults))
+        object.__setattr__(self, "hf_config_defaults", hf_defaults)
+        object.__setattr__(self, "hf_config_fixed", MappingProxyType(dict(self.hf_config_fixed)))
 
     @property
     def base_prefix(self) -> str:
@@ -439,6 +451,20 @@ def _read_deepseek(cfg: Mapping[str, Any], arch: dict[str, Any]) -> dict[str, An
     return out
 
 
+# transformers' DeepSeek-V3 router always scores experts with a sigmoid and picks them by
+# score + e_score_correction_bias (``noaux_tc``), whatever config.json says; its
+# config.json has neither key, and PaddleNLP's config defaults ("softmax", "gready", a typo
+# no branch matches) make the gate fail and leave the bias unbuilt (measured). The
+# converted copy's config.json gets these (the row's hf_config_fixed).
+DEEPSEEK_V3_ROUTING = {"topk_method": "noaux_tc", "scoring_func": "sigmoid"}
+
+
+def _read_deepseek_v3(cfg: Mapping[str, Any], arch: dict[str, Any]) -> dict[str, Any]:
+    # A Hugging Face config.json names no topk_method: the router has its bias. (A
+    # PaddleNLP-layout config names its own, which PaddleNLP's class follows.)
+    return _read_deepseek({"topk_method": DEEPSEEK_V3_ROUTING["topk_method"], **cfg}, arch)
+
+
 def _read_mixtral(cfg: Mapping[str, Any], arch: dict[str, Any]) -> dict[str, Any]:
     # Every expert is an MLP of intermediate_size; no shared expert, no dense layer.
     return {"moe_intermediate_size": arch["intermediate_size"], "dense_layers": []}
@@ -467,7 +493,27 @@ def _read_opt(cfg: Mapping[str, Any], arch: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+# Gemma's MLP activation, config.json ``hidden_act`` (what transformers' GemmaMLP applies;
+# transformers 4.57 no longer reads ``hidden_activation``) -> whether Paddle's GELU takes
+# its tanh approximation (``ftlab.models.compat.fix_gemma_activation`` applies it).
+GEMMA_ACTIVATIONS = {"gelu": False, "gelu_pytorch_tanh": True, "gelu_new": True}
+# transformers' GemmaConfig default when config.json has no hidden_act (PaddleNLP's: "gelu")
+GEMMA_HF_DEFAULTS = {"hidden_act": "gelu_pytorch_tanh"}
+
+
+def gelu_approximate(hidden_act: str) -> bool:
+    """Whether Gemma's ``hidden_act`` is GELU's tanh approximation (else exact GELU)."""
+    try:
+        return GEMMA_ACTIVATIONS[hidden_act]
+    except KeyError:
+        raise ConfigError(
+            f"config.json has hidden_act={hidden_act!r}: ftlab runs Gemma's MLP with "
+            f"{', '.join(GEMMA_ACTIVATIONS)} (GELU, exact or tanh-approximated) only."
+        ) from None
+
+
 def _read_gemma(cfg: Mapping[str, Any], arch: dict[str, Any]) -> dict[str, Any]:
+    gelu_approximate(cfg.get("hidden_act", GEMMA_HF_DEFAULTS["hidden_act"]))
     if cfg.get("attention_bias"):
         raise ConfigError(
             "config.json has attention_bias=true: PaddleNLP 3.0.0b4's single-device Gemma "
@@ -642,10 +688,6 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             name="gemma",
-            hf_logits_differ=(
-                "PaddleNLP 3.0.0b4's Gemma gives logits up to 6.1e-4 away from "
-                "transformers' on the same weights (its GELU variant)"
-            ),
             model_types=("gemma",),
             paddlenlp_arch="Gemma",
             layers_path="gemma.layers",
@@ -661,6 +703,7 @@ FAMILIES: dict[str, Family] = {
             script_lora_targets=(),
             config_defaults={"tie_word_embeddings": True},
             read_config=_read_gemma,
+            hf_config_defaults=GEMMA_HF_DEFAULTS,
         ),
         Family(
             name="chatglm_v2",
@@ -706,12 +749,11 @@ FAMILIES: dict[str, Family] = {
             config_defaults={"tie_word_embeddings": False},
             read_config=_read_chatglm2,
         ),
+        # Hugging Face in needs no fix: PaddleNLP's attention applies DeepSeek's YaRN softmax
+        # factor (mscale_all_dim), which transformers 4.57's DeepseekV2 leaves out (0.79 on
+        # the fixture; 1.7e-6 with the factor: tests/fixtures/hf/live_client.py).
         Family(
             name="deepseek_v2",
-            hf_logits_differ=(
-                "PaddleNLP 3.0.0b4's DeepSeek-V2 gives logits up to 0.79 away from "
-                "transformers' on the same weights"
-            ),
             model_types=("deepseek_v2",),
             paddlenlp_arch="DeepseekV2",
             layers_path="deepseek_v2.layers",
@@ -730,10 +772,6 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             name="deepseek_v3",
-            hf_logits_differ=(
-                "PaddleNLP 3.0.0b4's DeepSeek-V3 fails in its MoE gate on a transformers "
-                "checkpoint and does not build e_score_correction_bias"
-            ),
             model_types=("deepseek_v3",),
             paddlenlp_arch="DeepseekV3",
             layers_path="deepseek_v3.layers",
@@ -749,7 +787,8 @@ FAMILIES: dict[str, Family] = {
             script_lora_targets=DEEPSEEK_SCRIPT_TARGETS,
             config_keys={"num_experts": ("n_routed_experts",)},
             config_defaults={"tie_word_embeddings": False},
-            read_config=_read_deepseek,
+            read_config=_read_deepseek_v3,
+            hf_config_fixed=DEEPSEEK_V3_ROUTING,
         ),
         Family(
             name="bloom",
@@ -783,10 +822,6 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             name="opt",
-            hf_logits_differ=(
-                "PaddleNLP 3.0.0b4's OPT gives logits up to 0.82 away from transformers' "
-                "on the same weights (it infers an attention mask from pad ids)"
-            ),
             model_types=("opt",),
             paddlenlp_arch="OPT",
             layers_path="opt.decoder.layers",
@@ -820,6 +855,9 @@ FAMILIES: dict[str, Family] = {
             config_keys={"intermediate_size": ("ffn_dim",)},
             config_defaults={"tie_word_embeddings": True},
             read_config=_read_opt,
+            # transformers' OPT ties its head (config.json has no tie_word_embeddings: the
+            # default, true); PaddleNLP's OPTLMHead is always its own matrix.
+            tied_head_copy=("opt.embeddings.word_embeddings.weight", "lm_head.decoder_weight"),
         ),
     )
 }

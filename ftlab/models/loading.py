@@ -15,7 +15,7 @@ from ftlab.config.schema import ModelConfig, PrecisionConfig
 from ftlab.distributed.layout import model_parallel_kwargs, pipeline_degree
 from ftlab.errors import ModelLoadError
 from ftlab.models.compat import apply_fixes
-from ftlab.models.config_json import family_of, looks_local, read_config_json
+from ftlab.models.config_json import looks_local
 from ftlab.models.families import FAMILIES
 from ftlab.models.hub_cache import local_model_dir
 from ftlab.models.rope import DEFAULT_ROPE_THETA, long_sequence_config
@@ -80,21 +80,9 @@ def load_pretrained(kind: str, loader: Any, name_or_path: str, **kwargs: Any) ->
 def paddle_checkpoint(cfg: ModelConfig, name_or_path: str | None = None) -> str:
     """Where PaddleNLP loads ``name_or_path`` (default: the model's) from: a Hugging Face
     checkpoint's converted copy in ftlab's cache (``ftlab.interop.hf_in``), else itself."""
-    from ftlab.interop.hf_in import RECORD_FILE, paddle_dir
+    from ftlab.interop.hf_in import paddle_dir
 
-    source = name_or_path or cfg.name_or_path
-    path = paddle_dir(source, cfg.allow_pickle)
-    # converted here from Hugging Face's layout (not a cached hub snapshot in PaddleNLP's)
-    if path != source and (Path(path) / RECORD_FILE).is_file():
-        fam = family_of(read_config_json(Path(path)), Path(path))
-        if fam.hf_logits_differ:
-            raise ModelLoadError(
-                f"model.name_or_path={source}: a Hugging Face {fam.name} checkpoint. "
-                f"{fam.hf_logits_differ}, so ftlab would fine-tune a different model than the "
-                "one the checkpoint holds. Use a checkpoint in PaddleNLP's layout for this "
-                "family (mode=plan and validation still read its config.json)."
-            )
-    return path
+    return paddle_dir(name_or_path or cfg.name_or_path, cfg.allow_pickle)
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:

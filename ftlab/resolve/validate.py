@@ -186,7 +186,7 @@ def check_model(run: RunConfig, env: Environment) -> None:
             f"data.src_length={d.src_length} must be below data.max_length={d.max_length}: "
             "no room would be left for the target."
         )
-    if m.arch.tie_word_embeddings and not fam.ties_embeddings:
+    if m.arch.tie_word_embeddings and not fam.ties_embeddings and not fam.tied_head_copy:
         raise ConfigError(
             f"model.arch.tie_word_embeddings=true: PaddleNLP 3.0.0b4's {fam.name} model "
             f"({fam.causal_lm_class}) never ties its output layer to the embedding, so a tied "
