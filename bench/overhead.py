@@ -11,7 +11,8 @@ Pairs, each run as whole processes alternating A B A B (``--repeats``, median re
   dpo  ``ftlab stage=dpo data.packing=zero_padding`` (LoRA, the demo preference pairs) vs
        PaddleNLP's ``DPOTrainer`` fed as ``llm/alignment/dpo/run_dpo.py`` feeds it
        (``preprocess_preference_data``, ``ZeroPaddingMapDataset`` rows of 256 tokens,
-       ``preference_collate_fn``), the reference being the adapter switched off.
+       ``preference_collate_fn``), the reference being the adapter switched off, and the
+       dev pairs evaluated once at the end, as ftlab's run does.
 
 Both sides run with Paddle's CPU defaults (``launch.cpu_fast_path=false
 launch.cpu_threads=1`` for ftlab), so the ratio is ftlab's own cost; the ``fast path`` row
@@ -26,9 +27,12 @@ Figures per process: CPU seconds (user + system, from ``wait4``), wall seconds, 
 and the steady-state step time (median ``interval_runtime`` of logging steps after the
 first three, PaddleNLP's own per-step timer, the same in both). Both sides train on the
 same encoded examples in the same batches, in the same order (the plain side draws them
-with ftlab's ``GlobalBatchSampler``, the only ftlab piece in it; DPO's collator pads a batch
-to its longest row, as ftlab's does, instead of to 256): the first and last losses, printed
-for every row, are equal, and each step pads to the same length on both sides.
+with ftlab's ``GlobalBatchSampler``, the only ftlab piece in it): the SFT rows' first and
+last losses, printed for every row, are equal, and each step pads to the same length on
+both sides. DPO's plain collator pads a batch to its longest row, as ftlab's does, instead
+of to 256, but its pairs are not the same batch for batch (the first step's chosen
+log-probabilities differ: the two pipelines encode or order the pairs differently), so its
+step ratio compares similar, not identical, work.
 
     .venv/bin/python bench/overhead.py                     # sft + dpo, 3 repeats, 40 steps
     .venv/bin/python bench/overhead.py --only sft --repeats 5 --steps 60
@@ -213,12 +217,14 @@ def plain_dpo(out: Path, steps: int) -> None:
         dpo_config=config,
         args=args,
         train_dataset=rows("train"),
+        eval_dataset=rows("dev"),
         tokenizer=tok,
         data_collator=collate_to_longest,
         callbacks=[_log_callback(out / "log.jsonl")],
     )
     trainer.train()
     trainer.save_model(str(out / "final"))
+    trainer.log(trainer.evaluate())  # ftlab's DPO run evaluates the dev pairs at the end
 
 
 # --------------------------------------------------------------------------- measuring
