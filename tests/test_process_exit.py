@@ -43,3 +43,17 @@ def test_ftlab_commands_use_the_console_script_form() -> None:
     ]["scripts"]
     for name in ("ftlab", "ftlab-predict", "ftlab-merge"):
         assert scripts[name].endswith(":console_main"), name
+
+
+def test_a_profiled_run_keeps_the_normal_exit_and_its_profile(tmp_path: Path) -> None:
+    """``python -m cProfile`` writes its profile after the script returns."""
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT.format(imports="import paddle", code="0"))
+    out = tmp_path / "profile.out"
+    done = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(out), str(script)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert out.is_file() and out.stat().st_size > 0

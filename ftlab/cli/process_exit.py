@@ -9,8 +9,9 @@ skipping it: every file ftlab writes is closed where it is written, the ``atexit
 (logging's flush and close, MLflow's run end, PaddleNLP's) still run, and stdio is flushed.
 
 Only the console scripts end this way (``console_script``); ``main()`` itself returns as before,
-so a caller in the same process (the tests, ``bench/startup.py``) keeps its interpreter.
-A run that fails keeps Python's normal exit.
+so a caller in the same process (the tests, ``bench/startup.py``) keeps its interpreter;
+so does a process under a profiler or tracer (its results are written after the script
+returns). A run that fails keeps Python's normal exit.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from collections.abc import Callable
 def finish(code: int) -> None:
     """End the process with ``code`` after the ``atexit`` handlers and a stdio flush,
     skipping interpreter finalization when Paddle is loaded (where it is slow)."""
-    if "paddle" not in sys.modules:
+    # A profiler or tracer (``python -m cProfile``, coverage) writes its results after the
+    # script returns: the normal exit keeps them.
+    if "paddle" not in sys.modules or sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
     atexit._run_exitfuncs()  # the handlers a normal exit runs, in the same (LIFO) order
     for stream in (sys.stdout, sys.stderr):
