@@ -24,12 +24,10 @@ install: $(STAMP) ## Create .venv and install ftlab with pinned dependencies
 train: $(STAMP) ## Fine-tune the shipped model on the demo task (LoRA, CPU, ~30 s quiet)
 	$(VENV)/bin/ftlab $(ARGS)
 
-# Every core (pytest-xdist), one test file per worker at a time, the long end-to-end files
-# first (tests/conftest.py). Measured with -n 2 on the shared 2-core machine UNDER LOAD (load
-# average 9-16 from seven other sessions): 784 passed in 1,830 s, the tests' own times adding
-# up to 3,535 s (1.93 tests at a time); serial, quiet, it was 558-627 s. Quiet with -n 2 this
-# should be about 560 / 1.9 = ~300 s (not measured quiet).
-test: $(STAMP) ## Run the default test suite on every core (1,046 tests: 510 s on 2 quiet cores)
+# Every core (pytest-xdist), one test file per worker at a time, the long files first
+# (tests/conftest.py), each worker pinned to its own core (so are the ftlab processes it
+# starts). Quiet, 2 cores, 2026-12-03: 1,107 passed + 31 skipped in 342 s (CPU 655 s).
+test: $(STAMP) ## Run the default test suite on every core (1,107 tests: 342 s on 2 quiet cores)
 	$(PY) -m pytest -m "not slow" -n auto --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # The 382 tests marked fast (no Paddle import; tests/conftest.py fails a test that imports
