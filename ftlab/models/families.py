@@ -741,7 +741,13 @@ FAMILIES: dict[str, Family] = {
             # The repository's tokenizer_config.json names its own "ChatGLMTokenizer",
             # which PaddleNLP maps to ChatGLM v1's; v2's class reads the same tokenizer.model
             # and adds the same [gMASK] sop prefix (ids after the sentencepiece pieces).
-            hf_tokenizer_config={"tokenizer_class": "ChatGLMv2Tokenizer"},
+            # Its default encode_special_tokens=True would also cut "sop", "eop", "</s>"
+            # out of plain text ("Aesop" -> "Ae" sop); chatglm2-6b's class never does, nor
+            # does ChatGLM3's by default.
+            hf_tokenizer_config={
+                "tokenizer_class": "ChatGLMv2Tokenizer",
+                "encode_special_tokens": False,
+            },
             ties_embeddings=False,
             head_dim_from_config=True,
             qkv_bias=False,
