@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
+from ftlab.data.encoder import leading_ids
+
 log = logging.getLogger(__name__)
 
 Strategy = Literal["greedy", "sampling"]
@@ -105,8 +107,6 @@ def prompt_ids(tokenizer: Any, prompt: str, bos: int | None = None) -> list[int]
     """``[bos] + encode(prompt)``: a plain prompt as training sees it (no template; no bos
     when the tokenizer has none, e.g. Qwen2's; ChatGLM2's ``[gMASK] sop`` in its place:
     ``ftlab.data.encoder.leading_ids``, as ``ftlab.data`` does)."""
-    from ftlab.data.encoder import leading_ids
-
     head = leading_ids(tokenizer) if bos is None else [int(bos)]
     return [*head, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
 
