@@ -266,3 +266,23 @@ def test_three_step_lora_run_with_the_checkpoints_own_tokenizer(
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed", summary
     assert (run / "final").is_dir()
+
+
+def test_generated_ids_past_the_tokenizer_are_left_out_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Qwen's embedding is padded past its tokenizer (fixture: 512 rows, 504 tokens); an id
+    there is no text (tiktoken raises on it): left out of the decoded text, with a warning
+    that counts it."""
+    import logging
+
+    from ftlab.evaluation.generation import _tokenizer_ids
+    from ftlab.models.loading import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(HF / "qwen-tiny"), pad_token="<|extra_0|>"))
+    assert len(tok) == 504
+    with caplog.at_level(logging.WARNING, logger="ftlab.evaluation.generation"):
+        kept = _tokenizer_ids(tok, [[97, 510, 98, 503], [99]])
+    assert kept == [[97, 98, 503], [99]]
+    assert tok.decode(kept[0]) == "ab<|extra_204|>"
+    assert "1 generated ids are past the tokenizer's 504 tokens" in caplog.text
