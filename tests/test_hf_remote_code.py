@@ -240,32 +240,33 @@ def test_pad_token_outside_get_vocab_must_still_be_a_token_of_the_tokenizer() ->
     [("qwen-tiny", ["model.pad_token='<|extra_0|>'"]), ("chatglm2-tiny", [])],
 )
 def test_three_step_lora_run_with_the_checkpoints_own_tokenizer(
-    name: str, overrides: list[str], tmp_path: Path, cache: Path
+    name: str, overrides: list[str], tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The default run (LoRA, generation eval) on a copy of the checkpoint completes, and
-    its dev prompts start as the checkpoint's tokenizer starts an input."""
-    import os
-
-    from helpers import run_ftlab
+    """The default run (LoRA, generation eval on) on a copy of the checkpoint completes
+    with its own tokenizer, and ftlab-predict generates from it."""
+    from helpers import run_ftlab, run_predict
 
     src = tmp_path / name
     shutil.copytree(HF / name, src)
-    os.environ["FTLAB_CACHE"] = str(cache)
-    try:
-        run_ftlab(
-            tmp_path,
-            f"model.name_or_path={src}",
-            *overrides,
-            "data.max_length=128",
-            "train.max_steps=3",
-            "eval.max_new_tokens=4",
-        )
-    finally:
-        os.environ.pop("FTLAB_CACHE", None)
+    monkeypatch.setenv("FTLAB_CACHE", str(cache))  # the subprocesses' cache
+    short = ["data.max_length=128", "train.max_steps=3", "eval.max_new_tokens=4"]
+    run_ftlab(tmp_path, f"model.name_or_path={src}", *overrides, *short)
     (run,) = (tmp_path / "outputs").glob(f"*/*_{name}_lora")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed", summary
-    assert (run / "final").is_dir()
+    assert summary["data"]["train"]["examples"] > 0
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Once upon a time"}) + "\n")
+    out = tmp_path / "o.jsonl"
+    run_predict(
+        str(run),
+        "--input",
+        str(tmp_path / "p.jsonl"),
+        "--output",
+        str(out),
+        "--max-new-tokens",
+        "4",
+    )
+    assert isinstance(json.loads(out.read_text().splitlines()[0])["output"], str)
 
 
 def test_generated_ids_past_the_tokenizer_are_left_out_and_counted(
