@@ -193,6 +193,7 @@ def test_chatglm2_ids_equal_sentencepiece_with_gmask_sop_prefix() -> None:
 
     from ftlab.data.encoder import TextEncoder, leading_ids
     from ftlab.evaluation.generation import prompt_ids
+    from ftlab.interop.hf_in import conversion_records
     from ftlab.models.loading import load_tokenizer
 
     d = HF / "chatglm2-tiny"
@@ -208,6 +209,11 @@ def test_chatglm2_ids_equal_sentencepiece_with_gmask_sop_prefix() -> None:
     assert prompt_ids(tok, TEXTS[0]) == [gmask, sop, *sp.encode(TEXTS[0])]
     assert tok(TEXTS[0])["input_ids"] == [gmask, sop, *sp.encode(TEXTS[0])]
     assert (tok.eos_token_id, tok.pad_token_id) == (sp.eos_id(), sp.unk_id()) == (2, 0)
+    (record,) = conversion_records()
+    assert record["tokenizer"]["family_values"] == {
+        "tokenizer_class": "ChatGLMv2Tokenizer",
+        "encode_special_tokens": False,
+    }
     # an SFT example as the default run builds it (plain template): prefix, prompt, answer
     from ftlab.data.examples import ExampleBuilder, Limits
     from ftlab.data.formats import Conversation, Turn

@@ -80,8 +80,8 @@ def stage_for_paddlenlp(
         # transformers' AutoTokenizer uses the fast class when it can (use_fast=True by
         # default); PaddleNLP's uses the slow one unless the config names the fast class.
         config["tokenizer_class"] = f"{stem}Fast" if fast else stem
-    if family_values and tokenizer_files(src):
-        config.update(family_values)
+    applied = dict(family_values or {}) if tokenizer_files(src) else {}
+    config.update(applied)
     if config.get("model_max_length", 0) > 1 << 40:
         config.pop("model_max_length")  # transformers' "no limit" sentinel
     config.pop("added_tokens_decoder", None)  # PaddleNLP 3.0.0b4 rebuilds them from the files
@@ -91,7 +91,7 @@ def stage_for_paddlenlp(
         "fast": fast,
         "chat_template_from": template_from,
         "legacy": config.get("legacy"),
-        "family_values": dict(family_values or {}),
+        "family_values": applied,
     }
 
 

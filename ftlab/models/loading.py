@@ -100,7 +100,7 @@ def vocabulary_id(tok: Any, token: str) -> int | None:
     try:
         idx = tok.convert_tokens_to_ids(token)
         back = tok.convert_ids_to_tokens(idx) if isinstance(idx, int) else None
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (AttributeError, ValueError, KeyError, IndexError, TypeError):
         return None
     if back != token or not 0 <= idx < len(tok):
         return None
