@@ -40,6 +40,18 @@ def _slow_encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in out["input_ids"]]
 
 
+def leading_ids(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts before a text: ``[bos]`` (none when it has no bos), or
+    the prefix a tokenizer adds in its place: PaddleNLP's ChatGLMv2Tokenizer (ChatGLM2/3)
+    starts every input with ``[gMASK] sop`` (``get_prefix_tokens``), as the model's own
+    tokenization_chatglm.py does, and has no bos."""
+    prefix = getattr(tokenizer, "get_prefix_tokens", None)
+    if callable(prefix):
+        return [int(i) for i in prefix()]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [] if bos is None else [int(bos)]
+
+
 class TextEncoder:
     """``encode(texts)`` -> token ids per text, without special tokens added."""
 

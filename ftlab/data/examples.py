@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ftlab.data.encoder import TextEncoder
+from ftlab.data.encoder import TextEncoder, leading_ids
 from ftlab.data.formats import Conversation
 from ftlab.data.records import BadRecords
 from ftlab.data.stats import SplitStats
@@ -63,7 +63,7 @@ class ExampleBuilder:
         self.renderer = renderer
         self.limits = limits
         self.encoder = encoder or TextEncoder(tokenizer)
-        self.bos = tokenizer.bos_token_id if renderer.add_bos else None
+        self.head = leading_ids(tokenizer) if renderer.add_bos else []
         self.eos = tokenizer.eos_token_id
 
     # ------------------------------------------------------------------ prompts
@@ -73,7 +73,7 @@ class ExampleBuilder:
     ) -> tuple[list[tuple[list[int], list[int]]], bool]:
         """Pair each answer with the prompt before it; cut prompts to src_length."""
         pairs: list[tuple[list[int], list[int]]] = []
-        prompt: list[int] = [self.bos] if self.bos is not None else []
+        prompt: list[int] = list(self.head)
         cut = False
         for ids, is_target in pieces:
             if not is_target:
@@ -90,7 +90,7 @@ class ExampleBuilder:
         limit = self.limits.src_length
         if len(prompt) <= limit:
             return prompt, False
-        head = 1 if first and self.bos is not None else 0
+        head = len(self.head) if first else 0
         return prompt[:head] + prompt[len(prompt) - (limit - head) :], True
 
     def prompt_ids(self, conv: Conversation) -> list[int]:

@@ -41,7 +41,7 @@ import paddle
 from ftlab.config.schema import DataConfig
 from ftlab.data.build import _carve_dev, _check_tokenizer, _log_split
 from ftlab.data.bundle import DataBundle
-from ftlab.data.encoder import TextEncoder
+from ftlab.data.encoder import TextEncoder, leading_ids
 from ftlab.data.examples import ENCODE_BATCH, Example, ExampleStore
 from ftlab.data.packing import make_packs
 from ftlab.data.preference import (
@@ -94,7 +94,7 @@ class PreferenceEncoder:
     def __init__(self, tokenizer: Any, renderer: Renderer, encoder: TextEncoder | None = None):
         self.renderer = renderer
         self.encoder = encoder or TextEncoder(tokenizer)
-        self.bos = tokenizer.bos_token_id if renderer.add_bos else None
+        self.head = leading_ids(tokenizer) if renderer.add_bos else []
         self.eos = tokenizer.eos_token_id
 
     def _pieces(self, prompt: Prompt, answer: str, where: str) -> tuple[list[Any], str]:
@@ -126,7 +126,7 @@ class PreferenceEncoder:
         encoded = self.encoder.encode(texts)
         out, pos = [], 0
         for flags, n_answers in layout:
-            prompt_ids = [self.bos] if self.bos is not None else []
+            prompt_ids = list(self.head)
             for is_target in flags:
                 prompt_ids += encoded[pos]
                 if is_target and self.renderer.eos_after_target:
@@ -345,7 +345,7 @@ def encode_split(
             second = targets[1]
         else:  # the KL term: the next row's completion answers this prompt
             second = encoded[(i + 1) % len(encoded)][1][0]
-        head = 1 if encoder.bos is not None else 0
+        head = len(encoder.head)
         segments.append(Segments(prompt, targets[0], second, label, rec.where, head))
     rows = []
     for seg in segments:

@@ -30,7 +30,7 @@ class Piece:
 
 class Renderer(Protocol):
     name: str
-    add_bos: bool  # prepend tokenizer.bos_token_id (when the tokenizer has one)
+    add_bos: bool  # prepend the bos (encoder.leading_ids: ChatGLM2's [gMASK] sop)
     eos_after_target: bool  # append tokenizer.eos_token_id to every answer
 
     def pieces(self, conv: Conversation) -> list[Piece]: ...

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ftlab.data.encoder import TextEncoder
+from ftlab.data.encoder import TextEncoder, leading_ids
 from ftlab.data.examples import ENCODE_BATCH, IGNORE, Example
 from ftlab.data.formats import Document
 from ftlab.data.records import BadRecords
@@ -90,7 +90,7 @@ class DocumentBuilder:
         self.max_length = max_length
         self.layout = layout
         self.encoder = encoder or TextEncoder(tokenizer)
-        self.bos = getattr(tokenizer, "bos_token_id", None)
+        self.head = leading_ids(tokenizer)
         self.eos = tokenizer.eos_token_id
 
     @property
@@ -119,7 +119,7 @@ class DocumentBuilder:
             yield from self._encode(batch, bad)
 
     def _encode(self, batch: list[tuple[Document, str]], bad: BadRecords) -> Iterator[np.ndarray]:
-        head = [self.bos] if self.bos is not None else []
+        head = self.head
         for (_, where), ids in zip(
             batch, self.encoder.encode([d.text for d, _ in batch]), strict=True
         ):

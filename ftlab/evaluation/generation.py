@@ -12,9 +12,14 @@ Works on a plain PaddleNLP causal LM and on a ``paddlenlp.peft.LoRAModel`` (its
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
+
+from ftlab.data.encoder import leading_ids
+
+log = logging.getLogger(__name__)
 
 Strategy = Literal["greedy", "sampling"]
 _STRATEGIES = {"greedy": "greedy_search", "sampling": "sampling"}
@@ -100,9 +105,9 @@ def generate_texts(
 
 def prompt_ids(tokenizer: Any, prompt: str, bos: int | None = None) -> list[int]:
     """``[bos] + encode(prompt)``: a plain prompt as training sees it (no template; no bos
-    when the tokenizer has none, e.g. Qwen2's, as ``ftlab.data`` does)."""
-    bos = getattr(tokenizer, "bos_token_id", None) if bos is None else bos
-    head = [] if bos is None else [int(bos)]
+    when the tokenizer has none, e.g. Qwen2's; ChatGLM2's ``[gMASK] sop`` in its place:
+    ``ftlab.data.encoder.leading_ids``, as ``ftlab.data`` does)."""
+    head = leading_ids(tokenizer) if bos is None else [int(bos)]
     return [*head, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
 
 
@@ -136,9 +141,28 @@ def generate_from_ids(
         seed=seed,
         pad_token_id=pad_token_id,
     )
-    return [
-        tokenizer.decode(x[:-1] if x[-1:] == [eos] else x, skip_special_tokens=False) for x in ids
-    ]
+    ids = [x[:-1] if x[-1:] == [eos] else x for x in ids]
+    return [tokenizer.decode(x, skip_special_tokens=False) for x in _tokenizer_ids(tokenizer, ids)]
+
+
+def _tokenizer_ids(tokenizer: Any, ids: list[list[int]]) -> list[list[int]]:
+    """``ids`` without those past the tokenizer's last token.
+
+    A checkpoint's embedding may be padded past its tokenizer (Qwen-7B: 151936 rows for
+    151851 tokens): such an id is no text, and PaddleNLP's QWenTokenizer (tiktoken) raises
+    on it. Dropped from the decoded text and counted in the log.
+    """
+    size = len(tokenizer)
+    out = [[i for i in x if i < size] for x in ids]
+    dropped = sum(len(x) - len(y) for x, y in zip(ids, out, strict=True))
+    if dropped:
+        log.warning(
+            "generation: %d generated ids are past the tokenizer's %d tokens (the "
+            "embedding's padding rows): left out of the decoded texts",
+            dropped,
+            size,
+        )
+    return out
 
 
 @contextmanager

@@ -53,7 +53,8 @@ from ftlab.models.families import family
 from ftlab.models.hub_cache import find_snapshot, local_model_dir
 from ftlab.record.provenance import sha256_file
 
-CONVERTER_VERSION = 3  # 2: every tensor shape-checked, ChatGLM2; 3: hf_config_*, tied_head_copy
+CONVERTER_VERSION = 4  # 2: every tensor shape-checked, ChatGLM2; 3: hf_config_*, tied_head_copy;
+# 4: hf_tokenizer_config (Qwen's eos, ChatGLM2's tokenizer class)
 RECORD_FILE = "ftlab_hf_conversion.json"
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some checkpoints carry that the PaddleNLP model recomputes.
@@ -326,7 +327,7 @@ def convert(ckpt: HFCheckpoint, out: Path) -> dict[str, Any]:
         weight_map.update(dict.fromkeys(tensors, name))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    tokenizer = stage_for_paddlenlp(ckpt.directory, out)
+    tokenizer = stage_for_paddlenlp(ckpt.directory, out, fam.hf_tokenizer_config)
     from paddlenlp import __version__ as paddlenlp_version
 
     return {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,13 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def stage_for_paddlenlp(src: Path, dst: Path) -> dict[str, Any]:
+def stage_for_paddlenlp(
+    src: Path, dst: Path, family_values: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Copy ``src``'s Hugging Face tokenizer into ``dst`` in PaddleNLP's layout; returns
-    what was chosen (recorded in the conversion record)."""
+    what was chosen (recorded in the conversion record). ``family_values``: the family
+    row's ``hf_tokenizer_config`` (remote-code tokenizers), applied when ``src`` has a
+    tokenizer."""
     for name in PLAIN_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
@@ -75,6 +80,8 @@ def stage_for_paddlenlp(src: Path, dst: Path) -> dict[str, Any]:
         # transformers' AutoTokenizer uses the fast class when it can (use_fast=True by
         # default); PaddleNLP's uses the slow one unless the config names the fast class.
         config["tokenizer_class"] = f"{stem}Fast" if fast else stem
+    applied = dict(family_values or {}) if tokenizer_files(src) else {}
+    config.update(applied)
     if config.get("model_max_length", 0) > 1 << 40:
         config.pop("model_max_length")  # transformers' "no limit" sentinel
     config.pop("added_tokens_decoder", None)  # PaddleNLP 3.0.0b4 rebuilds them from the files
@@ -84,6 +91,7 @@ def stage_for_paddlenlp(src: Path, dst: Path) -> dict[str, Any]:
         "fast": fast,
         "chat_template_from": template_from,
         "legacy": config.get("legacy"),
+        "family_values": applied,
     }
 
 

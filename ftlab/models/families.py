@@ -268,6 +268,10 @@ class Family:
     # starts equal to the tied one (the function transformers computes). None: a tied
     # checkpoint of such a family is refused in validation.
     tied_head_copy: tuple[str, str] | None = None
+    # Hugging Face tokenizers of remote-code checkpoints (Qwen, ChatGLM2/3): the
+    # tokenizer_config.json values PaddleNLP's tokenizer class needs to tokenize as the
+    # repository's own class does (``ftlab.interop.hf_tokenizer``), written over the file's.
+    hf_tokenizer_config: Mapping[str, Any] = field(default_factory=dict)
     # config.json keys for each ``model.arch`` field, first present wins (after the
     # common ones in ``ftlab.models.config_json``); and values when a key is absent.
     config_keys: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -282,6 +286,8 @@ class Family:
         hf_defaults = MappingProxyType(dict(self.hf_config_defaults))
         object.__setattr__(self, "hf_config_defaults", hf_defaults)
         object.__setattr__(self, "hf_config_fixed", MappingProxyType(dict(self.hf_config_fixed)))
+        hf_tok = MappingProxyType(dict(self.hf_tokenizer_config))
+        object.__setattr__(self, "hf_tokenizer_config", hf_tok)
 
     @property
     def base_prefix(self) -> str:
@@ -596,6 +602,10 @@ FAMILIES: dict[str, Family] = {
             script_lora_targets=("c_attn", "c_proj", "w1", "w2"),
             config_keys={"head_dim": ("kv_channels",)},
             config_defaults={"tie_word_embeddings": False},
+            # tokenization_qwen.py ends a text with tiktoken's end-of-text token (its
+            # ``eod_id``; the model's generation_config eos); PaddleNLP's QWenTokenizer
+            # defines no eos of its own.
+            hf_tokenizer_config={"eos_token": "<|endoftext|>"},
         ),
         Family(
             name="qwen2",
@@ -728,6 +738,16 @@ FAMILIES: dict[str, Family] = {
             rotary_table=("rotary_pos_emb.inv_freq", lambda a: (a.head_dim or 0) // 4),
             hf_name_prefix="transformer.",
             paddle_config=_chatglm2_paddle_config,
+            # The repository's tokenizer_config.json names its own "ChatGLMTokenizer",
+            # which PaddleNLP maps to ChatGLM v1's; v2's class reads the same tokenizer.model
+            # and adds the same [gMASK] sop prefix (ids after the sentencepiece pieces).
+            # Its default encode_special_tokens=True would also cut "sop", "eop", "</s>"
+            # out of plain text ("Aesop" -> "Ae" sop); chatglm2-6b's class never does, nor
+            # does ChatGLM3's by default.
+            hf_tokenizer_config={
+                "tokenizer_class": "ChatGLMv2Tokenizer",
+                "encode_special_tokens": False,
+            },
             ties_embeddings=False,
             head_dim_from_config=True,
             qkv_bias=False,

@@ -85,6 +85,28 @@ def paddle_checkpoint(cfg: ModelConfig, name_or_path: str | None = None) -> str:
     return paddle_dir(name_or_path or cfg.name_or_path, cfg.allow_pickle)
 
 
+def vocabulary_id(tok: Any, token: str) -> int | None:
+    """``token``'s id in ``tok``, or None when it is not one of the tokenizer's tokens.
+
+    ``get_vocab()`` first; then the tokenizer's own lookup, accepted only when the id is
+    inside the tokenizer and maps back to the same token. PaddleNLP's QWenTokenizer keeps
+    its special tokens (``<|endoftext|>``, ``<|extra_0|>``, ...) out of ``get_vocab()``
+    (only the tiktoken ranks, as bytes), and a lookup alone would turn an unknown string
+    into the unknown token's id under another name.
+    """
+    vocab = tok.get_vocab()
+    if token in vocab:
+        return int(vocab[token])
+    try:
+        idx = tok.convert_tokens_to_ids(token)
+        back = tok.convert_ids_to_tokens(idx) if isinstance(idx, int) else None
+    except (AttributeError, ValueError, KeyError, IndexError, TypeError):
+        return None
+    if back != token or not 0 <= idx < len(tok):
+        return None
+    return int(idx)
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from paddlenlp.transformers import AutoTokenizer
 
@@ -98,7 +120,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
                 "null. Set model.pad_token to a token that never occurs in your data "
                 "(e.g. the unknown token)."
             )
-        if cfg.pad_token not in tok.get_vocab():
+        if vocabulary_id(tok, cfg.pad_token) is None:
             # Setting it anyway would pad with an id outside the embedding (or with the
             # unknown token's id under another name): refused instead.
             raise ModelLoadError(
