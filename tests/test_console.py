@@ -137,13 +137,17 @@ def test_log_stream_turns_prints_into_records(caplog) -> None:
 
 def test_job_console_routes_warnings_and_prints_to_the_log(tmp_path: Path, caplog) -> None:
     cfg = {"verbose": False, "mode": "train"}
-    with caplog.at_level(logging.INFO), job_console(cfg, tmp_path):
-        print("a library print")
-        warnings.warn("a real warning", RuntimeWarning, stacklevel=1)
-        late = logging.getLogger("library_made_during_the_job")
-        late.addHandler(logging.StreamHandler())
-        late.propagate = False
-        late.warning("its warning")
+    # The warning filters are the process's: a test file run earlier on this worker may
+    # have set RuntimeWarning to "ignore" or shown this warning already; start from "always".
+    with caplog.at_level(logging.INFO), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with job_console(cfg, tmp_path):
+            print("a library print")
+            warnings.warn("a real warning", RuntimeWarning, stacklevel=1)
+            late = logging.getLogger("library_made_during_the_job")
+            late.addHandler(logging.StreamHandler())
+            late.propagate = False
+            late.warning("its warning")
     names = {(r.name, r.getMessage().splitlines()[0]) for r in caplog.records}
     assert ("ftlab.stream.stdout", "a library print") in names
     assert any(n == "py.warnings" and "a real warning" in m for n, m in names)
