@@ -26,12 +26,13 @@ train: $(STAMP) ## Fine-tune the shipped model on the demo task (LoRA, CPU, ~30 
 
 # Every core (pytest-xdist), one test file per worker at a time, the long files first
 # (tests/conftest.py), each worker pinned to its own core (so are the ftlab processes it
-# starts). Quiet, 2 cores, 2026-12-03: 1,107 passed + 31 skipped in 342 s (CPU 655 s).
-test: $(STAMP) ## Run the default test suite on every core (1,107 tests: 342 s on 2 quiet cores)
+# starts). Quiet, 2 cores, 2026-12-03: 1,107 passed + 31 skipped in 342 s (CPU 655 s); an hour
+# later, 1,112 passed in 422 s (CPU 823 s; the machine 10-15% slower on a fixed workload).
+test: $(STAMP) ## Run the default test suite on every core (1,112 tests: 6-7 min on 2 quiet cores)
 	$(PY) -m pytest -m "not slow" -n auto --dist loadfile --no-loadscope-reorder $(ARGS)
 
-# The 382 tests marked fast (no Paddle import; tests/conftest.py fails a test that imports
-# it). Serial: measured on the shared 2-core machine under load, 137 s at load average ~4
+# The 404 tests marked fast (no Paddle import; tests/conftest.py fails a test that imports
+# it). Serial: 148 s quiet (2026-12-03); earlier under load 137 s (382 tests) at load average ~4
 # against 172 s with -n 2 at load average 5-7 (two workers each collect every fast file).
 test-fast: $(STAMP) ## The tests that need no Paddle: compose, validate, plan, auto, CLI (~2 min)
 	$(PY) -m pytest -m "fast and not slow" $(ARGS)
