@@ -31,8 +31,8 @@ train: $(STAMP) ## Fine-tune the shipped model on the demo task (LoRA, CPU, ~30 
 test: $(STAMP) ## Run the default test suite on every core (1,112 tests: 6-7 min on 2 quiet cores)
 	$(PY) -m pytest -m "not slow" -n auto --dist loadfile --no-loadscope-reorder $(ARGS)
 
-# The 404 tests marked fast (no Paddle import; tests/conftest.py fails a test that imports
-# it). Serial: 148 s quiet (2026-12-03); earlier under load 137 s (382 tests) at load average ~4
+# The 403 tests marked fast (no Paddle import; tests/conftest.py fails a test that imports
+# it). Serial: 136 s quiet (2026-12-03); earlier under load 137 s (382 tests) at load average ~4
 # against 172 s with -n 2 at load average 5-7 (two workers each collect every fast file).
 test-fast: $(STAMP) ## The tests that need no Paddle: compose, validate, plan, auto, CLI (~2 min)
 	$(PY) -m pytest -m "fast and not slow" $(ARGS)

@@ -157,8 +157,7 @@ def test_summary_markdown(sweep) -> None:
     assert table[4].endswith(f"| `{job_dir(sweep_dir, 2).name}` | ConfigError: {RANK0} |")
 
 
-@pytest.mark.fast
-def test_summary_png(sweep) -> None:
+def test_summary_png(sweep) -> None:  # not fast: the module's sweep trains three jobs
     assert png_size(sweep[0] / "summary.png") == (1000, 700)
 
 
