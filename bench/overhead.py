@@ -11,8 +11,9 @@ Pairs, each run as whole processes alternating A B A B (``--repeats``, median re
   dpo  ``ftlab stage=dpo data.packing=zero_padding`` (LoRA, the demo preference pairs) vs
        PaddleNLP's ``DPOTrainer`` fed as ``llm/alignment/dpo/run_dpo.py`` feeds it
        (``preprocess_preference_data``, ``ZeroPaddingMapDataset`` rows of 256 tokens,
-       ``preference_collate_fn``), the reference being the adapter switched off, and the
-       dev pairs evaluated once at the end, as ftlab's run does.
+       ``preference_collate_fn``), the reference being the adapter switched off (no dev
+       evaluation: ``DPOTrainer.evaluate`` fails in a plain CPU process; ftlab's run
+       evaluates the dev pairs, which its whole-process figures include).
 
 Both sides run with Paddle's CPU defaults (``launch.cpu_fast_path=false
 launch.cpu_threads=1`` for ftlab), so the ratio is ftlab's own cost; the ``fast path`` row
@@ -217,14 +218,15 @@ def plain_dpo(out: Path, steps: int) -> None:
         dpo_config=config,
         args=args,
         train_dataset=rows("train"),
-        eval_dataset=rows("dev"),
         tokenizer=tok,
         data_collator=collate_to_longest,
         callbacks=[_log_callback(out / "log.jsonl")],
     )
     trainer.train()
     trainer.save_model(str(out / "final"))
-    trainer.log(trainer.evaluate())  # ftlab's DPO run evaluates the dev pairs at the end
+    # No dev evaluation: DPOTrainer.evaluate fails in a plain CPU process (fleet's
+    # distributed_model without fleet.init: no _user_defined_strategy); ftlab's run does
+    # evaluate the dev pairs, so the DPO rows' whole-process figures include that.
 
 
 # --------------------------------------------------------------------------- measuring
