@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from ftlab.data.encoder import leading_ids
 
@@ -65,19 +65,22 @@ def _check_settings(
         )
 
 
+class DecodeSettings(TypedDict, total=False):
+    """The keyword settings every generation function takes (their defaults are
+    ``generate_token_ids``'s, the one function that reads them)."""
+
+    batch_size: int
+    max_new_tokens: int
+    strategy: Strategy
+    top_k: int
+    top_p: float
+    temperature: float
+    seed: int | None
+    pad_token_id: int | None
+
+
 def generate_texts(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    batch_size: int = 16,
-    max_new_tokens: int = 64,
-    strategy: Strategy = "greedy",
-    top_k: int = 0,
-    top_p: float = 1.0,
-    temperature: float = 1.0,
-    seed: int | None = None,
-    pad_token_id: int | None = None,
+    model: Any, tokenizer: Any, prompts: Sequence[str], **settings: Unpack[DecodeSettings]
 ) -> list[str]:
     """One continuation per prompt (the prompt itself stripped), in the prompts' order.
 
@@ -88,19 +91,7 @@ def generate_texts(
     previous mode back afterwards.
     """
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
-    return generate_from_ids(
-        model,
-        tokenizer,
-        encoded,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        strategy=strategy,
-        top_k=top_k,
-        top_p=top_p,
-        temperature=temperature,
-        seed=seed,
-        pad_token_id=pad_token_id,
-    )
+    return generate_from_ids(model, tokenizer, encoded, **settings)
 
 
 def prompt_ids(tokenizer: Any, prompt: str, bos: int | None = None) -> list[int]:
@@ -115,32 +106,12 @@ def generate_from_ids(
     model: Any,
     tokenizer: Any,
     encoded: Sequence[Sequence[int]],
-    *,
-    batch_size: int = 16,
-    max_new_tokens: int = 64,
-    strategy: Strategy = "greedy",
-    top_k: int = 0,
-    top_p: float = 1.0,
-    temperature: float = 1.0,
-    seed: int | None = None,
-    pad_token_id: int | None = None,
+    **settings: Unpack[DecodeSettings],
 ) -> list[str]:
     """``generate_texts`` for prompts already encoded (e.g. rendered by a chat template
     and cut to ``data.src_length`` exactly as in training)."""
     eos = _special_id(tokenizer, "eos_token_id")
-    ids = generate_token_ids(
-        model,
-        tokenizer,
-        encoded,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        strategy=strategy,
-        top_k=top_k,
-        top_p=top_p,
-        temperature=temperature,
-        seed=seed,
-        pad_token_id=pad_token_id,
-    )
+    ids = generate_token_ids(model, tokenizer, encoded, **settings)
     ids = [x[:-1] if x[-1:] == [eos] else x for x in ids]
     return [tokenizer.decode(x, skip_special_tokens=False) for x in _tokenizer_ids(tokenizer, ids)]
 

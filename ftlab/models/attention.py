@@ -281,14 +281,14 @@ def _eager_as_attend(
 ) -> bool:
     """Whether PaddleNLP's eager attention may be computed by ``_attend`` on CPU.
 
-    Why: the function is the same (``softmax(q k^T / sqrt(d) + mask) v``, logits equal to
-    1e-6, tested), but PaddleNLP's eager path adds the ``[B, 1, L, L]`` mask over the head
-    axis of ``[B, H, L, L]`` scores and casts them to float32 and back around the softmax,
-    which on Paddle's CPU kernels costs about a third more per layer (forward + backward at
-    the default run's batch 16 x 137 tokens, 8 heads: 96 vs 70 ms, median of 10); the
-    default run's training went 18.4 -> 12.3 s. Only the plain case is taken: float32, no
-    attention weights asked for, no attention dropout, no alibi, no sequence-parallel
-    reshard; anything else keeps PaddleNLP's function. Part of the CPU fast path
+    Why: the function is the same (``softmax(q k^T / sqrt(d) + mask) v``; logits and
+    gradients equal to 1e-5, tested), but PaddleNLP's eager path adds the ``[B, 1, L, L]``
+    mask over the head axis of ``[B, H, L, L]`` scores and casts them to float32 and back
+    around the softmax, which on Paddle's CPU kernels costs about a third more per layer
+    (forward + backward at the default run's batch 16 x 137 tokens, 8 heads: 96 vs 70 ms,
+    median of 10). Only the plain case is taken: float32, no attention weights asked for,
+    no attention dropout, no sequence-parallel reshard (the caller has excluded alibi);
+    anything else keeps PaddleNLP's function. Part of the CPU fast path
     (``use_heads_first_eager``)."""
     import paddle
 
@@ -298,7 +298,6 @@ def _eager_as_attend(
         _heads_first_eager
         and query.dtype == paddle.float32
         and not output_attentions
-        and kwargs.get("alibi", args[0] if args else None) is None
         and reshard is None
         and (dropout == 0.0 or not kwargs.get("training", True))
     )
@@ -333,10 +332,12 @@ def _wrap(original: Callable[..., Any], cache: _MaskCache) -> Callable[..., Any]
                     out = _attend_documents(query, key, value, spans, cache)
                     return _flash_output(out, output_attentions, sequence_parallel)
             attention_mask = cache.mask_for(indices, query.dtype)
-        if attention_mask is None or not (
-            flash
-            or (plain_eager and _eager_as_attend(query, config, output_attentions, args, kwargs))
-        ):
+        by_attend = flash or (
+            plain_eager
+            and alibi is None
+            and _eager_as_attend(query, config, output_attentions, args, kwargs)
+        )
+        if attention_mask is None or not by_attend:
             return original(
                 query, config, key, value, attention_mask, output_attentions, *args, **kwargs
             )
