@@ -164,3 +164,21 @@ def test_describe_run_and_job_line() -> None:
     line = job_line(3, ["method.lora_rank=4"], Summary(eval_loss=0.5, entity_recall=0.75), 0.0)
     assert line.startswith("job 3 done in ") and "method.lora_rank=4" in line
     assert "eval loss 0.5000" in line and "entity recall 0.750" in line
+
+
+def test_job_console_routes_warnings_after_an_earlier_capture(tmp_path: Path, caplog) -> None:
+    """``logging.captureWarnings(True)`` does nothing while an earlier hook is recorded, even
+    if ``warnings.showwarning`` was replaced since (an in-process ``ftlab-predict`` main,
+    then pytest's per-test capture): the job must still route its warnings to the log."""
+    cfg = {"verbose": False, "mode": "train"}
+    logging.captureWarnings(True)  # the earlier caller's hook, never undone
+    try:
+        with caplog.at_level(logging.INFO), warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda *args, **kwargs: None  # replaced since
+            with job_console(cfg, tmp_path):
+                warnings.warn("after an earlier capture", RuntimeWarning, stacklevel=1)
+    finally:
+        logging.captureWarnings(False)
+    names = {(r.name, r.getMessage().splitlines()[0]) for r in caplog.records}
+    assert any(n == "py.warnings" and "after an earlier capture" in m for n, m in names)

@@ -338,6 +338,10 @@ def job_console(
     verbose = bool(cfg.get("verbose", False))
     training = cfg.get("mode", "train") == "train"
     STATE.verbose, STATE.sweep = verbose, sweep
+    # captureWarnings(True) does nothing while an earlier hook is recorded, even when
+    # warnings.showwarning was replaced since (an in-process ftlab-predict, then a test
+    # harness's own capture): drop the stale hook, then hook this job's warnings.
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
     terminal = sys.stdout
     rank_file = None
