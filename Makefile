@@ -27,8 +27,9 @@ train: $(STAMP) ## Fine-tune the shipped model on the demo task (LoRA, CPU, ~30 
 # Every core (pytest-xdist), one test file per worker at a time, the long files first
 # (tests/conftest.py), each worker pinned to its own core (so are the ftlab processes it
 # starts). Quiet, 2 cores, 2026-12-03: 1,107 passed + 31 skipped in 342 s (CPU 655 s); an hour
-# later, 1,112 passed in 422 s (CPU 823 s; the machine 10-15% slower on a fixed workload).
-test: $(STAMP) ## Run the default test suite on every core (1,112 tests: 6-7 min on 2 quiet cores)
+# later, 1,112 passed in 422 s (CPU 823 s; the machine 10-15% slower on a fixed workload);
+# the final tree of that day, 1,113 passed in 340 s (CPU 654 s).
+test: $(STAMP) ## Run the default test suite on every core (1,113 tests: 340-436 s on 2 quiet cores)
 	$(PY) -m pytest -m "not slow" -n auto --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # The 403 tests marked fast (no Paddle import; tests/conftest.py fails a test that imports
