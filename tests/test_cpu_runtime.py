@@ -13,6 +13,7 @@ import pytest
 from conftest import CPU, GPU8, compose_run
 
 from ftlab.config.cpu_runtime import (
+    CPU_LAYERS,
     MKL_VAR,
     SET_BY_FTLAB_VAR,
     CpuInfo,
@@ -117,8 +118,9 @@ def _losses(cwd: Path, *overrides: str) -> tuple[list[float], dict]:
 
 
 def test_fast_path_changes_no_loss(tmp_path: Path) -> None:
-    """Default (MKL's AVX2 kernels where they apply, all cores) vs Paddle's own defaults (MKL's
-    vendor choice, one thread): the same training and eval losses to 1e-6."""
+    """Default (MKL's AVX2 kernels where they apply, all cores, ftlab's CPU layouts of
+    attention, RMSNorm and rotary) vs Paddle's own defaults (MKL's vendor choice, one thread,
+    PaddleNLP's layers): the same training and eval losses to 1e-6."""
     (tmp_path / "fast").mkdir()
     (tmp_path / "plain").mkdir()
     fast, fast_env = _losses(tmp_path / "fast")
@@ -130,9 +132,9 @@ def test_fast_path_changes_no_loss(tmp_path: Path) -> None:
     assert plain_env["cpu"] == {
         "math_threads_per_process": 1,
         "mkl": "MKL default path (launch.cpu_fast_path=false)",
-        "attention": "PaddleNLP's eager",
+        "layers": CPU_LAYERS[False],
     }
-    assert fast_env["cpu"]["attention"] == "heads-first eager (ftlab)"
+    assert fast_env["cpu"]["layers"] == CPU_LAYERS[True]
     assert fast_env["cpu"]["math_threads_per_process"] == resolve_cpu_threads(
         "auto", 1, len(os.sched_getaffinity(0))
     )

@@ -34,7 +34,7 @@ from ftlab.cli.console import describe_run, job_console, job_line
 from ftlab.cli.help import CONF_DIR, check_selected_options, option_advice, register_help_resolver
 from ftlab.cli.process_exit import console_script
 from ftlab.config import schema
-from ftlab.config.cpu_runtime import CPU_ATTENTION, choose_mkl_path, read_cpu_info
+from ftlab.config.cpu_runtime import CPU_LAYERS, choose_mkl_path, read_cpu_info
 from ftlab.config.derived import Derived
 from ftlab.config.environment import Environment, run_environment
 from ftlab.config.overrides import given_value
@@ -158,7 +158,7 @@ def _resolve(cfg: DictConfig, record: RunDir) -> _Resolved:
     if derived.cpu_threads is not None:
         derived = derived.with_(
             mkl_path=mkl.describe(),
-            cpu_attention=CPU_ATTENTION[run.launch.cpu_fast_path],
+            cpu_layers=CPU_LAYERS[run.launch.cpu_fast_path],
         )
     if decision is not None:
         derived = derived.with_(auto_layout=decision.chosen.label)

@@ -53,11 +53,11 @@ class Derived:
     # init_from: the run (or adapter dir) started from, and the model loaded as the base.
     init_from: str | None = None
     init_model: str | None = None
-    # CPU runs: Paddle's math threads per process, MKL's code path and eager attention's
+    # CPU runs: Paddle's math threads per process, MKL's code path and the eager layers'
     # implementation (launch.cpu_*).
     cpu_threads: int | None = None
     mkl_path: str | None = None
-    cpu_attention: str | None = None  # eager attention's CPU implementation (fast path)
+    cpu_layers: str | None = None  # attention, RMSNorm, rotary on CPU (fast path)
     # The metric that ranks checkpoints (train.metric_for_best_model, or loss when the best
     # checkpoint or early stopping needs one) and whether greater is better, as it implies.
     metric_for_best_model: str | None = None

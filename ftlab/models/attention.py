@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from ftlab.config.schema import ModelConfig
+from ftlab.models.cpu_layers import fast_cpu_layers
 
 log = logging.getLogger(__name__)
 
@@ -248,19 +249,6 @@ def _flash_output(out: Any, output_attentions: bool, sequence_parallel: bool) ->
     return (out, None) if output_attentions else out
 
 
-# Part of the CPU fast path (``launch.cpu_fast_path``, set per process by the training run):
-# off, the eager path is PaddleNLP's own function, so ``bench/overhead.py`` compares
-# ftlab's wrapping alone against a plain PaddleNLP script.
-_heads_first_eager = True
-
-
-def use_heads_first_eager(enabled: bool) -> None:
-    """Whether CPU eager attention runs through ``_attend`` in this process (the run records
-    the choice as ``ftlab.config.cpu_runtime.CPU_ATTENTION`` words it)."""
-    global _heads_first_eager
-    _heads_first_eager = enabled
-
-
 # The eager attention functions that are exactly ``softmax(q k^T / sqrt(d) + mask) v``
 # (DeepSeek's, for one, scales by its own ``softmax_scale`` and is left alone).
 _PLAIN_EAGER_MODULES = frozenset(
@@ -289,13 +277,13 @@ def _eager_as_attend(
     median of 10). Only the plain case is taken: float32, no attention weights asked for,
     no attention dropout, no sequence-parallel reshard (the caller has excluded alibi);
     anything else keeps PaddleNLP's function. Part of the CPU fast path
-    (``use_heads_first_eager``)."""
+    (``ftlab.models.cpu_layers.use_fast_cpu_layers``)."""
     import paddle
 
     reshard = kwargs.get("reshard_layer", args[3] if len(args) > 3 else None)
     dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0)
     return (
-        _heads_first_eager
+        fast_cpu_layers()
         and query.dtype == paddle.float32
         and not output_attentions
         and reshard is None

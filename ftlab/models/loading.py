@@ -168,10 +168,13 @@ def checkpoint_rope_theta(cfg: ModelConfig) -> float | None:
 
 def finish_model(model: Any) -> Any:
     """What every loaded model gets: attention that honours masks and FlashMask indices on
-    CPU (``ftlab.models.attention``; a no-op on GPU tensors)."""
+    CPU (``ftlab.models.attention``) and the fast path's RMSNorm and rotary layouts
+    (``ftlab.models.cpu_layers``); both step aside on GPU tensors."""
     from ftlab.models.attention import install_cpu_attention
+    from ftlab.models.cpu_layers import install_cpu_layers
 
     install_cpu_attention(model)
+    install_cpu_layers()
     return model
 
 

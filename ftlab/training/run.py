@@ -48,7 +48,7 @@ from ftlab.evaluation.text_metrics import GenerationResult, evaluate_generation,
 from ftlab.interop.hf_in import conversion_records
 from ftlab.methods.catalog import get_method
 from ftlab.methods.neftune import add_neftune_hook
-from ftlab.models.attention import use_heads_first_eager
+from ftlab.models.cpu_layers import use_fast_cpu_layers
 from ftlab.models.loading import load_tokenizer, parameter_counts, weight_dtype
 from ftlab.models.weights import changed_weights, refuse_pickles, weight_hashes
 from ftlab.record import phases
@@ -163,7 +163,7 @@ def cpu_record(derived: Derived) -> dict[str, Any] | None:
     return {
         "math_threads_per_process": derived.cpu_threads,
         "mkl": derived.mkl_path,
-        "attention": derived.cpu_attention,
+        "layers": derived.cpu_layers,
     }
 
 
@@ -173,13 +173,13 @@ def train(run: RunConfig, run_dir: RunDir, derived: Derived) -> Summary:
     run_dir = RunDir(run_dir.path, is_main=_is_rank_zero())
     if derived.cpu_threads is not None:
         apply_cpu_threads(derived.cpu_threads)
-        use_heads_first_eager(run.launch.cpu_fast_path)
+        use_fast_cpu_layers(run.launch.cpu_fast_path)
         if _is_rank_zero():
             console.info(
-                "cpu    %s; math threads per process: %d; attention: %s",
+                "cpu    %s; math threads per process: %d; layers: %s",
                 derived.mkl_path,
                 derived.cpu_threads,
-                derived.cpu_attention,
+                derived.cpu_layers,
             )
     if not run.resume:  # a resume records its environment once it really starts
         run_dir.write_json(ENVIRONMENT, environment_record(derived.device, cpu_record(derived)))
