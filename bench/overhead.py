@@ -11,9 +11,8 @@ Pairs, each run as whole processes alternating A B A B (``--repeats``, median re
   dpo  ``ftlab stage=dpo data.packing=zero_padding`` (LoRA, the demo preference pairs) vs
        PaddleNLP's ``DPOTrainer`` fed as ``llm/alignment/dpo/run_dpo.py`` feeds it
        (``preprocess_preference_data``, ``ZeroPaddingMapDataset`` rows of 256 tokens,
-       ``preference_collate_fn``), the reference being the adapter switched off (no dev
-       evaluation: ``DPOTrainer.evaluate`` fails in a plain CPU process; ftlab's run
-       evaluates the dev pairs, which its whole-process figures include).
+       ``preference_collate_fn``), the reference being the adapter switched off, and the
+       dev pairs evaluated at the end on both sides.
 
 Both sides run with Paddle's CPU defaults (``launch.cpu_fast_path=false
 launch.cpu_threads=1`` for ftlab), so the ratio is ftlab's own cost; the ``fast path`` row
@@ -26,14 +25,28 @@ plain script never writes VisualDL logs in the compared pair).
 
 Figures per process: CPU seconds (user + system, from ``wait4``), wall seconds, peak RSS,
 and the steady-state step time (median ``interval_runtime`` of logging steps after the
-first three, PaddleNLP's own per-step timer, the same in both). Both sides train on the
-same encoded examples in the same batches, in the same order (the plain side draws them
-with ftlab's ``GlobalBatchSampler``, the only ftlab piece in it): the SFT rows' first and
-last losses, printed for every row, are equal, and each step pads to the same length on
-both sides. DPO's plain collator pads a batch to its longest row, as ftlab's does, instead
-of to 256, but its pairs are not the same batch for batch (the first step's chosen
-log-probabilities differ: the two pipelines encode or order the pairs differently), so its
-step ratio compares similar, not identical, work.
+first three, PaddleNLP's own per-step timer, the same in both).
+
+The same work, shown by the losses printed under the table (every step of the first
+round, the largest difference per row, the dev loss). Both sides train on the same
+encoded examples in the same batches, in the same order, from the same initial adapter:
+
+* The plain side draws its batches with ftlab's ``GlobalBatchSampler`` (the sampler is the
+  only ftlab piece in it; DPO also reads its pairs in ftlab's seeded packing order,
+  ``ftlab.data.packing.pack_order``, so PaddleNLP's packer makes ftlab's packs), and
+  seeds before building the model, as ``run_dpo.py`` and ftlab (``train.seed``) do
+  (``run_finetune.py`` does not: its LoRA init differs from run to run).
+* Where ftlab differs from the upstream scripts on purpose, the plain side takes ftlab's
+  setting: DPO's log-probs sum over every response token (``ignore_eos_token=False``;
+  ``run_dpo.py`` passes True, ``ftlab/stages/dpo.py`` says why), and the DPO collator pads
+  a batch to its longest row instead of to 256. The plain DPO trainer skips the fleet
+  wrapper at evaluation in one process, which ``DPOTrainer.evaluate`` otherwise fails on
+  (ftlab's trainer does the same; ``_evaluating_in_one_process``).
+* What stays the upstream way: ``DataCollatorForSeq2Seq`` pads SFT batches on the left
+  (the Llama tokenizer's side), ftlab on the right. With rotary positions and the pads
+  masked this is the same arithmetic in another rounding: the SFT losses agree to 4e-6
+  over 20 steps (the plain side padded on the right makes them bit-equal; measured), the
+  DPO losses and dev losses are bit-equal. Shapes and work per step are the same.
 
     .venv/bin/python bench/overhead.py                     # sft + dpo, 3 repeats, 40 steps
     .venv/bin/python bench/overhead.py --only sft --repeats 5 --steps 60
@@ -56,6 +69,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 FTLAB = Path(sys.executable).parent / "ftlab"
 PAIR_STEPS = {"sft": 40, "dpo": 30}
+SEED = 42  # ftlab's train.seed
 WARMUP_STEPS = 3
 # Paddle's CPU defaults: MKL's vendor-chosen kernels, one math thread per process.
 PLAIN_CPU = ["launch.cpu_fast_path=false", "launch.cpu_threads=1"]
@@ -93,8 +107,15 @@ def _lora(model: Any) -> Any:
 
 
 def _model_and_tokenizer() -> tuple[Any, Any]:
+    from paddlenlp.trainer import set_seed
     from paddlenlp.transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # Seeded before the model and its adapter exist, as run_dpo.py does and as ftlab does
+    # (train.seed): LoRA's A matrices are drawn at random. run_finetune.py seeds only in
+    # the Trainer, after its model is built, so its adapter starts differently on every
+    # run: unseeded here, step 3's loss was 1.7728, 1.7784 and 1.7763 on three runs of the
+    # same work (ftlab: 1.7851 every time), and the sides parted from step 3 on.
+    set_seed(SEED)
     path = str(REPO / "ftlab" / "assets" / "stories260k")
     tok = AutoTokenizer.from_pretrained(path)
     tok.pad_token = "<unk>"  # a bare sentencepiece tokenizer has none (as ftlab's demo)
@@ -113,7 +134,7 @@ def _arguments(cls: Any, out: Path, steps: int, batch: int, lr: float, warmup: i
         lr_scheduler_type="cosine",
         warmup_steps=warmup,
         max_grad_norm=1.0,
-        seed=42,
+        seed=SEED,
         logging_steps=1,
         save_strategy="steps",
         save_steps=steps,
@@ -174,12 +195,29 @@ def plain_sft(out: Path, steps: int) -> None:
     )
     trainer.train()
     trainer.save_model(str(out / "final"))
-    trainer.log(trainer.evaluate())
+    trainer.evaluate()  # logs its metrics (the dev loss) itself
+
+
+def _evaluating_in_one_process(trainer_cls: Any) -> Any:
+    """``trainer_cls`` whose ``evaluate`` runs in one process: the least change that lets
+    the plain side evaluate the dev pairs, as ftlab's run does (so both whole processes
+    do the same work). PaddleNLP's ``DPOTrainer.evaluate`` wraps the model with
+    ``fleet.distributed_model``, which fails without ``fleet.init`` (no
+    ``_user_defined_strategy``) and, on one process, with it too (paddle 3.3.1: its
+    ``NoPipelineParallel`` asserts a pipeline model). One process needs no wrapper; the
+    AMP decoration it also skips does nothing in float32."""
+
+    class OneProcess(trainer_cls):
+        def _wrap_ref_model(self, model: Any) -> Any:
+            return super()._wrap_ref_model(model) if self.args.world_size > 1 else model
+
+    return OneProcess
 
 
 def plain_dpo(out: Path, steps: int) -> None:
     """As ``llm/alignment/dpo/run_dpo.py`` feeds PaddleNLP's DPOTrainer (LoRA: the reference
-    is the policy with its adapter off, ``dpo_config.lora``)."""
+    is the policy with its adapter off, ``dpo_config.lora``), train pairs in ftlab's
+    packing order, and the dev pairs evaluated at the end, as run_dpo.py does."""
     from functools import partial
     from types import SimpleNamespace
 
@@ -187,6 +225,7 @@ def plain_dpo(out: Path, steps: int) -> None:
     from paddlenlp.trl import DPOTrainer, preference_collate_fn, preprocess_preference_data
     from paddlenlp.trl import SFTConfig as Config
 
+    from ftlab.data.packing import pack_order
     from ftlab.stages.trainers import PaddleDPOConfig  # upstream's DPOConfig is not in the wheel
 
     model, tok = _model_and_tokenizer()
@@ -200,9 +239,15 @@ def plain_dpo(out: Path, steps: int) -> None:
 
     def rows(split: str) -> ZeroPaddingMapDataset:
         lines = (REPO / "ftlab/assets/demo_preferences" / f"{split}.json").read_text()
-        pairs = MapDataset([encode(json.loads(line)) for line in lines.splitlines() if line])
+        pairs = [encode(json.loads(line)) for line in lines.splitlines() if line.strip()]
+        if split == "train":
+            # ftlab packs its pairs in a seeded order (data.shuffle: a pack mixes pairs
+            # from all over the file); run_dpo.py packs the file's order. The same order
+            # gives PaddleNLP's sequential packer ftlab's packs (the same sequential
+            # algorithm, tested in ftlab), so the sampler draws the same batches.
+            pairs = [pairs[i] for i in pack_order(len(pairs), SEED, shuffle=True)]
         # run_dpo.py always packs pairs into rows of max_seq_len (its collator needs them).
-        return ZeroPaddingMapDataset(pairs, tokenizer=tok, max_length=256)
+        return ZeroPaddingMapDataset(MapDataset(pairs), tokenizer=tok, max_length=256)
 
     def collate_to_longest(rows: list[dict[str, Any]]) -> dict[str, Any]:
         # run_dpo.py pads every row to max_seq_len; ftlab pads a batch to its longest row.
@@ -212,21 +257,20 @@ def plain_dpo(out: Path, steps: int) -> None:
 
     args = _arguments(Config, out, steps, batch=8, lr=3e-4, warmup=5)
     config = PaddleDPOConfig(beta=0.5, loss_type="sigmoid", lora=True)
-    trainer = _in_ftlab_order(DPOTrainer)(
+    trainer = _in_ftlab_order(_evaluating_in_one_process(DPOTrainer))(
         model=model,
         ref_model=None,
         dpo_config=config,
         args=args,
         train_dataset=rows("train"),
+        eval_dataset=rows("dev"),
         tokenizer=tok,
         data_collator=collate_to_longest,
         callbacks=[_log_callback(out / "log.jsonl")],
     )
     trainer.train()
     trainer.save_model(str(out / "final"))
-    # No dev evaluation: DPOTrainer.evaluate fails in a plain CPU process (fleet's
-    # distributed_model without fleet.init: no _user_defined_strategy); ftlab's run does
-    # evaluate the dev pairs, so the DPO rows' whole-process figures include that.
+    trainer.evaluate()  # logs its metrics (the dev loss) itself
 
 
 # --------------------------------------------------------------------------- measuring
@@ -254,11 +298,17 @@ def measure(cmd: list[str], *, tty: bool = False) -> dict[str, float]:
     }
 
 
-def step_figures(rows: list[dict[str, Any]]) -> tuple[float, tuple[float, float]]:
-    """(median steady-state step seconds, (first, last) loss) from per-step log rows."""
+def step_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median steady-state step seconds, every step's loss and the dev loss at the end
+    (None without one) from a run's log rows."""
     train = [r for r in rows if "loss" in r and "interval_runtime" in r]
     steady = [r["interval_runtime"] for r in train if r["step"] > WARMUP_STEPS]
-    return statistics.median(steady), (train[0]["loss"], train[-1]["loss"])
+    dev = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    return {
+        "step": statistics.median(steady),
+        "losses": [r["loss"] for r in train],
+        "dev_loss": dev[-1] if dev else None,
+    }
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -272,8 +322,7 @@ def run_ftlab(pair: str, work: Path, steps: int, extra: list[str], tty: bool = F
     cmd = [str(FTLAB), *stage, f"train.max_steps={steps}", "train.logging_steps=1"]
     cmd += [*extra, f"hydra.run.dir={run_dir}"]
     figures = measure(cmd, tty=tty)
-    figures["step"], figures["losses"] = step_figures(read_jsonl(run_dir / "metrics.jsonl"))
-    return figures
+    return {**figures, **step_figures(read_jsonl(run_dir / "metrics.jsonl"))}
 
 
 def run_plain(pair: str, work: Path, steps: int) -> dict:
@@ -281,8 +330,7 @@ def run_plain(pair: str, work: Path, steps: int) -> dict:
     out.mkdir()
     cmd = [sys.executable, __file__, "--child", pair, "--out", str(out), "--steps", str(steps)]
     figures = measure(cmd)
-    figures["step"], figures["losses"] = step_figures(read_jsonl(out / "log.jsonl"))
-    return figures
+    return {**figures, **step_figures(read_jsonl(out / "log.jsonl"))}
 
 
 def median(rows: list[dict], key: str) -> float:
@@ -306,7 +354,8 @@ HEADER = (
 )
 
 
-def bench_pair(pair: str, repeats: int, steps: int, work: Path) -> list[str]:
+def bench_pair(pair: str, repeats: int, steps: int, work: Path) -> tuple[list[str], list[str]]:
+    """The pair's table rows, and the lines that show both sides did the same work."""
     base = [*PLAIN_CPU, *NO_EVAL_METRICS, "train.report_to=[]"]
     variants: dict[str, tuple[list[str], bool]] = {
         "eval metrics off": (base, False),
@@ -323,18 +372,31 @@ def bench_pair(pair: str, repeats: int, steps: int, work: Path) -> list[str]:
     for i in range(repeats):  # A B A B: each variant beside a plain run of the same round
         for name, (extra, tty) in variants.items():
             results[name].append(run_ftlab(pair, work, steps, extra, tty))
-            print(f"  {pair} round {i + 1}: {name}: {results[name][-1]}", flush=True)
+            print(f"  {pair} round {i + 1}: {name}: {timings(results[name][-1])}", flush=True)
         plain.append(run_plain(pair, work, steps))
-        print(f"  {pair} round {i + 1}: plain: {plain[-1]}", flush=True)
-    lines = [compare(f"{pair}: {name}", rows, plain) for name, rows in results.items()]
-    # The same batches in the same order: the same losses, step for step (the fast path's
-    # row differs in the last digits: MKL's other kernels and the heads-first attention).
-    losses = {name: rows[0]["losses"] for name, rows in results.items()}
-    lines.append(
-        f"\n{pair} first / last losses: plain {plain[0]['losses'][0]:.6f} / "
-        f"{plain[0]['losses'][1]:.6f}; "
-        + ", ".join(f"{k} {a:.6f} / {b:.6f}" for k, (a, b) in losses.items())
-    )
+        print(f"  {pair} round {i + 1}: plain: {timings(plain[-1])}", flush=True)
+    table = [compare(f"{pair}: {name}", rows, plain) for name, rows in results.items()]
+    return table, same_work(pair, plain[0], {name: rows[0] for name, rows in results.items()})
+
+
+def timings(figures: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {figures[k]:.3f}" for k in ("cpu", "wall", "step", "rss_mib"))
+
+
+def same_work(pair: str, plain: dict[str, Any], ftlab: dict[str, dict[str, Any]]) -> list[str]:
+    """Every step's loss of the plain run beside the first ftlab row's, and per row the
+    largest difference and the dev loss: the evidence that both sides did the same work."""
+    first = next(iter(ftlab))
+    lines = [f"\n{pair} loss per step: plain / ftlab ({first})"]
+    for step, (a, b) in enumerate(zip(plain["losses"], ftlab[first]["losses"], strict=True), 1):
+        lines.append(f"  {step:3d}  {a:.6f}  {b:.6f}")
+    steps = len(plain["losses"])
+    lines.append(f"{pair} largest |ftlab - plain| loss over {steps} steps, dev loss:")
+    lines.append(f"  plain: dev {plain['dev_loss']:.6f}")
+    for name, figures in ftlab.items():
+        pairs = zip(plain["losses"], figures["losses"], strict=True)
+        worst = max(abs(a - b) for a, b in pairs)
+        lines.append(f"  {name}: {worst:.1e}, dev {figures['dev_loss']:.6f}")
     return lines
 
 
@@ -353,13 +415,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be >= 1")
     load = os.getloadavg()[0]
     print(f"load average before: {load:.2f} on {os.cpu_count()} cores", flush=True)
-    lines = [HEADER]
+    table, evidence = [HEADER], []
     with tempfile.TemporaryDirectory(prefix="ftlab-overhead-") as tmp:
         for pair in args.only:
             steps = args.steps or PAIR_STEPS[pair]
-            lines += bench_pair(pair, args.repeats, steps, Path(tmp))
+            rows, same = bench_pair(pair, args.repeats, steps, Path(tmp))
+            table, evidence = table + rows, evidence + same
     print(f"\nmedians of {args.repeats}, A B alternating; ratio = ftlab / plain")
-    print("\n".join(lines))
+    print("\n".join(table + evidence))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -17,7 +17,7 @@ from ftlab.data.datasets import ExampleDataset, PackedDataset
 from ftlab.data.examples import ExampleBuilder, ExampleStore, Limits
 from ftlab.data.formats import TEXT_FORMATS, detect_format, to_conversation
 from ftlab.data.mixture import build_mixture
-from ftlab.data.packing import make_packs
+from ftlab.data.packing import make_packs, pack_order
 from ftlab.data.pose import PoseDataset, PoseSkips
 from ftlab.data.records import BadRecords, Record, iter_records, read_split, sha256_file
 from ftlab.data.settings import check_data_settings, check_text_settings
@@ -124,7 +124,7 @@ def _train_map_dataset(
     if cfg.packing == "none":
         return ExampleDataset(store)
     n = len(store)
-    order = np.random.default_rng(seed).permutation(n) if cfg.shuffle else np.arange(n)
+    order = pack_order(n, seed, cfg.shuffle)
     packs = make_packs(cfg.packing, store.lengths()[order].tolist(), cfg.max_length)
     packs = [[int(order[i]) for i in p] for p in packs]
     stats.set_packing(len(packs), cfg.max_length, stats.tokens)

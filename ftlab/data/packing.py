@@ -152,6 +152,12 @@ def pack_greedy(
         yield from pack_window(lengths[start : start + window], capacity, start)
 
 
+def pack_order(n: int, seed: int, shuffle: bool) -> np.ndarray:
+    """The order ``n`` examples are packed in: seeded-shuffled when ``data.shuffle`` (so a
+    pack mixes examples from all over the file), else the file's order."""
+    return np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+
+
 def make_packs(mode: str, lengths: Sequence[int], capacity: int) -> list[list[int]]:
     lengths = as_lengths(lengths)
     if mode == "zero_padding":

@@ -43,7 +43,7 @@ from ftlab.data.build import _carve_dev, _check_tokenizer, _log_split
 from ftlab.data.bundle import DataBundle
 from ftlab.data.encoder import TextEncoder, leading_ids
 from ftlab.data.examples import ENCODE_BATCH, Example, ExampleStore
-from ftlab.data.packing import make_packs
+from ftlab.data.packing import make_packs, pack_order
 from ftlab.data.preference import (
     LABELLED,
     PAIRWISE,
@@ -435,7 +435,7 @@ def build_preference_data(
     packs = None
     if cfg.packing != "none":
         n = len(store)
-        order = np.random.default_rng(seed).permutation(n) if cfg.shuffle else np.arange(n)
+        order = pack_order(n, seed, cfg.shuffle)
         packs = make_packs(cfg.packing, store.lengths()[order].tolist(), cfg.max_length)
         packs = [[int(order[i]) for i in p] for p in packs]
         train_stats.set_packing(len(packs), cfg.max_length, train_stats.tokens)
