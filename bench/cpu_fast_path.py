@@ -15,7 +15,9 @@ process, before and after alternating, median of ``--repeats``:
 
 The benchmark scripts are not ftlab runs, so before/after is their environment:
 ``MKL_DEBUG_CPU_TYPE`` and ``OMP_NUM_THREADS`` (which Paddle keeps when set) as ftlab
-would choose them. CPU seconds come from ``wait4`` (user + system of the process).
+would choose them, and ``FTLAB_BENCH_CPU_LAYERS`` (``ftlab`` / ``paddlenlp``), which makes
+the scripts take ftlab's CPU layouts of attention, RMSNorm and rotary or PaddleNLP's. CPU
+seconds come from ``wait4`` (user + system of the process).
 
     .venv/bin/python bench/cpu_fast_path.py --repeats 3
     .venv/bin/python bench/cpu_fast_path.py --only default --repeats 5
@@ -46,11 +48,27 @@ from ftlab.config.cpu_runtime import (  # noqa: E402
 
 FTLAB = Path(sys.executable).parent / "ftlab"
 WORKLOADS = ("default", "long", "qlora")
+LAYERS_VAR = "FTLAB_BENCH_CPU_LAYERS"
+
+
+def bench_cpu_layers(model: object) -> None:
+    """In a benchmark script: the model gets what ftlab's loader gives every model
+    (``finish_model``) when ``FTLAB_BENCH_CPU_LAYERS`` is set, with ftlab's CPU layers on
+    (``ftlab``) or off (``paddlenlp``); unset, the script's own model is left as it is."""
+    choice = os.environ.get(LAYERS_VAR)
+    if choice is None:
+        return
+    from ftlab.models.cpu_layers import use_fast_cpu_layers
+    from ftlab.models.loading import finish_model
+
+    finish_model(model)
+    use_fast_cpu_layers(choice == "ftlab")
 
 
 def environment(fast: bool) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in (MKL_VAR, SET_BY_FTLAB_VAR)}
     env["PYTHONWARNINGS"] = "ignore"
+    env[LAYERS_VAR] = "ftlab" if fast else "paddlenlp"
     if fast:
         choose_mkl_path(True, env, read_cpu_info())
         env["OMP_NUM_THREADS"] = str(available_cores())

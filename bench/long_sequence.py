@@ -174,6 +174,7 @@ def run_loader(impl: str, length: int) -> dict[str, Any]:
 def run_step(impl: str, length: int, steps: int) -> dict[str, Any]:
     import numpy as np
     import paddle
+    from cpu_fast_path import bench_cpu_layers
     from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
     from ftlab.models.attention import install_cpu_attention
@@ -191,6 +192,7 @@ def run_step(impl: str, length: int, steps: int) -> dict[str, Any]:
     model = LlamaForCausalLM(config)
     model.recompute_enable()
     install_cpu_attention(model)
+    bench_cpu_layers(model)  # bench/cpu_fast_path.py's before / after
     model.train()
     params = sum(int(p.size) for p in model.parameters())
     opt = paddle.optimizer.AdamW(1e-4, parameters=model.parameters())

@@ -129,6 +129,7 @@ def _worker(
 ) -> dict:
     t_start = time.perf_counter()
     import paddle
+    from cpu_fast_path import bench_cpu_layers
     from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
     from ftlab.models.quant.blockwise import tensor_nbytes
@@ -184,6 +185,7 @@ def _worker(
                 else None
             )
         )
+    bench_cpu_layers(model)  # bench/cpu_fast_path.py's before / after
     out["build_s"] = time.perf_counter() - t_build
     trainable = [p for p in model.parameters() if not p.stop_gradient]
     out["trainable_params"] = sum(math.prod(p.shape) for p in trainable)
