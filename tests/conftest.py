@@ -30,22 +30,23 @@ from helpers import (  # noqa: F401
 from hydra.core.global_hydra import GlobalHydra
 
 # --------------------------------------------------------------------------- make test (xdist)
-# The files that take longest, longest first (measured with --durations=0 on the quiet
-# machine, 2026-12-03, 1,107 tests in 342 s: distributed 67 s, e2e 64, pickle_refusal 44,
-# resume 41, hf_out 31, grpo_stage 27, methods 26, tracking 24, hf_families 21,
-# best_checkpoint 20; the other files 278 s together). Under ``-n 2 --dist loadfile
-# --no-loadscope-reorder`` each file runs on one worker (its module fixtures once) and the
-# long files start first, so no long file is left for the end.
+# The files that take longest, longest first (CPU seconds of each file's tests under
+# ``make test``, 2026-12-03 at load average ~2, after the in-process predict/merge calls and
+# the trimmed evals: distributed 70, e2e 66, resume 46 (before its eval trim), pickle_refusal 40,
+# grpo_stage 37, methods 30, hf_families 25, seams 25, hf_out 24, best_checkpoint 24; the
+# other files 357 s together). Under ``-n 2 --dist loadfile --no-loadscope-reorder`` each
+# file runs on one worker (its module fixtures once) and the long files start first, so no
+# long file is left for the end.
 LONGEST_FIRST = [
     "test_distributed.py",
     "test_e2e.py",
-    "test_pickle_refusal.py",
     "test_resume.py",
-    "test_hf_out.py",
+    "test_pickle_refusal.py",
     "test_grpo_stage.py",
     "test_methods.py",
-    "test_tracking.py",
     "test_hf_families.py",
+    "test_seams.py",
+    "test_hf_out.py",
     "test_best_checkpoint.py",
 ]
 

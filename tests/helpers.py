@@ -9,6 +9,7 @@ Paddle at module level, so the tests of ``make test-fast`` can import it.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 
 from ftlab.assets import asset_path
 from ftlab.config.environment import Environment
@@ -39,10 +41,29 @@ GPU8 = Environment(
 # --------------------------------------------------------------------------- composing
 
 
+# Hydra composes ``train`` in ~0.13 s CPU, and the tests compose the same override lists
+# again and again (~460 compositions, ~100 repeats, in ``make test-fast``). The result
+# depends only on the overrides, the conf tree and the ConfigStore's nodes (a test may store
+# a method of its own): each distinct key is composed once per process and every caller gets
+# a deep copy (4 ms), so a test may change its copy. A composition error is not cached.
+_COMPOSED: dict[tuple, Any] = {}
+
+
+def _store_nodes(repo: dict) -> tuple:
+    """The ConfigStore's entries by identity (a re-stored node is a new object)."""
+    return tuple(
+        (key, _store_nodes(value) if isinstance(value, dict) else id(value))
+        for key, value in repo.items()
+    )
+
+
 def compose_cfg(overrides: list[str] | None = None):
     register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides or [])
+    key = (tuple(overrides or []), _store_nodes(ConfigStore.instance().repo))
+    if key not in _COMPOSED:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            _COMPOSED[key] = compose("train", overrides=list(key[0]))
+    return copy.deepcopy(_COMPOSED[key])
 
 
 def compose_run(overrides: list[str] | None = None) -> RunConfig:
@@ -77,6 +98,24 @@ def run_predict(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"ftlab-predict failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def run_in_process(command: str, *args: str) -> int:
+    """``ftlab-predict`` or ``ftlab-merge`` (``command``) as a call of its ``main`` in this
+    process; its exit code. For a test that checks what the command writes, not how it
+    starts, prints or exits (each command's subprocess tests do that): a subprocess spends
+    ~4.5 s of CPU importing Paddle and PaddleNLP first. The environment is restored after
+    the call (the commands set MKL's CPU path for the processes they would start,
+    ``ftlab.config.cpu_runtime``)."""
+    from ftlab.cli import merge, predict
+
+    main = {"ftlab-predict": predict.main, "ftlab-merge": merge.main}[command]
+    saved = dict(os.environ)
+    try:
+        return main(list(args))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def free_port() -> int:

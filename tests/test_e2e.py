@@ -9,7 +9,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import FTLAB, read_jsonl, run_ftlab, run_predict  # noqa: F401 (kept importable)
+from helpers import (  # noqa: F401 (kept importable)
+    FTLAB,
+    read_jsonl,
+    run_ftlab,
+    run_in_process,
+    run_predict,
+)
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +322,9 @@ def test_predict_from_run_dir_and_from_base_plus_adapter(short_run, tmp_path: Pa
         "--batch-size",
         "2",
     )
-    run_predict(
+    # The same model from its two halves: ftlab-predict's main in this process (the command
+    # itself ran just above).
+    predict_here(
         "--base",
         str(_asset("stories260k")),
         "--adapter",
@@ -332,10 +340,10 @@ def test_predict_from_run_dir_and_from_base_plus_adapter(short_run, tmp_path: Pa
     assert [r.get("id") for r in a] == [None, 7]  # input fields kept, order kept
     assert all(isinstance(r["output"], str) and r["output"] for r in a)
     assert [r["output"] for r in a] == [r["output"] for r in b]  # greedy, same model
-    # Sampling with a seed is reproducible.
+    # Sampling with a seed is reproducible: in a new process and in this one.
     outs = []
-    for name in ("s1.jsonl", "s2.jsonl"):
-        run_predict(
+    for name, run in (("s1.jsonl", run_predict), ("s2.jsonl", predict_here)):
+        run(
             str(run_dir),
             "--input",
             str(prompts),
@@ -356,6 +364,10 @@ def test_predict_from_run_dir_and_from_base_plus_adapter(short_run, tmp_path: Pa
         )
         outs.append([r["output"] for r in read_jsonl(tmp_path / name)])
     assert outs[0] == outs[1]
+
+
+def predict_here(*args: str) -> None:
+    assert run_in_process("ftlab-predict", *args) == 0
 
 
 def test_predict_reports_a_broken_prompt_file(short_run, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_ftlab, run_predict
+from helpers import run_ftlab, run_in_process
 from test_hf_out import merge
 
 from ftlab.config.schema import ModelConfig
@@ -152,7 +152,10 @@ def test_run_predict_and_hf_export_on_the_family(hf_run: Path, tmp_path: Path) -
         json.loads((hf_run / "model_source.json").read_text())["hf_conversions"][0]["source"]
     )
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Once upon a time"}) + "\n")
-    run_predict(
+    # ftlab-predict and the plain merge as their mains in this process (each command's
+    # subprocess is tested in test_e2e and test_hf_out); the --format hf export is the command.
+    code = run_in_process(
+        "ftlab-predict",
         str(hf_run),
         "--input",
         str(tmp_path / "p.jsonl"),
@@ -161,11 +164,12 @@ def test_run_predict_and_hf_export_on_the_family(hf_run: Path, tmp_path: Path) -
         "--max-new-tokens",
         "4",
     )
+    assert code == 0
     assert "output" in json.loads((tmp_path / "o.jsonl").read_text().splitlines()[0])
     out, plain = tmp_path / "hf", tmp_path / "plain"
     proc = merge(str(hf_run), "--format", "hf", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert merge(str(hf_run), "--out", str(plain)).returncode == 0
+    assert run_in_process("ftlab-merge", str(hf_run), "--out", str(plain)) == 0
     from ftlab.interop.hf_layout import read_header
 
     assert set(read_header(out / "model.safetensors")[1]) == set(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_in_process
 from test_e2e import FTLAB, run_ftlab
 
 from ftlab.config.schema import ModelConfig
@@ -85,7 +86,8 @@ def test_export_is_hf_layout_and_reads_back_as_the_merged_model(
     out, plain = tmp_path / "hf", tmp_path / "paddle"
     proc = merge(str(hf_run), "--format", "hf", "--out", str(out), "--max-shard-size", "400KB")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert merge(str(hf_run), "--out", str(plain)).returncode == 0
+    # The plain merge, the reference: ftlab-merge's main in this process.
+    assert run_in_process("ftlab-merge", str(hf_run), "--out", str(plain)) == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) == 3  # 1.04 MB of float32 in shards of at most 400 kB
@@ -112,8 +114,10 @@ def test_export_is_hf_layout_and_reads_back_as_the_merged_model(
 
 def test_export_in_bfloat16(hf_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "bf16"
-    proc = merge(str(hf_run), "--format", "hf", "--out", str(out), "--dtype", "bfloat16")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code = run_in_process(
+        "ftlab-merge", str(hf_run), "--format", "hf", "--out", str(out), "--dtype", "bfloat16"
+    )
+    assert code == 0
     metadata, tensors = read_header(out / "model.safetensors")
     assert {t.dtype for t in tensors.values()} == {"BF16"}
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
@@ -165,8 +169,7 @@ def test_named_chat_template_as_jinja_renders_what_ftlab_trains_on() -> None:
 
 def test_peft_adapter_has_peft_names_and_shapes(hf_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "peft"
-    proc = merge(str(hf_run), "--format", "hf-peft", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert run_in_process("ftlab-merge", str(hf_run), "--format", "hf-peft", "--out", str(out)) == 0
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA" and adapter["r"] == 8 and adapter["lora_alpha"] == 16
     assert adapter["base_model_name_or_path"] == str(FIXTURE)

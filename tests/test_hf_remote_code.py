@@ -250,7 +250,7 @@ def test_three_step_lora_run_with_the_checkpoints_own_tokenizer(
 ) -> None:
     """The default run (LoRA, generation eval on) on a copy of the checkpoint completes
     with its own tokenizer, and ftlab-predict generates from it."""
-    from helpers import run_ftlab, run_predict
+    from helpers import run_ftlab, run_in_process
 
     src = tmp_path / name
     shutil.copytree(HF / name, src)
@@ -263,7 +263,9 @@ def test_three_step_lora_run_with_the_checkpoints_own_tokenizer(
     assert summary["data"]["train"]["examples"] > 0
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Once upon a time"}) + "\n")
     out = tmp_path / "o.jsonl"
-    run_predict(
+    # ftlab-predict's main in this process (the command's subprocess: test_e2e).
+    code = run_in_process(
+        "ftlab-predict",
         str(run),
         "--input",
         str(tmp_path / "p.jsonl"),
@@ -272,6 +274,7 @@ def test_three_step_lora_run_with_the_checkpoints_own_tokenizer(
         "--max-new-tokens",
         "4",
     )
+    assert code == 0
     assert isinstance(json.loads(out.read_text().splitlines()[0])["output"], str)
 
 

@@ -60,11 +60,13 @@ def test_refuse_pickles_names_the_file_and_the_switch(tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """A finished LoRA run and a finished full fine-tuning run (two steps each)."""
+    """A finished LoRA run and a finished full fine-tuning run (two steps each; no
+    generation or demo metric: only their saved weights and records are read here)."""
     cwd = tmp_path_factory.mktemp("runs")
     out = {}
+    no_eval = ("eval.generation=false", "eval.demo_metric=false")
     for method in ("lora", "full"):
-        run_ftlab(cwd, f"method={method}", *TINY, f"hydra.run.dir={method}")
+        run_ftlab(cwd, f"method={method}", *TINY, *no_eval, f"hydra.run.dir={method}")
         out[method] = cwd / method
     return out
 

@@ -120,13 +120,15 @@ def load_trained(run_dir: Path | str, allow_pickle: bool = False) -> tuple[Any, 
     model_cfg, method_cfg, dtype = read_run_config(run_dir)
     model_cfg = dataclasses.replace(model_cfg, allow_pickle=allow_pickle)
     check_saved_dir(final, allow_pickle)
+    whole = get_method(method_cfg.name).saves_whole_model
+    if not whole:  # before the tokenizer: a refused base costs no PaddleNLP import
+        check_base_unchanged(final, model_cfg.name_or_path, allow_pickle)
     tokenizer = _tokenizer(model_cfg, final)
-    if get_method(method_cfg.name).saves_whole_model:
+    if whole:
         # final/ is the complete model: loading the base first would only waste memory.
         model = load_model(dataclasses.replace(model_cfg, name_or_path=str(final)), dtype)
         model.eval()
         return model, tokenizer
-    check_base_unchanged(final, model_cfg.name_or_path, allow_pickle)
     base = load_model(model_cfg, dtype)
     return load_adapter(base, final, method_cfg.name, method_cfg, allow_pickle), tokenizer
 
@@ -152,12 +154,14 @@ def load_with_adapter(
         allow_pickle=allow_pickle,
     )
     check_saved_dir(adapter, allow_pickle)
+    whole = get_method(name).saves_whole_model
+    if not whole:  # before the tokenizer, as in load_trained
+        check_base_unchanged(adapter, base, allow_pickle)
     tokenizer = _tokenizer(model_cfg, adapter)
-    if get_method(name).saves_whole_model:
+    if whole:
         model = load_model(dataclasses.replace(model_cfg, name_or_path=str(adapter)), dtype)
         model.eval()
         return model, tokenizer
-    check_base_unchanged(adapter, base, allow_pickle)
     return load_adapter(load_model(model_cfg, dtype), adapter, name, None, allow_pickle), tokenizer
 
 
