@@ -17,8 +17,7 @@ from ftlab.models.cpu_layers import install_cpu_layers, use_fast_cpu_layers
 
 @pytest.fixture
 def counted() -> Iterator[dict[str, int]]:
-    """Counts the calls that took ftlab's layouts (the replacements installed, fast on)."""
-    install_cpu_layers()
+    """Counts the calls that took ftlab's layouts (fast on)."""
     calls = {"norm": 0, "rotary": 0}
     real_plain = cpu_layers._plain_cpu
 
@@ -52,6 +51,7 @@ def test_fast_norm_and_rotary_equal_paddlenlp(family: str, counted: dict[str, in
     model = tiny_model(family)
     model.config.use_flash_attention = False
     model.train()
+    assert install_cpu_layers(model) == 5  # 2 layers x 2 norms + the final norm
     use_fast_cpu_layers(False)
     ref_logits, ref_grads = _logits_and_grads(model)
     assert counted == {"norm": 0, "rotary": 0}
@@ -73,6 +73,9 @@ def test_rotary_is_bitwise_paddlenlp_and_steps_aside_outside_the_plain_case(
     """``x @ R`` with a signed permutation is exact: outputs and gradients bitwise equal.
     No position ids, or autocast, and PaddleNLP's own function runs."""
     from paddlenlp.transformers.llama import modeling
+
+    install_cpu_layers(tiny_model("llama"))
+    cpu_layers._enter()  # as the forward of a model ftlab loaded does
 
     paddle.seed(3)
     q0, k0 = paddle.randn([2, 5, 4, 8]), paddle.randn([2, 5, 2, 8])
@@ -98,14 +101,24 @@ def test_rotary_is_bitwise_paddlenlp_and_steps_aside_outside_the_plain_case(
         modeling.apply_rotary_pos_emb(q0, k0, cos, sin, pos)
     modeling.apply_rotary_pos_emb(q0, k0, cos, sin, None)
     assert counted["rotary"] == 1
+    cpu_layers._leave()
+    modeling.apply_rotary_pos_emb(q0, k0, cos, sin, pos)  # no ftlab model running
+    assert counted["rotary"] == 1
 
 
-def test_install_is_once_per_process() -> None:
+def test_only_models_ftlab_loaded_take_the_fast_layers(counted: dict[str, int]) -> None:
+    """A PaddleNLP model built beside an ftlab-loaded one keeps PaddleNLP's functions;
+    installing twice changes nothing."""
     from paddlenlp.transformers.llama import modeling
 
-    install_cpu_layers()
+    ours, theirs = tiny_model("llama"), tiny_model("llama")
+    install_cpu_layers(ours)
     first = modeling.LlamaRMSNorm.forward
-    install_cpu_layers()
-    assert modeling.LlamaRMSNorm.forward is first
-    assert getattr(first, "ftlab_cpu_layer", False)
-    assert getattr(modeling.apply_rotary_pos_emb, "ftlab_cpu_layer", False)
+    assert install_cpu_layers(ours) == 5 and modeling.LlamaRMSNorm.forward is first
+    ids = paddle.to_tensor([[5, 6, 7, 8]])
+    with paddle.no_grad():
+        theirs(input_ids=ids)
+        assert counted == {"norm": 0, "rotary": 0}
+        ours(input_ids=ids)
+    assert counted == {"norm": 5, "rotary": 2}
+    assert cpu_layers._running == 0

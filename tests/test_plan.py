@@ -151,11 +151,15 @@ def test_plan_counts_every_method(method: str, trainable: int, added_frozen: int
     assert plan["parameters"]["trainable"] == trainable and plan["method"]["name"] == method
 
 
-def test_activation_model_matches_paddle_allocator(tmp_path: Path) -> None:
-    """The fitted per-token activation terms against Paddle's own byte count (fp32, CPU)."""
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-layers", "paddlenlp-layers"])
+def test_activation_model_matches_paddle_allocator(tmp_path: Path, fast: bool) -> None:
+    """The fitted per-token activation terms against Paddle's own byte count (fp32, CPU),
+    with the CPU fast path's layers (what an ftlab run loads) and with PaddleNLP's."""
     import paddle
     import paddle.base.core as core
     from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
+
+    from ftlab.models.cpu_layers import install_cpu_layers
 
     # The shipped model's shapes with 2 layers: a directory whose config.json says so.
     a = compose_run().model.arch
@@ -175,12 +179,15 @@ def test_activation_model_matches_paddle_allocator(tmp_path: Path) -> None:
         "data.max_length=128",
         "data.src_length=64",
         "train.per_device_train_batch_size=4",
+        f"launch.cpu_fast_path={str(fast).lower()}",
     ]
     run = compose_run(overrides)
     a = run.model.arch
     assert a.num_hidden_layers == 2
     paddle.seed(0)
     model = LlamaForCausalLM(config)
+    if fast:
+        assert install_cpu_layers(model) == 5
     ids = paddle.randint(0, a.vocab_size, [4, 128])
     mask = paddle.ones([4, 128], dtype="int64")  # ftlab's collator always passes one
     before = core.host_memory_stat_current_value("Allocated", 0)
@@ -272,13 +279,17 @@ def test_recompute_granularities_order_and_layers() -> None:
     assert act_rc(*flash, "train.refined_recompute='flash_attn:-1'") > act_rc(*flash)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-layers", "paddlenlp-layers"])
 @pytest.mark.parametrize("granularity", ["full", "full_attn", "core_attn"])
-def test_recompute_terms_match_paddle_allocator(granularity: str) -> None:
+def test_recompute_terms_match_paddle_allocator(granularity: str, fast: bool) -> None:
     """What a recomputed layer keeps for backward, per the plan, against Paddle's own byte
-    count: (3 layers - 1 layer) / 2 of the forward's saved bytes (fp32, CPU)."""
+    count: (3 layers - 1 layer) / 2 of the forward's saved bytes (fp32, CPU), with and
+    without the CPU fast path's layers."""
     import paddle
     import paddle.base.core as core
     from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
+
+    from ftlab.models.cpu_layers import install_cpu_layers
 
     base = [
         "method=full",
@@ -287,6 +298,7 @@ def test_recompute_terms_match_paddle_allocator(granularity: str) -> None:
         "train.per_device_train_batch_size=4",
         "train.recompute=true",
         f"train.recompute_granularity={granularity}",
+        f"launch.cpu_fast_path={str(fast).lower()}",
     ]
 
     def saved(layers: int) -> int:
@@ -304,6 +316,8 @@ def test_recompute_terms_match_paddle_allocator(granularity: str) -> None:
         )
         paddle.seed(0)
         model = LlamaForCausalLM(config)
+        if fast:
+            install_cpu_layers(model)
         model.train()
         model.recompute_enable()  # what PaddleNLP's Trainer does for recompute=true
         ids = paddle.randint(0, a.vocab_size, [4, 128])

@@ -16,6 +16,7 @@ from ftlab.distributed.layout import model_parallel_kwargs, pipeline_degree
 from ftlab.errors import ModelLoadError
 from ftlab.models.compat import apply_fixes
 from ftlab.models.config_json import looks_local
+from ftlab.models.cpu_layers import install_cpu_layers
 from ftlab.models.families import FAMILIES
 from ftlab.models.hub_cache import local_model_dir
 from ftlab.models.rope import DEFAULT_ROPE_THETA, long_sequence_config
@@ -171,10 +172,9 @@ def finish_model(model: Any) -> Any:
     CPU (``ftlab.models.attention``) and the fast path's RMSNorm and rotary layouts
     (``ftlab.models.cpu_layers``); both step aside on GPU tensors."""
     from ftlab.models.attention import install_cpu_attention
-    from ftlab.models.cpu_layers import install_cpu_layers
 
     install_cpu_attention(model)
-    install_cpu_layers()
+    install_cpu_layers(model)
     return model
 
 

@@ -104,6 +104,7 @@ from ftlab.distributed.layout import parallel_degrees, processes_per_node
 from ftlab.errors import ConfigError
 from ftlab.methods.catalog import get_method
 from ftlab.methods.registry import AdapterPlan
+from ftlab.models import cpu_layers
 from ftlab.models.arch import base_counts, ffn_width, kv_dim
 from ftlab.models.attention import AttentionPath, attention_path
 from ftlab.models.families import family
@@ -148,6 +149,11 @@ ACT_KEPT = {
     "full_attn": (6.0, 0.0, ACT_PER_LAYER_FFN, 0.0),
     "core_attn": (ACT_PER_LAYER_H, ACT_PER_LAYER_KV, ACT_PER_LAYER_FFN, 0.0),
 }
+# The CPU fast path's extra per layer (ftlab.models.cpu_layers.EXTRA_PER_LAYER: each norm
+# 1 h, the rotary embedding 2 h + 2 kv) that a recomputed layer still keeps: none under
+# full recompute, the two norms' under full_attn (both run outside PaddleNLP's recomputed
+# self-attention), all of it under core_attn (measured: tests/test_plan.py).
+FAST_LAYERS_KEPT = {"full": (0.0, 0.0), "full_attn": (2.0, 0.0), "core_attn": (4.0, 2.0)}
 # Refined recompute keeps an op's output in the layers it skips (per token): flash
 # attention's output and log-sum-exp; the tensor-parallel linears' outputs (modelled from
 # the tensor shapes, GPU-only, not measured here).
@@ -468,13 +474,22 @@ def activations(run: RunConfig, lay: Layout, device: str, full: bool) -> Activat
     tokens = lay.micro_batch * lay.seq_len
     act_b = activation_bytes(run.precision.dtype, device)
     per_token_layer, scores = layer_elements(run, lay, tokens, device)
+    fast_h, fast_kv, fast_outside = _fast_cpu_layer_terms(run, device)
     per_layer = per_token_layer(
-        ACT_PER_LAYER_H, ACT_PER_LAYER_KV, ACT_PER_LAYER_FFN, ACT_PER_LAYER_SCORES
+        ACT_PER_LAYER_H + fast_h,
+        ACT_PER_LAYER_KV + fast_kv,
+        ACT_PER_LAYER_FFN,
+        ACT_PER_LAYER_SCORES,
     )
     granularity = run.train.recompute_granularity
-    kept = per_token_layer(*ACT_KEPT[granularity])
+    kept_h, kept_kv, kept_ffn, kept_scores = ACT_KEPT[granularity]
+    if fast_h:  # what the recomputed block leaves of the fast layers' extra (see there)
+        extra_h, extra_kv = FAST_LAYERS_KEPT[granularity]
+        kept_h, kept_kv = kept_h + extra_h, kept_kv + extra_kv
+    kept = per_token_layer(kept_h, kept_kv, kept_ffn, kept_scores)
     vocab = _vocab_shard(run, lay) if device == "cpu" else 0.0
-    outside = (ACT_OUTSIDE_H * a.hidden_size + ACT_OUTSIDE_VOCAB * vocab) * tokens
+    outside_h = ACT_OUTSIDE_H + fast_outside
+    outside = (outside_h * a.hidden_size + ACT_OUTSIDE_VOCAB * vocab) * tokens
     transient = max(scores / tp, vocab) * tokens
     flight = lay.micro_batches_in_flight
     plain = (layers * per_layer * flight + outside + transient) * act_b
@@ -500,6 +515,22 @@ def activations(run: RunConfig, lay: Layout, device: str, full: bool) -> Activat
         + transient
     ) * act_b
     return Activations(plain, recompute, per_layer * act_b)
+
+
+def _fast_cpu_layer_terms(run: RunConfig, device: str) -> tuple[float, float, float]:
+    """What the CPU fast path's RMSNorm and rotary layouts keep beyond PaddleNLP's layers
+    (``ftlab.models.cpu_layers``): (per layer h, per layer kv, outside h) coefficients,
+    zero where they do not run (GPU, ``launch.cpu_fast_path=false``, another family, or
+    not float32)."""
+    if (
+        device != "cpu"
+        or not run.launch.cpu_fast_path
+        or run.model.family not in cpu_layers.FAST_FAMILIES
+        or run.precision.dtype != "float32"
+    ):
+        return 0.0, 0.0, 0.0
+    per_h, per_kv = cpu_layers.EXTRA_PER_LAYER
+    return float(per_h), float(per_kv), float(cpu_layers.EXTRA_OUTSIDE_H)
 
 
 def _vocab_shard(run: RunConfig, lay: Layout) -> float:
