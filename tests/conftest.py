@@ -29,6 +29,13 @@ from helpers import (  # noqa: F401
 )
 from hydra.core.global_hydra import GlobalHydra
 
+from ftlab.config.cpu_runtime import use_fast_mkl_path
+
+# Every test process computes on the MKL path an ftlab process takes, chosen before Paddle
+# loads: otherwise a worker's path (and the last bits of its float results) would depend on
+# whether an in-process ftlab command had set it before the worker's first MKL call.
+use_fast_mkl_path()
+
 # --------------------------------------------------------------------------- make test (xdist)
 # The files that take longest, longest first (CPU seconds of each file's tests under
 # ``make test``, 2026-12-03 at load average ~2, after the in-process predict/merge calls and

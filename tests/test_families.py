@@ -383,7 +383,7 @@ def test_lora_trains_reloads_and_merges(
     from ftlab.data.collate import Collator, count_tokens
     from ftlab.methods.catalog import get_method
     from ftlab.methods.reopen import load_adapter
-    from ftlab.models.loading import load_model, parameter_counts
+    from ftlab.models.loading import finish_model, load_model, parameter_counts
     from ftlab.planning.plan import count_parameters
     from ftlab.record.rundir import RunDir
     from ftlab.training.arguments import training_arguments
@@ -424,7 +424,7 @@ def test_lora_trains_reloads_and_merges(
     out = tmp_path / "merged"
     argv = ["--base", str(tiny_dirs[name]), "--adapter", str(final), "--out", str(out)]
     assert merge_main(argv) == 0
-    merged = AutoModelForCausalLM.from_pretrained(str(out))
+    merged = finish_model(AutoModelForCausalLM.from_pretrained(str(out)))  # ftlab's layers
     assert np.abs(logits_of(merged, batch) - reference).max() <= MERGE_TOL
 
 

@@ -140,7 +140,7 @@ def test_method_trains_reloads_and_merges(
     from ftlab.cli.merge import main as merge_main
     from ftlab.methods.catalog import get_method
     from ftlab.methods.reopen import load_adapter
-    from ftlab.models.loading import load_model
+    from ftlab.models.loading import finish_model, load_model
     from ftlab.planning.plan import count_parameters
 
     t = trained(key)
@@ -172,6 +172,7 @@ def test_method_trains_reloads_and_merges(
     base_keys = set(load_model(t.run.model, "float32").state_dict())
     assert set(merged.state_dict()) == base_keys  # a plain model: no adapter tensors left
     assert list(out.glob("*.safetensors"))
+    finish_model(merged)  # the layers ftlab computes the reference with: merge error alone
     assert np.abs(logits_of(merged, batch) - reference).max() <= MERGE_TOL
     assert json.loads((out / "ftlab_merged.json").read_text())["method"] == t.run.method.name
 
@@ -569,6 +570,7 @@ def test_ftlab_command_then_ftlab_merge(
     from paddlenlp.transformers import AutoModelForCausalLM
 
     from ftlab.methods.reopen import load_trained
+    from ftlab.models.loading import finish_model
 
     bin_dir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
@@ -608,4 +610,5 @@ def test_ftlab_command_then_ftlab_merge(
     batch = collate(tokenizer, examples)
     model, _ = load_trained(tmp_path / "run")
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "merged"))
+    finish_model(merged)  # the layers load_trained's model computes with
     assert np.abs(logits_of(merged, batch) - logits_of(model, batch)).max() <= MERGE_TOL
