@@ -122,3 +122,12 @@ def test_only_models_ftlab_loaded_take_the_fast_layers(counted: dict[str, int]) 
         ours(input_ids=ids)
     assert counted == {"norm": 5, "rotary": 2}
     assert cpu_layers._running == 0
+    # PaddleNLP's LoRA wrapper calls the wrapped model's forward past its hooks: the gate
+    # sits on the attention layers, so a LoRA model takes the fast rotary too.
+    from paddlenlp.peft import LoRAConfig, LoRAModel
+
+    lora = LoRAModel(ours, LoRAConfig(target_modules=[".*q_proj.*"], r=2, lora_alpha=4))
+    with paddle.no_grad():
+        lora(input_ids=ids)
+    assert counted == {"norm": 10, "rotary": 4}
+    assert cpu_layers._running == 0

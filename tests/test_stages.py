@@ -155,6 +155,9 @@ def trainer_loss(trainer: Any, batch: dict) -> tuple[float, dict]:
 # --------------------------------------------------------------------------- DPO loss
 
 
+LOGPS_TOL = 5e-5
+
+
 def test_dpo_sigmoid_loss_equals_the_formula(tmp_path: Path, tokenizer: Any) -> None:
     run = compose_run(["stage=dpo", "stage.beta=0.1"])
     model, trainer = stage_trainer(run, tmp_path, tokenizer, perturb=0.05)
@@ -167,8 +170,11 @@ def test_dpo_sigmoid_loss_equals_the_formula(tmp_path: Path, tokenizer: Any) -> 
     # Not saturated (measured: z = 0.50 and 2.08, loss 0.2967): a wrong log-prob shows.
     assert 0.1 < loss < 0.6 and abs(z).min() > 0.1
     assert loss == pytest.approx(expected, abs=1e-6)
-    assert np.allclose(seen["policy_chosen_logps"], policy[:, 0], atol=2e-5, rtol=0)
-    assert np.allclose(seen["reference_rejected_logps"], reference[:, 1], atol=2e-5, rtol=0)
+    # Sums of ~60 token log-probs from float32 logits, the trainer's in a padded batch,
+    # these from one row each: the two paths round differently (measured up to 2.7e-5 with
+    # ftlab's CPU layers, which the loaded model computes with).
+    assert np.allclose(seen["policy_chosen_logps"], policy[:, 0], atol=LOGPS_TOL, rtol=0)
+    assert np.allclose(seen["reference_rejected_logps"], reference[:, 1], atol=LOGPS_TOL, rtol=0)
 
 
 def test_identical_policy_and_reference_give_log_2(tmp_path: Path, tokenizer: Any) -> None:
@@ -199,7 +205,8 @@ def test_other_dpo_losses_run_through_the_same_path(
         z = (policy[:, 0] - policy[:, 1]) - (reference[:, 0] - reference[:, 1])
         expected = float(np.mean(formula(z, 0.1, policy[:, 0], policy[:, 1])))
         assert loss > 0.1  # not clipped to 0
-        assert loss == pytest.approx(expected, abs=1e-6)
+        # beta x (four log-prob sums, each within LOGPS_TOL): hinge is linear in z.
+        assert loss == pytest.approx(expected, abs=0.1 * 4 * LOGPS_TOL)
     if loss_type == "simpo":  # reference-free: no reference log-probs at all
         assert np.all(seen["reference_chosen_logps"] == 0)
 

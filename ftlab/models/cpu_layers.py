@@ -25,7 +25,7 @@ kernel asked for, position ids given), and only in models ftlab loaded
 model built elsewhere in the same process keeps PaddleNLP's functions. The replacements
 sit on PaddleNLP's classes and modules (the attention layers call
 ``apply_rotary_pos_emb`` as a module global) and decide per call: a norm by a mark on the
-layer, the rotary function by whether an ftlab model's forward is running.
+layer, the rotary function by whether one of those models' attention layers is running.
 
 What it costs: the expanded factors are kept for backward. Measured with Paddle's
 allocator (fp32, Llama): per layer and token 3.75 h + 2 kv more elements than PaddleNLP's
@@ -57,7 +57,7 @@ EXTRA_OUTSIDE_H = 1
 _MARK = "ftlab_fast_cpu_norm"
 
 _enabled = True
-_running = 0  # forwards of models ftlab loaded in progress (the rotary function's gate)
+_running = 0  # attention forwards of models ftlab loaded in progress (the rotary gate)
 
 
 def use_fast_cpu_layers(enabled: bool) -> None:
@@ -159,22 +159,31 @@ def _leave(*_: Any) -> None:
 
 
 def install_cpu_layers(model: Any) -> int:
-    """Give ``model`` the fast layouts: its norms are marked, its forward opens the rotary
-    gate; returns how many norms. Idempotent; on GPU tensors every call steps aside.
+    """Give ``model`` the fast layouts: its norms are marked, and its attention layers open
+    the rotary gate while they run (hooks on the attention layers themselves: PaddleNLP's
+    LoRA wrapper calls the wrapped model's ``forward`` directly, past the model's own
+    hooks); returns how many norms. Idempotent; on GPU tensors every call steps aside.
 
-    A forward that raises leaves the gate open until the next forward of this model
-    closes it; the rotary function is bitwise PaddleNLP's, so only memory can differ."""
+    An attention forward that raises leaves the gate open until the next one closes it;
+    the rotary function is bitwise PaddleNLP's, so only memory can differ."""
     _replace_paddlenlp_functions()
-    classes = {
-        getattr(importlib.import_module(f"paddlenlp.transformers.{f}.modeling"), name)
-        for f, name in FAST_FAMILIES.items()
+    modules = {
+        f"paddlenlp.transformers.{family}.modeling": n for family, n in FAST_FAMILIES.items()
     }
-    norms = [m for m in model.sublayers(include_self=True) if type(m) in classes]
+    norms, attentions = [], []
+    for layer in model.sublayers(include_self=True):
+        module = type(layer).__module__
+        if module in modules and type(layer).__name__ == modules[module]:
+            norms.append(layer)
+        elif module in modules and hasattr(layer, "attn_func"):
+            attentions.append(layer)
     for norm in norms:
         object.__setattr__(norm, _MARK, True)
-    if norms and not getattr(model, "ftlab_cpu_layers", False):
-        model.register_forward_pre_hook(_enter)
-        model.register_forward_post_hook(_leave)
-        model.ftlab_cpu_layers = True
-        log.info("CPU layers: %d RMSNorm layers and the rotary embedding", len(norms))
+    for attention in attentions:
+        if not getattr(attention, "ftlab_rotary_gate", False):
+            attention.register_forward_pre_hook(_enter)
+            attention.register_forward_post_hook(_leave)
+            object.__setattr__(attention, "ftlab_rotary_gate", True)
+    if norms:
+        log.info("CPU layers: %d RMSNorm and %d attention layers", len(norms), len(attentions))
     return len(norms)
