@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## Create .venv and install ftlab with pinned dependencies
 
-train: $(STAMP) ## Fine-tune the shipped model on the demo task (LoRA, CPU, ~30 s quiet)
+train: $(STAMP) ## Fine-tune the shipped model on the demo task (LoRA, CPU, ~20 s quiet)
 	$(VENV)/bin/ftlab $(ARGS)
 
 # Every core (pytest-xdist), one test file per worker at a time, the long files first
