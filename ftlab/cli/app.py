@@ -51,6 +51,7 @@ from ftlab.distributed.launch import (
 from ftlab.distributed.rendezvous import check_same_config
 from ftlab.errors import DataError, FtlabError
 from ftlab.methods.catalog import method_schemas
+from ftlab.models.loading import check_model_dir
 from ftlab.planning.disk import disk_warning, plan_disk
 from ftlab.record import phases
 from ftlab.record.resume import (
@@ -102,6 +103,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> Any:
     run, env, derived = resolved.run, resolved.env, resolved.derived
     if run.mode == "train":  # plan and export read no data (it may live on the target)
         _check_data_files(run)
+        check_model_dir(run.model)  # a pickled or damaged base: refused before Paddle loads
     if not inside_worker():  # a worker's job was described by its launcher
         console.info(describe_run(run, derived, run_dir))
     signals.install()  # Paddle's import replaced the SIGTERM handler (ftlab.signals)
