@@ -28,14 +28,16 @@ train: $(STAMP) ## Fine-tune the shipped model on the demo task (LoRA, CPU, ~20 
 # (tests/conftest.py), each worker pinned to its own core (so are the ftlab processes it
 # starts). Quiet, 2 cores, 2026-12-03: 1,107 passed + 31 skipped in 342 s (CPU 655 s); an hour
 # later, 1,112 passed in 422 s (CPU 823 s; the machine 10-15% slower on a fixed workload);
-# the final tree of that day, 1,113 passed in 340 s (CPU 654 s).
-test: $(STAMP) ## Run the default test suite on every core (1,113 tests: 340-436 s on 2 quiet cores)
+# the final tree of that day, 1,113 passed in 340 s (CPU 654 s). Later that day, with the
+# CPU layers, in-process predict/merge calls and trimmed evals: 1,121 passed in 318 s
+# (CPU 592 s) and 306 s (CPU 580 s), two quiet runs.
+test: $(STAMP) ## Run the default test suite on every core (1,121 tests: ~5 min on 2 quiet cores)
 	$(PY) -m pytest -m "not slow" -n auto --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # The 404 tests marked fast (no Paddle import; tests/conftest.py fails a test that imports
 # it), on every core like `test`. 2026-12-03, with tests/helpers.py's composition cache:
 # 103 s CPU; serial 112 s wall, -n 2 89 s wall, both at load average 2-3 (others' work);
-# on 2 quiet cores expect ~55 s (not measured quiet). Before the cache: 122 s CPU, 136 s
+# quiet, 2 cores: 404 passed in 56 s (CPU 104 s). Before the cache: 122 s CPU, 136 s
 # serial quiet.
 test-fast: $(STAMP) ## The tests that need no Paddle: compose, validate, plan, auto, CLI (~1 min)
 	$(PY) -m pytest -m "fast and not slow" -n auto --dist loadfile $(ARGS)
