@@ -52,12 +52,14 @@ from ftlab.distributed.rendezvous import check_same_config
 from ftlab.errors import DataError, FtlabError
 from ftlab.methods.catalog import method_schemas
 from ftlab.models.loading import check_model_dir
+from ftlab.models.weights import refuse_pickles
 from ftlab.planning.disk import disk_warning, plan_disk
 from ftlab.record import phases
 from ftlab.record.resume import (
     RunFinished,
     checkpoint_step,
     latest_complete_checkpoint,
+    pick_checkpoint,
     refuse_resume_changes,
     replay_argv,
 )
@@ -193,6 +195,9 @@ def _train_or_launch(cfg: DictConfig, run: RunConfig, derived: Derived, record: 
         # Each node composed its own command line: refuse a job whose nodes differ,
         # before any data or model is loaded (ftlab.distributed.rendezvous).
         check_same_config(cfg, run.launch.rendezvous_timeout)
+    if run.resume:  # a pickle in the checkpoint to continue from: refused before Paddle loads
+        checkpoint, _ = pick_checkpoint(record.path)  # its warnings are printed by the run
+        refuse_pickles(checkpoint, run.model.allow_pickle, "checkpoint state")
     from ftlab.training.run import train  # imports Paddle and PaddleNLP: train mode only
 
     summary = train(run, record, derived)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ftlab.errors import ConfigError
 from ftlab.methods.catalog import get_method, registered_methods
-from ftlab.methods.reopen import load_trained, load_with_adapter, merge_model
+from ftlab.methods.reopen import check_saved_dir, load_trained, load_with_adapter, merge_model
 from ftlab.models.loading import weight_dtype
 from ftlab.record.rundir import FINAL, METHOD_RECORD, RESOLVED_CONFIG, RunDir
 
@@ -99,6 +99,9 @@ def inspect_init(run: RunConfig) -> InitSource:
             f"to start from: {cls.merge_unsupported}. Start from a LoRA, QLoRA, VeRA, LoKr "
             "or full fine-tuning run."
         )
+    # Its weights before anything loads: a pickle or a damaged file fails here, in the
+    # validation, not after Paddle and the data.
+    check_saved_dir(saved, run.model.allow_pickle)
     return InitSource(
         path=given.resolve(),
         saved=saved.resolve(),
