@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from ftlab.config.schema import ModelConfig
-from ftlab.models.cpu_layers import FAST_FAMILIES, fast_cpu_layers
+from ftlab.models.cpu_layers import FAST_MODULES, fast_cpu_layers
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +251,7 @@ def _flash_output(out: Any, output_attentions: bool, sequence_parallel: bool) ->
 
 # The eager attention functions that are exactly ``softmax(q k^T / sqrt(d) + mask) v``
 # (DeepSeek's, for one, scales by its own ``softmax_scale`` and is left alone).
-_PLAIN_EAGER_MODULES = frozenset(
-    f"paddlenlp.transformers.{family}.modeling" for family in FAST_FAMILIES
-)
+_PLAIN_EAGER_MODULES = frozenset(FAST_MODULES)
 
 
 def _plain_eager(original: Callable[..., Any]) -> bool:

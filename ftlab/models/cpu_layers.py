@@ -44,12 +44,13 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # The families whose RMSNorm and rotary functions are exactly PaddleNLP's Llama ones
-# (read in paddlenlp 3.0.0b4): family -> its RMSNorm class.
+# (read in paddlenlp 3.0.0b4): family -> its RMSNorm class; and the same by module.
 FAST_FAMILIES = {
     "llama": "LlamaRMSNorm",
     "qwen2": "Qwen2RMSNorm",
     "qwen2_moe": "Qwen2MoeRMSNorm",
 }
+FAST_MODULES = {f"paddlenlp.transformers.{f}.modeling": n for f, n in FAST_FAMILIES.items()}
 # Activation elements the replacements keep beyond PaddleNLP's, per layer and token, in
 # units of (hidden size, key/value width), and for the final norm (see the docstring).
 EXTRA_PER_LAYER = (4, 2)
@@ -102,7 +103,6 @@ def _rms_norm(original: Callable[..., Any]) -> Callable[..., Any]:
         scale = paddle.rsqrt(variance + self.variance_epsilon).expand(hidden_states.shape)
         return scale * hidden_states * self.weight
 
-    forward.ftlab_cpu_layer = True  # type: ignore[attr-defined]
     return forward
 
 
@@ -135,14 +135,13 @@ def _rotary(original: Callable[..., Any]) -> Callable[..., Any]:
 
         return embed(q), embed(k)
 
-    apply_rotary_pos_emb.ftlab_cpu_layer = True  # type: ignore[attr-defined]
     return apply_rotary_pos_emb
 
 
 @functools.cache
 def _replace_paddlenlp_functions() -> None:
-    for family, norm_class in FAST_FAMILIES.items():
-        module = importlib.import_module(f"paddlenlp.transformers.{family}.modeling")
+    for name, norm_class in FAST_MODULES.items():
+        module = importlib.import_module(name)
         norm = getattr(module, norm_class)
         norm.forward = _rms_norm(norm.forward)
         module.apply_rotary_pos_emb = _rotary(module.apply_rotary_pos_emb)
@@ -167,15 +166,12 @@ def install_cpu_layers(model: Any) -> int:
     An attention forward that raises leaves the gate open until the next one closes it;
     the rotary function is bitwise PaddleNLP's, so only memory can differ."""
     _replace_paddlenlp_functions()
-    modules = {
-        f"paddlenlp.transformers.{family}.modeling": n for family, n in FAST_FAMILIES.items()
-    }
     norms, attentions = [], []
     for layer in model.sublayers(include_self=True):
         module = type(layer).__module__
-        if module in modules and type(layer).__name__ == modules[module]:
+        if module in FAST_MODULES and type(layer).__name__ == FAST_MODULES[module]:
             norms.append(layer)
-        elif module in modules and hasattr(layer, "attn_func"):
+        elif module in FAST_MODULES and hasattr(layer, "attn_func"):
             attentions.append(layer)
     for norm in norms:
         object.__setattr__(norm, _MARK, True)
