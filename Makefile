@@ -30,7 +30,8 @@ train: $(STAMP) ## Fine-tune the shipped model on the demo task (LoRA, CPU, ~20 
 # later, 1,112 passed in 422 s (CPU 823 s; the machine 10-15% slower on a fixed workload);
 # the final tree of that day, 1,113 passed in 340 s (CPU 654 s). Later that day, with the
 # CPU layers, in-process predict/merge calls, trimmed evals and early refusals: 1,121
-# passed in 318 s (CPU 592 s), 306 s (CPU 580 s) and 349 s (CPU 668 s), three quiet runs.
+# passed in 318 s (CPU 592 s), 306 s (CPU 580 s), 349 s (CPU 668 s) and 294 s (CPU 543 s),
+# four quiet runs.
 test: $(STAMP) ## Run the default test suite on every core (1,121 tests: ~5 min on 2 quiet cores)
 	$(PY) -m pytest -m "not slow" -n auto --dist loadfile --no-loadscope-reorder $(ARGS)
 
