@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 # Re-exported: tests written before helpers.py (on other branches too) import these from conftest.
+# Importing helpers also chose MKL's code path for this process, before Paddle loads.
 from helpers import (  # noqa: F401
     CONF_DIR,
     CPU,
@@ -29,32 +30,24 @@ from helpers import (  # noqa: F401
 )
 from hydra.core.global_hydra import GlobalHydra
 
-from ftlab.config.cpu_runtime import use_fast_mkl_path
-
-# Every test process computes on the MKL path an ftlab process takes, chosen before Paddle
-# loads: otherwise a worker's path (and the last bits of its float results) would depend on
-# whether an in-process ftlab command had set it before the worker's first MKL call.
-use_fast_mkl_path()
-
 # --------------------------------------------------------------------------- make test (xdist)
-# The files that take longest, longest first (CPU seconds of each file's tests under
-# ``make test``, 2026-12-03 at load average ~2, after the in-process predict/merge calls and
-# the trimmed evals: distributed 70, e2e 66, resume 46 (before its eval trim), pickle_refusal 40,
-# grpo_stage 37, methods 30, hf_families 25, seams 25, hf_out 24, best_checkpoint 24; the
-# other files 357 s together). Under ``-n 2 --dist loadfile --no-loadscope-reorder`` each
-# file runs on one worker (its module fixtures once) and the long files start first, so no
-# long file is left for the end.
+# The files that take longest, longest first (seconds of each file's tests under ``make
+# test``, 2026-12-03, quiet, after the forked ftlab runs of ``helpers.run_ftlab_forked``:
+# distributed 70, e2e 48, methods 24, pickle_refusal 23, reliability 22, resume 20,
+# grpo_stage 16, hf_out 14, stages 14, hf_families 14; the other files 219 s together).
+# Under ``-n 2 --dist loadfile --no-loadscope-reorder`` each file runs on one worker (its
+# module fixtures once) and the long files start first, so no long file is left for the end.
 LONGEST_FIRST = [
     "test_distributed.py",
     "test_e2e.py",
-    "test_resume.py",
-    "test_pickle_refusal.py",
-    "test_grpo_stage.py",
     "test_methods.py",
-    "test_hf_families.py",
-    "test_seams.py",
+    "test_pickle_refusal.py",
+    "test_reliability.py",
+    "test_resume.py",
+    "test_grpo_stage.py",
     "test_hf_out.py",
-    "test_best_checkpoint.py",
+    "test_stages.py",
+    "test_hf_families.py",
 ]
 
 

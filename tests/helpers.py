@@ -9,12 +9,16 @@ Paddle at module level, so the tests of ``make test-fast`` can import it.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +27,19 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 
 from ftlab.assets import asset_path
+from ftlab.config.cpu_runtime import use_fast_mkl_path
 from ftlab.config.environment import Environment
 from ftlab.config.schema import RunConfig
 from ftlab.resolve.compose import register_configs, to_run_config
+
+# Every test process computes on the MKL path an ftlab process takes, chosen before Paddle
+# loads (this module is imported before any test module): otherwise a test process's path
+# (and the last bits of its float results) would depend on whether an in-process ftlab
+# command had set it before the process's first MKL call.
+use_fast_mkl_path()
+# The environment of this test process at its start, with that choice: the server that forks
+# ftlab runs starts with it (``run_ftlab_forked``).
+START_ENVIRONMENT = dict(os.environ)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -89,6 +103,113 @@ def run_ftlab(cwd: Path, *overrides: str, check: bool = True) -> subprocess.Comp
     if check and proc.returncode != 0:
         raise AssertionError(f"ftlab failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def run_ftlab_forked(
+    cwd: Path, *overrides: str, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """The real ``ftlab`` command (``ftlab.cli.app.main`` with these arguments) in ``cwd``,
+    in a process forked from a server that has imported Paddle and PaddleNLP once: its exit
+    status, stdout and stderr, as ``run_ftlab`` returns them.
+
+    Why: a new ``ftlab`` process spends ~4 s of CPU importing Paddle and PaddleNLP before
+    its first line of work; a fork of a process that imported them starts at ``main()``
+    (a two-step run: 5.9 -> 2.5 s, the same losses bit for bit). The server
+    (multiprocessing's forkserver, one per test process, started on first use) imports
+    and nothing else: no test ran in it, no thread or loader of Paddle's is alive in it,
+    so a fork starts as a new process would, with this test's environment (no
+    ``PADDLE_*`` variable) and working directory, and ends as the console script ends.
+    For tests that check what a run does and writes; what concerns the process itself
+    (its start, signals, the console script's exit, variables read when Paddle loads,
+    launched workers) keeps the subprocess of ``run_ftlab``. The one visible difference:
+    the ``cpu`` line says Paddle was loaded before ftlab chose MKL's path (this conftest
+    chose the same path before the server started)."""
+    context = _ftlab_server()
+    args = ["ftlab", *overrides]
+    with tempfile.TemporaryDirectory() as scratch:
+        out, err = Path(scratch, "stdout"), Path(scratch, "stderr")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+        child = context.Process(target=_forked_ftlab, args=(Path(cwd), args, out, err, env))
+        child.start()
+        child.join(timeout)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise subprocess.TimeoutExpired(args, timeout)
+        proc = subprocess.CompletedProcess(
+            args,
+            child.exitcode,
+            out.read_text(errors="replace") if out.exists() else "",
+            err.read_text(errors="replace") if err.exists() else "",
+        )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ftlab failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _ftlab_server() -> Any:
+    """The multiprocessing context whose server forks the ftlab runs, running. The server
+    starts with the environment this test process started with (not one a test changed
+    since): Paddle, PaddleNLP and huggingface_hub read some variables when they load."""
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["ftlab.training.run", "ftlab.cli.app", "helpers"])
+    now = dict(os.environ)
+    os.environ.clear()
+    os.environ.update({k: v for k, v in START_ENVIRONMENT.items() if not k.startswith("PADDLE_")})
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        os.environ.clear()
+        os.environ.update(now)
+    return context
+
+
+def _forked_ftlab(cwd: Path, argv: list[str], out: Path, err: Path, env: dict) -> None:
+    """In the forked child: the caller's environment and directory, stdout / stderr into
+    files, ``main()``, then the console script's end (``atexit`` handlers, flush,
+    ``os._exit``)."""
+    code = 1
+    try:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        for fd, path in ((1, out), (2, err)):
+            opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(opened, fd)
+            os.close(opened)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        from ftlab.cli.app import main  # imported by the server
+
+        sys.argv = argv
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = _exit_status(exit_.code)
+        except BaseException:  # noqa: BLE001 - an uncaught error ends a process this way
+            traceback.print_exc()
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
+def _exit_status(code: Any) -> int:
+    """What ``sys.exit(code)`` makes a process's exit status."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
 
 
 def run_predict(*args: str, check: bool = True) -> subprocess.CompletedProcess:

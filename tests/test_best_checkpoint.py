@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import CONF_DIR, CPU, compose_run
-from test_e2e import read_jsonl, run_ftlab
+from helpers import run_ftlab_forked
+from test_e2e import read_jsonl
 
 from ftlab.cli.runs import main as runs_main
 from ftlab.errors import ConfigError
@@ -150,7 +151,7 @@ def weights(path: Path) -> dict[str, np.ndarray]:
 def test_final_is_the_best_checkpoint_and_the_limit_keeps_it(tmp_path: Path, capsys) -> None:
     """4 steps, eval and save at each, limit 1: the best (step 2) and the newest (step 4)
     are kept; final/ holds step 2's weights bit for bit, not step 4's."""
-    run_ftlab(
+    run_ftlab_forked(
         tmp_path,
         *RISING,
         *EVERY_STEP,
@@ -188,7 +189,7 @@ def test_early_stopping_stops_at_the_first_evaluation_that_does_not_improve(
 ) -> None:
     """Patience 1 on the same schedule: step 2 is the best, step 3 is worse, so the run
     ends at step 3 of 6, completed, with stopped_early_at: 3."""
-    proc = run_ftlab(
+    proc = run_ftlab_forked(
         tmp_path,
         *RISING,
         *EVERY_STEP,

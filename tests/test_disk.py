@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CPU, compose_run
-from test_e2e import run_ftlab
+from helpers import run_ftlab_forked
 
 from ftlab.config.environment import target_environment
 from ftlab.errors import ConfigError
@@ -24,7 +24,7 @@ THREE_SAVES = ("train.max_steps=3", "train.save_steps=1", "train.logging_steps=1
 def measured_against_plan(tmp_path: Path, *overrides: str) -> tuple[int, dict]:
     """(bytes of checkpoints/ + final/ after a CPU run, the plan's disk record)."""
     quiet = ("eval.demo_metric=false", "eval.generation=false")
-    run_ftlab(tmp_path, *overrides, *quiet)
+    run_ftlab_forked(tmp_path, *overrides, *quiet)
     (run_dir,) = [p for p in (tmp_path / "outputs").glob("*/*") if (p / "final").is_dir()]
     # The newest save_total_limit (2) of 3 checkpoints are kept.
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
@@ -32,7 +32,7 @@ def measured_against_plan(tmp_path: Path, *overrides: str) -> tuple[int, dict]:
         "checkpoint-3",
     ]
     written = dir_bytes(run_dir / "checkpoints") + dir_bytes(run_dir / "final")
-    run_ftlab(tmp_path, "mode=plan", *overrides, *quiet)
+    run_ftlab_forked(tmp_path, "mode=plan", *overrides, *quiet)
     (plan_dir,) = [p for p in (tmp_path / "outputs").glob("*/*") if (p / "plan.json").is_file()]
     return written, json.loads((plan_dir / "plan.json").read_text())["disk"]
 
@@ -113,10 +113,10 @@ def test_checkpoint_options_that_cannot_act_are_refused(
 
 
 def test_plan_and_auto_warn_when_the_disk_would_be_exceeded(tmp_path: Path) -> None:
-    proc = run_ftlab(tmp_path, "mode=plan", "launch.disk_gib=0.0001")
+    proc = run_ftlab_forked(tmp_path, "mode=plan", "launch.disk_gib=0.0001")
     out = proc.stdout + proc.stderr
     assert "disk: checkpoints (1 x" in out and "launch.disk_gib" in out
-    proc = run_ftlab(tmp_path, "mode=export", "parallel=auto", "launch.disk_gib=0.0001")
+    proc = run_ftlab_forked(tmp_path, "mode=export", "parallel=auto", "launch.disk_gib=0.0001")
     assert "more than the 104.86 KiB launch.disk_gib" in proc.stdout + proc.stderr
-    proc = run_ftlab(tmp_path, "mode=plan")  # a probed budget that holds: no warning
+    proc = run_ftlab_forked(tmp_path, "mode=plan")  # a probed budget that holds: no warning
     assert "budget" in proc.stdout and "warning: disk" not in proc.stdout + proc.stderr

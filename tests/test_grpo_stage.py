@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import CPU, compose_run, group_options
-from test_e2e import read_jsonl, run_ftlab
+from helpers import run_ftlab_forked
+from test_e2e import read_jsonl
 
 from ftlab.errors import ConfigError
 from ftlab.resolve.validate import validate
@@ -123,7 +124,7 @@ def test_plan_counts_the_generation_cache_and_export_says_what_is_missing(tmp_pa
 @pytest.fixture(scope="module")
 def grpo_run(tmp_path_factory: Any) -> tuple[Path, Any]:
     cwd = tmp_path_factory.mktemp("grpo")
-    proc = run_ftlab(cwd, *TINY, "train.save_steps=1", "hydra.run.dir=run")
+    proc = run_ftlab_forked(cwd, *TINY, "train.save_steps=1", "hydra.run.dir=run")
     return cwd / "run", proc
 
 
@@ -173,7 +174,7 @@ def test_grpo_scalars_reach_visualdl(grpo_run: tuple[Path, Any]) -> None:
 
 @pytest.mark.slow  # the default suite's e2e is the LoRA run above
 def test_full_finetuning_without_reference_and_several_iterations(tmp_path: Path) -> None:
-    run_ftlab(
+    run_ftlab_forked(
         tmp_path,
         *TINY,
         "method=full",
@@ -199,7 +200,7 @@ def test_bad_input_fails_in_one_line_before_training(tmp_path: Path) -> None:
     lines = [{"src": "Hi.", "tgt": "Hello."}, {"src": long_prompt, "tgt": "x"}]
     (tmp_path / "data/train.json").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     (tmp_path / "data/dev.json").write_text(json.dumps(lines[0]) + "\n")
-    proc = run_ftlab(
+    proc = run_ftlab_forked(
         tmp_path, *TINY, f"data.path={tmp_path / 'data'}", "hydra.run.dir=bad", check=False
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -207,7 +208,7 @@ def test_bad_input_fails_in_one_line_before_training(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     assert any("train.json:2: the prompt is" in line and "data.max_length" in line for line in err)
     assert not (tmp_path / "bad/checkpoints").exists()
-    proc = run_ftlab(tmp_path, *TINY, "stage.rewards=[nope:f]", check=False)
+    proc = run_ftlab_forked(tmp_path, *TINY, "stage.rewards=[nope:f]", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "module 'nope' cannot be imported" in proc.stderr
 
@@ -228,7 +229,7 @@ def test_resumed_grpo_run_equals_the_uninterrupted_one(
     for name in ("summary.json", "status.json", "samples.jsonl"):
         (run_dir / name).unlink(missing_ok=True)
     time.sleep(0.01)
-    run_ftlab(tmp_path, f"resume={run_dir}")
+    run_ftlab_forked(tmp_path, f"resume={run_dir}")
 
     def losses(d: Path) -> dict[int, float]:
         return {
@@ -250,7 +251,7 @@ def test_demo_grpo_from_the_base_model_raises_entity_recall(tmp_path: Path) -> N
     base model (measured: dev entity recall 0.201 -> 0.542, 112 CPU s). Wall time is
     printed, not asserted."""
     start = time.perf_counter()
-    proc = run_ftlab(tmp_path, "stage=grpo", "hydra.run.dir=grpo")
+    proc = run_ftlab_forked(tmp_path, "stage=grpo", "hydra.run.dir=grpo")
     print(proc.stdout[-1500:], f"\nwall {time.perf_counter() - start:.1f} s")
     summary = json.loads((tmp_path / "grpo/summary.json").read_text())
     assert summary["entity_recall"] >= summary["entity_recall_base"] + 0.15
@@ -305,7 +306,7 @@ def test_rm_export_is_refused_in_one_line(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def rm_run(tmp_path_factory: Any) -> Path:
     cwd = tmp_path_factory.mktemp("rm")
-    run_ftlab(
+    run_ftlab_forked(
         cwd,
         "stage=rm",
         "train.max_steps=2",

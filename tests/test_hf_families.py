@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_ftlab, run_in_process
+from helpers import run_ftlab_forked, run_in_process
 from test_hf_out import merge
 
 from ftlab.config.schema import ModelConfig
@@ -128,7 +128,7 @@ def hf_run(request, tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Pa
     cwd = tmp_path_factory.mktemp("cwd")
     os.environ["FTLAB_CACHE"] = str(cache)  # the subprocess's cache
     try:
-        run_ftlab(
+        run_ftlab_forked(
             cwd,
             f"model.name_or_path={FIXTURES / request.param}",
             "data.max_length=128",

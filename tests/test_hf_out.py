@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_in_process
-from test_e2e import FTLAB, run_ftlab
+from helpers import run_ftlab_forked, run_in_process
+from test_e2e import FTLAB
 
 from ftlab.config.schema import ModelConfig
 from ftlab.errors import ConfigError
@@ -42,7 +42,7 @@ def hf_run(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
     cwd = tmp_path_factory.mktemp("cwd")
     os.environ["FTLAB_CACHE"] = str(cache)  # the subprocess's cache
     try:
-        run_ftlab(
+        run_ftlab_forked(
             cwd,
             f"model.name_or_path={FIXTURE}",
             "model.pad_token='<unk>'",
@@ -270,7 +270,7 @@ def test_plan_of_a_hf_checkpoint_reads_no_weights(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     os.environ["FTLAB_CACHE"] = str(cache)
     try:
-        proc = run_ftlab(
+        proc = run_ftlab_forked(
             tmp_path,
             "mode=plan",
             f"model.name_or_path={FIXTURES / 'qwen2_moe-tiny-sharded-bf16'}",

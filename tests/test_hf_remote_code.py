@@ -250,13 +250,13 @@ def test_three_step_lora_run_with_the_checkpoints_own_tokenizer(
 ) -> None:
     """The default run (LoRA, generation eval on) on a copy of the checkpoint completes
     with its own tokenizer, and ftlab-predict generates from it."""
-    from helpers import run_ftlab, run_in_process
+    from helpers import run_ftlab_forked, run_in_process
 
     src = tmp_path / name
     shutil.copytree(HF / name, src)
     monkeypatch.setenv("FTLAB_CACHE", str(cache))  # the subprocesses' cache
     short = ["data.max_length=128", "train.max_steps=3", "eval.max_new_tokens=4"]
-    run_ftlab(tmp_path, f"model.name_or_path={src}", *overrides, *short)
+    run_ftlab_forked(tmp_path, f"model.name_or_path={src}", *overrides, *short)
     (run,) = (tmp_path / "outputs").glob(f"*/*_{name}_lora")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed", summary

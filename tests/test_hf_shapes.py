@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from helpers import compose_run, group_options, run_ftlab
+from helpers import compose_run, group_options, run_ftlab_forked
 
 from ftlab.errors import ModelLoadError
 
@@ -117,7 +117,7 @@ def test_run_on_a_checkpoint_with_a_bad_norm_stops_before_training(tmp_path: Pat
     d = tmp_path / "qwen2-bad-norm"
     shutil.copytree(FIXTURES / "qwen2-tiny", d)
     path = reshape_tensor(d, "model.norm.weight", [2, 16])
-    proc = run_ftlab(tmp_path, f"model.name_or_path={d}", "data.max_length=128", check=False)
+    proc = run_ftlab_forked(tmp_path, f"model.name_or_path={d}", "data.max_length=128", check=False)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("ftlab: error:")]
     assert len(errors) == 1 and f"{path}: tensor 'model.norm.weight' has shape" in errors[0]

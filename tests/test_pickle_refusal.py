@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_e2e import FTLAB, run_ftlab
+from helpers import run_ftlab_forked
+from test_e2e import FTLAB
 
 from ftlab.assets import asset_path
 from ftlab.errors import ModelLoadError
@@ -66,7 +67,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     no_eval = ("eval.generation=false", "eval.demo_metric=false")
     for method in ("lora", "full"):
-        run_ftlab(cwd, f"method={method}", *TINY, *no_eval, f"hydra.run.dir={method}")
+        run_ftlab_forked(cwd, f"method={method}", *TINY, *no_eval, f"hydra.run.dir={method}")
         out[method] = cwd / method
     return out
 

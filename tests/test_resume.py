@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import FTLAB, run_ftlab
+from helpers import FTLAB, run_ftlab_forked
 
 ARGS = [
     "train.max_steps=16",
@@ -70,7 +70,7 @@ def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("ref")
-    run_ftlab(cwd, *ARGS, "hydra.run.dir=run")
+    run_ftlab_forked(cwd, *ARGS, "hydra.run.dir=run")
     return cwd / "run"
 
 
@@ -98,7 +98,7 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(uninterrupted
     )
     kill_when(proc, lambda: (run_dir / "checkpoints/checkpoint-8").is_dir())
     assert not (run_dir / "summary.json").exists()
-    proc = run_ftlab(tmp_path, f"resume={run_dir}")
+    proc = run_ftlab_forked(tmp_path, f"resume={run_dir}")
     assert (
         "checkpoint-8"
         in json.loads((run_dir / "summary.json").read_text())["derived"]["resumed_from"]
@@ -121,7 +121,7 @@ def test_kill_during_save_is_never_resumed_from(uninterrupted, tmp_path):
     # The half-written checkpoint exists only under its temporary name.
     assert (run_dir / "checkpoints/.staging/checkpoint-12").is_dir()
     assert not (run_dir / "checkpoints/checkpoint-12").exists()
-    run_ftlab(tmp_path, f"resume={run_dir}")
+    run_ftlab_forked(tmp_path, f"resume={run_dir}")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["derived"]["resumed_from"].endswith("checkpoint-8")
     assert not (run_dir / "checkpoints/.staging").exists()
@@ -150,7 +150,7 @@ def test_resume_refuses_a_changed_method_and_warns_on_other_changes(uninterrupte
     run_dir = tmp_path / "copy"
     shutil.copytree(uninterrupted, run_dir)
     before = snapshot(run_dir)
-    proc = run_ftlab(
+    proc = run_ftlab_forked(
         tmp_path, f"resume={run_dir}", "train.max_steps=20", "method.lora_rank=4", check=False
     )
     assert proc.returncode == 2
@@ -158,7 +158,9 @@ def test_resume_refuses_a_changed_method_and_warns_on_other_changes(uninterrupte
     # The resume never started: the finished run's record is exactly as it was.
     after = snapshot(run_dir)
     assert {n: after[n] for n in RECORD} == {n: before[n] for n in RECORD}
-    proc = run_ftlab(tmp_path, f"resume={run_dir}", "train.max_steps=20", "train.save_steps=0")
+    proc = run_ftlab_forked(
+        tmp_path, f"resume={run_dir}", "train.max_steps=20", "train.save_steps=0"
+    )
     out = proc.stdout + proc.stderr
     assert f"resume={run_dir}: the run completed 16 steps; continuing to train.max_steps=20" in out
     assert "resume with a changed setting: train.max_steps: 16 -> 20" in out
@@ -173,7 +175,7 @@ def test_resume_of_a_finished_run_changes_nothing(uninterrupted, tmp_path):
     shutil.copytree(uninterrupted, run_dir)
     before = snapshot(run_dir)
     for more in ([], ["train.max_steps=16"]):
-        proc = run_ftlab(tmp_path, f"resume={run_dir}", *more)
+        proc = run_ftlab_forked(tmp_path, f"resume={run_dir}", *more)
         assert proc.stdout.strip() == (
             f"ftlab: resume={run_dir}: the run is finished (status completed after 16 steps, "
             "final/ written); nothing to do, and nothing in it was changed. To train it "
@@ -194,7 +196,7 @@ def test_resume_from_the_last_step_trains_no_step_beyond_max_steps(uninterrupted
     shutil.rmtree(run_dir / "final")
     (run_dir / "summary.json").unlink()
     (run_dir / "status.json").unlink()
-    run_ftlab(tmp_path, f"resume={run_dir}")
+    run_ftlab_forked(tmp_path, f"resume={run_dir}")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 16 and summary["derived"]["resumed_from"].endswith("checkpoint-16")
     assert max(losses(run_dir)) == 16
@@ -221,14 +223,14 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_taken(uninterrupted, t
     newest.write_bytes(newest.read_bytes()[:1000])
     older.write_bytes(whole[:100])
     before = snapshot(run_dir)
-    proc = run_ftlab(tmp_path, f"resume={run_dir}", check=False)
+    proc = run_ftlab_forked(tmp_path, f"resume={run_dir}", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{newest} is damaged: truncated" in proc.stderr
     assert f"{older} is damaged: truncated" in proc.stderr
     assert snapshot(run_dir) == before  # checked before Hydra wrote anything
 
     older.write_bytes(whole)
-    proc = run_ftlab(tmp_path, f"resume={run_dir}")
+    proc = run_ftlab_forked(tmp_path, f"resume={run_dir}")
     assert (
         f"warning: checkpoint-16 is unusable: {newest} is damaged: truncated: its header "
         "alone needs" in proc.stdout
@@ -242,7 +244,7 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_taken(uninterrupted, t
 
 @pytest.mark.slow  # ~40 s: two more ftlab runs
 def test_rerun_reproduces_losses_and_reports_differences(uninterrupted, tmp_path):
-    proc = run_ftlab(tmp_path, f"rerun={uninterrupted}", "hydra.run.dir=again")
+    proc = run_ftlab_forked(tmp_path, f"rerun={uninterrupted}", "hydra.run.dir=again")
     again = tmp_path / "again"
     assert losses(again) == losses(uninterrupted)  # exact on CPU
     assert f"rerun of {uninterrupted}" in proc.stdout or "rerun differs" in proc.stdout
@@ -257,7 +259,7 @@ def test_rerun_reproduces_losses_and_reports_differences(uninterrupted, tmp_path
         (data / split).write_text((asset_path("demo_stories") / split).read_text())
     with open(data / "dev.json", "a") as f:
         f.write(json.dumps({"src": "Write a story.", "tgt": "Once upon a time."}) + "\n")
-    proc = run_ftlab(
+    proc = run_ftlab_forked(
         tmp_path,
         f"rerun={uninterrupted}",
         f"data.path={data}",

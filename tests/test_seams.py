@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_e2e import run_ftlab
+from helpers import run_ftlab_forked
 
 from ftlab.assets import asset_path
 
@@ -53,7 +53,7 @@ def test_text_data_with_the_default_run_turns_generation_off_in_one_line(tmp_pat
     """The default data group asks for generation metrics; detected text data has no
     prompt/answer turns: one console line, ``derived.eval_generation=false``, completed."""
     data = tiny_text(tmp_path)
-    proc = run_ftlab(tmp_path, f"data.path={data}", *TINY, *extra, "hydra.run.dir=run")
+    proc = run_ftlab_forked(tmp_path, f"data.path={data}", *TINY, *extra, "hydra.run.dir=run")
     line = "generation metrics off: data.format=text has no prompt/answer turns"
     assert proc.stdout.count(line) == 1, proc.stdout
     resolved = yaml.safe_load((tmp_path / "run" / "resolved_config.yaml").read_text())
@@ -67,6 +67,6 @@ def test_text_data_with_the_default_run_turns_generation_off_in_one_line(tmp_pat
 def test_text_data_with_generation_asked_for_is_refused_in_one_line(tmp_path, fmt):
     data = tiny_text(tmp_path)
     settings = (f"data.path={data}", f"data.format={fmt}", "eval.generation=true")
-    proc = run_ftlab(tmp_path, *settings, *TINY, check=False)
+    proc = run_ftlab_forked(tmp_path, *settings, *TINY, check=False)
     assert proc.returncode == 2
     assert "eval.generation=true with data.format=text" in one_error_line(proc.stderr)

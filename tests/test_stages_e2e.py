@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import compose_run, read_jsonl, run_ftlab
+from helpers import compose_run, read_jsonl, run_ftlab_forked
 
 REWARDS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 ARGS = [
@@ -56,7 +56,7 @@ def init_adapter(tmp_path_factory: Any) -> Path:
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory: Any, init_adapter: Path) -> tuple[Path, Any]:
     cwd = tmp_path_factory.mktemp("dpo")
-    proc = run_ftlab(cwd, *ARGS, f"init_from={init_adapter}", "hydra.run.dir=run")
+    proc = run_ftlab_forked(cwd, *ARGS, f"init_from={init_adapter}", "hydra.run.dir=run")
     return cwd / "run", proc
 
 
@@ -135,7 +135,7 @@ def test_resumed_dpo_run_equals_the_uninterrupted_one(
     for name in ("summary.json", "status.json", "samples.jsonl"):
         (run_dir / name).unlink()
     time.sleep(0.01)
-    run_ftlab(tmp_path, f"resume={run_dir}")
+    run_ftlab_forked(tmp_path, f"resume={run_dir}")
     a, b = losses(reference), losses(run_dir)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert max(abs(a[s] - b[s]) for s in a) <= 1e-6
@@ -151,9 +151,11 @@ def test_demo_dpo_from_the_default_sft_run(tmp_path: Path) -> None:
     """The DPO demo (docs/stages.md): the default SFT run, then ``ftlab stage=dpo
     init_from=<it>``; reward accuracy up on train and dev, entity recall kept (measured:
     0.951 -> 0.958). The wall time is printed (the page's figure), not asserted."""
-    run_ftlab(tmp_path, "hydra.run.dir=sft")
+    run_ftlab_forked(tmp_path, "hydra.run.dir=sft")
     start = time.perf_counter()
-    proc = run_ftlab(tmp_path, "stage=dpo", f"init_from={tmp_path / 'sft'}", "hydra.run.dir=dpo")
+    proc = run_ftlab_forked(
+        tmp_path, "stage=dpo", f"init_from={tmp_path / 'sft'}", "hydra.run.dir=dpo"
+    )
     print(proc.stdout[-1500:], f"\nwall {time.perf_counter() - start:.1f} s")
     summary = json.loads((tmp_path / "dpo/summary.json").read_text())
     metrics = summary["stage_metrics"]

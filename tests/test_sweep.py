@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from fake_runs import make_run, metrics
+from helpers import run_ftlab_forked
 
 from ftlab.record.sweep import read_sweep, summary_rows, write_sweep_summary, x_axis
 
@@ -43,8 +44,8 @@ def png_size(path: Path) -> tuple[int, int]:
 def sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     cwd = tmp_path_factory.mktemp("cwd")
     sweep_dir = cwd / "sweep"
-    proc = run_cmd(
-        cwd, BIN / "ftlab", "-m", "method.lora_rank=2,4,0", *TINY, f"hydra.sweep.dir={sweep_dir}"
+    proc = run_ftlab_forked(
+        cwd, "-m", "method.lora_rank=2,4,0", *TINY, f"hydra.sweep.dir={sweep_dir}", check=False
     )
     return sweep_dir, proc
 

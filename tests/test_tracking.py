@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import compose_run
-from test_e2e import read_jsonl, run_ftlab
+from helpers import run_ftlab_forked
+from test_e2e import read_jsonl
 
 from ftlab.config.overrides import flatten
 from ftlab.errors import ConfigError
@@ -51,7 +52,7 @@ def test_a_sweep_is_a_parent_run_with_one_nested_run_per_job(tmp_path: Path) -> 
     flattened as ``ftlab-runs --compare`` does), its loss history (= metrics.jsonl), tags,
     artifacts, and that both nest under the sweep's parent run."""
     sweep_dir = tmp_path / "sweep"
-    run_ftlab(
+    run_ftlab_forked(
         tmp_path,
         "-m",
         *TINY,
@@ -100,9 +101,9 @@ def test_a_sweep_is_a_parent_run_with_one_nested_run_per_job(tmp_path: Path) -> 
 def test_an_unreachable_tracking_uri_turns_tracking_off_not_the_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The discard port: nothing listens. run_ftlab passes the environment on.
+    # The discard port: nothing listens. The forked run inherits the environment.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    proc = run_ftlab(tmp_path, *TINY, "eval.generation=false", "train.report_to=[mlflow]")
+    proc = run_ftlab_forked(tmp_path, *TINY, "eval.generation=false", "train.report_to=[mlflow]")
     console = proc.stdout + proc.stderr
     said = [line for line in console.splitlines() if "mlflow tracking is off" in line]
     assert len(said) == 1, console[-3000:]
