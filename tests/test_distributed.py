@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import free_port, run_ftlab_forked
 
 pytestmark = pytest.mark.distributed
 
@@ -66,7 +66,10 @@ def train_losses(run_dir: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def single_losses(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
     cwd = tmp_path_factory.mktemp("single")
-    proc = ftlab(cwd, "parallel=single", "train.per_device_train_batch_size=8")
+    # One process: forked from the test's ftlab server (no Paddle import of its own).
+    proc = run_ftlab_forked(
+        cwd, *COMMON, "parallel=single", "train.per_device_train_batch_size=8", check=False
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = train_losses(only_run_dir(cwd))
     assert len(losses) == 3
@@ -110,7 +113,7 @@ FULL_BATCH4 = ["method=full", "train.per_device_train_batch_size=4"]
 def single_full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Full fine-tuning in one process, batch 4: what tp2 and pp2 (batch 4 each) must match."""
     cwd = tmp_path_factory.mktemp("single_full")
-    proc = ftlab(cwd, "parallel=single", *FULL_BATCH4)
+    proc = run_ftlab_forked(cwd, *COMMON, "parallel=single", *FULL_BATCH4, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return only_run_dir(cwd)
 

@@ -13,6 +13,7 @@ from helpers import (  # noqa: F401 (kept importable)
     FTLAB,
     read_jsonl,
     run_ftlab,
+    run_ftlab_forked,
     run_in_process,
     run_predict,
 )
@@ -21,7 +22,7 @@ from helpers import (  # noqa: F401 (kept importable)
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     cwd = tmp_path_factory.mktemp("cwd")
-    proc = run_ftlab(
+    proc = run_ftlab_forked(
         cwd,
         "train.max_steps=12",
         "train.logging_steps=2",
@@ -279,7 +280,7 @@ def test_full_finetuning_lifts_entity_recall(tmp_path: Path) -> None:
 
 
 def test_qlora_trains_on_cpu_with_ftlab_backend(tmp_path: Path) -> None:
-    run_ftlab(
+    run_ftlab_forked(
         tmp_path,
         "method=qlora",
         "train.max_steps=10",
