@@ -31,8 +31,9 @@ train: $(STAMP) ## Fine-tune the shipped model on the demo task (LoRA, CPU, ~20 
 # the final tree of that day, 1,113 passed in 340 s (CPU 654 s). Later that day, with the
 # CPU layers, in-process predict/merge calls, trimmed evals and early refusals: 1,121
 # passed in 318 s (CPU 592 s), 306 s (CPU 580 s), 349 s (CPU 668 s) and 294 s (CPU 543 s),
-# four quiet runs.
-test: $(STAMP) ## Run the default test suite on every core (1,121 tests: ~5 min on 2 quiet cores)
+# four quiet runs. With most ftlab runs forked from a server that imported Paddle once
+# (tests/helpers.py run_ftlab_forked): 239, 289 and 278 s (CPU 380, 461 and 421 s).
+test: $(STAMP) ## Run the default test suite on every core (1,121 tests: 4-5 min on 2 quiet cores)
 	$(PY) -m pytest -m "not slow" -n auto --dist loadfile --no-loadscope-reorder $(ARGS)
 
 # The 404 tests marked fast (no Paddle import; tests/conftest.py fails a test that imports
