@@ -32,7 +32,7 @@ train: $(STAMP) ## Fine-tune the shipped model on the demo task (LoRA, CPU, ~20 
 # CPU layers, in-process predict/merge calls, trimmed evals and early refusals: 1,121
 # passed in 318 s (CPU 592 s), 306 s (CPU 580 s), 349 s (CPU 668 s) and 294 s (CPU 543 s),
 # four quiet runs. With most ftlab runs forked from a server that imported Paddle once
-# (tests/helpers.py run_ftlab_forked): 239, 289 and 278 s (CPU 380, 461 and 421 s).
+# (tests/helpers.py run_ftlab_forked): 239, 289, 278 and 271 s (CPU 380, 461, 421 and 409 s).
 test: $(STAMP) ## Run the default test suite on every core (1,121 tests: 4-5 min on 2 quiet cores)
 	$(PY) -m pytest -m "not slow" -n auto --dist loadfile --no-loadscope-reorder $(ARGS)
 
