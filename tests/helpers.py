@@ -122,7 +122,7 @@ def run_ftlab_forked(
     For tests that check what a run does and writes; what concerns the process itself
     (its start, signals, the console script's exit, variables read when Paddle loads,
     launched workers) keeps the subprocess of ``run_ftlab``. The one visible difference:
-    the ``cpu`` line says Paddle was loaded before ftlab chose MKL's path (this conftest
+    the ``cpu`` line says Paddle was loaded before ftlab chose MKL's path (this module
     chose the same path before the server started)."""
     context = _ftlab_server()
     args = ["ftlab", *overrides]
