@@ -9,7 +9,6 @@ Paddle at module level, so the tests of ``make test-fast`` can import it.
 
 from __future__ import annotations
 
-import atexit
 import copy
 import json
 import os
@@ -19,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +93,16 @@ def group_options(group: str) -> list[str]:
 FTLAB = Path(sys.executable).with_name("ftlab")
 
 
+def without_paddle_vars(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without its ``PADDLE_*`` variables: an ``ftlab`` a test starts must not
+    take the test process's (a launcher's worker would read them as its rank and job)."""
+    return {k: v for k, v in environ.items() if not k.startswith("PADDLE_")}
+
+
 def run_ftlab(cwd: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     """The real ``ftlab`` command in ``cwd`` (its ``outputs/`` lands there), with no
     ``PADDLE_*`` variable of the test process leaking into it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    env = without_paddle_vars(os.environ)
     proc = subprocess.run(
         [str(FTLAB), *overrides], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
@@ -128,7 +134,7 @@ def run_ftlab_forked(
     args = ["ftlab", *overrides]
     with tempfile.TemporaryDirectory() as scratch:
         out, err = Path(scratch, "stdout"), Path(scratch, "stderr")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+        env = without_paddle_vars(os.environ)
         child = context.Process(target=_forked_ftlab, args=(Path(cwd), args, out, err, env))
         child.start()
         child.join(timeout)
@@ -158,7 +164,7 @@ def _ftlab_server() -> Any:
     context.set_forkserver_preload(["ftlab.training.run", "ftlab.cli.app", "helpers"])
     now = dict(os.environ)
     os.environ.clear()
-    os.environ.update({k: v for k, v in START_ENVIRONMENT.items() if not k.startswith("PADDLE_")})
+    os.environ.update(without_paddle_vars(START_ENVIRONMENT))
     try:
         multiprocessing.forkserver.ensure_running()
     finally:
@@ -169,37 +175,31 @@ def _ftlab_server() -> Any:
 
 def _forked_ftlab(cwd: Path, argv: list[str], out: Path, err: Path, env: dict) -> None:
     """In the forked child: the caller's environment and directory, stdout / stderr into
-    files, ``main()``, then the console script's end (``atexit`` handlers, flush,
-    ``os._exit``)."""
-    code = 1
-    try:
-        os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(env)
-        for fd, path in ((1, out), (2, err)):
-            opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(opened, fd)
-            os.close(opened)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        from ftlab.cli.app import main  # imported by the server
+    files, ``main()``, then the console script's end (``ftlab.cli.process_exit.finish``:
+    ``atexit`` handlers, flush, ``os._exit``). An error before ``main()`` ends the child
+    as multiprocessing ends one: the traceback, exit status 1."""
+    from ftlab.cli.app import main  # imported by the server
+    from ftlab.cli.process_exit import finish
 
-        sys.argv = argv
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = _exit_status(exit_.code)
-        except BaseException:  # noqa: BLE001 - an uncaught error ends a process this way
-            traceback.print_exc()
-        atexit._run_exitfuncs()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(opened, fd)
+        os.close(opened)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    sys.argv = argv
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = _exit_status(exit_.code)
+    except BaseException:  # noqa: BLE001 - an uncaught error ends a process this way
+        traceback.print_exc()
+        code = 1
+    finish(code)
 
 
 def _exit_status(code: Any) -> int:

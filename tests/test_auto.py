@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from fake_runs import make_run
-from helpers import CPU, GPU8, compose_run
+from helpers import CPU, GPU8, compose_run, without_paddle_vars
 
 from ftlab.config.environment import Environment
 from ftlab.errors import ConfigError
@@ -471,7 +471,7 @@ def test_cpu_auto_sweep_trains_the_fitting_job_and_launches_nothing_for_the_othe
     """The shipped model on this machine's 2 processes: auto picks single, dp2 or sharding
     stage 1 and the run completes; a job whose memory fits no layout stops before launching."""
     sweep_dir = tmp_path / "sweep"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    env = without_paddle_vars(os.environ)
     proc = subprocess.run(
         [
             sys.executable,

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, run_ftlab_forked
+from helpers import free_port, run_ftlab_forked, without_paddle_vars
 
 pytestmark = pytest.mark.distributed
 
@@ -40,7 +40,7 @@ RANK_LOGS = ["train.0.log", "train.1.log", "workerlog.0", "workerlog.1"]
 
 
 def ftlab(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    env = without_paddle_vars(os.environ)
     return subprocess.run(
         [sys.executable, "-m", "ftlab.cli.app", *COMMON, *overrides],
         cwd=cwd,
@@ -191,7 +191,7 @@ def test_two_nodes_on_this_machine_match_single_process(
     single process with the same global batch, each node's worker logs kept."""
     run_dir = tmp_path / "run"
     args = node_command(run_dir, f"127.0.0.1:{free_port()}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    env = without_paddle_vars(os.environ)
     nodes = [
         subprocess.Popen(
             args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -236,7 +236,7 @@ def node_command(run_dir: Path, master: str, *extra: str) -> list[str]:
 def start_node(cmd: list[str], cwd: Path, name: str) -> subprocess.Popen:
     """Start one node; its stdout and stderr go to files (``stderr_of``), so that a long
     run never blocks on a full pipe nobody reads."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    env = without_paddle_vars(os.environ)
     with open(cwd / f"{name}.out", "w") as out, open(cwd / f"{name}.err", "w") as err:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import CPU, GPU8, compose_run
+from helpers import CPU, GPU8, compose_run, without_paddle_vars
 
 from ftlab.config.environment import Environment
 from ftlab.errors import ConfigError
@@ -172,7 +172,7 @@ COMMON = [
 
 
 def environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    return without_paddle_vars(os.environ)
 
 
 def ftlab(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:

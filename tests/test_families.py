@@ -34,6 +34,7 @@ from helpers import (
     compose_run,
     group_options,
     logits_of,
+    without_paddle_vars,
 )
 
 from ftlab.errors import ConfigError
@@ -764,7 +765,7 @@ def test_ftlab_command_on_a_model_directory_without_a_yaml(
     from ftlab.planning.plan import count_parameters
 
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    env = without_paddle_vars(os.environ)
     proc = subprocess.run(
         [
             str(Path(sys.executable).parent / "ftlab"),

@@ -28,6 +28,7 @@ from helpers import (
     compose_run,
     logits_of,
     trainer_for,
+    without_paddle_vars,
 )
 
 from ftlab.errors import ConfigError, ModelLoadError
@@ -573,7 +574,7 @@ def test_ftlab_command_then_ftlab_merge(
     from ftlab.models.loading import finish_model
 
     bin_dir = Path(sys.executable).parent
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    env = without_paddle_vars(os.environ)
     choice = "method.pissa=true" if method == "pissa" else f"method={method}"
     train = subprocess.run(
         [

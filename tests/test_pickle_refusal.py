@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import run_ftlab_forked
+from helpers import run_ftlab_forked, without_paddle_vars
 from test_e2e import FTLAB
 
 from ftlab.assets import asset_path
@@ -174,7 +174,7 @@ def run_case(case: str, runs, tmp_path: Path) -> tuple[str, str, Path]:
     marker = tmp_path / "marker"
     command, name = setup_case(case, runs, tmp_path, marker)
     exe = FTLAB.with_name(command[0])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    env = without_paddle_vars(os.environ)
     proc = subprocess.run(
         [str(exe), *command[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )

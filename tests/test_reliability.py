@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import CONF_DIR, CPU, compose_run
+from helpers import CONF_DIR, CPU, compose_run, without_paddle_vars
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
@@ -33,7 +33,7 @@ BIN = Path(sys.executable).parent
 
 
 def run_cmd(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    env = without_paddle_vars(os.environ)
     return subprocess.run(
         [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -122,7 +122,7 @@ def test_unwritable_run_dir_is_one_line(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_ftlab_started_together_get_two_run_dirs(tmp_path: Path) -> None:
     """Through the command: the same requested name, two processes, two dirs."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    env = without_paddle_vars(os.environ)
     args = [str(BIN / "ftlab"), "mode=plan", "hydra.run.dir=${new_dir:outputs/same}"]
     procs = [subprocess.Popen([*args, f"train.seed={s}"], cwd=tmp_path, env=env) for s in (1, 2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
@@ -640,7 +640,7 @@ def interrupt_run(tmp_path: Path, sig: int, *extra: str) -> tuple[Any, Path, lis
     import psutil
 
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    env = without_paddle_vars(os.environ)
     env["FTLAB_TEST_SECRET"] = "hunter2"
     proc = subprocess.Popen(
         [str(BIN / "ftlab"), *SIGNAL_RUN, *extra, f"hydra.run.dir={run_dir}"],

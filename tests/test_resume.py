@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import FTLAB, run_ftlab_forked
+from helpers import FTLAB, run_ftlab_forked, without_paddle_vars
 
 ARGS = [
     "train.max_steps=16",
@@ -54,7 +54,7 @@ def adapter(run_dir: Path) -> dict[str, np.ndarray]:
 
 
 def env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    return without_paddle_vars(os.environ)
 
 
 def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from fake_runs import make_run, metrics
-from helpers import run_ftlab_forked
+from helpers import run_ftlab_forked, without_paddle_vars
 
 from ftlab.record.sweep import read_sweep, summary_rows, write_sweep_summary, x_axis
 
@@ -27,7 +27,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def run_cmd(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PADDLE_")}
+    env = without_paddle_vars(os.environ)
     return subprocess.run(
         [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
