@@ -55,7 +55,8 @@ FAST_MODULES = {f"paddlenlp.transformers.{f}.modeling": n for f, n in FAST_FAMIL
 # units of (hidden size, key/value width), and for the final norm (see the docstring).
 EXTRA_PER_LAYER = (4, 2)
 EXTRA_OUTSIDE_H = 1
-_MARK = "ftlab_fast_cpu_norm"
+_MARK = "ftlab_fast_cpu_norm"  # on a norm of a model ftlab loaded
+_GATE = "ftlab_rotary_gate"  # on an attention layer whose hooks open the rotary gate
 
 _enabled = True
 _running = 0  # attention forwards of models ftlab loaded in progress (the rotary gate)
@@ -176,10 +177,10 @@ def install_cpu_layers(model: Any) -> int:
     for norm in norms:
         object.__setattr__(norm, _MARK, True)
     for attention in attentions:
-        if not getattr(attention, "ftlab_rotary_gate", False):
+        if not getattr(attention, _GATE, False):
             attention.register_forward_pre_hook(_enter)
             attention.register_forward_post_hook(_leave)
-            object.__setattr__(attention, "ftlab_rotary_gate", True)
+            object.__setattr__(attention, _GATE, True)
     if norms:
         log.info("CPU layers: %d RMSNorm and %d attention layers", len(norms), len(attentions))
     return len(norms)
